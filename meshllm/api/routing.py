@@ -1,0 +1,94 @@
+"""Where a request for a model goes: a ready server, a wait (503), or nowhere (404).
+
+The table is derived from the state document (desired models and observed servers) and rebuilt
+only when the document changes, so the per-request cost is one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from meshllm.state.document import MeshState
+from meshllm.state.schema import ServerPhase, ServerStatus
+
+__all__ = ["Route", "Router", "Unavailable"]
+
+
+@dataclass(frozen=True)
+class Route:
+    """A ready llama-server for the model, reachable at ``base_url``."""
+
+    model: str
+    node: str
+    base_url: str
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """The model is wanted but no server is ready for it yet."""
+
+    model: str
+    reason: str
+    retry_after: float = 2.0
+
+
+@dataclass
+class _Table:
+    routes: dict[str, list[Route]] = field(default_factory=dict)
+    waiting: dict[str, Unavailable] = field(default_factory=dict)
+
+
+class Router:
+    """Resolves a model name against this node's view of the mesh."""
+
+    def __init__(self, state: MeshState, *, node_id: str) -> None:
+        self.state = state
+        self.node_id = node_id
+        self._table: _Table | None = None
+        self._subs = state.observe(self._invalidate)
+        self._next = 0
+
+    def _invalidate(self) -> None:
+        self._table = None
+
+    def close(self) -> None:
+        self.state.unobserve(self._subs)
+
+    def _build(self) -> _Table:
+        table = _Table()
+        servers = self.state.servers().values()
+        for server in servers:
+            if server.phase is ServerPhase.READY and server.node == self.node_id:
+                route = Route(server.model, server.node, f"http://127.0.0.1:{server.port}")
+                table.routes.setdefault(server.model, []).append(route)
+        wanted = set(self.state.models()) | {s.model for s in servers}
+        for model in wanted - set(table.routes):
+            table.waiting[model] = Unavailable(model, _why_waiting(model, servers))
+        return table
+
+    def table(self) -> _Table:
+        if self._table is None:
+            self._table = self._build()
+        return self._table
+
+    def resolve(self, model: str) -> Route | Unavailable | None:
+        table = self.table()
+        routes = table.routes.get(model)
+        if routes:
+            self._next += 1
+            return routes[self._next % len(routes)]
+        return table.waiting.get(model)
+
+    def ready_models(self) -> list[str]:
+        return sorted(self.table().routes)
+
+
+def _why_waiting(model: str, servers: Collection[ServerStatus]) -> str:
+    mine = [s for s in servers if s.model == model]
+    if any(s.phase is ServerPhase.LOADING for s in mine):
+        return f"model {model!r} is loading"
+    failed = [s for s in mine if s.phase is ServerPhase.FAILED]
+    if failed:
+        return f"model {model!r} is not available: {failed[0].message}"
+    return f"model {model!r} is waiting for a server"

@@ -1,0 +1,52 @@
+"""The node's management API (console port, :3131 by default): ``/api/status`` for people and the CLI.
+
+It reports what the state document says: this node, every node it knows, and each desired model
+with the servers observed for it. ``meshllm get`` renders this JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from meshllm.state.document import MeshState
+
+__all__ = ["create_status_app", "status_snapshot"]
+
+
+def status_snapshot(state: MeshState, *, node_id: str) -> dict[str, Any]:
+    nodes = state.nodes()
+    servers = state.servers()
+    models = []
+    for name, spec in sorted(state.models().items()):
+        serving = [s for s in servers.values() if s.model == name]
+        models.append({
+            **spec.model_dump(mode="json"),
+            "servers": [s.model_dump(mode="json") for s in serving],
+            "phase": _model_phase(serving),
+        })
+    me = nodes.get(node_id)
+    return {
+        "node": me.model_dump(mode="json") if me else {"id": node_id},
+        "nodes": [n.model_dump(mode="json") for n in nodes.values()],
+        "models": models,
+    }
+
+
+def _model_phase(serving: list[Any]) -> str:
+    phases = {s.phase.value for s in serving}
+    for phase in ("ready", "loading", "failed"):
+        if phase in phases:
+            return phase
+    return "pending"
+
+
+def create_status_app(state: MeshState, *, node_id: str) -> Starlette:
+    async def status(request: Request) -> JSONResponse:
+        return JSONResponse(status_snapshot(state, node_id=node_id))
+
+    return Starlette(routes=[Route("/api/status", status, methods=["GET"])])

@@ -1,0 +1,53 @@
+"""``meshllm engine build|path``: build the pinned llama.cpp engine, or say where it is."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from meshllm.engine.build import build_engine, default_flavour, find_engine
+
+__all__ = ["engine_app"]
+
+engine_app = typer.Typer(add_completion=False, rich_markup_mode=None,
+                         help="Build or locate the llama.cpp engine (llama-server, ggml-rpc-server).")
+err = Console(stderr=True)
+
+
+@engine_app.command("build")
+def build(
+    flavour: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when nvcc is found)")] = None,
+    jobs: Annotated[int | None, typer.Option("-j", "--jobs", help="Parallel compile jobs")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if a build exists")] = False,
+) -> None:
+    """Fetch the pinned llama.cpp source, patch it and build the engine binaries."""
+    flavour = flavour or default_flavour()
+    if not force and (found := find_engine(flavour=flavour)) is not None:
+        err.print(f"engine already built ({flavour}): {found}")
+        print(found)
+        return
+    err.print(f"building the llama.cpp engine ({flavour}); this takes a while the first time")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[step]}"))
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task("compiling", total=None, step="configuring")
+
+        def advance(done: int, total: int, step: str) -> None:
+            progress.update(task, completed=done, total=total, step=step)
+
+        folder = build_engine(flavour=flavour, jobs=jobs, progress=advance)
+    err.print(f"engine ready: {folder}")
+    print(folder)
+
+
+@engine_app.command("path")
+def path(flavour: Annotated[str | None, typer.Option(help="cpu or cuda")] = None) -> None:
+    """Print the folder holding the engine binaries (exit 1 if it is not built)."""
+    found = find_engine(flavour=flavour)
+    if found is None:
+        err.print("the engine is not built yet; run `meshllm engine build`")
+        raise typer.Exit(1)
+    print(found)

@@ -1,0 +1,189 @@
+"""The ``meshllm`` command line: serve models, query a running node, manage the engine.
+
+Thin by design: each command parses arguments, calls the layers below, and prints. Errors meshllm
+raises on purpose become one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import httpx
+import typer
+import yaml
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from meshllm.cli.engine import engine_app
+from meshllm.engine.capacity import parse_size
+from meshllm.errors import MeshError, NodeUnreachable
+from meshllm.node import NodeConfig, run_node
+from meshllm.store.identity import default_state_dir
+
+__all__ = ["app", "main"]
+
+out = Console()
+err = Console(stderr=True)
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, rich_markup_mode=None,
+                  help="Pool GPUs across machines into one mesh serving LLMs on an OpenAI-compatible API.")
+app.add_typer(engine_app, name="engine")
+
+START_HELP = """meshllm: serve LLMs from a mesh of machines on an OpenAI-compatible API.
+
+Start serving the embedded default model:
+  meshllm --model gemma-3-270m            # API on http://127.0.0.1:9337/v1
+Serve a local GGUF file:
+  meshllm --model ~/models/model.gguf
+Ask a running node:
+  meshllm get models | meshllm get nodes
+
+See `meshllm --help` for every option."""
+
+
+def _size(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.callback(invoke_without_command=True)
+def serve(
+    ctx: typer.Context,
+    model: Annotated[list[str] | None, typer.Option("--model", help="Model to serve: a name or a .gguf path (repeatable)")] = None,
+    port: Annotated[int, typer.Option(help="OpenAI API port")] = 9337,
+    console: Annotated[int, typer.Option("--console", help="Console / management API port")] = 3131,
+    max_vram: Annotated[str | None, typer.Option("--max-vram", help="Cap memory advertised to the mesh (e.g. 24, 8GB, 512MB)")] = None,
+    device: Annotated[str, typer.Option(help="GPU device for llama-server (e.g. CUDA0); default: llama.cpp's choice")] = "",
+    listen_all: Annotated[bool, typer.Option("--listen-all", help="Bind the APIs to 0.0.0.0 instead of 127.0.0.1")] = False,
+    state_dir: Annotated[Path, typer.Option("--state-dir", help="Node state folder (identity, logs)")] = default_state_dir(),
+    max_body: Annotated[str, typer.Option("--max-body", help="Largest request body the API accepts")] = "16MiB",
+    threads: Annotated[int, typer.Option(help="CPU threads per llama-server (0: llama.cpp's default)")] = 0,
+    name: Annotated[str, typer.Option(help="Display name of this node")] = "",
+) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    if not model:
+        out.print(START_HELP, highlight=False)
+        raise typer.Exit(0)
+    config = NodeConfig(models=tuple(model), port=port, console_port=console, listen_all=listen_all,
+                        state_dir=state_dir.expanduser(), max_vram=_size(max_vram), device=device,
+                        max_body_bytes=_size(max_body) or 0, threads=threads, name=name)
+    _setup_logging()
+    _run(config)
+
+
+def _setup_logging() -> None:
+    handler = RichHandler(console=err, show_path=False, markup=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("meshllm").setLevel(logging.INFO)
+
+
+def _run(config: NodeConfig) -> None:
+    def announce(text: str) -> None:
+        err.print(text, highlight=False, markup=False)
+
+    try:
+        import uvloop  # noqa: F401  (optional: a faster event loop when installed)
+        options = {"use_uvloop": True}
+    except ImportError:
+        options = {}
+    anyio.run(lambda: run_node(config, announce=announce), backend_options=options)
+
+
+# -- get ----------------------------------------------------------------------------------------
+def _fetch_status(console: int) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{console}/api/status"
+    try:
+        response = httpx.get(url, timeout=5)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise NodeUnreachable(f"no meshllm node answers at {url} ({exc.__class__.__name__}); "
+                              "start one with `meshllm --model NAME` or pass --console PORT") from None
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def _emit(rows: list[dict[str, Any]], columns: list[tuple[str, str]], output: str) -> None:
+    if output == "json":
+        out.print_json(json.dumps(rows))
+    elif output == "yaml":
+        sys.stdout.write(yaml.safe_dump(rows, sort_keys=False))
+    else:
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for title, _ in columns:
+            table.add_column(title)
+        for row in rows:
+            table.add_row(*(str(row.get(key, "")) for _, key in columns))
+        out.print(table)
+
+
+Output = Annotated[str, typer.Option("-o", "--output", help="table, json or yaml")]
+ConsolePort = Annotated[int, typer.Option("--console", help="Console port of the node to ask")]
+
+
+@app.command("get")
+def get(
+    kind: Annotated[str, typer.Argument(help="models or nodes")],
+    output: Output = "table",
+    console: ConsolePort = 3131,
+) -> None:
+    """List the models or nodes a running node knows."""
+    if output not in ("table", "json", "yaml"):
+        raise typer.BadParameter(f"unknown output format {output!r}; use table, json or yaml")
+    status = _fetch_status(console)
+    if kind in ("models", "model"):
+        rows = [_model_row(m) for m in status["models"]]
+        columns = [("NAME", "name"), ("PHASE", "phase"), ("NODE", "node"), ("PORT", "port"),
+                   ("RESTARTS", "restarts"), ("SOURCE", "source"), ("MESSAGE", "message")]
+        _emit(rows if output == "table" else status["models"], columns, output)
+    elif kind in ("nodes", "node"):
+        rows = [_node_row(n, status) for n in status["nodes"]]
+        columns = [("ID", "id"), ("NAME", "name"), ("ROLE", "role"), ("CAPACITY", "capacity"),
+                   ("MODELS", "models"), ("API", "api_url")]
+        _emit(rows if output == "table" else status["nodes"], columns, output)
+    else:
+        raise typer.BadParameter(f"cannot get {kind!r}; use `meshllm get models` or `meshllm get nodes`")
+
+
+def _model_row(model: dict[str, Any]) -> dict[str, Any]:
+    server = model["servers"][0] if model["servers"] else {}
+    return {"name": model["name"], "phase": model["phase"], "node": model["node"] or "-",
+            "port": server.get("port", ""), "restarts": server.get("restarts", 0),
+            "source": model["source"], "message": server.get("message", "")}
+
+
+def _node_row(node: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+    served = [m["name"] for m in status["models"]
+              if any(s["node"] == node["id"] and s["phase"] == "ready" for s in m["servers"])]
+    return {**node, "capacity": f"{node.get('capacity_bytes', 0) / 1e9:.1f} GB",
+            "models": ",".join(served) or "-"}
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except MeshError as exc:
+        err.print(f"error: {exc}", highlight=False, markup=False)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and the like
+        import click
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

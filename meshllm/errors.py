@@ -1,0 +1,34 @@
+"""Exceptions raised by meshllm, in one place so callers can catch by kind.
+
+    MeshError                  every error meshllm raises on purpose
+    ├── EngineError            the llama.cpp engine is missing, cannot be built or will not start
+    ├── ModelError             a model name or path cannot be resolved to a GGUF file
+    ├── NodeUnreachable        the CLI cannot reach a running node's API
+    └── TerminalError          a reconcile that must not be retried (logged, key left alone)
+
+API errors are not exceptions here: the api layer turns conditions into OpenAI-shaped responses.
+"""
+
+from __future__ import annotations
+
+__all__ = ["EngineError", "MeshError", "ModelError", "NodeUnreachable", "TerminalError"]
+
+
+class MeshError(Exception):
+    """Base of every error meshllm raises on purpose; its message says what to do next."""
+
+
+class EngineError(MeshError):
+    """The llama.cpp engine is missing, cannot be built, or a binary will not start."""
+
+
+class ModelError(MeshError):
+    """A model name or path does not resolve to a readable GGUF file."""
+
+
+class NodeUnreachable(MeshError):
+    """No meshllm node answers on the address the CLI was told to use."""
+
+
+class TerminalError(MeshError):
+    """A reconcile failed in a way retrying cannot fix; the key is left alone until its spec changes."""

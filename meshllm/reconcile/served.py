@@ -1,0 +1,323 @@
+"""The served-model reconciler: make this node's llama-server processes match the desired models.
+
+Desired: every ``ModelSpec`` in the state document pinned to this node. Actual: the llama-server
+processes this node runs, one per model. ``plan()`` is pure and decides what to do for one model;
+``ServedModelReconciler`` observes processes, applies the plan, and publishes a ``ServerStatus`` for
+each model into the document (the API routes on those). A server that dies is restarted with
+exponential backoff; one that stops being desired is stopped (SIGTERM, grace, SIGKILL).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+
+import anyio
+import httpx
+from anyio.abc import TaskStatus
+
+from meshllm.engine.models import ResolvedModel, resolve_model
+from meshllm.engine.process import (
+    EngineProcess, LlamaServerConfig, candidate_ports, launch, log_tail, port_is_free, safe_name,
+    stop_process, stop_process_now,
+)
+from meshllm.errors import ModelError
+from meshllm.reconcile.queue import Result, WorkQueue
+from meshllm.state.document import MeshState
+from meshllm.state.schema import ModelSpec, ServerPhase, ServerStatus, server_key
+
+__all__ = ["ActualServer", "DesiredServer", "ServedModelReconciler", "Start", "Stop", "plan"]
+
+log = logging.getLogger(__name__)
+
+LOAD_TIMEOUT = 900.0       # seconds a llama-server may take to answer /health with 200
+STABLE_AFTER = 60.0        # a server ready this long has its restart count reset
+BASE_BACKOFF = 0.5
+MAX_BACKOFF = 30.0
+
+
+@dataclass(frozen=True)
+class DesiredServer:
+    model: str
+    path: Path
+    ctx_size: int = 0
+
+
+class Phase(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    EXITED = "exited"
+
+
+@dataclass(frozen=True)
+class ActualServer:
+    """What this node knows about the llama-server it runs for one model."""
+
+    model: str
+    port: int
+    pid: int
+    phase: Phase
+    desired: DesiredServer
+    started_at: float
+    restarts: int = 0
+    retry_at: float = 0.0
+    message: str = ""
+    ready_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Start:
+    model: str
+    restarts: int = 0
+
+
+@dataclass(frozen=True)
+class Stop:
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Probe:
+    model: str
+
+
+@dataclass(frozen=True)
+class Forget:
+    model: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    model: str
+    until: float
+
+
+Action = Start | Stop | Probe | Forget | Wait
+
+
+def plan(desired: DesiredServer | None, actual: ActualServer | None, now: float, *,
+         load_timeout: float = LOAD_TIMEOUT) -> list[Action]:
+    """What to do for one model, given what is wanted and what runs. Pure; stops come before starts."""
+    if actual is None:
+        return [Start(desired.model)] if desired is not None else []
+    alive = actual.phase is not Phase.EXITED
+    if desired is None:
+        return [Stop(actual.model, "no longer desired"), Forget(actual.model)] if alive else [Forget(actual.model)]
+    if alive and actual.desired != desired:
+        return [Stop(actual.model, "spec changed"), Start(desired.model)]
+    if not alive:
+        if actual.desired != desired or now >= actual.retry_at:
+            restarts = 0 if actual.desired != desired else actual.restarts + 1
+            return [Start(desired.model, restarts=restarts)]
+        return [Wait(actual.model, actual.retry_at)]
+    if actual.phase is Phase.LOADING:
+        if now - actual.started_at > load_timeout:
+            return [Stop(actual.model, f"not ready after {load_timeout:.0f}s")]
+        return [Probe(actual.model)]
+    return []
+
+
+def _exit_message(code: int, log_path: Path) -> str:
+    if code < 0:
+        return f"llama-server was killed by {signal.Signals(-code).name}"
+    tail = log_tail(log_path)
+    return f"llama-server exited with code {code}" + (f": {tail}" if tail else f"; see {log_path}")
+
+
+def backoff(restarts: int) -> float:
+    return min(MAX_BACKOFF, BASE_BACKOFF * 2 ** restarts) * random.uniform(0.8, 1.2)
+
+
+class ServedModelReconciler:
+    """Runs one llama-server per model pinned to this node, and reports them in the document."""
+
+    def __init__(self, state: MeshState, *, node_id: str, engine_dir: Path, log_dir: Path,
+                 gpu_layers: int = 0, device: str = "", threads: int = 0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.state = state
+        self.node_id = node_id
+        self.engine_dir = engine_dir
+        self.log_dir = log_dir
+        self.gpu_layers = gpu_layers
+        self.device = device
+        self.threads = threads
+        self.clock = clock
+        self.queue = WorkQueue(self.reconcile, name="served-model")
+        self.actual: dict[str, ActualServer] = {}
+        self.processes: dict[str, EngineProcess] = {}
+        self._resolved: dict[tuple[str, str], ResolvedModel] = {}
+        self._http = httpx.AsyncClient(timeout=2.0)
+
+    # -- wiring -----------------------------------------------------------------------------
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        subs = self.state.observe(self._enqueue_all)
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.queue.run)
+                self._enqueue_all()
+                tg.start_soon(self._watch_processes)
+                task_status.started()
+        finally:
+            self.state.unobserve(subs)
+            with anyio.CancelScope(shield=True):
+                await self.shutdown()
+
+    def _enqueue_all(self) -> None:
+        for key in set(self._my_specs()) | set(self.actual):
+            self.queue.add(key)
+
+    async def _watch_processes(self) -> None:
+        while True:
+            for model, proc in list(self.processes.items()):
+                if proc.poll() is not None:
+                    self.queue.add(model)
+            await anyio.sleep(0.2)
+
+    def _my_specs(self) -> dict[str, ModelSpec]:
+        return {name: spec for name, spec in self.state.models().items() if spec.node == self.node_id}
+
+    # -- one reconcile ----------------------------------------------------------------------
+    async def reconcile(self, model: str) -> Result:
+        now = self.clock()
+        self._observe(model, now)
+        try:
+            desired = await self._desired(model)
+        except ModelError as exc:
+            await self._stop(model, "model unavailable")
+            self.actual.pop(model, None)
+            self._publish_failure(model, str(exc))
+            return Result(requeue_after=30.0)
+        delays = [await self._apply(action, desired, now) for action in plan(desired, self.actual.get(model), now)]
+        self._publish(model)
+        current = self.actual.get(model)
+        if current is not None and current.phase is Phase.READY and current.restarts:
+            delays.append(current.ready_at + STABLE_AFTER - now)  # to reset the restart count
+        waits = [d for d in delays if d is not None]
+        return Result(requeue_after=max(0.0, min(waits)) if waits else None)
+
+    def _observe(self, model: str, now: float) -> None:
+        current, proc = self.actual.get(model), self.processes.get(model)
+        if current is None or proc is None or current.phase is Phase.EXITED:
+            return
+        if current.phase is Phase.READY and current.restarts and now - current.ready_at >= STABLE_AFTER:
+            self.actual[model] = current = replace(current, restarts=0)
+        code = proc.poll()
+        if code is None:
+            return
+        del self.processes[model]
+        message = _exit_message(code, proc.log_path)
+        log.warning("%s: %s", model, message)
+        self.actual[model] = replace(current, phase=Phase.EXITED, message=message,
+                                     retry_at=now + backoff(current.restarts))
+
+    async def _desired(self, model: str) -> DesiredServer | None:
+        spec = self._my_specs().get(model)
+        if spec is None:
+            return None
+        key = (spec.source, spec.name)
+        if key not in self._resolved:
+            self._resolved[key] = await anyio.to_thread.run_sync(
+                lambda: resolve_model(spec.source, name=spec.name))
+        return DesiredServer(model=model, path=self._resolved[key].path, ctx_size=spec.ctx_size)
+
+    async def _apply(self, action: Action, desired: DesiredServer | None, now: float) -> float | None:
+        """Carry out one action; returns a requeue delay when the action wants one."""
+        match action:
+            case Start(model, restarts):
+                assert desired is not None
+                self._start(desired, restarts, now)
+                return 0.2
+            case Stop(model, reason):
+                await self._stop(model, reason)
+                return 0.0
+            case Probe(model):
+                return await self._probe(model)
+            case Forget(model):
+                self.actual.pop(model, None)
+                self.state.remove_server(server_key(self.node_id, model))
+                return None
+            case Wait(_, until):
+                return max(0.0, until - now)
+        return None
+
+    def _start(self, desired: DesiredServer, restarts: int, now: float) -> None:
+        model = desired.model
+        port = self._pick_port(model)
+        config = LlamaServerConfig(
+            binary=self.engine_dir / "llama-server", model_path=desired.path, alias=model, port=port,
+            ctx_size=desired.ctx_size, gpu_layers=self.gpu_layers, threads=self.threads, device=self.device,
+        )
+        proc = launch(config.argv(), log_path=self.log_dir / f"{safe_name(model)}.log")
+        log.info("%s: started llama-server pid %d on 127.0.0.1:%d", model, proc.pid, port)
+        self.processes[model] = proc
+        self.actual[model] = ActualServer(model=model, port=port, pid=proc.pid, phase=Phase.LOADING,
+                                          desired=desired, started_at=now, restarts=restarts)
+
+    def _pick_port(self, model: str) -> int:
+        taken = {a.port for m, a in self.actual.items() if m != model}
+        for port in candidate_ports(server_key(self.node_id, model)):
+            if port not in taken and port_is_free(port):
+                return port
+        raise RuntimeError("no free loopback port for llama-server")
+
+    async def _stop(self, model: str, reason: str) -> None:
+        proc = self.processes.pop(model, None)
+        current = self.actual.get(model)
+        if proc is not None:
+            log.info("%s: stopping llama-server pid %d (%s)", model, proc.pid, reason)
+            code = await stop_process(proc)
+            if current is not None:
+                self.actual[model] = replace(current, phase=Phase.EXITED, retry_at=0.0,
+                                             message=f"stopped ({reason}), exit code {code}")
+
+    async def _probe(self, model: str) -> float | None:
+        current = self.actual[model]
+        try:
+            response = await self._http.get(f"http://127.0.0.1:{current.port}/health")
+            ready = response.status_code == 200
+        except httpx.HTTPError:
+            ready = False
+        if not ready:
+            return 0.2
+        self.actual[model] = replace(current, phase=Phase.READY, ready_at=self.clock(), message="")
+        log.info("%s: ready on 127.0.0.1:%d", model, current.port)
+        return None
+
+    # -- reporting --------------------------------------------------------------------------
+    def _publish(self, model: str) -> None:
+        current = self.actual.get(model)
+        if current is None:
+            return
+        phase = {Phase.LOADING: ServerPhase.LOADING, Phase.READY: ServerPhase.READY,
+                 Phase.EXITED: ServerPhase.FAILED}[current.phase]
+        self.state.put_server(ServerStatus(
+            node=self.node_id, model=model, phase=phase, port=current.port, pid=current.pid,
+            restarts=current.restarts, message=current.message,
+            since=current.ready_at if phase is ServerPhase.READY else current.started_at,
+        ))
+
+    def _publish_failure(self, model: str, message: str) -> None:
+        self.state.put_server(ServerStatus(node=self.node_id, model=model, phase=ServerPhase.FAILED,
+                                           port=0, message=message, since=self.clock()))
+
+    async def shutdown(self) -> None:
+        """Stop every process this reconciler started and withdraw their statuses."""
+        async with anyio.create_task_group() as tg:
+            for model in list(self.processes):
+                tg.start_soon(self._stop, model, "node shutting down")
+        for model in list(self.actual):
+            self.state.remove_server(server_key(self.node_id, model))
+        self.actual.clear()
+        await self._http.aclose()
+
+    def kill_all_now(self) -> None:
+        """Synchronous last resort (atexit): no engine process outlives the node."""
+        for proc in list(self.processes.values()):
+            stop_process_now(proc)

@@ -1,0 +1,105 @@
+"""The replicated state document: desired models and observed nodes and servers.
+
+``MeshState`` wraps a pycrdt ``Doc`` with typed reads and writes (see ``schema`` for the layout).
+It does no I/O: gossip replicates the ``Doc``, reconcilers and the API read it through this class.
+Observers only learn *that* something changed; they re-read the state they care about.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from pycrdt import Doc, Map, Subscription
+from pydantic import BaseModel, ValidationError
+
+from meshllm.state.schema import ModelSpec, NodeStatus, ServerStatus
+
+__all__ = ["MeshState"]
+
+E = TypeVar("E", bound=BaseModel)
+_KINDS = ("models", "nodes", "servers")
+
+
+class MeshState:
+    """Typed access to one replica of the mesh's state document."""
+
+    def __init__(self, doc: Doc | None = None) -> None:
+        self.doc = doc if doc is not None else Doc()
+        self._maps: dict[str, Map[Any]] = {kind: self.doc.get(kind, type=Map) for kind in _KINDS}
+
+    @contextmanager
+    def transaction(self, origin: object = None) -> Iterator[None]:
+        with self.doc.transaction(origin=origin):
+            yield
+
+    # -- writes -----------------------------------------------------------------------------
+    def _put(self, kind: str, key: str, entity: BaseModel) -> None:
+        values = entity.model_dump(mode="json")
+        table = self._maps[kind]
+        with self.doc.transaction():
+            current = table.get(key)
+            if not isinstance(current, Map):
+                table[key] = Map(values)
+                return
+            for field, value in values.items():
+                if current.get(field) != value:
+                    current[field] = value
+
+    def put_model(self, spec: ModelSpec) -> None:
+        self._put("models", spec.name, spec)
+
+    def put_node(self, node: NodeStatus) -> None:
+        self._put("nodes", node.id, node)
+
+    def put_server(self, server: ServerStatus) -> None:
+        self._put("servers", server.key, server)
+
+    def remove_model(self, name: str) -> bool:
+        return self._remove("models", name)
+
+    def remove_server(self, key: str) -> bool:
+        return self._remove("servers", key)
+
+    def _remove(self, kind: str, key: str) -> bool:
+        table = self._maps[kind]
+        if key not in table:
+            return False
+        del table[key]
+        return True
+
+    # -- reads ------------------------------------------------------------------------------
+    def _read(self, kind: str, model: type[E]) -> dict[str, E]:
+        out: dict[str, E] = {}
+        for key, value in self._maps[kind].items():
+            try:
+                out[key] = model.model_validate(value.to_py() if isinstance(value, Map) else value)
+            except ValidationError:
+                continue  # a malformed entry from a peer is ignored, never fatal
+        return out
+
+    def models(self) -> dict[str, ModelSpec]:
+        return self._read("models", ModelSpec)
+
+    def nodes(self) -> dict[str, NodeStatus]:
+        return self._read("nodes", NodeStatus)
+
+    def servers(self) -> dict[str, ServerStatus]:
+        return self._read("servers", ServerStatus)
+
+    def servers_for(self, model: str) -> list[ServerStatus]:
+        return [s for s in self.servers().values() if s.model == model]
+
+    # -- change notification ----------------------------------------------------------------
+    def observe(self, callback: Callable[[], None]) -> list[Subscription]:
+        """Call ``callback()`` after any change; it must not raise and should only enqueue work."""
+
+        def on_change(_events: object) -> None:
+            callback()
+
+        return [table.observe_deep(on_change) for table in self._maps.values()]
+
+    def unobserve(self, subscriptions: list[Subscription]) -> None:
+        for table, sub in zip(self._maps.values(), subscriptions, strict=True):
+            table.unobserve(sub)
