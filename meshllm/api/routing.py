@@ -86,8 +86,9 @@ class Router:
 
 def _why_waiting(model: str, servers: Collection[ServerStatus]) -> str:
     mine = [s for s in servers if s.model == model]
-    if any(s.phase is ServerPhase.LOADING for s in mine):
-        return f"model {model!r} is loading"
+    loading = [s for s in mine if s.phase is ServerPhase.LOADING]
+    if loading:
+        return f"model {model!r} is loading" + (f" ({loading[0].message})" if loading[0].message else "")
     failed = [s for s in mine if s.phase is ServerPhase.FAILED]
     if failed:
         return f"model {model!r} is not available: {failed[0].message}"

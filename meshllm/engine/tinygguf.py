@@ -15,6 +15,10 @@ prime, so consecutive rows of a matrix are different shifts of it and no two row
 Two choices keep the output readable: rows of ``output`` (the LM head) for control and byte tokens are zero, so the
 greedy choice is always a word piece (the largest random logit is positive), and norms are ones so activations stay
 in range and never overflow F16.
+
+Random models have many near-tied logits. On the big presets, llama-server's prompt cache (a repeated prompt is
+re-evaluated from its last token, a different batch shape) can change a greedy continuation; send
+``"cache_prompt": false`` where byte-identical outputs across requests matter. The tiny shapes are not affected.
 """
 
 from __future__ import annotations

@@ -257,8 +257,10 @@ class ServedModelReconciler:
         proc = launch(config.argv(), log_path=self.log_dir / f"{safe_name(model)}.log")
         log.info("%s: started llama-server pid %d on 127.0.0.1:%d", model, proc.pid, port)
         self.processes[model] = proc
+        previous = self.actual.get(model)
+        message = f"restart {restarts} after: {previous.message}" if previous and restarts else ""
         self.actual[model] = ActualServer(model=model, port=port, pid=proc.pid, phase=Phase.LOADING,
-                                          desired=desired, started_at=now, restarts=restarts)
+                                          desired=desired, started_at=now, restarts=restarts, message=message)
 
     def _pick_port(self, model: str) -> int:
         taken = {a.port for m, a in self.actual.items() if m != model}

@@ -1,0 +1,230 @@
+"""What the node's OpenAI proxy (:9337) costs on top of llama-server, measured side by side in one run.
+
+Every request a client sends to a node goes through ``meshllm/api/openai.py``, which relays llama-server's
+response byte for byte. That relay must not slow decoding down or add latency anyone would notice. This bench
+starts a real node as a subprocess (exactly as a user would), finds the llama-server it launched, and sends the
+same ``/v1/completions`` requests alternately straight to llama-server ("direct") and through the node
+("proxied"). Both paths hit the SAME llama-server process and share whatever else the machine is doing, so the
+ratios are meaningful even on a noisy machine; the absolute numbers are not.
+
+Measured client-side, per request: time to first content chunk (streaming) or total latency (non-streaming),
+and decode tokens/s (streaming: ``(chunks - 1) / (t_last - t_first)``; non-streaming: ``completion_tokens /
+wall``). A separate phase streams through the proxy back to back while reading the node's CPU time from
+``/proc``, so the proxy's CPU per streamed token is attributable; the same phase run direct gives the node's
+background CPU to subtract.
+
+    MESHLLM_ENGINE_DIR=/tmp/eng/build/bin .venv/bin/python bench/proxy_overhead.py [--tiny] [--rounds 20]
+
+It prints a table and never asserts: benchmarks are not tests (see STYLE.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "The history of the printing press"
+TARGETS = ("direct", "proxied")
+
+
+@dataclass(frozen=True)
+class Node:
+    """A running node subprocess and the llama-server it started for the one model it serves."""
+
+    pid: int
+    model: str
+    proxied_url: str
+    direct_url: str
+    llama_pid: int
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One request, as the client saw it. ``ttft_s`` equals ``wall_s`` for non-streaming requests."""
+
+    phase: str
+    round: int
+    target: str
+    mode: str
+    wall_s: float
+    ttft_s: float
+    tokens: int
+    decode_tps: float
+    node_cpu_s: float
+
+
+# -- the node subprocess ------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its threads, from ``/proc/<pid>/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _get_json(url: str) -> Any:
+    try:
+        response = httpx.get(url, timeout=2, trust_env=False)
+        return response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], port: int, console: int, *, timeout: float,
+                log: Path) -> Node:
+    """Poll until /v1/models lists the model and /api/status shows its llama-server ready."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the node exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        models = _get_json(f"http://127.0.0.1:{port}/v1/models")
+        status = _get_json(f"http://127.0.0.1:{console}/api/status") if models and models["data"] else None
+        for model in (status or {}).get("models", []):
+            for server in model["servers"]:
+                if model["name"] == models["data"][0]["id"] and server["phase"] == "ready":
+                    return Node(pid=proc.pid, model=model["name"], proxied_url=f"http://127.0.0.1:{port}",
+                                direct_url=f"http://127.0.0.1:{server['port']}", llama_pid=server["pid"])
+        time.sleep(0.25)
+    raise TimeoutError(f"the node was not serving within {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+
+
+@contextmanager
+def running_node(model: str, *, state_dir: Path, threads: int, timeout: float) -> Iterator[Node]:
+    """``python -m meshllm --model MODEL`` on free ports; stopped with SIGINT, as a user would, on exit."""
+    port, console = free_port(), free_port()
+    cmd = [sys.executable, "-m", "meshllm", "--model", model, "--port", str(port), "--console", str(console),
+           "--state-dir", str(state_dir)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    log = state_dir / "node.out"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    llama_pid = 0
+    try:
+        node = _wait_ready(proc, port, console, timeout=timeout, log=log)
+        llama_pid = node.llama_pid
+        yield node
+    finally:
+        _stop_node(proc, llama_pid)
+
+
+def _stop_node(proc: subprocess.Popen[bytes], llama_pid: int) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        print(f"warning: node pid {proc.pid} ignored SIGINT for 30s; killing it", file=sys.stderr)
+        proc.kill()
+        proc.wait()
+    if llama_pid and _alive(llama_pid):
+        print(f"warning: llama-server pid {llama_pid} outlived its node; killing it", file=sys.stderr)
+        os.kill(llama_pid, signal.SIGKILL)
+
+
+# -- requests -----------------------------------------------------------------------------------
+def _content_chunk(event: bytes) -> bool:
+    """Whether one SSE event carries generated text (not the final usage event, not ``[DONE]``)."""
+    if not event.startswith(b"data: ") or event.startswith(b"data: [DONE]"):
+        return False
+    choices = json.loads(event[6:]).get("choices") or [{}]
+    return bool(choices[0].get("text"))
+
+
+def stream_once(client: httpx.Client, body: dict[str, Any]) -> tuple[float, float, int, float]:
+    """One streaming request: (wall s, time to first content chunk s, content chunks, decode tok/s)."""
+    stamps: list[float] = []
+    start = time.perf_counter()
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        response.raise_for_status()
+        pending = b""
+        for raw in response.iter_raw():
+            now = time.perf_counter()
+            pending += raw
+            *events, pending = pending.split(b"\n\n")
+            stamps += [now for event in events if _content_chunk(event.strip())]
+    wall = time.perf_counter() - start
+    if len(stamps) < 2:
+        raise RuntimeError(f"expected a stream of content chunks, got {len(stamps)}")
+    return wall, stamps[0] - start, len(stamps), (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def complete_once(client: httpx.Client, body: dict[str, Any]) -> tuple[float, float, int, float]:
+    """One non-streaming request: (wall s, wall s, completion tokens, completion tokens / wall)."""
+    start = time.perf_counter()
+    response = client.post("/v1/completions", json={**body, "stream": False})
+    wall = time.perf_counter() - start
+    response.raise_for_status()
+    tokens = int(response.json()["usage"]["completion_tokens"])
+    return wall, wall, tokens, tokens / wall
+
+
+def measure(client: httpx.Client, body: dict[str, Any], *, mode: str, target: str, phase: str,
+            round_: int, node_pid: int) -> Sample:
+    cpu_before = cpu_seconds(node_pid)
+    once = stream_once if mode == "stream" else complete_once
+    wall, ttft, tokens, tps = once(client, body)
+    return Sample(phase=phase, round=round_, target=target, mode=mode, wall_s=wall, ttft_s=ttft,
+                  tokens=tokens, decode_tps=tps, node_cpu_s=cpu_seconds(node_pid) - cpu_before)
+
+
+# -- phases -------------------------------------------------------------------------------------
+def interleaved(clients: dict[str, httpx.Client], body: dict[str, Any], *, rounds: int, warmup: int,
+                node_pid: int) -> list[Sample]:
+    """Alternate direct and proxied, swapping which goes first every round, for both modes."""
+    samples = []
+    for round_ in range(-warmup, rounds):
+        order = TARGETS if round_ % 2 == 0 else TARGETS[::-1]
+        for mode in ("nonstream", "stream"):
+            for target in order:
+                sample = measure(clients[target], body, mode=mode, target=target, node_pid=node_pid,
+                                 phase="warmup" if round_ < 0 else "interleaved", round_=round_)
+                samples.append(sample)
+        if round_ >= 0:
+            print(f"\r  round {round_ + 1}/{rounds}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return samples
+
+
+def cpu_phase(clients: dict[str, httpx.Client], body: dict[str, Any], *, requests: int,
+              node_pid: int) -> dict[str, dict[str, float]]:
+    """Stream ``requests`` times direct, then as many proxied, reading the node's CPU around each block.
+
+    During the direct block the node only does its background work, so that block's CPU is the baseline.
+    """
+    result = {}
+    for target in TARGETS:
+        cpu_before, start = cpu_seconds(node_pid), time.perf_counter()
+        tokens = sum(measure(clients[target], body, mode="stream", target=target, phase="cpu", round_=i,
+                             node_pid=node_pid).tokens for i in range(requests))
+        result[target] = {"node_cpu_s": cpu_seconds(node_pid) - cpu_before, "tokens": tokens,
+                          "wall_s": time.perf_counter() - start}
+    return result

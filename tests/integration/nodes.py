@@ -1,0 +1,137 @@
+"""Run real meshllm node processes for integration tests, and clean them up whatever happens."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import free_port
+
+
+@dataclass
+class NodeProcess:
+    """A ``python -m meshllm`` subprocess with its own ports and state folder."""
+
+    models: list[str]
+    state_dir: Path
+    engine_dir: Path
+    extra: list[str] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+    console: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "node.log"
+
+    def start(self) -> NodeProcess:
+        args = [sys.executable, "-m", "meshllm", "--port", str(self.port), "--console", str(self.console),
+                "--state-dir", str(self.state_dir), *self.extra]
+        for model in self.models:
+            args += ["--model", model]
+        env = {**os.environ, "MESHLLM_ENGINE_DIR": str(self.engine_dir)}
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = httpx.get(f"http://127.0.0.1:{self.console}/api/status", timeout=5).json()
+        return result
+
+    def server(self, model: str) -> dict[str, Any]:
+        for entry in self.status()["models"]:
+            if entry["name"] == model and entry["servers"]:
+                server: dict[str, Any] = entry["servers"][0]
+                return server
+        raise KeyError(model)
+
+    def wait_ready(self, model: str, *, timeout: float = 120.0) -> dict[str, Any]:
+        """Wait until ``model`` is listed by /v1/models; returns its server status."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                listed = httpx.get(f"{self.api}/v1/models", timeout=2).json()
+                if any(m["id"] == model for m in listed["data"]):
+                    return self.server(model)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{model} not ready after {timeout}s; node log:\n{self.log_text()}")
+
+    def _check_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"node exited with {self.proc.returncode}; log:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+    def stop(self, sig: signal.Signals = signal.SIGINT, *, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill_everything(self) -> None:
+        """Teardown: the node and any llama-server it left behind."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pid in engine_pids(self.state_dir):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def engine_pids(state_dir: Path) -> list[int]:
+    """Live llama-server / ggml-rpc-server processes whose log is in ``state_dir`` (so: this node's)."""
+    pids = []
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            cmd = (proc_dir / "cmdline").read_bytes().split(b"\0")
+            stat = (proc_dir / "stat").read_text()
+        except OSError:
+            continue
+        if not cmd or not cmd[0].endswith((b"llama-server", b"ggml-rpc-server")):
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            continue
+        if _belongs_to(int(proc_dir.name), state_dir):
+            pids.append(int(proc_dir.name))
+    return pids
+
+
+def _belongs_to(pid: int, state_dir: Path) -> bool:
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if str(fd.readlink()).startswith(str(state_dir)):
+                return True
+        except OSError:
+            continue
+    return False
