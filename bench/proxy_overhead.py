@@ -189,9 +189,18 @@ def complete_once(client: httpx.Client, body: dict[str, Any]) -> tuple[float, fl
 
 def measure(client: httpx.Client, body: dict[str, Any], *, mode: str, target: str, phase: str,
             round_: int, node_pid: int) -> Sample:
-    cpu_before = cpu_seconds(node_pid)
+    """One request; retried once (and said so) if a server closed the kept-alive connection under it."""
     once = stream_once if mode == "stream" else complete_once
-    wall, ttft, tokens, tps = once(client, body)
+    for attempt in (1, 2):
+        cpu_before = cpu_seconds(node_pid)
+        try:
+            wall, ttft, tokens, tps = once(client, body)
+            break
+        except (httpx.RemoteProtocolError, httpx.ConnectError) as exc:
+            print(f"\n  {target} {mode} round {round_}: {exc!r}" + ("; retrying" if attempt == 1 else ""),
+                  file=sys.stderr)
+            if attempt == 2:
+                raise
     return Sample(phase=phase, round=round_, target=target, mode=mode, wall_s=wall, ttft_s=ttft,
                   tokens=tokens, decode_tps=tps, node_cpu_s=cpu_seconds(node_pid) - cpu_before)
 
@@ -228,3 +237,136 @@ def cpu_phase(clients: dict[str, httpx.Client], body: dict[str, Any], *, request
         result[target] = {"node_cpu_s": cpu_seconds(node_pid) - cpu_before, "tokens": tokens,
                           "wall_s": time.perf_counter() - start}
     return result
+
+
+# -- summary ------------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100), interpolating linearly between the closest ranks."""
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _mode_summary(samples: list[Sample], mode: str) -> dict[str, float]:
+    """Direct vs proxied for one mode: p50 and tail of decode rate and TTFT, and paired differences."""
+    mine = [s for s in samples if s.phase == "interleaved" and s.mode == mode]
+    out: dict[str, float] = {}
+    for target in TARGETS:
+        of = [s for s in mine if s.target == target]
+        tps, ttft = [s.decode_tps for s in of], [s.ttft_s * 1e3 for s in of]
+        out |= {f"{target}_tps_p50": percentile(tps, 50), f"{target}_tps_p10": percentile(tps, 10),
+                f"{target}_ttft_ms_p50": percentile(ttft, 50), f"{target}_ttft_ms_p90": percentile(ttft, 90),
+                f"{target}_wall_ms_p50": percentile([s.wall_s * 1e3 for s in of], 50),
+                f"{target}_tokens_p50": percentile([float(s.tokens) for s in of], 50)}
+    by_round = {(s.round, s.target): s for s in mine}
+    rounds = sorted({s.round for s in mine})
+    paired_ttft = [(by_round[r, "proxied"].ttft_s - by_round[r, "direct"].ttft_s) * 1e3 for r in rounds]
+    paired_tps = [by_round[r, "proxied"].decode_tps / by_round[r, "direct"].decode_tps for r in rounds]
+    out |= {"tps_ratio": out["proxied_tps_p50"] / out["direct_tps_p50"],
+            "tps_ratio_paired_p50": percentile(paired_tps, 50),
+            "ttft_added_ms_p50": out["proxied_ttft_ms_p50"] - out["direct_ttft_ms_p50"],
+            "ttft_added_ms_p90": out["proxied_ttft_ms_p90"] - out["direct_ttft_ms_p90"],
+            "ttft_added_ms_paired_p50": percentile(paired_ttft, 50)}
+    return out
+
+
+def summarize(samples: list[Sample], cpu: dict[str, dict[str, float]]) -> dict[str, Any]:
+    stream = _mode_summary(samples, "stream")
+    chunks = stream["proxied_tokens_p50"]
+    wall_added_ms = stream["proxied_wall_ms_p50"] - stream["direct_wall_ms_p50"]
+    per_1k = {t: cpu[t]["node_cpu_s"] * 1e3 / cpu[t]["tokens"] * 1e3 for t in TARGETS}
+    return {
+        "stream": stream,
+        "nonstream": _mode_summary(samples, "nonstream"),
+        "stream_wall_added_us_per_chunk": wall_added_ms * 1e3 / chunks,
+        "node_cpu_ms_per_1k_tokens_proxied": per_1k["proxied"],
+        "node_cpu_ms_per_1k_tokens_background": per_1k["direct"],
+        "proxy_cpu_us_per_chunk": per_1k["proxied"] - per_1k["direct"],  # ms per 1,000 = µs per one
+    }
+
+
+def print_report(node: Node, args: argparse.Namespace, summary: dict[str, Any],
+                 cpu: dict[str, dict[str, float]]) -> None:
+    print(f"\nproxy overhead: model {node.model}, {args.rounds} interleaved rounds, max_tokens {args.max_tokens}, "
+          f"node pid {node.pid}, llama-server pid {node.llama_pid}")
+    print(f"{'':12}{'metric':<14}{'direct p50':>12}{'proxied p50':>13}{'proxied/direct':>16}"
+          f"{'paired p50':>12}{'direct tail':>13}{'proxied tail':>14}{'Δ tail':>10}")
+    for mode, label in (("stream", "streaming"), ("nonstream", "non-stream")):
+        m = summary[mode]
+        print(f"{label:<12}{'decode tok/s':<14}{m['direct_tps_p50']:>12.1f}{m['proxied_tps_p50']:>13.1f}"
+              f"{m['tps_ratio']:>15.3f}x{m['tps_ratio_paired_p50']:>11.3f}x"
+              f"{m['direct_tps_p10']:>13.1f}{m['proxied_tps_p10']:>14.1f}"
+              f"{m['proxied_tps_p10'] / m['direct_tps_p10']:>9.3f}x")
+        metric = "TTFT ms" if mode == "stream" else "latency ms"
+        print(f"{'':<12}{metric:<14}{m['direct_ttft_ms_p50']:>12.2f}{m['proxied_ttft_ms_p50']:>13.2f}"
+              f"{m['ttft_added_ms_p50']:>+13.2f} ms{m['ttft_added_ms_paired_p50']:>+9.2f} ms"
+              f"{m['direct_ttft_ms_p90']:>10.2f}{m['proxied_ttft_ms_p90']:>14.2f}"
+              f"{m['ttft_added_ms_p90']:>+7.2f} ms")
+    print("tail = p90 for times, p10 (the slow end) for tok/s; paired = median over rounds of proxied vs direct")
+    s = summary["stream"]
+    print(f"\nper streamed chunk: wall p50 direct {s['direct_wall_ms_p50']:.1f} ms, proxied "
+          f"{s['proxied_wall_ms_p50']:.1f} ms over {s['proxied_tokens_p50']:.0f} chunks -> "
+          f"{summary['stream_wall_added_us_per_chunk']:+.1f} µs added per chunk")
+    print(f"node CPU ({args.cpu_requests} streams each, back to back): proxied "
+          f"{summary['node_cpu_ms_per_1k_tokens_proxied']:.1f} ms per 1,000 tokens "
+          f"({cpu['proxied']['node_cpu_s'] * 1e3:.0f} ms for {cpu['proxied']['tokens']:.0f}); background while "
+          f"streaming direct {summary['node_cpu_ms_per_1k_tokens_background']:.1f} ms per 1,000 -> proxy "
+          f"{summary['proxy_cpu_us_per_chunk']:.0f} µs CPU per chunk")
+
+
+# -- command line -------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--model", default="gemma-3-270m", help="model name or .gguf path (default gemma-3-270m)")
+    parser.add_argument("--tiny", action="store_true", help="bench a generated tiny dense model instead")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default 20)")
+    parser.add_argument("--warmup", type=int, default=2, help="rounds measured but not counted (default 2)")
+    parser.add_argument("--cpu-requests", type=int, default=0,
+                        help="streams per target in the CPU phase (default: --rounds)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens per request (default 128)")
+    parser.add_argument("--threads", type=int, default=0, help="llama-server --threads (default: its own)")
+    parser.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for the node")
+    parser.add_argument("--json", type=Path, help="write raw samples and the summary here")
+    args = parser.parse_args(argv)
+    args.cpu_requests = args.cpu_requests or args.rounds
+    return args
+
+
+def run(args: argparse.Namespace, workdir: Path) -> None:
+    model = args.model
+    if args.tiny:
+        from meshllm.engine.tinygguf import write_dense
+        model = str(write_dense(workdir / "tiny-dense.gguf"))
+    body = {"prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+    with running_node(model, state_dir=workdir / "state", threads=args.threads,
+                      timeout=args.ready_timeout) as node:
+        body["model"] = node.model
+        print(f"node {node.pid} serving {node.model}: proxied {node.proxied_url}, direct {node.direct_url}",
+              file=sys.stderr)
+        clients = {t: httpx.Client(base_url=url, timeout=httpx.Timeout(300, connect=5), trust_env=False)
+                   for t, url in zip(TARGETS, (node.direct_url, node.proxied_url))}
+        try:
+            samples = interleaved(clients, body, rounds=args.rounds, warmup=args.warmup, node_pid=node.pid)
+            cpu = cpu_phase(clients, body, requests=args.cpu_requests, node_pid=node.pid)
+        finally:
+            for client in clients.values():
+                client.close()
+    summary = summarize(samples, cpu)
+    print_report(node, args, summary, cpu)
+    if args.json:
+        raw = {"args": {k: str(v) for k, v in vars(args).items()}, "node": asdict(node), "summary": summary,
+               "cpu_phase": cpu, "samples": [asdict(s) for s in samples]}
+        args.json.write_text(json.dumps(raw, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="meshllm-bench-") as tmp:
+        (Path(tmp) / "state").mkdir()
+        run(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

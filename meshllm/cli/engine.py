@@ -12,7 +12,7 @@ from meshllm.engine.build import build_engine, default_flavour, find_engine
 
 __all__ = ["engine_app"]
 
-engine_app = typer.Typer(add_completion=False, rich_markup_mode=None,
+engine_app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
                          help="Build or locate the llama.cpp engine (llama-server, ggml-rpc-server).")
 err = Console(stderr=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,9 +30,10 @@ from meshllm.store.identity import default_state_dir
 __all__ = ["app", "main"]
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, rich_markup_mode=None,
+                  pretty_exceptions_enable=False,
                   help="Pool GPUs across machines into one mesh serving LLMs on an OpenAI-compatible API.")
 app.add_typer(engine_app, name="engine")
 
@@ -115,7 +117,7 @@ def _fetch_status(console: int) -> dict[str, Any]:
 
 def _emit(rows: list[dict[str, Any]], columns: list[tuple[str, str]], output: str) -> None:
     if output == "json":
-        out.print_json(json.dumps(rows))
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
     elif output == "yaml":
         sys.stdout.write(yaml.safe_dump(rows, sort_keys=False))
     else:
@@ -127,32 +129,39 @@ def _emit(rows: list[dict[str, Any]], columns: list[tuple[str, str]], output: st
         out.print(table)
 
 
-Output = Annotated[str, typer.Option("-o", "--output", help="table, json or yaml")]
+class Kind(StrEnum):
+    MODELS = "models"
+    NODES = "nodes"
+
+
+class OutputFormat(StrEnum):
+    TABLE = "table"
+    JSON = "json"
+    YAML = "yaml"
+
+
+Output = Annotated[OutputFormat, typer.Option("-o", "--output", help="Output format")]
 ConsolePort = Annotated[int, typer.Option("--console", help="Console port of the node to ask")]
 
 
 @app.command("get")
 def get(
-    kind: Annotated[str, typer.Argument(help="models or nodes")],
-    output: Output = "table",
+    kind: Annotated[Kind, typer.Argument(help="What to list")],
+    output: Output = OutputFormat.TABLE,
     console: ConsolePort = 3131,
 ) -> None:
     """List the models or nodes a running node knows."""
-    if output not in ("table", "json", "yaml"):
-        raise typer.BadParameter(f"unknown output format {output!r}; use table, json or yaml")
     status = _fetch_status(console)
-    if kind in ("models", "model"):
+    if kind is Kind.MODELS:
         rows = [_model_row(m) for m in status["models"]]
         columns = [("NAME", "name"), ("PHASE", "phase"), ("NODE", "node"), ("PORT", "port"),
                    ("RESTARTS", "restarts"), ("SOURCE", "source"), ("MESSAGE", "message")]
-        _emit(rows if output == "table" else status["models"], columns, output)
-    elif kind in ("nodes", "node"):
+        _emit(rows if output is OutputFormat.TABLE else status["models"], columns, output)
+    else:
         rows = [_node_row(n, status) for n in status["nodes"]]
         columns = [("ID", "id"), ("NAME", "name"), ("ROLE", "role"), ("CAPACITY", "capacity"),
                    ("MODELS", "models"), ("API", "api_url")]
-        _emit(rows if output == "table" else status["nodes"], columns, output)
-    else:
-        raise typer.BadParameter(f"cannot get {kind!r}; use `meshllm get models` or `meshllm get nodes`")
+        _emit(rows if output is OutputFormat.TABLE else status["nodes"], columns, output)
 
 
 def _model_row(model: dict[str, Any]) -> dict[str, Any]:
@@ -171,19 +180,7 @@ def _node_row(node: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        app()  # click handles usage errors (exit 2), --help and Ctrl-C itself
     except MeshError as exc:
-        err.print(f"error: {exc}", highlight=False, markup=False)
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as exc:  # click usage errors and the like
-        import click
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise

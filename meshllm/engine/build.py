@@ -105,6 +105,19 @@ def default_flavour() -> str:
     return "cuda" if shutil.which("nvcc") else "cpu"
 
 
+def _build_tool(name: str) -> str:
+    """``cmake`` or ``ninja``: the one on PATH, else the one the PyPI package of that name installed."""
+    found = shutil.which(name)
+    if found:
+        return found
+    try:
+        module = __import__(name)
+        folder = Path(module.CMAKE_BIN_DIR if name == "cmake" else module.BIN_DIR)
+    except (ImportError, AttributeError):
+        raise EngineError(f"{name} is needed to build the engine; pip install {name}") from None
+    return str(folder / name)
+
+
 def _has_binaries(folder: Path) -> bool:
     return all((folder / name).is_file() for name in BINARIES)
 
@@ -207,9 +220,10 @@ def build_engine(*, flavour: str | None = None, jobs: int | None = None,
     recipe = load_recipe()
     if flavour not in recipe.flavours:
         raise EngineError(f"unknown engine flavour {flavour!r}; choose one of {', '.join(recipe.flavours)}")
-    for tool in ("cmake", "ninja", "patch") if recipe.patches else ("cmake", "ninja"):
+    cmake, ninja = _build_tool("cmake"), _build_tool("ninja")
+    for tool in ("c++", "patch") if recipe.patches else ("c++",):
         if not shutil.which(tool):
-            raise EngineError(f"{tool} is needed to build the engine; install it (e.g. apt-get install {tool})")
+            raise EngineError(f"{tool} is needed to build the engine; install it (e.g. apt-get install g++ patch)")
     root = cache_root() / "engine"
     final = root / recipe.key(flavour)
     root.mkdir(parents=True, exist_ok=True)
@@ -223,8 +237,9 @@ def build_engine(*, flavour: str | None = None, jobs: int | None = None,
         if flavour == "cuda" and os.environ.get("CMAKE_CUDA_ARCHITECTURES"):
             flags.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CMAKE_CUDA_ARCHITECTURES']}")
         build = work / "build"
-        _run_logged(["cmake", "-S", str(source), "-B", str(build), "-G", "Ninja", *flags], log, None)
-        _run_logged(["cmake", "--build", str(build), "--target", *recipe.targets,
+        flags.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
+        _run_logged([cmake, "-S", str(source), "-B", str(build), "-G", "Ninja", *flags], log, None)
+        _run_logged([cmake, "--build", str(build), "--target", *recipe.targets,
                      "-j", str(jobs or os.cpu_count() or 2)], log, progress)
         staged = work / "stage"
         shutil.copytree(build / "bin", staged / "bin", symlinks=True)

@@ -34,6 +34,7 @@ __all__ = [
     "NodeStatus",
     "ServerPhase",
     "ServerStatus",
+    "json_schemas",
     "server_key",
 ]
 
@@ -102,3 +103,9 @@ class ServerStatus(_Entity):
 
 def server_key(node: str, model: str) -> str:
     return f"{node}/{model}"
+
+
+def json_schemas() -> dict[str, dict[str, object]]:
+    """JSON Schemas of the document's entities, as checked in under ``schemas/``."""
+    return {f"state.{model.__name__}": model.model_json_schema()
+            for model in (ModelSpec, NodeStatus, ServerStatus)}

@@ -1,0 +1,34 @@
+"""Check (or with --write, regenerate) the JSON Schemas in this folder from meshllm's pydantic models.
+
+CI runs this: a model change without regenerated schemas fails, so the schemas here stay true.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from meshllm.state.schema import json_schemas
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(argv: list[str]) -> int:
+    write = "--write" in argv
+    stale = []
+    for name, schema in json_schemas().items():
+        path = HERE / f"{name}.schema.json"
+        text = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+        if write:
+            path.write_text(text)
+        elif not path.is_file() or path.read_text() != text:
+            stale.append(path.name)
+    if stale:
+        print(f"schemas out of date: {', '.join(stale)}; run: python schemas/check.py --write", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

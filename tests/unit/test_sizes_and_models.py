@@ -1,0 +1,71 @@
+"""Parsing sizes, resolving --model arguments, deterministic ports, the engine recipe."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from meshllm.engine.build import find_engine, load_recipe
+from meshllm.engine.capacity import parse_size
+from meshllm.engine.models import resolve_model
+from meshllm.engine.process import candidate_ports
+from meshllm.errors import EngineError, ModelError
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("24", 24_000_000_000), ("24GB", 24_000_000_000), ("8MB", 8_000_000), ("512MiB", 512 * 2**20),
+    ("1.5gb", 1_500_000_000), (" 64 KiB ", 65536),
+])
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GB", "12 parsecs", "-3GB", "1e9"])
+def test_parse_size_rejects_nonsense(text: str) -> None:
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size(text)
+
+
+def test_resolve_model_paths(tmp_path: Path) -> None:
+    good = tmp_path / "my-model.gguf"
+    good.write_bytes(b"GGUF" + b"\0" * 60)
+    resolved = resolve_model(str(good))
+    assert (resolved.name, resolved.path, resolved.size_bytes) == ("my-model", good, 64)
+
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("hello")
+    with pytest.raises(ModelError, match="not a GGUF file"):
+        resolve_model(str(not_gguf))
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelError, match="unknown model 'no-such-thing'"):
+        resolve_model("no-such-thing")
+
+
+def test_ports_are_deterministic_per_key() -> None:
+    first = list(zip(range(3), candidate_ports("node/a"), strict=False))
+    again = list(zip(range(3), candidate_ports("node/a"), strict=False))
+    other = next(candidate_ports("node/b"))
+    assert first == again
+    assert other != first[0][1]
+    assert all(41000 <= port < 49000 for _, port in first)
+
+
+def test_engine_cache_key_follows_the_pin_and_patches(tmp_path: Path) -> None:
+    recipe = load_recipe()
+    assert recipe.version == "11434.0.0" and len(recipe.sha256) == 64
+    assert "ggml-rpc-server" in recipe.targets
+    copy = tmp_path / "llama.cpp"
+    shutil.copytree(recipe.folder, copy)
+    assert load_recipe(copy).key("cpu") == recipe.key("cpu")
+    assert recipe.key("cpu") != recipe.key("cuda")
+    (copy / "patches" / "0001-x.patch").write_text("--- a\n+++ b\n")
+    assert load_recipe(copy).key("cpu") != recipe.key("cpu")
+
+
+def test_engine_dir_override_must_hold_the_binaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHLLM_ENGINE_DIR", str(tmp_path))
+    with pytest.raises(EngineError, match="does not hold llama-server"):
+        find_engine()

@@ -1,0 +1,54 @@
+"""The state document: typed reads and writes, replication between replicas, bad entries."""
+
+from __future__ import annotations
+
+from pycrdt import Map
+
+from meshllm.state.document import MeshState
+from meshllm.state.schema import ModelSpec, ServerPhase, ServerStatus
+
+
+def test_entities_round_trip_through_the_document() -> None:
+    state = MeshState()
+    state.put_model(ModelSpec(name="m", source="/x/m.gguf", node="n1"))
+    state.put_server(ServerStatus(node="n1", model="m", phase=ServerPhase.READY, port=41000, pid=7))
+    assert state.models()["m"].source == "/x/m.gguf"
+    server = state.servers()["n1/m"]
+    assert (server.phase, server.port, server.pid) == (ServerPhase.READY, 41000, 7)
+    assert isinstance(server.port, int)
+    assert state.remove_model("m") and not state.remove_model("m")
+    assert state.models() == {}
+
+
+def test_replicas_converge_and_fields_merge_independently() -> None:
+    a, b = MeshState(), MeshState()
+    a.put_server(ServerStatus(node="n1", model="m", phase=ServerPhase.LOADING, port=41000))
+    b.doc.apply_update(a.doc.get_update())
+    # concurrent edits of different fields of the same entity
+    a.put_server(ServerStatus(node="n1", model="m", phase=ServerPhase.READY, port=41000))
+    b.put_model(ModelSpec(name="m", source="m"))
+    a_update, b_update = a.doc.get_update(b.doc.get_state()), b.doc.get_update(a.doc.get_state())
+    a.doc.apply_update(b_update)
+    b.doc.apply_update(a_update)
+    assert a.servers() == b.servers()
+    assert a.models() == b.models()
+    assert b.servers()["n1/m"].phase is ServerPhase.READY
+
+
+def test_malformed_entries_from_peers_are_ignored() -> None:
+    state = MeshState()
+    state.doc.get("servers", type=Map)["bad"] = Map({"node": "n1", "phase": "exploded", "port": -5})
+    state.put_server(ServerStatus(node="n1", model="ok", phase=ServerPhase.READY, port=41000))
+    assert list(state.servers()) == ["n1/ok"]
+
+
+def test_observers_hear_about_changes() -> None:
+    state = MeshState()
+    heard: list[int] = []
+    subs = state.observe(lambda: heard.append(1))
+    state.put_model(ModelSpec(name="m", source="m"))
+    assert heard
+    state.unobserve(subs)
+    heard.clear()
+    state.put_model(ModelSpec(name="n", source="n"))
+    assert heard == []
