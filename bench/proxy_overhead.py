@@ -67,6 +67,7 @@ class Sample:
     tokens: int
     decode_tps: float
     node_cpu_s: float
+    attempts: int
 
 
 # -- the node subprocess ------------------------------------------------------------------------
@@ -159,11 +160,12 @@ def _content_chunk(event: bytes) -> bool:
     return bool(choices[0].get("text"))
 
 
-def stream_once(client: httpx.Client, body: dict[str, Any]) -> tuple[float, float, int, float]:
+def stream_once(client: httpx.Client, body: dict[str, Any], *,
+                headers: dict[str, str]) -> tuple[float, float, int, float]:
     """One streaming request: (wall s, time to first content chunk s, content chunks, decode tok/s)."""
     stamps: list[float] = []
     start = time.perf_counter()
-    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}, headers=headers) as response:
         response.raise_for_status()
         pending = b""
         for raw in response.iter_raw():
@@ -177,32 +179,49 @@ def stream_once(client: httpx.Client, body: dict[str, Any]) -> tuple[float, floa
     return wall, stamps[0] - start, len(stamps), (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def complete_once(client: httpx.Client, body: dict[str, Any]) -> tuple[float, float, int, float]:
+def complete_once(client: httpx.Client, body: dict[str, Any], *,
+                  headers: dict[str, str]) -> tuple[float, float, int, float]:
     """One non-streaming request: (wall s, wall s, completion tokens, completion tokens / wall)."""
     start = time.perf_counter()
-    response = client.post("/v1/completions", json={**body, "stream": False})
+    response = client.post("/v1/completions", json={**body, "stream": False}, headers=headers)
     wall = time.perf_counter() - start
     response.raise_for_status()
     tokens = int(response.json()["usage"]["completion_tokens"])
     return wall, wall, tokens, tokens / wall
 
 
+def _headers(target: str, mode: str) -> dict[str, str]:
+    """llama-server closes the connection after every streamed response, without saying so (its chunked
+    content provider returns false after ``sink.done()``, which cpp-httplib takes for a failure). Saying
+    ``Connection: close`` on direct streams keeps the client from reusing that dead connection; the proxy
+    keeps the client's connection alive and must cope with the closed one upstream itself."""
+    return {"Connection": "close"} if (target, mode) == ("direct", "stream") else {}
+
+
+def _retryable(exc: httpx.HTTPError) -> bool:
+    """A stale kept-alive connection: llama-server closed it (direct), or the proxy answered 503 for that."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code == 503
+    return isinstance(exc, httpx.RemoteProtocolError)
+
+
 def measure(client: httpx.Client, body: dict[str, Any], *, mode: str, target: str, phase: str,
             round_: int, node_pid: int) -> Sample:
-    """One request; retried once (and said so) if a server closed the kept-alive connection under it."""
+    """One request, retried (with a fresh clock, and counted in ``attempts``) after a stale connection."""
     once = stream_once if mode == "stream" else complete_once
-    for attempt in (1, 2):
+    for attempt in range(1, 4):
         cpu_before = cpu_seconds(node_pid)
         try:
-            wall, ttft, tokens, tps = once(client, body)
-            break
-        except (httpx.RemoteProtocolError, httpx.ConnectError) as exc:
-            print(f"\n  {target} {mode} round {round_}: {exc!r}" + ("; retrying" if attempt == 1 else ""),
-                  file=sys.stderr)
-            if attempt == 2:
+            wall, ttft, tokens, tps = once(client, body, headers=_headers(target, mode))
+        except httpx.HTTPError as exc:
+            if attempt == 3 or not _retryable(exc):
                 raise
-    return Sample(phase=phase, round=round_, target=target, mode=mode, wall_s=wall, ttft_s=ttft,
-                  tokens=tokens, decode_tps=tps, node_cpu_s=cpu_seconds(node_pid) - cpu_before)
+            print(f"\n  {phase} {target} {mode} #{round_}: {exc!r}; retrying", file=sys.stderr)
+            continue
+        return Sample(phase=phase, round=round_, target=target, mode=mode, wall_s=wall, ttft_s=ttft,
+                      tokens=tokens, decode_tps=tps, node_cpu_s=cpu_seconds(node_pid) - cpu_before,
+                      attempts=attempt)
+    raise AssertionError("unreachable")
 
 
 # -- phases -------------------------------------------------------------------------------------

@@ -102,7 +102,13 @@ def cache_root() -> Path:
 
 
 def default_flavour() -> str:
-    return "cuda" if shutil.which("nvcc") else "cpu"
+    """``cuda`` when the CUDA compiler and an NVIDIA GPU are both present, else ``cpu``.
+
+    nvcc alone is not enough: a CUDA toolkit without a GPU (a build box, a container) cannot pick
+    the GPU architecture; ask for ``--flavour cuda`` with ``CMAKE_CUDA_ARCHITECTURES`` set there.
+    """
+    has_gpu = Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir()
+    return "cuda" if shutil.which("nvcc") and has_gpu else "cpu"
 
 
 def _build_tool(name: str) -> str:
