@@ -30,15 +30,26 @@ def build(
         print(found)
         return
     err.print(f"building the llama.cpp engine ({flavour}); this takes a while the first time")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[step]}"))
-    with Progress(*columns, console=err, transient=False) as progress:
-        task = progress.add_task("compiling", total=None, step="configuring")
+    if not err.is_terminal:  # CI logs: a plain line every 10% instead of a live bar
+        shown = [-1]
 
-        def advance(done: int, total: int, step: str) -> None:
-            progress.update(task, completed=done, total=total, step=step)
+        def report(done: int, total: int, step: str) -> None:
+            tenth = done * 10 // max(total, 1)
+            if tenth != shown[0]:
+                shown[0] = tenth
+                err.print(f"engine build: {done}/{total} steps ({tenth * 10}%)")
 
-        folder = build_engine(flavour=flavour, jobs=jobs, progress=advance)
+        folder = build_engine(flavour=flavour, jobs=jobs, progress=report)
+    else:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[step]}"))
+        with Progress(*columns, console=err) as progress:
+            task = progress.add_task("compiling", total=None, step="configuring")
+
+            def advance(done: int, total: int, step: str) -> None:
+                progress.update(task, completed=done, total=total, step=step)
+
+            folder = build_engine(flavour=flavour, jobs=jobs, progress=advance)
     err.print(f"engine ready: {folder}")
     print(folder)
 
