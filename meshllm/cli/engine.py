@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -10,27 +11,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from meshllm.engine.build import build_engine, default_flavour, find_engine
 
-__all__ = ["engine_app"]
+__all__ = ["build_with_progress", "engine_app", "ensure_engine"]
 
 engine_app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
                          help="Build or locate the llama.cpp engine (llama-server, ggml-rpc-server).")
 err = Console(stderr=True)
 
 
-@engine_app.command("build")
-def build(
-    flavour: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when nvcc is found)")] = None,
-    jobs: Annotated[int | None, typer.Option("-j", "--jobs", help="Parallel compile jobs")] = None,
-    force: Annotated[bool, typer.Option(help="Rebuild even if a build exists")] = False,
-) -> None:
-    """Fetch the pinned llama.cpp source, patch it and build the engine binaries."""
-    flavour = flavour or default_flavour()
-    if not force and (found := find_engine(flavour=flavour)) is not None:
-        err.print(f"engine already built ({flavour}): {found}")
-        print(found)
-        return
+def build_with_progress(flavour: str, *, jobs: int | None = None) -> Path:
+    """Build the engine, showing progress: a live bar on a terminal, a line per 10% otherwise."""
     err.print(f"building the llama.cpp engine ({flavour}); this takes a while the first time")
-    if not err.is_terminal:  # CI logs: a plain line every 10% instead of a live bar
+    if not err.is_terminal:
         shown = [-1]
 
         def report(done: int, total: int, step: str) -> None:
@@ -51,7 +42,30 @@ def build(
 
             folder = build_engine(flavour=flavour, jobs=jobs, progress=advance)
     err.print(f"engine ready: {folder}")
-    print(folder)
+    return folder
+
+
+def ensure_engine(*, flavour: str | None = None) -> Path:
+    """The engine folder; builds it first (with progress) when it is missing."""
+    found = find_engine(flavour=flavour)
+    if found is not None:
+        return found
+    err.print("the llama.cpp engine is not built yet: building it now (once)")
+    return build_with_progress(flavour or default_flavour())
+
+
+@engine_app.command("build")
+def build(
+    flavour: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when nvcc and a GPU are found)")] = None,
+    jobs: Annotated[int | None, typer.Option("-j", "--jobs", help="Parallel compile jobs")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if a build exists")] = False,
+) -> None:
+    """Fetch the pinned llama.cpp source, patch it and build the engine binaries."""
+    flavour = flavour or default_flavour()
+    found = None if force else find_engine(flavour=flavour)
+    if found is not None:
+        err.print(f"engine already built ({flavour}): {found}")
+    print(found or build_with_progress(flavour, jobs=jobs))
 
 
 @engine_app.command("path")

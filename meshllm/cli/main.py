@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from meshllm.cli.engine import engine_app
+from meshllm.cli.engine import engine_app, ensure_engine
 from meshllm.engine.capacity import parse_size
 from meshllm.errors import MeshError, NodeUnreachable
 from meshllm.node import NodeConfig, run_node
@@ -81,6 +81,7 @@ def serve(
                         state_dir=state_dir.expanduser(), max_vram=_size(max_vram), device=device,
                         max_body_bytes=_size(max_body) or 0, threads=threads, name=name)
     _setup_logging()
+    ensure_engine()
     _run(config)
 
 
