@@ -23,6 +23,7 @@ from rich.table import Table
 
 from meshllm.cli.engine import engine_app, ensure_engine
 from meshllm.engine.capacity import parse_size
+from meshllm.engine.models import resolve_model
 from meshllm.errors import MeshError, NodeUnreachable
 from meshllm.node import NodeConfig, run_node
 from meshllm.store.identity import default_state_dir
@@ -81,6 +82,8 @@ def serve(
                         state_dir=state_dir.expanduser(), max_vram=_size(max_vram), device=device,
                         max_body_bytes=_size(max_body) or 0, threads=threads, name=name)
     _setup_logging()
+    for source in config.models:
+        resolve_model(source)  # a bad --model fails now, not after a long engine build
     ensure_engine()
     _run(config)
 
