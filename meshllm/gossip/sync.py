@@ -1,0 +1,170 @@
+"""Gossip of the state document: the Yjs sync protocol (pycrdt) between a node and its peers.
+
+Each connected peer gets a session. A session starts with sync step 1 both ways (state vectors),
+answered by step 2 (what the other side lacks), so two replicas that meet — at join, or when a
+partition heals — converge in one round trip. After that:
+
+- a change made on this node is sent as an update message to every session;
+- an update received from a peer that was new to this replica is forwarded to every other session
+  (a duplicate produces no change and goes no further), so changes flood the overlay once;
+- every ``anti_entropy`` seconds one random peer is asked for what we lack (step 1), which repairs
+  anything dropped on the way.
+
+Cost stays flat as the mesh grows when each node keeps a bounded number of sessions (the membership
+layer chooses them). A session whose outbox overflows drops messages and resynchronises with step 1.
+Malformed messages are logged and dropped: they never end the session or the node.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from pycrdt import (
+    Doc, TransactionEvent, YMessageType, YSyncMessageType, create_sync_message, create_update_message,
+    handle_sync_message,
+)
+
+from meshllm.gossip.channel import MessageChannel
+
+__all__ = ["DocGossip", "GossipStats"]
+
+log = logging.getLogger(__name__)
+
+_EMPTY_UPDATE = b"\x00\x00"
+
+
+@dataclass
+class GossipStats:
+    """Counters for benchmarks and /api/status."""
+
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    messages_received: int = 0
+    bytes_received: int = 0
+    dropped: int = 0
+    malformed: int = 0
+
+
+@dataclass
+class _Session:
+    peer_id: str
+    outbox: MemoryObjectSendStream[bytes]
+    resync: bool = False
+    synced: anyio.Event = field(default_factory=anyio.Event)
+
+
+class DocGossip:
+    """Keeps one ``Doc`` in sync with the replicas of the peers attached to it."""
+
+    def __init__(self, doc: Doc, *, node_id: str, anti_entropy: float = 5.0, outbox_size: int = 256,
+                 rng: random.Random | None = None) -> None:
+        self.doc = doc
+        self.node_id = node_id
+        self.anti_entropy = anti_entropy
+        self.outbox_size = outbox_size
+        self.rng = rng or random.Random()
+        self.stats = GossipStats()
+        self.sessions: dict[str, _Session] = {}
+        self._applying_from: str | None = None
+        self._subscription = doc.observe(self._on_transaction)
+
+    def close(self) -> None:
+        self.doc.unobserve(self._subscription)
+
+    # -- outgoing ---------------------------------------------------------------------------
+    def _on_transaction(self, event: TransactionEvent) -> None:
+        """A change to the doc (ours, or new to us from a peer): send it on. Never raises."""
+        update = bytes(event.update)
+        if not update or update == _EMPTY_UPDATE:
+            return
+        message = create_update_message(update)
+        for session in list(self.sessions.values()):
+            if session.peer_id != self._applying_from:
+                self._post(session, message)
+
+    def _post(self, session: _Session, message: bytes) -> None:
+        try:
+            session.outbox.send_nowait(message)
+        except anyio.WouldBlock:
+            self.stats.dropped += 1
+            session.resync = True  # the writer asks for a full state comparison once it drains
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+    # -- sessions ---------------------------------------------------------------------------
+    async def attach(self, channel: MessageChannel, *,
+                     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run a session with the peer at the other end of ``channel`` until it closes."""
+        send, receive = anyio.create_memory_object_stream[bytes](self.outbox_size)
+        session = _Session(channel.peer_id, send)
+        previous = self.sessions.get(channel.peer_id)
+        if previous is not None:
+            previous.outbox.close()
+        self.sessions[channel.peer_id] = session
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._write, session, channel, receive)
+                self._post(session, create_sync_message(self.doc))
+                task_status.started()
+                await self._read(session, channel)
+                tg.cancel_scope.cancel()
+        finally:
+            if self.sessions.get(channel.peer_id) is session:
+                del self.sessions[channel.peer_id]
+            send.close()
+            with anyio.CancelScope(shield=True):
+                await channel.aclose()
+
+    async def _write(self, session: _Session, channel: MessageChannel,
+                     outbox: MemoryObjectReceiveStream[bytes]) -> None:
+        async with outbox:
+            async for message in outbox:
+                await channel.send(message)
+                self.stats.messages_sent += 1
+                self.stats.bytes_sent += len(message)
+                if session.resync and outbox.statistics().current_buffer_used == 0:
+                    session.resync = False
+                    self._post(session, create_sync_message(self.doc))
+
+    async def _read(self, session: _Session, channel: MessageChannel) -> None:
+        while True:
+            try:
+                message = await channel.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return
+            self.stats.messages_received += 1
+            self.stats.bytes_received += len(message)
+            self._handle(session, message)
+
+    def _handle(self, session: _Session, message: bytes) -> None:
+        if not message or message[0] != YMessageType.SYNC:
+            self.stats.malformed += 1
+            return
+        self._applying_from = session.peer_id
+        try:
+            reply = handle_sync_message(message[1:], self.doc)
+        except Exception as exc:  # a peer's bytes must never take the node down
+            self.stats.malformed += 1
+            log.warning("dropped a malformed gossip message from %s: %s", session.peer_id, exc)
+            return
+        finally:
+            self._applying_from = None
+        if reply is not None:
+            self._post(session, reply)
+        if len(message) > 1 and message[1] == YSyncMessageType.SYNC_STEP2:
+            session.synced.set()
+
+    # -- anti-entropy -----------------------------------------------------------------------
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Periodically pull from one random peer what this replica lacks."""
+        task_status.started()
+        while True:
+            await anyio.sleep(self.anti_entropy * self.rng.uniform(0.8, 1.2))
+            if self.sessions:
+                peer = self.rng.choice(sorted(self.sessions))
+                self._post(self.sessions[peer], create_sync_message(self.doc))
