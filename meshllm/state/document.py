@@ -14,12 +14,12 @@ from typing import Any, TypeVar
 from pycrdt import Doc, Map, Subscription
 from pydantic import BaseModel, ValidationError
 
-from meshllm.state.schema import ModelSpec, NodeStatus, ServerStatus
+from meshllm.state.schema import ModelSpec, NodeDeath, NodeStatus, ServerStatus
 
 __all__ = ["MeshState"]
 
 E = TypeVar("E", bound=BaseModel)
-_KINDS = ("models", "nodes", "servers")
+_KINDS = ("models", "nodes", "servers", "deaths")
 
 
 class MeshState:
@@ -56,6 +56,9 @@ class MeshState:
     def put_server(self, server: ServerStatus) -> None:
         self._put("servers", server.key, server)
 
+    def put_death(self, death: NodeDeath) -> None:
+        self._put("deaths", death.node, death)
+
     def remove_model(self, name: str) -> bool:
         return self._remove("models", name)
 
@@ -87,6 +90,15 @@ class MeshState:
 
     def servers(self) -> dict[str, ServerStatus]:
         return self._read("servers", ServerStatus)
+
+    def deaths(self) -> dict[str, NodeDeath]:
+        return self._read("deaths", NodeDeath)
+
+    def alive_nodes(self) -> dict[str, NodeStatus]:
+        """Nodes not declared dead in their current incarnation."""
+        deaths = self.deaths()
+        return {nid: node for nid, node in self.nodes().items()
+                if nid not in deaths or deaths[nid].incarnation < node.incarnation}
 
     def servers_for(self, model: str) -> list[ServerStatus]:
         return [s for s in self.servers().values() if s.model == model]

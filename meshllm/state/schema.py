@@ -12,7 +12,13 @@ nodes      node id                 that node                   the node: name, c
                                                                heartbeat (``NodeStatus``)
 servers    ``<node id>/<model>``   the node running it         observed: a llama-server for the
                                                                model on that node (``ServerStatus``)
+deaths     node id                 any node that saw it die    the node's incarnation that was
+                                                               declared dead (``NodeDeath``)
 =========  ======================  ==========================  ==================================
+
+A node is alive while its ``NodeStatus.incarnation`` is newer than its ``NodeDeath`` (if any). A
+node that learns it was declared dead while it is alive (a false suspicion, a healed partition)
+refutes it by writing a newer incarnation.
 
 Times are absolute UNIX seconds (float). pycrdt hands numbers back as floats, so every read goes
 through these models, which coerce and validate. Values never hold nested plain dicts (a plain dict
@@ -29,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "ModelName",
     "ModelSpec",
+    "NodeDeath",
     "NodeId",
     "NodeRole",
     "NodeStatus",
@@ -73,9 +80,21 @@ class NodeStatus(_Entity):
     role: NodeRole = NodeRole.SERVER
     capacity_bytes: int = Field(default=0, ge=0, description="VRAM (RAM on CPU nodes) offered to the mesh")
     api_url: str = ""
+    addrs: list[str] = Field(default_factory=list, description="QUIC addresses (host:port) to dial it at")
     version: str = ""
     started_at: float = 0.0
+    incarnation: float = Field(default=0.0, description="bumped at each start and to refute a death")
+    rtt_ms: dict[str, float] = Field(default_factory=dict, description="measured RTT to peers, by node id")
     heartbeat_at: float = 0.0
+
+
+class NodeDeath(_Entity):
+    """A node's incarnation declared dead by a peer that lost it."""
+
+    node: str
+    incarnation: float
+    by: str = ""
+    at: float = 0.0
 
 
 class ServerPhase(StrEnum):
@@ -108,4 +127,4 @@ def server_key(node: str, model: str) -> str:
 def json_schemas() -> dict[str, dict[str, object]]:
     """JSON Schemas of the document's entities, as checked in under ``schemas/``."""
     return {f"state.{model.__name__}": model.model_json_schema()
-            for model in (ModelSpec, NodeStatus, ServerStatus)}
+            for model in (ModelSpec, NodeStatus, ServerStatus, NodeDeath)}

@@ -1,0 +1,110 @@
+"""Mesh membership credentials and invite tokens.
+
+A mesh is an id plus a shared secret. The first node creates both and keeps them in its state
+folder (``mesh.json``, mode 0600); a node that joins with a token keeps the token's. An invite token
+carries the mesh id, the secret, a key id and the addresses of members to dial first:
+
+    meshllm1.<base64url(JSON {"v": 1, "mesh": id, "kid": key id, "secret": b64, "addrs": [...]})>
+
+The key id names the secret (a digest of it), so a later ``rotate-key`` can give the mesh a new
+secret under a new key id and have members refuse hellos proven with a retired one: every token
+printed before the rotation stops working, without anyone having to list them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["InviteToken", "MeshCredentials", "load_or_create_mesh", "save_mesh"]
+
+TOKEN_PREFIX = "meshllm1."
+MESH_FILE = "mesh.json"
+
+
+def _key_id(secret: bytes) -> str:
+    return hashlib.sha256(b"meshllm key id\0" + secret).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class MeshCredentials:
+    mesh_id: str
+    secret: bytes
+
+    @property
+    def key_id(self) -> str:
+        return _key_id(self.secret)
+
+    @classmethod
+    def create(cls) -> MeshCredentials:
+        return cls(mesh_id=secrets.token_hex(8), secret=secrets.token_bytes(32))
+
+
+@dataclass(frozen=True)
+class InviteToken:
+    credentials: MeshCredentials
+    addrs: tuple[str, ...] = field(default=())
+
+    def encode(self) -> str:
+        body = {"v": 1, "mesh": self.credentials.mesh_id, "kid": self.credentials.key_id,
+                "secret": base64.urlsafe_b64encode(self.credentials.secret).decode().rstrip("="),
+                "addrs": list(self.addrs)}
+        raw = json.dumps(body, separators=(",", ":")).encode()
+        return TOKEN_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> InviteToken:
+        """Parse a token; raises ValueError saying what is wrong with it."""
+        text = text.strip()
+        if not text.startswith(TOKEN_PREFIX):
+            raise ValueError("not a meshllm invite token (it should start with 'meshllm1.')")
+        try:
+            raw = _b64decode(text[len(TOKEN_PREFIX):])
+            body = json.loads(raw)
+            secret = _b64decode(body["secret"])
+            creds = MeshCredentials(mesh_id=str(body["mesh"]), secret=secret)
+            addrs = tuple(str(a) for a in body["addrs"])
+            kid = str(body["kid"])
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise ValueError("invite token is damaged (copy it again, whole)") from None
+        if body.get("v") != 1:
+            raise ValueError(f"invite token version {body.get('v')!r} is not supported by this meshllm")
+        if kid != creds.key_id or len(secret) < 16:
+            raise ValueError("invite token is damaged: its key id does not match its secret")
+        if not addrs:
+            raise ValueError("invite token names no member address to join through")
+        return cls(creds, addrs)
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def load_or_create_mesh(state_dir: Path, *, joining: MeshCredentials | None = None) -> MeshCredentials:
+    """The mesh this node belongs to: the one it joins, else the one it was in, else a new one."""
+    if joining is not None:
+        save_mesh(state_dir, joining)
+        return joining
+    path = state_dir / MESH_FILE
+    if path.is_file():
+        body = json.loads(path.read_text())
+        return MeshCredentials(mesh_id=body["mesh"], secret=bytes.fromhex(body["secret"]))
+    created = MeshCredentials.create()
+    save_mesh(state_dir, created)
+    return created
+
+
+def save_mesh(state_dir: Path, creds: MeshCredentials) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / MESH_FILE
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"mesh": creds.mesh_id, "secret": creds.secret.hex()}, f)
+    tmp.rename(path)
