@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 import anyio
 import httpx
@@ -22,8 +23,11 @@ from starlette.types import Receive, Scope, Send
 
 from meshllm.api.errors import openai_error
 from meshllm.api.routing import Route, Router, Unavailable
+from meshllm.api.tunnel import LocalForward, TunnelStream, open_tunnel
+from meshllm.errors import MeshError
 
-__all__ = ["DEFAULT_MAX_BODY", "create_openai_app"]
+__all__ = ["DEFAULT_MAX_BODY", "RelayResponse", "TunnelOpener", "create_openai_app", "make_local_forward",
+           "upstream_client"]
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -37,28 +41,39 @@ class _TooLarge(Exception):
     pass
 
 
-class UpstreamResponse:
-    """An ASGI response relaying an upstream httpx response; closes it when the client disconnects."""
+class RelayResponse:
+    """An ASGI response relaying chunks from upstream; stops and closes upstream when the client leaves."""
 
-    def __init__(self, upstream: httpx.Response) -> None:
-        self.upstream = upstream
+    def __init__(self, status: int, headers: list[tuple[str, str]], chunks: AsyncIterator[bytes], *,
+                 close: Callable[[], Awaitable[None]], done: Callable[[], None] | None = None) -> None:
+        self.status = status
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers
+                        if k.lower() not in _HOP_BY_HOP or k.lower() == "content-length"]
+        self.chunks = chunks
+        self.close = close
+        self.done = done
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        up = self.upstream
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in up.headers.items()
-                   if k.lower() not in _HOP_BY_HOP or k.lower() == "content-length"]
         try:
-            await send({"type": "http.response.start", "status": up.status_code, "headers": headers})
+            await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-                async for chunk in up.aiter_raw():
+                async for chunk in self.chunks:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 tg.cancel_scope.cancel()
         except OSError:
             pass  # the client went away mid-send
         finally:
-            await up.aclose()
+            with anyio.CancelScope(shield=True):
+                await self.close()
+            if self.done is not None:
+                self.done()
+
+
+def _relay_httpx(response: httpx.Response, *, done: Callable[[], None] | None = None) -> RelayResponse:
+    return RelayResponse(response.status_code, list(response.headers.items()), response.aiter_raw(),
+                         close=response.aclose, done=done)
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
@@ -95,18 +110,23 @@ def _model_of(body: bytes) -> str | Response:
     return model
 
 
-def create_openai_app(router: Router, *, max_body_bytes: int = DEFAULT_MAX_BODY) -> Starlette:
-    """The :9337 app. ``router`` decides where each model's requests go."""
+class TunnelOpener(Protocol):
+    """Opens an HTTP tunnel stream to another node of the mesh."""
+
+    async def __call__(self, node_id: str) -> TunnelStream: ...
+
+
+def create_openai_app(router: Router, *, tunnels: TunnelOpener | None = None,
+                      max_body_bytes: int = DEFAULT_MAX_BODY) -> Starlette:
+    """The :9337 app. ``router`` decides where each model's requests go; ``tunnels`` reach other nodes."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-        timeout = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
-        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        async with upstream_client() as client:
             app.state.client = client
             yield
 
-    async def proxy(request: Request) -> Response | UpstreamResponse:
+    async def proxy(request: Request) -> Response | RelayResponse:
         try:
             body = await _read_body(request, max_body_bytes)
         except _TooLarge:
@@ -123,7 +143,23 @@ def create_openai_app(router: Router, *, max_body_bytes: int = DEFAULT_MAX_BODY)
                                 code="model_not_found", param="model")
         if isinstance(target, Unavailable):
             return openai_error(503, target.reason, code="model_not_ready", retry_after=target.retry_after)
-        return await _forward(request.app.state.client, request, target, body)
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
+        router.acquire(target)
+        try:
+            if target.local:
+                response = await _forward_local(request.app.state.client, target, request.url.path,
+                                                request.url.query, headers, body)
+            else:
+                response = await _forward_remote(tunnels, target, request.url.path, request.url.query,
+                                                 headers, body)
+        except BaseException:
+            router.release(target)
+            raise
+        if isinstance(response, RelayResponse):
+            response.done = lambda: router.release(target)
+        else:
+            router.release(target)
+        return response
 
     async def list_models(request: Request) -> JSONResponse:
         data = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "meshllm"}
@@ -142,14 +178,60 @@ def create_openai_app(router: Router, *, max_body_bytes: int = DEFAULT_MAX_BODY)
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found})
 
 
-async def _forward(client: httpx.AsyncClient, request: Request, route: Route,
-                   body: bytes) -> Response | UpstreamResponse:
-    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
-    upstream = client.build_request("POST", route.base_url + request.url.path, content=body,
-                                    headers=headers, params=request.query_params)
+def upstream_client() -> httpx.AsyncClient:
+    """The HTTP client that talks to this node's llama-servers: no read timeout, many connections."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    timeout = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
+    return httpx.AsyncClient(limits=limits, timeout=timeout)
+
+
+async def _open_local(client: httpx.AsyncClient, route: Route, path: str, query: str,
+                      headers: list[tuple[str, str]], body: bytes) -> httpx.Response:
+    upstream = client.build_request("POST", route.base_url + path, content=body, headers=headers,
+                                    params=httpx.QueryParams(query))
+    return await client.send(upstream, stream=True)
+
+
+async def _forward_local(client: httpx.AsyncClient, route: Route, path: str, query: str,
+                         headers: list[tuple[str, str]], body: bytes) -> Response | RelayResponse:
     try:
-        response = await client.send(upstream, stream=True)
+        response = await _open_local(client, route, path, query, headers, body)
     except httpx.HTTPError as exc:
         return openai_error(503, f"model {route.model!r} on node {route.node} did not answer: {exc!r}",
                             code="upstream_unavailable", retry_after=2)
-    return UpstreamResponse(response)
+    return _relay_httpx(response)
+
+
+async def _forward_remote(tunnels: TunnelOpener | None, route: Route, path: str, query: str,
+                          headers: list[tuple[str, str]], body: bytes) -> Response | RelayResponse:
+    if tunnels is None:
+        return openai_error(503, f"model {route.model!r} is served by node {route.node}, "
+                                 "which this node cannot reach", code="upstream_unavailable", retry_after=2)
+    try:
+        stream = await tunnels(route.node)
+        reply = await open_tunnel(stream, method="POST", path=path, query=query, headers=headers, body=body)
+    except (anyio.BrokenResourceError, anyio.EndOfStream, MeshError, ValueError) as exc:
+        return openai_error(503, f"model {route.model!r} on node {route.node} did not answer: {exc}",
+                            code="upstream_unavailable", retry_after=2)
+    return RelayResponse(reply.status, reply.headers, reply.chunks(), close=reply.aclose)
+
+
+def make_local_forward(router: Router, client: httpx.AsyncClient) -> LocalForward:
+    """How this node answers requests tunnelled to it by peers: only from its own llama-servers."""
+
+    async def forward(method: str, path: str, query: str, headers: list[tuple[str, str]],
+                      body: bytes) -> httpx.Response | tuple[int, list[tuple[str, str]], bytes]:
+        model = _model_of(body)
+        target = router.resolve(model, local_only=True) if isinstance(model, str) else None
+        if isinstance(model, Response) or not isinstance(target, Route) or path not in PROXIED:
+            error = model if isinstance(model, Response) else openai_error(
+                503, f"model {model!r} is not ready on this node", code="model_not_ready", retry_after=2)
+            return error.status_code, [(k, v) for k, v in error.headers.items()], bytes(error.body)
+        try:
+            return await _open_local(client, target, path, query, headers, body)
+        except httpx.HTTPError as exc:
+            error = openai_error(503, f"model {model!r} did not answer: {exc!r}", code="upstream_unavailable",
+                                 retry_after=2)
+            return error.status_code, [(k, v) for k, v in error.headers.items()], bytes(error.body)
+
+    return forward

@@ -1,7 +1,9 @@
 """Where a request for a model goes: a ready server, a wait (503), or nowhere (404).
 
-The table is derived from the state document (desired models and observed servers) and rebuilt
-only when the document changes, so the per-request cost is one dictionary lookup.
+The table is derived from the state document (desired models, observed servers, live nodes) and
+rebuilt only when the document changes, so the per-request cost is a dictionary lookup. A server on
+this node is preferred; otherwise the request goes to the remote node with the fewest requests in
+flight from here.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ __all__ = ["Route", "Router", "Unavailable"]
 
 @dataclass(frozen=True)
 class Route:
-    """A ready llama-server for the model, reachable at ``base_url``."""
+    """A ready llama-server for the model: on this node at ``base_url``, or on a remote ``node``."""
 
     model: str
     node: str
-    base_url: str
+    base_url: str = ""
+
+    @property
+    def local(self) -> bool:
+        return bool(self.base_url)
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ class Router:
         self.node_id = node_id
         self._table: _Table | None = None
         self._subs = state.observe(self._invalidate)
-        self._next = 0
+        self.in_flight: dict[str, int] = {}
 
     def _invalidate(self) -> None:
         self._table = None
@@ -57,11 +63,16 @@ class Router:
 
     def _build(self) -> _Table:
         table = _Table()
-        servers = self.state.servers().values()
+        alive = self.state.alive_nodes()
+        servers = [s for s in self.state.servers().values() if s.node in alive or s.node == self.node_id]
         for server in servers:
-            if server.phase is ServerPhase.READY and server.node == self.node_id:
-                route = Route(server.model, server.node, f"http://127.0.0.1:{server.port}")
-                table.routes.setdefault(server.model, []).append(route)
+            if server.phase is not ServerPhase.READY:
+                continue
+            local = server.node == self.node_id
+            route = Route(server.model, server.node, f"http://127.0.0.1:{server.port}" if local else "")
+            table.routes.setdefault(server.model, []).append(route)
+        for routes in table.routes.values():
+            routes.sort(key=lambda r: (not r.local, r.node))
         wanted = set(self.state.models()) | {s.model for s in servers}
         for model in wanted - set(table.routes):
             table.waiting[model] = Unavailable(model, _why_waiting(model, servers))
@@ -72,16 +83,26 @@ class Router:
             self._table = self._build()
         return self._table
 
-    def resolve(self, model: str) -> Route | Unavailable | None:
+    def resolve(self, model: str, *, local_only: bool = False) -> Route | Unavailable | None:
+        """Where to send a request for ``model`` (local first, then the least busy remote)."""
         table = self.table()
         routes = table.routes.get(model)
         if routes:
-            self._next += 1
-            return routes[self._next % len(routes)]
+            if routes[0].local:
+                return routes[0]
+            if not local_only:
+                return min(routes, key=lambda r: self.in_flight.get(r.node, 0))
+            return Unavailable(model, f"model {model!r} is not served on this node")
         return table.waiting.get(model)
 
     def ready_models(self) -> list[str]:
         return sorted(self.table().routes)
+
+    def acquire(self, route: Route) -> None:
+        self.in_flight[route.node] = self.in_flight.get(route.node, 0) + 1
+
+    def release(self, route: Route) -> None:
+        self.in_flight[route.node] = max(0, self.in_flight.get(route.node, 0) - 1)
 
 
 def _why_waiting(model: str, servers: Collection[ServerStatus]) -> str:
