@@ -1,0 +1,361 @@
+"""One QUIC endpoint per node: a single UDP socket that both accepts and dials, and its peers.
+
+Accepted and dialed connections share the socket (so ``--bind-port`` pins the one port a node
+uses, and NAT mappings serve both directions); datagrams are routed to connections by QUIC
+connection id. The endpoint keeps one authenticated connection per peer: when two exist (both
+sides dialed at once, or a restarted peer redialed before its old connection timed out) both ends
+keep the same one, chosen by a rule both can compute (``_rank``).
+
+It owns the task group that runs incoming streams' handlers: connections announce streams from
+aioquic's loop callbacks, where no task can be started, so they queue them on a memory object
+stream that ``run`` drains into the group. It also sends a PING on every connection each
+``ping_interval``, closes connections not heard from within ``peer_timeout``, and reports peers
+up and down to listeners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectSendStream
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported without __all__
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
+
+from meshllm.store.identity import NodeIdentity
+from meshllm.transport.auth import Handshake, Role
+from meshllm.transport.connection import Address, PeerConnection
+from meshllm.transport.errors import ConnectionLost, ErrorCode, FrameError, TransportError
+from meshllm.transport.stream import Stream, StreamKind
+from meshllm.transport.tls import (TransportSettings, client_configuration, generate_credentials,
+                                   server_configuration)
+
+__all__ = ["PeerEvent", "PeerListener", "QuicEndpoint", "StreamHandler"]
+
+log = logging.getLogger(__name__)
+
+StreamHandler = Callable[[PeerConnection, Stream], Awaitable[None]]
+MIN_INITIAL_DATAGRAM = 1200  # RFC 9000: a client's Initial is padded to at least this
+
+
+@dataclass(frozen=True)
+class PeerEvent:
+    """A peer became reachable (``up``) or its connection closed (``up`` is False)."""
+
+    connection: PeerConnection
+    up: bool
+
+    @property
+    def node_id(self) -> str:
+        return self.connection.node_id
+
+
+PeerListener = Callable[[PeerEvent], None]
+
+
+_Job = tuple[StreamHandler, PeerConnection, Stream]
+
+
+@dataclass
+class _Running:
+    transport: asyncio.DatagramTransport
+    address: Address
+    family: socket.AddressFamily
+    jobs: MemoryObjectSendStream[_Job]  # incoming streams, from callbacks to the task group
+    connections: set[PeerConnection] = field(default_factory=set)
+
+
+class QuicEndpoint:
+    """This node's QUIC endpoint: dial peers, accept them, serve their streams by kind."""
+
+    def __init__(self, identity: NodeIdentity, mesh_id: str, secret: bytes, *,
+                 host: str = "127.0.0.1", port: int = 0,
+                 settings: TransportSettings | None = None) -> None:
+        self.identity = identity
+        self.mesh_id = mesh_id
+        self._secret = secret
+        self._host = host
+        self._port = port
+        self.settings = settings or TransportSettings()
+        credentials = generate_credentials()
+        self._fingerprint = credentials.fingerprint
+        self._server_config = server_configuration(credentials, self.settings)
+        self._client_config = client_configuration(self.settings)
+        self._by_cid: dict[bytes, PeerConnection] = {}
+        self._peers: dict[str, PeerConnection] = {}
+        self._handlers: dict[StreamKind, StreamHandler] = {}
+        self._listeners: list[PeerListener] = []
+        self._running: _Running | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    @property
+    def address(self) -> Address:
+        """The bound (host, port); only while running."""
+        return self._require_running().address
+
+    @property
+    def peers(self) -> dict[str, PeerConnection]:
+        """The authenticated connection to each connected peer, by node id."""
+        return dict(self._peers)
+
+    def peer(self, node_id: str) -> PeerConnection | None:
+        return self._peers.get(node_id)
+
+    def on_stream(self, kind: StreamKind, handler: StreamHandler) -> None:
+        """Run ``handler(conn, stream)`` for each incoming stream of ``kind`` (replacing any).
+
+        The stream is closed (EOF) when the handler returns and reset if it raises; streams of a
+        kind without a handler are reset at once.
+        """
+        self._handlers[kind] = handler
+
+    def on_peer(self, listener: PeerListener) -> Callable[[], None]:
+        """Call ``listener(event)`` when a peer comes up or goes down; returns an unsubscribe.
+
+        Listeners run in the event loop's callback: they must not block and should only enqueue
+        work; an exception is logged and ignored.
+        """
+        self._listeners.append(listener)
+        return partial(self._unsubscribe, listener)
+
+    def _unsubscribe(self, listener: PeerListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    async def run(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Bind the UDP socket, report its port, and serve until cancelled; then close all peers."""
+        if self._running is not None:
+            raise RuntimeError("this endpoint is already running")
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Datagrams(self._on_datagram), local_addr=(self._host, self._port))
+        except OSError as exc:
+            raise TransportError(f"cannot bind UDP {self._host}:{self._port}: {exc}") from exc
+        sockname = transport.get_extra_info("sockname")
+        family = socket.AF_INET6 if len(sockname) == 4 else socket.AF_INET
+        jobs, incoming = anyio.create_memory_object_stream[_Job](math.inf)
+        try:
+            async with jobs, incoming, anyio.create_task_group() as tg:
+                self._running = _Running(transport, (sockname[0], sockname[1]), family, jobs)
+                tg.start_soon(self._keepalive)
+                task_status.started(sockname[1])
+                async for job in incoming:
+                    tg.start_soon(self._serve_stream, *job)
+        finally:
+            self._shutdown()
+
+    async def connect(self, host: str, port: int) -> PeerConnection:
+        """An authenticated connection to the node at ``host:port``.
+
+        Raises ``AuthError`` if either side refuses the other, ``ConnectionLost`` if nothing
+        answers within ``auth_timeout``. If the peer already has a connection with us that wins
+        over this one, that connection is returned instead.
+        """
+        running = self._require_running()
+        infos = await anyio.getaddrinfo(host, port, family=running.family, type=socket.SOCK_DGRAM)
+        if not infos:
+            raise TransportError(f"cannot resolve {host}")
+        address: Address = (str(infos[0][4][0]), int(infos[0][4][1]))
+        quic = QuicConnection(configuration=self._client_config)
+        conn = self._new_connection(quic, address, binding=b"")
+        self._route(conn, quic.host_cid)
+        conn.start_dial()
+        try:
+            await conn.wait_authenticated()
+        except ConnectionLost as exc:
+            winner = self._peers.get(conn.node_id)
+            if exc.code == ErrorCode.DUPLICATE and winner is not None:
+                return winner
+            raise
+        finally:
+            if not conn.authenticated and not conn.closed:
+                conn.close(ErrorCode.NO_ERROR, "dial abandoned")
+        return conn
+
+    # -- internals ----------------------------------------------------------------------------
+    def _require_running(self) -> _Running:
+        if self._running is None:
+            raise TransportError("the QUIC endpoint is not running")
+        return self._running
+
+    def _new_handshake(self, role: Role, channel_binding: bytes) -> Handshake:
+        return Handshake(identity=self.identity, mesh_id=self.mesh_id, secret=self._secret,
+                         role=role, channel_binding=channel_binding)
+
+    def _new_connection(self, quic: QuicConnection, address: Address, *,
+                        binding: bytes) -> PeerConnection:
+        running = self._require_running()
+        conn = PeerConnection(quic, address=address, local_id=self.node_id,
+                              settings=self.settings, hooks=self,
+                              new_handshake=self._new_handshake, send_datagram=self._send,
+                              channel_binding=binding)
+        running.connections.add(conn)
+        return conn
+
+    def _route(self, conn: PeerConnection, cid: bytes) -> None:
+        self._by_cid[cid] = conn
+        conn.cids.add(cid)
+
+    def _send(self, data: bytes, addr: Address) -> None:
+        running = self._running
+        if running is not None and not running.transport.is_closing():
+            running.transport.sendto(data, addr)
+
+    def _on_datagram(self, data: bytes, addr: Address) -> None:
+        try:
+            header = pull_quic_header(Buffer(data=data),
+                                      host_cid_length=self._server_config.connection_id_length)
+        except ValueError:
+            return  # not QUIC
+        conn = self._by_cid.get(header.destination_cid)
+        if conn is None:
+            conn = self._accept(header.packet_type, header.version, header.destination_cid,
+                                len(data), addr)
+        if conn is not None:
+            conn.datagram_received(data, addr)
+
+    def _accept(self, packet_type: QuicPacketType, version: int | None, cid: bytes, size: int,
+                addr: Address) -> PeerConnection | None:
+        running = self._running
+        if (running is None or packet_type != QuicPacketType.INITIAL
+                or size < MIN_INITIAL_DATAGRAM
+                or version not in self._server_config.supported_versions):
+            return None
+        handshaking = sum(1 for c in running.connections if not c.authenticated)
+        if handshaking >= self.settings.max_handshakes:
+            log.warning("dropping a connection attempt from %s:%d: %d handshakes in progress",
+                        *addr, handshaking)
+            return None
+        quic = QuicConnection(configuration=self._server_config,
+                              original_destination_connection_id=cid)
+        conn = self._new_connection(quic, addr, binding=self._fingerprint)
+        self._route(conn, cid)
+        self._route(conn, quic.host_cid)
+        return conn
+
+    def _shutdown(self) -> None:
+        running = self._running
+        if running is None:
+            return
+        for conn in list(running.connections):  # while running, so the close frames go out
+            conn.close(ErrorCode.SHUTDOWN, "node shutting down")
+        self._running = None
+        running.transport.close()
+
+    async def _keepalive(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await anyio.sleep(self.settings.ping_interval)
+            running = self._require_running()
+            now = loop.time()
+            for conn in list(running.connections):
+                silent = now - conn.last_heard
+                if conn.authenticated and silent > self.settings.peer_timeout:
+                    log.warning("%r: nothing heard for %.1fs, closing", conn, silent)
+                    conn.close(ErrorCode.PEER_TIMEOUT, "peer stopped answering")
+                elif not conn.closed:
+                    conn.ping()
+
+    async def _serve_stream(self, handler: StreamHandler, conn: PeerConnection,
+                            stream: Stream) -> None:
+        try:
+            await handler(conn, stream)
+        except FrameError as exc:
+            log.warning("%r: malformed frame, stream reset: %s", stream, exc)
+            stream.reset(ErrorCode.HANDLER_FAILED)
+        except TransportError as exc:
+            log.debug("%r: %s", stream, exc)
+            stream.reset(ErrorCode.HANDLER_FAILED)
+        except Exception:
+            log.exception("%r: handler failed", stream)
+            stream.reset(ErrorCode.HANDLER_FAILED)
+        else:
+            await stream.aclose()
+        finally:
+            stream.reset(ErrorCode.CANCELLED)  # no-op unless cancelled before closing
+
+    def _emit(self, event: PeerEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("peer listener %r failed", listener)
+
+    def _rank(self, conn: PeerConnection) -> tuple[bool, bool, int]:
+        """Higher wins: alive, then dialed by the lower node id, then dialed later."""
+        silent = asyncio.get_running_loop().time() - conn.last_heard
+        alive = silent < self.settings.peer_timeout / 2
+        return alive, conn.dialed_by == min(conn.node_id, self.node_id), conn.dialed_at
+
+    # -- ConnectionHooks: called from the loop callback, never raise --------------------------
+    def cid_issued(self, conn: PeerConnection, cid: bytes) -> None:
+        self._route(conn, cid)
+
+    def cid_retired(self, conn: PeerConnection, cid: bytes) -> None:
+        if self._by_cid.get(cid) is conn:
+            del self._by_cid[cid]
+        conn.cids.discard(cid)
+
+    def authenticated(self, conn: PeerConnection) -> None:
+        existing = self._peers.get(conn.node_id)
+        if existing is not None and existing is not conn:
+            if self._rank(existing) >= self._rank(conn):
+                log.info("%r: keeping the existing connection %r", conn, existing)
+                conn.close(ErrorCode.DUPLICATE, "a connection to this peer already exists")
+                return
+            existing.close(ErrorCode.DUPLICATE, "replaced by another connection")
+        self._peers[conn.node_id] = conn
+        log.info("%r: authenticated", conn)
+        self._emit(PeerEvent(conn, up=True))
+
+    def stream_opened(self, conn: PeerConnection, stream: Stream) -> None:
+        handler = self._handlers.get(stream.kind)
+        running = self._running
+        if handler is None or running is None:
+            log.warning("%r: no handler for %s streams, rejected", conn, stream.kind.value)
+            stream.reset(ErrorCode.STREAM_REJECTED)
+            return
+        try:
+            running.jobs.send_nowait((handler, conn, stream))
+        except anyio.ClosedResourceError:  # shutting down
+            stream.reset(ErrorCode.STREAM_REJECTED)
+
+    def terminated(self, conn: PeerConnection) -> None:
+        for cid in conn.cids:
+            if self._by_cid.get(cid) is conn:
+                del self._by_cid[cid]
+        conn.cids.clear()
+        if self._running is not None:
+            self._running.connections.discard(conn)
+        if self._peers.get(conn.node_id) is conn:
+            del self._peers[conn.node_id]
+            log.info("%r: disconnected: %s", conn, conn.close_error)
+            self._emit(PeerEvent(conn, up=False))
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    """The UDP socket's protocol: hands every datagram to the endpoint's router."""
+
+    def __init__(self, on_datagram: Callable[[bytes, Address], None]) -> None:
+        self._on_datagram = on_datagram
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        try:
+            self._on_datagram(data, (str(addr[0]), int(addr[1])))
+        except Exception:
+            log.exception("error handling a datagram from %s", addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP error: %s", exc)
