@@ -18,8 +18,8 @@ from meshllm.state.document import MeshState
 __all__ = ["create_status_app", "status_snapshot"]
 
 
-def status_snapshot(state: MeshState, *, node_id: str) -> dict[str, Any]:
-    nodes = state.nodes()
+def status_snapshot(state: MeshState, *, node_id: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    nodes, alive = state.nodes(), state.alive_nodes()
     servers = state.servers()
     models = []
     for name, spec in sorted(state.models().items()):
@@ -31,8 +31,10 @@ def status_snapshot(state: MeshState, *, node_id: str) -> dict[str, Any]:
         })
     me = nodes.get(node_id)
     return {
+        **(extra or {}),
         "node": me.model_dump(mode="json") if me else {"id": node_id},
-        "nodes": [n.model_dump(mode="json") for n in nodes.values()],
+        "nodes": [{**n.model_dump(mode="json"), "state": "alive" if nid in alive else "dead"}
+                  for nid, n in sorted(nodes.items())],
         "models": models,
     }
 
@@ -45,8 +47,8 @@ def _model_phase(serving: list[Any]) -> str:
     return "pending"
 
 
-def create_status_app(state: MeshState, *, node_id: str) -> Starlette:
+def create_status_app(state: MeshState, *, node_id: str, extra: dict[str, Any] | None = None) -> Starlette:
     async def status(request: Request) -> JSONResponse:
-        return JSONResponse(status_snapshot(state, node_id=node_id))
+        return JSONResponse(status_snapshot(state, node_id=node_id, extra=extra))
 
     return Starlette(routes=[Route("/api/status", status, methods=["GET"])])

@@ -72,19 +72,25 @@ def serve(
     max_body: Annotated[str, typer.Option("--max-body", help="Largest request body the API accepts")] = "16MiB",
     threads: Annotated[int, typer.Option(help="CPU threads per llama-server (0: llama.cpp's default)")] = 0,
     name: Annotated[str, typer.Option(help="Display name of this node")] = "",
+    join: Annotated[list[str] | None, typer.Option("--join", help="Join the mesh of this invite token (repeatable)")] = None,
+    client: Annotated[bool, typer.Option("--client", help="API-only node: serves no model, offers no capacity")] = False,
+    bind_port: Annotated[int, typer.Option("--bind-port", help="Pin the QUIC mesh endpoint to this UDP port (0: any)")] = 0,
+    bind_host: Annotated[str, typer.Option("--bind-host", help="Address of the QUIC endpoint (default: as the APIs)")] = "",
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
-    if not model:
+    if not model and not join and not client:
         out.print(START_HELP, highlight=False)
         raise typer.Exit(0)
-    config = NodeConfig(models=tuple(model), port=port, console_port=console, listen_all=listen_all,
+    config = NodeConfig(models=tuple(model or ()), port=port, console_port=console, listen_all=listen_all,
                         state_dir=state_dir.expanduser(), max_vram=_size(max_vram), device=device,
-                        max_body_bytes=_size(max_body) or 0, threads=threads, name=name)
+                        max_body_bytes=_size(max_body) or 0, threads=threads, name=name,
+                        joins=tuple(join or ()), client=client, bind_host=bind_host, bind_port=bind_port)
     _setup_logging()
     for source in config.models:
         resolve_model(source)  # a bad --model fails now, not after a long engine build
-    ensure_engine()
+    if not client:
+        ensure_engine()
     _run(config)
 
 
@@ -163,8 +169,8 @@ def get(
         _emit(rows if output is OutputFormat.TABLE else status["models"], columns, output)
     else:
         rows = [_node_row(n, status) for n in status["nodes"]]
-        columns = [("ID", "id"), ("NAME", "name"), ("ROLE", "role"), ("CAPACITY", "capacity"),
-                   ("MODELS", "models"), ("API", "api_url")]
+        columns = [("ID", "id"), ("NAME", "name"), ("STATE", "state"), ("ROLE", "role"),
+                   ("CAPACITY", "capacity"), ("MODELS", "models"), ("ADDRESSES", "addresses")]
         _emit(rows if output is OutputFormat.TABLE else status["nodes"], columns, output)
 
 
@@ -179,7 +185,7 @@ def _node_row(node: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
     served = [m["name"] for m in status["models"]
               if any(s["node"] == node["id"] and s["phase"] == "ready" for s in m["servers"])]
     return {**node, "capacity": f"{node.get('capacity_bytes', 0) / 1e9:.1f} GB",
-            "models": ",".join(served) or "-"}
+            "models": ",".join(served) or "-", "addresses": ",".join(node.get("addrs", [])) or "-"}
 
 
 def main() -> None:

@@ -108,7 +108,7 @@ class DocGossip:
         self.sessions[channel.peer_id] = session
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._write, session, channel, receive)
+                tg.start_soon(self._write, session, channel, receive, tg.cancel_scope)
                 self._post(session, create_sync_message(self.doc))
                 task_status.started()
                 await self._read(session, channel)
@@ -118,9 +118,20 @@ class DocGossip:
                 del self.sessions[channel.peer_id]
             send.close()
             with anyio.CancelScope(shield=True):
-                await channel.aclose()
+                try:
+                    await channel.aclose()
+                except Exception as exc:  # closing a broken channel must not end the node
+                    log.debug("closing the gossip channel to %s: %s", channel.peer_id, exc)
 
     async def _write(self, session: _Session, channel: MessageChannel,
+                     outbox: MemoryObjectReceiveStream[bytes], scope: anyio.CancelScope) -> None:
+        try:
+            await self._drain(session, channel, outbox)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream):
+            pass  # the channel broke: the session ends, the node carries on
+        scope.cancel()
+
+    async def _drain(self, session: _Session, channel: MessageChannel,
                      outbox: MemoryObjectReceiveStream[bytes]) -> None:
         async with outbox:
             async for message in outbox:

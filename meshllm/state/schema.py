@@ -9,7 +9,7 @@ map        key                     writer                      meaning
 models     model name              anyone (CLI, manifests)     desired: this model should be
                                                                served (``ModelSpec``)
 nodes      node id                 that node                   the node: name, capacity, role,
-                                                               heartbeat (``NodeStatus``)
+                                                               addresses (``NodeStatus``)
 servers    ``<node id>/<model>``   the node running it         observed: a llama-server for the
                                                                model on that node (``ServerStatus``)
 deaths     node id                 any node that saw it die    the node's incarnation that was
@@ -85,7 +85,6 @@ class NodeStatus(_Entity):
     started_at: float = 0.0
     incarnation: float = Field(default=0.0, description="bumped at each start and to refute a death")
     rtt_ms: dict[str, float] = Field(default_factory=dict, description="measured RTT to peers, by node id")
-    heartbeat_at: float = 0.0
 
 
 class NodeDeath(_Entity):

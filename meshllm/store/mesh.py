@@ -22,7 +22,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["InviteToken", "MeshCredentials", "load_or_create_mesh", "save_mesh"]
+__all__ = ["InviteToken", "MeshCredentials", "load_or_create_mesh", "load_peers", "save_mesh", "save_peers"]
 
 TOKEN_PREFIX = "meshllm1."
 MESH_FILE = "mesh.json"
@@ -108,3 +108,22 @@ def save_mesh(state_dir: Path, creds: MeshCredentials) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump({"mesh": creds.mesh_id, "secret": creds.secret.hex()}, f)
     tmp.rename(path)
+
+
+PEERS_FILE = "peers.json"
+
+
+def load_peers(state_dir: Path) -> tuple[int, list[str]]:
+    """The QUIC port this node last used and the member addresses it last knew (to rejoin after a restart)."""
+    try:
+        body = json.loads((state_dir / PEERS_FILE).read_text())
+        return int(body.get("port", 0)), [str(a) for a in body.get("peers", [])]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0, []
+
+
+def save_peers(state_dir: Path, port: int, peers: list[str]) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / (PEERS_FILE + ".tmp")
+    tmp.write_text(json.dumps({"port": port, "peers": sorted(set(peers))}))
+    tmp.rename(state_dir / PEERS_FILE)

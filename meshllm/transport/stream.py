@@ -240,5 +240,11 @@ class MessageStream:
             raise anyio.EndOfStream
         return frame
 
+    async def send_eof(self) -> None:
+        try:
+            await self.stream.send_eof()
+        except TransportError as exc:
+            raise anyio.BrokenResourceError(str(exc)) from exc
+
     async def aclose(self) -> None:
         await self.stream.aclose()

@@ -1,0 +1,235 @@
+"""Membership: which peers this node talks to, and who is alive.
+
+Every node writes its own ``NodeStatus`` (addresses, capacity, role, incarnation) into the state
+document. Each node keeps QUIC connections to a bounded set of peers: the seeds it joined through
+until it knows the mesh, then its ring neighbours (the ``ring`` nearest node ids on each side, so a
+small mesh is fully connected and a large one stays at a constant degree). A gossip session runs on
+each connection (the dialer opens the stream).
+
+Failure detection rides on the connections: the transport pings every peer and reports a peer down
+when it stops answering (``peer_timeout``). The node then tries once to dial it again; if that fails
+it writes a ``NodeDeath`` for the peer's current incarnation, which gossip spreads, and every node
+clears the dead node's servers from the document. A node that sees its own death while alive (a
+false suspicion or a healed partition) refutes it with a newer incarnation; dead peers keep being
+redialled slowly, which is how partitions heal.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from meshllm.gossip.sync import DocGossip
+from meshllm.state.document import MeshState
+from meshllm.state.schema import NodeDeath, NodeStatus
+from meshllm.transport import MessageStream, PeerConnection, PeerEvent, QuicEndpoint, Stream, StreamKind
+from meshllm.transport.errors import TransportError
+
+__all__ = ["Membership", "parse_addr", "ring_neighbours"]
+
+log = logging.getLogger(__name__)
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"not a host:port address: {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def ring_neighbours(me: str, members: Sequence[str], k: int) -> list[str]:
+    """The ``k`` nearest ids on each side of ``me`` in the sorted ring of ``members``."""
+    ring = sorted(set(members) | {me})
+    if len(ring) <= 2 * k + 1:
+        return [m for m in ring if m != me]
+    at = ring.index(me)
+    chosen = {ring[(at + i) % len(ring)] for i in range(1, k + 1)}
+    chosen |= {ring[(at - i) % len(ring)] for i in range(1, k + 1)}
+    return sorted(chosen)
+
+
+@dataclass
+class _Dial:
+    next_at: float = 0.0
+    delay: float = 0.5
+
+
+class Membership:
+    """Keeps this node in the mesh: its entry, its connections, and the verdicts on lost peers."""
+
+    def __init__(self, state: MeshState, gossip: DocGossip, endpoint: QuicEndpoint, *, me: NodeStatus,
+                 seeds: Sequence[str] = (), ring: int = 3, tick: float = 0.25, confirm_timeout: float = 1.0,
+                 dead_redial: float = 3.0, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
+        self.state = state
+        self.gossip = gossip
+        self.endpoint = endpoint
+        self.me = me
+        self.seeds = list(seeds)
+        self.ring = ring
+        self.tick = tick
+        self.confirm_timeout = confirm_timeout
+        self.dead_redial = dead_redial
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._suspects: dict[str, float] = {}
+        self._dials: dict[str, _Dial] = {}
+        self._dialing: set[str] = set()
+        self._rtt_published = 0.0
+
+    @property
+    def node_id(self) -> str:
+        return self.me.id
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        send, receive = anyio.create_memory_object_stream[PeerEvent](1024)
+
+        def on_peer(event: PeerEvent) -> None:
+            try:
+                send.send_nowait(event)
+            except anyio.WouldBlock:
+                log.warning("peer event queue full; dropping %s", event)
+
+        self.endpoint.on_stream(StreamKind.GOSSIP, self._accept_gossip)
+        unsubscribe = self.endpoint.on_peer(on_peer)
+        self.state.put_node(self.me)
+        try:
+            async with anyio.create_task_group() as tg, receive:
+                tg.start_soon(self._peer_events, tg, receive)
+                task_status.started()
+                while True:
+                    await self._round(tg)
+                    await anyio.sleep(self.tick)
+        finally:
+            unsubscribe()
+
+    async def leave(self) -> None:
+        """Announce a clean departure, so peers need not wait for the failure detector."""
+        self.state.put_death(NodeDeath(node=self.node_id, incarnation=self.me.incarnation, by=self.node_id,
+                                       at=self.clock()))
+        with anyio.move_on_after(1.0):
+            while any(s.outbox.statistics().current_buffer_used for s in self.gossip.sessions.values()):
+                await anyio.sleep(0.02)
+            await anyio.sleep(0.1)
+
+    # -- connections ------------------------------------------------------------------------
+    async def _accept_gossip(self, conn: PeerConnection, stream: Stream) -> None:
+        await self.gossip.attach(MessageStream(stream))
+
+    async def _peer_events(self, tg: TaskGroup, events: anyio.abc.ObjectReceiveStream[PeerEvent]) -> None:
+        async for event in events:
+            peer = event.node_id
+            if event.up:
+                self._suspects.pop(peer, None)
+                self._dials.pop(peer, None)
+                if event.connection.is_dialer:
+                    tg.start_soon(self._dial_gossip, event.connection)
+            elif self.endpoint.peer(peer) is None:
+                self._suspects.setdefault(peer, self.clock())
+
+    async def _dial_gossip(self, conn: PeerConnection) -> None:
+        try:
+            stream = await conn.open_stream(StreamKind.GOSSIP)
+        except TransportError:
+            return
+        await self.gossip.attach(MessageStream(stream))
+
+    def _wanted_addrs(self) -> dict[str, list[str]]:
+        """Peers to be connected to, by node id (seeds by their address until their id is known)."""
+        alive = self.state.alive_nodes()
+        members = [nid for nid in alive if nid != self.node_id]
+        wanted = {nid: alive[nid].addrs for nid in ring_neighbours(self.node_id, members, self.ring)}
+        known = {a for node in alive.values() for a in node.addrs}
+        for seed in self.seeds:
+            if seed not in known and seed not in self.me.addrs:
+                wanted[f"seed:{seed}"] = [seed]
+        now = self.clock()
+        for nid, node in self.state.nodes().items():
+            if nid not in alive and nid != self.node_id and self._dials.get(nid, _Dial()).next_at <= now:
+                self._dials.setdefault(nid, _Dial(delay=self.dead_redial))
+                wanted[nid] = node.addrs  # dead ones too, slowly: that is how a partition heals
+        return wanted
+
+    async def _round(self, tg: TaskGroup) -> None:
+        self._refute()
+        now = self.clock()
+        for key, addrs in self._wanted_addrs().items():
+            if key in self._dialing or self.endpoint.peer(key) is not None or not addrs:
+                continue
+            dial = self._dials.setdefault(key, _Dial())
+            if dial.next_at <= now:
+                self._dialing.add(key)
+                tg.start_soon(self._dial, key, addrs)
+        self._judge_suspects(tg, now)
+        self._clear_dead()
+        self._publish_rtt(now)
+
+    async def _dial(self, key: str, addrs: list[str]) -> PeerConnection | None:
+        try:
+            for addr in addrs:
+                try:
+                    with anyio.fail_after(self.confirm_timeout):
+                        conn = await self.endpoint.connect(*parse_addr(addr))
+                    self._dials[key] = _Dial(next_at=self.clock() + 2.0)  # a seed stays dialled a while
+                    return conn
+                except (TransportError, OSError, TimeoutError, ValueError) as exc:
+                    log.debug("dial %s at %s failed: %s", key, addr, exc)
+            dial = self._dials.setdefault(key, _Dial())
+            dial.next_at = self.clock() + dial.delay * self.rng.uniform(0.8, 1.2)
+            dial.delay = min(dial.delay * 2, 5.0)
+            return None
+        finally:
+            self._dialing.discard(key)
+
+    # -- verdicts ---------------------------------------------------------------------------
+    def _judge_suspects(self, tg: TaskGroup, now: float) -> None:
+        for peer, since in list(self._suspects.items()):
+            if self.endpoint.peer(peer) is not None:
+                del self._suspects[peer]
+            elif peer not in self._dialing:
+                del self._suspects[peer]
+                self._dialing.add(peer)
+                tg.start_soon(self._confirm_death, peer)
+
+    async def _confirm_death(self, peer: str) -> None:
+        node = self.state.nodes().get(peer)
+        conn = await self._dial(peer, node.addrs if node else [])
+        if conn is not None or node is None:
+            return
+        death = self.state.deaths().get(peer)
+        if death is None or death.incarnation < node.incarnation:
+            log.warning("node %s is unreachable: declaring it dead", peer)
+            self.state.put_death(NodeDeath(node=peer, incarnation=node.incarnation, by=self.node_id,
+                                           at=self.clock()))
+
+    def _refute(self) -> None:
+        death = self.state.deaths().get(self.node_id)
+        if death is not None and death.incarnation >= self.me.incarnation and death.by != self.node_id:
+            log.warning("this node was declared dead by %s; refuting", death.by)
+            self.me = self.me.model_copy(update={"incarnation": max(self.clock(), death.incarnation + 0.001)})
+            self.state.put_node(self.me)
+
+    def _clear_dead(self) -> None:
+        alive = self.state.alive_nodes()
+        stale = [key for key, s in self.state.servers().items() if s.node not in alive]
+        if stale:
+            with self.state.transaction():
+                for key in stale:
+                    self.state.remove_server(key)
+
+    def _publish_rtt(self, now: float) -> None:
+        if now - self._rtt_published < 5.0:
+            return
+        self._rtt_published = now
+        rtts = {nid: round(conn.rtt * 1000, 2) for nid, conn in self.endpoint.peers.items() if conn.rtt}
+        old = self.me.rtt_ms
+        changed = set(rtts) != set(old) or any(abs(rtts[n] - old[n]) > max(0.2 * old[n], 0.5) for n in rtts)
+        if changed:
+            self.me = self.me.model_copy(update={"rtt_ms": rtts})
+            self.state.put_node(self.me)

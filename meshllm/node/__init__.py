@@ -1,0 +1,106 @@
+"""One meshllm node: the state document, the mesh, the reconcilers and the two HTTP APIs, run together.
+
+``run_node`` joins (or founds) a mesh, writes what the command line asked for into the replicated
+document as desired state, starts the served-model reconciler that makes llama-server match it, and
+serves the OpenAI API (``--port``) and the management API (``--console``). SIGINT or SIGTERM stops
+the APIs, then every engine process the node started, then tells the mesh it is leaving.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskStatus
+
+from meshllm import __version__
+from meshllm.api.openai import create_openai_app, upstream_client
+from meshllm.api.routing import Router
+from meshllm.api.status import create_status_app
+from meshllm.engine.build import require_engine
+from meshllm.engine.capacity import detect_capacity
+from meshllm.engine.models import resolve_model
+from meshllm.errors import MeshError
+from meshllm.node.config import NodeConfig
+from meshllm.node.http import bind_socket, exit_on_signal, serve_app
+from meshllm.node.mesh import MeshRuntime
+from meshllm.reconcile.served import ServedModelReconciler
+from meshllm.state.document import MeshState
+from meshllm.state.schema import ModelSpec, NodeRole, NodeStatus
+from meshllm.store.identity import load_identity
+
+__all__ = ["NodeConfig", "bind_socket", "run_node"]
+
+log = logging.getLogger(__name__)
+
+
+def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSpec]:
+    """The ``--model`` arguments as desired state pinned to this node; fails fast on a bad one."""
+    if config.client and config.models:
+        raise MeshError("--client nodes serve no models; drop --client or --model")
+    specs = []
+    for source in config.models:
+        resolved = resolve_model(source)
+        kept = source if not Path(source).expanduser().exists() else str(resolved.path)
+        specs.append(ModelSpec(name=resolved.name, source=kept, node=node_id, created_at=now))
+    return specs
+
+
+async def run_node(config: NodeConfig, *, announce: Callable[[str], None] = print,
+                   task_status: TaskStatus[dict[str, str]] = anyio.TASK_STATUS_IGNORED) -> None:
+    identity = load_identity(config.state_dir)
+    node_id, now = identity.node_id, time.time()
+    specs = await anyio.to_thread.run_sync(desired_models, config, node_id, now)
+    engine_dir = None if config.client else await anyio.to_thread.run_sync(
+        lambda: require_engine(announce=announce))
+    state = MeshState()
+    mesh = MeshRuntime.for_node(state, identity, state_dir=config.state_dir, joins=config.joins,
+                                host=config.quic_host, port=config.bind_port)
+    api_sock = bind_socket(config.host, config.port, what="OpenAI API")
+    console_sock = bind_socket(config.host, config.console_port, what="console API")
+    capacity = 0 if config.client else detect_capacity(max_vram=config.max_vram).bytes
+    api_url = f"http://{config.host}:{config.port}/v1"
+    me = NodeStatus(id=node_id, name=config.name or socket.gethostname(), capacity_bytes=capacity,
+                    role=NodeRole.CLIENT if config.client else NodeRole.SERVER, api_url=api_url,
+                    version=__version__, started_at=now, incarnation=now)
+    router = Router(state, node_id=node_id)
+    reconciler = None if engine_dir is None else ServedModelReconciler(
+        state, node_id=node_id, engine_dir=engine_dir, log_dir=config.state_dir / "logs",
+        gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads)
+    if reconciler is not None:
+        atexit.register(reconciler.kill_all_now)
+    try:
+        async with anyio.create_task_group() as tg, upstream_client() as client:
+            me = await mesh.start(tg, me)
+            mesh.serve_tunnels(router, client)
+            for spec in specs:
+                state.put_model(spec)
+            token = mesh.token(me)
+            async with anyio.create_task_group() as work:
+                if reconciler is not None:
+                    await work.start(reconciler.run)
+                async with anyio.create_task_group() as apis:
+                    openai_app = create_openai_app(router, tunnels=mesh.open_tunnel,
+                                                   max_body_bytes=config.max_body_bytes)
+                    api = await apis.start(serve_app, openai_app, api_sock)
+                    status_app = create_status_app(state, node_id=node_id, extra={"token": token,
+                                                                                  "mesh_id": mesh.creds.mesh_id})
+                    console = await apis.start(serve_app, status_app, console_sock)
+                    announce(f"meshllm node {node_id}: OpenAI API {api_url}, console "
+                             f"http://{config.host}:{config.console_port}/api/status, logs in "
+                             f"{config.state_dir / 'logs'}\ninvite token (others join with --join): {token}")
+                    task_status.started({"node_id": node_id, "api_url": api_url, "token": token})
+                    apis.start_soon(exit_on_signal, (api, console), announce)
+                work.cancel_scope.cancel()  # the APIs stopped: stop the reconciler and its processes
+            await mesh.leave()
+            tg.cancel_scope.cancel()
+    finally:
+        router.close()
+        if reconciler is not None:
+            atexit.unregister(reconciler.kill_all_now)
+            reconciler.kill_all_now()

@@ -1,0 +1,39 @@
+"""What one node was asked to do, from the command line (or a test)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshllm.api.openai import DEFAULT_MAX_BODY
+from meshllm.store.identity import default_state_dir
+
+__all__ = ["NodeConfig"]
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    models: tuple[str, ...] = ()
+    port: int = 9337
+    console_port: int = 3131
+    listen_all: bool = False
+    state_dir: Path = field(default_factory=default_state_dir)
+    max_vram: int | None = None
+    device: str = ""
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    threads: int = 0
+    name: str = ""
+    joins: tuple[str, ...] = ()
+    client: bool = False
+    bind_host: str = ""
+    bind_port: int = 0
+
+    @property
+    def host(self) -> str:
+        """Where the HTTP APIs listen."""
+        return "0.0.0.0" if self.listen_all else "127.0.0.1"
+
+    @property
+    def quic_host(self) -> str:
+        """Where the QUIC endpoint listens: ``--bind-host``, else as the APIs."""
+        return self.bind_host or self.host

@@ -1,0 +1,168 @@
+"""The node's place in the mesh: credentials and seeds, the QUIC endpoint, gossip, membership, tunnels.
+
+``MeshRuntime`` owns the transport-facing parts of a node. It turns ``--join`` tokens into mesh
+credentials and seed addresses, advertises where this node can be dialled, and opens or serves
+HTTP tunnels so any node's API reaches a model served anywhere.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import httpx
+
+from meshllm.api.openai import make_local_forward
+from meshllm.api.routing import Router
+from meshllm.api.tunnel import serve_tunnel
+from meshllm.errors import MeshError
+from meshllm.gossip.membership import Membership, parse_addr
+from meshllm.gossip.sync import DocGossip
+from meshllm.state.document import MeshState
+from meshllm.state.schema import NodeStatus
+from meshllm.store.identity import NodeIdentity
+from meshllm.store.mesh import InviteToken, MeshCredentials, load_or_create_mesh, load_peers, save_peers
+from meshllm.transport import MessageStream, PeerConnection, QuicEndpoint, Stream, StreamKind, TransportSettings
+from meshllm.transport.errors import TransportError
+
+__all__ = ["MeshRuntime", "join_credentials"]
+
+# Detection budget: the transport reports a silent peer after ``peer_timeout`` (pings every
+# ``ping_interval``); membership then tries one redial before declaring it dead.
+MESH_TRANSPORT = TransportSettings(ping_interval=0.5, peer_timeout=2.0)
+
+
+def join_credentials(tokens: Sequence[str]) -> tuple[MeshCredentials | None, list[str]]:
+    """The mesh the ``--join`` tokens lead to, and the addresses to dial first."""
+    if not tokens:
+        return None, []
+    decoded = []
+    for text in tokens:
+        try:
+            decoded.append(InviteToken.decode(text))
+        except ValueError as exc:
+            raise MeshError(f"--join: {exc}") from None
+    creds = decoded[0].credentials
+    if any(t.credentials != creds for t in decoded[1:]):
+        raise MeshError("--join: the tokens belong to different meshes; join one mesh at a time")
+    return creds, [addr for t in decoded for addr in t.addrs]
+
+
+def interface_addresses() -> list[str]:
+    """This machine's non-loopback IPv4 addresses (advertised with --listen-all)."""
+    found = []
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue
+        addr = socket.inet_ntoa(packed[20:24])
+        if not addr.startswith("127."):
+            found.append(addr)
+    return found
+
+
+def udp_port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class MeshRuntime:
+    state: MeshState
+    identity: NodeIdentity
+    creds: MeshCredentials
+    seeds: list[str]
+    host: str
+    port: int = 0
+    endpoint: QuicEndpoint = field(init=False)
+    gossip: DocGossip = field(init=False)
+    membership: Membership | None = None
+
+    def __post_init__(self) -> None:
+        self.endpoint = QuicEndpoint(self.identity, self.creds.mesh_id, self.creds.secret, host=self.host,
+                                     port=self.port, settings=MESH_TRANSPORT)
+        self.gossip = DocGossip(self.state.doc, node_id=self.identity.node_id)
+
+    state_dir: Path | None = None
+
+    @classmethod
+    def for_node(cls, state: MeshState, identity: NodeIdentity, *, state_dir: Path, joins: Sequence[str],
+                 host: str, port: int) -> MeshRuntime:
+        """A runtime for the mesh the tokens name, else the mesh this state folder was in (and its peers)."""
+        joining, seeds = join_credentials(joins)
+        creds = load_or_create_mesh(state_dir, joining=joining)
+        last_port, known = load_peers(state_dir)
+        if not port and last_port and udp_port_is_free(host, last_port):
+            port = last_port  # peers that knew us redial this address
+        return cls(state, identity, creds, seeds + [a for a in known if a not in seeds], host, port,
+                   state_dir=state_dir)
+
+    async def remember_peers(self, port: int) -> None:
+        """Keep the members' addresses in the state folder, so a restart can rejoin without a token."""
+        assert self.state_dir is not None
+        saved: list[str] | None = None
+        while True:
+            addrs = sorted(a for nid, node in self.state.alive_nodes().items() if nid != self.identity.node_id
+                           for a in node.addrs)
+            if addrs != saved and (addrs or saved is None):  # the port at once, then each new set of peers
+                await anyio.to_thread.run_sync(save_peers, self.state_dir, port, addrs)
+                saved = addrs
+            await anyio.sleep(0.5)
+
+    def advertised(self, port: int) -> list[str]:
+        hosts = interface_addresses() if self.host == "0.0.0.0" else [self.host]
+        return [f"{h}:{port}" for h in hosts or ["127.0.0.1"]]
+
+    def token(self, me: NodeStatus) -> str:
+        return InviteToken(self.creds, tuple(me.addrs)).encode()
+
+    async def start(self, tg: anyio.abc.TaskGroup, me: NodeStatus) -> NodeStatus:
+        """Start the endpoint, gossip and membership; returns ``me`` with its advertised addresses."""
+        port = await tg.start(self.endpoint.run)
+        me = me.model_copy(update={"addrs": self.advertised(port)})
+        if self.state_dir is not None:
+            tg.start_soon(self.remember_peers, port)
+        await tg.start(self.gossip.run)
+        self.membership = Membership(self.state, self.gossip, self.endpoint, me=me, seeds=self.seeds)
+        await tg.start(self.membership.run)
+        return me
+
+    def serve_tunnels(self, router: Router, client: httpx.AsyncClient) -> None:
+        forward = make_local_forward(router, client)
+
+        async def handle(conn: PeerConnection, stream: Stream) -> None:
+            await serve_tunnel(MessageStream(stream), forward)
+
+        self.endpoint.on_stream(StreamKind.HTTP, handle)
+
+    async def open_tunnel(self, node_id: str) -> MessageStream:
+        """An HTTP stream to ``node_id``, dialling it first if no connection is up."""
+        conn = self.endpoint.peer(node_id)
+        if conn is None:
+            node = self.state.nodes().get(node_id)
+            for addr in node.addrs if node else []:
+                try:
+                    with anyio.fail_after(3):
+                        conn = await self.endpoint.connect(*parse_addr(addr))
+                    break
+                except (TransportError, OSError, TimeoutError):
+                    continue
+        if conn is None:
+            raise TransportError(f"node {node_id} is unreachable")
+        return MessageStream(await conn.open_stream(StreamKind.HTTP))
+
+    async def leave(self) -> None:
+        if self.membership is not None:
+            await self.membership.leave()
+
