@@ -60,7 +60,7 @@ async def run_node(config: NodeConfig, *, announce: Callable[[str], None] = prin
         lambda: require_engine(announce=announce))
     state = MeshState()
     mesh = MeshRuntime.for_node(state, identity, state_dir=config.state_dir, joins=config.joins,
-                                host=config.quic_host, port=config.bind_port)
+                                host=config.quic_host, port=config.bind_port, advertise=config.advertise)
     api_sock = bind_socket(config.host, config.port, what="OpenAI API")
     console_sock = bind_socket(config.host, config.console_port, what="console API")
     capacity = 0 if config.client else detect_capacity(max_vram=config.max_vram).bytes

@@ -27,6 +27,7 @@ class NodeConfig:
     client: bool = False
     bind_host: str = ""
     bind_port: int = 0
+    advertise: tuple[str, ...] = ()
 
     @property
     def host(self) -> str:

@@ -95,10 +95,11 @@ class MeshRuntime:
         self.gossip = DocGossip(self.state.doc, node_id=self.identity.node_id)
 
     state_dir: Path | None = None
+    advertise: tuple[str, ...] = ()
 
     @classmethod
     def for_node(cls, state: MeshState, identity: NodeIdentity, *, state_dir: Path, joins: Sequence[str],
-                 host: str, port: int) -> MeshRuntime:
+                 host: str, port: int, advertise: Sequence[str] = ()) -> MeshRuntime:
         """A runtime for the mesh the tokens name, else the mesh this state folder was in (and its peers)."""
         joining, seeds = join_credentials(joins)
         creds = load_or_create_mesh(state_dir, joining=joining)
@@ -106,7 +107,7 @@ class MeshRuntime:
         if not port and last_port and udp_port_is_free(host, last_port):
             port = last_port  # peers that knew us redial this address
         return cls(state, identity, creds, seeds + [a for a in known if a not in seeds], host, port,
-                   state_dir=state_dir)
+                   state_dir=state_dir, advertise=tuple(advertise))
 
     async def remember_peers(self, port: int) -> None:
         """Keep the members' addresses in the state folder, so a restart can rejoin without a token."""
@@ -121,6 +122,8 @@ class MeshRuntime:
             await anyio.sleep(0.5)
 
     def advertised(self, port: int) -> list[str]:
+        if self.advertise:
+            return list(self.advertise)
         hosts = interface_addresses() if self.host == "0.0.0.0" else [self.host]
         return [f"{h}:{port}" for h in hosts or ["127.0.0.1"]]
 

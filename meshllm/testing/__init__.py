@@ -1,0 +1,1 @@
+"""Tools for testing meshes on one machine (latency and loss between nodes) — not used when serving."""
