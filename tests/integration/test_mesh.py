@@ -28,6 +28,13 @@ pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
+def second_dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from meshllm.engine.tinygguf import write_dense
+
+    return write_dense(tmp_path_factory.mktemp("models") / "second-dense.gguf", n_layer=3, seed=7)
+
+
+@pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from meshllm.engine.tinygguf import write_moe
 
@@ -82,14 +89,16 @@ def node_states(node: NodeProcess) -> dict[str, str]:
     return {n["id"]: n["state"] for n in node.status()["nodes"]}
 
 
-def start_three(mesh: Mesh, dense: Path, moe: Path) -> tuple[NodeProcess, NodeProcess, NodeProcess]:
-    a = mesh.start("a", "127.0.0.2", models=(str(dense),))
-    a.wait_ready("tiny-dense")
+def start_three(mesh: Mesh, dense: Path, moe: Path, *more: Path) -> tuple[NodeProcess, NodeProcess, NodeProcess]:
+    a = mesh.start("a", "127.0.0.2", models=(str(dense), *map(str, more)))
+    for model in ("tiny-dense", *(p.stem for p in more)):
+        a.wait_ready(model)
     token = a.status()["token"]
     b = mesh.start("b", "127.0.0.3", "--join", token, models=(str(moe),))
     c = mesh.start("c", "127.0.0.4", "--client", "--join", token)
     b.wait_ready("tiny-moe")
-    wait_for(lambda: listed(c) == {"tiny-dense", "tiny-moe"}, timeout=30, what="C to see both models")
+    everything = {"tiny-dense", "tiny-moe", *(p.stem for p in more)}
+    wait_for(lambda: listed(c) == everything, timeout=30, what="C to see every model")
     return a, b, c
 
 
@@ -103,12 +112,14 @@ def greedy(base_url: str, model: str) -> tuple[str, str]:
     return text, streamed
 
 
-def test_a_client_node_reaches_every_model_with_unchanged_output(mesh: Mesh, tiny_dense: Path,
-                                                                 tiny_moe: Path) -> None:
-    a, b, c = start_three(mesh, tiny_dense, tiny_moe)
+def test_a_client_node_reaches_every_model_with_unchanged_output(mesh: Mesh, tiny_dense: Path, tiny_moe: Path,
+                                                                 second_dense: Path) -> None:
+    a, b, c = start_three(mesh, tiny_dense, tiny_moe, second_dense)
     client = openai.OpenAI(base_url=f"{c.api}/v1", api_key="unused")
-    assert sorted(m.id for m in client.models.list()) == ["tiny-dense", "tiny-moe"]
-    for model, owner in (("tiny-dense", a), ("tiny-moe", b)):
+    assert sorted(m.id for m in client.models.list()) == ["second-dense", "tiny-dense", "tiny-moe"]
+    assert listed(a) == listed(b) == listed(c)
+    assert greedy(c.api, "second-dense") != greedy(c.api, "tiny-dense")
+    for model, owner in (("tiny-dense", a), ("second-dense", a), ("tiny-moe", b)):
         direct = f"http://127.0.0.1:{owner.server(model)['port']}"
         through_c = greedy(c.api, model)
         assert through_c == greedy(direct, model)
