@@ -64,7 +64,7 @@ class Membership:
     """Keeps this node in the mesh: its entry, its connections, and the verdicts on lost peers."""
 
     def __init__(self, state: MeshState, gossip: DocGossip, endpoint: QuicEndpoint, *, me: NodeStatus,
-                 seeds: Sequence[str] = (), ring: int = 3, tick: float = 0.25, confirm_timeout: float = 1.0,
+                 seeds: Sequence[str] = (), ring: int = 3, tick: float = 0.25, confirm_timeout: float = 0.75,
                  dead_redial: float = 3.0, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None) -> None:
         self.state = state
@@ -82,6 +82,8 @@ class Membership:
         self._dials: dict[str, _Dial] = {}
         self._dialing: set[str] = set()
         self._rtt_published = 0.0
+        self._changed = True
+        self._last_dial_scan = 0.0
 
     @property
     def node_id(self) -> str:
@@ -96,8 +98,12 @@ class Membership:
             except anyio.WouldBlock:
                 log.warning("peer event queue full; dropping %s", event)
 
+        def on_change() -> None:
+            self._changed = True
+
         self.endpoint.on_stream(StreamKind.GOSSIP, self._accept_gossip)
         unsubscribe = self.endpoint.on_peer(on_peer)
+        subscriptions = self.state.observe(on_change)
         self.state.put_node(self.me)
         try:
             async with anyio.create_task_group() as tg, receive:
@@ -108,6 +114,7 @@ class Membership:
                     await anyio.sleep(self.tick)
         finally:
             unsubscribe()
+            self.state.unobserve(subscriptions)
 
     async def leave(self) -> None:
         """Announce a clean departure, so peers need not wait for the failure detector."""
@@ -157,8 +164,14 @@ class Membership:
         return wanted
 
     async def _round(self, tg: TaskGroup) -> None:
-        self._refute()
         now = self.clock()
+        if self._changed:  # the document changed: verdicts and neighbours may have too
+            self._changed = False
+            self._refute()
+            self._clear_dead()
+        elif now - self._last_dial_scan < 1.0 and not self._suspects:
+            return
+        self._last_dial_scan = now
         for key, addrs in self._wanted_addrs().items():
             if key in self._dialing or self.endpoint.peer(key) is not None or not addrs:
                 continue
@@ -167,7 +180,6 @@ class Membership:
                 self._dialing.add(key)
                 tg.start_soon(self._dial, key, addrs)
         self._judge_suspects(tg, now)
-        self._clear_dead()
         self._publish_rtt(now)
 
     async def _dial(self, key: str, addrs: list[str]) -> PeerConnection | None:
