@@ -9,9 +9,11 @@ ratios are meaningful even on a noisy machine; the absolute numbers are not.
 
 Measured client-side, per request: time to first content chunk (streaming) or total latency (non-streaming),
 and decode tokens/s (streaming: ``(chunks - 1) / (t_last - t_first)``; non-streaming: ``completion_tokens /
-wall``). A separate phase streams through the proxy back to back while reading the node's CPU time from
-``/proc``, so the proxy's CPU per streamed token is attributable; the same phase run direct gives the node's
-background CPU to subtract.
+wall``). The node's CPU time is read from ``/proc`` around every request: while a stream goes direct the node
+only does its background work, so what the proxied streams took above that rate is the proxy's CPU.
+
+Requests within a round run back to back, so the "paired" columns (the median over rounds of proxied vs direct
+within a round) are the ones to trust when other jobs come and go; the plain p50 columns drift with them.
 
     MESHLLM_ENGINE_DIR=/tmp/eng/build/bin .venv/bin/python bench/proxy_overhead.py [--tiny] [--rounds 20]
 
@@ -21,17 +23,16 @@ It prints a table and never asserts: benchmarks are not tests (see STYLE.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -79,17 +80,34 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and all its threads, from ``/proc/<pid>/stat``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of a process, its live threads together, from ``/proc/<pid>/task/*/schedstat`` (nanoseconds:
+    ``utime + stime`` in ``/proc/<pid>/stat`` count 10 ms ticks, too coarse to charge one request)."""
+    total = 0
+    for path in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += int(path.read_text().split()[0])
+    return total / 1e9
 
 
-def _alive(pid: int) -> bool:
+def _engine_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) llama.cpp server process."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return state not in ("Z", "X")
+    return state not in ("Z", "X") and b"-server" in cmdline
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(stat.parent.name))
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return found
 
 
 def _get_json(url: str) -> Any:
@@ -118,7 +136,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], port: int, console: int, *, timeo
     raise TimeoutError(f"the node was not serving within {timeout:.0f}s:\n{log.read_text()[-3000:]}")
 
 
-@contextmanager
+@contextlib.contextmanager
 def running_node(model: str, *, state_dir: Path, threads: int, timeout: float) -> Iterator[Node]:
     """``python -m meshllm --model MODEL`` on free ports; stopped with SIGINT, as a user would, on exit."""
     port, console = free_port(), free_port()
@@ -139,6 +157,8 @@ def running_node(model: str, *, state_dir: Path, threads: int, timeout: float) -
 
 
 def _stop_node(proc: subprocess.Popen[bytes], llama_pid: int) -> None:
+    """SIGINT, as Ctrl-C would: the node stops its llama-server itself. Whatever outlives it is killed."""
+    engines = {pid for pid in _children(proc.pid) | {llama_pid} if pid and _engine_alive(pid)}
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=30)
@@ -146,9 +166,13 @@ def _stop_node(proc: subprocess.Popen[bytes], llama_pid: int) -> None:
         print(f"warning: node pid {proc.pid} ignored SIGINT for 30s; killing it", file=sys.stderr)
         proc.kill()
         proc.wait()
-    if llama_pid and _alive(llama_pid):
-        print(f"warning: llama-server pid {llama_pid} outlived its node; killing it", file=sys.stderr)
-        os.kill(llama_pid, signal.SIGKILL)
+    left = sorted(pid for pid in engines if _engine_alive(pid))
+    for pid in left:
+        print(f"warning: llama-server pid {pid} outlived its node; killing it", file=sys.stderr)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    print(f"node stopped (exit {proc.returncode}); engine processes it had: {sorted(engines)}, "
+          f"left running: {left or 'none'}", file=sys.stderr)
 
 
 # -- requests -----------------------------------------------------------------------------------
@@ -176,7 +200,8 @@ def stream_once(client: httpx.Client, body: dict[str, Any], *,
     wall = time.perf_counter() - start
     if len(stamps) < 2:
         raise RuntimeError(f"expected a stream of content chunks, got {len(stamps)}")
-    return wall, stamps[0] - start, len(stamps), (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    spread = max(stamps[-1] - stamps[0], 1e-6)  # all in one read: a burst, not a decode rate (see README)
+    return wall, stamps[0] - start, len(stamps), (len(stamps) - 1) / spread
 
 
 def complete_once(client: httpx.Client, body: dict[str, Any], *,
@@ -216,7 +241,8 @@ def measure(client: httpx.Client, body: dict[str, Any], *, mode: str, target: st
         except httpx.HTTPError as exc:
             if attempt == 3 or not _retryable(exc):
                 raise
-            print(f"\n  {phase} {target} {mode} #{round_}: {exc!r}; retrying", file=sys.stderr)
+            what = f"HTTP {exc.response.status_code}" if isinstance(exc, httpx.HTTPStatusError) else repr(exc)
+            print(f"\n  {phase} {target} {mode} #{round_}: {what}; retrying", file=sys.stderr)
             continue
         return Sample(phase=phase, round=round_, target=target, mode=mode, wall_s=wall, ttft_s=ttft,
                       tokens=tokens, decode_tps=tps, node_cpu_s=cpu_seconds(node_pid) - cpu_before,
@@ -240,22 +266,6 @@ def interleaved(clients: dict[str, httpx.Client], body: dict[str, Any], *, round
             print(f"\r  round {round_ + 1}/{rounds}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return samples
-
-
-def cpu_phase(clients: dict[str, httpx.Client], body: dict[str, Any], *, requests: int,
-              node_pid: int) -> dict[str, dict[str, float]]:
-    """Stream ``requests`` times direct, then as many proxied, reading the node's CPU around each block.
-
-    During the direct block the node only does its background work, so that block's CPU is the baseline.
-    """
-    result = {}
-    for target in TARGETS:
-        cpu_before, start = cpu_seconds(node_pid), time.perf_counter()
-        tokens = sum(measure(clients[target], body, mode="stream", target=target, phase="cpu", round_=i,
-                             node_pid=node_pid).tokens for i in range(requests))
-        result[target] = {"node_cpu_s": cpu_seconds(node_pid) - cpu_before, "tokens": tokens,
-                          "wall_s": time.perf_counter() - start}
-    return result
 
 
 # -- summary ------------------------------------------------------------------------------------
@@ -283,56 +293,88 @@ def _mode_summary(samples: list[Sample], mode: str) -> dict[str, float]:
     rounds = sorted({s.round for s in mine})
     paired_ttft = [(by_round[r, "proxied"].ttft_s - by_round[r, "direct"].ttft_s) * 1e3 for r in rounds]
     paired_tps = [by_round[r, "proxied"].decode_tps / by_round[r, "direct"].decode_tps for r in rounds]
+    paired_wall = [(by_round[r, "proxied"].wall_s - by_round[r, "direct"].wall_s) * 1e3 for r in rounds]
     out |= {"tps_ratio": out["proxied_tps_p50"] / out["direct_tps_p50"],
             "tps_ratio_paired_p50": percentile(paired_tps, 50),
             "ttft_added_ms_p50": out["proxied_ttft_ms_p50"] - out["direct_ttft_ms_p50"],
             "ttft_added_ms_p90": out["proxied_ttft_ms_p90"] - out["direct_ttft_ms_p90"],
-            "ttft_added_ms_paired_p50": percentile(paired_ttft, 50)}
+            "ttft_added_ms_paired_p50": percentile(paired_ttft, 50),
+            "wall_added_ms_paired_p50": percentile(paired_wall, 50),
+            "proxied_retried": sum(s.attempts > 1 for s in mine if s.target == "proxied"),
+            "direct_retried": sum(s.attempts > 1 for s in mine if s.target == "direct")}
     return out
 
 
-def summarize(samples: list[Sample], cpu: dict[str, dict[str, float]]) -> dict[str, Any]:
+def node_cpu(samples: list[Sample]) -> dict[str, float]:
+    """The node's CPU over the interleaved streams. While a stream goes direct the node only does its background
+    work, which gives the background rate; what a proxied stream took above that rate is the proxy's. Medians
+    over requests, so a request that stalled behind another job's burst does not skew them."""
+    streams = [s for s in samples if s.phase == "interleaved" and s.mode == "stream"]
+    direct = [s for s in streams if s.target == "direct"]
+    proxied = [s for s in streams if s.target == "proxied"]
+    background_per_s = sum(s.node_cpu_s for s in direct) / sum(s.wall_s for s in direct)
+    per_1k = [s.node_cpu_s * 1e6 / s.tokens for s in proxied]
+    proxy_per_chunk = [(s.node_cpu_s - background_per_s * s.wall_s) * 1e6 / s.tokens for s in proxied]
+    return {"proxied_ms_per_1k_tokens_p50": percentile(per_1k, 50),
+            "proxied_ms_per_1k_tokens_total": sum(s.node_cpu_s for s in proxied) * 1e6
+            / sum(s.tokens for s in proxied),
+            "background_ms_per_s": background_per_s * 1e3,
+            "proxy_us_per_chunk_p50": percentile(proxy_per_chunk, 50)}
+
+
+def summarize(samples: list[Sample]) -> dict[str, Any]:
     stream = _mode_summary(samples, "stream")
     chunks = stream["proxied_tokens_p50"]
     wall_added_ms = stream["proxied_wall_ms_p50"] - stream["direct_wall_ms_p50"]
-    per_1k = {t: cpu[t]["node_cpu_s"] * 1e3 / cpu[t]["tokens"] * 1e3 for t in TARGETS}
     return {
         "stream": stream,
         "nonstream": _mode_summary(samples, "nonstream"),
         "stream_wall_added_us_per_chunk": wall_added_ms * 1e3 / chunks,
-        "node_cpu_ms_per_1k_tokens_proxied": per_1k["proxied"],
-        "node_cpu_ms_per_1k_tokens_background": per_1k["direct"],
-        "proxy_cpu_us_per_chunk": per_1k["proxied"] - per_1k["direct"],  # ms per 1,000 = µs per one
+        "stream_wall_added_us_per_chunk_paired": stream["wall_added_ms_paired_p50"] * 1e3 / chunks,
+        "node_cpu": node_cpu(samples),
     }
 
 
-def print_report(node: Node, args: argparse.Namespace, summary: dict[str, Any],
-                 cpu: dict[str, dict[str, float]]) -> None:
-    print(f"\nproxy overhead: model {node.model}, {args.rounds} interleaved rounds, max_tokens {args.max_tokens}, "
-          f"node pid {node.pid}, llama-server pid {node.llama_pid}")
-    print(f"{'':12}{'metric':<14}{'direct p50':>12}{'proxied p50':>13}{'proxied/direct':>16}"
-          f"{'paired p50':>12}{'direct tail':>13}{'proxied tail':>14}{'Δ tail':>10}")
+_HEADER = (f"{'':11}{'':13}{'direct':>10}{'proxied':>10}{'proxied vs':>13}{'paired':>11}"
+           f"{'direct':>11}{'proxied':>10}{'Δ':>11}\n"
+           f"{'':11}{'':13}{'p50':>10}{'p50':>10}{'direct p50':>13}{'p50':>11}"
+           f"{'tail':>11}{'tail':>10}{'tail':>11}")
+
+
+def _table(summary: dict[str, Any]) -> list[str]:
+    lines = [_HEADER]
     for mode, label in (("stream", "streaming"), ("nonstream", "non-stream")):
         m = summary[mode]
-        print(f"{label:<12}{'decode tok/s':<14}{m['direct_tps_p50']:>12.1f}{m['proxied_tps_p50']:>13.1f}"
-              f"{m['tps_ratio']:>15.3f}x{m['tps_ratio_paired_p50']:>11.3f}x"
-              f"{m['direct_tps_p10']:>13.1f}{m['proxied_tps_p10']:>14.1f}"
-              f"{m['proxied_tps_p10'] / m['direct_tps_p10']:>9.3f}x")
+        lines.append(f"{label:<11}{'decode tok/s':<13}{m['direct_tps_p50']:>10.1f}{m['proxied_tps_p50']:>10.1f}"
+                     f"{m['tps_ratio']:>12.3f}x{m['tps_ratio_paired_p50']:>10.3f}x"
+                     f"{m['direct_tps_p10']:>11.1f}{m['proxied_tps_p10']:>10.1f}"
+                     f"{m['proxied_tps_p10'] / m['direct_tps_p10']:>10.3f}x")
         metric = "TTFT ms" if mode == "stream" else "latency ms"
-        print(f"{'':<12}{metric:<14}{m['direct_ttft_ms_p50']:>12.2f}{m['proxied_ttft_ms_p50']:>13.2f}"
-              f"{m['ttft_added_ms_p50']:>+13.2f} ms{m['ttft_added_ms_paired_p50']:>+9.2f} ms"
-              f"{m['direct_ttft_ms_p90']:>10.2f}{m['proxied_ttft_ms_p90']:>14.2f}"
-              f"{m['ttft_added_ms_p90']:>+7.2f} ms")
-    print("tail = p90 for times, p10 (the slow end) for tok/s; paired = median over rounds of proxied vs direct")
-    s = summary["stream"]
+        lines.append(f"{'':<11}{metric:<13}{m['direct_ttft_ms_p50']:>10.2f}{m['proxied_ttft_ms_p50']:>10.2f}"
+                     f"{m['ttft_added_ms_p50']:>+10.2f} ms{m['ttft_added_ms_paired_p50']:>+8.2f} ms"
+                     f"{m['direct_ttft_ms_p90']:>11.2f}{m['proxied_ttft_ms_p90']:>10.2f}"
+                     f"{m['ttft_added_ms_p90']:>+8.2f} ms")
+    lines.append("tail: p90 for times, p10 (the slow end) for tok/s. paired: median over rounds of the "
+                 "proxied/direct ratio or difference within a round")
+    return lines
+
+
+def print_report(node: Node, args: argparse.Namespace, summary: dict[str, Any]) -> None:
+    s, cpu = summary["stream"], summary["node_cpu"]
+    retried = {t: s[f"{t}_retried"] + summary["nonstream"][f"{t}_retried"] for t in TARGETS}
+    print(f"\nproxy overhead: {node.model}, {args.rounds} rounds (+{args.warmup} warm-up), max_tokens "
+          f"{args.max_tokens}, direct {node.direct_url} vs proxied {node.proxied_url}")
+    print("\n".join(_table(summary)))
     print(f"\nper streamed chunk: wall p50 direct {s['direct_wall_ms_p50']:.1f} ms, proxied "
-          f"{s['proxied_wall_ms_p50']:.1f} ms over {s['proxied_tokens_p50']:.0f} chunks -> "
-          f"{summary['stream_wall_added_us_per_chunk']:+.1f} µs added per chunk")
-    print(f"node CPU ({args.cpu_requests} streams each, back to back): proxied "
-          f"{summary['node_cpu_ms_per_1k_tokens_proxied']:.1f} ms per 1,000 tokens "
-          f"({cpu['proxied']['node_cpu_s'] * 1e3:.0f} ms for {cpu['proxied']['tokens']:.0f}); background while "
-          f"streaming direct {summary['node_cpu_ms_per_1k_tokens_background']:.1f} ms per 1,000 -> proxy "
-          f"{summary['proxy_cpu_us_per_chunk']:.0f} µs CPU per chunk")
+          f"{s['proxied_wall_ms_p50']:.1f} ms, {s['proxied_tokens_p50']:.0f} chunks -> "
+          f"{summary['stream_wall_added_us_per_chunk']:+.1f} µs per chunk "
+          f"(paired: {summary['stream_wall_added_us_per_chunk_paired']:+.1f} µs)")
+    print(f"node CPU per 1,000 streamed tokens through the proxy: {cpu['proxied_ms_per_1k_tokens_p50']:.1f} ms "
+          f"(p50 over requests; all requests together {cpu['proxied_ms_per_1k_tokens_total']:.1f} ms); node "
+          f"background {cpu['background_ms_per_s']:.1f} ms/s -> proxy {cpu['proxy_us_per_chunk_p50']:.0f} µs CPU "
+          "per chunk")
+    print(f"requests retried after a stale connection: direct {retried['direct']}, proxied {retried['proxied']} "
+          "(each proxied one is a 503 the proxy answered)")
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -342,14 +384,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="bench a generated tiny dense model instead")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default 20)")
     parser.add_argument("--warmup", type=int, default=2, help="rounds measured but not counted (default 2)")
-    parser.add_argument("--cpu-requests", type=int, default=0,
-                        help="streams per target in the CPU phase (default: --rounds)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per request (default 128)")
     parser.add_argument("--threads", type=int, default=0, help="llama-server --threads (default: its own)")
     parser.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for the node")
     parser.add_argument("--json", type=Path, help="write raw samples and the summary here")
     args = parser.parse_args(argv)
-    args.cpu_requests = args.cpu_requests or args.rounds
     return args
 
 
@@ -368,20 +407,30 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
                    for t, url in zip(TARGETS, (node.direct_url, node.proxied_url))}
         try:
             samples = interleaved(clients, body, rounds=args.rounds, warmup=args.warmup, node_pid=node.pid)
-            cpu = cpu_phase(clients, body, requests=args.cpu_requests, node_pid=node.pid)
         finally:
             for client in clients.values():
                 client.close()
-    summary = summarize(samples, cpu)
-    print_report(node, args, summary, cpu)
+    summary = summarize(samples)
+    print_report(node, args, summary)
     if args.json:
         raw = {"args": {k: str(v) for k, v in vars(args).items()}, "node": asdict(node), "summary": summary,
-               "cpu_phase": cpu, "samples": [asdict(s) for s in samples]}
+               "samples": [asdict(s) for s in samples]}
         args.json.write_text(json.dumps(raw, indent=1))
+
+
+def _raise_on_signals() -> None:
+    """SIGINT and SIGTERM unwind the bench, so the node is always stopped. Started in the background by a
+    non-interactive shell, a process inherits SIGINT ignored; this restores it too."""
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    _raise_on_signals()
     with tempfile.TemporaryDirectory(prefix="meshllm-bench-") as tmp:
         (Path(tmp) / "state").mkdir()
         run(args, Path(tmp))

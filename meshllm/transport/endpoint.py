@@ -38,7 +38,7 @@ from meshllm.transport.stream import Stream, StreamKind
 from meshllm.transport.tls import (TransportSettings, client_configuration, generate_credentials,
                                    server_configuration)
 
-__all__ = ["PeerEvent", "PeerListener", "QuicEndpoint", "StreamHandler"]
+__all__ = ["EndpointStats", "PeerEvent", "PeerListener", "QuicEndpoint", "StreamHandler"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,16 @@ class PeerEvent:
 
 
 PeerListener = Callable[[PeerEvent], None]
+
+
+@dataclass
+class EndpointStats:
+    """Datagrams and bytes through the UDP socket (QUIC overhead included), for benchmarks."""
+
+    datagrams_sent: int = 0
+    bytes_sent: int = 0
+    datagrams_received: int = 0
+    bytes_received: int = 0
 
 
 _Job = tuple[StreamHandler, PeerConnection, Stream]
@@ -94,6 +104,7 @@ class QuicEndpoint:
         self._handlers: dict[StreamKind, StreamHandler] = {}
         self._listeners: list[PeerListener] = []
         self._running: _Running | None = None
+        self.stats = EndpointStats()
 
     @property
     def node_id(self) -> str:
@@ -212,8 +223,12 @@ class QuicEndpoint:
         running = self._running
         if running is not None and not running.transport.is_closing():
             running.transport.sendto(data, addr)
+            self.stats.datagrams_sent += 1
+            self.stats.bytes_sent += len(data)
 
     def _on_datagram(self, data: bytes, addr: Address) -> None:
+        self.stats.datagrams_received += 1
+        self.stats.bytes_received += len(data)
         try:
             header = pull_quic_header(Buffer(data=data),
                                       host_cid_length=self._server_config.connection_id_length)

@@ -103,6 +103,11 @@ async def test_every_stream_kind_echoes_both_ways_including_a_megabyte() -> None
         assert await roundtrip(back, StreamKind.HTTP, big) == b"http:" + big
         assert there.rtt > 0 and back.rtt > 0
         assert list(a.peers) == [b.node_id] and list(b.peers) == [a.node_id]
+        for e in (a, b):  # each megabyte left and entered both sockets (there, and echoed back)
+            stats, limit = e.stats, e.settings.max_datagram_size
+            assert stats.bytes_sent > 2 * len(big) and stats.bytes_received > 2 * len(big)
+            assert stats.datagrams_sent * limit >= stats.bytes_sent
+            assert stats.datagrams_received * limit >= stats.bytes_received
 
 
 async def test_a_hundred_concurrent_streams() -> None:
