@@ -187,9 +187,18 @@ def upstream_client() -> httpx.AsyncClient:
 
 async def _open_local(client: httpx.AsyncClient, route: Route, path: str, query: str,
                       headers: list[tuple[str, str]], body: bytes) -> httpx.Response:
-    upstream = client.build_request("POST", route.base_url + path, content=body, headers=headers,
-                                    params=httpx.QueryParams(query))
-    return await client.send(upstream, stream=True)
+    """Send to the local llama-server. llama-server may close a kept-alive connection after a
+    streamed response; a request that meets such a stale connection never reached it, so it is
+    sent once more on a fresh one."""
+    for attempt in (1, 2):
+        upstream = client.build_request("POST", route.base_url + path, content=body, headers=headers,
+                                        params=httpx.QueryParams(query))
+        try:
+            return await client.send(upstream, stream=True)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 async def _forward_local(client: httpx.AsyncClient, route: Route, path: str, query: str,
