@@ -214,12 +214,12 @@ class Mesh:
 
     a: NodeProcess
     b: NodeProcess
-    model: str = ""
-    a_id: str = ""
-    b_id: str = ""
-    direct_url: str = ""
-    llama_pid: int = 0
-    relays: RelayLoop | None = None
+    model: str
+    a_id: str
+    b_id: str
+    direct_url: str
+    llama_pid: int
+    relays: RelayLoop | None
     path: dict[str, Any] = field(default_factory=dict)
 
     def pids(self) -> dict[str, int]:
@@ -230,12 +230,36 @@ class Mesh:
 def _serving(a: NodeProcess) -> tuple[str, str, str, int] | None:
     """(A's node id, model, llama-server URL, its pid) once A's server is ready and listed."""
     status, listed = a.status(), a.listed()
-    for model in (status or {}).get("models", []):
+    if status is None:
+        return None
+    me = status["node"]["id"]
+    for model in status["models"]:
         for server in model["servers"]:
-            if (server["node"] == status["node"]["id"] and server["phase"] == "ready"  # type: ignore[index]
-                    and model["name"] in listed):
-                return status["node"]["id"], model["name"], f"http://127.0.0.1:{server['port']}", server["pid"]  # type: ignore[index]
+            if server["node"] == me and server["phase"] == "ready" and model["name"] in listed:
+                return me, model["name"], f"http://127.0.0.1:{server['port']}", server["pid"]
     return None
+
+
+def _behind_relays(relays: RelayLoop, delay: float) -> tuple[list[str], list[str]]:
+    """Put A and B each behind a relay: pinned QUIC ports, and the relay's address advertised.
+
+    Advertising only the relay means that whichever node dials (B joining, or A redialling B after a
+    lost connection), the connection crosses a relay, so every path between them has the added RTT.
+    """
+    a_port, b_port = free_port(A_HOST, socket.SOCK_DGRAM), free_port(B_HOST, socket.SOCK_DGRAM)
+    to_a = relays.relay((RELAY_A_HOST, 0), (A_HOST, a_port), delay=delay)
+    to_b = relays.relay((RELAY_B_HOST, 0), (B_HOST, b_port), delay=delay)
+    return (["--bind-port", str(a_port), "--advertise", "{}:{}".format(*to_a.address)],
+            ["--bind-port", str(b_port), "--advertise", "{}:{}".format(*to_b.address)])
+
+
+def _invite(a: NodeProcess, relays: RelayLoop | None, nodes: list[NodeProcess]) -> str:
+    """A's invite token; behind relays, rewritten to name only A's relay (B must not find A directly)."""
+    token = InviteToken.decode(wait_for(lambda: (a.status() or {}).get("token"), timeout=10, what="A's token",
+                                        nodes=nodes))
+    if relays is not None:
+        token = InviteToken(token.credentials, ("{}:{}".format(*relays.relays[0].address),))
+    return token.encode()
 
 
 @contextlib.contextmanager
@@ -243,31 +267,21 @@ def two_nodes(model: str, workdir: Path, *, delay: float | None, threads: int,
               timeout: float) -> Iterator[Mesh]:
     """Start A then B (behind relays when ``delay`` is given); stop both, and the relays, on exit."""
     relays = RelayLoop() if delay is not None else None
-    a_args, b_args = ["--model", model], ["--client"]
-    if threads:
-        a_args += ["--threads", str(threads)]
-    if relays is not None:
-        assert delay is not None
-        a_port, b_port = free_port(A_HOST, socket.SOCK_DGRAM), free_port(B_HOST, socket.SOCK_DGRAM)
-        to_a = relays.relay((RELAY_A_HOST, 0), (A_HOST, a_port), delay=delay)
-        to_b = relays.relay((RELAY_B_HOST, 0), (B_HOST, b_port), delay=delay)
-        a_args += ["--bind-port", str(a_port), "--advertise", "{}:{}".format(*to_a.address)]
-        b_args += ["--bind-port", str(b_port), "--advertise", "{}:{}".format(*to_b.address)]
     nodes: list[NodeProcess] = []
     try:
-        nodes.append(start_node("a", A_HOST, workdir, *a_args))
-        mesh = Mesh(nodes[0], nodes[0], relays=relays)
-        mesh.a_id, mesh.model, mesh.direct_url, mesh.llama_pid = wait_for(
-            lambda: _serving(mesh.a), timeout=timeout, what="A to serve the model", nodes=nodes)
-        token = InviteToken.decode(wait_for(lambda: (mesh.a.status() or {}).get("token"), timeout=10,
-                                            what="A's token", nodes=nodes))
-        if relays is not None:  # B may only ever reach A through A's relay
-            token = InviteToken(token.credentials, ("{}:{}".format(*relays.relays[0].address),))
-        nodes.append(start_node("b", B_HOST, workdir, *b_args, "--join", token.encode()))
-        mesh.b = nodes[1]
-        wait_for(lambda: mesh.model in mesh.b.listed(), timeout=60, what="B to list A's model", nodes=nodes)
-        mesh.b_id = wait_for(lambda: (mesh.b.status() or {}).get("node", {}).get("id"), timeout=10,
-                             what="B's node id", nodes=nodes)
+        a_extra, b_extra = _behind_relays(relays, delay) if relays is not None and delay is not None else ([], [])
+        threads_args = ["--threads", str(threads)] if threads else []
+        a = start_node("a", A_HOST, workdir, "--model", model, *threads_args, *a_extra)
+        nodes.append(a)
+        a_id, name, direct_url, llama_pid = wait_for(lambda: _serving(a), timeout=timeout,
+                                                     what="A to serve the model", nodes=nodes)
+        b = start_node("b", B_HOST, workdir, "--client", *b_extra, "--join", _invite(a, relays, nodes))
+        nodes.append(b)
+        wait_for(lambda: name in b.listed(), timeout=60, what="B to list A's model", nodes=nodes)
+        b_id = wait_for(lambda: (b.status() or {}).get("node", {}).get("id"), timeout=10, what="B's node id",
+                        nodes=nodes)
+        mesh = Mesh(a, b, model=name, a_id=a_id, b_id=b_id, direct_url=direct_url, llama_pid=llama_pid,
+                    relays=relays)
         mesh.path = check_path(mesh, nodes)
         yield mesh
     finally:
