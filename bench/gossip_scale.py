@@ -19,9 +19,14 @@ the same mesh credentials. Then it measures:
    CONNECTION_CLOSE goes out, then its tasks stop); time until every other replica has it not alive.
 
 Times are taken in the replicas' own change callbacks, not by polling. All nodes share one Python event loop
-on however many cores the machine has: read the CPU and loop-lag rows before the times.
+on however many cores the machine has: read the CPU, loop-lag and kernel-drop rows before the times. Past a
+few dozen nodes at the production timers the one process runs out of CPU, sockets overflow and nodes declare
+live peers dead (the "false death verdicts" row); then ``--drain-sockets`` (what a process per node would
+read in time), ``--join-interval`` and the protocol's own knobs (``--tick``, ``--ping-interval``,
+``--peer-timeout``, ``--confirm-timeout``, ``--ring``, ``--anti-entropy``) show which numbers depend on what.
 
     .venv/bin/python bench/gossip_scale.py [--sizes 10,50,100] [--window 20] [--json PATH]
+    .venv/bin/python bench/gossip_scale.py --sizes 30 --drain-sockets --tick 1
 
 It prints a table and never asserts: benchmarks are not tests (see STYLE.md).
 """
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -62,6 +68,8 @@ from meshllm.transport import QuicEndpoint, TransportError, TransportSettings
 
 HOST = "127.0.0.1"
 Result = dict[str, Any]
+MEMBERSHIP = inspect.signature(Membership).parameters  # the production defaults, read where they are set
+GOSSIP = inspect.signature(DocGossip).parameters
 
 
 @dataclass(frozen=True)
@@ -69,15 +77,16 @@ class Knobs:
     """The protocol's timers (the production defaults unless overridden) and the bench's own."""
 
     transport: TransportSettings = MESH_TRANSPORT
-    ring: int = 3
-    tick: float = 0.25
-    confirm_timeout: float = 1.0
-    anti_entropy: float = 5.0
+    ring: int = MEMBERSHIP["ring"].default
+    tick: float = MEMBERSHIP["tick"].default
+    confirm_timeout: float = MEMBERSHIP["confirm_timeout"].default
+    anti_entropy: float = GOSSIP["anti_entropy"].default
     changes: int = 10
     spacing: float = 0.5
     window: float = 20.0
     settle: float = 2.0
     timeout: float = 30.0
+    join_interval: float = 0.0
     drain_sockets: bool = False
 
 
@@ -271,6 +280,7 @@ async def formation(tg: TaskGroup, nodes: list[BenchNode], knobs: Knobs) -> Resu
     watch.start()
     seed = await tg.start(nodes[0].serve, [])
     for node in nodes[1:]:
+        await anyio.sleep(knobs.join_interval)
         await tg.start(node.serve, [seed])
     all_started = time.monotonic() - watch.started
     complete = await watch.wait(knobs.timeout + size)
@@ -485,7 +495,7 @@ def fmt(value: Any) -> str:
 
 
 def print_table(results: Sequence[Result]) -> None:
-    print(f"\n{'':38}{'target':>9}" + "".join(f"{'N=' + str(r['nodes']):>12}" for r in results))
+    print(f"\n{'':38}{'target':>9}" + "".join(f"{'N=' + str(r['nodes']):>16}" for r in results))
     for label, target, read in ROWS:
         cells = []
         for result in results:
@@ -493,7 +503,7 @@ def print_table(results: Sequence[Result]) -> None:
                 cells.append(fmt(read(result)))
             except (KeyError, TypeError):
                 cells.append("-")
-        print(f"{label:38}{target:>9}" + "".join(f"{cell:>12}" for cell in cells))
+        print(f"{label:38}{target:>9}" + "".join(f"{cell:>16}" for cell in cells))
 
 
 async def main(sizes: Sequence[int], knobs: Knobs, seed: int, json_path: Path | None) -> None:
@@ -539,6 +549,8 @@ def parse_args() -> tuple[list[int], Knobs, int, Path | None]:
     parser.add_argument("--confirm-timeout", type=float, default=Knobs.confirm_timeout,
                         help="membership's limit on one dial (joining, and confirming a death)")
     parser.add_argument("--anti-entropy", type=float, default=Knobs.anti_entropy, help="seconds between pulls")
+    parser.add_argument("--join-interval", type=float, default=0.0,
+                        help="seconds between two nodes joining (default: all at once)")
     parser.add_argument("--drain-sockets", action="store_true",
                         help="read every queued datagram per wake-up, as a process per node would keep up")
     parser.add_argument("--verbose", action="store_true", help="print warnings as they happen")
@@ -549,7 +561,7 @@ def parse_args() -> tuple[list[int], Knobs, int, Path | None]:
     knobs = Knobs(transport=transport, ring=args.ring, tick=args.tick, confirm_timeout=args.confirm_timeout,
                   anti_entropy=args.anti_entropy,
                   changes=args.changes, spacing=args.spacing, window=args.window,
-                  drain_sockets=args.drain_sockets)
+                  join_interval=args.join_interval, drain_sockets=args.drain_sockets)
     return [int(s) for s in args.sizes.split(",")], knobs, args.seed, args.json
 
 
