@@ -183,14 +183,15 @@ def stop_nodes(nodes: list[NodeProcess]) -> None:
 class RelayLoop:
     """An asyncio loop in a thread, running ``UdpRelay``s while the (synchronous) bench sends requests."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, delay: float) -> None:
+        self.delay = delay  # one way, seconds
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="udp-relays", daemon=True)
         self.thread.start()
         self.relays: list[UdpRelay] = []
 
-    def relay(self, listen: tuple[str, int], target: tuple[str, int], *, delay: float) -> UdpRelay:
-        relay = UdpRelay(listen, target, delay=delay)
+    def relay(self, listen: tuple[str, int], target: tuple[str, int]) -> UdpRelay:
+        relay = UdpRelay(listen, target, delay=self.delay)
         asyncio.run_coroutine_threadsafe(relay.start(), self.loop).result(timeout=5)
         self.relays.append(relay)
         return relay
@@ -240,15 +241,15 @@ def _serving(a: NodeProcess) -> tuple[str, str, str, int] | None:
     return None
 
 
-def _behind_relays(relays: RelayLoop, delay: float) -> tuple[list[str], list[str]]:
+def _behind_relays(relays: RelayLoop) -> tuple[list[str], list[str]]:
     """Put A and B each behind a relay: pinned QUIC ports, and the relay's address advertised.
 
     Advertising only the relay means that whichever node dials (B joining, or A redialling B after a
     lost connection), the connection crosses a relay, so every path between them has the added RTT.
     """
     a_port, b_port = free_port(A_HOST, socket.SOCK_DGRAM), free_port(B_HOST, socket.SOCK_DGRAM)
-    to_a = relays.relay((RELAY_A_HOST, 0), (A_HOST, a_port), delay=delay)
-    to_b = relays.relay((RELAY_B_HOST, 0), (B_HOST, b_port), delay=delay)
+    to_a = relays.relay((RELAY_A_HOST, 0), (A_HOST, a_port))
+    to_b = relays.relay((RELAY_B_HOST, 0), (B_HOST, b_port))
     return (["--bind-port", str(a_port), "--advertise", "{}:{}".format(*to_a.address)],
             ["--bind-port", str(b_port), "--advertise", "{}:{}".format(*to_b.address)])
 
@@ -266,10 +267,10 @@ def _invite(a: NodeProcess, relays: RelayLoop | None, nodes: list[NodeProcess]) 
 def two_nodes(model: str, workdir: Path, *, delay: float | None, threads: int,
               timeout: float) -> Iterator[Mesh]:
     """Start A then B (behind relays when ``delay`` is given); stop both, and the relays, on exit."""
-    relays = RelayLoop() if delay is not None else None
+    relays = RelayLoop(delay=delay) if delay is not None else None
     nodes: list[NodeProcess] = []
     try:
-        a_extra, b_extra = _behind_relays(relays, delay) if relays is not None and delay is not None else ([], [])
+        a_extra, b_extra = _behind_relays(relays) if relays is not None else ([], [])
         threads_args = ["--threads", str(threads)] if threads else []
         a = start_node("a", A_HOST, workdir, "--model", model, *threads_args, *a_extra)
         nodes.append(a)
@@ -534,13 +535,25 @@ def scenario_table(name: str, mesh: Mesh, summary: dict[str, Any]) -> list[str]:
     retried = {t: int(per[t]["retried"]) for t in TARGETS}
     lines.append(f"  requests retried after a stale connection: {retried}")
     if mesh.relays is not None:
-        lines.append(f"  relay datagrams forwarded per request (p50): " + ", ".join(
+        lines.append("  relay datagrams forwarded per request (p50): " + ", ".join(
             f"{t} {per[t]['relay_datagrams_p50']:.0f}" for t in TARGETS)
             + f"; idle per relay (A's, B's) per s: {path['relay_datagrams_per_s_idle']}")
+        if per["routed"]["relay_datagrams_p50"] < per["routed"]["chunks_p50"] / 8 and per["direct"]["wall_ms_p50"] > 250:
+            lines.append("  WARNING: routed streams hardly crossed the relays; the nodes may have found a direct path")
+        if min(path["b_rtt_to_a_ms"], path["a_rtt_to_b_ms"]) < 1.5 * mesh.relays.delay * 1e3:
+            lines.append(f"  WARNING: the RTT the mesh measured is well below the {2 * mesh.relays.delay * 1e3:g} ms "
+                         "the relays add")
     return lines
 
 
 # -- command line -------------------------------------------------------------------------------
+def _scenarios(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names or set(names) - {"loopback", "rtt"}:
+        raise argparse.ArgumentTypeError("choose from loopback, rtt")
+    return names
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--model", default="gemma-3-270m", help="model name or .gguf path (default gemma-3-270m)")
@@ -550,7 +563,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per request (default 128)")
     parser.add_argument("--delay-ms", type=float, default=10.0,
                         help="one-way delay of each relay in the RTT scenario (default 10: ~20 ms RTT)")
-    parser.add_argument("--scenarios", default="loopback,rtt", help="which to run (default loopback,rtt)")
+    parser.add_argument("--scenarios", default="loopback,rtt", type=_scenarios,
+                        help="which to run, comma-separated (default loopback,rtt)")
     parser.add_argument("--threads", type=int, default=0, help="A's llama-server --threads (default: its own)")
     parser.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for A to serve")
     parser.add_argument("--json", type=Path, help="write every sample and the summaries here")
@@ -581,7 +595,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.tiny:
             from meshllm.engine.tinygguf import write_dense
             model = str(write_dense(Path(tmp) / "tiny-dense.gguf"))
-        for name in args.scenarios.split(","):
+        for name in args.scenarios:
             results[name] = run_scenario(name, model, Path(tmp), args)
             print("\n".join(results[name]["table"]), file=sys.stderr)  # early, in case a later one fails
             if args.json:  # after each scenario, for the same reason

@@ -97,6 +97,8 @@ class Membership:
                 send.send_nowait(event)
             except anyio.WouldBlock:
                 log.warning("peer event queue full; dropping %s", event)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # membership is shutting down
 
         def on_change() -> None:
             self._changed = True
