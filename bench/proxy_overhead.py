@@ -39,6 +39,8 @@ from typing import Any
 
 import httpx
 
+from _common import get_json, percentile, retryable
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The history of the printing press"
 TARGETS = ("direct", "proxied")
@@ -110,13 +112,6 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-def _get_json(url: str) -> Any:
-    try:
-        response = httpx.get(url, timeout=2, trust_env=False)
-        return response.json() if response.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
-        return None
-
 
 def _wait_ready(proc: subprocess.Popen[bytes], port: int, console: int, *, timeout: float,
                 log: Path) -> Node:
@@ -125,8 +120,8 @@ def _wait_ready(proc: subprocess.Popen[bytes], port: int, console: int, *, timeo
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the node exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        models = _get_json(f"http://127.0.0.1:{port}/v1/models")
-        status = _get_json(f"http://127.0.0.1:{console}/api/status") if models and models["data"] else None
+        models = get_json(f"http://127.0.0.1:{port}/v1/models")
+        status = get_json(f"http://127.0.0.1:{console}/api/status") if models and models["data"] else None
         for model in (status or {}).get("models", []):
             for server in model["servers"]:
                 if model["name"] == models["data"][0]["id"] and server["phase"] == "ready":
@@ -223,12 +218,6 @@ def _headers(target: str, mode: str) -> dict[str, str]:
     return {"Connection": "close"} if (target, mode) == ("direct", "stream") else {}
 
 
-def _retryable(exc: httpx.HTTPError) -> bool:
-    """A stale kept-alive connection: llama-server closed it (direct), or the proxy answered 503 for that."""
-    if isinstance(exc, httpx.HTTPStatusError):
-        return exc.response.status_code == 503
-    return isinstance(exc, httpx.RemoteProtocolError)
-
 
 def measure(client: httpx.Client, body: dict[str, Any], *, mode: str, target: str, phase: str,
             round_: int, node_pid: int) -> Sample:
@@ -239,7 +228,7 @@ def measure(client: httpx.Client, body: dict[str, Any], *, mode: str, target: st
         try:
             wall, ttft, tokens, tps = once(client, body, headers=_headers(target, mode))
         except httpx.HTTPError as exc:
-            if attempt == 3 or not _retryable(exc):
+            if attempt == 3 or not retryable(exc):
                 raise
             what = f"HTTP {exc.response.status_code}" if isinstance(exc, httpx.HTTPStatusError) else repr(exc)
             print(f"\n  {phase} {target} {mode} #{round_}: {what}; retrying", file=sys.stderr)
@@ -269,14 +258,6 @@ def interleaved(clients: dict[str, httpx.Client], body: dict[str, Any], *, round
 
 
 # -- summary ------------------------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100), interpolating linearly between the closest ranks."""
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
 
 def _mode_summary(samples: list[Sample], mode: str) -> dict[str, float]:
     """Direct vs proxied for one mode: p50 and tail of decode rate and TTFT, and paired differences."""

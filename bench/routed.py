@@ -47,6 +47,8 @@ from typing import Any
 
 import httpx
 
+from _common import get_json, percentile, retryable
+
 from meshllm.store.mesh import InviteToken
 from meshllm.testing.udp_relay import UdpRelay
 
@@ -76,13 +78,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _get_json(url: str) -> Any:
-    try:
-        response = httpx.get(url, timeout=2, trust_env=False)
-        return response.json() if response.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
-        return None
-
 
 @dataclass
 class NodeProcess:
@@ -99,11 +94,11 @@ class NodeProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def status(self) -> dict[str, Any] | None:
-        status: dict[str, Any] | None = _get_json(f"http://127.0.0.1:{self.console}/api/status")
+        status: dict[str, Any] | None = get_json(f"http://127.0.0.1:{self.console}/api/status")
         return status
 
     def listed(self) -> set[str]:
-        models = _get_json(f"{self.api}/v1/models")
+        models = get_json(f"{self.api}/v1/models")
         return {m["id"] for m in models["data"]} if models else set()
 
     def check_alive(self) -> None:
@@ -362,12 +357,6 @@ def stream_once(client: httpx.Client, body: dict[str, Any], *,
     return wall, stamps[0] - start, len(stamps), (len(stamps) - 1) / (stamps[-1] - stamps[0]), "".join(texts)
 
 
-def _retryable(exc: httpx.HTTPError) -> bool:
-    """A stale kept-alive connection: llama-server closed it (direct), or a proxy answered 503 for that."""
-    if isinstance(exc, httpx.HTTPStatusError):
-        return exc.response.status_code == 503
-    return isinstance(exc, httpx.RemoteProtocolError)
-
 
 def measure(client: httpx.Client, body: dict[str, Any], *, scenario: str, target: str, round_: int,
             mesh: Mesh) -> Sample:
@@ -384,7 +373,7 @@ def measure(client: httpx.Client, body: dict[str, Any], *, scenario: str, target
         try:
             wall, ttft, chunks, tps, text = stream_once(client, body, headers=headers)
         except httpx.HTTPError as exc:
-            if attempt == 3 or not _retryable(exc):
+            if attempt == 3 or not retryable(exc):
                 raise
             print(f"\n  {scenario} {target} #{round_}: {exc!r}; retrying", file=sys.stderr)
             continue
@@ -417,14 +406,6 @@ def interleaved(mesh: Mesh, body: dict[str, Any], *, scenario: str, rounds: int,
 
 
 # -- summary ------------------------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100), interpolating linearly between the closest ranks."""
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
 
 def _target_summary(of: list[Sample]) -> dict[str, float]:
     tps, ttft, wall = [s.decode_tps for s in of], [s.ttft_s * 1e3 for s in of], [s.wall_s * 1e3 for s in of]
