@@ -8,7 +8,7 @@ same ``/v1/completions`` requests alternately straight to llama-server ("direct"
 ratios are meaningful even on a noisy machine; the absolute numbers are not.
 
 Measured client-side, per request: time to first content chunk (streaming) or total latency (non-streaming),
-and decode tokens/s (streaming: ``(chunks - 1) / (t_last - t_first)``; non-streaming: ``completion_tokens /
+from many short requests in rounds of their own, and from full-length requests decode tokens/s (streaming: ``(chunks - 1) / (t_last - t_first)``; non-streaming: ``completion_tokens /
 wall``). The node's CPU time is read from ``/proc`` around every request: while a stream goes direct the node
 only does its background work, so what the proxied streams took above that rate is the proxy's CPU.
 
@@ -44,6 +44,8 @@ from _common import get_json, percentile, retryable
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The history of the printing press"
 TARGETS = ("direct", "proxied")
+MODES = ("nonstream", "stream", "first", "first-stream")
+DECODE_MODES, TTFT_MODES = MODES[:2], MODES[2:]
 
 
 @dataclass(frozen=True)
@@ -215,14 +217,18 @@ def _headers(target: str, mode: str) -> dict[str, str]:
     content provider returns false after ``sink.done()``, which cpp-httplib takes for a failure). Saying
     ``Connection: close`` on direct streams keeps the client from reusing that dead connection; the proxy
     keeps the client's connection alive and must cope with the closed one upstream itself."""
-    return {"Connection": "close"} if (target, mode) == ("direct", "stream") else {}
+    return {"Connection": "close"} if target == "direct" and mode in ("stream", "first-stream") else {}
 
 
 
 def measure(client: httpx.Client, body: dict[str, Any], *, mode: str, target: str, phase: str,
             round_: int, node_pid: int) -> Sample:
     """One request, retried (with a fresh clock, and counted in ``attempts``) after a stale connection."""
-    once = stream_once if mode == "stream" else complete_once
+    once = stream_once if mode.endswith("stream") and mode != "nonstream" else complete_once
+    if mode == "first":  # non-streaming time to first token: the latency of a one-token completion
+        body = {**body, "max_tokens": 1}
+    elif mode == "first-stream":  # streaming time to first token, from short streams
+        body = {**body, "max_tokens": 2}
     for attempt in range(1, 4):
         cpu_before = cpu_seconds(node_pid)
         try:
@@ -241,19 +247,21 @@ def measure(client: httpx.Client, body: dict[str, Any], *, mode: str, target: st
 
 # -- phases -------------------------------------------------------------------------------------
 def interleaved(clients: dict[str, httpx.Client], body: dict[str, Any], *, rounds: int, warmup: int,
-                node_pid: int) -> list[Sample]:
-    """Alternate direct and proxied, swapping which goes first every round, for both modes."""
+                ttft_rounds: int, node_pid: int) -> list[Sample]:
+    """Alternate direct and proxied, swapping which goes first every round: first full-length requests
+    (decode rate, CPU), then many short ones (time to first token, which varies more than 1 ms)."""
     samples = []
-    for round_ in range(-warmup, rounds):
-        order = TARGETS if round_ % 2 == 0 else TARGETS[::-1]
-        for mode in ("nonstream", "stream"):
-            for target in order:
-                sample = measure(clients[target], body, mode=mode, target=target, node_pid=node_pid,
-                                 phase="warmup" if round_ < 0 else "interleaved", round_=round_)
-                samples.append(sample)
-        if round_ >= 0:
-            print(f"\r  round {round_ + 1}/{rounds}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+    for modes, count, label in ((DECODE_MODES, rounds, "round"), (TTFT_MODES, ttft_rounds, "TTFT round")):
+        for round_ in range(-warmup, count):
+            order = TARGETS if round_ % 2 == 0 else TARGETS[::-1]
+            for mode in modes:
+                for target in order:
+                    sample = measure(clients[target], body, mode=mode, target=target, node_pid=node_pid,
+                                     phase="warmup" if round_ < 0 else "interleaved", round_=round_)
+                    samples.append(sample)
+            if round_ >= 0:
+                print(f"\r  {label} {round_ + 1}/{count}   ", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
     return samples
 
 
@@ -310,6 +318,8 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
     return {
         "stream": stream,
         "nonstream": _mode_summary(samples, "nonstream"),
+        "first": _mode_summary(samples, "first"),
+        "first_stream": _mode_summary(samples, "first-stream"),
         "stream_wall_added_us_per_chunk": wall_added_ms * 1e3 / chunks,
         "stream_wall_added_us_per_chunk_paired": stream["wall_added_ms_paired_p50"] * 1e3 / chunks,
         "node_cpu": node_cpu(samples),
@@ -322,29 +332,39 @@ _HEADER = (f"{'':11}{'':13}{'direct':>10}{'proxied':>10}{'proxied vs':>13}{'pair
            f"{'tail':>11}{'tail':>10}{'tail':>11}")
 
 
+def _time_row(metric: str, m: dict[str, float]) -> str:
+    return (f"{'':<11}{metric:<13}{m['direct_ttft_ms_p50']:>10.2f}{m['proxied_ttft_ms_p50']:>10.2f}"
+            f"{m['ttft_added_ms_p50']:>+10.2f} ms{m['ttft_added_ms_paired_p50']:>+8.2f} ms"
+            f"{m['direct_ttft_ms_p90']:>11.2f}{m['proxied_ttft_ms_p90']:>10.2f}"
+            f"{m['ttft_added_ms_p90']:>+8.2f} ms")
+
+
 def _table(summary: dict[str, Any]) -> list[str]:
     lines = [_HEADER]
     for mode, label in (("stream", "streaming"), ("nonstream", "non-stream")):
+        first = summary["first_stream" if mode == "stream" else "first"]
         m = summary[mode]
         lines.append(f"{label:<11}{'decode tok/s':<13}{m['direct_tps_p50']:>10.1f}{m['proxied_tps_p50']:>10.1f}"
                      f"{m['tps_ratio']:>12.3f}x{m['tps_ratio_paired_p50']:>10.3f}x"
                      f"{m['direct_tps_p10']:>11.1f}{m['proxied_tps_p10']:>10.1f}"
                      f"{m['proxied_tps_p10'] / m['direct_tps_p10']:>10.3f}x")
-        metric = "TTFT ms" if mode == "stream" else "latency ms"
-        lines.append(f"{'':<11}{metric:<13}{m['direct_ttft_ms_p50']:>10.2f}{m['proxied_ttft_ms_p50']:>10.2f}"
-                     f"{m['ttft_added_ms_p50']:>+10.2f} ms{m['ttft_added_ms_paired_p50']:>+8.2f} ms"
-                     f"{m['direct_ttft_ms_p90']:>11.2f}{m['proxied_ttft_ms_p90']:>10.2f}"
-                     f"{m['ttft_added_ms_p90']:>+8.2f} ms")
+        lines.append(_time_row("TTFT ms", first))
+        if mode == "nonstream":
+            lines.append(_time_row("latency ms", m))
     lines.append("tail: p90 for times, p10 (the slow end) for tok/s. paired: median over rounds of the "
-                 "proxied/direct ratio or difference within a round")
+                 "proxied/direct ratio or difference within a round.\nTTFT: from short requests in rounds "
+                 "of their own (streaming: max_tokens 2, first content chunk; non-streaming: the latency of a "
+                 "one-token completion)")
     return lines
 
 
 def print_report(node: Node, args: argparse.Namespace, summary: dict[str, Any]) -> None:
     s, cpu = summary["stream"], summary["node_cpu"]
-    retried = {t: s[f"{t}_retried"] + summary["nonstream"][f"{t}_retried"] for t in TARGETS}
-    print(f"\nproxy overhead: {node.model}, {args.rounds} rounds (+{args.warmup} warm-up), max_tokens "
-          f"{args.max_tokens}, direct {node.direct_url} vs proxied {node.proxied_url}")
+    retried = {t: sum(summary[m][f"{t}_retried"] for m in ("stream", "nonstream", "first", "first_stream"))
+               for t in TARGETS}
+    print(f"\nproxy overhead: {node.model}, {args.rounds} rounds and {args.ttft_rounds} TTFT rounds "
+          f"(+{args.warmup} warm-up each), max_tokens {args.max_tokens}, direct {node.direct_url} vs proxied "
+          f"{node.proxied_url}")
     print("\n".join(_table(summary)))
     print(f"\nper streamed chunk: wall p50 direct {s['direct_wall_ms_p50']:.1f} ms, proxied "
           f"{s['proxied_wall_ms_p50']:.1f} ms, {s['proxied_tokens_p50']:.0f} chunks -> "
@@ -364,6 +384,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="gemma-3-270m", help="model name or .gguf path (default gemma-3-270m)")
     parser.add_argument("--tiny", action="store_true", help="bench a generated tiny dense model instead")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default 20)")
+    parser.add_argument("--ttft-rounds", type=int, default=60,
+                        help="interleaved rounds of short requests for time to first token (default 60)")
     parser.add_argument("--warmup", type=int, default=2, help="rounds measured but not counted (default 2)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per request (default 128)")
     parser.add_argument("--threads", type=int, default=0, help="llama-server --threads (default: its own)")
@@ -387,7 +409,8 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         clients = {t: httpx.Client(base_url=url, timeout=httpx.Timeout(300, connect=5), trust_env=False)
                    for t, url in zip(TARGETS, (node.direct_url, node.proxied_url))}
         try:
-            samples = interleaved(clients, body, rounds=args.rounds, warmup=args.warmup, node_pid=node.pid)
+            samples = interleaved(clients, body, rounds=args.rounds, warmup=args.warmup,
+                                  ttft_rounds=args.ttft_rounds, node_pid=node.pid)
         finally:
             for client in clients.values():
                 client.close()

@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from typing import Protocol
 
 import anyio
-import httpx
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -24,10 +23,11 @@ from starlette.types import Receive, Scope, Send
 from meshllm.api.errors import openai_error
 from meshllm.api.routing import Route, Router, Unavailable
 from meshllm.api.tunnel import LocalForward, TunnelStream, open_tunnel
+from meshllm.api.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from meshllm.errors import MeshError
 
 __all__ = ["DEFAULT_MAX_BODY", "RelayResponse", "TunnelOpener", "create_openai_app", "make_local_forward",
-           "upstream_client"]
+           "upstream_pool"]
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -71,9 +71,8 @@ class RelayResponse:
                 self.done()
 
 
-def _relay_httpx(response: httpx.Response, *, done: Callable[[], None] | None = None) -> RelayResponse:
-    return RelayResponse(response.status_code, list(response.headers.items()), response.aiter_raw(),
-                         close=response.aclose, done=done)
+def _relay_upstream(response: UpstreamResponse) -> RelayResponse:
+    return RelayResponse(response.status_code, response.headers, response, close=response.aclose)
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
@@ -122,8 +121,8 @@ def create_openai_app(router: Router, *, tunnels: TunnelOpener | None = None,
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with upstream_client() as client:
-            app.state.client = client
+        async with upstream_pool() as pool:
+            app.state.upstream = pool
             yield
 
     async def proxy(request: Request) -> Response | RelayResponse:
@@ -147,7 +146,7 @@ def create_openai_app(router: Router, *, tunnels: TunnelOpener | None = None,
         router.acquire(target)
         try:
             if target.local:
-                response = await _forward_local(request.app.state.client, target, request.url.path,
+                response = await _forward_local(request.app.state.upstream, target, request.url.path,
                                                 request.url.query, headers, body)
             else:
                 response = await _forward_remote(tunnels, target, request.url.path, request.url.query,
@@ -178,37 +177,23 @@ def create_openai_app(router: Router, *, tunnels: TunnelOpener | None = None,
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found})
 
 
-def upstream_client() -> httpx.AsyncClient:
-    """The HTTP client that talks to this node's llama-servers: no read timeout, many connections."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    timeout = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
-    return httpx.AsyncClient(limits=limits, timeout=timeout)
+def upstream_pool() -> UpstreamPool:
+    """The connections to this node's llama-servers."""
+    return UpstreamPool(connect_timeout=5.0)
 
 
-async def _open_local(client: httpx.AsyncClient, route: Route, path: str, query: str,
-                      headers: list[tuple[str, str]], body: bytes) -> httpx.Response:
-    """Send to the local llama-server. llama-server may close a kept-alive connection after a
-    streamed response; a request that meets such a stale connection never reached it, so it is
-    sent once more on a fresh one."""
-    for attempt in (1, 2):
-        upstream = client.build_request("POST", route.base_url + path, content=body, headers=headers,
-                                        params=httpx.QueryParams(query))
-        try:
-            return await client.send(upstream, stream=True)
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+def _target(path: str, query: str) -> str:
+    return f"{path}?{query}" if query else path
 
 
-async def _forward_local(client: httpx.AsyncClient, route: Route, path: str, query: str,
+async def _forward_local(pool: UpstreamPool, route: Route, path: str, query: str,
                          headers: list[tuple[str, str]], body: bytes) -> Response | RelayResponse:
     try:
-        response = await _open_local(client, route, path, query, headers, body)
-    except httpx.HTTPError as exc:
-        return openai_error(503, f"model {route.model!r} on node {route.node} did not answer: {exc!r}",
+        response = await pool.request("127.0.0.1", route.port, "POST", _target(path, query), headers, body)
+    except UpstreamError as exc:
+        return openai_error(503, f"model {route.model!r} on node {route.node} did not answer: {exc}",
                             code="upstream_unavailable", retry_after=2)
-    return _relay_httpx(response)
+    return _relay_upstream(response)
 
 
 async def _forward_remote(tunnels: TunnelOpener | None, route: Route, path: str, query: str,
@@ -225,11 +210,11 @@ async def _forward_remote(tunnels: TunnelOpener | None, route: Route, path: str,
     return RelayResponse(reply.status, reply.headers, reply.chunks(), close=reply.aclose)
 
 
-def make_local_forward(router: Router, client: httpx.AsyncClient) -> LocalForward:
+def make_local_forward(router: Router, pool: UpstreamPool) -> LocalForward:
     """How this node answers requests tunnelled to it by peers: only from its own llama-servers."""
 
     async def forward(method: str, path: str, query: str, headers: list[tuple[str, str]],
-                      body: bytes) -> httpx.Response | tuple[int, list[tuple[str, str]], bytes]:
+                      body: bytes) -> UpstreamResponse | tuple[int, list[tuple[str, str]], bytes]:
         model = _model_of(body)
         target = router.resolve(model, local_only=True) if isinstance(model, str) else None
         if isinstance(model, Response) or not isinstance(target, Route) or path not in PROXIED:
@@ -237,9 +222,9 @@ def make_local_forward(router: Router, client: httpx.AsyncClient) -> LocalForwar
                 503, f"model {model!r} is not ready on this node", code="model_not_ready", retry_after=2)
             return error.status_code, [(k, v) for k, v in error.headers.items()], bytes(error.body)
         try:
-            return await _open_local(client, target, path, query, headers, body)
-        except httpx.HTTPError as exc:
-            error = openai_error(503, f"model {model!r} did not answer: {exc!r}", code="upstream_unavailable",
+            return await pool.request("127.0.0.1", target.port, "POST", _target(path, query), headers, body)
+        except UpstreamError as exc:
+            error = openai_error(503, f"model {model!r} did not answer: {exc}", code="upstream_unavailable",
                                  retry_after=2)
             return error.status_code, [(k, v) for k, v in error.headers.items()], bytes(error.body)
 

@@ -19,15 +19,15 @@ __all__ = ["Route", "Router", "Unavailable"]
 
 @dataclass(frozen=True)
 class Route:
-    """A ready llama-server for the model: on this node at ``base_url``, or on a remote ``node``."""
+    """A ready llama-server for the model: on this node at 127.0.0.1:``port``, or on a remote ``node``."""
 
     model: str
     node: str
-    base_url: str = ""
+    port: int = 0
 
     @property
     def local(self) -> bool:
-        return bool(self.base_url)
+        return self.port > 0
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class Router:
             if server.phase is not ServerPhase.READY:
                 continue
             local = server.node == self.node_id
-            route = Route(server.model, server.node, f"http://127.0.0.1:{server.port}" if local else "")
+            route = Route(server.model, server.node, server.port if local else 0)
             table.routes.setdefault(server.model, []).append(route)
         for routes in table.routes.values():
             routes.sort(key=lambda r: (not r.local, r.node))

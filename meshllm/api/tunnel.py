@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
-import httpx
+
+from meshllm.api.upstream import UpstreamResponse
 
 __all__ = ["TunnelResponse", "TunnelStream", "open_tunnel", "serve_tunnel"]
 
@@ -78,10 +79,10 @@ def _decode_head(raw: bytes) -> dict[str, Any]:
     return head
 
 
-# Answers a tunnelled request locally: (method, path, query, headers, body) -> an httpx response
-# opened with stream=True, or (status, headers, body) when it cannot be forwarded.
+# Answers a tunnelled request locally: (method, path, query, headers, body) -> an upstream response
+# whose head has arrived, or (status, headers, body) when it cannot be forwarded.
 LocalForward = Callable[[str, str, str, list[tuple[str, str]], bytes],
-                        Awaitable[httpx.Response | tuple[int, list[tuple[str, str]], bytes]]]
+                        Awaitable[UpstreamResponse | tuple[int, list[tuple[str, str]], bytes]]]
 
 
 async def serve_tunnel(stream: TunnelStream, forward: LocalForward) -> None:
@@ -112,8 +113,8 @@ async def serve_tunnel(stream: TunnelStream, forward: LocalForward) -> None:
         await stream.aclose()
 
 
-async def _relay(stream: TunnelStream, upstream: httpx.Response) -> None:
-    headers = [(k, v) for k, v in upstream.headers.items()]
-    await stream.send(json.dumps({"status": upstream.status_code, "headers": headers}).encode())
-    async for chunk in upstream.aiter_raw():
+async def _relay(stream: TunnelStream, upstream: UpstreamResponse) -> None:
+    head = {"status": upstream.status_code, "headers": upstream.headers}
+    await stream.send(json.dumps(head).encode())
+    async for chunk in upstream:
         await stream.send(chunk)

@@ -123,8 +123,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def launch(argv: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None) -> EngineProcess:
-    """Start ``argv`` in its own session with output appended to ``log_path``."""
+def launch(argv: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None,
+           batch: bool = False) -> EngineProcess:
+    """Start ``argv`` in its own session with output appended to ``log_path``.
+
+    ``batch`` schedules it as a batch job (SCHED_BATCH): its threads then never preempt another task
+    on wakeup. For an engine that decodes on the CPU this keeps the node itself (proxy, gossip
+    heartbeats) responsive while the engine takes every core; it costs the engine nothing when the
+    node is idle."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
@@ -133,7 +139,22 @@ def launch(argv: Sequence[str], *, log_path: Path, env: dict[str, str] | None = 
             list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, env={**os.environ, **(env or {})},
         )
+    if batch:
+        _schedule_as_batch(popen.pid)
     return EngineProcess(pid=popen.pid, log_path=log_path, popen=popen)
+
+
+def _schedule_as_batch(pid: int) -> None:
+    """SCHED_BATCH for every thread of ``pid`` (threads it starts later inherit it)."""
+    try:
+        tids = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        tids = [pid]
+    for tid in tids:
+        try:
+            os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
+        except (OSError, AttributeError):
+            pass  # gone already, or a platform without SCHED_BATCH: the default policy is fine
 
 
 async def stop_process(proc: EngineProcess, *, grace: float = 5.0) -> int:

@@ -19,7 +19,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from meshllm import __version__
-from meshllm.api.openai import create_openai_app, upstream_client
+from meshllm.api.openai import create_openai_app, upstream_pool
 from meshllm.api.routing import Router
 from meshllm.api.status import create_status_app
 from meshllm.engine.build import require_engine
@@ -75,9 +75,9 @@ async def run_node(config: NodeConfig, *, announce: Callable[[str], None] = prin
     if reconciler is not None:
         atexit.register(reconciler.kill_all_now)
     try:
-        async with anyio.create_task_group() as tg, upstream_client() as client:
+        async with anyio.create_task_group() as tg, upstream_pool() as upstream:
             me = await mesh.start(tg, me)
-            mesh.serve_tunnels(router, client)
+            mesh.serve_tunnels(router, upstream)
             for spec in specs:
                 state.put_model(spec)
             token = mesh.token(me)

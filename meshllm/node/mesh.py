@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-import httpx
 
 from meshllm.api.openai import make_local_forward
+from meshllm.api.upstream import UpstreamPool
 from meshllm.api.routing import Router
 from meshllm.api.tunnel import serve_tunnel
 from meshllm.errors import MeshError
@@ -141,8 +141,8 @@ class MeshRuntime:
         await tg.start(self.membership.run)
         return me
 
-    def serve_tunnels(self, router: Router, client: httpx.AsyncClient) -> None:
-        forward = make_local_forward(router, client)
+    def serve_tunnels(self, router: Router, upstream: UpstreamPool) -> None:
+        forward = make_local_forward(router, upstream)
 
         async def handle(conn: PeerConnection, stream: Stream) -> None:
             await serve_tunnel(MessageStream(stream), forward)

@@ -254,7 +254,9 @@ class ServedModelReconciler:
             binary=self.engine_dir / "llama-server", model_path=desired.path, alias=model, port=port,
             ctx_size=desired.ctx_size, gpu_layers=self.gpu_layers, threads=self.threads, device=self.device,
         )
-        proc = launch(config.argv(), log_path=self.log_dir / f"{safe_name(model)}.log")
+        # decoding on the CPU, llama-server takes every core: as a batch job it leaves the node responsive
+        proc = launch(config.argv(), log_path=self.log_dir / f"{safe_name(model)}.log",
+                      batch=self.gpu_layers == 0)
         log.info("%s: started llama-server pid %d on 127.0.0.1:%d", model, proc.pid, port)
         self.processes[model] = proc
         previous = self.actual.get(model)
