@@ -1,17 +1,18 @@
-"""The three places meshllm reads aioquic state that aioquic 1.x does not expose publicly.
+"""The places meshllm reaches into aioquic state that aioquic 1.x does not expose publicly.
 
 Kept in one module so an aioquic upgrade has one file to check (the integration tests exercise
-all three): the server's TLS certificate as the client saw it (auth channel binding), the
-smoothed RTT (published for the split planner), and how many bytes a stream still holds unsent or
-unacknowledged (send backpressure).
+all of them): the server's TLS certificate as the client saw it (auth channel binding), the
+smoothed RTT (published for the split planner), how many bytes a stream still holds unsent or
+unacknowledged (send backpressure), and the acknowledgement policy (``AckPolicy``).
 """
 
 from __future__ import annotations
 
+from aioquic import tls
 from aioquic.quic.connection import QuicConnection
 from cryptography.hazmat.primitives import serialization
 
-__all__ = ["peer_certificate_der", "send_backlog", "smoothed_rtt"]
+__all__ = ["AckPolicy", "peer_certificate_der", "send_backlog", "smoothed_rtt"]
 
 
 def peer_certificate_der(quic: QuicConnection) -> bytes | None:
@@ -36,3 +37,40 @@ def send_backlog(quic: QuicConnection, stream_id: int) -> int:
     if stream is None:
         return 0
     return len(stream.sender._buffer)
+
+
+class AckPolicy:
+    """Acknowledge stream data every second datagram or within ``delay``; anything else at once.
+
+    aioquic acknowledges each ack-eliciting packet after a fixed 1 ms, so a stream of small
+    messages (one tunnelled token every few milliseconds) costs an ACK datagram per message at the
+    receiver and an ACK to process at the sender, each with a wakeup and a full
+    ``datagrams_to_send`` pass. RFC 9000 section 13.2.2 lets a receiver wait for a second packet
+    or up to its advertised max_ack_delay (aioquic advertises 25 ms); bulk transfers still get
+    an ACK per two packets, so the sender's congestion window opens as fast as before.
+
+    A datagram without stream data (in practice the membership PINGs) is acknowledged at once:
+    those ACKs are the RTT samples the mesh publishes, and a delayed one would count the delay as
+    path latency whenever it cannot be told apart from it (RFC 9002 section 5.3).
+    """
+
+    def __init__(self, quic: QuicConnection, *, delay: float = 0.02) -> None:
+        self._quic = quic
+        quic._ack_delay = delay
+        self._unacked = 0
+
+    def received(self, now: float, *, stream_data: bool) -> None:
+        """Call after each ``receive_datagram``: brings the ACK forward when it is due now."""
+        space = self._quic._spaces.get(tls.Epoch.ONE_RTT)
+        if space is None or space.ack_at is None:
+            self._unacked = 0
+            return
+        self._unacked += 1
+        if (self._unacked >= 2 or not stream_data) and space.ack_at > now:
+            space.ack_at = now
+
+    def sent(self) -> None:
+        """Call after ``datagrams_to_send``: an ACK that went out resets the count."""
+        space = self._quic._spaces.get(tls.Epoch.ONE_RTT)
+        if space is None or space.ack_at is None:
+            self._unacked = 0

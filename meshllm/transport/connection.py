@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -26,7 +27,7 @@ import anyio.lowlevel
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 
-from meshllm.transport._aioquic import peer_certificate_der, send_backlog, smoothed_rtt
+from meshllm.transport._aioquic import AckPolicy, peer_certificate_der, send_backlog, smoothed_rtt
 from meshllm.transport.auth import AUTH_STREAM_ID, AuthResult, Handshake, Role
 from meshllm.transport.errors import (AuthError, ConnectionLost, ErrorCode, FrameError,
                                       StreamReset, TransportError)
@@ -43,6 +44,11 @@ Address = tuple[str, int]
 MAX_EARLY_STREAMS = 16
 MAX_EARLY_BYTES = 256 * 1024
 HandshakeFactory = Callable[[Role, bytes], Handshake]
+
+# aioquic's clock. The event loop's own (uvloop's has millisecond steps) would quantise every RTT
+# sample to whole milliseconds; timers still go through ``loop.call_at``, which is within a
+# millisecond of this clock under both asyncio and uvloop (both read CLOCK_MONOTONIC).
+_now = time.monotonic
 
 
 class ConnectionHooks(Protocol):
@@ -67,6 +73,8 @@ class PeerConnection:
                  new_handshake: HandshakeFactory, send_datagram: Callable[[bytes, Address], None],
                  channel_binding: bytes = b"") -> None:
         self._quic = quic
+        self._acks = AckPolicy(quic)
+        self._stream_data = False  # whether the datagram being handled carried stream data
         self.address = address
         self.local_id = local_id
         self.is_dialer = quic.configuration.is_client
@@ -94,7 +102,7 @@ class PeerConnection:
         self._finished = False
         self._settled = anyio.Event()  # authenticated or finished
         self._closed_event = anyio.Event()
-        self.last_heard = self._loop.time()
+        self.last_heard = _now()
         self.cids: set[bytes] = set()  # this connection's ids in the endpoint's routing table
 
     def __repr__(self) -> str:
@@ -138,6 +146,11 @@ class PeerConnection:
         return self._failure if self._finished else None
 
     @property
+    def silent_for(self) -> float:
+        """Seconds since the last datagram from the peer."""
+        return _now() - self.last_heard
+
+    @property
     def rtt(self) -> float:
         """aioquic's smoothed round-trip time to the peer, in seconds."""
         return smoothed_rtt(self._quic)
@@ -168,7 +181,7 @@ class PeerConnection:
 
     # -- for the endpoint ---------------------------------------------------------------------
     def start_dial(self) -> None:
-        self._quic.connect(self.address, now=self._loop.time())
+        self._quic.connect(self.address, now=_now())
         self.transmit()
 
     async def wait_authenticated(self) -> None:
@@ -189,10 +202,12 @@ class PeerConnection:
     def datagram_received(self, data: bytes, addr: Address) -> None:
         if self._finished:
             return
-        now = self.last_heard = self._loop.time()
+        now = self.last_heard = _now()
         try:
             self._quic.receive_datagram(data, addr, now=now)
+            self._stream_data = False
             self._process_events()
+            self._acks.received(now, stream_data=self._stream_data)
         except Exception:  # a bug here must not take the endpoint down with it
             log.exception("%r: error handling a datagram", self)
             self.close(ErrorCode.PROTOCOL, "internal error")
@@ -204,9 +219,10 @@ class PeerConnection:
         self._transmit_handle = None
         if self._finished:
             return
-        now = self._loop.time()
+        now = _now()
         for data, addr in self._quic.datagrams_to_send(now=now):
             self._send_datagram(data, addr)
+        self._acks.sent()
         timer_at = self._quic.get_timer()
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
@@ -231,7 +247,7 @@ class PeerConnection:
 
     def _on_timer(self) -> None:
         def fire() -> None:
-            now = max(self._timer_at or 0.0, self._loop.time())
+            now = max(self._timer_at or 0.0, _now())
             self._timer = self._timer_at = None
             self._quic.handle_timer(now=now)
             self._process_events()
@@ -254,6 +270,7 @@ class PeerConnection:
     def _process_events(self) -> None:
         while not self._finished and (event := self._quic.next_event()) is not None:
             if isinstance(event, events.StreamDataReceived):
+                self._stream_data = True
                 self._on_stream_data(event.stream_id, event.data, event.end_stream)
             elif isinstance(event, events.StreamReset):
                 if (stream := self._streams.get(event.stream_id)) is not None:

@@ -270,13 +270,11 @@ class QuicEndpoint:
         running.transport.close()
 
     async def _keepalive(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await anyio.sleep(self.settings.ping_interval)
             running = self._require_running()
-            now = loop.time()
             for conn in list(running.connections):
-                silent = now - conn.last_heard
+                silent = conn.silent_for
                 if conn.authenticated and silent > self.settings.peer_timeout:
                     log.warning("%r: nothing heard for %.1fs, closing", conn, silent)
                     conn.close(ErrorCode.PEER_TIMEOUT, "peer stopped answering")
@@ -310,8 +308,7 @@ class QuicEndpoint:
 
     def _rank(self, conn: PeerConnection) -> tuple[bool, bool, int]:
         """Higher wins: alive, then dialed by the lower node id, then dialed later."""
-        silent = asyncio.get_running_loop().time() - conn.last_heard
-        alive = silent < self.settings.peer_timeout / 2
+        alive = conn.silent_for < self.settings.peer_timeout / 2
         return alive, conn.dialed_by == min(conn.node_id, self.node_id), conn.dialed_at
 
     # -- ConnectionHooks: called from the loop callback, never raise --------------------------
