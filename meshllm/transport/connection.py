@@ -207,12 +207,15 @@ class PeerConnection:
             self._quic.receive_datagram(data, addr, now=now)
             self._stream_data = False
             self._process_events()
-            self._acks.received(now, stream_data=self._stream_data)
+            defer = self._acks.received(now, stream_data=self._stream_data)
         except Exception:  # a bug here must not take the endpoint down with it
             log.exception("%r: error handling a datagram", self)
             self.close(ErrorCode.PROTOCOL, "internal error")
             return
-        self.transmit()
+        if defer and self._auth is not None and not self._finished and not self._room_waiters:
+            self._arm_timer()  # nothing to send now; an ACK owed leaves on its timer
+        else:
+            self._transmit_soon()  # after every datagram of this wakeup: one ACK covers a burst
 
     def transmit(self) -> None:
         """Send what aioquic has queued, re-arm its timer, and wake writers that have room."""
@@ -223,6 +226,11 @@ class PeerConnection:
         for data, addr in self._quic.datagrams_to_send(now=now):
             self._send_datagram(data, addr)
         self._acks.sent()
+        self._arm_timer()
+        if self._room_waiters:
+            self._wake_writers()
+
+    def _arm_timer(self) -> None:
         timer_at = self._quic.get_timer()
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
@@ -230,8 +238,6 @@ class PeerConnection:
         if self._timer is None and timer_at is not None:
             self._timer = self._loop.call_at(timer_at, self._on_timer)
         self._timer_at = timer_at
-        if self._room_waiters:
-            self._wake_writers()
 
     # -- timers and events (loop callbacks) ---------------------------------------------------
     def _transmit_soon(self) -> None:
