@@ -39,6 +39,9 @@ def send_backlog(quic: QuicConnection, stream_id: int) -> int:
     return len(stream.sender._buffer)
 
 
+SPARSE_GAP = 0.001  # datagrams further apart than this are a trickle (tokens), not a burst
+
+
 class AckPolicy:
     """Acknowledge stream data every ``every`` datagrams or within ``delay``; anything else at once.
 
@@ -46,10 +49,12 @@ class AckPolicy:
     messages (one tunnelled token every few milliseconds) costs an ACK datagram per message at the
     receiver and an ACK to process at the sender, each with a wakeup and a full
     ``datagrams_to_send`` pass. RFC 9000 section 13.2.1 lets a receiver wait up to its advertised
-    max_ack_delay (aioquic advertises 25 ms); here a token stream is acknowledged about every
-    second token. Bulk transfers get an ACK per ``every`` datagrams: per two (the RFC's
-    suggestion) cost a third of the throughput in ``bench/transport_echo.py``, because an ACK costs
-    aioquic about as much CPU as a data packet; per eight matches aioquic's own 1 ms batching.
+    max_ack_delay (aioquic advertises 25 ms). A trickle (datagrams more than ``SPARSE_GAP``
+    apart: a token stream) is acknowledged on its second unacknowledged datagram, inline, so the
+    receiver never wakes just to acknowledge. A burst gets an ACK per ``every`` datagrams: per two
+    (the RFC's suggestion) cost a third of the throughput in ``bench/transport_echo.py``, because
+    an ACK costs aioquic about as much CPU as a data packet; per eight matches aioquic's own 1 ms
+    batching.
 
     A datagram without stream data (in practice the membership PINGs) is acknowledged at once:
     those ACKs are the RTT samples the mesh publishes, and a delayed one would count the delay as
@@ -61,6 +66,7 @@ class AckPolicy:
         self._every = every
         quic._ack_delay = delay
         self._unacked = 0
+        self._last = 0.0
 
     def received(self, now: float, *, stream_data: bool) -> bool:
         """Call after each ``receive_datagram``: brings the ACK forward when it is due now.
@@ -77,7 +83,9 @@ class AckPolicy:
             self._unacked = 0
             return _nothing_to_send(self._quic)
         self._unacked += 1
-        if (self._unacked >= self._every or not stream_data) and space.ack_at > now:
+        sparse = self._unacked >= 2 and now - self._last > SPARSE_GAP
+        self._last = now
+        if (self._unacked >= self._every or sparse or not stream_data) and space.ack_at > now:
             space.ack_at = now
         return space.ack_at > now and _nothing_to_send(self._quic)
 
