@@ -60,11 +60,16 @@ class _Dial:
     delay: float = 0.5
 
 
+RTT_DRIFT_MS = 5.0  # an RTT change smaller than this (and than half the old value) is not news
+RTT_REFRESH = 60.0  # seconds between republications for drift alone
+
+
 class Membership:
     """Keeps this node in the mesh: its entry, its connections, and the verdicts on lost peers."""
 
     def __init__(self, state: MeshState, gossip: DocGossip, endpoint: QuicEndpoint, *, me: NodeStatus,
                  seeds: Sequence[str] = (), ring: int = 3, tick: float = 0.25, confirm_timeout: float = 0.75,
+                 dial_timeout: float = 4.0,
                  dead_redial: float = 3.0, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None) -> None:
         self.state = state
@@ -75,13 +80,14 @@ class Membership:
         self.ring = ring
         self.tick = tick
         self.confirm_timeout = confirm_timeout
+        self.dial_timeout = dial_timeout
         self.dead_redial = dead_redial
         self.clock = clock
         self.rng = rng or random.Random()
         self._suspects: dict[str, float] = {}
         self._dials: dict[str, _Dial] = {}
         self._dialing: set[str] = set()
-        self._rtt_published = 0.0
+        self._rtt_published = self._rtt_checked = 0.0
         self._changed = True
         self._last_dial_scan = 0.0
 
@@ -180,15 +186,18 @@ class Membership:
             dial = self._dials.setdefault(key, _Dial())
             if dial.next_at <= now:
                 self._dialing.add(key)
-                tg.start_soon(self._dial, key, addrs)
+                tg.start_soon(self._dial, key, addrs, self.dial_timeout)
         self._judge_suspects(tg, now)
         self._publish_rtt(now)
 
-    async def _dial(self, key: str, addrs: list[str]) -> PeerConnection | None:
+    async def _dial(self, key: str, addrs: list[str], timeout: float) -> PeerConnection | None:
+        """Connect to ``key`` at the first address that answers within ``timeout`` each. Joining
+        and keeping neighbours allow a handshake time to finish even on a loaded node (abandoning
+        one and dialling again only adds load); confirming a death allows far less."""
         try:
             for addr in addrs:
                 try:
-                    with anyio.fail_after(self.confirm_timeout):
+                    with anyio.fail_after(timeout):
                         conn = await self.endpoint.connect(*parse_addr(addr))
                     self._dials[key] = _Dial(next_at=self.clock() + 2.0)  # a seed stays dialled a while
                     return conn
@@ -213,7 +222,7 @@ class Membership:
 
     async def _confirm_death(self, peer: str) -> None:
         node = self.state.nodes().get(peer)
-        conn = await self._dial(peer, node.addrs if node else [])
+        conn = await self._dial(peer, node.addrs if node else [], self.confirm_timeout)
         if conn is not None or node is None:
             return
         death = self.state.deaths().get(peer)
@@ -238,12 +247,18 @@ class Membership:
                     self.state.remove_server(key)
 
     def _publish_rtt(self, now: float) -> None:
-        if now - self._rtt_published < 5.0:
+        """Publish RTTs when the set of peers changed, or (at most every ``RTT_REFRESH`` s) when one
+        drifted a lot. Every publication rewrites this node's entry on every replica, so
+        republishing jitter (a 1 ms path reading 2 ms) would be most of the mesh's steady traffic;
+        the split planner only needs to tell near peers from far ones."""
+        if now - self._rtt_checked < 5.0:
             return
-        self._rtt_published = now
-        rtts = {nid: round(conn.rtt * 1000, 2) for nid, conn in self.endpoint.peers.items() if conn.rtt}
+        self._rtt_checked = now
+        rtts = {nid: round(conn.rtt * 1000, 1) for nid, conn in self.endpoint.peers.items() if conn.rtt}
         old = self.me.rtt_ms
-        changed = set(rtts) != set(old) or any(abs(rtts[n] - old[n]) > max(0.2 * old[n], 0.5) for n in rtts)
-        if changed:
+        drifted = any(abs(ms - old[nid]) > max(0.5 * old[nid], RTT_DRIFT_MS) for nid, ms in rtts.items()
+                      if nid in old)
+        if set(rtts) != set(old) or (drifted and now - self._rtt_published >= RTT_REFRESH):
+            self._rtt_published = now
             self.me = self.me.model_copy(update={"rtt_ms": rtts})
             self.state.put_node(self.me)

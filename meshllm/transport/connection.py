@@ -103,6 +103,7 @@ class PeerConnection:
         self._settled = anyio.Event()  # authenticated or finished
         self._closed_event = anyio.Event()
         self.last_heard = _now()
+        self._pinged_at = 0.0
         self.cids: set[bytes] = set()  # this connection's ids in the endpoint's routing table
 
     def __repr__(self) -> str:
@@ -144,6 +145,11 @@ class PeerConnection:
     def close_error(self) -> TransportError | None:
         """Why the connection closed (``None`` while open)."""
         return self._failure if self._finished else None
+
+    @property
+    def since_ping(self) -> float:
+        """Seconds since this side last sent a PING."""
+        return _now() - self._pinged_at
 
     @property
     def silent_for(self) -> float:
@@ -195,6 +201,7 @@ class PeerConnection:
         """Send a QUIC PING: the peer's ACK refreshes ``last_heard`` (and aioquic's RTT)."""
         def send() -> None:
             self._quic.send_ping(next(self._pings))
+            self._pinged_at = _now()
             self.transmit()
         if not self._finished:
             self._guarded(send)

@@ -270,15 +270,18 @@ class QuicEndpoint:
         running.transport.close()
 
     async def _keepalive(self) -> None:
+        interval = self.settings.ping_interval
         while True:
-            await anyio.sleep(self.settings.ping_interval)
+            await anyio.sleep(interval)
             running = self._require_running()
             for conn in list(running.connections):
                 silent = conn.silent_for
                 if conn.authenticated and silent > self.settings.peer_timeout:
                     log.warning("%r: nothing heard for %.1fs, closing", conn, silent)
                     conn.close(ErrorCode.PEER_TIMEOUT, "peer stopped answering")
-                elif not conn.closed:
+                elif not conn.closed and (silent >= interval * 0.9 or conn.since_ping >= interval * 4):
+                    # a peer that spoke lately (its own ping, say) needs no ping from us, except
+                    # now and then for our own RTT samples (the peer ACKs pings at once)
                     conn.ping()
 
     async def _serve_stream(self, handler: StreamHandler, conn: PeerConnection,
