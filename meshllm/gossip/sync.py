@@ -163,6 +163,13 @@ class DocGossip:
             self.stats.malformed += 1
             log.warning("dropped a malformed gossip message from %s: %s", session.peer_id, exc)
             return
+        except BaseException as exc:
+            if type(exc).__name__ != "PanicException":  # pycrdt's Rust panics are BaseExceptions
+                raise
+            self.stats.malformed += 1
+            log.error("pycrdt panicked applying a gossip message from %s (dropped; anti-entropy "
+                      "will retry): %s", session.peer_id, exc)
+            return
         finally:
             self._applying_from = None
         if reply is not None:
