@@ -34,7 +34,7 @@ __all__ = ["MeshRuntime", "join_credentials"]
 
 # Detection budget: the transport reports a silent peer after ``peer_timeout`` (pings every
 # ``ping_interval``); membership then tries one redial before declaring it dead.
-MESH_TRANSPORT = TransportSettings(ping_interval=0.5, peer_timeout=2.0)
+MESH_TRANSPORT = TransportSettings(ping_interval=1.0, peer_timeout=2.5)
 
 
 def join_credentials(tokens: Sequence[str]) -> tuple[MeshCredentials | None, list[str]]:

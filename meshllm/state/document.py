@@ -28,6 +28,16 @@ class MeshState:
     def __init__(self, doc: Doc | None = None) -> None:
         self.doc = doc if doc is not None else Doc()
         self._maps: dict[str, Map[Any]] = {kind: self.doc.get(kind, type=Map) for kind in _KINDS}
+        # Decoded tables, dropped whenever their map changes (here or by a peer's update): the
+        # membership, router and reconcilers read whole tables many times a second, and decoding
+        # every entry each time was most of a 30-node mesh's CPU.
+        self._cache: dict[str, dict[str, Any]] = {}
+        self._cache_subs = [table.observe_deep(self._dropper(kind)) for kind, table in self._maps.items()]
+
+    def _dropper(self, kind: str) -> Callable[[object], None]:
+        def drop(_events: object) -> None:
+            self._cache.pop(kind, None)
+        return drop
 
     @contextmanager
     def transaction(self, origin: object = None) -> Iterator[None]:
@@ -38,6 +48,7 @@ class MeshState:
     def _put(self, kind: str, key: str, entity: BaseModel) -> None:
         values = entity.model_dump(mode="json")
         table = self._maps[kind]
+        self._cache.pop(kind, None)
         with self.doc.transaction():
             current = table.get(key)
             if not isinstance(current, Map):
@@ -69,18 +80,23 @@ class MeshState:
         table = self._maps[kind]
         if key not in table:
             return False
+        self._cache.pop(kind, None)
         del table[key]
         return True
 
     # -- reads ------------------------------------------------------------------------------
     def _read(self, kind: str, model: type[E]) -> dict[str, E]:
-        out: dict[str, E] = {}
-        for key, value in self._maps[kind].items():
-            try:
-                out[key] = model.model_validate(value.to_py() if isinstance(value, Map) else value)
-            except ValidationError:
-                continue  # a malformed entry from a peer is ignored, never fatal
-        return out
+        """The table decoded (a fresh dict each call; the entries are shared, treat them as frozen)."""
+        cached = self._cache.get(kind)
+        if cached is None:
+            cached = {}
+            for key, value in self._maps[kind].items():
+                try:
+                    cached[key] = model.model_validate(value.to_py() if isinstance(value, Map) else value)
+                except ValidationError:
+                    continue  # a malformed entry from a peer is ignored, never fatal
+            self._cache[kind] = cached
+        return dict(cached)
 
     def models(self) -> dict[str, ModelSpec]:
         return self._read("models", ModelSpec)
