@@ -7,7 +7,7 @@ Observers only learn *that* something changed; they re-read the state they care 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -28,16 +28,28 @@ class MeshState:
     def __init__(self, doc: Doc | None = None) -> None:
         self.doc = doc if doc is not None else Doc()
         self._maps: dict[str, Map[Any]] = {kind: self.doc.get(kind, type=Map) for kind in _KINDS}
-        # Decoded tables, dropped whenever their map changes (here or by a peer's update): the
-        # membership, router and reconcilers read whole tables many times a second, and decoding
-        # every entry each time was most of a 30-node mesh's CPU.
-        self._cache: dict[str, dict[str, Any]] = {}
-        self._cache_subs = [table.observe_deep(self._dropper(kind)) for kind, table in self._maps.items()]
+        # Decoded entries, per table and key, re-decoded only once their entry changed (here or
+        # by a peer's update): membership, router and reconcilers read whole tables many times a
+        # second, and decoding every entry each time was most of a 50-node mesh's CPU.
+        self._decoded: dict[str, dict[str, BaseModel | None]] = {kind: {} for kind in _KINDS}
+        self._stale: dict[str, set[str] | None] = {kind: None for kind in _KINDS}  # None: all of it
+        self._cache_subs = [table.observe_deep(self._invalidator(kind)) for kind, table in self._maps.items()]
 
-    def _dropper(self, kind: str) -> Callable[[object], None]:
-        def drop(_events: object) -> None:
-            self._cache.pop(kind, None)
-        return drop
+    def _invalidator(self, kind: str) -> Callable[[list[Any]], None]:
+        def invalidate(events: list[Any]) -> None:
+            stale = self._stale[kind]
+            if stale is None:
+                return
+            for event in events:
+                path, keys = getattr(event, "path", None), getattr(event, "keys", None)
+                if path:
+                    stale.add(str(path[0]))
+                elif path == [] and isinstance(keys, dict):
+                    stale.update(str(key) for key in keys)
+                else:
+                    self._stale[kind] = None
+                    return
+        return invalidate
 
     @contextmanager
     def transaction(self, origin: object = None) -> Iterator[None]:
@@ -48,7 +60,7 @@ class MeshState:
     def _put(self, kind: str, key: str, entity: BaseModel) -> None:
         values = entity.model_dump(mode="json")
         table = self._maps[kind]
-        self._cache.pop(kind, None)
+        self._touch(kind, key)
         with self.doc.transaction():
             current = table.get(key)
             if not isinstance(current, Map):
@@ -80,23 +92,35 @@ class MeshState:
         table = self._maps[kind]
         if key not in table:
             return False
-        self._cache.pop(kind, None)
+        self._touch(kind, key)
         del table[key]
         return True
 
     # -- reads ------------------------------------------------------------------------------
+    def _touch(self, kind: str, key: str) -> None:
+        stale = self._stale[kind]
+        if stale is not None:
+            stale.add(key)
+
     def _read(self, kind: str, model: type[E]) -> dict[str, E]:
         """The table decoded (a fresh dict each call; the entries are shared, treat them as frozen)."""
-        cached = self._cache.get(kind)
-        if cached is None:
-            cached = {}
-            for key, value in self._maps[kind].items():
-                try:
-                    cached[key] = model.model_validate(value.to_py() if isinstance(value, Map) else value)
-                except ValidationError:
-                    continue  # a malformed entry from a peer is ignored, never fatal
-            self._cache[kind] = cached
-        return dict(cached)
+        table, decoded, stale = self._maps[kind], self._decoded[kind], self._stale[kind]
+        if stale is None:
+            decoded.clear()
+            keys: Iterable[str] = list(table.keys())
+        else:
+            keys = stale
+        for key in keys:
+            value = table.get(key)
+            if value is None:
+                decoded.pop(key, None)
+                continue
+            try:
+                decoded[key] = model.model_validate(value.to_py() if isinstance(value, Map) else value)
+            except ValidationError:
+                decoded[key] = None  # a malformed entry from a peer is ignored, never fatal
+        self._stale[kind] = set()
+        return {key: entity for key, entity in decoded.items() if entity is not None}  # type: ignore[misc]
 
     def models(self) -> dict[str, ModelSpec]:
         return self._read("models", ModelSpec)

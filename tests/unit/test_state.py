@@ -5,7 +5,7 @@ from __future__ import annotations
 from pycrdt import Map
 
 from meshllm.state.document import MeshState
-from meshllm.state.schema import ModelSpec, ServerPhase, ServerStatus
+from meshllm.state.schema import ModelSpec, NodeStatus, ServerPhase, ServerStatus
 
 
 def test_entities_round_trip_through_the_document() -> None:
@@ -52,3 +52,26 @@ def test_observers_hear_about_changes() -> None:
     heard.clear()
     state.put_model(ModelSpec(name="n", source="n"))
     assert heard == []
+
+
+def test_reads_follow_every_change_a_peer_makes() -> None:
+    """Reads are served from decoded entries; each change, local or replicated, must show."""
+    a, b = MeshState(), MeshState()
+    node = NodeStatus(id="n1", name="one", capacity_bytes=1, rtt_ms={"n2": 1.0})
+    a.put_node(node)
+    a.put_node(node.model_copy(update={"id": "n2", "name": "two"}))
+    b.doc.apply_update(a.doc.get_update())
+    assert set(b.nodes()) == {"n1", "n2"}
+    before = b.doc.get_state()
+    a.put_node(node.model_copy(update={"rtt_ms": {"n2": 30.0}, "capacity_bytes": 5}))
+    b.doc.apply_update(a.doc.get_update(before))
+    assert b.nodes()["n1"].rtt_ms == {"n2": 30.0} and b.nodes()["n1"].capacity_bytes == 5
+    assert b.nodes()["n2"].name == "two"
+    before = b.doc.get_state()
+    a.doc.get("nodes", type=Map)["n2"] = Map({"id": 5})  # a peer writes garbage over an entry
+    b.doc.apply_update(a.doc.get_update(before))
+    assert set(b.nodes()) == {"n1"}
+    before = b.doc.get_state()
+    del a.doc.get("nodes", type=Map)["n1"]
+    b.doc.apply_update(a.doc.get_update(before))
+    assert b.nodes() == {}
