@@ -29,7 +29,7 @@ from meshllm.gossip.sync import DocGossip
 from meshllm.state.document import MeshState
 from meshllm.state.schema import NodeDeath, NodeStatus
 from meshllm.transport import MessageStream, PeerConnection, PeerEvent, QuicEndpoint, Stream, StreamKind
-from meshllm.transport.errors import TransportError
+from meshllm.transport.errors import ErrorCode, TransportError
 
 __all__ = ["Membership", "parse_addr", "ring_neighbours"]
 
@@ -54,12 +54,19 @@ def ring_neighbours(me: str, members: Sequence[str], k: int) -> list[str]:
     return sorted(chosen)
 
 
+def _pruned(conn: PeerConnection) -> bool:
+    """Whether the connection was closed (by either side) as no longer needed: no suspicion."""
+    error = conn.close_error
+    return error is not None and error.code == ErrorCode.NOT_NEEDED
+
+
 @dataclass
 class _Dial:
     next_at: float = 0.0
     delay: float = 0.5
 
 
+PRUNE_AFTER = 10.0  # seconds a connection outside the ring is kept (a seed link, an idle tunnel)
 RTT_DRIFT_MS = 5.0  # an RTT change smaller than this (and than half the old value) is not news
 RTT_REFRESH = 60.0  # seconds between republications for drift alone
 
@@ -145,7 +152,7 @@ class Membership:
                 self._dials.pop(peer, None)
                 if event.connection.is_dialer:
                     tg.start_soon(self._dial_gossip, event.connection)
-            elif self.endpoint.peer(peer) is None:
+            elif self.endpoint.peer(peer) is None and not _pruned(event.connection):
                 self._suspects.setdefault(peer, self.clock())
 
     async def _dial_gossip(self, conn: PeerConnection) -> None:
@@ -180,6 +187,7 @@ class Membership:
         elif now - self._last_dial_scan < 1.0 and not self._suspects:
             return
         self._last_dial_scan = now
+        self._judge_suspects(tg, now)  # first: a suspect gets the short confirmation dial
         for key, addrs in self._wanted_addrs().items():
             if key in self._dialing or self.endpoint.peer(key) is not None or not addrs:
                 continue
@@ -187,8 +195,27 @@ class Membership:
             if dial.next_at <= now:
                 self._dialing.add(key)
                 tg.start_soon(self._dial, key, addrs, self.dial_timeout)
-        self._judge_suspects(tg, now)
+        self._prune()
         self._publish_rtt(now)
+
+    def _prune(self) -> None:
+        """Close connections neither side needs: not ring neighbours (the ring is symmetric, so
+        the peer does not want this one either), idle of tunnels, and older than ``PRUNE_AFTER``.
+        These are the links to the seed a node joined through: without pruning, the first member
+        of a mesh keeps one to every node that ever joined. Only once this node's own ring is
+        connected, so a new node is never cut off from the mesh."""
+        alive = self.state.alive_nodes()
+        members = [nid for nid in alive if nid != self.node_id]
+        if len(members) <= 2 * self.ring:
+            return
+        ring = set(ring_neighbours(self.node_id, members, self.ring))
+        peers = self.endpoint.peers
+        if not ring <= set(peers):
+            return
+        for nid, conn in peers.items():
+            if nid not in ring and nid in alive and conn.idle_for > PRUNE_AFTER:
+                log.debug("closing the connection to %s: not a ring neighbour", nid)
+                conn.close(ErrorCode.NOT_NEEDED, "not a ring neighbour")
 
     async def _dial(self, key: str, addrs: list[str], timeout: float) -> PeerConnection | None:
         """Connect to ``key`` at the first address that answers within ``timeout`` each. Joining
@@ -247,8 +274,8 @@ class Membership:
                     self.state.remove_server(key)
 
     def _publish_rtt(self, now: float) -> None:
-        """Publish RTTs when the set of peers changed, or (at most every ``RTT_REFRESH`` s) when one
-        drifted a lot. Every publication rewrites this node's entry on every replica, so
+        """Publish RTTs when the set of connected ring neighbours changed, or (at most every
+        ``RTT_REFRESH`` s) when one drifted a lot. Every publication rewrites this node's entry on every replica, so
         republishing jitter (a 1 ms path reading 2 ms) would be most of the mesh's steady traffic;
         the split planner only needs to tell near peers from far ones."""
         if now - self._rtt_checked < 5.0:
@@ -258,7 +285,9 @@ class Membership:
         old = self.me.rtt_ms
         drifted = any(abs(ms - old[nid]) > max(0.5 * old[nid], RTT_DRIFT_MS) for nid, ms in rtts.items()
                       if nid in old)
-        if set(rtts) != set(old) or (drifted and now - self._rtt_published >= RTT_REFRESH):
+        members = [nid for nid in self.state.alive_nodes() if nid != self.node_id]
+        ring = set(ring_neighbours(self.node_id, members, self.ring))  # other links come and go
+        if set(rtts) & ring != set(old) & ring or (drifted and now - self._rtt_published >= RTT_REFRESH):
             self._rtt_published = now
             self.me = self.me.model_copy(update={"rtt_ms": rtts})
             self.state.put_node(self.me)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from pycrdt import Doc, Map, Subscription
+from pycrdt import Doc, Map
 from pydantic import BaseModel, ValidationError
 
 from meshllm.state.schema import ModelSpec, NodeDeath, NodeStatus, ServerStatus
@@ -33,23 +33,33 @@ class MeshState:
         # second, and decoding every entry each time was most of a 50-node mesh's CPU.
         self._decoded: dict[str, dict[str, BaseModel | None]] = {kind: {} for kind in _KINDS}
         self._stale: dict[str, set[str] | None] = {kind: None for kind in _KINDS}  # None: all of it
-        self._cache_subs = [table.observe_deep(self._invalidator(kind)) for kind, table in self._maps.items()]
+        # One pycrdt observer per table, which drops the changed entries and only then tells the
+        # listeners: pycrdt calls a table's observers in no fixed order, so a listener observing the
+        # table itself could read entries decoded before the change.
+        self._listeners: dict[int, Callable[[], None]] = {}
+        self._next_listener = 0
+        self._subs = [table.observe_deep(self._on_change(kind)) for kind, table in self._maps.items()]
 
-    def _invalidator(self, kind: str) -> Callable[[list[Any]], None]:
-        def invalidate(events: list[Any]) -> None:
-            stale = self._stale[kind]
-            if stale is None:
+    def _on_change(self, kind: str) -> Callable[[list[Any]], None]:
+        def on_change(events: list[Any]) -> None:
+            self._invalidate(kind, events)
+            for listener in list(self._listeners.values()):
+                listener()
+        return on_change
+
+    def _invalidate(self, kind: str, events: list[Any]) -> None:
+        stale = self._stale[kind]
+        if stale is None:
+            return
+        for event in events:
+            path, keys = getattr(event, "path", None), getattr(event, "keys", None)
+            if path:
+                stale.add(str(path[0]))
+            elif path == [] and isinstance(keys, dict):
+                stale.update(str(key) for key in keys)
+            else:
+                self._stale[kind] = None
                 return
-            for event in events:
-                path, keys = getattr(event, "path", None), getattr(event, "keys", None)
-                if path:
-                    stale.add(str(path[0]))
-                elif path == [] and isinstance(keys, dict):
-                    stale.update(str(key) for key in keys)
-                else:
-                    self._stale[kind] = None
-                    return
-        return invalidate
 
     @contextmanager
     def transaction(self, origin: object = None) -> Iterator[None]:
@@ -144,14 +154,12 @@ class MeshState:
         return [s for s in self.servers().values() if s.model == model]
 
     # -- change notification ----------------------------------------------------------------
-    def observe(self, callback: Callable[[], None]) -> list[Subscription]:
-        """Call ``callback()`` after any change; it must not raise and should only enqueue work."""
+    def observe(self, callback: Callable[[], None]) -> int:
+        """Call ``callback()`` after any change (reads in it see the change); it must not raise and
+        should only enqueue work. Returns a handle for ``unobserve``."""
+        self._next_listener += 1
+        self._listeners[self._next_listener] = callback
+        return self._next_listener
 
-        def on_change(_events: object) -> None:
-            callback()
-
-        return [table.observe_deep(on_change) for table in self._maps.values()]
-
-    def unobserve(self, subscriptions: list[Subscription]) -> None:
-        for table, sub in zip(self._maps.values(), subscriptions, strict=True):
-            table.unobserve(sub)
+    def unobserve(self, handle: int) -> None:
+        self._listeners.pop(handle, None)

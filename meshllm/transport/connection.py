@@ -102,8 +102,9 @@ class PeerConnection:
         self._finished = False
         self._settled = anyio.Event()  # authenticated or finished
         self._closed_event = anyio.Event()
-        self.last_heard = _now()
+        self.last_heard = self.opened_at = _now()
         self._pinged_at = 0.0
+        self._busy_until = 0.0
         self.cids: set[bytes] = set()  # this connection's ids in the endpoint's routing table
 
     def __repr__(self) -> str:
@@ -145,6 +146,16 @@ class PeerConnection:
     def close_error(self) -> TransportError | None:
         """Why the connection closed (``None`` while open)."""
         return self._failure if self._finished else None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a stream other than gossip is open (a tunnelled request, an RPC session)."""
+        return any(stream.kind is not StreamKind.GOSSIP for stream in self._streams.values())
+
+    @property
+    def idle_for(self) -> float:
+        """Seconds since a stream other than gossip was last open (or since the connection opened)."""
+        return 0.0 if self.busy else _now() - max(self.opened_at, self._busy_until)
 
     @property
     def since_ping(self) -> float:
@@ -502,4 +513,6 @@ class PeerConnection:
     def _stream_done(self, stream: Stream) -> None:
         if self._streams.get(stream.stream_id) is stream:
             del self._streams[stream.stream_id]
+            if stream.kind is not StreamKind.GOSSIP:
+                self._busy_until = _now()
         self._wake_writer(stream.stream_id)

@@ -31,6 +31,7 @@ class ErrorCode(IntEnum):
     PEER_TIMEOUT = 0x104
     SHUTDOWN = 0x105
     PROTOCOL = 0x106
+    NOT_NEEDED = 0x107  # a connection neither side needs any more (not a sign of failure)
     # stream reset codes
     STREAM_REJECTED = 0x201
     HANDLER_FAILED = 0x202
