@@ -69,6 +69,7 @@ class _Dial:
 PRUNE_AFTER = 10.0  # seconds a connection outside the ring is kept (a seed link, an idle tunnel)
 RTT_DRIFT_MS = 5.0  # an RTT change smaller than this (and than half the old value) is not news
 RTT_REFRESH = 60.0  # seconds between republications for drift alone
+RTT_SETTLE = 3.0  # a new connection's first samples include its handshake: published once it settled
 
 
 class Membership:
@@ -275,13 +276,14 @@ class Membership:
 
     def _publish_rtt(self, now: float) -> None:
         """Publish RTTs when the set of connected ring neighbours changed, or (at most every
-        ``RTT_REFRESH`` s) when one drifted a lot. Every publication rewrites this node's entry on every replica, so
-        republishing jitter (a 1 ms path reading 2 ms) would be most of the mesh's steady traffic;
-        the split planner only needs to tell near peers from far ones."""
+        ``RTT_REFRESH`` s) when one drifted a lot. Every publication rewrites this node's entry on
+        every replica, so republishing jitter (a 1 ms path reading 2 ms) would be most of the
+        mesh's steady traffic; the split planner only needs to tell near peers from far ones."""
         if now - self._rtt_checked < 5.0:
             return
         self._rtt_checked = now
-        rtts = {nid: round(conn.rtt * 1000, 1) for nid, conn in self.endpoint.peers.items() if conn.rtt}
+        rtts = {nid: round(conn.rtt * 1000, 1) for nid, conn in self.endpoint.peers.items()
+                if conn.rtt and conn.connected_for >= RTT_SETTLE}
         old = self.me.rtt_ms
         drifted = any(abs(ms - old[nid]) > max(0.5 * old[nid], RTT_DRIFT_MS) for nid, ms in rtts.items()
                       if nid in old)

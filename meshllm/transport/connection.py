@@ -153,6 +153,10 @@ class PeerConnection:
         return any(stream.kind is not StreamKind.GOSSIP for stream in self._streams.values())
 
     @property
+    def connected_for(self) -> float:
+        return _now() - self.opened_at
+
+    @property
     def idle_for(self) -> float:
         """Seconds since a stream other than gossip was last open (or since the connection opened)."""
         return 0.0 if self.busy else _now() - max(self.opened_at, self._busy_until)
