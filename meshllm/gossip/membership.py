@@ -260,10 +260,17 @@ class Membership:
                                            at=self.clock()))
 
     def _refute(self) -> None:
+        """Keep this node's entry true: refute a death verdict, and rewrite the entry when a merge
+        lost it. A restarted node writes its entry into an empty document, concurrently with the
+        entry of its previous run that the mesh still holds; the CRDT keeps one of the two by client
+        id, so the old one can win. Rewriting field by field on top of the winner is causally
+        later and sticks."""
         death = self.state.deaths().get(self.node_id)
         if death is not None and death.incarnation >= self.me.incarnation and death.by != self.node_id:
             log.warning("this node was declared dead by %s; refuting", death.by)
             self.me = self.me.model_copy(update={"incarnation": max(self.clock(), death.incarnation + 0.001)})
+            self.state.put_node(self.me)
+        elif self.state.nodes().get(self.node_id) != self.me:
             self.state.put_node(self.me)
 
     def _clear_dead(self) -> None:
