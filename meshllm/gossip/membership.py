@@ -68,7 +68,7 @@ class _Dial:
 
 PRUNE_AFTER = 10.0  # seconds a connection outside the ring is kept (a seed link, an idle tunnel)
 RTT_DRIFT_MS = 5.0  # an RTT change smaller than this (and than half the old value) is not news
-RTT_REFRESH = 60.0  # seconds between republications for drift alone
+RTT_REFRESH = 300.0  # seconds between republications for drift alone
 RTT_SETTLE = 3.0  # a new connection's first samples include its handshake: published once it settled
 
 
