@@ -71,10 +71,6 @@ class RelayResponse:
                 self.done()
 
 
-def _relay_upstream(response: UpstreamResponse) -> RelayResponse:
-    return RelayResponse(response.status_code, response.headers, response, close=response.aclose)
-
-
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -182,18 +178,23 @@ def upstream_pool() -> UpstreamPool:
     return UpstreamPool(connect_timeout=5.0)
 
 
-def _target(path: str, query: str) -> str:
-    return f"{path}?{query}" if query else path
+async def _open_local(pool: UpstreamPool, route: Route, path: str, query: str,
+                      headers: list[tuple[str, str]], body: bytes) -> UpstreamResponse | Response:
+    """Send the request to this node's llama-server for ``route``; a 503 response if it does not answer."""
+    target = f"{path}?{query}" if query else path
+    try:
+        return await pool.request("127.0.0.1", route.port, "POST", target, headers, body)
+    except UpstreamError as exc:
+        return openai_error(503, f"model {route.model!r} on node {route.node} did not answer: {exc}",
+                            code="upstream_unavailable", retry_after=2)
 
 
 async def _forward_local(pool: UpstreamPool, route: Route, path: str, query: str,
                          headers: list[tuple[str, str]], body: bytes) -> Response | RelayResponse:
-    try:
-        response = await pool.request("127.0.0.1", route.port, "POST", _target(path, query), headers, body)
-    except UpstreamError as exc:
-        return openai_error(503, f"model {route.model!r} on node {route.node} did not answer: {exc}",
-                            code="upstream_unavailable", retry_after=2)
-    return _relay_upstream(response)
+    response = await _open_local(pool, route, path, query, headers, body)
+    if isinstance(response, Response):
+        return response
+    return RelayResponse(response.status_code, response.headers, response, close=response.aclose)
 
 
 async def _forward_remote(tunnels: TunnelOpener | None, route: Route, path: str, query: str,
@@ -220,12 +221,12 @@ def make_local_forward(router: Router, pool: UpstreamPool) -> LocalForward:
         if isinstance(model, Response) or not isinstance(target, Route) or path not in PROXIED:
             error = model if isinstance(model, Response) else openai_error(
                 503, f"model {model!r} is not ready on this node", code="model_not_ready", retry_after=2)
-            return error.status_code, [(k, v) for k, v in error.headers.items()], bytes(error.body)
-        try:
-            return await pool.request("127.0.0.1", target.port, "POST", _target(path, query), headers, body)
-        except UpstreamError as exc:
-            error = openai_error(503, f"model {model!r} did not answer: {exc}", code="upstream_unavailable",
-                                 retry_after=2)
-            return error.status_code, [(k, v) for k, v in error.headers.items()], bytes(error.body)
+            return _as_tuple(error)
+        response = await _open_local(pool, target, path, query, headers, body)
+        return _as_tuple(response) if isinstance(response, Response) else response
 
     return forward
+
+
+def _as_tuple(response: Response) -> tuple[int, list[tuple[str, str]], bytes]:
+    return response.status_code, list(response.headers.items()), bytes(response.body)
