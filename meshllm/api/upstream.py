@@ -66,9 +66,6 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"upstream sent a malformed response: {exc}"))
 
-    def eof_received(self) -> bool:
-        return False
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool._forget(self)
@@ -79,12 +76,6 @@ class _Connection(asyncio.Protocol):
                 pass
         if not self.complete:
             self._fail(UpstreamError("upstream closed the connection before the response ended"))
-
-    def pause_writing(self) -> None:  # a request body bigger than the socket buffer: rare, unhurried
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     # httptools callbacks
 

@@ -74,7 +74,6 @@ class PeerConnection:
                  channel_binding: bytes = b"") -> None:
         self._quic = quic
         self._acks = AckPolicy(quic)
-        self._stream_data = False  # whether the datagram being handled carried stream data
         self.address = address
         self.local_id = local_id
         self.is_dialer = quic.configuration.is_client
@@ -227,9 +226,8 @@ class PeerConnection:
         now = self.last_heard = _now()
         try:
             self._quic.receive_datagram(data, addr, now=now)
-            self._stream_data = False
-            self._process_events()
-            defer = self._acks.received(now, stream_data=self._stream_data)
+            stream_data = self._process_events()
+            defer = self._acks.received(now, stream_data=stream_data)
         except Exception:  # a bug here must not take the endpoint down with it
             log.exception("%r: error handling a datagram", self)
             self.close(ErrorCode.PROTOCOL, "internal error")
@@ -295,10 +293,12 @@ class PeerConnection:
                                       code=ErrorCode.AUTH_TIMEOUT)
         self.close(ErrorCode.AUTH_TIMEOUT, "authentication timed out")
 
-    def _process_events(self) -> None:
+    def _process_events(self) -> bool:
+        """Handle aioquic's events; returns whether any carried stream data."""
+        stream_data = False
         while not self._finished and (event := self._quic.next_event()) is not None:
             if isinstance(event, events.StreamDataReceived):
-                self._stream_data = True
+                stream_data = True
                 self._on_stream_data(event.stream_id, event.data, event.end_stream)
             elif isinstance(event, events.StreamReset):
                 if (stream := self._streams.get(event.stream_id)) is not None:
@@ -316,6 +316,7 @@ class PeerConnection:
                 self._hooks.cid_retired(self, event.connection_id)
             elif isinstance(event, events.ConnectionTerminated):
                 self._on_terminated(event)
+        return stream_data
 
     def _on_terminated(self, event: events.ConnectionTerminated) -> None:
         code, reason = event.error_code, event.reason_phrase or "closed"
