@@ -163,11 +163,13 @@ class Membership:
             return
         await self.gossip.attach(MessageStream(stream))
 
-    def _wanted_addrs(self) -> dict[str, list[str]]:
+    def _ring(self, alive: dict[str, NodeStatus]) -> set[str]:
+        """This node's ring neighbours among the ``alive`` nodes."""
+        return set(ring_neighbours(self.node_id, [nid for nid in alive if nid != self.node_id], self.ring))
+
+    def _wanted_addrs(self, alive: dict[str, NodeStatus], ring: set[str]) -> dict[str, list[str]]:
         """Peers to be connected to, by node id (seeds by their address until their id is known)."""
-        alive = self.state.alive_nodes()
-        members = [nid for nid in alive if nid != self.node_id]
-        wanted = {nid: alive[nid].addrs for nid in ring_neighbours(self.node_id, members, self.ring)}
+        wanted = {nid: alive[nid].addrs for nid in ring}
         known = {a for node in alive.values() for a in node.addrs}
         for seed in self.seeds:
             if seed not in known and seed not in self.me.addrs:
@@ -189,27 +191,26 @@ class Membership:
             return
         self._last_dial_scan = now
         self._judge_suspects(tg, now)  # first: a suspect gets the short confirmation dial
-        for key, addrs in self._wanted_addrs().items():
+        alive = self.state.alive_nodes()
+        ring = self._ring(alive)
+        for key, addrs in self._wanted_addrs(alive, ring).items():
             if key in self._dialing or self.endpoint.peer(key) is not None or not addrs:
                 continue
             dial = self._dials.setdefault(key, _Dial())
             if dial.next_at <= now:
                 self._dialing.add(key)
                 tg.start_soon(self._dial, key, addrs, self.dial_timeout)
-        self._prune()
-        self._publish_rtt(now)
+        self._prune(alive, ring)
+        self._publish_rtt(now, ring)
 
-    def _prune(self) -> None:
+    def _prune(self, alive: dict[str, NodeStatus], ring: set[str]) -> None:
         """Close connections neither side needs: not ring neighbours (the ring is symmetric, so
         the peer does not want this one either), idle of tunnels, and older than ``PRUNE_AFTER``.
         These are the links to the seed a node joined through: without pruning, the first member
         of a mesh keeps one to every node that ever joined. Only once this node's own ring is
         connected, so a new node is never cut off from the mesh."""
-        alive = self.state.alive_nodes()
-        members = [nid for nid in alive if nid != self.node_id]
-        if len(members) <= 2 * self.ring:
+        if len(alive) - (self.node_id in alive) <= 2 * self.ring:
             return
-        ring = set(ring_neighbours(self.node_id, members, self.ring))
         peers = self.endpoint.peers
         if not ring <= set(peers):
             return
@@ -281,7 +282,7 @@ class Membership:
                 for key in stale:
                     self.state.remove_server(key)
 
-    def _publish_rtt(self, now: float) -> None:
+    def _publish_rtt(self, now: float, ring: set[str]) -> None:
         """Publish RTTs when the set of connected ring neighbours changed, or (at most every
         ``RTT_REFRESH`` s) when one drifted a lot. Every publication rewrites this node's entry on
         every replica, so republishing jitter (a 1 ms path reading 2 ms) would be most of the
@@ -294,8 +295,6 @@ class Membership:
         old = self.me.rtt_ms
         drifted = any(abs(ms - old[nid]) > max(0.5 * old[nid], RTT_DRIFT_MS) for nid, ms in rtts.items()
                       if nid in old)
-        members = [nid for nid in self.state.alive_nodes() if nid != self.node_id]
-        ring = set(ring_neighbours(self.node_id, members, self.ring))  # other links come and go
         if set(rtts) & ring != set(old) & ring or (drifted and now - self._rtt_published >= RTT_REFRESH):
             self._rtt_published = now
             self.me = self.me.model_copy(update={"rtt_ms": rtts})
