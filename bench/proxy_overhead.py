@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 
-from _common import get_json, percentile, retryable
+from _common import cpu_seconds, get_json, percentile, retryable, stream_once
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The history of the printing press"
@@ -81,16 +81,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a process, its live threads together, from ``/proc/<pid>/task/*/schedstat`` (nanoseconds:
-    ``utime + stime`` in ``/proc/<pid>/stat`` count 10 ms ticks, too coarse to charge one request)."""
-    total = 0
-    for path in Path(f"/proc/{pid}/task").glob("*/schedstat"):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            total += int(path.read_text().split()[0])
-    return total / 1e9
 
 
 def _engine_alive(pid: int) -> bool:
@@ -173,34 +163,6 @@ def _stop_node(proc: subprocess.Popen[bytes], llama_pid: int) -> None:
 
 
 # -- requests -----------------------------------------------------------------------------------
-def _content_chunk(event: bytes) -> bool:
-    """Whether one SSE event carries generated text (not the final usage event, not ``[DONE]``)."""
-    if not event.startswith(b"data: ") or event.startswith(b"data: [DONE]"):
-        return False
-    choices = json.loads(event[6:]).get("choices") or [{}]
-    return bool(choices[0].get("text"))
-
-
-def stream_once(client: httpx.Client, body: dict[str, Any], *,
-                headers: dict[str, str]) -> tuple[float, float, int, float]:
-    """One streaming request: (wall s, time to first content chunk s, content chunks, decode tok/s)."""
-    stamps: list[float] = []
-    start = time.perf_counter()
-    with client.stream("POST", "/v1/completions", json={**body, "stream": True}, headers=headers) as response:
-        response.raise_for_status()
-        pending = b""
-        for raw in response.iter_raw():
-            now = time.perf_counter()
-            pending += raw
-            *events, pending = pending.split(b"\n\n")
-            stamps += [now for event in events if _content_chunk(event.strip())]
-    wall = time.perf_counter() - start
-    if len(stamps) < 2:
-        raise RuntimeError(f"expected a stream of content chunks, got {len(stamps)}")
-    spread = max(stamps[-1] - stamps[0], 1e-6)  # all in one read: a burst, not a decode rate (see README)
-    return wall, stamps[0] - start, len(stamps), (len(stamps) - 1) / spread
-
-
 def complete_once(client: httpx.Client, body: dict[str, Any], *,
                   headers: dict[str, str]) -> tuple[float, float, int, float]:
     """One non-streaming request: (wall s, wall s, completion tokens, completion tokens / wall)."""
@@ -232,7 +194,7 @@ def measure(client: httpx.Client, body: dict[str, Any], *, mode: str, target: st
     for attempt in range(1, 4):
         cpu_before = cpu_seconds(node_pid)
         try:
-            wall, ttft, tokens, tps = once(client, body, headers=_headers(target, mode))
+            wall, ttft, tokens, tps = once(client, body, headers=_headers(target, mode))[:4]
         except httpx.HTTPError as exc:
             if attempt == 3 or not retryable(exc):
                 raise

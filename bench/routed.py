@@ -47,7 +47,7 @@ from typing import Any
 
 import httpx
 
-from _common import get_json, percentile, retryable
+from _common import cpu_seconds, get_json, percentile, retryable, stream_once
 
 from meshllm.store.mesh import InviteToken
 from meshllm.testing.udp_relay import UdpRelay
@@ -67,16 +67,6 @@ def free_port(host: str = "127.0.0.1", kind: socket.SocketKind = socket.SOCK_STR
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and all its threads, from ``/proc/<pid>/stat``."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
 
 
 @dataclass
@@ -324,38 +314,6 @@ class Sample:
     text: str
     cpu_s: dict[str, float]
     relay_datagrams: int
-
-
-def _content(event: bytes) -> str | None:
-    """The generated text one SSE event carries (None for the final usage event and ``[DONE]``)."""
-    if not event.startswith(b"data: ") or event.startswith(b"data: [DONE]"):
-        return None
-    choices = json.loads(event[6:]).get("choices") or [{}]
-    return choices[0].get("text") or None
-
-
-def stream_once(client: httpx.Client, body: dict[str, Any], *,
-                headers: dict[str, str]) -> tuple[float, float, int, float, str]:
-    """One streaming request: (wall s, time to first content chunk s, content chunks, decode tok/s, text)."""
-    stamps: list[float] = []
-    texts: list[str] = []
-    start = time.perf_counter()
-    with client.stream("POST", "/v1/completions", json={**body, "stream": True}, headers=headers) as response:
-        response.raise_for_status()
-        pending = b""
-        for raw in response.iter_raw():
-            now = time.perf_counter()
-            pending += raw
-            *events, pending = pending.split(b"\n\n")
-            for event in events:
-                if (text := _content(event.strip())) is not None:
-                    stamps.append(now)
-                    texts.append(text)
-    wall = time.perf_counter() - start
-    if len(stamps) < 2:
-        raise RuntimeError(f"expected a stream of content chunks, got {len(stamps)}")
-    return wall, stamps[0] - start, len(stamps), (len(stamps) - 1) / (stamps[-1] - stamps[0]), "".join(texts)
-
 
 
 def measure(client: httpx.Client, body: dict[str, Any], *, scenario: str, target: str, round_: int,
