@@ -50,6 +50,7 @@ import httpx
 from _common import cpu_seconds, get_json, percentile, retryable, stream_once
 
 from meshllm.store.mesh import InviteToken
+from meshllm.testing.engines import engine_pids
 from meshllm.testing.udp_relay import UdpRelay
 
 REPO = Path(__file__).resolve().parent.parent
@@ -124,25 +125,6 @@ def wait_for(check: Callable[[], Any], *, timeout: float, what: str, nodes: list
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}\n{logs}")
 
 
-def _engine_pids(state_dir: Path) -> list[int]:
-    """Live llama-server processes holding a file in ``state_dir`` (their log): that node's engines."""
-    found = []
-    for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit():
-            continue
-        try:
-            if not (proc_dir / "cmdline").read_bytes().split(b"\0")[0].endswith(b"llama-server"):
-                continue
-            if (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                continue
-            fds = [str(fd.readlink()) for fd in (proc_dir / "fd").iterdir()]
-        except OSError:
-            continue
-        if any(fd.startswith(str(state_dir)) for fd in fds):
-            found.append(int(proc_dir.name))
-    return found
-
-
 def stop_nodes(nodes: list[NodeProcess]) -> None:
     """SIGINT every node, as Ctrl-C would; wait; kill what ignores it and any llama-server left behind."""
     for node in nodes:
@@ -155,7 +137,7 @@ def stop_nodes(nodes: list[NodeProcess]) -> None:
             print(f"warning: node {node.name} ignored SIGINT for 30s; killing it", file=sys.stderr)
             node.proc.kill()
             node.proc.wait()
-    left = [(node.name, pid) for node in nodes for pid in _engine_pids(node.state_dir)]
+    left = [(node.name, pid) for node in nodes for pid in engine_pids(node.state_dir)]
     for name, pid in left:
         print(f"warning: llama-server pid {pid} outlived node {name}; killing it", file=sys.stderr)
         with contextlib.suppress(ProcessLookupError):

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from meshllm.testing.engines import engine_pids
 from tests.conftest import free_port
 
 
@@ -101,37 +102,3 @@ class NodeProcess:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-
-def engine_pids(state_dir: Path) -> list[int]:
-    """Live llama-server / ggml-rpc-server processes whose log is in ``state_dir`` (so: this node's)."""
-    pids = []
-    for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit():
-            continue
-        try:
-            cmd = (proc_dir / "cmdline").read_bytes().split(b"\0")
-            stat = (proc_dir / "stat").read_text()
-        except OSError:
-            continue
-        if not cmd or not cmd[0].endswith((b"llama-server", b"ggml-rpc-server")):
-            continue
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            continue
-        if _belongs_to(int(proc_dir.name), state_dir):
-            pids.append(int(proc_dir.name))
-    return pids
-
-
-def _belongs_to(pid: int, state_dir: Path) -> bool:
-    try:
-        fds = list(Path(f"/proc/{pid}/fd").iterdir())
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if str(fd.readlink()).startswith(str(state_dir)):
-                return True
-        except OSError:
-            continue
-    return False
