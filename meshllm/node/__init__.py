@@ -31,7 +31,7 @@ from meshllm.node.http import bind_socket, exit_on_signal, serve_app
 from meshllm.node.mesh import MeshRuntime
 from meshllm.reconcile.served import ServedModelReconciler
 from meshllm.state.document import MeshState
-from meshllm.state.schema import ModelSpec, NodeRole, NodeStatus
+from meshllm.state.schema import ModelOrigin, ModelSpec, NodeRole, NodeStatus
 from meshllm.store.identity import load_identity
 
 __all__ = ["NodeConfig", "bind_socket", "run_node"]
@@ -47,7 +47,8 @@ def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSp
     for source in config.models:
         resolved = resolve_model(source)
         kept = source if not Path(source).expanduser().exists() else str(resolved.path)
-        specs.append(ModelSpec(name=resolved.name, source=kept, node=node_id, created_at=now))
+        specs.append(ModelSpec(name=resolved.name, source=kept, node=node_id, created_at=now,
+                               origin=ModelOrigin.NODE, owner=node_id, size_bytes=resolved.size_bytes))
     return specs
 
 

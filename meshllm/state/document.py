@@ -14,12 +14,12 @@ from typing import Any, TypeVar
 from pycrdt import Doc, Map
 from pydantic import BaseModel, ValidationError
 
-from meshllm.state.schema import ModelSpec, NodeDeath, NodeStatus, ServerStatus
+from meshllm.state.schema import DemandEntry, ModelSpec, NodeDeath, NodeStatus, PlacementLease, ServerStatus
 
 __all__ = ["MeshState"]
 
 E = TypeVar("E", bound=BaseModel)
-_KINDS = ("models", "nodes", "servers", "deaths")
+_KINDS = ("models", "nodes", "servers", "deaths", "demand", "leases")
 
 
 class MeshState:
@@ -80,6 +80,11 @@ class MeshState:
                 if current.get(field) != value:
                     current[field] = value
 
+    def _put_whole(self, kind: str, key: str, entity: BaseModel) -> None:
+        """Write ``entity`` as one plain value: concurrent writers do not mix fields, one wins."""
+        self._touch(kind, key)
+        self._maps[kind][key] = entity.model_dump(mode="json")
+
     def put_model(self, spec: ModelSpec) -> None:
         self._put("models", spec.name, spec)
 
@@ -91,6 +96,18 @@ class MeshState:
 
     def put_death(self, death: NodeDeath) -> None:
         self._put("deaths", death.node, death)
+
+    def put_demand(self, entry: DemandEntry) -> None:
+        self._put("demand", entry.key, entry)
+
+    def put_lease(self, lease: PlacementLease) -> None:
+        self._put_whole("leases", lease.key, lease)
+
+    def remove_demand(self, key: str) -> bool:
+        return self._remove("demand", key)
+
+    def remove_lease(self, key: str) -> bool:
+        return self._remove("leases", key)
 
     def remove_model(self, name: str) -> bool:
         return self._remove("models", name)
@@ -143,6 +160,12 @@ class MeshState:
 
     def deaths(self) -> dict[str, NodeDeath]:
         return self._read("deaths", NodeDeath)
+
+    def demand(self) -> dict[str, DemandEntry]:
+        return self._read("demand", DemandEntry)
+
+    def leases(self) -> dict[str, PlacementLease]:
+        return self._read("leases", PlacementLease)
 
     def alive_nodes(self) -> dict[str, NodeStatus]:
         """Nodes not declared dead in their current incarnation."""

@@ -8,6 +8,13 @@ map        key                     writer                      meaning
 =========  ======================  ==========================  ==================================
 models     model name              anyone (CLI, manifests)     desired: this model should be
                                                                served (``ModelSpec``)
+demand     ``<model>/<node id>``   the node whose proxy saw    requests for the model through that
+                                   the requests                node's API, expiring by TTL
+                                                               (``DemandEntry``)
+leases     ``<model>#<slot>``      the node taking the slot    placement: which node serves replica
+                                                               ``slot`` of the model
+                                                               (``PlacementLease``; a plain value,
+                                                               last writer wins as a whole)
 nodes      node id                 that node                   the node: name, capacity, role,
                                                                addresses (``NodeStatus``)
 servers    ``<node id>/<model>``   the node running it         observed: a llama-server for the
@@ -15,6 +22,11 @@ servers    ``<node id>/<model>``   the node running it         observed: a llama
 deaths     node id                 any node that saw it die    the node's incarnation that was
                                                                declared dead (``NodeDeath``)
 =========  ======================  ==========================  ==================================
+
+A model is *wanted* while it was applied from a manifest (``origin`` manifest), while the node whose
+``--model`` named it lives (``origin`` node), or while any live demand for it remains. A lease is
+valid while its node is alive in the incarnation the lease names: a dead node's slots are vacant at
+once, with no renewal traffic.
 
 A node is alive while its ``NodeStatus.incarnation`` is newer than its ``NodeDeath`` (if any). A
 node that learns it was declared dead while it is alive (a false suspicion, a healed partition)
@@ -33,15 +45,20 @@ from typing import NewType
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "DemandEntry",
     "ModelName",
+    "ModelOrigin",
     "ModelSpec",
     "NodeDeath",
     "NodeId",
     "NodeRole",
     "NodeStatus",
+    "PlacementLease",
     "ServerPhase",
     "ServerStatus",
+    "demand_key",
     "json_schemas",
+    "lease_key",
     "server_key",
 ]
 
@@ -53,11 +70,18 @@ class _Entity(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class ModelOrigin(StrEnum):
+    """Who asked for a model, which decides how long it stays wanted."""
+
+    MANIFEST = "manifest"  # meshllm apply: until deleted or dropped
+    NODE = "node"  # a node's --model: while that node lives, then only while demand lasts
+
+
 class ModelSpec(_Entity):
     """Desired: serve ``name`` from ``source`` (a catalog name or a path on the serving node).
 
-    ``node`` pins the model to one node (``--model`` on a node's command line pins it there);
-    empty means any node the placement reconciler picks.
+    ``node`` pins the model to one node (``--model`` on a node's command line pins it there, and a
+    manifest's ``spec.placement.node``); empty means any node the placement reconciler picks.
     """
 
     name: str = Field(min_length=1)
@@ -65,6 +89,42 @@ class ModelSpec(_Entity):
     node: str = ""
     ctx_size: int = Field(default=0, ge=0, description="context length; 0 takes the model's default")
     created_at: float = 0.0
+    origin: ModelOrigin = ModelOrigin.MANIFEST
+    owner: str = Field(default="", description="origin node: the node whose --model named it")
+    replicas: int = Field(default=1, ge=1, description="servers wanted at least (more when the model is hot)")
+    size_bytes: int = Field(default=0, ge=0, description="bytes of the GGUF file, for placement")
+    draft: str = Field(default="", description="draft model for speculative decoding (a name or a path)")
+
+
+class DemandEntry(_Entity):
+    """Requests for ``model`` seen by ``node``'s API. Summed over nodes, it is the model's demand."""
+
+    model: str
+    node: str
+    count: int = Field(default=0, ge=0, description="requests seen since the node started")
+    rate: float = Field(default=0.0, ge=0, description="requests per minute over the last minute")
+    last_active: float = 0.0
+    expires_at: float = Field(default=0.0, description="last_active + TTL: the entry means nothing after")
+
+    @property
+    def key(self) -> str:
+        return demand_key(self.model, self.node)
+
+
+class PlacementLease(_Entity):
+    """``node`` (in its ``incarnation``) serves replica ``slot`` of ``model``; ``hot``: a replica
+    added because the model is much busier than the others, released when it cools down."""
+
+    model: str
+    slot: int = Field(ge=0)
+    node: str
+    incarnation: float
+    at: float = 0.0
+    hot: bool = False
+
+    @property
+    def key(self) -> str:
+        return lease_key(self.model, self.slot)
 
 
 class NodeRole(StrEnum):
@@ -123,7 +183,15 @@ def server_key(node: str, model: str) -> str:
     return f"{node}/{model}"
 
 
+def demand_key(model: str, node: str) -> str:
+    return f"{model}/{node}"
+
+
+def lease_key(model: str, slot: int) -> str:
+    return f"{model}#{slot}"
+
+
 def json_schemas() -> dict[str, dict[str, object]]:
     """JSON Schemas of the document's entities, as checked in under ``schemas/``."""
     return {f"state.{model.__name__}": model.model_json_schema()
-            for model in (ModelSpec, NodeStatus, ServerStatus, NodeDeath)}
+            for model in (ModelSpec, NodeStatus, ServerStatus, NodeDeath, DemandEntry, PlacementLease)}
