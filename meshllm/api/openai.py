@@ -112,8 +112,10 @@ class TunnelOpener(Protocol):
 
 
 def create_openai_app(router: Router, *, tunnels: TunnelOpener | None = None,
-                      max_body_bytes: int = DEFAULT_MAX_BODY) -> Starlette:
-    """The :9337 app. ``router`` decides where each model's requests go; ``tunnels`` reach other nodes."""
+                      max_body_bytes: int = DEFAULT_MAX_BODY,
+                      demand: Callable[[str], None] | None = None) -> Starlette:
+    """The :9337 app. ``router`` decides where each model's requests go; ``tunnels`` reach other nodes;
+    ``demand`` hears of every request for a model the mesh knows (served or not yet)."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -136,6 +138,8 @@ def create_openai_app(router: Router, *, tunnels: TunnelOpener | None = None,
         if target is None:
             return openai_error(404, f"the model {model!r} does not exist in this mesh; see /v1/models",
                                 code="model_not_found", param="model")
+        if demand is not None:
+            demand(model)
         if isinstance(target, Unavailable):
             return openai_error(503, target.reason, code="model_not_ready", retry_after=target.retry_after)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]

@@ -29,6 +29,8 @@ from meshllm.errors import MeshError
 from meshllm.node.config import NodeConfig
 from meshllm.node.http import bind_socket, exit_on_signal, serve_app
 from meshllm.node.mesh import MeshRuntime
+from meshllm.reconcile.demand import DemandRecorder
+from meshllm.reconcile.leases import PlacementReconciler
 from meshllm.reconcile.served import ServedModelReconciler
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ModelOrigin, ModelSpec, NodeRole, NodeStatus
@@ -82,12 +84,16 @@ async def run_node(config: NodeConfig, *, announce: Callable[[str], None] = prin
             for spec in specs:
                 state.put_model(spec)
             token = mesh.token(me)
+            demand = DemandRecorder(state, node_id=node_id)
             async with anyio.create_task_group() as work:
+                await work.start(demand.run)
                 if reconciler is not None:
+                    placement = PlacementReconciler(state, node_id=node_id, incarnation=mesh.incarnation)
+                    await work.start(placement.run)
                     await work.start(reconciler.run)
                 async with anyio.create_task_group() as apis:
                     openai_app = create_openai_app(router, tunnels=mesh.open_tunnel,
-                                                   max_body_bytes=config.max_body_bytes)
+                                                   max_body_bytes=config.max_body_bytes, demand=demand.note)
                     api = await apis.start(serve_app, openai_app, api_sock)
                     status_app = create_status_app(state, node_id=node_id, extra={"token": token,
                                                                                   "mesh_id": mesh.creds.mesh_id})

@@ -165,6 +165,11 @@ class MeshRuntime:
             raise TransportError(f"node {node_id} is unreachable")
         return MessageStream(await conn.open_stream(StreamKind.HTTP))
 
+    def incarnation(self) -> float:
+        """This node's current incarnation (it changes when the node refutes a death verdict)."""
+        assert self.membership is not None
+        return self.membership.me.incarnation
+
     async def leave(self) -> None:
         if self.membership is not None:
             await self.membership.leave()

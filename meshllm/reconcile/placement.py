@@ -1,21 +1,228 @@
-"""Placement: which node serves which model. (Being written; the interface below is stable.)
+"""Placement: which node serves which model, decided the same way on every node.
 
-``conditions(state, now=...)`` tells, for every wanted model, whether it is Pending, Loading, Ready
-or Degraded and why; the API and the CLI show it.
+Every server node runs ``plan_placement`` on its replica of the document. The plan is a pure
+function of the document and the time, so nodes that see the same document agree; a node only ever
+writes leases for itself (it *takes* the slots the plan gives it and *releases* the ones it no longer
+gets), and a lease names one node as a whole value, so two nodes that briefly disagree cannot both
+keep a slot: the document keeps one lease and the other node stops.
+
+The rules, in order:
+
+1. A model is *wanted* while a manifest names it, while the node whose ``--model`` named it lives,
+   or while it has live demand (requests within the TTL). Unwanted models get no slots.
+2. Each wanted model gets ``replicas`` slots. A model pinned to a live node has that node in slot 0.
+3. A valid lease (its node alive in that incarnation, still able to hold the model) keeps its
+   slot: placement is sticky, so a change elsewhere never moves a running server.
+4. A vacant slot goes to the best candidate: a live server node that holds no slot of the model,
+   has free capacity >= 1.1 x the model's size, and has not failed to run it recently; standby
+   nodes (holding no slot at all) first, then the most free capacity, then the smallest node id.
+5. A hot model, whose requests per server are >= 3x the coldest wanted model's and >= 10 a
+   minute, gets one extra slot on a standby or underused node; the extra slot is kept until the
+   model cools below half of both thresholds (hysteresis).
+
+``conditions`` explains the outcome per model: Pending, Loading, Ready or Degraded, with a reason.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from meshllm.state.document import MeshState
-from meshllm.state.schema import ServerPhase
+from meshllm.state.schema import (
+    DemandEntry, ModelOrigin, ModelSpec, NodeRole, NodeStatus, PlacementLease, ServerPhase, ServerStatus,
+)
 
-__all__ = ["Condition", "ConditionPhase", "conditions"]
+__all__ = [
+    "FIT_FACTOR", "Condition", "ConditionPhase", "Placement", "Slot", "conditions", "demand_rates",
+    "plan_placement", "wanted_models",
+]
+
+FIT_FACTOR = 1.1  # a node holds a model when its free capacity is at least this times the model's size
+HOT_RATIO = 3.0  # a model is hot at this many times the coldest model's requests per server ...
+HOT_MIN_RATE = 10.0  # ... and at least this many requests per server per minute
+FAILURE_MEMORY = 300.0  # seconds a node that failed to run a model is not given it again
 
 
+@dataclass(frozen=True)
+class Slot:
+    model: str
+    slot: int
+    node: str
+    hot: bool = False
+
+
+@dataclass
+class Placement:
+    """The plan: slots by (model, slot index), and why a wanted model has fewer than it wants."""
+
+    slots: dict[tuple[str, int], Slot] = field(default_factory=dict)
+    wanted: dict[str, int] = field(default_factory=dict)  # slots wanted per wanted model
+    reasons: dict[str, tuple[str, str]] = field(default_factory=dict)  # model -> (reason, message)
+
+    def nodes_for(self, model: str) -> list[str]:
+        return sorted(s.node for s in self.slots.values() if s.model == model)
+
+    def slots_of(self, node: str) -> list[Slot]:
+        return [s for s in self.slots.values() if s.node == node]
+
+
+def live_demand(demand: Iterable[DemandEntry], now: float) -> dict[str, list[DemandEntry]]:
+    result: dict[str, list[DemandEntry]] = {}
+    for entry in demand:
+        if entry.expires_at > now:
+            result.setdefault(entry.model, []).append(entry)
+    return result
+
+
+def demand_rates(demand: Iterable[DemandEntry], now: float) -> dict[str, float]:
+    """Requests per minute per model, summed over the nodes that saw them (live entries only)."""
+    return {model: sum(e.rate for e in entries) for model, entries in live_demand(demand, now).items()}
+
+
+def wanted_models(models: Mapping[str, ModelSpec], alive: Mapping[str, NodeStatus],
+                  demand: Iterable[DemandEntry], now: float) -> dict[str, str]:
+    """Wanted models, each with why: ``manifest``, ``node`` (its owner lives) or ``demand``."""
+    live = live_demand(demand, now)
+    wanted = {}
+    for name, spec in models.items():
+        if spec.origin is ModelOrigin.MANIFEST:
+            wanted[name] = "manifest"
+        elif spec.owner in alive:
+            wanted[name] = "node"
+        elif name in live:
+            wanted[name] = "demand"
+    return wanted
+
+
+def _fmt(size: float) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
+@dataclass
+class _Ledger:
+    """Capacity and slots as the plan fills them in."""
+
+    nodes: dict[str, NodeStatus]
+    sizes: dict[str, int]
+    used: dict[str, int] = field(default_factory=dict)
+    held: dict[str, set[str]] = field(default_factory=dict)  # node -> models it has a slot of
+
+    def free(self, node: str) -> int:
+        return self.nodes[node].capacity_bytes - self.used.get(node, 0)
+
+    def fits(self, node: str, model: str) -> bool:
+        return self.free(node) >= FIT_FACTOR * self.sizes[model]
+
+    def take(self, node: str, model: str) -> None:
+        self.used[node] = self.used.get(node, 0) + self.sizes[model]
+        self.held.setdefault(node, set()).add(model)
+
+    def standby(self, node: str) -> bool:
+        return not self.held.get(node)
+
+
+def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, NodeStatus],
+                   leases: Mapping[str, PlacementLease], servers: Mapping[str, ServerStatus],
+                   demand: Iterable[DemandEntry], *, now: float) -> Placement:
+    """Where every wanted model should run (pure: the same inputs give the same plan on any node)."""
+    demand = list(demand)
+    wanted = wanted_models(state_models, alive, demand, now)
+    hosts = {nid: n for nid, n in sorted(alive.items()) if n.role is NodeRole.SERVER}
+    ledger = _Ledger(hosts, {name: state_models[name].size_bytes for name in wanted})
+    failed = _recent_failures(servers, now)
+    plan = Placement()
+    valid = {(lease.model, lease.slot): lease for lease in leases.values()
+             if lease.node in hosts and hosts[lease.node].incarnation == lease.incarnation}
+    rates = demand_rates(demand, now)
+    base = {name: state_models[name].replicas for name in sorted(wanted)}
+    # pins first, then the leases that stay, then the vacant slots: pins and stickiness take capacity
+    # before newcomers are placed
+    for name in base:
+        pin = state_models[name].node
+        if pin and pin in hosts:
+            if ledger.fits(pin, name):
+                _assign(plan, ledger, Slot(name, 0, pin))
+            else:
+                plan.reasons[name] = ("NodeTooSmall", f"pinned node {pin} offers {_fmt(ledger.free(pin))}, "
+                                      f"{name} needs {_fmt(FIT_FACTOR * ledger.sizes[name])}")
+    hot = _hot_models(base, rates, valid, now=now)
+    for name, count in base.items():
+        plan.wanted[name] = count + (1 if name in hot else 0)
+    for (name, index), lease in sorted(valid.items()):
+        if name not in plan.wanted or index >= plan.wanted[name] or (name, index) in plan.slots:
+            continue
+        if name in ledger.held.get(lease.node, set()) or not ledger.fits(lease.node, name):
+            continue
+        _assign(plan, ledger, Slot(name, index, lease.node, hot=index >= base[name]))
+    for name, count in plan.wanted.items():
+        for index in range(count):
+            if (name, index) not in plan.slots:
+                if not _fill(plan, ledger, name, index, hot=index >= base[name], failed=failed):
+                    break
+    return plan
+
+
+def _assign(plan: Placement, ledger: _Ledger, slot: Slot) -> None:
+    plan.slots[(slot.model, slot.slot)] = slot
+    ledger.take(slot.node, slot.model)
+
+
+def _fill(plan: Placement, ledger: _Ledger, name: str, index: int, *, hot: bool,
+          failed: set[tuple[str, str]]) -> bool:
+    candidates = [nid for nid in ledger.nodes
+                  if name not in ledger.held.get(nid, set()) and (name, nid) not in failed
+                  and ledger.fits(nid, name)]
+    if not candidates:
+        if name not in plan.reasons and not hot:
+            plan.reasons[name] = _why_unplaced(ledger, name, failed)
+        return False
+    best = min(candidates, key=lambda nid: (not ledger.standby(nid), -ledger.free(nid), nid))
+    _assign(plan, ledger, Slot(name, index, best, hot=hot))
+    return True
+
+
+def _why_unplaced(ledger: _Ledger, name: str, failed: set[tuple[str, str]]) -> tuple[str, str]:
+    if not ledger.nodes:
+        return "NoServerNodes", "no live node offers capacity (only clients are connected)"
+    need = FIT_FACTOR * ledger.sizes[name]
+    fitting = [nid for nid in ledger.nodes if ledger.fits(nid, name)]
+    if fitting and all((name, nid) in failed for nid in fitting):
+        return "FailedEverywhere", f"every node that can hold {name} failed to run it in the last " \
+                                   f"{FAILURE_MEMORY:.0f} s; see `meshllm describe model {name}`"
+    biggest = max(ledger.nodes, key=ledger.free)
+    return "NoCapacity", (f"{name} needs {_fmt(need)} (1.1 x {_fmt(ledger.sizes[name])}); the most free "
+                          f"capacity is {_fmt(ledger.free(biggest))} on node {biggest}")
+
+
+def _recent_failures(servers: Mapping[str, ServerStatus], now: float) -> set[tuple[str, str]]:
+    """(model, node) pairs where a server failed lately: the model file is missing there, or it
+    crash-loops. The planner gives such a slot to another node."""
+    return {(s.model, s.node) for s in servers.values()
+            if s.phase is ServerPhase.FAILED and (s.port == 0 or s.restarts >= 2)
+            and now - s.since < FAILURE_MEMORY}
+
+
+def _hot_models(base: Mapping[str, int], rates: Mapping[str, float],
+                valid: Mapping[tuple[str, int], PlacementLease], *, now: float) -> set[str]:
+    """Models that deserve one extra replica (rule 5), with hysteresis for the ones that have it."""
+    if len(base) < 2:
+        return set()
+    per_server = {name: rates.get(name, 0.0) / count for name, count in base.items()}
+    hot = set()
+    for name, rate in per_server.items():
+        coldest = min(r for other, r in per_server.items() if other != name)
+        has_extra = (name, base[name]) in valid
+        ratio, floor = (HOT_RATIO / 2, HOT_MIN_RATE / 2) if has_extra else (HOT_RATIO, HOT_MIN_RATE)
+        if rate >= floor and rate >= ratio * coldest:
+            hot.add(name)
+    return hot
+
+
+# -- conditions ---------------------------------------------------------------------------------
 class ConditionPhase(StrEnum):
     PENDING = "Pending"
     LOADING = "Loading"
@@ -29,32 +236,56 @@ class Condition(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     phase: ConditionPhase
-    reason: str = Field(description="a CamelCase word: NoCapacity, ServerFailed, Serving, ...")
+    reason: str = Field(description="a CamelCase word: Serving, Loading, NoCapacity, ServerFailed, ...")
     message: str = ""
     ready: int = Field(default=0, description="servers ready")
     wanted: int = Field(default=1, description="servers wanted")
     nodes: list[str] = Field(default_factory=list, description="nodes placed to serve it")
 
 
-def conditions(state: MeshState, *, now: float) -> dict[str, Condition]:
-    """The condition of every model in the document (a first version from observed servers only)."""
-    result = {}
-    servers = state.servers()
-    for name, spec in state.models().items():
-        mine = [s for s in servers.values() if s.model == name]
-        ready = [s for s in mine if s.phase is ServerPhase.READY]
-        nodes = sorted(s.node for s in mine)
-        if len(ready) >= spec.replicas:
-            cond = Condition(phase=ConditionPhase.READY, reason="Serving", ready=len(ready),
-                             wanted=spec.replicas, nodes=nodes)
-        elif ready:
-            cond = Condition(phase=ConditionPhase.DEGRADED, reason="TooFewServers", ready=len(ready),
-                             wanted=spec.replicas, nodes=nodes)
-        elif any(s.phase is ServerPhase.LOADING for s in mine):
-            cond = Condition(phase=ConditionPhase.LOADING, reason="Loading", wanted=spec.replicas, nodes=nodes)
-        else:
-            failed = [s for s in mine if s.phase is ServerPhase.FAILED]
-            cond = Condition(phase=ConditionPhase.PENDING, reason="ServerFailed" if failed else "NotPlaced",
-                             message=failed[0].message if failed else "", wanted=spec.replicas, nodes=nodes)
-        result[name] = cond
-    return result
+def current_plan(state: MeshState, *, now: float) -> Placement:
+    return plan_placement(state.models(), state.alive_nodes(), state.leases(), state.servers(),
+                          state.demand().values(), now=now)
+
+
+def conditions(state: MeshState, *, now: float, plan: Placement | None = None) -> dict[str, Condition]:
+    """The condition of every model in the document."""
+    plan = plan or current_plan(state, now=now)
+    alive = state.alive_nodes()
+    servers = [s for s in state.servers().values() if s.node in alive]
+    wanted = wanted_models(state.models(), alive, state.demand().values(), now)
+    return {name: _condition(name, spec, wanted.get(name), plan, servers)
+            for name, spec in state.models().items()}
+
+
+def _condition(name: str, spec: ModelSpec, why: str | None, plan: Placement,
+               servers: list[ServerStatus]) -> Condition:
+    if why is None:
+        return Condition(phase=ConditionPhase.PENDING, reason="NotWanted", wanted=0,
+                         message=f"node {spec.owner} that served it left, and nobody asked for it since")
+    nodes = plan.nodes_for(name)
+    want = plan.wanted.get(name, spec.replicas)
+    mine = [s for s in servers if s.model == name and s.node in nodes]
+    ready = sum(s.phase is ServerPhase.READY for s in mine)
+    failed = [s for s in servers if s.model == name and s.phase is ServerPhase.FAILED]
+    reason, message = plan.reasons.get(name, ("", ""))
+    common = {"ready": ready, "wanted": want, "nodes": nodes}
+    if ready >= want:
+        return Condition(phase=ConditionPhase.READY, reason="Serving", **common,
+                         message=f"{ready} server{'s' if ready != 1 else ''} ready")
+    if ready:
+        message = message or (failed[0].message if failed else f"{want - ready} more server(s) starting")
+        return Condition(phase=ConditionPhase.DEGRADED, reason=reason or "TooFewServers", message=message,
+                         **common)
+    if nodes and any(s.phase is ServerPhase.LOADING for s in mine):
+        return Condition(phase=ConditionPhase.LOADING, reason="Loading", message="loading on " + ", ".join(nodes),
+                         **common)
+    if failed and not nodes:
+        return Condition(phase=ConditionPhase.PENDING, reason=reason or "ServerFailed",
+                         message=message or failed[0].message, **common)
+    if failed:
+        return Condition(phase=ConditionPhase.DEGRADED, reason="ServerFailed", message=failed[0].message, **common)
+    if nodes:
+        return Condition(phase=ConditionPhase.LOADING, reason="Starting", message="starting on " + ", ".join(nodes),
+                         **common)
+    return Condition(phase=ConditionPhase.PENDING, reason=reason or "NotPlaced", message=message, **common)

@@ -1,6 +1,6 @@
 """The served-model reconciler: make this node's llama-server processes match the desired models.
 
-Desired: every ``ModelSpec`` in the state document pinned to this node. Actual: the llama-server
+Desired: every ``ModelSpec`` this node holds a placement lease of. Actual: the llama-server
 processes this node runs, one per model. ``plan()`` is pure and decides what to do for one model;
 ``ServedModelReconciler`` observes processes, applies the plan, and publishes a ``ServerStatus`` for
 each model into the document (the API routes on those). A server that dies is restarted with
@@ -181,7 +181,9 @@ class ServedModelReconciler:
             await anyio.sleep(0.2)
 
     def _my_specs(self) -> dict[str, ModelSpec]:
-        return {name: spec for name, spec in self.state.models().items() if spec.node == self.node_id}
+        """The models this node holds a placement lease of (see ``leases``)."""
+        mine = {lease.model for lease in self.state.leases().values() if lease.node == self.node_id}
+        return {name: spec for name, spec in self.state.models().items() if name in mine}
 
     # -- one reconcile ----------------------------------------------------------------------
     async def reconcile(self, model: str) -> Result:
@@ -240,8 +242,10 @@ class ServedModelReconciler:
             case Probe(model):
                 return await self._probe(model)
             case Forget(model):
-                self.actual.pop(model, None)
-                self.state.remove_server(server_key(self.node_id, model))
+                gone = self.actual.pop(model, None)
+                if gone is None or gone.retry_at == 0.0:  # stopped on purpose: nothing to remember
+                    self.state.remove_server(server_key(self.node_id, model))
+                # a crashed server's FAILED status stays: placement gives the model to another node
                 return None
             case Wait(_, until):
                 return max(0.0, until - now)

@@ -1,0 +1,96 @@
+"""The placement reconciler: take and release this node's placement leases as the plan says.
+
+Every server node plans the whole mesh (``placement.plan_placement``) but writes only its own
+leases: a slot the plan gives this node and that it does not hold yet is taken; a lease it holds
+that the plan no longer gives it is released. The served-model reconciler then runs a llama-server
+for each model this node holds a lease of. One node, the janitor (the live node with the smallest
+id), also removes what nobody owns any more: leases of dead nodes that nobody took over, expired
+demand, and ``--model`` specs whose node left and whose demand ran out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import anyio
+from anyio.abc import TaskStatus
+
+from meshllm.reconcile.placement import Placement, current_plan, wanted_models
+from meshllm.reconcile.queue import Result, WorkQueue
+from meshllm.state.document import MeshState
+from meshllm.state.schema import ModelOrigin, PlacementLease, ServerPhase
+
+__all__ = ["PlacementReconciler"]
+
+log = logging.getLogger(__name__)
+
+RECHECK = 5.0  # seconds between plans with no change: demand expires and failures are forgotten in time
+KEY = "placement"
+
+
+class PlacementReconciler:
+    def __init__(self, state: MeshState, *, node_id: str, incarnation: Callable[[], float],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.state = state
+        self.node_id = node_id
+        self.incarnation = incarnation
+        self.clock = clock
+        self.queue = WorkQueue(self.reconcile, name="placement")
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        handle = self.state.observe(lambda: self.queue.add(KEY))
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.queue.run)
+                self.queue.add(KEY)
+                task_status.started()
+        finally:
+            self.state.unobserve(handle)
+
+    async def reconcile(self, key: str) -> Result:
+        now = self.clock()
+        plan = current_plan(self.state, now=now)
+        with self.state.transaction():
+            self._sync_leases(plan, now)
+            if self._is_janitor():
+                self._collect_garbage(plan, now)
+        return Result(requeue_after=RECHECK)
+
+    def _sync_leases(self, plan: Placement, now: float) -> None:
+        incarnation = self.incarnation()
+        mine = {(s.model, s.slot): s for s in plan.slots_of(self.node_id)}
+        for (model, index), slot in mine.items():
+            current = self.state.leases().get(f"{model}#{index}")
+            if current is None or current.node != self.node_id or current.incarnation != incarnation \
+                    or current.hot != slot.hot:
+                log.info("placement: taking %s slot %d%s", model, index, " (hot replica)" if slot.hot else "")
+                self.state.put_lease(PlacementLease(model=model, slot=index, node=self.node_id,
+                                                    incarnation=incarnation, at=now, hot=slot.hot))
+        for key, lease in list(self.state.leases().items()):
+            if lease.node == self.node_id and (lease.model, lease.slot) not in mine:
+                log.info("placement: releasing %s slot %d", lease.model, lease.slot)
+                self.state.remove_lease(key)
+
+    def _is_janitor(self) -> bool:
+        alive = self.state.alive_nodes()
+        return bool(alive) and min(alive) == self.node_id
+
+    def _collect_garbage(self, plan: Placement, now: float) -> None:
+        alive = self.state.alive_nodes()
+        for key, lease in list(self.state.leases().items()):
+            if lease.node not in alive and (lease.model, lease.slot) not in plan.slots:
+                self.state.remove_lease(key)
+        for key, entry in list(self.state.demand().items()):
+            if entry.expires_at <= now:
+                self.state.remove_demand(key)
+        models = self.state.models()
+        for key, server in list(self.state.servers().items()):
+            if server.model not in models and server.phase is ServerPhase.FAILED:
+                self.state.remove_server(key)  # a failure of a model nobody wants any more
+        wanted = wanted_models(models, alive, self.state.demand().values(), now)
+        for name, spec in list(models.items()):
+            if spec.origin is ModelOrigin.NODE and name not in wanted:
+                log.info("placement: forgetting %s (its node %s left and its demand expired)", name, spec.owner)
+                self.state.remove_model(name)
