@@ -5,7 +5,9 @@ leases: a slot the plan gives this node and that it does not hold yet is taken; 
 that the plan no longer gives it is released. The served-model reconciler then runs a llama-server
 for each model this node holds a lease of. One node, the janitor (the live node with the smallest
 id), also removes what nobody owns any more: leases of dead nodes that nobody took over, expired
-demand, and ``--model`` specs whose node left and whose demand ran out.
+demand, and failures of models that are gone. A ``--model`` spec whose node left stays (unwanted once
+its demand runs out, and shown so) until that node returns or someone drops it: deleting it would
+race with its node rewriting it when a partition heals.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import TaskStatus
 
-from meshllm.reconcile.placement import Placement, current_plan, wanted_models
+from meshllm.reconcile.placement import Placement, current_plan
 from meshllm.reconcile.queue import Result, WorkQueue
 from meshllm.state.document import MeshState
-from meshllm.state.schema import ModelOrigin, PlacementLease, ServerPhase
+from meshllm.state.schema import PlacementLease, ServerPhase
 
 __all__ = ["PlacementReconciler"]
 
@@ -89,8 +91,3 @@ class PlacementReconciler:
         for key, server in list(self.state.servers().items()):
             if server.model not in models and server.phase is ServerPhase.FAILED:
                 self.state.remove_server(key)  # a failure of a model nobody wants any more
-        wanted = wanted_models(models, alive, self.state.demand().values(), now)
-        for name, spec in list(models.items()):
-            if spec.origin is ModelOrigin.NODE and name not in wanted:
-                log.info("placement: forgetting %s (its node %s left and its demand expired)", name, spec.owner)
-                self.state.remove_model(name)

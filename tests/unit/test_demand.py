@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from meshllm.reconcile.demand import DemandRecorder
 from meshllm.reconcile.leases import PlacementReconciler
-from meshllm.reconcile.placement import wanted_models
+from meshllm.reconcile.placement import conditions, wanted_models
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ModelOrigin, ModelSpec, NodeStatus
 
@@ -52,7 +52,7 @@ def test_demand_keeps_an_orphaned_model_wanted_until_the_ttl() -> None:
     assert not wanted()
 
 
-async def test_the_janitor_removes_expired_demand_and_forgotten_models() -> None:
+async def test_the_janitor_removes_expired_demand_and_the_model_becomes_unwanted() -> None:
     clock, state = FakeClock(), MeshState()
     state.put_node(NodeStatus(id="n1", incarnation=1.0))
     state.put_model(ModelSpec(name="x", source="/x.gguf", origin=ModelOrigin.NODE, owner="gone"))
@@ -65,4 +65,6 @@ async def test_the_janitor_removes_expired_demand_and_forgotten_models() -> None
     assert set(state.models()) == {"x", "kept"} and "x/n1" in state.demand()
     clock.now += 601
     await janitor.reconcile("placement")
-    assert set(state.models()) == {"kept"} and not state.demand()
+    assert not state.demand()
+    assert set(state.models()) == {"x", "kept"}  # shown as unwanted until its node returns or it is dropped
+    assert conditions(state, now=clock.now)["x"].reason == "NotWanted"
