@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.integration.nodes import NodeProcess
@@ -32,10 +34,6 @@ def node(tmp_path: Path) -> Iterator[NodeProcess]:
 
 
 def _wait_console(node: NodeProcess) -> None:
-    import time
-
-    import httpx
-
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         node._check_alive()
