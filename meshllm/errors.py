@@ -3,6 +3,7 @@
     MeshError                  every error meshllm raises on purpose
     ├── EngineError            the llama.cpp engine is missing, cannot be built or will not start
     ├── ModelError             a model name or path cannot be resolved to a GGUF file
+    ├── ManifestError          a manifest is malformed; the message names file, document and field
     ├── NodeUnreachable        the CLI cannot reach a running node's API
     └── TerminalError          a reconcile that must not be retried (logged, key left alone)
 
@@ -11,7 +12,7 @@ API errors are not exceptions here: the api layer turns conditions into OpenAI-s
 
 from __future__ import annotations
 
-__all__ = ["EngineError", "MeshError", "ModelError", "NodeUnreachable", "TerminalError"]
+__all__ = ["EngineError", "ManifestError", "MeshError", "ModelError", "NodeUnreachable", "TerminalError"]
 
 
 class MeshError(Exception):
@@ -24,6 +25,11 @@ class EngineError(MeshError):
 
 class ModelError(MeshError):
     """A model name or path does not resolve to a readable GGUF file."""
+
+
+class ManifestError(MeshError):
+    """A manifest is malformed or names a model that cannot be found; the message starts with where:
+    ``file: document N: field.path: problem``."""
 
 
 class NodeUnreachable(MeshError):

@@ -14,6 +14,7 @@ _TYPES = {
     400: "invalid_request_error",
     404: "invalid_request_error",
     413: "invalid_request_error",
+    422: "invalid_request_error",
     502: "server_error",
     503: "server_error",
 }

@@ -1,11 +1,14 @@
-"""The node's management API (console port, :3131 by default): ``/api/status`` for people and the CLI.
+"""The node's management API (console port, :3131 by default): ``/api/status`` for people and the CLI,
+and the control routes (``/api/apply`` and the rest, see ``control``).
 
-It reports what the state document says: this node, every node it knows, and each desired model
-with the servers observed for it. ``meshllm get`` renders this JSON.
+``/api/status`` reports what the state document says: this node, every node it knows, and each
+desired model with its condition and the servers observed for it. ``meshllm get`` renders this JSON.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -13,21 +16,28 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from meshllm.api.control import AppliedHook, ControlAPI, EventSource, Resolver, no_events
+from meshllm.engine.models import resolve_model
+from meshllm.reconcile.placement import conditions
 from meshllm.state.document import MeshState
 
 __all__ = ["create_status_app", "status_snapshot"]
 
 
-def status_snapshot(state: MeshState, *, node_id: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def status_snapshot(state: MeshState, *, node_id: str, now: float,
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
     nodes, alive = state.nodes(), state.alive_nodes()
     servers = state.servers()
+    conds = conditions(state, now=now)
     models = []
     for name, spec in sorted(state.models().items()):
         serving = [s for s in servers.values() if s.model == name]
+        condition = conds.get(name)
         models.append({
             **spec.model_dump(mode="json"),
             "servers": [s.model_dump(mode="json") for s in serving],
             "phase": _model_phase(serving),
+            "condition": condition.model_dump(mode="json") if condition else None,
         })
     me = nodes.get(node_id)
     return {
@@ -47,8 +57,14 @@ def _model_phase(serving: list[Any]) -> str:
     return "pending"
 
 
-def create_status_app(state: MeshState, *, node_id: str, extra: dict[str, Any] | None = None) -> Starlette:
+def create_status_app(state: MeshState, *, node_id: str, extra: dict[str, Any] | None = None,
+                      resolve: Resolver = resolve_model, events: EventSource = no_events,
+                      on_applied: AppliedHook | None = None,
+                      clock: Callable[[], float] = time.time) -> Starlette:
+    """The console app: ``/api/status`` and the control routes. ``events`` and ``on_applied`` connect
+    the store (model events; applied manifests); ``resolve`` checks manifest sources on this node."""
     async def status(request: Request) -> JSONResponse:
-        return JSONResponse(status_snapshot(state, node_id=node_id, extra=extra))
+        return JSONResponse(status_snapshot(state, node_id=node_id, now=clock(), extra=extra))
 
-    return Starlette(routes=[Route("/api/status", status, methods=["GET"])])
+    control = ControlAPI(state=state, resolve=resolve, events=events, on_applied=on_applied, clock=clock)
+    return Starlette(routes=[Route("/api/status", status, methods=["GET"]), *control.routes()])

@@ -1,4 +1,4 @@
-"""The ``meshllm`` command line: serve models, query a running node, manage the engine.
+"""The ``meshllm`` command line: serve models, query and change a running node, manage the engine.
 
 Thin by design: each command parses arguments, calls the layers below, and prints. Errors meshllm
 raises on purpose become one line on stderr and exit code 1.
@@ -6,25 +6,21 @@ raises on purpose become one line on stderr and exit code 1.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
-import httpx
 import typer
-import yaml
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.table import Table
 
+from meshllm.cli import control, get
 from meshllm.cli.engine import engine_app, ensure_engine
 from meshllm.engine.capacity import parse_size
 from meshllm.engine.models import resolve_model
-from meshllm.errors import MeshError, NodeUnreachable
+from meshllm.errors import MeshError
 from meshllm.node import NodeConfig, run_node
 from meshllm.store.identity import default_state_dir
 
@@ -37,6 +33,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, rich_markup_mode=
                   pretty_exceptions_enable=False,
                   help="Pool GPUs across machines into one mesh serving LLMs on an OpenAI-compatible API.")
 app.add_typer(engine_app, name="engine")
+get.register(app)
+control.register(app)
 
 START_HELP = """meshllm: serve LLMs from a mesh of machines on an OpenAI-compatible API.
 
@@ -45,7 +43,9 @@ Start serving the embedded default model:
 Serve a local GGUF file:
   meshllm --model ~/models/model.gguf
 Ask a running node:
-  meshllm get models | meshllm get nodes
+  meshllm get models | meshllm get nodes | meshllm describe model NAME
+Change what the mesh serves:
+  meshllm apply -f examples/one-model.yaml | meshllm diff -f FILE | meshllm delete -f FILE
 
 See `meshllm --help` for every option."""
 
@@ -112,82 +112,6 @@ def _run(config: NodeConfig) -> None:
     except ImportError:
         options = {}
     anyio.run(lambda: run_node(config, announce=announce), backend_options=options)
-
-
-# -- get ----------------------------------------------------------------------------------------
-def _fetch_status(console: int) -> dict[str, Any]:
-    url = f"http://127.0.0.1:{console}/api/status"
-    try:
-        response = httpx.get(url, timeout=5)
-        response.raise_for_status()
-    except httpx.HTTPError as exc:
-        raise NodeUnreachable(f"no meshllm node answers at {url} ({exc.__class__.__name__}); "
-                              "start one with `meshllm --model NAME` or pass --console PORT") from None
-    result: dict[str, Any] = response.json()
-    return result
-
-
-def _emit(rows: list[dict[str, Any]], columns: list[tuple[str, str]], output: str) -> None:
-    if output == "json":
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-    elif output == "yaml":
-        sys.stdout.write(yaml.safe_dump(rows, sort_keys=False))
-    else:
-        table = Table(box=None, pad_edge=False, header_style="bold")
-        for title, _ in columns:
-            table.add_column(title)
-        for row in rows:
-            table.add_row(*(str(row.get(key, "")) for _, key in columns))
-        out.print(table)
-
-
-class Kind(StrEnum):
-    MODELS = "models"
-    NODES = "nodes"
-
-
-class OutputFormat(StrEnum):
-    TABLE = "table"
-    JSON = "json"
-    YAML = "yaml"
-
-
-Output = Annotated[OutputFormat, typer.Option("-o", "--output", help="Output format")]
-ConsolePort = Annotated[int, typer.Option("--console", help="Console port of the node to ask")]
-
-
-@app.command("get")
-def get(
-    kind: Annotated[Kind, typer.Argument(help="What to list")],
-    output: Output = OutputFormat.TABLE,
-    console: ConsolePort = 3131,
-) -> None:
-    """List the models or nodes a running node knows."""
-    status = _fetch_status(console)
-    if kind is Kind.MODELS:
-        rows = [_model_row(m) for m in status["models"]]
-        columns = [("NAME", "name"), ("PHASE", "phase"), ("NODE", "node"), ("PORT", "port"),
-                   ("RESTARTS", "restarts"), ("SOURCE", "source"), ("MESSAGE", "message")]
-        _emit(rows if output is OutputFormat.TABLE else status["models"], columns, output)
-    else:
-        rows = [_node_row(n, status) for n in status["nodes"]]
-        columns = [("ID", "id"), ("NAME", "name"), ("STATE", "state"), ("ROLE", "role"),
-                   ("CAPACITY", "capacity"), ("MODELS", "models"), ("ADDRESSES", "addresses")]
-        _emit(rows if output is OutputFormat.TABLE else status["nodes"], columns, output)
-
-
-def _model_row(model: dict[str, Any]) -> dict[str, Any]:
-    server = model["servers"][0] if model["servers"] else {}
-    return {"name": model["name"], "phase": model["phase"], "node": model["node"] or "-",
-            "port": server.get("port", ""), "restarts": server.get("restarts", 0),
-            "source": model["source"], "message": server.get("message", "")}
-
-
-def _node_row(node: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
-    served = [m["name"] for m in status["models"]
-              if any(s["node"] == node["id"] and s["phase"] == "ready" for s in m["servers"])]
-    return {**node, "capacity": f"{node.get('capacity_bytes', 0) / 1e9:.1f} GB",
-            "models": ",".join(served) or "-", "addresses": ",".join(node.get("addrs", [])) or "-"}
 
 
 def main() -> None:

@@ -49,3 +49,32 @@ def test_port_in_use_is_reported(tmp_path: Path) -> None:
         done = meshllm("--model", str(model), "--port", str(port), "--state-dir", str(tmp_path))
     assert done.returncode == 1
     assert f"127.0.0.1:{port}" in done.stderr and "another port" in done.stderr
+
+
+def test_a_bad_manifest_is_one_located_line_before_any_node_is_asked(tmp_path: Path) -> None:
+    bad = tmp_path / "mesh.yaml"
+    bad.write_text("apiVersion: meshllm/v1\nkind: Model\nmetadata: {name: m}\nspec: {source: m.gguf}\n---\n"
+                   "apiVersion: meshllm/v1\nkind: Mesh\nspec:\n  models:\n"
+                   "    - {name: a, source: a.gguf}\n    - {name: b, source: b.gguf, replicas: two}\n")
+    for command in ("apply", "diff", "delete"):
+        # no node listens on this port: the error must come from the file, not from the connection
+        done = meshllm(command, "-f", str(bad), "--console", str(free_port()))
+        assert done.returncode == 1
+        assert done.stderr.strip().count("\n") == 0
+        assert f"{bad}: document 2: spec.models[1].replicas: Input should be a valid integer" in done.stderr
+
+
+def test_a_manifest_from_stdin_is_validated_too() -> None:
+    done = subprocess.run([sys.executable, "-m", "meshllm", "apply", "-f", "-", "--console", str(free_port())],
+                          input="apiVersion: meshllm/v1\nkind: Pod\n", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "stdin: document 1: kind: unknown kind 'Pod'" in done.stderr
+
+
+def test_commands_of_a_missing_node_say_how_to_start_one(tmp_path: Path) -> None:
+    good = Path(__file__).resolve().parents[2] / "examples" / "one-model.yaml"
+    port = str(free_port())
+    for args in (["apply", "-f", str(good)], ["get", "demand"], ["describe", "model", "m"], ["drop", "m"]):
+        done = meshllm(*args, "--console", port)
+        assert done.returncode == 1, args
+        assert "meshllm --model" in done.stderr
