@@ -190,6 +190,10 @@ def _why_unplaced(ledger: _Ledger, name: str, failed: set[tuple[str, str]]) -> t
         return "NoServerNodes", "no live node offers capacity (only clients are connected)"
     need = FIT_FACTOR * ledger.sizes[name]
     fitting = [nid for nid in ledger.nodes if ledger.fits(nid, name)]
+    holding = [nid for nid in ledger.nodes if name in ledger.held.get(nid, set())]
+    if holding and all(nid in holding or (name, nid) in failed for nid in fitting):
+        return "TooFewNodes", (f"{name} runs on {len(holding)} node(s); no other node can hold another "
+                               f"replica (it needs {_fmt(need)})")
     if fitting and all((name, nid) in failed for nid in fitting):
         return "FailedEverywhere", f"every node that can hold {name} failed to run it in the last " \
                                    f"{FAILURE_MEMORY:.0f} s; see `meshllm describe model {name}`"

@@ -196,6 +196,7 @@ def test_demand_lists_entries_with_liveness(client: TestClient, state: MeshState
 
 
 def test_describe_and_status_show_the_condition(client: TestClient, state: MeshState) -> None:
+    state.put_node(NodeStatus(id="n1", capacity_bytes=10**9, incarnation=1.0))
     state.put_model(ModelSpec(name="m", source="x", replicas=2))
     state.put_server(ServerStatus(node="n1", model="m", phase=ServerPhase.READY, port=4000))
     state.put_lease(PlacementLease(model="m", slot=0, node="n1", incarnation=1.0))
@@ -210,5 +211,5 @@ def test_describe_and_status_show_the_condition(client: TestClient, state: MeshS
     assert described["events"][0]["message"] == "m applied"
     status = client.get("/api/status").json()
     assert {k: status["models"][0]["condition"][k] for k in ("phase", "reason", "ready", "wanted")} \
-        == {"phase": "Degraded", "reason": "TooFewServers", "ready": 1, "wanted": 2}
+        == {"phase": "Degraded", "reason": "TooFewNodes", "ready": 1, "wanted": 2}
     assert_error(client.get("/api/models/nope"), 404, code="model_not_found", says="'nope' not found")
