@@ -33,6 +33,13 @@ def tiny_dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dense(tmp_path_factory.mktemp("models") / "tiny-dense.gguf")
 
 
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from meshllm.engine.tinygguf import write_moe
+
+    return write_moe(tmp_path_factory.mktemp("models") / "tiny-moe.gguf")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Keep tests away from the user's ~/.meshllm; models stay shared (assembling gemma is slow)."""

@@ -42,6 +42,8 @@ Start serving the embedded default model:
   meshllm --model gemma-3-270m            # API on http://127.0.0.1:9337/v1
 Serve a local GGUF file:
   meshllm --model ~/models/model.gguf
+Offer this machine to the mesh, serving what it places here:
+  meshllm --standby [--join TOKEN]
 Ask a running node:
   meshllm get models | meshllm get nodes | meshllm describe model NAME
 Change what the mesh serves:
@@ -74,15 +76,18 @@ def serve(
     name: Annotated[str, typer.Option(help="Display name of this node")] = "",
     join: Annotated[list[str] | None, typer.Option("--join", help="Join the mesh of this invite token (repeatable)")] = None,
     client: Annotated[bool, typer.Option("--client", help="API-only node: serves no model, offers no capacity")] = False,
+    standby: Annotated[bool, typer.Option("--standby", help="Serve only what the mesh places here (applied manifests, demand)")] = False,
     bind_port: Annotated[int, typer.Option("--bind-port", help="Pin the QUIC mesh endpoint to this UDP port (0: any)")] = 0,
     bind_host: Annotated[str, typer.Option("--bind-host", help="Address of the QUIC endpoint (default: as the APIs)")] = "",
     advertise: Annotated[list[str] | None, typer.Option("--advertise", help="host:port peers should dial (NAT, relays); repeatable")] = None,
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
-    if not model and not join and not client:
+    if not model and not join and not client and not standby:
         out.print(START_HELP, highlight=False)
         raise typer.Exit(0)
+    if client and (standby or model):
+        raise MeshError("--client nodes serve nothing; drop --client, or drop --standby and --model")
     config = NodeConfig(models=tuple(model or ()), port=port, console_port=console, listen_all=listen_all,
                         state_dir=state_dir.expanduser(), max_vram=_size(max_vram), device=device,
                         max_body_bytes=_size(max_body) or 0, threads=threads, name=name,

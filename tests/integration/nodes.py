@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,38 @@ class NodeProcess:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+class Mesh:
+    """Starts nodes on their own loopback addresses and tears every one of them down."""
+
+    def __init__(self, root: Path, engine_dir: Path) -> None:
+        self.root, self.engine_dir = root, engine_dir
+        self.nodes: list[NodeProcess] = []
+
+    def start(self, name: str, host: str, *extra: str, models: tuple[str, ...] = ()) -> NodeProcess:
+        node = NodeProcess(models=list(models), state_dir=self.root / name, engine_dir=self.engine_dir,
+                           extra=["--bind-host", host, *extra]).start()
+        self.nodes.append(node)
+        return node
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.kill_everything()
+
+
+def wait_for(check: Callable[[], bool], *, timeout: float, what: str) -> float:
+    """Poll ``check`` until true; returns the seconds it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            if check():
+                return time.monotonic() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def listed(node: NodeProcess) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{node.api}/v1/models", timeout=5).json()["data"]}

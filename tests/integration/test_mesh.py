@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from meshllm.store.mesh import InviteToken, MeshCredentials
-from tests.integration.nodes import NodeProcess, engine_pids
+from tests.integration.nodes import Mesh, NodeProcess, engine_pids, listed, wait_for
 
 pytestmark = pytest.mark.engine
 
@@ -32,57 +32,6 @@ def second_dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from meshllm.engine.tinygguf import write_dense
 
     return write_dense(tmp_path_factory.mktemp("models") / "second-dense.gguf", n_layer=3, seed=7)
-
-
-@pytest.fixture(scope="module")
-def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from meshllm.engine.tinygguf import write_moe
-
-    return write_moe(tmp_path_factory.mktemp("models") / "tiny-moe.gguf")
-
-
-class Mesh:
-    """Starts nodes on their own loopback addresses and tears every one of them down."""
-
-    def __init__(self, root: Path, engine_dir: Path) -> None:
-        self.root, self.engine_dir = root, engine_dir
-        self.nodes: list[NodeProcess] = []
-
-    def start(self, name: str, host: str, *extra: str, models: tuple[str, ...] = ()) -> NodeProcess:
-        node = NodeProcess(models=list(models), state_dir=self.root / name, engine_dir=self.engine_dir,
-                           extra=["--bind-host", host, *extra]).start()
-        self.nodes.append(node)
-        return node
-
-    def close(self) -> None:
-        for node in self.nodes:
-            node.kill_everything()
-
-
-@pytest.fixture
-def mesh(tmp_path: Path, engine_dir: Path) -> Iterator[Mesh]:
-    mesh = Mesh(tmp_path, engine_dir)
-    try:
-        yield mesh
-    finally:
-        mesh.close()
-
-
-def wait_for(check: Callable[[], bool], *, timeout: float, what: str) -> float:
-    """Poll ``check`` until true; returns the seconds it took."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            if check():
-                return time.monotonic() - start
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def listed(node: NodeProcess) -> set[str]:
-    return {m["id"] for m in httpx.get(f"{node.api}/v1/models", timeout=5).json()["data"]}
 
 
 def node_states(node: NodeProcess) -> dict[str, str]:
