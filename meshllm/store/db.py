@@ -146,7 +146,7 @@ class NodeStore:
         """Insert or replace these manifests, keyed by (kind, name)."""
         async with self._session() as session:
             for manifest in manifests:
-                await session.merge(AppliedManifest.model_validate(manifest.model_dump()))
+                await session.merge(manifest)  # merge copies: the caller's object stays unattached
             await session.commit()
 
     async def forget_applied(self, kind: str, name: str) -> bool:
@@ -167,7 +167,7 @@ class NodeStore:
     async def record_process(self, record: ProcessRecord) -> None:
         """Remember (or replace) the process running for ``record.key``."""
         async with self._session() as session:
-            await session.merge(ProcessRecord.model_validate(record.model_dump()))
+            await session.merge(record)
             await session.commit()
 
     async def forget_process(self, key: str) -> None:
