@@ -3,7 +3,9 @@
 Each process is launched directly (no shell), in its own session so a terminal's Ctrl-C reaches only
 meshllm, with stdout and stderr appended to a log file (never an unread pipe). Stopping is a ladder:
 SIGTERM to the process group, a grace period, then SIGKILL; it never blocks the event loop.
-Ports and log names derive from (node, model) so a restarted node finds its own processes again.
+Ports and log names derive from (node, model) so a restarted node finds its own processes again,
+and ``adopt`` takes one of them back by pid: a process that is not our child, which we can poll
+and stop (through /proc and signals) but whose exit status nobody can tell us.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from pathlib import Path
 import anyio
 
 __all__ = [
+    "UNKNOWN_EXIT",
     "EngineProcess",
     "LlamaServerConfig",
+    "adopt",
     "candidate_ports",
+    "describe_exit",
     "launch",
     "log_tail",
     "port_is_free",
@@ -34,6 +39,7 @@ __all__ = [
 
 PORT_BASE = 41000
 PORT_SPAN = 8000
+UNKNOWN_EXIT = -256  # an adopted process ended: it is not our child, so its exit status is not ours to read
 
 
 def safe_name(text: str) -> str:
@@ -95,32 +101,70 @@ class LlamaServerConfig:
 
 @dataclass
 class EngineProcess:
-    """A running engine process we launched (``popen`` set) or adopted by pid."""
+    """A running engine process we launched (``popen`` set) or adopted by pid (``start_ticks`` set)."""
 
     pid: int
     log_path: Path
     popen: subprocess.Popen[bytes] | None = None
     exit_code: int | None = None
+    start_ticks: int = 0  # /proc/<pid>/stat start time of an adopted process: a reused pid is not it
+
+    @property
+    def adopted(self) -> bool:
+        return self.popen is None
 
     def poll(self) -> int | None:
-        """The exit code once the process has ended, else None. Never blocks."""
+        """The exit code once the process has ended (``UNKNOWN_EXIT`` for an adopted one), else None.
+        Never blocks."""
         if self.exit_code is not None:
             return self.exit_code
         if self.popen is not None:
             self.exit_code = self.popen.poll()
-        elif not _pid_alive(self.pid):
-            self.exit_code = -1
+        else:
+            stat = _proc_stat(self.pid)
+            if stat is None or stat[0] in _DEAD or stat[1] != self.start_ticks:
+                self.exit_code = UNKNOWN_EXIT
         return self.exit_code
 
 
-def _pid_alive(pid: int) -> bool:
+_DEAD = ("Z", "X")  # a zombie has ended: only its parent (no longer us, after a restart) can reap it
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks after boot) of ``pid``, or None when there is no such process."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def adopt(pid: int, argv: Sequence[str], *, log_path: Path) -> EngineProcess | None:
+    """A handle on a process this node started before it restarted, or None when ``pid`` is gone, a
+    zombie, or runs anything but exactly ``argv`` (the pid was reused: that process is not ours)."""
+    before = _proc_stat(pid)
+    if before is None or before[0] in _DEAD:
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    if cmdline.split(b"\0")[:-1] != [os.fsencode(arg) for arg in argv]:
+        return None
+    proc = EngineProcess(pid=pid, log_path=log_path, start_ticks=before[1])
+    return proc if proc.poll() is None else None
+
+
+def describe_exit(code: int) -> str:
+    """How a process ended, in words: 'exit code 1', 'killed by SIGKILL'."""
+    if code == UNKNOWN_EXIT:
+        return "exit status unknown (adopted, not our child)"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def launch(argv: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None,
@@ -184,6 +228,9 @@ def stop_process_now(proc: EngineProcess, *, grace: float = 3.0) -> None:
         _signal_group(proc.pid, signal.SIGKILL)
         if proc.popen is not None:
             proc.popen.wait()
+        else:
+            while proc.poll() is None and time.monotonic() < deadline + grace:
+                time.sleep(0.02)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -3,7 +3,9 @@
 ``run_node`` joins (or founds) a mesh, writes what the command line asked for into the replicated
 document as desired state, starts the served-model reconciler that makes llama-server match it, and
 serves the OpenAI API (``--port``) and the management API (``--console``). SIGINT or SIGTERM stops
-the APIs, then every engine process the node started, then tells the mesh it is leaving.
+the APIs, then every engine process the node started, then tells the mesh it is leaving. A node
+agent that dies without that (SIGKILL, a crash) leaves its llama-servers running; the next start
+with the same state folder adopts them from the node's database (``store.db``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from meshllm.reconcile.leases import PlacementReconciler
 from meshllm.reconcile.served import ServedModelReconciler
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ModelOrigin, ModelSpec, NodeRole, NodeStatus
-from meshllm.store.identity import load_identity
+from meshllm.store.db import NodeStore
+from meshllm.store.identity import NodeIdentity, load_identity
 
 __all__ = ["NodeConfig", "bind_socket", "run_node"]
 
@@ -61,6 +64,19 @@ async def run_node(config: NodeConfig, *, announce: Callable[[str], None] = prin
     specs = await anyio.to_thread.run_sync(desired_models, config, node_id, now)
     engine_dir = None if config.client else await anyio.to_thread.run_sync(
         lambda: require_engine(announce=announce))
+    store = await NodeStore.open(config.state_dir)
+    try:
+        await store.record_identity(node_id, identity.public_bytes)
+        await _serve(config, identity, store, specs, engine_dir, announce=announce, task_status=task_status)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.aclose()
+
+
+async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, specs: list[ModelSpec],
+                 engine_dir: Path | None, *, announce: Callable[[str], None],
+                 task_status: TaskStatus[dict[str, str]]) -> None:
+    node_id, now = identity.node_id, time.time()
     state = MeshState()
     mesh = MeshRuntime.for_node(state, identity, state_dir=config.state_dir, joins=config.joins,
                                 host=config.quic_host, port=config.bind_port, advertise=config.advertise)
@@ -74,7 +90,8 @@ async def run_node(config: NodeConfig, *, announce: Callable[[str], None] = prin
     router = Router(state, node_id=node_id)
     reconciler = None if engine_dir is None else ServedModelReconciler(
         state, node_id=node_id, engine_dir=engine_dir, log_dir=config.state_dir / "logs",
-        gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads)
+        gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads,
+        store=store)
     if reconciler is not None:
         atexit.register(reconciler.kill_all_now)
     try:

@@ -5,13 +5,19 @@ processes this node runs, one per model. ``plan()`` is pure and decides what to 
 ``ServedModelReconciler`` observes processes, applies the plan, and publishes a ``ServerStatus`` for
 each model into the document (the API routes on those). A server that dies is restarted with
 exponential backoff; one that stops being desired is stopped (SIGTERM, grace, SIGKILL).
+
+With a ``NodeStore`` every llama-server started is recorded (pid, port, argv and its digest) and
+forgotten when stopped on purpose, so a node agent that was killed and restarted *adopts* the
+llama-servers it left running instead of starting a second copy: a record whose pid still runs
+exactly the recorded argv is taken back (loading, probed, ready, same port) when the model is still
+desired with the same argv, and stopped otherwise. What happens to each model is written to the
+store's event log (Started, Ready, Exited, Restarting, Stopped, Adopted, Failed).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -24,13 +30,14 @@ from anyio.abc import TaskStatus
 
 from meshllm.engine.models import ResolvedModel, resolve_model
 from meshllm.engine.process import (
-    EngineProcess, LlamaServerConfig, candidate_ports, launch, log_tail, port_is_free, safe_name,
-    stop_process, stop_process_now,
+    UNKNOWN_EXIT, EngineProcess, LlamaServerConfig, adopt, candidate_ports, describe_exit, launch, log_tail,
+    port_is_free, safe_name, stop_process, stop_process_now,
 )
 from meshllm.errors import ModelError
 from meshllm.reconcile.queue import Result, WorkQueue
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ModelSpec, ServerPhase, ServerStatus, server_key
+from meshllm.store.db import NodeStore, ProcessRecord
 
 __all__ = ["ActualServer", "DesiredServer", "ServedModelReconciler", "Start", "Stop", "plan"]
 
@@ -125,10 +132,11 @@ def plan(desired: DesiredServer | None, actual: ActualServer | None, now: float,
 
 
 def _exit_message(code: int, log_path: Path) -> str:
-    if code < 0:
-        return f"llama-server was killed by {signal.Signals(-code).name}"
+    if code < 0 and code != UNKNOWN_EXIT:
+        return f"llama-server was {describe_exit(code)}"
     tail = log_tail(log_path)
-    return f"llama-server exited with code {code}" + (f": {tail}" if tail else f"; see {log_path}")
+    ended = f"llama-server exited with code {code}" if code >= 0 else f"llama-server ended, {describe_exit(code)}"
+    return ended + (f": {tail}" if tail else f"; see {log_path}")
 
 
 def backoff(restarts: int) -> float:
@@ -139,7 +147,7 @@ class ServedModelReconciler:
     """Runs one llama-server per model pinned to this node, and reports them in the document."""
 
     def __init__(self, state: MeshState, *, node_id: str, engine_dir: Path, log_dir: Path,
-                 gpu_layers: int = 0, device: str = "", threads: int = 0,
+                 gpu_layers: int = 0, device: str = "", threads: int = 0, store: NodeStore | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.state = state
         self.node_id = node_id
@@ -148,15 +156,18 @@ class ServedModelReconciler:
         self.gpu_layers = gpu_layers
         self.device = device
         self.threads = threads
+        self.store = store
         self.clock = clock
         self.queue = WorkQueue(self.reconcile, name="served-model")
         self.actual: dict[str, ActualServer] = {}
         self.processes: dict[str, EngineProcess] = {}
+        self.adoptable: dict[str, tuple[EngineProcess, ProcessRecord]] = {}  # found running, not yet claimed
         self._resolved: dict[tuple[str, str], ResolvedModel] = {}
         self._http = httpx.AsyncClient(timeout=2.0)
 
     # -- wiring -----------------------------------------------------------------------------
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await self._load_records()
         subs = self.state.observe(self._enqueue_all)
         try:
             async with anyio.create_task_group() as tg:
@@ -170,8 +181,22 @@ class ServedModelReconciler:
                 await self.shutdown()
 
     def _enqueue_all(self) -> None:
-        for key in set(self._my_specs()) | set(self.actual):
+        for key in set(self._my_specs()) | set(self.actual) | set(self.adoptable):
             self.queue.add(key)
+
+    async def _load_records(self) -> None:
+        """The llama-servers a previous run of this node left running become adoptable; stale records go."""
+        if self.store is None:
+            return
+        for record in await self.store.processes():
+            proc = adopt(record.pid, record.argv, log_path=Path(record.log_path))
+            if proc is not None:
+                self.adoptable[record.key] = (proc, record)
+                continue
+            await self.store.forget_process(record.key)  # gone, or the pid now belongs to someone else
+            log.info("%s: recorded llama-server pid %d no longer runs", record.key, record.pid)
+            await self._event(record.key, "Exited", f"llama-server pid {record.pid} ended while the node "
+                              "was down", level="warning")
 
     async def _watch_processes(self) -> None:
         while True:
@@ -188,14 +213,17 @@ class ServedModelReconciler:
     # -- one reconcile ----------------------------------------------------------------------
     async def reconcile(self, model: str) -> Result:
         now = self.clock()
-        self._observe(model, now)
+        await self._observe(model, now)
         try:
             desired = await self._desired(model)
         except ModelError as exc:
+            await self._claim(model, None)
             await self._stop(model, "model unavailable")
             self.actual.pop(model, None)
             self._publish_failure(model, str(exc))
+            await self._event(model, "Failed", str(exc), level="error")
             return Result(requeue_after=30.0)
+        await self._claim(model, desired)
         delays = [await self._apply(action, desired, now) for action in plan(desired, self.actual.get(model), now)]
         self._publish(model)
         current = self.actual.get(model)
@@ -204,7 +232,7 @@ class ServedModelReconciler:
         waits = [d for d in delays if d is not None]
         return Result(requeue_after=max(0.0, min(waits)) if waits else None)
 
-    def _observe(self, model: str, now: float) -> None:
+    async def _observe(self, model: str, now: float) -> None:
         current, proc = self.actual.get(model), self.processes.get(model)
         if current is None or proc is None or current.phase is Phase.EXITED:
             return
@@ -218,6 +246,26 @@ class ServedModelReconciler:
         log.warning("%s: %s", model, message)
         self.actual[model] = replace(current, phase=Phase.EXITED, message=message,
                                      retry_at=now + backoff(current.restarts))
+        if self.store is not None:
+            await self.store.forget_process(model)
+        await self._event(model, "Exited", message, level="warning")
+
+    async def _claim(self, model: str, desired: DesiredServer | None) -> None:
+        """Take over the adoptable llama-server for ``model`` if it runs what ``desired`` would start, else
+        stop it (``plan`` then starts the right one)."""
+        found = self.adoptable.pop(model, None)
+        if found is None:
+            return
+        proc, record = found
+        self.processes[model] = proc
+        if desired is None or self._config(desired, record.port).digest() != record.argv_hash:
+            reason = "no longer desired" if desired is None else "spec changed while the node was down"
+            await self._stop(model, reason)
+            return
+        self.actual[model] = ActualServer(model=model, port=record.port, pid=proc.pid, phase=Phase.LOADING,
+                                          desired=desired, started_at=record.started_at)
+        log.info("%s: adopted llama-server pid %d on 127.0.0.1:%d", model, proc.pid, record.port)
+        await self._event(model, "Adopted", f"adopted llama-server pid {proc.pid} on 127.0.0.1:{record.port}")
 
     async def _desired(self, model: str) -> DesiredServer | None:
         spec = self._my_specs().get(model)
@@ -234,7 +282,7 @@ class ServedModelReconciler:
         match action:
             case Start(model, restarts):
                 assert desired is not None
-                self._start(desired, restarts, now)
+                await self._start(desired, restarts, now)
                 return 0.2
             case Stop(model, reason):
                 await self._stop(model, reason)
@@ -251,25 +299,35 @@ class ServedModelReconciler:
                 return max(0.0, until - now)
         return None
 
-    def _start(self, desired: DesiredServer, restarts: int, now: float) -> None:
-        model = desired.model
-        port = self._pick_port(model)
-        config = LlamaServerConfig(
-            binary=self.engine_dir / "llama-server", model_path=desired.path, alias=model, port=port,
+    def _config(self, desired: DesiredServer, port: int) -> LlamaServerConfig:
+        return LlamaServerConfig(
+            binary=self.engine_dir / "llama-server", model_path=desired.path, alias=desired.model, port=port,
             ctx_size=desired.ctx_size, gpu_layers=self.gpu_layers, threads=self.threads, device=self.device,
         )
+
+    async def _start(self, desired: DesiredServer, restarts: int, now: float) -> None:
+        model = desired.model
+        config = self._config(desired, self._pick_port(model))
+        log_path = self.log_dir / f"{safe_name(model)}.log"
         # decoding on the CPU, llama-server takes every core: as a batch job it leaves the node responsive
-        proc = launch(config.argv(), log_path=self.log_dir / f"{safe_name(model)}.log",
-                      batch=self.gpu_layers == 0)
-        log.info("%s: started llama-server pid %d on 127.0.0.1:%d", model, proc.pid, port)
+        proc = launch(config.argv(), log_path=log_path, batch=self.gpu_layers == 0)
+        log.info("%s: started llama-server pid %d on 127.0.0.1:%d", model, proc.pid, config.port)
         self.processes[model] = proc
         previous = self.actual.get(model)
         message = f"restart {restarts} after: {previous.message}" if previous and restarts else ""
-        self.actual[model] = ActualServer(model=model, port=port, pid=proc.pid, phase=Phase.LOADING,
+        self.actual[model] = ActualServer(model=model, port=config.port, pid=proc.pid, phase=Phase.LOADING,
                                           desired=desired, started_at=now, restarts=restarts, message=message)
+        if self.store is not None:
+            await self.store.record_process(ProcessRecord(
+                key=model, pid=proc.pid, port=config.port, model=model, argv=config.argv(),
+                argv_hash=config.digest(), log_path=str(log_path), started_at=now))
+        where = f"llama-server pid {proc.pid} on 127.0.0.1:{config.port}"
+        await self._event(model, "Restarting" if restarts else "Started",
+                          f"{message}; {where}" if message else where)
 
     def _pick_port(self, model: str) -> int:
         taken = {a.port for m, a in self.actual.items() if m != model}
+        taken |= {record.port for m, (_, record) in self.adoptable.items() if m != model}
         for port in candidate_ports(server_key(self.node_id, model)):
             if port not in taken and port_is_free(port):
                 return port
@@ -283,7 +341,10 @@ class ServedModelReconciler:
             code = await stop_process(proc)
             if current is not None:
                 self.actual[model] = replace(current, phase=Phase.EXITED, retry_at=0.0,
-                                             message=f"stopped ({reason}), exit code {code}")
+                                             message=f"stopped ({reason}), {describe_exit(code)}")
+            if self.store is not None:
+                await self.store.forget_process(model)
+            await self._event(model, "Stopped", f"llama-server pid {proc.pid} stopped ({reason})")
 
     async def _probe(self, model: str) -> float | None:
         current = self.actual[model]
@@ -296,7 +357,12 @@ class ServedModelReconciler:
             return 0.2
         self.actual[model] = replace(current, phase=Phase.READY, ready_at=self.clock(), message="")
         log.info("%s: ready on 127.0.0.1:%d", model, current.port)
+        await self._event(model, "Ready", f"ready on 127.0.0.1:{current.port}")
         return None
+
+    async def _event(self, model: str, reason: str, message: str, *, level: str = "info") -> None:
+        if self.store is not None:
+            await self.store.record_event(model, reason, message, level=level)
 
     # -- reporting --------------------------------------------------------------------------
     def _publish(self, model: str) -> None:
@@ -316,7 +382,10 @@ class ServedModelReconciler:
                                            port=0, message=message, since=self.clock()))
 
     async def shutdown(self) -> None:
-        """Stop every process this reconciler started and withdraw their statuses."""
+        """Stop every process this reconciler started or found, and withdraw their statuses."""
+        for model, (proc, _) in list(self.adoptable.items()):
+            self.processes.setdefault(model, proc)
+        self.adoptable.clear()
         async with anyio.create_task_group() as tg:
             for model in list(self.processes):
                 tg.start_soon(self._stop, model, "node shutting down")
@@ -327,5 +396,5 @@ class ServedModelReconciler:
 
     def kill_all_now(self) -> None:
         """Synchronous last resort (atexit): no engine process outlives the node."""
-        for proc in list(self.processes.values()):
+        for proc in [*self.processes.values(), *(proc for proc, _ in self.adoptable.values())]:
             stop_process_now(proc)
