@@ -16,11 +16,13 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 
 from meshllm import __version__
+from meshllm.api.control import AppliedHook, EventSource
 from meshllm.api.openai import create_openai_app, upstream_pool
 from meshllm.api.routing import Router
 from meshllm.api.status import create_status_app
@@ -35,8 +37,9 @@ from meshllm.reconcile.demand import DemandRecorder
 from meshllm.reconcile.leases import PlacementReconciler
 from meshllm.reconcile.served import ServedModelReconciler
 from meshllm.state.document import MeshState
+from meshllm.state.manifest import Manifest
 from meshllm.state.schema import ModelOrigin, ModelSpec, NodeRole, NodeStatus
-from meshllm.store.db import NodeStore
+from meshllm.store.db import AppliedManifest, NodeStore
 from meshllm.store.identity import NodeIdentity, load_identity
 
 __all__ = ["NodeConfig", "bind_socket", "run_node"]
@@ -55,6 +58,21 @@ def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSp
         specs.append(ModelSpec(name=resolved.name, source=kept, node=node_id, created_at=now,
                                origin=ModelOrigin.NODE, owner=node_id, size_bytes=resolved.size_bytes))
     return specs
+
+
+def store_hooks(store: NodeStore, node_id: str) -> tuple[EventSource, AppliedHook]:
+    """The store as the control API wants it: a model's events, and a keeper of applied manifests."""
+    async def events(model: str, /) -> list[dict[str, Any]]:
+        rows = await store.events(model, limit=20)
+        return [{"at": e.at, "type": "Normal" if e.level == "info" else "Warning", "reason": e.reason,
+                 "message": e.message, "node": node_id} for e in reversed(rows)]
+
+    async def on_applied(manifests: list[Manifest], /) -> None:
+        await store.save_applied([AppliedManifest(kind=m.kind, name=m.metadata.name,
+                                                  body=m.model_dump(mode="json", exclude_none=True))
+                                  for m in manifests])
+
+    return events, on_applied
 
 
 async def run_node(config: NodeConfig, *, announce: Callable[[str], None] = print,
@@ -105,15 +123,17 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
             async with anyio.create_task_group() as work:
                 await work.start(demand.run)
                 if reconciler is not None:
-                    placement = PlacementReconciler(state, node_id=node_id, incarnation=mesh.incarnation)
+                    placement = PlacementReconciler(state, node_id=node_id, incarnation=mesh.incarnation,
+                                                    store=store)
                     await work.start(placement.run)
                     await work.start(reconciler.run)
                 async with anyio.create_task_group() as apis:
                     openai_app = create_openai_app(router, tunnels=mesh.open_tunnel,
                                                    max_body_bytes=config.max_body_bytes, demand=demand.note)
                     api = await apis.start(serve_app, openai_app, api_sock)
-                    status_app = create_status_app(state, node_id=node_id, extra={"token": token,
-                                                                                  "mesh_id": mesh.creds.mesh_id})
+                    events, on_applied = store_hooks(store, node_id)
+                    status_app = create_status_app(state, node_id=node_id, events=events, on_applied=on_applied,
+                                                   extra={"token": token, "mesh_id": mesh.creds.mesh_id})
                     console = await apis.start(serve_app, status_app, console_sock)
                     announce(f"meshllm node {node_id}: OpenAI API {api_url}, console "
                              f"http://{config.host}:{config.console_port}/api/status, logs in "

@@ -23,6 +23,7 @@ from meshllm.reconcile.placement import Placement, current_plan
 from meshllm.reconcile.queue import Result, WorkQueue
 from meshllm.state.document import MeshState
 from meshllm.state.schema import PlacementLease, ServerPhase
+from meshllm.store.db import NodeStore
 
 __all__ = ["PlacementReconciler"]
 
@@ -34,8 +35,9 @@ KEY = "placement"
 
 class PlacementReconciler:
     def __init__(self, state: MeshState, *, node_id: str, incarnation: Callable[[], float],
-                 clock: Callable[[], float] = time.time) -> None:
+                 store: NodeStore | None = None, clock: Callable[[], float] = time.time) -> None:
         self.state = state
+        self.store = store
         self.node_id = node_id
         self.incarnation = incarnation
         self.clock = clock
@@ -55,25 +57,36 @@ class PlacementReconciler:
         now = self.clock()
         plan = current_plan(self.state, now=now)
         with self.state.transaction():
-            self._sync_leases(plan, now)
+            events = self._sync_leases(plan, now)
             if self._is_janitor():
                 self._collect_garbage(plan, now)
+        if self.store is not None:
+            for model, reason, message in events:
+                await self.store.record_event(model, reason, message)
         return Result(requeue_after=RECHECK)
 
-    def _sync_leases(self, plan: Placement, now: float) -> None:
+    def _sync_leases(self, plan: Placement, now: float) -> list[tuple[str, str, str]]:
+        """Take and release this node's leases; returns the events (model, reason, message)."""
+        events = []
         incarnation = self.incarnation()
         mine = {(s.model, s.slot): s for s in plan.slots_of(self.node_id)}
         for (model, index), slot in mine.items():
             current = self.state.leases().get(f"{model}#{index}")
             if current is None or current.node != self.node_id or current.incarnation != incarnation \
                     or current.hot != slot.hot:
-                log.info("placement: taking %s slot %d%s", model, index, " (hot replica)" if slot.hot else "")
+                if current is None or current.node != self.node_id:
+                    log.info("placement: taking %s slot %d%s", model, index, " (hot replica)" if slot.hot else "")
+                    events.append((model, "Placed", f"slot {index} placed on this node"
+                                   + (" (a hot replica)" if slot.hot else "")))
                 self.state.put_lease(PlacementLease(model=model, slot=index, node=self.node_id,
                                                     incarnation=incarnation, at=now, hot=slot.hot))
         for key, lease in list(self.state.leases().items()):
             if lease.node == self.node_id and (lease.model, lease.slot) not in mine:
                 log.info("placement: releasing %s slot %d", lease.model, lease.slot)
+                events.append((lease.model, "Released", f"slot {lease.slot} released: "
+                               + ("no longer wanted" if lease.model not in plan.wanted else "placed elsewhere")))
                 self.state.remove_lease(key)
+        return events
 
     def _is_janitor(self) -> bool:
         alive = self.state.alive_nodes()

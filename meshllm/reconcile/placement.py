@@ -11,8 +11,9 @@ The rules, in order:
 1. A model is *wanted* while a manifest names it, while the node whose ``--model`` named it lives,
    or while it has live demand (requests within the TTL). Unwanted models get no slots.
 2. Each wanted model gets ``replicas`` slots. A model pinned to a live node has that node in slot 0.
-3. A valid lease (its node alive in that incarnation, still able to hold the model) keeps its
-   slot: placement is sticky, so a change elsewhere never moves a running server.
+3. A valid lease (its node alive, still able to hold the model) keeps its slot: placement is
+   sticky, so a change elsewhere never moves a running server, and a node agent that restarts
+   finds its slots (and adopts its running llama-servers) again.
 4. A vacant slot goes to the best candidate: a live server node that holds no slot of the model,
    has free capacity >= 1.1 x the model's size, and has not failed to run it recently; standby
    nodes (holding no slot at all) first, then the most free capacity, then the smallest node id.
@@ -135,8 +136,7 @@ def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, No
     ledger = _Ledger(hosts, {name: state_models[name].size_bytes for name in wanted})
     failed = _recent_failures(servers, now)
     plan = Placement()
-    valid = {(lease.model, lease.slot): lease for lease in leases.values()
-             if lease.node in hosts and hosts[lease.node].incarnation == lease.incarnation}
+    valid = {(lease.model, lease.slot): lease for lease in leases.values() if lease.node in hosts}
     rates = demand_rates(demand, now)
     base = {name: state_models[name].replicas for name in sorted(wanted)}
     # pins first, then the leases that stay, then the vacant slots: pins and stickiness take capacity

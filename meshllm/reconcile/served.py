@@ -47,6 +47,7 @@ LOAD_TIMEOUT = 900.0       # seconds a llama-server may take to answer /health w
 STABLE_AFTER = 60.0        # a server ready this long has its restart count reset
 BASE_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
+ADOPT_GRACE = 15.0         # seconds after start an adoptable llama-server waits for this node's leases
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ class ServedModelReconciler:
         self.threads = threads
         self.store = store
         self.clock = clock
+        self._started = clock()
         self.queue = WorkQueue(self.reconcile, name="served-model")
         self.actual: dict[str, ActualServer] = {}
         self.processes: dict[str, EngineProcess] = {}
@@ -223,6 +225,10 @@ class ServedModelReconciler:
             self._publish_failure(model, str(exc))
             await self._event(model, "Failed", str(exc), level="error")
             return Result(requeue_after=30.0)
+        if desired is None and model in self.adoptable and now - self._started < ADOPT_GRACE:
+            # a restarted node learns its leases from the mesh a moment after it starts: until then an
+            # adoptable llama-server is neither claimed nor stopped
+            return Result(requeue_after=min(1.0, ADOPT_GRACE - (now - self._started)))
         await self._claim(model, desired)
         delays = [await self._apply(action, desired, now) for action in plan(desired, self.actual.get(model), now)]
         self._publish(model)

@@ -25,8 +25,8 @@ deaths     node id                 any node that saw it die    the node's incarn
 
 A model is *wanted* while it was applied from a manifest (``origin`` manifest), while the node whose
 ``--model`` named it lives (``origin`` node), or while any live demand for it remains. A lease is
-valid while its node is alive in the incarnation the lease names: a dead node's slots are vacant at
-once, with no renewal traffic.
+valid while its node is alive: a dead node's slots are vacant at once, with no renewal traffic, and a
+node that restarts keeps the slots nobody took meanwhile.
 
 A node is alive while its ``NodeStatus.incarnation`` is newer than its ``NodeDeath`` (if any). A
 node that learns it was declared dead while it is alive (a false suspicion, a healed partition)

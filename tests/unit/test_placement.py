@@ -79,12 +79,12 @@ def test_leases_are_sticky_even_when_a_better_node_appears() -> None:
     assert assigned(p) == {"x": ["a"]}
 
 
-def test_lease_of_a_dead_or_restarted_node_is_vacant() -> None:
+def test_lease_of_a_dead_node_is_vacant_and_a_restarted_node_keeps_its_own() -> None:
     # "a" is gone (not among the live nodes): its slot goes to the standby
     assert assigned(plan([model("x", 1)], [node("b", 8)], leases=[lease("x", 0, "a")])) == {"x": ["b"]}
-    # "a" restarted (new incarnation): its old lease is void, the plan starts over (a is best again)
-    p = plan([model("x", 1)], [node("a", 80, inc=2.0), node("b", 8)], leases=[lease("x", 0, "b", inc=5.0)])
-    assert assigned(p) == {"x": ["a"]}
+    # "b" restarted (a new incarnation) and nobody took its slot: it keeps it, though "a" has more room
+    p = plan([model("x", 1)], [node("a", 80), node("b", 8, inc=2.0)], leases=[lease("x", 0, "b", inc=1.0)])
+    assert assigned(p) == {"x": ["b"]}
 
 
 def test_standby_node_is_preferred_over_a_busy_one_with_more_room() -> None:
