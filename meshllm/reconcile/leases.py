@@ -4,8 +4,10 @@ Every server node plans the whole mesh (``placement.plan_placement``) but writes
 leases: a slot the plan gives this node and that it does not hold yet is taken; a lease it holds
 that the plan no longer gives it is released. The served-model reconciler then runs a llama-server
 for each model this node holds a lease of. One node, the janitor (the live node with the smallest
-id), also removes what nobody owns any more: leases of dead nodes that nobody took over, expired
-demand, and failures of models that are gone. A ``--model`` spec whose node left stays (unwanted once
+id), also removes what nobody owns any more: expired demand, and the leases and failures of models
+that are gone. A dead node's leases stay: they are void while it is dead (the planner skips them)
+and valid again if it comes back (a healed partition) with nobody having taken its slots; deleting
+them would make the healed node stop its servers. A ``--model`` spec whose node left stays (unwanted once
 its demand runs out, and shown so) until that node returns or someone drops it: deleting it would
 race with its node rewriting it when a partition heals.
 """
@@ -55,7 +57,7 @@ class PlacementReconciler:
 
     async def reconcile(self, key: str) -> Result:
         now = self.clock()
-        plan = current_plan(self.state, now=now)
+        plan = current_plan(self.state, now=now, me=self.node_id)
         with self.state.transaction():
             events = self._sync_leases(plan, now)
             if self._is_janitor():
@@ -93,14 +95,13 @@ class PlacementReconciler:
         return bool(alive) and min(alive) == self.node_id
 
     def _collect_garbage(self, plan: Placement, now: float) -> None:
-        alive = self.state.alive_nodes()
+        models = self.state.models()
         for key, lease in list(self.state.leases().items()):
-            if lease.node not in alive and (lease.model, lease.slot) not in plan.slots:
+            if lease.model not in models:
                 self.state.remove_lease(key)
         for key, entry in list(self.state.demand().items()):
             if entry.expires_at <= now:
                 self.state.remove_demand(key)
-        models = self.state.models()
         for key, server in list(self.state.servers().items()):
             if server.model not in models and server.phase is ServerPhase.FAILED:
                 self.state.remove_server(key)  # a failure of a model nobody wants any more

@@ -247,9 +247,13 @@ class Condition(BaseModel):
     nodes: list[str] = Field(default_factory=list, description="nodes placed to serve it")
 
 
-def current_plan(state: MeshState, *, now: float) -> Placement:
-    return plan_placement(state.models(), state.alive_nodes(), state.leases(), state.servers(),
-                          state.demand().values(), now=now)
+def current_plan(state: MeshState, *, now: float, me: str = "") -> Placement:
+    """The plan for the document as it stands. ``me``: the node planning, alive in its own eyes even
+    while a death verdict it has yet to refute (a healed partition) says otherwise."""
+    alive = state.alive_nodes()
+    if me and me not in alive and me in state.nodes():
+        alive[me] = state.nodes()[me]
+    return plan_placement(state.models(), alive, state.leases(), state.servers(), state.demand().values(), now=now)
 
 
 def conditions(state: MeshState, *, now: float, plan: Placement | None = None) -> dict[str, Condition]:
