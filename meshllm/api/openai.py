@@ -22,9 +22,10 @@ from starlette.types import Receive, Scope, Send
 
 from meshllm.api.errors import openai_error
 from meshllm.api.routing import Route, Router, Unavailable
-from meshllm.api.tunnel import LocalForward, TunnelStream, open_tunnel
+from meshllm.api.tunnel import LocalForward, TunnelResponse, TunnelStream, open_tunnel
 from meshllm.api.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from meshllm.errors import MeshError
+from meshllm.transport.errors import ErrorCode, TransportError
 
 __all__ = ["DEFAULT_MAX_BODY", "RelayResponse", "TunnelOpener", "create_openai_app", "make_local_forward",
            "upstream_pool"]
@@ -207,12 +208,25 @@ async def _forward_remote(tunnels: TunnelOpener | None, route: Route, path: str,
         return openai_error(503, f"model {route.model!r} is served by node {route.node}, "
                                  "which this node cannot reach", code="upstream_unavailable", retry_after=2)
     try:
-        stream = await tunnels(route.node)
-        reply = await open_tunnel(stream, method="POST", path=path, query=query, headers=headers, body=body)
+        reply = await _tunnel_request(tunnels, route.node, path=path, query=query, headers=headers, body=body)
     except (anyio.BrokenResourceError, anyio.EndOfStream, MeshError, ValueError) as exc:
         return openai_error(503, f"model {route.model!r} on node {route.node} did not answer: {exc}",
                             code="upstream_unavailable", retry_after=2)
     return RelayResponse(reply.status, reply.headers, reply.chunks(), close=reply.aclose)
+
+
+async def _tunnel_request(tunnels: TunnelOpener, node: str, *, path: str, query: str,
+                          headers: list[tuple[str, str]], body: bytes) -> TunnelResponse:
+    try:
+        stream = await tunnels(node)
+        return await open_tunnel(stream, method="POST", path=path, query=query, headers=headers, body=body)
+    except TransportError as exc:
+        if exc.code != ErrorCode.DUPLICATE:
+            raise
+    # the two nodes had dialled each other at once and this connection lost the tie-break before
+    # any answer came: the request goes again, on the connection that won
+    stream = await tunnels(node)
+    return await open_tunnel(stream, method="POST", path=path, query=query, headers=headers, body=body)
 
 
 def make_local_forward(router: Router, pool: UpstreamPool) -> LocalForward:

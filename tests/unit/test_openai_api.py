@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import anyio
 import pytest
 from starlette.testclient import TestClient
 
 from meshllm.api.openai import create_openai_app
 from meshllm.api.routing import Router
 from meshllm.state.document import MeshState
-from meshllm.state.schema import ModelSpec, ServerPhase, ServerStatus
+from meshllm.state.schema import ModelSpec, NodeStatus, ServerPhase, ServerStatus
+from meshllm.transport.errors import ConnectionLost, ErrorCode
 
 NODE = "n1"
 
@@ -75,3 +77,48 @@ def test_unreachable_upstream_is_503(client: TestClient) -> None:
     response = client.post("/v1/completions", json={"model": "ready-model", "prompt": "x"})
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "upstream_unavailable"
+
+
+class _FakeTunnel:
+    """One tunnel stream: answers 200 with ``chunks``, or fails the request with ``error``."""
+
+    def __init__(self, *, error: Exception | None = None, chunks: tuple[bytes, ...] = ()) -> None:
+        self.error = error
+        self.replies = [b'{"status": 200, "headers": [["content-type", "application/json"]]}', *chunks]
+
+    async def send(self, message: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def receive(self) -> bytes:
+        if not self.replies:
+            raise anyio.EndOfStream
+        return self.replies.pop(0)
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("duplicate", "status"), [(True, 200), (False, 503)])
+def test_a_request_on_a_connection_lost_to_a_duplicate_is_sent_again(duplicate: bool, status: int) -> None:
+    state = MeshState()
+    state.put_model(ModelSpec(name="remote-model", source="x", node="n2"))
+    state.put_node(NodeStatus(id="n2", incarnation=1))
+    state.put_server(ServerStatus(node="n2", model="remote-model", phase=ServerPhase.READY, port=7))
+    lost = ConnectionLost("connection to n2 closed here: replaced by another connection",
+                          code=ErrorCode.DUPLICATE if duplicate else None)
+    opened = [_FakeTunnel(error=lost), _FakeTunnel(chunks=(b'{"ok": true}',))]
+
+    async def tunnels(node_id: str) -> _FakeTunnel:
+        return opened.pop(0)
+
+    router = Router(state, node_id=NODE)
+    with TestClient(create_openai_app(router, tunnels=tunnels)) as client:  # type: ignore[arg-type]
+        response = client.post("/v1/completions", json={"model": "remote-model", "prompt": "hi"})
+    router.close()
+    assert response.status_code == status
+    if status == 200:
+        assert response.json() == {"ok": True} and not opened
