@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ import tarfile
 import tempfile
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -57,6 +58,12 @@ class EngineRecipe:
     cmake: tuple[str, ...]
     flavours: dict[str, tuple[str, ...]]
     patches: tuple[Path, ...]
+    machines: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def flags(self, flavour: str, *, machine: str | None = None) -> list[str]:
+        """CMake flags for ``flavour`` on this kind of processor (``platform.machine()``)."""
+        arch = machine or platform.machine()
+        return [*self.cmake, *self.flavours[flavour], *self.machines.get(arch, ())]
 
     def key(self, flavour: str) -> str:
         """Cache key: pin version, flavour and a digest of everything that shapes the build."""
@@ -91,6 +98,7 @@ def load_recipe(folder: Path | None = None) -> EngineRecipe:
         cmake=tuple(build["cmake"]),
         flavours={name: tuple(f["cmake"]) for name, f in raw["flavour"].items()},
         patches=tuple(sorted((folder / "patches").glob("*.patch"))),
+        machines={name: tuple(m["cmake"]) for name, m in raw.get("machine", {}).items()},
     )
 
 
@@ -239,7 +247,7 @@ def build_engine(*, flavour: str | None = None, jobs: int | None = None,
         source = _unpack(sdist, recipe, work)
         log = root / f"{recipe.key(flavour)}.log"
         log.write_text("")
-        flags = list(recipe.cmake) + list(recipe.flavours[flavour])
+        flags = recipe.flags(flavour)
         if flavour == "cuda" and os.environ.get("CMAKE_CUDA_ARCHITECTURES"):
             flags.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CMAKE_CUDA_ARCHITECTURES']}")
         build = work / "build"
