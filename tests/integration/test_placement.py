@@ -118,3 +118,20 @@ def test_a_standby_serves_a_model_whose_node_left_while_it_is_asked_for(mesh: Me
              what="the standby to take tiny-dense over")
     print(f"\nowner killed: the standby served its model after {time.monotonic() - killed:.2f}s")
     assert greedy(client.api, "tiny-dense") == before
+
+
+def test_a_hot_model_gets_a_replica_on_the_standby(mesh: Mesh, tiny_dense: Path, tiny_moe: Path) -> None:
+    nodes = start_standbys(mesh, 3)
+    applied = cli(nodes[0], "apply", "-f", "-", stdin=manifest(("x", tiny_dense), ("y", tiny_moe)))
+    assert applied.returncode == 0, applied.stderr
+    wait_for(lambda: all(listed(n) == {"x", "y"} for n in nodes), timeout=60, what="x and y served")
+    assert len(ready_servers(nodes[0], "x")) == 1
+    with httpx.Client(base_url=nodes[0].api, timeout=30) as client:
+        for _ in range(12):  # 12 a minute for x, none for y: x is hot
+            reply = client.post("/v1/completions", json={"model": "x", "prompt": "hi", "max_tokens": 2})
+            assert reply.status_code == 200
+    wait_for(lambda: len(ready_servers(nodes[2], "x")) == 2, timeout=30, what="a second server for x")
+    placed = {s["node"] for s in ready_servers(nodes[2], "x")} | {ready_servers(nodes[2], "y")[0]["node"]}
+    assert len(placed) == 3  # the replica went to the node that served nothing
+    leases = httpx.get(f"http://127.0.0.1:{nodes[1].console}/api/models/x").json()["leases"]
+    assert sorted((le["slot"], le["hot"]) for le in leases) == [(0, False), (1, True)]
