@@ -54,7 +54,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pycrdt import Doc, Map, Subscription, create_sync_message, handle_sync_message
+from pycrdt import Doc, Map, YSyncMessageType, create_sync_message, handle_sync_message
 
 from meshllm import __version__
 from meshllm.gossip.membership import Membership
@@ -78,6 +78,7 @@ class Knobs:
 
     transport: TransportSettings = MESH_TRANSPORT
     ring: int = MEMBERSHIP["ring"].default
+    fingers: tuple[float, ...] = tuple(MEMBERSHIP["fingers"].default)
     tick: float = MEMBERSHIP["tick"].default
     confirm_timeout: float = MEMBERSHIP["confirm_timeout"].default
     anti_entropy: float = GOSSIP["anti_entropy"].default
@@ -123,7 +124,8 @@ class BenchNode:
                                 version=__version__, started_at=now, incarnation=now)
                 await tg.start(self.gossip.run)
                 membership = Membership(self.state, self.gossip, self.endpoint, me=me, seeds=seeds,
-                                        ring=self.knobs.ring, tick=self.knobs.tick,
+                                        ring=self.knobs.ring, fingers=self.knobs.fingers,
+                                        tick=self.knobs.tick,
                                         confirm_timeout=self.knobs.confirm_timeout)
                 await tg.start(membership.run)
                 task_status.started(self.addr)
@@ -160,6 +162,7 @@ class Watch:
         self.holds = holds
         self.expected = len(nodes)
         self.seen: dict[int, float] = {}
+        self.via: dict[int, tuple[str, int] | None] = {}  # who delivered it, by which message type
         self.done = anyio.Event()
         self.started = time.monotonic()
         self._subs: list[tuple[BenchNode, int]] = []
@@ -180,6 +183,7 @@ class Watch:
             return
         if satisfied:
             self.seen[node.index] = time.monotonic()
+            self.via[node.index] = node.gossip.delivering
             if len(self.seen) == self.expected:
                 self.done.set()
 
@@ -290,25 +294,78 @@ async def formation(tg: TaskGroup, nodes: list[BenchNode], knobs: Knobs) -> Resu
             "kernel_udp_drops": drops_since(drops)}
 
 
+def delivery_paths(nodes: Sequence[BenchNode], watch: Watch, writer: BenchNode) -> Result:
+    """Which path brought a change to each replica: hops from the writer and how the slowest got it.
+
+    Each replica's parent is the peer whose message made the change appear there; "flood" is a
+    forwarded update message, "repair" a sync step 2 (an anti-entropy pull, or a session's start)."""
+    index = {node.node_id: node.index for node in nodes}
+    parent: dict[int, int | None] = {}
+    kind: dict[int, str] = {}
+    for i, via in watch.via.items():
+        if via is None:  # written here
+            parent[i], kind[i] = None, "origin" if i == writer.index else "local"
+        else:
+            parent[i] = index.get(via[0])
+            kind[i] = "flood" if via[1] == YSyncMessageType.SYNC_UPDATE else "repair"
+    hops: dict[int, int] = {}
+
+    def hop(i: int, depth: int = 0) -> int:
+        if i not in hops:
+            up = parent.get(i)
+            hops[i] = 0 if up is None or depth > len(nodes) else hop(up, depth + 1) + 1
+        return hops[i]
+
+    for i in parent:
+        hop(i)
+    if not watch.seen:
+        return {}
+    slowest = max(watch.seen, key=watch.seen.__getitem__)
+    path, at = [], slowest
+    while at is not None and len(path) <= len(nodes):
+        path.append(at)
+        at = parent.get(at)
+    times = [watch.seen[i] - watch.started for i in reversed(path)]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return {"hops_max": max(hops.values()), "hops_p50": pct(list(hops.values()), 0.5),
+            "slowest": slowest, "slowest_hops": hops[slowest], "slowest_kind": kind[slowest],
+            "slowest_path_repairs": sum(kind[i] == "repair" for i in path),
+            "slowest_path_max_hop_s": max(gaps, default=0.0),
+            "repaired": sum(k == "repair" for k in kind.values()),
+            "slowest_path": [(i, kind[i], round(t, 3)) for i, t in zip(reversed(path), times)]}
+
+
 async def convergence(nodes: list[BenchNode], knobs: Knobs, rng: random.Random) -> Result:
     """A random node writes a model spec; time until every replica holds it. ``knobs.changes`` times."""
     runs: list[Result] = []
     cpu = time.process_time()
-    for i in range(knobs.changes):
-        name, writer = f"m{i}", rng.choice(nodes)
-        watch = Watch(nodes, lambda node, name=name: name in node.maps["models"])
-        watch.start()
-        writer.state.put_model(ModelSpec(name=name, source="x"))
-        complete = await watch.wait(knobs.timeout)
-        delays = watch.delays()
-        runs.append({"writer": writer.index, "complete": complete, "all_s": delays[-1] if complete else None,
-                     "node_p50_s": pct(delays, 0.5), "reached": len(delays)})
-        await anyio.sleep(knobs.spacing)
+    lags: list[float] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sample_lag, lags)
+        for i in range(knobs.changes):
+            name, writer = f"m{i}", rng.choice(nodes)
+            watch = Watch(nodes, lambda node, name=name: name in node.maps["models"])
+            watch.start()
+            writer.state.put_model(ModelSpec(name=name, source="x"))
+            complete = await watch.wait(knobs.timeout)
+            delays = watch.delays()
+            runs.append({"writer": writer.index, "complete": complete,
+                         "all_s": delays[-1] if complete else None,
+                         "node_p50_s": pct(delays, 0.5), "reached": len(delays),
+                         **delivery_paths(nodes, watch, writer)})
+            await anyio.sleep(knobs.spacing)
+        tg.cancel_scope.cancel()
     names = {f"m{i}" for i in range(knobs.changes)}
     typed_misses = sum(len(names - set(node.state.models())) for node in nodes)
     alls = [run["all_s"] for run in runs if run["complete"]]
+    slow = max((run for run in runs if run["complete"]), key=lambda run: run["all_s"], default={})
     return {"p50_s": pct(alls, 0.5), "max_s": max(alls) if len(alls) == len(runs) else None,
             "complete": len(alls), "changes": len(runs), "typed_misses": typed_misses,
+            "hops_max": max((run.get("hops_max", 0) for run in runs), default=0),
+            "repaired_nodes": sum(run.get("repaired", 0) for run in runs),
+            "slowest_by_repair": sum(run.get("slowest_kind") == "repair" for run in runs),
+            "worst_hop_s": slow.get("slowest_path_max_hop_s"), "worst_hops": slow.get("slowest_hops"),
+            "lag_p50_ms": 1000 * (pct(lags, 0.5) or 0.0), "lag_max_ms": 1000 * max(lags, default=0.0),
             "cpu_s": time.process_time() - cpu, "runs": runs}
 
 
@@ -435,6 +492,10 @@ async def run_size(size: int, knobs: Knobs, rng: random.Random, logs: LogCounter
                 result[name] = await phase()
                 result[name]["warnings"] = logs.take()
                 print(f"N={size}: {name} done", flush=True)
+                if name == "convergence":
+                    for run in result[name]["runs"]:
+                        print(f"  {fmt(run['all_s'])} s, {run.get('hops_max')} hops, slowest by "
+                              f"{run.get('slowest_kind')}: {run.get('slowest_path')}", flush=True)
         deaths = nodes[0].state.deaths()
         victim = result.get("detection", {}).get("victim")
         result["false_deaths"] = sum(1 for n in nodes if n.node_id in deaths and n.index != victim)
@@ -463,6 +524,10 @@ ROWS: list[Row] = [
     ("convergence p50 (s)", "", at("convergence", "p50_s")),
     ("convergence max (s)", "<= 2", at("convergence", "max_s")),
     ("  changes reaching every node", "", pair("convergence", "complete", "changes")),
+    ("  hops from the writer, max", "", at("convergence", "hops_max")),
+    ("  nodes reached by repair, not flood", "", at("convergence", "repaired_nodes")),
+    ("  slowest change: hops / longest hop (s)", "", pair("convergence", "worst_hops", "worst_hop_s")),
+    ("  loop lag p50 / max (ms)", "", pair("convergence", "lag_p50_ms", "lag_max_ms")),
     ("steady UDP B/s per node, mean", "<= 2048", at("steady", "udp_Bps_mean")),
     ("steady UDP B/s per node, max", "<= 2048", at("steady", "udp_Bps_max")),
     ("  seed node 0 / max of the others", "", pair("steady", "udp_Bps_seed", "udp_Bps_max_non_seed")),
@@ -513,7 +578,8 @@ async def main(sizes: Sequence[int], knobs: Knobs, seed: int, json_path: Path | 
     rng = random.Random(seed)
     load = os.getloadavg()
     t = knobs.transport
-    print(f"ping {t.ping_interval:g}s, peer timeout {t.peer_timeout:g}s, ring {knobs.ring}, membership tick "
+    print(f"ping {t.ping_interval:g}s, peer timeout {t.peer_timeout:g}s, ring {knobs.ring}, fingers "
+          f"{','.join(f'{f:g}' for f in knobs.fingers) or 'none'}, membership tick "
           f"{knobs.tick:g}s, dial timeout {knobs.confirm_timeout:g}s, anti-entropy {knobs.anti_entropy:g}s; "
           f"datagram reads per wake-up: {'up to 64' if knobs.drain_sockets else 'one (asyncio)'}; "
           f"{os.cpu_count()} cores, load average "
@@ -545,6 +611,8 @@ def parse_args() -> tuple[list[int], Knobs, int, Path | None]:
     parser.add_argument("--ping-interval", type=float, default=MESH_TRANSPORT.ping_interval)
     parser.add_argument("--peer-timeout", type=float, default=MESH_TRANSPORT.peer_timeout)
     parser.add_argument("--ring", type=int, default=Knobs.ring, help="ring neighbours on each side")
+    parser.add_argument("--fingers", default=",".join(f"{f:g}" for f in Knobs.fingers),
+                        help="finger offsets as fractions of the ring, comma-separated ('' for none)")
     parser.add_argument("--tick", type=float, default=Knobs.tick, help="membership round interval (s)")
     parser.add_argument("--confirm-timeout", type=float, default=Knobs.confirm_timeout,
                         help="membership's limit on one dial (joining, and confirming a death)")
@@ -558,7 +626,9 @@ def parse_args() -> tuple[list[int], Knobs, int, Path | None]:
     if args.verbose:
         logging.basicConfig(level=logging.WARNING, format="%(relativeCreated)8.0f %(name)s: %(message)s")
     transport = replace(MESH_TRANSPORT, ping_interval=args.ping_interval, peer_timeout=args.peer_timeout)
-    knobs = Knobs(transport=transport, ring=args.ring, tick=args.tick, confirm_timeout=args.confirm_timeout,
+    knobs = Knobs(transport=transport, ring=args.ring, tick=args.tick,
+                  fingers=tuple(float(f) for f in args.fingers.split(",") if f),
+                  confirm_timeout=args.confirm_timeout,
                   anti_entropy=args.anti_entropy,
                   changes=args.changes, spacing=args.spacing, window=args.window,
                   join_interval=args.join_interval, drain_sockets=args.drain_sockets)
