@@ -99,6 +99,7 @@ class Mesh:
             process = context.Process(target=worker_main, args=(theirs, self.local(w), creds, knobs),
                                       daemon=True)
             process.start()
+            theirs.close()  # so that a worker's death reads as EOF here, not as silence
             self.conns.append(ours)
             self.processes.append(process)
         self.ids: dict[int, str] = {}
@@ -117,7 +118,12 @@ class Mesh:
             conn.send((command, kwargs))
             return conn.recv()
 
-        reply = await anyio.to_thread.run_sync(roundtrip)
+        try:
+            reply = await anyio.to_thread.run_sync(roundtrip)
+        except (EOFError, OSError) as exc:
+            process = self.processes[worker]
+            process.join(1)
+            raise RuntimeError(f"worker {worker} died during {command} (exit code {process.exitcode})") from exc
         if isinstance(reply, dict) and "error" in reply:
             raise RuntimeError(f"worker {worker} failed {command}:\n{reply['error']}")
         return reply
@@ -338,7 +344,8 @@ async def run_size(size: int, knobs: Knobs, rng: random.Random) -> Result:
         await mesh.open()
         result["formation"] = await formation(mesh, knobs)
         result["formation"]["warnings"] = await mesh.logs()
-        print(f"N={size}: formation {fmt(result['formation']['all_s'])} s", flush=True)
+        print(f"N={size}: formation {fmt(result['formation']['all_s'])} s, {result['formation']['formed']} of "
+              f"{size} nodes saw all alive", flush=True)
         if result["formation"]["complete"]:
             await run_phases(mesh, knobs, rng, result)
         deaths = await mesh.call(0, "deaths")

@@ -60,6 +60,7 @@ class _Dial:
 PRUNE_AFTER = 10.0  # seconds a connection outside the links is kept (a seed link, an idle tunnel)
 RTT_DRIFT_MS = 5.0  # an RTT change smaller than this (and than half the old value) is not news
 RTT_REFRESH = 300.0  # seconds between republications for drift alone
+DEAD_DIALS = 2  # dials to dead nodes in flight at once: healing needs a few, not one per dead node
 RTT_SETTLE = 3.0  # a new connection's first samples include its handshake: published once it settled
 
 
@@ -89,6 +90,7 @@ class Membership:
         self._suspects: dict[str, float] = {}
         self._dials: dict[str, _Dial] = {}
         self._dialing: set[str] = set()
+        self._dead_dialing: set[str] = set()
         self._rtt_published = self._rtt_checked = 0.0
         self._changed = True
         self._last_dial_scan = 0.0
@@ -192,12 +194,19 @@ class Membership:
         self._judge_suspects(tg, now)  # first: a suspect gets the short confirmation dial
         alive = self.state.alive_nodes()
         ring = self._ring(alive)
-        for key, addrs in self._wanted_addrs(alive, ring).items():
+        wanted = list(self._wanted_addrs(alive, ring).items())
+        self.rng.shuffle(wanted)  # dead nodes past the cap below take turns
+        for key, addrs in wanted:
             if key in self._dialing or self.endpoint.peer(key) is not None or not addrs:
+                continue
+            dead = key not in ring and not key.startswith("seed:")
+            if dead and len(self._dead_dialing) >= DEAD_DIALS:
                 continue
             dial = self._dials.setdefault(key, _Dial())
             if dial.next_at <= now:
                 self._dialing.add(key)
+                if dead:
+                    self._dead_dialing.add(key)
                 tg.start_soon(self._dial, key, addrs, self.dial_timeout)
         self._prune(alive, ring)
         self._publish_rtt(now, ring)
@@ -239,6 +248,7 @@ class Membership:
             return None
         finally:
             self._dialing.discard(key)
+            self._dead_dialing.discard(key)
 
     # -- verdicts ---------------------------------------------------------------------------
     def _judge_suspects(self, tg: TaskGroup, now: float) -> None:
