@@ -459,7 +459,12 @@ async def main(sizes: Sequence[int], knobs: Knobs, seed: int, json_path: Path | 
           f"dial timeout {knobs.confirm_timeout:g}s, anti-entropy {knobs.anti_entropy:g}s; datagram reads "
           f"per wake-up: {'up to 64' if knobs.drain_sockets else 'one (asyncio)'}; {knobs.procs} worker "
           f"process(es); {os.cpu_count()} cores, load average {load[0]:.2f} at start", flush=True)
-    results = [await run_size(size, knobs, rng) for size in sizes]
+    results: list[Result] = []
+    for size in sizes:
+        results.append(await run_size(size, knobs, rng))
+        if json_path is not None:  # after each size, so that a run cut short keeps what it measured
+            json_path.write_text(json.dumps({"knobs": {**asdict(knobs), "transport": asdict(t)},
+                                             "seed": seed, "results": results}, indent=2))
     print_table(results)
     print(f"\nendpoints left running: {sum(r['left_running'] for r in results)}, "
           f"tasks left: {sum(r['tasks_left'] for r in results)}")
@@ -469,9 +474,6 @@ async def main(sizes: Sequence[int], knobs: Knobs, seed: int, json_path: Path | 
             warnings.update(result.get(phase, {}).get("warnings", {}))
         print(f"N={result['nodes']} warnings: " + (", ".join(f"{n}x {m!r}" for m, n in warnings.most_common(4))
                                                    or "none"))
-    if json_path is not None:
-        json_path.write_text(json.dumps({"knobs": {**asdict(knobs), "transport": asdict(t)}, "seed": seed,
-                                         "results": results}, indent=2))
 
 
 def parse_args() -> tuple[list[int], Knobs, int, Path | None]:
