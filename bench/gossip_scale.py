@@ -1,32 +1,37 @@
 """How gossip and membership scale with the mesh: formation, convergence, steady traffic, failure detection.
 
-Every node keeps QUIC connections to a few ring neighbours, floods each change of the state document to
-them, pulls a random peer's state every few seconds (anti-entropy), and pings every connection twice a
-second to notice deaths. Whether that stays cheap and quick at 100 nodes is what this bench answers.
+Every node keeps QUIC connections to a few peers (ring neighbours and finger links, see
+``meshllm.gossip.overlay``), floods each change of the state document to them, pulls a random peer's
+state every few seconds (anti-entropy), and pings idle connections every second to notice deaths.
+Whether that stays cheap and quick at 100 nodes is what this bench answers.
 
-For each size N it runs N nodes in this one process, each with its own identity, ``QuicEndpoint`` (a real
-UDP socket on 127.0.0.1), ``MeshState``, ``DocGossip`` and ``Membership``, wired as ``MeshRuntime.start``
-wires them (no llama-server, no HTTP). Node 0 founds the mesh, the others join with its address as seed and
-the same mesh credentials. Then it measures:
+For each size N it runs N nodes spread over ``--procs`` worker processes (``_gossip_nodes.py``), each
+node with its own identity, ``QuicEndpoint`` (a real UDP socket on 127.0.0.1), ``MeshState``,
+``DocGossip`` and ``Membership``, wired as ``MeshRuntime.start`` wires them (no llama-server, no HTTP).
+Node 0 founds the mesh, the others join with its address as seed and the same mesh credentials. Then
+it measures:
 
 1. formation: from starting node 0 until every node sees all N nodes alive;
 2. convergence: a random node writes a ``ModelSpec``; time until every replica holds it (``--changes``
-   times, ``--spacing`` apart);
+   times, ``--spacing`` apart), with the path that brought it to each replica: hops from the writer,
+   and whether the last hop was a flooded update or an anti-entropy/session-start repair (sync step 2);
 3. steady traffic over ``--window`` seconds without changes: UDP bytes sent + received per endpoint (QUIC
-   keepalive pings, ACKs and anti-entropy included), gossip-layer bytes (``DocGossip.stats``), and this
-   process's CPU time per node and the event loop's lag, which tell whether the numbers are CPU-bound;
+   keepalive pings, ACKs and anti-entropy included), gossip-layer bytes (``DocGossip.stats``), and the
+   workers' CPU time per node and the event loops' lag, which tell whether the numbers are CPU-bound;
 4. failure detection: one node dies as a killed process does (its socket closes first, so no
    CONNECTION_CLOSE goes out, then its tasks stop); time until every other replica has it not alive.
 
-Times are taken in the replicas' own change callbacks, not by polling. All nodes share one Python event loop
-on however many cores the machine has: read the CPU, loop-lag and kernel-drop rows before the times. Past a
-few dozen nodes at the production timers the one process runs out of CPU, sockets overflow and nodes declare
-live peers dead (the "false death verdicts" row); then ``--drain-sockets`` (what a process per node would
-read in time), ``--join-interval`` and the protocol's own knobs (``--tick``, ``--ping-interval``,
-``--peer-timeout``, ``--confirm-timeout``, ``--ring``, ``--anti-entropy``) show which numbers depend on what.
+Times are taken in the replicas' own change callbacks, not by polling, on the one monotonic clock all
+processes share. With ``--procs 1`` all nodes share one Python event loop: past a few dozen nodes at the
+production timers it runs out of CPU, sockets overflow and nodes declare live peers dead (the "false
+death verdicts" row); read the CPU, loop-lag and kernel-drop rows before the times. ``--procs`` spreads
+that over cores (it cannot help beyond the cores the machine has free); ``--drain-sockets`` (what a
+process per node would read in time), ``--join-interval`` and the protocol's own knobs (``--tick``,
+``--ping-interval``, ``--peer-timeout``, ``--confirm-timeout``, ``--ring``, ``--fingers``,
+``--anti-entropy``) show which numbers depend on what.
 
-    .venv/bin/python bench/gossip_scale.py [--sizes 10,50,100] [--window 20] [--json PATH]
-    .venv/bin/python bench/gossip_scale.py --sizes 30 --drain-sockets --tick 1
+    .venv/bin/python bench/gossip_scale.py [--sizes 10,50,100] [--procs 2] [--window 20] [--json PATH]
+    .venv/bin/python bench/gossip_scale.py --sizes 30 --drain-sockets --tick 1 --fingers ''
 
 It prints a table and never asserts: benchmarks are not tests (see STYLE.md).
 """
@@ -34,181 +39,26 @@ It prints a table and never asserts: benchmarks are not tests (see STYLE.md).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import inspect
 import json
-import logging
+import multiprocessing
 import os
 import random
 import statistics
 import time
-from asyncio import selector_events
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
 from functools import partial
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pycrdt import Doc, Map, Subscription, create_sync_message, handle_sync_message
+from _gossip_nodes import Knobs, Result, worker_main
+from pycrdt import YSyncMessageType
 
-from meshllm import __version__
-from meshllm.gossip.membership import Membership
-from meshllm.gossip.sync import DocGossip
 from meshllm.node.mesh import MESH_TRANSPORT
-from meshllm.state.document import MeshState
-from meshllm.state.schema import ModelSpec, NodeRole, NodeStatus
-from meshllm.store.identity import NodeIdentity
 from meshllm.store.mesh import MeshCredentials
-from meshllm.transport import QuicEndpoint, TransportError, TransportSettings
-
-HOST = "127.0.0.1"
-Result = dict[str, Any]
-MEMBERSHIP = inspect.signature(Membership).parameters  # the production defaults, read where they are set
-GOSSIP = inspect.signature(DocGossip).parameters
-
-
-@dataclass(frozen=True)
-class Knobs:
-    """The protocol's timers (the production defaults unless overridden) and the bench's own."""
-
-    transport: TransportSettings = MESH_TRANSPORT
-    ring: int = MEMBERSHIP["ring"].default
-    tick: float = MEMBERSHIP["tick"].default
-    confirm_timeout: float = MEMBERSHIP["confirm_timeout"].default
-    anti_entropy: float = GOSSIP["anti_entropy"].default
-    changes: int = 10
-    spacing: float = 0.5
-    window: float = 20.0
-    settle: float = 2.0
-    timeout: float = 30.0
-    join_interval: float = 0.0
-    drain_sockets: bool = False
-
-
-class BenchNode:
-    """One mesh node's gossip half, run as a task of this process."""
-
-    def __init__(self, index: int, creds: MeshCredentials, knobs: Knobs) -> None:
-        self.index = index
-        self.identity = NodeIdentity(Ed25519PrivateKey.generate())
-        self.state = MeshState()
-        self.endpoint = QuicEndpoint(self.identity, creds.mesh_id, creds.secret, host=HOST,
-                                     settings=knobs.transport)
-        self.gossip = DocGossip(self.state.doc, node_id=self.node_id, anti_entropy=knobs.anti_entropy)
-        self.maps = {kind: self.state.doc.get(kind, type=Map) for kind in ("models", "nodes", "deaths")}
-        self.knobs = knobs
-        self.scope: anyio.CancelScope | None = None
-        self.addr = ""
-
-    @property
-    def node_id(self) -> str:
-        return self.identity.node_id
-
-    async def serve(self, seeds: Sequence[str], *,
-                    task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Start as ``MeshRuntime.start`` does; report the address to dial; run until cancelled."""
-        now = time.time()
-        try:
-            async with anyio.create_task_group() as tg:
-                self.scope = tg.cancel_scope
-                port = await tg.start(self.endpoint.run)
-                self.addr = f"{HOST}:{port}"
-                me = NodeStatus(id=self.node_id, name=f"bench-{self.index}", role=NodeRole.SERVER,
-                                api_url=f"http://{HOST}:{9000 + self.index}/v1", addrs=[self.addr],
-                                version=__version__, started_at=now, incarnation=now)
-                await tg.start(self.gossip.run)
-                membership = Membership(self.state, self.gossip, self.endpoint, me=me, seeds=seeds,
-                                        ring=self.knobs.ring, tick=self.knobs.tick,
-                                        confirm_timeout=self.knobs.confirm_timeout)
-                await tg.start(membership.run)
-                task_status.started(self.addr)
-        finally:
-            self.gossip.close()
-
-    def crash(self) -> None:
-        """Die as a killed process does: the socket first (no CONNECTION_CLOSE leaves), then every task.
-
-        ``QuicEndpoint`` has no crash switch (a clean stop says goodbye to every peer), so this closes its
-        UDP transport directly; the shutdown that follows finds the socket closing and sends nothing.
-        """
-        running = self.endpoint._running  # private on purpose: no public API should offer this
-        assert running is not None and self.scope is not None
-        running.transport.close()
-        self.scope.cancel()
-
-    @property
-    def running(self) -> bool:
-        try:
-            self.endpoint.address
-        except TransportError:
-            return False
-        return True
-
-
-class Watch:
-    """When each replica first satisfies ``holds``, timed in its own document's change callbacks.
-
-    It listens through ``MeshState.observe``, whose listeners run after the state's decoded
-    entries are refreshed (pycrdt calls a table's own observers in no fixed order)."""
-
-    def __init__(self, nodes: Sequence[BenchNode], holds: Callable[[BenchNode], bool]) -> None:
-        self.holds = holds
-        self.expected = len(nodes)
-        self.seen: dict[int, float] = {}
-        self.done = anyio.Event()
-        self.started = time.monotonic()
-        self._subs: list[tuple[BenchNode, int]] = []
-        for node in nodes:
-            self._subs.append((node, node.state.observe(partial(self._changed, node))))
-            self._changed(node)
-
-    def start(self) -> None:
-        self.started = time.monotonic()
-
-    def _changed(self, node: BenchNode) -> None:
-        if node.index in self.seen:
-            return
-        try:
-            satisfied = self.holds(node)
-        except Exception:  # never raise into pycrdt's callback
-            logging.getLogger(__name__).exception("watch predicate failed")
-            return
-        if satisfied:
-            self.seen[node.index] = time.monotonic()
-            if len(self.seen) == self.expected:
-                self.done.set()
-
-    async def wait(self, timeout: float) -> bool:
-        with anyio.move_on_after(timeout):
-            await self.done.wait()
-        for node, handle in self._subs:
-            node.state.unobserve(handle)
-        self._subs.clear()
-        return self.done.is_set()
-
-    def delays(self) -> list[float]:
-        return sorted(at - self.started for at in self.seen.values())
-
-
-class LogCounter(logging.Handler):
-    """Counts warnings by message template (peer timeouts, death verdicts, dropped handshakes)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.counts: Counter[str] = Counter()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.counts[f"{record.name}: {record.msg}"] += 1
-
-    def take(self) -> dict[str, int]:
-        """The counts since the last ``take``."""
-        counts, self.counts = dict(self.counts), Counter()
-        return counts
 
 
 def pct(values: Sequence[float], q: float) -> float | None:
@@ -233,215 +83,291 @@ def drops_since(before: int | None) -> int | None:
     return None if before is None or after is None else after - before
 
 
-@contextmanager
-def drained_datagram_reads(enabled: bool, *, burst: int = 64) -> Iterator[None]:
-    """While enabled, asyncio reads up to ``burst`` queued datagrams per socket wake-up instead of one.
+class Mesh:
+    """The worker processes of one mesh size, and which node lives in which (node i in worker i % procs)."""
 
-    asyncio's datagram transport calls ``recvfrom`` once per readiness event, so a socket is read once per
-    pass of the event loop. With N nodes in one loop a pass takes ~N times longer while each socket's
-    traffic does not shrink: busy sockets (the seed's first) fill their receive buffer and the kernel drops
-    pings, handshakes and CONNECTION_CLOSEs, which a process per node would read in time. This patches
-    asyncio's private ``_SelectorDatagramTransport._read_ready`` for the run and restores it after.
-    """
-    transport = selector_events._SelectorDatagramTransport  # type: ignore[attr-defined]
-    original = transport._read_ready
+    def __init__(self, size: int, knobs: Knobs) -> None:
+        self.size = size
+        self.procs = max(1, min(knobs.procs, size))
+        self.knobs = knobs
+        creds = MeshCredentials.create()
+        context = multiprocessing.get_context("spawn")
+        self.conns: list[Connection] = []
+        self.processes = []
+        for w in range(self.procs):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=worker_main, args=(theirs, self.local(w), creds, knobs),
+                                      daemon=True)
+            process.start()
+            theirs.close()  # so that a worker's death reads as EOF here, not as silence
+            self.conns.append(ours)
+            self.processes.append(process)
+        self.ids: dict[int, str] = {}
+        self.index: dict[str, int] = {}
 
-    def read_ready(self: Any) -> None:
-        for _ in range(burst):
-            if self._conn_lost:
-                return
-            try:
-                data, addr = self._sock.recvfrom(self.max_size)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._protocol.error_received(exc)
-                return
-            self._protocol.datagram_received(data, addr)
+    def local(self, worker: int) -> list[int]:
+        return list(range(worker, self.size, self.procs))
 
-    if enabled:
-        transport._read_ready = read_ready
-    try:
-        yield
-    finally:
-        transport._read_ready = original
+    def worker_of(self, index: int) -> int:
+        return index % self.procs
+
+    async def call(self, worker: int, command: str, **kwargs: Any) -> Any:
+        conn = self.conns[worker]
+
+        def roundtrip() -> Any:
+            conn.send((command, kwargs))
+            return conn.recv()
+
+        try:
+            reply = await anyio.to_thread.run_sync(roundtrip)
+        except (EOFError, OSError) as exc:
+            process = self.processes[worker]
+            process.join(1)
+            raise RuntimeError(f"worker {worker} died during {command} (exit code {process.exitcode})") from exc
+        if isinstance(reply, dict) and "error" in reply:
+            raise RuntimeError(f"worker {worker} failed {command}:\n{reply['error']}")
+        return reply
+
+    async def each(self, command: str, per_worker: Callable[[int], dict[str, Any]] | None = None,
+                   **kwargs: Any) -> list[Any]:
+        """Send ``command`` to every worker at once; their replies, by worker."""
+        replies: list[Any] = [None] * self.procs
+
+        async def one(w: int) -> None:
+            replies[w] = await self.call(w, command, **kwargs, **(per_worker(w) if per_worker else {}))
+
+        async with anyio.create_task_group() as tg:
+            for w in range(self.procs):
+                tg.start_soon(one, w)
+        return replies
+
+    async def open(self) -> None:
+        for reply in await self.each("ids"):
+            self.ids.update(reply)
+        self.index = {nid: i for i, nid in self.ids.items()}
+
+    async def cpu(self) -> float:
+        return sum(await self.each("cpu"))
+
+    async def wait(self, timeout: float) -> tuple[dict[int, float], dict[int, Any]]:
+        seen: dict[int, float] = {}
+        via: dict[int, Any] = {}
+        for reply in await self.each("wait", timeout=timeout):
+            seen.update(reply["seen"])
+            via.update(reply["via"])
+        return seen, via
+
+    async def lags(self, on: bool) -> list[float]:
+        return [lag for reply in await self.each("lag", on=on) for lag in reply]
+
+    async def logs(self) -> dict[str, int]:
+        counts = Counter[str]()
+        for reply in await self.each("take_logs"):
+            counts.update(reply)
+        return dict(counts)
+
+    async def close(self) -> Result:
+        replies = []
+        for conn in self.conns:
+            conn.send(("finish", {}))
+        for conn, process in zip(self.conns, self.processes, strict=True):
+            replies.append(await anyio.to_thread.run_sync(conn.recv))
+            await anyio.to_thread.run_sync(process.join, 10)
+        return {"left_running": sum(r["running"] for r in replies),
+                "tasks_left": sum(r["tasks_left"] for r in replies)}
 
 
 # -- phases -----------------------------------------------------------------------------------------------
-async def formation(tg: TaskGroup, nodes: list[BenchNode], knobs: Knobs) -> Result:
+async def formation(mesh: Mesh, knobs: Knobs) -> Result:
     """Start node 0, then the others with node 0 as seed; time until every node sees all N alive."""
-    size = len(nodes)
-
-    def formed(node: BenchNode) -> bool:
-        return len(node.maps["nodes"]) >= size and len(node.state.alive_nodes()) == size
-
-    watch = Watch(nodes, formed)
-    cpu, drops = time.process_time(), kernel_udp_drops()
-    watch.start()
-    seed = await tg.start(nodes[0].serve, [])
-    for node in nodes[1:]:
-        await anyio.sleep(knobs.join_interval)
-        await tg.start(node.serve, [seed])
-    all_started = time.monotonic() - watch.started
-    complete = await watch.wait(knobs.timeout + size)
-    delays = watch.delays()
+    size = mesh.size
+    cpu, drops = await mesh.cpu(), kernel_udp_drops()
+    await mesh.each("watch_for", kind="formed", arg=size)
+    started = time.monotonic()
+    seed = (await mesh.call(0, "start", indices=[0], seeds=[], delay=0.0, spacing=0.0))[0]
+    # joins keep the --join-interval pace overall: each worker starts its nodes procs times that apart
+    await mesh.each("start", lambda w: {"indices": [i for i in mesh.local(w) if i],
+                                        "delay": w * knobs.join_interval},
+                    seeds=[seed], spacing=mesh.procs * knobs.join_interval)
+    all_started = time.monotonic() - started
+    seen, _ = await mesh.wait(knobs.timeout + size)
+    delays = sorted(at - started for at in seen.values())
+    complete = len(delays) == size
     return {"complete": complete, "all_s": delays[-1] if complete else None, "p50_s": pct(delays, 0.5),
-            "formed": len(delays), "started_s": all_started, "cpu_s": time.process_time() - cpu,
+            "formed": len(delays), "started_s": all_started, "cpu_s": await mesh.cpu() - cpu,
             "kernel_udp_drops": drops_since(drops)}
 
 
-async def convergence(nodes: list[BenchNode], knobs: Knobs, rng: random.Random) -> Result:
+def delivery_paths(mesh: Mesh, seen: dict[int, float], via: dict[int, Any], writer: int,
+                   started: float) -> Result:
+    """Which path brought a change to each replica: hops from the writer and how the slowest got it.
+
+    Each replica's parent is the peer whose message made the change appear there; "flood" is a
+    forwarded update message, "repair" a sync step 2 (an anti-entropy pull, or a session's start)."""
+    parent: dict[int, int | None] = {}
+    kind: dict[int, str] = {}
+    for i, source in via.items():
+        if source is None:  # written here
+            parent[i], kind[i] = None, "origin" if i == writer else "local"
+        else:
+            parent[i] = mesh.index.get(source[0])
+            kind[i] = "flood" if source[1] == YSyncMessageType.SYNC_UPDATE else "repair"
+    hops: dict[int, int] = {}
+
+    def hop(i: int, depth: int = 0) -> int:
+        if i not in hops:
+            up = parent.get(i)
+            hops[i] = 0 if up is None or depth > mesh.size else hop(up, depth + 1) + 1
+        return hops[i]
+
+    for i in parent:
+        hop(i)
+    if not seen:
+        return {}
+    slowest = max(seen, key=seen.__getitem__)
+    path: list[int] = []
+    step: int | None = slowest
+    while step is not None and step in seen and len(path) <= mesh.size:
+        path.append(step)
+        step = parent.get(step)
+    path.reverse()
+    times = [seen[i] - started for i in path]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    return {"hops_max": max(hops.values()), "hops_p50": pct(list(hops.values()), 0.5),
+            "slowest": slowest, "slowest_hops": hops[slowest], "slowest_kind": kind[slowest],
+            "slowest_path_repairs": sum(kind[i] == "repair" for i in path),
+            "slowest_path_max_hop_s": max(gaps, default=0.0),
+            "repaired": sum(k == "repair" for k in kind.values()),
+            "slowest_path": [(i, kind[i], round(t, 3)) for i, t in zip(path, times, strict=True)]}
+
+
+async def convergence(mesh: Mesh, knobs: Knobs, rng: random.Random) -> Result:
     """A random node writes a model spec; time until every replica holds it. ``knobs.changes`` times."""
     runs: list[Result] = []
-    cpu = time.process_time()
+    cpu = await mesh.cpu()
+    await mesh.lags(True)
     for i in range(knobs.changes):
-        name, writer = f"m{i}", rng.choice(nodes)
-        watch = Watch(nodes, lambda node, name=name: name in node.maps["models"])
-        watch.start()
-        writer.state.put_model(ModelSpec(name=name, source="x"))
-        complete = await watch.wait(knobs.timeout)
-        delays = watch.delays()
-        runs.append({"writer": writer.index, "complete": complete, "all_s": delays[-1] if complete else None,
-                     "node_p50_s": pct(delays, 0.5), "reached": len(delays)})
+        name, writer = f"m{i}", rng.randrange(mesh.size)
+        await mesh.each("watch_for", kind="model", arg=name)
+        started = await mesh.call(mesh.worker_of(writer), "write", index=writer, name=name)
+        seen, via = await mesh.wait(knobs.timeout)
+        delays = sorted(at - started for at in seen.values())
+        complete = len(seen) == mesh.size
+        runs.append({"writer": writer, "complete": complete, "all_s": delays[-1] if complete else None,
+                     "node_p50_s": pct(delays, 0.5), "reached": len(delays),
+                     **delivery_paths(mesh, seen, via, writer, started)})
         await anyio.sleep(knobs.spacing)
-    names = {f"m{i}" for i in range(knobs.changes)}
-    typed_misses = sum(len(names - set(node.state.models())) for node in nodes)
+    lags = await mesh.lags(False)
+    names = [f"m{i}" for i in range(knobs.changes)]
+    typed_misses = sum(await mesh.each("missing", names=names))
     alls = [run["all_s"] for run in runs if run["complete"]]
+    slow = max((run for run in runs if run["complete"]), key=lambda run: run["all_s"], default={})
     return {"p50_s": pct(alls, 0.5), "max_s": max(alls) if len(alls) == len(runs) else None,
             "complete": len(alls), "changes": len(runs), "typed_misses": typed_misses,
-            "cpu_s": time.process_time() - cpu, "runs": runs}
+            "hops_max": max((run.get("hops_max", 0) for run in runs), default=0),
+            "repaired_nodes": sum(run.get("repaired", 0) for run in runs),
+            "slowest_by_repair": sum(run.get("slowest_kind") == "repair" for run in runs),
+            "worst_hop_s": slow.get("slowest_path_max_hop_s"), "worst_hops": slow.get("slowest_hops"),
+            "lag_p50_ms": 1000 * (pct(lags, 0.5) or 0.0), "lag_max_ms": 1000 * max(lags, default=0.0),
+            "cpu_s": await mesh.cpu() - cpu, "runs": runs}
 
 
-@dataclass(frozen=True)
-class Counters:
-    at: float
-    cpu: float
-    udp: list[int]
-    datagrams: list[int]
-    gossip: list[int]
-    gossip_messages: list[int]
+def merged(replies: Sequence[Result]) -> tuple[float, float, list[tuple[int, ...]]]:
+    """The workers' counters as (time, CPU summed over workers, per-node tuples in node order)."""
+    nodes: dict[int, tuple[int, ...]] = {}
+    for reply in replies:
+        nodes.update(reply["nodes"])
+    return max(r["at"] for r in replies), sum(r["cpu"] for r in replies), [nodes[i] for i in sorted(nodes)]
 
 
-def read_counters(nodes: Sequence[BenchNode]) -> Counters:
-    return Counters(
-        at=time.monotonic(), cpu=time.process_time(),
-        udp=[n.endpoint.stats.bytes_sent + n.endpoint.stats.bytes_received for n in nodes],
-        datagrams=[n.endpoint.stats.datagrams_sent + n.endpoint.stats.datagrams_received for n in nodes],
-        gossip=[n.gossip.stats.bytes_sent + n.gossip.stats.bytes_received for n in nodes],
-        gossip_messages=[n.gossip.stats.messages_sent + n.gossip.stats.messages_received for n in nodes])
+def rates(before: list[tuple[int, ...]], after: list[tuple[int, ...]], column: int,
+          seconds: float) -> list[float]:
+    return [(a[column] - b[column]) / seconds for a, b in zip(after, before, strict=True)]
 
 
-def rates(before: list[int], after: list[int], seconds: float) -> list[float]:
-    return [(a - b) / seconds for a, b in zip(after, before, strict=True)]
-
-
-async def sample_lag(samples: list[float], period: float = 0.05) -> None:
-    """How late the event loop wakes a sleeper: near zero unless the process is CPU-bound."""
-    while True:
-        before = time.monotonic()
-        await anyio.sleep(period)
-        samples.append(time.monotonic() - before - period)
-
-
-async def steady(nodes: list[BenchNode], knobs: Knobs) -> Result:
+async def steady(mesh: Mesh, knobs: Knobs) -> Result:
     """Traffic and CPU over ``knobs.window`` seconds in which nobody changes the desired state."""
     await anyio.sleep(knobs.settle)
-    changes = Counter[str]()
-
-    def changed(kind: str, _events: object) -> None:
-        changes[kind] += 1
-
-    subs = [(table, table.observe_deep(partial(changed, kind))) for kind, table in nodes[0].maps.items()]
-    lags: list[float] = []
+    await mesh.call(0, "count_changes", index=0, on=True)
     drops = kernel_udp_drops()
-    before = read_counters(nodes)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(sample_lag, lags)
-        await anyio.sleep(knobs.window)
-        tg.cancel_scope.cancel()
-    after = read_counters(nodes)
-    for table, sub in subs:
-        table.unobserve(sub)
-    seconds = after.at - before.at
-    udp = rates(before.udp, after.udp, seconds)
-    gossip = rates(before.gossip, after.gossip, seconds)
-    cpu = after.cpu - before.cpu
-    degrees = [len(n.endpoint.peers) for n in nodes]
+    await mesh.lags(True)
+    t0, cpu0, before = merged(await mesh.each("counters"))
+    await anyio.sleep(knobs.window)
+    t1, cpu1, after = merged(await mesh.each("counters"))
+    lags = await mesh.lags(False)
+    changes = await mesh.call(0, "count_changes", index=0, on=False)
+    seconds, cpu = t1 - t0, cpu1 - cpu0
+    udp, gossip = rates(before, after, 0, seconds), rates(before, after, 2, seconds)
+    degrees = [node[4] for node in after]
     return {
         "seconds": seconds, "udp_Bps_mean": statistics.mean(udp), "udp_Bps_max": max(udp),
         "udp_Bps_seed": udp[0], "udp_Bps_max_non_seed": max(udp[1:], default=0.0),
-        "datagrams_per_s_mean": statistics.mean(rates(before.datagrams, after.datagrams, seconds)),
+        "datagrams_per_s_mean": statistics.mean(rates(before, after, 1, seconds)),
         "gossip_Bps_mean": statistics.mean(gossip), "gossip_Bps_max": max(gossip),
         "non_gossip_Bps_mean": statistics.mean(udp) - statistics.mean(gossip),
-        "gossip_msgs_per_s_mean": statistics.mean(rates(before.gossip_messages, after.gossip_messages, seconds)),
+        "gossip_msgs_per_s_mean": statistics.mean(rates(before, after, 3, seconds)),
         "doc_changes_per_s": {kind: count / seconds for kind, count in changes.items()},
-        "cpu_share": cpu / seconds, "cpu_ms_per_node_s": 1000 * cpu / seconds / len(nodes),
+        "cpu_share": cpu / seconds, "cpu_ms_per_node_s": 1000 * cpu / seconds / mesh.size,
         "lag_p50_ms": 1000 * (pct(lags, 0.5) or 0.0), "lag_max_ms": 1000 * max(lags, default=0.0),
         "degree_mean": statistics.mean(degrees), "degree_max": max(degrees), "degree_seed": degrees[0],
-        "sessions_mean": statistics.mean(len(n.gossip.sessions) for n in nodes),
+        "sessions_mean": statistics.mean(node[5] for node in after),
         "kernel_udp_drops": drops_since(drops),
-        **sync_sizes(nodes),
+        **(await mesh.call(0, "sync_sizes")),
     }
 
 
-def sync_sizes(nodes: Sequence[BenchNode]) -> Result:
-    """What one anti-entropy exchange between two converged replicas carries, and the whole document."""
-    a, b = nodes[-1].state.doc, nodes[len(nodes) // 2].state.doc
-    probe = Doc()
-    probe.apply_update(b.get_update())  # a copy: the live replica's gossip must not see this exchange
-    step1 = create_sync_message(a)
-    step2 = handle_sync_message(step1[1:], probe) or b""
-    return {"sync_step1_bytes": len(step1), "sync_step2_bytes": len(step2), "doc_bytes": len(a.get_update())}
-
-
-async def detection(nodes: list[BenchNode], knobs: Knobs, rng: random.Random) -> Result:
+async def detection(mesh: Mesh, knobs: Knobs, rng: random.Random) -> Result:
     """Crash a random non-seed node; time until every other replica has it not alive."""
-    victim = rng.choice(nodes[1:])
-    others = [n for n in nodes if n is not victim]
-    neighbours = [n.index for n in others if n.endpoint.peer(victim.node_id) is not None]
-
-    def gone(node: BenchNode) -> bool:
-        return victim.node_id in node.maps["deaths"] and victim.node_id not in node.state.alive_nodes()
-
-    watch = Watch(others, gone)
-    cpu = time.process_time()
-    watch.start()
-    victim.crash()
-    complete = await watch.wait(knobs.timeout)
-    delays = watch.delays()
-    death = others[0].state.deaths().get(victim.node_id)
-    return {"victim": victim.index, "connected_peers": len(neighbours), "complete": complete,
+    victim = rng.randrange(1, mesh.size)
+    home = mesh.worker_of(victim)
+    connected = await mesh.call(home, "peers", index=victim)
+    cpu = await mesh.cpu()
+    await mesh.each("watch_for", kind="dead", arg=mesh.ids[victim], skip=[victim])
+    started = await mesh.call(home, "crash", index=victim)
+    seen, _ = await mesh.wait(knobs.timeout)
+    delays = sorted(at - started for at in seen.values())
+    complete = len(delays) == mesh.size - 1
+    by = (await mesh.call(0, "deaths")).get(mesh.ids[victim])
+    return {"victim": victim, "connected_peers": connected, "complete": complete,
             "first_s": delays[0] if delays else None, "p50_s": pct(delays, 0.5),
             "all_s": delays[-1] if complete else None, "reached": len(delays),
-            "declared_by": next((n.index for n in others if death and n.node_id == death.by), None),
-            "cpu_s": time.process_time() - cpu}
+            "declared_by": mesh.index.get(by) if by else None, "cpu_s": await mesh.cpu() - cpu}
 
 
 # -- one size, all sizes ----------------------------------------------------------------------------------
-async def run_size(size: int, knobs: Knobs, rng: random.Random, logs: LogCounter) -> Result:
+async def run_size(size: int, knobs: Knobs, rng: random.Random) -> Result:
     """Form a mesh of ``size`` nodes, run the four phases on it, and stop every node."""
-    creds = MeshCredentials.create()
-    nodes = [BenchNode(i, creds, knobs) for i in range(size)]
-    result: Result = {"nodes": size}
     started = time.monotonic()
-    async with anyio.create_task_group() as tg:
-        result["formation"] = await formation(tg, nodes, knobs)
-        result["formation"]["warnings"] = logs.take()
-        print(f"N={size}: formation {fmt(result['formation']['all_s'])} s", flush=True)
+    mesh = Mesh(size, knobs)
+    result: Result = {"nodes": size, "procs": mesh.procs}
+    try:
+        await mesh.open()
+        result["formation"] = await formation(mesh, knobs)
+        result["formation"]["warnings"] = await mesh.logs()
+        print(f"N={size}: formation {fmt(result['formation']['all_s'])} s, {result['formation']['formed']} of "
+              f"{size} nodes saw all alive", flush=True)
         if result["formation"]["complete"]:
-            for name, phase in (("convergence", partial(convergence, nodes, knobs, rng)),
-                                ("steady", partial(steady, nodes, knobs)),
-                                ("detection", partial(detection, nodes, knobs, rng))):
-                result[name] = await phase()
-                result[name]["warnings"] = logs.take()
-                print(f"N={size}: {name} done", flush=True)
-        deaths = nodes[0].state.deaths()
+            await run_phases(mesh, knobs, rng, result)
+        deaths = await mesh.call(0, "deaths")
         victim = result.get("detection", {}).get("victim")
-        result["false_deaths"] = sum(1 for n in nodes if n.node_id in deaths and n.index != victim)
-        tg.cancel_scope.cancel()
-    result["left_running"] = sum(node.running for node in nodes)
+        result["false_deaths"] = sum(1 for i, nid in mesh.ids.items() if nid in deaths and i != victim)
+    finally:
+        result.update(await mesh.close())
     result["wall_s"] = time.monotonic() - started
     return result
+
+
+async def run_phases(mesh: Mesh, knobs: Knobs, rng: random.Random, result: Result) -> None:
+    for name, phase in (("convergence", partial(convergence, mesh, knobs, rng)),
+                        ("steady", partial(steady, mesh, knobs)),
+                        ("detection", partial(detection, mesh, knobs, rng))):
+        result[name] = await phase()
+        result[name]["warnings"] = await mesh.logs()
+        print(f"N={mesh.size}: {name} done", flush=True)
+        if name == "convergence":
+            for run in result[name]["runs"]:
+                print(f"  {fmt(run['all_s'])} s, {run.get('hops_max')} hops, slowest by "
+                      f"{run.get('slowest_kind')}: {run.get('slowest_path')}", flush=True)
 
 
 Row = tuple[str, str, Callable[[Result], Any]]
@@ -463,6 +389,10 @@ ROWS: list[Row] = [
     ("convergence p50 (s)", "", at("convergence", "p50_s")),
     ("convergence max (s)", "<= 2", at("convergence", "max_s")),
     ("  changes reaching every node", "", pair("convergence", "complete", "changes")),
+    ("  hops from the writer, max", "", at("convergence", "hops_max")),
+    ("  nodes reached by repair, not flood", "", at("convergence", "repaired_nodes")),
+    ("  slowest change: hops / longest hop (s)", "", pair("convergence", "worst_hops", "worst_hop_s")),
+    ("  loop lag p50 / max (ms)", "", pair("convergence", "lag_p50_ms", "lag_max_ms")),
     ("steady UDP B/s per node, mean", "<= 2048", at("steady", "udp_Bps_mean")),
     ("steady UDP B/s per node, max", "<= 2048", at("steady", "udp_Bps_max")),
     ("  seed node 0 / max of the others", "", pair("steady", "udp_Bps_seed", "udp_Bps_max_non_seed")),
@@ -498,6 +428,20 @@ def print_table(results: Sequence[Result]) -> None:
     print(f"\n{'':38}{'target':>9}" + "".join(f"{'N=' + str(r['nodes']):>16}" for r in results))
     for label, target, read in ROWS:
         cells = []
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def print_table(results: Sequence[Result]) -> None:
+    print(f"\n{'':38}{'target':>9}" + "".join(f"{'N=' + str(r['nodes']):>16}" for r in results))
+    for label, target, read in ROWS:
+        cells = []
         for result in results:
             try:
                 cells.append(fmt(read(result)))
@@ -507,36 +451,35 @@ def print_table(results: Sequence[Result]) -> None:
 
 
 async def main(sizes: Sequence[int], knobs: Knobs, seed: int, json_path: Path | None) -> None:
-    logs = LogCounter()
-    logging.getLogger().addHandler(logs)
-    logging.getLogger().setLevel(logging.WARNING)
     rng = random.Random(seed)
     load = os.getloadavg()
     t = knobs.transport
-    print(f"ping {t.ping_interval:g}s, peer timeout {t.peer_timeout:g}s, ring {knobs.ring}, membership tick "
-          f"{knobs.tick:g}s, dial timeout {knobs.confirm_timeout:g}s, anti-entropy {knobs.anti_entropy:g}s; "
-          f"datagram reads per wake-up: {'up to 64' if knobs.drain_sockets else 'one (asyncio)'}; "
-          f"{os.cpu_count()} cores, load average "
-          f"{load[0]:.2f} at start", flush=True)
-    with drained_datagram_reads(knobs.drain_sockets):
-        results = [await run_size(size, knobs, rng, logs) for size in sizes]
+    print(f"ping {t.ping_interval:g}s, peer timeout {t.peer_timeout:g}s, ring {knobs.ring}, fingers "
+          f"{','.join(f'{f:g}' for f in knobs.fingers) or 'none'}, membership tick {knobs.tick:g}s, "
+          f"dial timeout {knobs.confirm_timeout:g}s, anti-entropy {knobs.anti_entropy:g}s; datagram reads "
+          f"per wake-up: {'up to 64' if knobs.drain_sockets else 'one (asyncio)'}; {knobs.procs} worker "
+          f"process(es); {os.cpu_count()} cores, load average {load[0]:.2f} at start", flush=True)
+    results: list[Result] = []
+    for size in sizes:
+        results.append(await run_size(size, knobs, rng))
+        if json_path is not None:  # after each size, so that a run cut short keeps what it measured
+            json_path.write_text(json.dumps({"knobs": {**asdict(knobs), "transport": asdict(t)},
+                                             "seed": seed, "results": results}, indent=2))
     print_table(results)
-    leaked = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-    print(f"\nendpoints left running: {sum(r['left_running'] for r in results)}, tasks left: {len(leaked)}")
+    print(f"\nendpoints left running: {sum(r['left_running'] for r in results)}, "
+          f"tasks left: {sum(r['tasks_left'] for r in results)}")
     for result in results:
         warnings = Counter[str]()
         for phase in ("formation", "convergence", "steady", "detection"):
             warnings.update(result.get(phase, {}).get("warnings", {}))
         print(f"N={result['nodes']} warnings: " + (", ".join(f"{n}x {m!r}" for m, n in warnings.most_common(4))
                                                    or "none"))
-    if json_path is not None:
-        json_path.write_text(json.dumps({"knobs": {**asdict(knobs), "transport": asdict(t)}, "seed": seed,
-                                         "results": results}, indent=2))
 
 
 def parse_args() -> tuple[list[int], Knobs, int, Path | None]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,50,100", help="comma-separated mesh sizes")
+    parser.add_argument("--procs", type=int, default=1, help="worker processes the nodes are spread over")
     parser.add_argument("--window", type=float, default=20.0, help="steady-state window (s)")
     parser.add_argument("--json", type=Path, help="write every result here")
     parser.add_argument("--changes", type=int, default=10, help="model specs written in the convergence phase")
@@ -545,6 +488,8 @@ def parse_args() -> tuple[list[int], Knobs, int, Path | None]:
     parser.add_argument("--ping-interval", type=float, default=MESH_TRANSPORT.ping_interval)
     parser.add_argument("--peer-timeout", type=float, default=MESH_TRANSPORT.peer_timeout)
     parser.add_argument("--ring", type=int, default=Knobs.ring, help="ring neighbours on each side")
+    parser.add_argument("--fingers", default=",".join(f"{f:g}" for f in Knobs.fingers),
+                        help="finger offsets as fractions of the ring, comma-separated ('' for none)")
     parser.add_argument("--tick", type=float, default=Knobs.tick, help="membership round interval (s)")
     parser.add_argument("--confirm-timeout", type=float, default=Knobs.confirm_timeout,
                         help="membership's limit on one dial (joining, and confirming a death)")
@@ -553,15 +498,13 @@ def parse_args() -> tuple[list[int], Knobs, int, Path | None]:
                         help="seconds between two nodes joining (default: all at once)")
     parser.add_argument("--drain-sockets", action="store_true",
                         help="read every queued datagram per wake-up, as a process per node would keep up")
-    parser.add_argument("--verbose", action="store_true", help="print warnings as they happen")
     args = parser.parse_args()
-    if args.verbose:
-        logging.basicConfig(level=logging.WARNING, format="%(relativeCreated)8.0f %(name)s: %(message)s")
     transport = replace(MESH_TRANSPORT, ping_interval=args.ping_interval, peer_timeout=args.peer_timeout)
-    knobs = Knobs(transport=transport, ring=args.ring, tick=args.tick, confirm_timeout=args.confirm_timeout,
-                  anti_entropy=args.anti_entropy,
+    knobs = Knobs(transport=transport, ring=args.ring, tick=args.tick,
+                  fingers=tuple(float(f) for f in args.fingers.split(",") if f),
+                  confirm_timeout=args.confirm_timeout, anti_entropy=args.anti_entropy,
                   changes=args.changes, spacing=args.spacing, window=args.window,
-                  join_interval=args.join_interval, drain_sockets=args.drain_sockets)
+                  join_interval=args.join_interval, drain_sockets=args.drain_sockets, procs=args.procs)
     return [int(s) for s in args.sizes.split(",")], knobs, args.seed, args.json
 
 

@@ -2,9 +2,10 @@
 
 Every node writes its own ``NodeStatus`` (addresses, capacity, role, incarnation) into the state
 document. Each node keeps QUIC connections to a bounded set of peers: the seeds it joined through
-until it knows the mesh, then its ring neighbours (the ``ring`` nearest node ids on each side, so a
-small mesh is fully connected and a large one stays at a constant degree). A gossip session runs on
-each connection (the dialer opens the stream).
+until it knows the mesh, then the overlay's links (``overlay.links``: the ``ring`` nearest nodes on
+each side of the hash ring and a few long "finger" links, so a small mesh is fully connected and a
+large one stays at a constant degree and a diameter of a few hops). A gossip session runs on each
+connection (the dialer opens the stream).
 
 Failure detection rides on the connections: the transport pings every peer and reports a peer down
 when it stops answering (``peer_timeout``). The node then tries once to dial it again; if that fails
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from meshllm.gossip.overlay import FINGERS, links, ring_neighbours
 from meshllm.gossip.sync import DocGossip
 from meshllm.state.document import MeshState
 from meshllm.state.schema import NodeDeath, NodeStatus
@@ -43,17 +45,6 @@ def parse_addr(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def ring_neighbours(me: str, members: Sequence[str], k: int) -> list[str]:
-    """The ``k`` nearest ids on each side of ``me`` in the sorted ring of ``members``."""
-    ring = sorted(set(members) | {me})
-    if len(ring) <= 2 * k + 1:
-        return [m for m in ring if m != me]
-    at = ring.index(me)
-    chosen = {ring[(at + i) % len(ring)] for i in range(1, k + 1)}
-    chosen |= {ring[(at - i) % len(ring)] for i in range(1, k + 1)}
-    return sorted(chosen)
-
-
 def _pruned(conn: PeerConnection) -> bool:
     """Whether the connection was closed (by either side) as no longer needed: no suspicion."""
     error = conn.close_error
@@ -66,9 +57,10 @@ class _Dial:
     delay: float = 0.5
 
 
-PRUNE_AFTER = 10.0  # seconds a connection outside the ring is kept (a seed link, an idle tunnel)
+PRUNE_AFTER = 10.0  # seconds a connection outside the links is kept (a seed link, an idle tunnel)
 RTT_DRIFT_MS = 5.0  # an RTT change smaller than this (and than half the old value) is not news
 RTT_REFRESH = 300.0  # seconds between republications for drift alone
+DEAD_DIALS = 2  # dials to dead nodes in flight at once: healing needs a few, not one per dead node
 RTT_SETTLE = 3.0  # a new connection's first samples include its handshake: published once it settled
 
 
@@ -76,7 +68,8 @@ class Membership:
     """Keeps this node in the mesh: its entry, its connections, and the verdicts on lost peers."""
 
     def __init__(self, state: MeshState, gossip: DocGossip, endpoint: QuicEndpoint, *, me: NodeStatus,
-                 seeds: Sequence[str] = (), ring: int = 3, tick: float = 0.25, confirm_timeout: float = 0.75,
+                 seeds: Sequence[str] = (), ring: int = 2, fingers: Sequence[float] = FINGERS,
+                 tick: float = 0.25, confirm_timeout: float = 0.75,
                  dial_timeout: float = 4.0,
                  dead_redial: float = 3.0, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None) -> None:
@@ -86,6 +79,8 @@ class Membership:
         self.me = me
         self.seeds = list(seeds)
         self.ring = ring
+        self.fingers = tuple(fingers)
+        self._links: tuple[frozenset[str], set[str]] = (frozenset(), set())
         self.tick = tick
         self.confirm_timeout = confirm_timeout
         self.dial_timeout = dial_timeout
@@ -95,6 +90,7 @@ class Membership:
         self._suspects: dict[str, float] = {}
         self._dials: dict[str, _Dial] = {}
         self._dialing: set[str] = set()
+        self._dead_dialing: set[str] = set()
         self._rtt_published = self._rtt_checked = 0.0
         self._changed = True
         self._last_dial_scan = 0.0
@@ -164,8 +160,13 @@ class Membership:
         await self.gossip.attach(MessageStream(stream))
 
     def _ring(self, alive: dict[str, NodeStatus]) -> set[str]:
-        """This node's ring neighbours among the ``alive`` nodes."""
-        return set(ring_neighbours(self.node_id, [nid for nid in alive if nid != self.node_id], self.ring))
+        """The peers this node wants among the ``alive`` nodes: ring neighbours and fingers
+        (computed again only when the alive set changes)."""
+        members = frozenset(alive) - {self.node_id}
+        if members != self._links[0]:
+            wanted = links(self.node_id, sorted(members), ring=self.ring, offsets=self.fingers)
+            self._links = (members, wanted)
+        return self._links[1]
 
     def _wanted_addrs(self, alive: dict[str, NodeStatus], ring: set[str]) -> dict[str, list[str]]:
         """Peers to be connected to, by node id (seeds by their address until their id is known)."""
@@ -193,21 +194,30 @@ class Membership:
         self._judge_suspects(tg, now)  # first: a suspect gets the short confirmation dial
         alive = self.state.alive_nodes()
         ring = self._ring(alive)
-        for key, addrs in self._wanted_addrs(alive, ring).items():
+        wanted = list(self._wanted_addrs(alive, ring).items())
+        self.rng.shuffle(wanted)  # dead nodes past the cap below take turns
+        for key, addrs in wanted:
             if key in self._dialing or self.endpoint.peer(key) is not None or not addrs:
+                continue
+            dead = key not in ring and not key.startswith("seed:")
+            if dead and len(self._dead_dialing) >= DEAD_DIALS:
                 continue
             dial = self._dials.setdefault(key, _Dial())
             if dial.next_at <= now:
                 self._dialing.add(key)
+                if dead:
+                    self._dead_dialing.add(key)
                 tg.start_soon(self._dial, key, addrs, self.dial_timeout)
         self._prune(alive, ring)
         self._publish_rtt(now, ring)
 
     def _prune(self, alive: dict[str, NodeStatus], ring: set[str]) -> None:
-        """Close connections neither side needs: not ring neighbours (the ring is symmetric, so
-        the peer does not want this one either), idle of tunnels, and older than ``PRUNE_AFTER``.
-        These are the links to the seed a node joined through: without pruning, the first member
-        of a mesh keeps one to every node that ever joined. Only once this node's own ring is
+        """Close connections this node dialled and no longer wants: not among its links, idle of
+        tunnels, and older than ``PRUNE_AFTER``. These are the links to the seed a node joined
+        through (without pruning, the first member of a mesh keeps one to every node that ever
+        joined) and fingers that moved. The dialer decides because links are not symmetric: a
+        node does not know who has it as a finger, so closing an accepted link could close one
+        the peer wants, which it would dial again. Only once this node's own links are
         connected, so a new node is never cut off from the mesh."""
         if len(alive) - (self.node_id in alive) <= 2 * self.ring:
             return
@@ -215,9 +225,9 @@ class Membership:
         if not ring <= set(peers):
             return
         for nid, conn in peers.items():
-            if nid not in ring and nid in alive and conn.idle_for > PRUNE_AFTER:
-                log.debug("closing the connection to %s: not a ring neighbour", nid)
-                conn.close(ErrorCode.NOT_NEEDED, "not a ring neighbour")
+            if nid not in ring and nid in alive and conn.is_dialer and conn.idle_for > PRUNE_AFTER:
+                log.debug("closing the connection to %s: not one of this node's links", nid)
+                conn.close(ErrorCode.NOT_NEEDED, "not one of the dialer's links")
 
     async def _dial(self, key: str, addrs: list[str], timeout: float) -> PeerConnection | None:
         """Connect to ``key`` at the first address that answers within ``timeout`` each. Joining
@@ -238,6 +248,7 @@ class Membership:
             return None
         finally:
             self._dialing.discard(key)
+            self._dead_dialing.discard(key)
 
     # -- verdicts ---------------------------------------------------------------------------
     def _judge_suspects(self, tg: TaskGroup, now: float) -> None:

@@ -70,7 +70,9 @@ class DocGossip:
         self.rng = rng or random.Random()
         self.stats = GossipStats()
         self.sessions: dict[str, _Session] = {}
-        self._applying_from: str | None = None
+        # While a peer's message is applied: (peer id, sync message type). Change observers read it
+        # to tell which path delivered a change (a flooded update, or a step 2 repairing a gap).
+        self.delivering: tuple[str, int] | None = None
         self._subscription = doc.observe(self._on_transaction)
 
     def close(self) -> None:
@@ -84,7 +86,7 @@ class DocGossip:
             return
         message = create_update_message(update)
         for session in list(self.sessions.values()):
-            if session.peer_id != self._applying_from:
+            if self.delivering is None or session.peer_id != self.delivering[0]:
                 self._post(session, message)
 
     def _post(self, session: _Session, message: bytes) -> None:
@@ -156,7 +158,7 @@ class DocGossip:
         if not message or message[0] != YMessageType.SYNC:
             self.stats.malformed += 1
             return
-        self._applying_from = session.peer_id
+        self.delivering = (session.peer_id, message[1] if len(message) > 1 else -1)
         try:
             reply = handle_sync_message(message[1:], self.doc)
         except Exception as exc:  # a peer's bytes must never take the node down
@@ -171,7 +173,7 @@ class DocGossip:
                       "will retry): %s", session.peer_id, exc)
             return
         finally:
-            self._applying_from = None
+            self.delivering = None
         if reply is not None:
             self._post(session, reply)
         if len(message) > 1 and message[1] == YSyncMessageType.SYNC_STEP2:

@@ -16,6 +16,7 @@ up and down to listeners.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import socket
@@ -81,6 +82,18 @@ class _Running:
     family: socket.AddressFamily
     jobs: MemoryObjectSendStream[_Job]  # incoming streams, from callbacks to the task group
     connections: set[PeerConnection] = field(default_factory=set)
+
+
+def _literal(host: str, port: int, family: int) -> Address | None:
+    """``(host, port)`` when ``host`` is an IP address of the socket's family, else None. Mesh
+    addresses are literal IPs: resolving them through ``getaddrinfo`` took a thread each, and a
+    node dialling many peers at once queued them behind asyncio's few executor threads."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    wanted = 6 if family == socket.AF_INET6 else 4
+    return (str(ip), port) if ip.version == wanted else None
 
 
 class QuicEndpoint:
@@ -175,10 +188,12 @@ class QuicEndpoint:
         over this one, that connection is returned instead.
         """
         running = self._require_running()
-        infos = await anyio.getaddrinfo(host, port, family=running.family, type=socket.SOCK_DGRAM)
-        if not infos:
-            raise TransportError(f"cannot resolve {host}")
-        address: Address = (str(infos[0][4][0]), int(infos[0][4][1]))
+        address = _literal(host, port, running.family)
+        if address is None:  # a name: resolved in a worker thread (asyncio's executor has a few)
+            infos = await anyio.getaddrinfo(host, port, family=running.family, type=socket.SOCK_DGRAM)
+            if not infos:
+                raise TransportError(f"cannot resolve {host}")
+            address = (str(infos[0][4][0]), int(infos[0][4][1]))
         quic = QuicConnection(configuration=self._client_config)
         conn = self._new_connection(quic, address, binding=b"")
         self._route(conn, quic.host_cid)
