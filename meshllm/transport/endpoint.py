@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import math
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 
 StreamHandler = Callable[[PeerConnection, Stream], Awaitable[None]]
 MIN_INITIAL_DATAGRAM = 1200  # RFC 9000: a client's Initial is padded to at least this
+RETIRE_LIMIT = 300.0  # seconds a replaced connection may stay open for the requests still on it
+_now = time.monotonic
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class QuicEndpoint:
         self._client_config = client_configuration(self.settings)
         self._by_cid: dict[bytes, PeerConnection] = {}
         self._peers: dict[str, PeerConnection] = {}
+        self._retiring: dict[PeerConnection, float] = {}  # replaced, closed once its requests end
         self._handlers: dict[StreamKind, StreamHandler] = {}
         self._listeners: list[PeerListener] = []
         self._running: _Running | None = None
@@ -284,10 +288,28 @@ class QuicEndpoint:
         self._running = None
         running.transport.close()
 
+    def _retire(self, conn: PeerConnection) -> None:
+        """``conn`` lost to a better connection to the same peer: new streams take the new one, and
+        ``conn`` closes once the requests on it (HTTP and RPC streams) have ended, so a tie-break
+        between two nodes that dialled each other at once never cuts a response short."""
+        if conn.busy:
+            self._retiring.setdefault(conn, _now())
+        else:
+            conn.close(ErrorCode.DUPLICATE, "replaced by another connection")
+
+    def _close_retired(self) -> None:
+        for conn, since in list(self._retiring.items()):
+            if conn.closed:
+                del self._retiring[conn]
+            elif not conn.busy or _now() - since > RETIRE_LIMIT:
+                del self._retiring[conn]
+                conn.close(ErrorCode.DUPLICATE, "replaced by another connection")
+
     async def _keepalive(self) -> None:
         interval = self.settings.ping_interval
         while True:
             await anyio.sleep(interval)
+            self._close_retired()
             running = self._require_running()
             for conn in list(running.connections):
                 silent = conn.silent_for
@@ -345,7 +367,7 @@ class QuicEndpoint:
                 log.info("%r: keeping the existing connection %r", conn, existing)
                 conn.close(ErrorCode.DUPLICATE, "a connection to this peer already exists")
                 return
-            existing.close(ErrorCode.DUPLICATE, "replaced by another connection")
+            self._retire(existing)
         self._peers[conn.node_id] = conn
         log.info("%r: authenticated", conn)
         self._emit(PeerEvent(conn, up=True))
@@ -367,6 +389,7 @@ class QuicEndpoint:
             if self._by_cid.get(cid) is conn:
                 del self._by_cid[cid]
         conn.cids.clear()
+        self._retiring.pop(conn, None)
         if self._running is not None:
             self._running.connections.discard(conn)
         if self._peers.get(conn.node_id) is conn:

@@ -420,6 +420,27 @@ async def test_dialing_each_other_at_once_leaves_one_shared_connection() -> None
         assert await roundtrip(ab, StreamKind.GOSSIP, b"one") == b"gossip:one"
 
 
+async def test_a_replaced_connection_finishes_the_request_on_it_first() -> None:
+    a, b = endpoint(), endpoint("127.0.0.2")
+    serve_echo(b)
+    async with running(a, b) as (_, port_b):
+        first = await a.connect("127.0.0.2", port_b)
+        stream = await first.open_stream(StreamKind.HTTP)
+        await stream.send(b"before ")
+        second = await a.connect("127.0.0.2", port_b)  # dialled later by the same side: it wins
+        assert second is not first and a.peers[b.node_id] is second
+        await anyio.sleep(1.5)  # past a keepalive tick: the request on the first is still open
+        await stream.send(b"after")
+        await stream.send_eof()
+        received = bytearray()
+        while data := await stream.receive():
+            received += data
+        assert bytes(received) == b"http:before after"
+        await stream.aclose()
+        await wait_until(lambda: first.closed, timeout=5)  # then the replaced connection goes
+        assert not second.closed and b.peers[a.node_id].dialed_at == second.dialed_at
+
+
 async def test_closing_a_connection_tells_both_sides() -> None:
     a, b = endpoint(), endpoint("127.0.0.2")
     serve_echo(b)
