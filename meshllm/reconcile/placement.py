@@ -10,7 +10,9 @@ The rules, in order:
 
 1. A model is *wanted* while a manifest names it, while the node whose ``--model`` named it lives,
    or while it has live demand (requests within the TTL). Unwanted models get no slots.
-2. Each wanted model gets ``replicas`` slots. A model pinned to a live node has that node in slot 0.
+2. Each wanted model gets ``replicas`` slots. A model pinned to a live node has that node in slot 0;
+   a manifest's pin is strict (that node or none), a ``--model`` pin lets the model move on when
+   its node dies or cannot hold it.
 3. A valid lease (its node alive, still able to hold the model) keeps its slot: placement is
    sticky, so a change elsewhere never moves a running server, and a node agent that restarts
    finds its slots (and adopts its running llama-servers) again.
@@ -141,8 +143,14 @@ def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, No
     base = {name: state_models[name].replicas for name in sorted(wanted)}
     # pins first, then the leases that stay, then the vacant slots: pins and stickiness take capacity
     # before newcomers are placed
+    # a manifest's placement.node is strict (there or nowhere); a --model pin is where the model starts,
+    # and it may move on when that node dies or cannot hold it
+    strict = {name: state_models[name].node for name in base
+              if state_models[name].node and state_models[name].origin is ModelOrigin.MANIFEST}
     for name in base:
         pin = state_models[name].node
+        if name in strict and pin not in hosts:
+            plan.reasons[name] = ("PinnedNodeDown", f"placement.node pins it to node {pin}, which is not alive")
         if pin and pin in hosts:
             if ledger.fits(pin, name):
                 _assign(plan, ledger, Slot(name, 0, pin))
@@ -155,13 +163,15 @@ def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, No
     for (name, index), lease in sorted(valid.items()):
         if name not in plan.wanted or index >= plan.wanted[name] or (name, index) in plan.slots:
             continue
-        if name in ledger.held.get(lease.node, set()) or not ledger.fits(lease.node, name):
+        if name in ledger.held.get(lease.node, set()) or not ledger.fits(lease.node, name) \
+                or strict.get(name, lease.node) != lease.node:
             continue
         _assign(plan, ledger, Slot(name, index, lease.node, hot=index >= base[name]))
     for name, count in plan.wanted.items():
         for index in range(count):
             if (name, index) not in plan.slots:
-                if not _fill(plan, ledger, name, index, hot=index >= base[name], failed=failed):
+                if not _fill(plan, ledger, name, index, hot=index >= base[name], failed=failed,
+                             only=strict.get(name)):
                     break
     return plan
 
@@ -172,13 +182,14 @@ def _assign(plan: Placement, ledger: _Ledger, slot: Slot) -> None:
 
 
 def _fill(plan: Placement, ledger: _Ledger, name: str, index: int, *, hot: bool,
-          failed: set[tuple[str, str]]) -> bool:
+          failed: set[tuple[str, str]], only: str | None = None) -> bool:
     candidates = [nid for nid in ledger.nodes
                   if name not in ledger.held.get(nid, set()) and (name, nid) not in failed
-                  and ledger.fits(nid, name)]
+                  and ledger.fits(nid, name) and only in (None, nid)]
     if not candidates:
         if name not in plan.reasons and not hot:
-            plan.reasons[name] = _why_unplaced(ledger, name, failed)
+            plan.reasons[name] = ("TooFewNodes", f"placement.node pins it to node {only}: one server at most") \
+                if only else _why_unplaced(ledger, name, failed)
         return False
     best = min(candidates, key=lambda nid: (not ledger.standby(nid), -ledger.free(nid), nid))
     _assign(plan, ledger, Slot(name, index, best, hot=hot))

@@ -182,3 +182,16 @@ def test_conditions_tell_pending_loading_ready_degraded() -> None:
     assert found["x"].phase is ConditionPhase.DEGRADED and (found["x"].ready, found["x"].wanted) == (1, 2)
     state.put_model(model("x", 1))
     assert conditions(state, now=NOW)["x"].phase is ConditionPhase.READY
+
+
+def test_a_manifest_pin_is_strict_and_a_node_pin_is_not() -> None:
+    pinned = model("x", 1, pin="gone")
+    p = plan([pinned], [node("a", 8)])
+    assert assigned(p) == {"x": []} and p.reasons["x"][0] == "PinnedNodeDown"
+    p = plan([model("x", 1, pin="a", replicas=2)], [node("a", 8), node("b", 8)])
+    assert assigned(p) == {"x": ["a"]} and p.reasons["x"][0] == "TooFewNodes"
+    too_small = model("x", 9, pin="a")
+    assert assigned(plan([too_small], [node("a", 8), node("b", 80)])) == {"x": []}
+    # a --model pin: its node is too small, so the model goes where it fits
+    from_cli = model("x", 9, pin="a", origin=ModelOrigin.NODE, owner="a")
+    assert assigned(plan([from_cli], [node("a", 8), node("b", 80)])) == {"x": ["b"]}
