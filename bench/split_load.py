@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import gguf
 
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
 PROMPT = "The capital of France is Paris. The capital of Italy is"
 MODES = ("solo", "stock", "preseed", "local", "preseed-all", "local-all")
 
@@ -153,7 +155,7 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 300) 
         if proc.poll() is not None:
             raise RuntimeError(f"llama-server exited with {proc.returncode}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            with _HTTP.open(f"http://127.0.0.1:{port}/health", timeout=1) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -167,7 +169,7 @@ def _complete(port: int, n_predict: int) -> str:
                        "cache_prompt": False}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", data=body,
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as r:
+    with _HTTP.open(req, timeout=300) as r:
         return json.load(r)["content"]
 
 
@@ -269,6 +271,16 @@ def print_table(rows: list[Row], weights: dict[str, int]) -> None:
               f" {r.seed_s if r.mode.startswith('preseed') else '-'} | {'yes' if r.output_same else 'NO'} |")
 
 
+def _medians(rows: list[Row]) -> list[Row]:
+    """One row per (model, mode): median load and seed times, the most bytes, all outputs alike."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.model, row.mode), []).append(row)
+    return [Row(model, mode, statistics.median(r.load_s for r in g), max(r.sent_bytes for r in g),
+                round(statistics.median(r.seed_s for r in g), 2), all(r.output_same for r in g), g[0].output)
+            for (model, mode), g in groups.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", type=Path)
@@ -278,22 +290,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--n-predict", type=int, default=24)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds over the modes; the table shows median load")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     logs = Path(tempfile.mkdtemp(prefix="split-load-logs-"))
+    _fnv_lib()  # compiled once up front, so that seeding times count hashing and writing only
     setup = Setup(args.engine, args.rpc_engine or args.engine, args.workers, args.threads, args.n_predict, logs)
     rows: list[Row] = []
     weights = {}
     for model in args.models:
         weights[model.name] = sum(int(t.n_bytes) for t in gguf.GGUFReader(model).tensors)
         solo = None
-        for mode in args.modes.split(","):
-            row = run_mode(setup, model, mode, solo)
-            solo = row.output if mode == "solo" else solo
-            rows.append(row)
-            print(f"{row.model} {mode}: load {row.load_s} s, {row.sent_bytes} bytes, same={row.output_same}",
-                  file=sys.stderr, flush=True)
-    print_table(rows, weights)
+        for _ in range(args.repeat):  # modes interleaved, so a busy moment hits all of them alike
+            for mode in args.modes.split(","):
+                row = run_mode(setup, model, mode, solo)
+                solo = row.output if mode == "solo" and solo is None else solo
+                rows.append(row)
+                print(f"{row.model} {mode}: load {row.load_s} s, {row.sent_bytes} bytes, same={row.output_same}",
+                      file=sys.stderr, flush=True)
+    print_table(_medians(rows), weights)
     print(f"\nlogs: {logs}", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
