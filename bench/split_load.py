@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -38,10 +39,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
 PROMPT = "The capital of France is Paris. The capital of Italy is"
-MODES = ("solo", "stock", "preseed", "local", "preseed-all", "local-all")
+MODES = ("solo", "solo-norepack", "stock", "preseed", "local", "preseed-all", "local-all")
 
 _FNV_C = r"""
 #include <stdint.h>
@@ -69,19 +71,26 @@ def _fnv_lib() -> ctypes.CDLL:
     return dll
 
 
+@functools.cache
+def tensor_spans(model: Path) -> tuple[tuple[int, int], ...]:
+    """(file offset, bytes) of each tensor. Parsed once and not timed: gguf.GGUFReader takes ~15 s
+    on gemma-3's 262k-token vocabulary, which a node would do once per file, in C."""
+    return tuple((int(t.data_offset), int(t.n_bytes)) for t in gguf.GGUFReader(model).tensors)
+
+
 def preseed(model: Path, cache: Path, *, threshold: int) -> tuple[int, int]:
     """Write ``cache/<hash>`` for every tensor above ``threshold`` bytes; returns (files, bytes)."""
     fnv = _fnv_lib()
     cache.mkdir(parents=True, exist_ok=True)
-    reader = gguf.GGUFReader(model)
+    data = np.memmap(model, dtype=np.uint8, mode="r")
     files = total = 0
-    for tensor in reader.tensors:
-        data = tensor.data.reshape(-1).view("uint8")
-        if data.nbytes <= threshold:
+    for offset, size in tensor_spans(model):
+        if size <= threshold:
             continue
-        digest = fnv.fnv1a(data.ctypes.data, data.nbytes)
-        (cache / f"{digest:016x}").write_bytes(data.tobytes())
-        files, total = files + 1, total + data.nbytes
+        span = np.ascontiguousarray(data[offset:offset + size])
+        digest = fnv.fnv1a(span.ctypes.data, size)
+        (cache / f"{digest:016x}").write_bytes(span.tobytes())
+        files, total = files + 1, total + size
     return files, total
 
 
@@ -190,8 +199,8 @@ class Row:
     load_s: float
     sent_bytes: int  # host -> workers during load (0 for solo)
     seed_s: float  # preseed only: writing the cache from the local file, before the worker starts
-    output_same: bool
     output: str
+    repeatable: bool = True  # every round of this mode gave the same output
 
 
 @dataclass
@@ -226,13 +235,16 @@ def _start_workers(setup: Setup, model: Path, mode: str, scratch: Path) -> tuple
     return procs, relays, seed_s
 
 
-def run_mode(setup: Setup, model: Path, mode: str, solo_output: str | None) -> Row:
+def run_mode(setup: Setup, model: Path, mode: str) -> Row:
     with tempfile.TemporaryDirectory(prefix="split-load-") as tmp:
-        workers, relays, seed_s = ([], [], 0.0) if mode == "solo" else _start_workers(setup, model, mode, Path(tmp))
+        solo = mode.startswith("solo")
+        workers, relays, seed_s = ([], [], 0.0) if solo else _start_workers(setup, model, mode, Path(tmp))
         port = _free_port()
         cmd = [str(setup.engine / "llama-server"), "-m", str(model), "--port", str(port), "-t", str(setup.threads),
                "-c", "512", "--no-warmup"]
         env = dict(os.environ)
+        if mode == "solo-norepack":
+            cmd.append("--no-repack")  # plain CPU buffers and kernels, as an RPC worker's CPU backend has
         if relays:
             cmd += ["--rpc", ",".join(f"127.0.0.1:{r.port}" for r in relays), "-ngl", "99",
                     "--tensor-split", ",".join("1" for _ in relays)]
@@ -252,32 +264,43 @@ def run_mode(setup: Setup, model: Path, mode: str, solo_output: str | None) -> R
                 _stop(proc)
             for relay in relays:
                 relay.close()
-    same = output == solo_output if solo_output is not None else True
-    return Row(model.name, mode, round(load_s, 2), sent, round(seed_s, 2), same, output)
+    return Row(model.name, mode, round(load_s, 2), sent, round(seed_s, 2), output)
 
 
 def _fmt_bytes(n: int) -> str:
     return f"{n / 1e6:,.2f} MB" if n >= 10**5 else f"{n / 1e3:,.1f} kB"
 
 
+def _same(row: Row, ref: Row | None) -> str:
+    return "-" if ref is None else "yes" if row.output == ref.output else "NO"
+
+
 def print_table(rows: list[Row], weights: dict[str, int]) -> None:
-    print("| model | mode | load s | bytes to workers at load | % of stock | seed s | output = solo |")
-    print("|---|---|---|---|---|---|---|")
-    stock = {r.model: r.sent_bytes for r in rows if r.mode == "stock"}
+    """Markdown table: one row per (model, mode); outputs compared with solo, solo without weight
+    repacking (the kernels an RPC worker's CPU backend runs) and the stock split."""
+    print("| model | mode | load s | bytes to workers at load | % of stock | seed s"
+          " | output = solo | = solo --no-repack | = stock split |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    by = {(r.model, r.mode): r for r in rows}
     for r in rows:
-        share = f"{100 * r.sent_bytes / stock[r.model]:.2f}%" if stock.get(r.model) and r.mode != "solo" else "-"
-        print(f"| {r.model} ({_fmt_bytes(weights[r.model])} weights) | {r.mode} | {r.load_s:.2f} |"
-              f" {_fmt_bytes(r.sent_bytes) if r.mode != 'solo' else '-'} | {share} |"
-              f" {r.seed_s if r.mode.startswith('preseed') else '-'} | {'yes' if r.output_same else 'NO'} |")
+        stock = by.get((r.model, "stock"))
+        solo = r.mode.startswith("solo")
+        share = f"{100 * r.sent_bytes / stock.sent_bytes:.2f}%" if stock and not solo else "-"
+        same = [_same(r, by.get((r.model, ref))) for ref in ("solo", "solo-norepack", "stock")]
+        flaky = "" if r.repeatable else " (varied between rounds)"
+        print(f"| {r.model} ({_fmt_bytes(weights[r.model])} weights) | {r.mode}{flaky} | {r.load_s:.2f} |"
+              f" {'-' if solo else _fmt_bytes(r.sent_bytes)} | {share} |"
+              f" {r.seed_s if r.mode.startswith('preseed') else '-'} | {' | '.join(same)} |")
 
 
 def _medians(rows: list[Row]) -> list[Row]:
-    """One row per (model, mode): median load and seed times, the most bytes, all outputs alike."""
+    """One row per (model, mode): median load and seed times, the most bytes, the first output."""
     groups: dict[tuple[str, str], list[Row]] = {}
     for row in rows:
         groups.setdefault((row.model, row.mode), []).append(row)
     return [Row(model, mode, statistics.median(r.load_s for r in g), max(r.sent_bytes for r in g),
-                round(statistics.median(r.seed_s for r in g), 2), all(r.output_same for r in g), g[0].output)
+                round(statistics.median(r.seed_s for r in g), 2), g[0].output,
+                len({r.output for r in g}) == 1)
             for (model, mode), g in groups.items()]
 
 
@@ -299,14 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     weights = {}
     for model in args.models:
-        weights[model.name] = sum(int(t.n_bytes) for t in gguf.GGUFReader(model).tensors)
-        solo = None
+        weights[model.name] = sum(size for _, size in tensor_spans(model))
         for _ in range(args.repeat):  # modes interleaved, so a busy moment hits all of them alike
             for mode in args.modes.split(","):
-                row = run_mode(setup, model, mode, solo)
-                solo = row.output if mode == "solo" and solo is None else solo
+                row = run_mode(setup, model, mode)
                 rows.append(row)
-                print(f"{row.model} {mode}: load {row.load_s} s, {row.sent_bytes} bytes, same={row.output_same}",
+                print(f"{row.model} {mode}: load {row.load_s} s, {row.sent_bytes} bytes, {row.output!r:.60}",
                       file=sys.stderr, flush=True)
     print_table(_medians(rows), weights)
     print(f"\nlogs: {logs}", file=sys.stderr)
