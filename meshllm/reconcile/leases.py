@@ -3,8 +3,8 @@
 Every server node plans the whole mesh (``placement.plan_placement``) but writes only its own
 leases: a slot the plan gives this node and that it does not hold yet is taken; a lease it holds
 that the plan no longer gives it is released. The served-model reconciler then runs a llama-server
-for each model this node holds a lease of. One node, the janitor (the live node with the smallest
-id), also removes what nobody owns any more: expired demand, and the leases and failures of models
+for each model this node holds a lease of. One node, the janitor (the live server node with the
+smallest id), also removes what nobody owns any more: expired demand, and the leases and failures of models
 that are gone. A dead node's leases stay: they are void while it is dead (the planner skips them)
 and valid again if it comes back (a healed partition) with nobody having taken its slots; deleting
 them would make the healed node stop its servers. A ``--model`` spec whose node left stays (unwanted once
@@ -24,7 +24,7 @@ from anyio.abc import TaskStatus
 from meshllm.reconcile.placement import Placement, current_plan
 from meshllm.reconcile.queue import Result, WorkQueue
 from meshllm.state.document import MeshState
-from meshllm.state.schema import PlacementLease, ServerPhase
+from meshllm.state.schema import NodeRole, PlacementLease, ServerPhase, lease_key
 from meshllm.store.db import NodeStore
 
 __all__ = ["PlacementReconciler"]
@@ -61,7 +61,7 @@ class PlacementReconciler:
         with self.state.transaction():
             events = self._sync_leases(plan, now)
             if self._is_janitor():
-                self._collect_garbage(plan, now)
+                self._collect_garbage(now)
         if self.store is not None:
             for model, reason, message in events:
                 await self.store.record_event(model, reason, message)
@@ -73,7 +73,7 @@ class PlacementReconciler:
         incarnation = self.incarnation()
         mine = {(s.model, s.slot): s for s in plan.slots_of(self.node_id)}
         for (model, index), slot in mine.items():
-            current = self.state.leases().get(f"{model}#{index}")
+            current = self.state.leases().get(lease_key(model, index))
             if current is None or current.node != self.node_id or current.incarnation != incarnation \
                     or current.hot != slot.hot:
                 if current is None or current.node != self.node_id:
@@ -91,10 +91,11 @@ class PlacementReconciler:
         return events
 
     def _is_janitor(self) -> bool:
-        alive = self.state.alive_nodes()
-        return bool(alive) and min(alive) == self.node_id
+        """Whether this node is the live server node with the smallest id (clients run no reconcilers)."""
+        servers = [nid for nid, node in self.state.alive_nodes().items() if node.role is NodeRole.SERVER]
+        return min(servers, default=None) == self.node_id
 
-    def _collect_garbage(self, plan: Placement, now: float) -> None:
+    def _collect_garbage(self, now: float) -> None:
         models = self.state.models()
         for key, lease in list(self.state.leases().items()):
             if lease.model not in models:
