@@ -32,7 +32,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -40,6 +39,8 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+
+from meshllm.testing.tcp_relay import CountingTcpRelay
 
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
 PROMPT = "The capital of France is Paris. The capital of Italy is"
@@ -92,51 +93,6 @@ def preseed(model: Path, cache: Path, *, threshold: int) -> tuple[int, int]:
         (cache / f"{digest:016x}").write_bytes(span.tobytes())
         files, total = files + 1, total + size
     return files, total
-
-
-class CountingRelay:
-    """TCP relay 127.0.0.1:port -> target that counts bytes each way (for every connection)."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.to_server = self.to_client = 0
-        self._lock = threading.Lock()
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._sock.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target))
-            for sock in (client, server):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
-        try:
-            while chunk := src.recv(1 << 20):
-                dst.sendall(chunk)
-                with self._lock:
-                    if upstream:
-                        self.to_server += len(chunk)
-                    else:
-                        self.to_client += len(chunk)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 def _free_port() -> int:
@@ -231,7 +187,7 @@ def _start_workers(setup: Setup, model: Path, mode: str, scratch: Path) -> tuple
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         procs.append(proc)
         _wait_port(port, proc)
-        relays.append(CountingRelay(port))
+        relays.append(CountingTcpRelay(port))
     return procs, relays, seed_s
 
 

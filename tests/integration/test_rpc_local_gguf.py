@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,45 +16,7 @@ import httpx
 import pytest
 
 from meshllm.engine.tinygguf import write_dense
-
-
-class _CountingRelay:
-    """127.0.0.1:port -> target, counting the bytes the client sends."""
-
-    def __init__(self, target: int) -> None:
-        self.target, self.sent = target, 0
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._sock.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
-        try:
-            while chunk := src.recv(1 << 20):
-                dst.sendall(chunk)
-                if count:
-                    self.sent += len(chunk)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            src.close()  # each socket is the source of one pump, which closes it
-
-    def close(self) -> None:
-        self._sock.close()
+from meshllm.testing.tcp_relay import CountingTcpRelay
 
 
 def _free_port() -> int:
@@ -104,7 +65,7 @@ def _split_run(engine: Path, model: Path, tmp: Path, *, local: bool) -> tuple[in
     name = "local" if local else "stock"
     with _process(worker + (["--gguf", str(model)] if local else []), tmp / f"rpc-{name}.log") as rpc:
         _wait(lambda: _listening(rpc_port), rpc, "ggml-rpc-server")
-        relay = _CountingRelay(rpc_port)
+        relay = CountingTcpRelay(rpc_port)
         env = dict(os.environ, GGML_RPC_HASH_THRESHOLD="1")  # every weight is offered by hash
         cmd = [str(engine / "llama-server"), "-m", str(model), "--port", str(port), "-t", "1", "-c", "256",
                "--no-warmup", "--rpc", f"127.0.0.1:{relay.port}", "-ngl", "99"]
@@ -112,7 +73,7 @@ def _split_run(engine: Path, model: Path, tmp: Path, *, local: bool) -> tuple[in
             with _process(cmd, tmp / f"server-{name}.log", env) as server, \
                     httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=120) as http:
                 _wait(lambda: http.get("/health").status_code == 200, server, "llama-server")
-                sent = relay.sent
+                sent = relay.to_server
                 reply = http.post("/completion", json={"prompt": "hello world", "n_predict": 16,
                                                        "temperature": 0, "top_k": 1, "cache_prompt": False})
                 reply.raise_for_status()
