@@ -21,7 +21,7 @@ from meshllm.cli.engine import engine_app, ensure_engine
 from meshllm.engine.capacity import parse_size
 from meshllm.engine.models import resolve_model
 from meshllm.errors import MeshError
-from meshllm.node import NodeConfig, run_node
+from meshllm.node import NodeConfig, bind_socket, run_node
 from meshllm.store.identity import default_state_dir
 
 __all__ = ["app", "main"]
@@ -96,6 +96,8 @@ def serve(
     _setup_logging()
     for source in config.models:
         resolve_model(source)  # a bad --model fails now, not after a long engine build
+    for port, what in ((config.port, "OpenAI API"), (config.console_port, "console API")):
+        bind_socket(config.host, port, what=what).close()  # so does a port another program holds
     if not client:
         ensure_engine()
     _run(config)
