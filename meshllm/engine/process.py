@@ -77,6 +77,7 @@ class LlamaServerConfig:
     threads: int = 0
     parallel: int = 0
     device: str = ""
+    draft_path: Path | None = None
     extra: tuple[str, ...] = field(default=())
 
     def argv(self) -> list[str]:
@@ -93,6 +94,8 @@ class LlamaServerConfig:
             args += ["--parallel", str(self.parallel)]
         if self.device:
             args += ["--device", self.device]
+        if self.draft_path is not None:  # speculative decoding, the draft wholly on the same device
+            args += ["--model-draft", str(self.draft_path), "--n-gpu-layers-draft", str(self.gpu_layers)]
         return args + list(self.extra)
 
     def digest(self) -> str:

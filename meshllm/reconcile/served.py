@@ -55,6 +55,7 @@ class DesiredServer:
     model: str
     path: Path
     ctx_size: int = 0
+    draft: Path | None = None  # draft model for speculative decoding
 
 
 class Phase(StrEnum):
@@ -277,11 +278,15 @@ class ServedModelReconciler:
         spec = self._my_specs().get(model)
         if spec is None:
             return None
-        key = (spec.source, spec.name)
+        path = await self._resolve(spec.source, spec.name)
+        draft = await self._resolve(spec.draft, spec.name + "-draft") if spec.draft else None
+        return DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, draft=draft)
+
+    async def _resolve(self, source: str, name: str) -> Path:
+        key = (source, name)
         if key not in self._resolved:
-            self._resolved[key] = await anyio.to_thread.run_sync(
-                lambda: resolve_model(spec.source, name=spec.name))
-        return DesiredServer(model=model, path=self._resolved[key].path, ctx_size=spec.ctx_size)
+            self._resolved[key] = await anyio.to_thread.run_sync(lambda: resolve_model(source, name=name))
+        return self._resolved[key].path
 
     async def _apply(self, action: Action, desired: DesiredServer | None, now: float) -> float | None:
         """Carry out one action; returns a requeue delay when the action wants one."""
@@ -309,6 +314,7 @@ class ServedModelReconciler:
         return LlamaServerConfig(
             binary=self.engine_dir / "llama-server", model_path=desired.path, alias=desired.model, port=port,
             ctx_size=desired.ctx_size, gpu_layers=self.gpu_layers, threads=self.threads, device=self.device,
+            draft_path=desired.draft,
         )
 
     async def _start(self, desired: DesiredServer, restarts: int, now: float) -> None:

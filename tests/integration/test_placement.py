@@ -135,3 +135,26 @@ def test_a_hot_model_gets_a_replica_on_the_standby(mesh: Mesh, tiny_dense: Path,
     assert len(placed) == 3  # the replica went to the node that served nothing
     leases = httpx.get(f"http://127.0.0.1:{nodes[1].console}/api/models/x").json()["leases"]
     assert sorted((le["slot"], le["hot"]) for le in leases) == [(0, False), (1, True)]
+
+
+def test_a_draft_model_runs_beside_its_model_and_changes_no_output(mesh: Mesh, tiny_dense: Path,
+                                                                    tmp_path: Path) -> None:
+    from meshllm.engine.tinygguf import write_dense
+
+    draft = write_dense(tmp_path / "draft.gguf", n_layer=3, seed=7)  # same vocabulary, other weights
+    (node,) = start_standbys(mesh, 1)
+
+    def apply(spec: dict[str, Any]) -> None:
+        body = {"apiVersion": "meshllm/v1", "kind": "Model", "metadata": {"name": "m"}, "spec": spec}
+        done = cli(node, "apply", "-f", "-", stdin=json.dumps(body))
+        assert done.returncode == 0, done.stderr
+
+    apply({"source": str(tiny_dense)})
+    first = node.wait_ready("m")
+    plain = greedy(node.api, "m")
+    apply({"source": str(tiny_dense), "draft": str(draft)})
+    wait_for(lambda: ready_servers(node, "m") and ready_servers(node, "m")[0]["pid"] != first["pid"], timeout=60,
+             what="m restarted with its draft model")
+    cmdline = Path(f"/proc/{ready_servers(node, 'm')[0]['pid']}/cmdline").read_bytes().split(b"\0")
+    assert b"--model-draft" in cmdline and str(draft).encode() in cmdline
+    assert greedy(node.api, "m") == plain  # speculative decoding keeps greedy output exactly
