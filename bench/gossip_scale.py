@@ -428,20 +428,6 @@ def print_table(results: Sequence[Result]) -> None:
     print(f"\n{'':38}{'target':>9}" + "".join(f"{'N=' + str(r['nodes']):>16}" for r in results))
     for label, target, read in ROWS:
         cells = []
-
-
-def fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
-    return str(value)
-
-
-def print_table(results: Sequence[Result]) -> None:
-    print(f"\n{'':38}{'target':>9}" + "".join(f"{'N=' + str(r['nodes']):>16}" for r in results))
-    for label, target, read in ROWS:
-        cells = []
         for result in results:
             try:
                 cells.append(fmt(read(result)))
