@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from meshllm.api.errors import openai_error
-from meshllm.engine.models import ResolvedModel, resolve_model
+from meshllm.engine.models import ResolvedModel, file_fingerprint, resolve_model
 from meshllm.errors import ManifestError, ModelError
 from meshllm.reconcile.placement import conditions
 from meshllm.state.changes import ChangeAction, ModelChange, plan_apply, plan_delete
@@ -145,17 +145,18 @@ class ControlAPI:
 
     def _resolved(self, model: ManifestModel) -> ModelSpec:
         """The spec with its source (and draft) checked on this node, and the file's size."""
-        source, size = self._check_source(model.spec.source, where=model.where("source"))
+        source, size, fingerprint = self._check_source(model.spec.source, where=model.where("source"))
         draft = self._check_source(model.spec.draft, where=model.where("draft"))[0] if model.spec.draft else ""
-        return model.spec.model_copy(update={"source": source, "size_bytes": size, "draft": draft})
+        return model.spec.model_copy(update={"source": source, "size_bytes": size, "draft": draft,
+                                             "fingerprint": fingerprint})
 
-    def _check_source(self, source: str, *, where: str) -> tuple[str, int]:
+    def _check_source(self, source: str, *, where: str) -> tuple[str, int, str]:
         try:
             resolved = self.resolve(source)
         except ModelError as exc:
             raise ManifestError(f"{where}: {exc}") from None
         kept = str(resolved.path) if Path(source).expanduser().exists() else source  # as --model keeps it
-        return kept, resolved.size_bytes
+        return kept, resolved.size_bytes, file_fingerprint(resolved.path)
 
     def _write(self, changes: list[ModelChange]) -> None:
         with self.state.transaction():

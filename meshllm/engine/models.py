@@ -8,6 +8,7 @@ downloads come later and plug in here.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from meshllm.errors import ModelError
 
-__all__ = ["DEFAULT_MODEL", "ResolvedModel", "models_dir", "resolve_model"]
+__all__ = ["DEFAULT_MODEL", "ResolvedModel", "file_fingerprint", "models_dir", "resolve_model"]
 
 DEFAULT_MODEL = "gemma-3-270m"
 GGUF_MAGIC = b"GGUF"
@@ -29,6 +30,24 @@ class ResolvedModel:
     name: str
     path: Path
     size_bytes: int
+
+
+FINGERPRINT_SPAN = 8 << 20  # bytes hashed at each end of the file
+
+
+def file_fingerprint(path: Path) -> str:
+    """A cheap identity of a model file: its size and a hash of its first and last 8 MiB (the GGUF
+    header, which names every tensor with its type, shape and offset, and the end of the weights).
+    Split workers compare it with the mesh's before loading their layers from their own copy: two
+    files that agree here are the same model (the RPC content hashes then check every tensor)."""
+    size = path.stat().st_size
+    digest = hashlib.blake2b(digest_size=12, person=b"meshllm-gguf")
+    with path.open("rb") as f:
+        digest.update(f.read(FINGERPRINT_SPAN))
+        if size > 2 * FINGERPRINT_SPAN:
+            f.seek(size - FINGERPRINT_SPAN)
+        digest.update(f.read(FINGERPRINT_SPAN))
+    return f"{size}:{digest.hexdigest()}"
 
 
 def models_dir() -> Path:

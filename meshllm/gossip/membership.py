@@ -91,6 +91,7 @@ class Membership:
         self._dials: dict[str, _Dial] = {}
         self._dialing: set[str] = set()
         self._dead_dialing: set[str] = set()
+        self._seed_nodes: dict[str, str] = {}  # seed address -> the node it led to
         self._rtt_published = self._rtt_checked = 0.0
         self._changed = True
         self._last_dial_scan = 0.0
@@ -173,7 +174,9 @@ class Membership:
         wanted = {nid: alive[nid].addrs for nid in ring}
         known = {a for node in alive.values() for a in node.addrs}
         for seed in self.seeds:
-            if seed not in known and seed not in self.me.addrs:
+            # a seed that led to a live member is known too, even when it is not an address that member
+            # advertises (a relay, a port forward): dialling it again would only replace a working link
+            if seed not in known and seed not in self.me.addrs and self._seed_nodes.get(seed) not in alive:
                 wanted[f"seed:{seed}"] = [seed]
         now = self.clock()
         for nid, node in self.state.nodes().items():
@@ -239,6 +242,8 @@ class Membership:
                     with anyio.fail_after(timeout):
                         conn = await self.endpoint.connect(*parse_addr(addr))
                     self._dials[key] = _Dial(next_at=self.clock() + 2.0)  # a seed stays dialled a while
+                    if key.startswith("seed:"):
+                        self._seed_nodes[addr] = conn.node_id
                     return conn
                 except (TransportError, OSError, TimeoutError, ValueError) as exc:
                     log.debug("dial %s at %s failed: %s", key, addr, exc)
@@ -288,10 +293,13 @@ class Membership:
     def _clear_dead(self) -> None:
         alive = self.state.alive_nodes()
         stale = [key for key, s in self.state.servers().items() if s.node not in alive]
-        if stale:
+        gone = [key for key, w in self.state.workers().items() if w.node not in alive]
+        if stale or gone:
             with self.state.transaction():
                 for key in stale:
                     self.state.remove_server(key)
+                for key in gone:
+                    self.state.remove_worker(key)
 
     def _publish_rtt(self, now: float, ring: set[str]) -> None:
         """Publish RTTs when the set of connected ring neighbours changed, or (at most every

@@ -28,14 +28,16 @@ from meshllm.api.routing import Router
 from meshllm.api.status import create_status_app
 from meshllm.engine.build import require_engine
 from meshllm.engine.capacity import detect_capacity
-from meshllm.engine.models import resolve_model
+from meshllm.engine.models import file_fingerprint, resolve_model
 from meshllm.errors import MeshError
 from meshllm.node.config import NodeConfig
 from meshllm.node.http import bind_socket, exit_on_signal, serve_app
 from meshllm.node.mesh import MeshRuntime
+from meshllm.node.rpc_tunnel import RpcTunnelClient, RpcTunnelServer
 from meshllm.reconcile.demand import DemandRecorder
 from meshllm.reconcile.leases import PlacementReconciler
 from meshllm.reconcile.served import ServedModelReconciler
+from meshllm.reconcile.workers import WorkerReconciler
 from meshllm.state.document import MeshState
 from meshllm.state.manifest import Manifest
 from meshllm.state.schema import ModelOrigin, ModelSpec, NodeRole, NodeStatus
@@ -56,7 +58,8 @@ def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSp
         resolved = resolve_model(source)
         kept = source if not Path(source).expanduser().exists() else str(resolved.path)
         specs.append(ModelSpec(name=resolved.name, source=kept, node=node_id, created_at=now,
-                               origin=ModelOrigin.NODE, owner=node_id, size_bytes=resolved.size_bytes))
+                               origin=ModelOrigin.NODE, owner=node_id, size_bytes=resolved.size_bytes,
+                               fingerprint=file_fingerprint(resolved.path), split=config.split))
     return specs
 
 
@@ -106,16 +109,24 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
                     role=NodeRole.CLIENT if config.client else NodeRole.SERVER, api_url=api_url,
                     version=__version__, started_at=now, incarnation=now)
     router = Router(state, node_id=node_id)
-    reconciler = None if engine_dir is None else ServedModelReconciler(
-        state, node_id=node_id, engine_dir=engine_dir, log_dir=config.state_dir / "logs",
-        gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads,
-        store=store)
-    if reconciler is not None:
+    tunnels = RpcTunnelClient(mesh.connect)
+    reconciler = workers = None
+    if engine_dir is not None:
+        reconciler = ServedModelReconciler(
+            state, node_id=node_id, engine_dir=engine_dir, log_dir=config.state_dir / "logs",
+            gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads,
+            store=store, rpc=tunnels)
+        workers = WorkerReconciler(state, node_id=node_id, engine_dir=engine_dir, log_dir=config.state_dir / "logs",
+                                   threads=config.threads, device=config.device, store=store)
         atexit.register(reconciler.kill_all_now)
+        atexit.register(workers.kill_all_now)
     try:
         async with anyio.create_task_group() as tg, upstream_pool() as upstream:
             me = await mesh.start(tg, me)
             mesh.serve_tunnels(router, upstream)
+            await tg.start(tunnels.run)
+            if workers is not None:
+                RpcTunnelServer(mesh.endpoint, workers.port_for).install()
             for spec in specs:
                 state.put_model(spec)
             token = mesh.token(me)
@@ -127,6 +138,8 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
                                                     store=store)
                     await work.start(placement.run)
                     await work.start(reconciler.run)
+                    assert workers is not None
+                    await work.start(workers.run)
                 async with anyio.create_task_group() as apis:
                     openai_app = create_openai_app(router, tunnels=mesh.open_tunnel,
                                                    max_body_bytes=config.max_body_bytes, demand=demand.note)
@@ -145,6 +158,8 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
             tg.cancel_scope.cancel()
     finally:
         router.close()
-        if reconciler is not None:
+        if reconciler is not None and workers is not None:
             atexit.unregister(reconciler.kill_all_now)
+            atexit.unregister(workers.kill_all_now)
             reconciler.kill_all_now()
+            workers.kill_all_now()

@@ -28,6 +28,7 @@ class NodeConfig:
     bind_host: str = ""
     bind_port: int = 0
     advertise: tuple[str, ...] = ()
+    split: bool = False  # split this node's --model models by layers even when one node holds them
 
     @property
     def host(self) -> str:

@@ -74,14 +74,18 @@ class PlacementReconciler:
         mine = {(s.model, s.slot): s for s in plan.slots_of(self.node_id)}
         for (model, index), slot in mine.items():
             current = self.state.leases().get(lease_key(model, index))
+            workers, shares = list(slot.workers), list(slot.tensor_split)
             if current is None or current.node != self.node_id or current.incarnation != incarnation \
-                    or current.hot != slot.hot:
-                if current is None or current.node != self.node_id:
-                    log.info("placement: taking %s slot %d%s", model, index, " (hot replica)" if slot.hot else "")
+                    or current.hot != slot.hot or current.workers != workers or current.tensor_split != shares:
+                split = f" (split by layers with {', '.join(workers)}: shares {shares})" if workers else ""
+                if current is None or current.node != self.node_id or current.workers != workers:
+                    log.info("placement: taking %s slot %d%s%s", model, index,
+                             " (hot replica)" if slot.hot else "", split)
                     events.append((model, "Placed", f"slot {index} placed on this node"
-                                   + (" (a hot replica)" if slot.hot else "")))
+                                   + (" (a hot replica)" if slot.hot else "") + split))
                 self.state.put_lease(PlacementLease(model=model, slot=index, node=self.node_id,
-                                                    incarnation=incarnation, at=now, hot=slot.hot))
+                                                    incarnation=incarnation, at=now, hot=slot.hot,
+                                                    workers=workers, tensor_split=shares))
         for key, lease in list(self.state.leases().items()):
             if lease.node == self.node_id and (lease.model, lease.slot) not in mine:
                 log.info("placement: releasing %s slot %d", lease.model, lease.slot)
@@ -106,3 +110,6 @@ class PlacementReconciler:
         for key, server in list(self.state.servers().items()):
             if server.model not in models and server.phase is ServerPhase.FAILED:
                 self.state.remove_server(key)  # a failure of a model nobody wants any more
+        for key, worker in list(self.state.workers().items()):
+            if worker.model not in models and worker.phase is ServerPhase.FAILED:
+                self.state.remove_worker(key)

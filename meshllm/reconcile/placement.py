@@ -22,6 +22,11 @@ The rules, in order:
 5. A hot model, whose requests per server are >= 3x the coldest wanted model's and >= 10 a
    minute, gets one extra slot on a standby or underused node; the extra slot is kept until the
    model cools below half of both thresholds (hysteresis).
+6. A model no live node can hold alone (or one whose spec asks for ``split``) gets one slot split
+   by layers (``split.plan_split``): a host with the most free capacity, and workers nearest to it
+   (at most 80 ms away) until they hold 1.1 x its size. A running split is kept
+   (``split.keep_or_replan``) unless a participant died or one clearly better appears. Nodes
+   whose split worker failed for the model lately are left out.
 
 ``conditions`` explains the outcome per model: Pending, Loading, Ready or Degraded, with a reason.
 """
@@ -34,9 +39,11 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from meshllm.reconcile.split import NoSplit, SplitPlan, keep_or_replan
 from meshllm.state.document import MeshState
 from meshllm.state.schema import (
     DemandEntry, ModelOrigin, ModelSpec, NodeRole, NodeStatus, PlacementLease, ServerPhase, ServerStatus,
+    WorkerStatus,
 )
 
 __all__ = [
@@ -52,10 +59,23 @@ FAILURE_MEMORY = 300.0  # seconds a node that failed to run a model is not given
 
 @dataclass(frozen=True)
 class Slot:
+    """``node`` serves replica ``slot`` of ``model``; a split slot also names its ``workers`` and the
+    layer shares (``tensor_split``: workers first, host last)."""
+
     model: str
     slot: int
     node: str
     hot: bool = False
+    workers: tuple[str, ...] = ()
+    tensor_split: tuple[float, ...] = ()
+
+    @property
+    def split(self) -> bool:
+        return bool(self.workers)
+
+    @property
+    def participants(self) -> tuple[str, ...]:
+        return (self.node, *self.workers)
 
 
 @dataclass
@@ -71,6 +91,10 @@ class Placement:
 
     def slots_of(self, node: str) -> list[Slot]:
         return [s for s in self.slots.values() if s.node == node]
+
+    def worker_slots_of(self, node: str) -> list[Slot]:
+        """The split slots ``node`` holds layers of as a worker."""
+        return [s for s in self.slots.values() if node in s.workers]
 
 
 def live_demand(demand: Iterable[DemandEntry], now: float) -> dict[str, list[DemandEntry]]:
@@ -120,8 +144,8 @@ class _Ledger:
     def fits(self, node: str, model: str) -> bool:
         return self.free(node) >= FIT_FACTOR * self.sizes[model]
 
-    def take(self, node: str, model: str) -> None:
-        self.used[node] = self.used.get(node, 0) + self.sizes[model]
+    def take(self, node: str, model: str, share: float = 1.0) -> None:
+        self.used[node] = self.used.get(node, 0) + int(share * self.sizes[model])
         self.held.setdefault(node, set()).add(model)
 
     def standby(self, node: str) -> bool:
@@ -130,13 +154,14 @@ class _Ledger:
 
 def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, NodeStatus],
                    leases: Mapping[str, PlacementLease], servers: Mapping[str, ServerStatus],
-                   demand: Iterable[DemandEntry], *, now: float) -> Placement:
+                   demand: Iterable[DemandEntry], *, now: float,
+                   workers: Mapping[str, WorkerStatus] | None = None) -> Placement:
     """Where every wanted model should run (pure: the same inputs give the same plan on any node)."""
     demand = list(demand)
     wanted = wanted_models(state_models, alive, demand, now)
     hosts = {nid: n for nid, n in sorted(alive.items()) if n.role is NodeRole.SERVER}
     ledger = _Ledger(hosts, {name: state_models[name].size_bytes for name in wanted})
-    failed = _recent_failures(servers, now)
+    failed = _recent_failures(servers, now) | _recent_worker_failures(workers or {}, now)
     plan = Placement()
     valid = {(lease.model, lease.slot): lease for lease in leases.values() if lease.node in hosts}
     rates = demand_rates(demand, now)
@@ -151,6 +176,8 @@ def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, No
         pin = state_models[name].node
         if name in strict and pin not in hosts:
             plan.reasons[name] = ("PinnedNodeDown", f"placement.node pins it to node {pin}, which is not alive")
+        if state_models[name].split:
+            continue  # a forced split takes its host by the split rules
         if pin and pin in hosts:
             if ledger.fits(pin, name):
                 _assign(plan, ledger, Slot(name, 0, pin))
@@ -161,19 +188,54 @@ def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, No
     for name, count in base.items():
         plan.wanted[name] = count + (1 if name in hot else 0)
     for (name, index), lease in sorted(valid.items()):
-        if name not in plan.wanted or index >= plan.wanted[name] or (name, index) in plan.slots:
+        if name not in plan.wanted or index >= plan.wanted[name] or (name, index) in plan.slots or lease.workers:
             continue
         if name in ledger.held.get(lease.node, set()) or not ledger.fits(lease.node, name) \
                 or strict.get(name, lease.node) != lease.node:
             continue
         _assign(plan, ledger, Slot(name, index, lease.node, hot=index >= base[name]))
     for name, count in plan.wanted.items():
+        spec = state_models[name]
+        if (name, 0) not in plan.slots and name not in strict and (spec.split or not any(
+                ledger.fits(nid, name) and (name, nid) not in failed for nid in ledger.nodes)):
+            _fill_split(plan, ledger, spec, leases=valid, failed=failed)
+            continue
         for index in range(count):
             if (name, index) not in plan.slots:
                 if not _fill(plan, ledger, name, index, hot=index >= base[name], failed=failed,
                              only=strict.get(name)):
                     break
     return plan
+
+
+def _fill_split(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
+                leases: Mapping[tuple[str, int], PlacementLease], failed: set[tuple[str, str]]) -> None:
+    """Slot 0 of ``spec`` split across nodes (its only slot): the running split if it still holds,
+    else a new one from the nodes' free capacity; a split never has replicas."""
+    name = spec.name
+    plan.wanted[name] = 1
+    nodes = [node.model_copy(update={"capacity_bytes": max(0, ledger.free(nid))})
+             for nid, node in ledger.nodes.items() if (name, nid) not in failed]
+    lease = leases.get((name, 0))
+    current = None
+    if lease is not None and lease.workers:
+        shares = tuple(lease.tensor_split)  # the lease lists the workers' shares first, SplitPlan the host's
+        current = SplitPlan(lease.node, tuple(lease.workers), shares[-1:] + shares[:-1], 0.0, 0)
+    chosen = keep_or_replan(current, spec.size_bytes, nodes, force=spec.split)
+    if isinstance(chosen, NoSplit):
+        if chosen.solo:  # one node holds it after all (a failed worker left a solo-capable host)
+            _fill(plan, ledger, name, 0, hot=False, failed=failed)
+        else:
+            reason, message = _why_unplaced(ledger, name, failed)
+            plan.reasons[name] = (reason, f"{message}; no split either: {chosen.reason}")
+        return
+    plan.reasons.pop(name, None)
+    shares = dict(zip(chosen.participants, chosen.tensor_split, strict=True))
+    slot = Slot(name, 0, chosen.host, workers=chosen.workers,
+                tensor_split=(*(shares[w] for w in chosen.workers), shares[chosen.host]))
+    plan.slots[(name, 0)] = slot
+    for node, share in shares.items():
+        ledger.take(node, name, share)
 
 
 def _assign(plan: Placement, ledger: _Ledger, slot: Slot) -> None:
@@ -221,6 +283,13 @@ def _recent_failures(servers: Mapping[str, ServerStatus], now: float) -> set[tup
             and now - s.since < FAILURE_MEMORY}
 
 
+def _recent_worker_failures(workers: Mapping[str, WorkerStatus], now: float) -> set[tuple[str, str]]:
+    """(model, node) pairs where a split worker could not run: no identical copy of the model there,
+    or its ggml-rpc-server failed."""
+    return {(w.model, w.node) for w in workers.values()
+            if w.phase is ServerPhase.FAILED and now - w.since < FAILURE_MEMORY}
+
+
 def _hot_models(base: Mapping[str, int], rates: Mapping[str, float],
                 valid: Mapping[tuple[str, int], PlacementLease], *, now: float) -> set[str]:
     """Models that deserve one extra replica (rule 5), with hysteresis for the ones that have it."""
@@ -256,6 +325,7 @@ class Condition(BaseModel):
     ready: int = Field(default=0, description="servers ready")
     wanted: int = Field(default=1, description="servers wanted")
     nodes: list[str] = Field(default_factory=list, description="nodes placed to serve it")
+    workers: list[str] = Field(default_factory=list, description="split: the nodes holding the rest of its layers")
 
 
 def current_plan(state: MeshState, *, now: float, me: str = "") -> Placement:
@@ -264,7 +334,8 @@ def current_plan(state: MeshState, *, now: float, me: str = "") -> Placement:
     alive = state.alive_nodes()
     if me and me not in alive and me in state.nodes():
         alive[me] = state.nodes()[me]
-    return plan_placement(state.models(), alive, state.leases(), state.servers(), state.demand().values(), now=now)
+    return plan_placement(state.models(), alive, state.leases(), state.servers(), state.demand().values(), now=now,
+                          workers=state.workers())
 
 
 def conditions(state: MeshState, *, now: float, plan: Placement | None = None) -> dict[str, Condition]:
@@ -284,14 +355,27 @@ def _condition(name: str, spec: ModelSpec, why: str | None, plan: Placement,
                          message=f"node {spec.owner} that served it left, and nobody asked for it since")
     nodes = plan.nodes_for(name)
     want = plan.wanted.get(name, spec.replicas)
-    mine = [s for s in servers if s.model == name and s.node in nodes]
+    split = plan.slots.get((name, 0))
+    if split is not None and split.split:  # a split server counts once it runs with the planned workers
+        mine = [s for s in servers if s.model == name and s.node == split.node
+                and (s.phase is not ServerPhase.READY or tuple(s.workers) == split.workers)]
+    else:
+        mine = [s for s in servers if s.model == name and s.node in nodes]
     ready = sum(s.phase is ServerPhase.READY for s in mine)
     failed = [s for s in servers if s.model == name and s.phase is ServerPhase.FAILED]
     reason, message = plan.reasons.get(name, ("", ""))
     common = {"ready": ready, "wanted": want, "nodes": nodes}
+    if split is not None and split.split:
+        common["workers"] = list(split.workers)
     if ready >= want:
+        where = f", split by layers: host {split.node}, workers {', '.join(split.workers)}" \
+            if split is not None and split.split else ""
         return Condition(phase=ConditionPhase.READY, reason="Serving", **common,
-                         message=f"{ready} server{'s' if ready != 1 else ''} ready")
+                         message=f"{ready} server{'s' if ready != 1 else ''} ready{where}")
+    recovering = [s for s in mine if s.phase is ServerPhase.LOADING and s.recovering]
+    if recovering:
+        return Condition(phase=ConditionPhase.DEGRADED, reason="Recovering", **common,
+                         message=f"restarting on {recovering[0].node} after: {recovering[0].message}")
     if ready:
         message = message or (failed[0].message if failed else f"{want - ready} more server(s) starting")
         return Condition(phase=ConditionPhase.DEGRADED, reason=reason or "TooFewServers", message=message,

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 
 import anyio
 import httpx
@@ -33,8 +34,10 @@ from meshllm.engine.process import (
     UNKNOWN_EXIT, EngineProcess, LlamaServerConfig, adopt, candidate_ports, describe_exit, launch, log_tail,
     port_is_free, safe_name, stop_process, stop_process_now,
 )
+from meshllm.engine.ggufinfo import block_count
 from meshllm.errors import ModelError
 from meshllm.reconcile.queue import Result, WorkQueue
+from meshllm.reconcile.workers import RPC_RECORD_PREFIX
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ModelSpec, ServerPhase, ServerStatus, server_key
 from meshllm.store.db import NodeStore, ProcessRecord
@@ -48,6 +51,19 @@ STABLE_AFTER = 60.0        # a server ready this long has its restart count rese
 BASE_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 ADOPT_GRACE = 15.0         # seconds after start an adoptable llama-server waits for this node's leases
+SPLIT_WAIT = 0.5           # seconds between checks while a split's workers are not all reachable
+
+
+class RpcConnector(Protocol):
+    """How a split host reaches its workers' ggml-rpc-servers: through the QUIC mesh (``node.rpc_tunnel``)."""
+
+    async def open(self, node_id: str, target: str) -> int:
+        """A loopback port on this node that leads to ``node_id``'s worker for ``target``."""
+        ...
+
+    async def probe(self, node_id: str, target: str) -> str | None:
+        """None when ``node_id``'s worker for ``target`` answers now, else why not."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,9 @@ class DesiredServer:
     path: Path
     ctx_size: int = 0
     draft: Path | None = None  # draft model for speculative decoding
+    workers: tuple[str, ...] = ()  # split: the nodes holding the rest of the layers, nearest first
+    tensor_split: tuple[float, ...] = ()  # split: layer shares, workers first, this node last
+    n_layer: int = 0  # split on a CPU host: the model's layer count (the host keeps its share of them)
 
 
 class Phase(StrEnum):
@@ -78,6 +97,7 @@ class ActualServer:
     retry_at: float = 0.0
     message: str = ""
     ready_at: float = 0.0
+    recovering: bool = False  # started after the previous server for the model failed
 
 
 @dataclass(frozen=True)
@@ -150,7 +170,7 @@ class ServedModelReconciler:
 
     def __init__(self, state: MeshState, *, node_id: str, engine_dir: Path, log_dir: Path,
                  gpu_layers: int = 0, device: str = "", threads: int = 0, store: NodeStore | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 rpc: RpcConnector | None = None, clock: Callable[[], float] = time.time) -> None:
         self.state = state
         self.node_id = node_id
         self.engine_dir = engine_dir
@@ -159,6 +179,7 @@ class ServedModelReconciler:
         self.device = device
         self.threads = threads
         self.store = store
+        self.rpc = rpc
         self.clock = clock
         self._started = clock()
         self.queue = WorkQueue(self.reconcile, name="served-model")
@@ -192,6 +213,8 @@ class ServedModelReconciler:
         if self.store is None:
             return
         for record in await self.store.processes():
+            if record.key.startswith(RPC_RECORD_PREFIX):
+                continue  # a split worker's (the worker reconciler's)
             proc = adopt(record.pid, record.argv, log_path=Path(record.log_path))
             if proc is not None:
                 self.adoptable[record.key] = (proc, record)
@@ -231,7 +254,24 @@ class ServedModelReconciler:
             # adoptable llama-server is neither claimed nor stopped
             return Result(requeue_after=min(1.0, ADOPT_GRACE - (now - self._started)))
         await self._claim(model, desired)
-        delays = [await self._apply(action, desired, now) for action in plan(desired, self.actual.get(model), now)]
+        current = self.actual.get(model)
+        if current is not None and current.desired.workers and not current.recovering and (
+                desired is None or desired.workers != current.desired.workers):
+            # the split lost (or changed) a participant: the model is degraded until it is back
+            was = ", ".join(current.desired.workers)
+            now_workers = ", ".join(desired.workers) if desired is not None else "none"
+            self.actual[model] = replace(current, recovering=True,
+                                         message=f"split re-planned: workers {was} -> {now_workers}")
+        actions = plan(desired, self.actual.get(model), now)
+        if desired is not None and desired.workers and any(isinstance(a, Start) for a in actions):
+            waiting = await self._split_waiting(desired)
+            if waiting is not None:  # start the split only once every worker answers through the mesh
+                for action in actions:
+                    if isinstance(action, Stop):
+                        await self._apply(action, desired, now)
+                self._publish_waiting(model, waiting, now)
+                return Result(requeue_after=SPLIT_WAIT)
+        delays = [await self._apply(action, desired, now) for action in actions]
         self._publish(model)
         current = self.actual.get(model)
         if current is not None and current.phase is Phase.READY and current.restarts:
@@ -252,7 +292,7 @@ class ServedModelReconciler:
         message = _exit_message(code, proc.log_path)
         log.warning("%s: %s", model, message)
         self.actual[model] = replace(current, phase=Phase.EXITED, message=message,
-                                     retry_at=now + backoff(current.restarts))
+                                     retry_at=now + backoff(current.restarts), recovering=True)
         if self.store is not None:
             await self.store.forget_process(model)
         await self._event(model, "Exited", message, level="warning")
@@ -280,7 +320,35 @@ class ServedModelReconciler:
             return None
         path = await self._resolve(spec.source, spec.name)
         draft = await self._resolve(spec.draft, spec.name + "-draft") if spec.draft else None
-        return DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, draft=draft)
+        lease = next((lease for lease in self.state.leases().values()
+                      if lease.node == self.node_id and lease.model == model), None)
+        if lease is None or not lease.workers:
+            return DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, draft=draft)
+        layers = 0 if self.gpu_layers else await anyio.to_thread.run_sync(block_count, path)
+        return DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, workers=tuple(lease.workers),
+                             tensor_split=tuple(lease.tensor_split), n_layer=layers)
+
+    async def _split_waiting(self, desired: DesiredServer) -> str | None:
+        """Why the split cannot start yet (a worker still loading, failed or unreachable), or None."""
+        if self.rpc is None:
+            return "this node cannot reach split workers (no RPC tunnel)"
+        workers = self.state.workers()
+        for node in desired.workers:
+            status = workers.get(server_key(node, desired.model))
+            if status is None or status.host != self.node_id:
+                return f"waiting for worker {node} to start its ggml-rpc-server"
+            if status.phase is not ServerPhase.READY:
+                return f"worker {node}: {status.message or status.phase.value}"
+            problem = await self.rpc.probe(node, desired.model)
+            if problem is not None:
+                return f"worker {node} does not answer through the mesh: {problem}"
+        return None
+
+    def _publish_waiting(self, model: str, message: str, now: float) -> None:
+        current = self.actual.get(model)
+        recovering = current is not None and current.recovering
+        self.state.put_server(ServerStatus(node=self.node_id, model=model, phase=ServerPhase.LOADING, port=0,
+                                           message=message, since=now, recovering=recovering))
 
     async def _resolve(self, source: str, name: str) -> Path:
         key = (source, name)
@@ -310,25 +378,40 @@ class ServedModelReconciler:
                 return max(0.0, until - now)
         return None
 
-    def _config(self, desired: DesiredServer, port: int) -> LlamaServerConfig:
+    def _config(self, desired: DesiredServer, port: int, rpc_ports: list[int] | None = None) -> LlamaServerConfig:
+        gpu_layers, extra = self.gpu_layers, ()
+        if desired.workers:
+            gpu_layers, extra = split_args(desired, rpc_ports or [], gpu=self.gpu_layers > 0)
         return LlamaServerConfig(
             binary=self.engine_dir / "llama-server", model_path=desired.path, alias=desired.model, port=port,
-            ctx_size=desired.ctx_size, gpu_layers=self.gpu_layers, threads=self.threads, device=self.device,
-            draft_path=desired.draft,
+            ctx_size=desired.ctx_size, gpu_layers=gpu_layers, threads=self.threads, device=self.device,
+            draft_path=desired.draft, extra=extra,
         )
 
     async def _start(self, desired: DesiredServer, restarts: int, now: float) -> None:
         model = desired.model
-        config = self._config(desired, self._pick_port(model))
+        rpc_ports = None
+        if desired.workers:
+            assert self.rpc is not None
+            rpc_ports = [await self.rpc.open(node, model) for node in desired.workers]
+        config = self._config(desired, self._pick_port(model), rpc_ports)
         log_path = self.log_dir / f"{safe_name(model)}.log"
+        # weights are offered to the workers by hash, all of them: each worker answers from its own file
+        env = {"GGML_RPC_HASH_THRESHOLD": "1"} if desired.workers else None
         # decoding on the CPU, llama-server takes every core: as a batch job it leaves the node responsive
-        proc = launch(config.argv(), log_path=log_path, batch=self.gpu_layers == 0)
+        proc = launch(config.argv(), log_path=log_path, env=env, batch=self.gpu_layers == 0)
         log.info("%s: started llama-server pid %d on 127.0.0.1:%d", model, proc.pid, config.port)
         self.processes[model] = proc
         previous = self.actual.get(model)
-        message = f"restart {restarts} after: {previous.message}" if previous and restarts else ""
+        recovering = previous is not None and previous.recovering
+        message = ""
+        if previous is not None and restarts:
+            message = f"restart {restarts} after: {previous.message}"
+        elif previous is not None and recovering:
+            message = previous.message
         self.actual[model] = ActualServer(model=model, port=config.port, pid=proc.pid, phase=Phase.LOADING,
-                                          desired=desired, started_at=now, restarts=restarts, message=message)
+                                          desired=desired, started_at=now, restarts=restarts, message=message,
+                                          recovering=recovering)
         if self.store is not None:
             await self.store.record_process(ProcessRecord(
                 key=model, pid=proc.pid, port=config.port, model=model, argv=config.argv(),
@@ -352,8 +435,9 @@ class ServedModelReconciler:
             log.info("%s: stopping llama-server pid %d (%s)", model, proc.pid, reason)
             code = await stop_process(proc)
             if current is not None:
+                stopped = f"stopped ({reason}), {describe_exit(code)}"
                 self.actual[model] = replace(current, phase=Phase.EXITED, retry_at=0.0,
-                                             message=f"stopped ({reason}), {describe_exit(code)}")
+                                             message=current.message if current.recovering else stopped)
             if self.store is not None:
                 await self.store.forget_process(model)
             await self._event(model, "Stopped", f"llama-server pid {proc.pid} stopped ({reason})")
@@ -367,7 +451,7 @@ class ServedModelReconciler:
             ready = False
         if not ready:
             return 0.2
-        self.actual[model] = replace(current, phase=Phase.READY, ready_at=self.clock(), message="")
+        self.actual[model] = replace(current, phase=Phase.READY, ready_at=self.clock(), message="", recovering=False)
         log.info("%s: ready on 127.0.0.1:%d", model, current.port)
         await self._event(model, "Ready", f"ready on 127.0.0.1:{current.port}")
         return None
@@ -387,6 +471,7 @@ class ServedModelReconciler:
             node=self.node_id, model=model, phase=phase, port=current.port, pid=current.pid,
             restarts=current.restarts, message=current.message,
             since=current.ready_at if phase is ServerPhase.READY else current.started_at,
+            recovering=current.recovering and phase is not ServerPhase.READY, workers=list(current.desired.workers),
         ))
 
     def _publish_failure(self, model: str, message: str) -> None:
@@ -410,3 +495,19 @@ class ServedModelReconciler:
         """Synchronous last resort (atexit): no engine process outlives the node."""
         for proc in [*self.processes.values(), *(proc for proc, _ in self.adoptable.values())]:
             stop_process_now(proc)
+
+
+def split_args(desired: DesiredServer, rpc_ports: list[int], *, gpu: bool) -> tuple[int, tuple[str, ...]]:
+    """``--n-gpu-layers`` and the extra llama-server arguments of a split host.
+
+    llama.cpp puts RPC devices first and the host's own GPU last, so on a GPU host every layer is
+    offloaded and ``--tensor-split`` lists the workers' shares then the host's. A CPU is never a split
+    device: a CPU host keeps its share of the layers by offloading only the rest (llama.cpp offloads
+    the last ``n`` layers), shared among the workers."""
+    rpc = ("--rpc", ",".join(f"127.0.0.1:{port}" for port in rpc_ports))
+    shares = list(desired.tensor_split)
+    if gpu:
+        return 999, (*rpc, "--tensor-split", ",".join(f"{x:.4g}" for x in shares))
+    host_share = shares[-1] / sum(shares)
+    offloaded = max(1, desired.n_layer - round(host_share * desired.n_layer))
+    return offloaded, (*rpc, "--tensor-split", ",".join(f"{x:.4g}" for x in shares[:-1]))

@@ -14,12 +14,14 @@ from typing import Any, TypeVar
 from pycrdt import Doc, Map
 from pydantic import BaseModel, ValidationError
 
-from meshllm.state.schema import DemandEntry, ModelSpec, NodeDeath, NodeStatus, PlacementLease, ServerStatus
+from meshllm.state.schema import (
+    DemandEntry, ModelSpec, NodeDeath, NodeStatus, PlacementLease, ServerStatus, WorkerStatus,
+)
 
 __all__ = ["MeshState"]
 
 E = TypeVar("E", bound=BaseModel)
-_KINDS = ("models", "nodes", "servers", "deaths", "demand", "leases")
+_KINDS = ("models", "nodes", "servers", "deaths", "demand", "leases", "workers")
 
 
 class MeshState:
@@ -94,6 +96,12 @@ class MeshState:
     def put_server(self, server: ServerStatus) -> None:
         self._put("servers", server.key, server)
 
+    def put_worker(self, worker: WorkerStatus) -> None:
+        self._put("workers", worker.key, worker)
+
+    def remove_worker(self, key: str) -> bool:
+        return self._remove("workers", key)
+
     def put_death(self, death: NodeDeath) -> None:
         self._put("deaths", death.node, death)
 
@@ -166,6 +174,9 @@ class MeshState:
 
     def leases(self) -> dict[str, PlacementLease]:
         return self._read("leases", PlacementLease)
+
+    def workers(self) -> dict[str, WorkerStatus]:
+        return self._read("workers", WorkerStatus)
 
     def alive_nodes(self) -> dict[str, NodeStatus]:
         """Nodes not declared dead in their current incarnation."""

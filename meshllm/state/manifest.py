@@ -78,6 +78,8 @@ class Metadata(_Strict):
 
 class Placement(_Strict):
     node: str = Field(default="", description="serve it on this node (a node id or a node name); empty: any node")
+    split: bool = Field(default=False, description="split it by layers across nodes even when one node could "
+                        "hold it (a model no node holds is split anyway)")
 
 
 class ModelManifestSpec(_Strict):
@@ -316,7 +318,8 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 # -- conversion -------------------------------------------------------------------------------------
 def _spec(name: str, spec: ModelManifestSpec, *, now: float) -> ModelSpec:
     return ModelSpec(name=name, source=spec.source, node=spec.placement.node, ctx_size=spec.ctxSize,
-                     created_at=now, origin=ModelOrigin.MANIFEST, replicas=spec.replicas, draft=spec.draft)
+                     created_at=now, origin=ModelOrigin.MANIFEST, replicas=spec.replicas, draft=spec.draft,
+                     split=spec.placement.split)
 
 
 def manifest_models(loaded: Sequence[LoadedManifest], *, now: float = 0.0) -> list[ManifestModel]:
@@ -340,7 +343,7 @@ def model_manifest(spec: ModelSpec, *, status: ModelManifestStatus | None = None
     return ModelManifest(
         apiVersion="meshllm/v1", kind="Model", metadata=Metadata(name=spec.name),
         spec=ModelManifestSpec(source=spec.source, replicas=spec.replicas, ctxSize=spec.ctx_size,
-                               draft=spec.draft, placement=Placement(node=spec.node)),
+                               draft=spec.draft, placement=Placement(node=spec.node, split=spec.split)),
         status=status)
 
 

@@ -19,6 +19,9 @@ nodes      node id                 that node                   the node: name, c
                                                                addresses (``NodeStatus``)
 servers    ``<node id>/<model>``   the node running it         observed: a llama-server for the
                                                                model on that node (``ServerStatus``)
+workers    ``<node id>/<model>``   the node running it         observed: a ggml-rpc-server holding
+                                                               layers of a split model for its host
+                                                               (``WorkerStatus``)
 deaths     node id                 any node that saw it die    the node's incarnation that was
                                                                declared dead (``NodeDeath``)
 =========  ======================  ==========================  ==================================
@@ -56,6 +59,7 @@ __all__ = [
     "PlacementLease",
     "ServerPhase",
     "ServerStatus",
+    "WorkerStatus",
     "demand_key",
     "json_schemas",
     "lease_key",
@@ -94,6 +98,9 @@ class ModelSpec(_Entity):
     replicas: int = Field(default=1, ge=1, description="servers wanted at least (more when the model is hot)")
     size_bytes: int = Field(default=0, ge=0, description="bytes of the GGUF file, for placement")
     draft: str = Field(default="", description="draft model for speculative decoding (a name or a path)")
+    split: bool = Field(default=False, description="split it across nodes even when one node could hold it")
+    fingerprint: str = Field(default="", description="identity of the GGUF file (size and sampled hash): "
+                             "a split worker serves only an identical local copy")
 
 
 class DemandEntry(_Entity):
@@ -113,7 +120,10 @@ class DemandEntry(_Entity):
 
 class PlacementLease(_Entity):
     """``node`` (in its ``incarnation``) serves replica ``slot`` of ``model``; ``hot``: a replica
-    added because the model is much busier than the others, released when it cools down."""
+    added because the model is much busier than the others, released when it cools down.
+
+    A split model's lease names its host in ``node`` and the nodes holding the rest of its layers in
+    ``workers`` (nearest first), with ``tensor_split`` the layer shares, workers first, host last."""
 
     model: str
     slot: int = Field(ge=0)
@@ -121,6 +131,8 @@ class PlacementLease(_Entity):
     incarnation: float
     at: float = 0.0
     hot: bool = False
+    workers: list[str] = Field(default_factory=list, description="split: the nodes running ggml-rpc-server")
+    tensor_split: list[float] = Field(default_factory=list, description="split: layer shares, workers then host")
 
     @property
     def key(self) -> str:
@@ -173,6 +185,26 @@ class ServerStatus(_Entity):
     restarts: int = Field(default=0, ge=0)
     message: str = ""
     since: float = 0.0
+    recovering: bool = Field(default=False, description="started again after the previous server failed")
+    workers: list[str] = Field(default_factory=list, description="split: the workers this server runs with")
+
+    @property
+    def key(self) -> str:
+        return server_key(self.node, self.model)
+
+
+class WorkerStatus(_Entity):
+    """Observed: a ggml-rpc-server on ``node`` holding layers of ``model`` for the split's ``host``,
+    loaded from the node's own copy of the model file (reached only through the QUIC mesh)."""
+
+    node: str
+    model: str
+    host: str
+    phase: ServerPhase
+    port: int = Field(default=0, ge=0, le=65535, description="its loopback port on the worker node")
+    pid: int = 0
+    message: str = ""
+    since: float = 0.0
 
     @property
     def key(self) -> str:
@@ -194,4 +226,5 @@ def lease_key(model: str, slot: int) -> str:
 def json_schemas() -> dict[str, dict[str, object]]:
     """JSON Schemas of the document's entities, as checked in under ``schemas/``."""
     return {f"state.{model.__name__}": model.model_json_schema()
-            for model in (ModelSpec, NodeStatus, ServerStatus, NodeDeath, DemandEntry, PlacementLease)}
+            for model in (ModelSpec, NodeStatus, ServerStatus, NodeDeath, DemandEntry, PlacementLease,
+                          WorkerStatus)}
