@@ -151,6 +151,11 @@ class MeshRuntime:
 
     async def open_tunnel(self, node_id: str) -> MessageStream:
         """An HTTP stream to ``node_id``, dialling it first if no connection is up."""
+        conn = await self.connect(node_id)
+        return MessageStream(await conn.open_stream(StreamKind.HTTP))
+
+    async def connect(self, node_id: str) -> PeerConnection:
+        """The connection to ``node_id``, dialling its advertised addresses if none is up."""
         conn = self.endpoint.peer(node_id)
         if conn is None:
             node = self.state.nodes().get(node_id)
@@ -163,7 +168,7 @@ class MeshRuntime:
                     continue
         if conn is None:
             raise TransportError(f"node {node_id} is unreachable")
-        return MessageStream(await conn.open_stream(StreamKind.HTTP))
+        return conn
 
     def incarnation(self) -> float:
         """This node's current incarnation (it changes when the node refutes a death verdict)."""
