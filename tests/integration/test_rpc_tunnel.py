@@ -259,7 +259,7 @@ async def test_llama_server_through_the_tunnel_matches_solo_and_a_lost_worker_ma
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False,
                                              timeout=120) as http:
                     await wait_healthy(http, split)
-                    assert "RPC" in (tmp_path / "split.log").read_text()  # the layers went to the worker
+                    assert "Accepted client connection" in (tmp_path / "rpc.log").read_text()  # via the tunnel
                     assert await complete(http) == expected
                     assert await complete(http) == expected
 
