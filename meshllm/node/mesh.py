@@ -149,8 +149,13 @@ class MeshRuntime:
 
         self.endpoint.on_stream(StreamKind.HTTP, handle)
 
+    async def open_tunnel(self, node_id: str) -> MessageStream:
+        """An HTTP stream to ``node_id``, dialling it first if no connection is up."""
+        conn = await self.connect(node_id)
+        return MessageStream(await conn.open_stream(StreamKind.HTTP))
+
     async def connect(self, node_id: str) -> PeerConnection:
-        """The connection to ``node_id``, dialling it first if none is up."""
+        """The connection to ``node_id``, dialling its advertised addresses if none is up."""
         conn = self.endpoint.peer(node_id)
         if conn is None:
             node = self.state.nodes().get(node_id)
@@ -164,11 +169,6 @@ class MeshRuntime:
         if conn is None:
             raise TransportError(f"node {node_id} is unreachable")
         return conn
-
-    async def open_tunnel(self, node_id: str) -> MessageStream:
-        """An HTTP stream to ``node_id``, dialling it first if no connection is up."""
-        conn = await self.connect(node_id)
-        return MessageStream(await conn.open_stream(StreamKind.HTTP))
 
     def incarnation(self) -> float:
         """This node's current incarnation (it changes when the node refutes a death verdict)."""
