@@ -41,7 +41,7 @@ def status_snapshot(state: MeshState, *, node_id: str, now: float,
         })
     me = nodes.get(node_id)
     return {
-        **(extra or {}),
+        **{key: value() if callable(value) else value for key, value in (extra or {}).items()},
         "node": me.model_dump(mode="json") if me else {"id": node_id},
         "nodes": [{**n.model_dump(mode="json"), "state": "alive" if nid in alive else "dead"}
                   for nid, n in sorted(nodes.items())],

@@ -146,7 +146,8 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
                     api = await apis.start(serve_app, openai_app, api_sock)
                     events, on_applied = store_hooks(store, node_id)
                     status_app = create_status_app(state, node_id=node_id, events=events, on_applied=on_applied,
-                                                   extra={"token": token, "mesh_id": mesh.creds.mesh_id})
+                                                   extra={"token": token, "mesh_id": mesh.creds.mesh_id,
+                                                          "rpc_tunnels": tunnels.tunnels})
                     console = await apis.start(serve_app, status_app, console_sock)
                     announce(f"meshllm node {node_id}: OpenAI API {api_url}, console "
                              f"http://{config.host}:{config.console_port}/api/status, logs in "

@@ -109,10 +109,21 @@ def _nodelay(tcp: anyio.abc.SocketStream) -> None:
     tcp.extra(SocketAttribute.raw_socket).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def _tcp_to_quic(tcp: anyio.abc.SocketStream, stream: Stream) -> str:
+@dataclass
+class Traffic:
+    """Bytes a tunnel carried: ``sent`` from the TCP side into QUIC, ``received`` back."""
+
+    sent: int = 0
+    received: int = 0
+    sessions: int = 0
+
+
+async def _tcp_to_quic(tcp: anyio.abc.SocketStream, stream: Stream, traffic: Traffic) -> str:
     try:
         while True:
-            await stream.send(await tcp.receive(READ_SIZE))
+            data = await tcp.receive(READ_SIZE)
+            traffic.sent += len(data)
+            await stream.send(data)
     except anyio.EndOfStream:
         try:
             await stream.send_eof()
@@ -126,11 +137,13 @@ async def _tcp_to_quic(tcp: anyio.abc.SocketStream, stream: Stream) -> str:
         return f"QUIC stream broke: {exc}"
 
 
-async def _quic_to_tcp(stream: Stream, tcp: anyio.abc.SocketStream, early: bytes) -> str:
+async def _quic_to_tcp(stream: Stream, tcp: anyio.abc.SocketStream, early: bytes, traffic: Traffic) -> str:
     try:
         if early:
+            traffic.received += len(early)
             await tcp.send(early)
         while data := await stream.receive(READ_SIZE):
+            traffic.received += len(data)
             await tcp.send(data)
         await tcp.send_eof()
         return "QUIC side closed"
@@ -141,19 +154,22 @@ async def _quic_to_tcp(stream: Stream, tcp: anyio.abc.SocketStream, early: bytes
         return f"TCP side broke: {exc!r}"
 
 
-async def pipe(tcp: anyio.abc.SocketStream, stream: Stream, *, early: bytes = b"") -> str:
+async def pipe(tcp: anyio.abc.SocketStream, stream: Stream, *, early: bytes = b"",
+               traffic: Traffic | None = None) -> str:
     """Copy bytes both ways until either side ends (EOF or an error); returns how it ended.
 
     The first direction to end ends the session: its EOF is passed on, then both sides close (an
     RPC session is over once either party is gone; a half-open tunnel would only hide that)."""
     ended: list[str] = []
+    counts = traffic if traffic is not None else Traffic()
+    counts.sessions += 1
     async with anyio.create_task_group() as tg:
         async def run(direction: Callable[[], Awaitable[str]]) -> None:
             ended.append(await direction())
             tg.cancel_scope.cancel()
 
-        tg.start_soon(run, lambda: _tcp_to_quic(tcp, stream))
-        tg.start_soon(run, lambda: _quic_to_tcp(stream, tcp, early))
+        tg.start_soon(run, lambda: _tcp_to_quic(tcp, stream, counts))
+        tg.start_soon(run, lambda: _quic_to_tcp(stream, tcp, early, counts))
     return ended[0] if ended else "cancelled"
 
 
@@ -232,6 +248,7 @@ class _Listener:
     port: int
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
+    traffic: Traffic = field(default_factory=Traffic)
 
 
 class RpcTunnelClient:
@@ -252,6 +269,12 @@ class RpcTunnelClient:
         finally:
             self._tg = None
             self._listeners.clear()
+
+    def tunnels(self) -> list[dict[str, object]]:
+        """The open tunnels and what they carried (for /api/status: bytes over RPC, e.g. at load)."""
+        return [{"node": t.node_id, "target": t.target, "port": t.port, "sent": t.traffic.sent,
+                 "received": t.traffic.received, "sessions": t.traffic.sessions}
+                for t in self._listeners.values()]
 
     def port(self, node_id: str, target: str) -> int | None:
         """The local port of an open tunnel, else None."""
@@ -312,7 +335,7 @@ class RpcTunnelClient:
                 log.exception("%s: failed to start", where)
                 return
             try:
-                how = await pipe(tcp, stream, early=early)
+                how = await pipe(tcp, stream, early=early, traffic=listener.traffic)
                 log.info("%s: session ended: %s", where, how)
             finally:
                 await stream.aclose()

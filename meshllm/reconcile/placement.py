@@ -372,6 +372,13 @@ def _condition(name: str, spec: ModelSpec, why: str | None, plan: Placement,
             if split is not None and split.split else ""
         return Condition(phase=ConditionPhase.READY, reason="Serving", **common,
                          message=f"{ready} server{'s' if ready != 1 else ''} ready{where}")
+    if split is not None and split.split:
+        replaced = [s for s in servers if s.model == name and s.node == split.node and s.phase is ServerPhase.READY
+                    and tuple(s.workers) != split.workers]
+        if replaced:  # it served until a participant left: re-planned, not yet back
+            return Condition(phase=ConditionPhase.DEGRADED, reason="Recovering", **common,
+                             message=f"split re-planned: workers {', '.join(replaced[0].workers)} -> "
+                                     f"{', '.join(split.workers)}")
     recovering = [s for s in mine if s.phase is ServerPhase.LOADING and s.recovering]
     if recovering:
         return Condition(phase=ConditionPhase.DEGRADED, reason="Recovering", **common,

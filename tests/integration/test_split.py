@@ -88,6 +88,10 @@ def test_a_model_no_node_holds_is_split_and_recovers_when_a_worker_dies(mesh: Me
     assert len(first["nodes"]) == 1 and len(first["workers"]) == 1, first
     host, worker = nodes[first["nodes"][0]], nodes[first["workers"][0]]
     spare = next(n for n in nodes.values() if n not in (host, worker))
+    # the worker loaded its half of the layers from its own file: stock RPC would send them (over half
+    # of the file); what crosses is the graph, the offers and the warm-up's activations
+    loaded = [t for t in host.status()["rpc_tunnels"] if t["node"] == node_id(worker)]
+    assert len(loaded) == 1 and 0 < loaded[0]["sent"] < split_model.stat().st_size / 4, loaded
     expected = greedy(solo, MODEL)
     assert expected[0] and expected[1]
     assert greedy(a.api, MODEL) == greedy(spare.api, MODEL) == expected  # through the mesh, identical
