@@ -209,6 +209,7 @@ class ControlAPI:
             "model": spec.model_dump(mode="json"),
             "condition": condition.model_dump(mode="json") if condition else None,
             "servers": [s.model_dump(mode="json") for s in self.state.servers_for(name)],
+            "workers": [w.model_dump(mode="json") for w in self.state.workers().values() if w.model == name],
             "leases": [lease.model_dump(mode="json")
                        for _, lease in sorted(self.state.leases().items()) if lease.model == name],
             "demand": [{**e.model_dump(mode="json"), "live": e.expires_at > now}

@@ -71,9 +71,12 @@ def _node_names(status: dict[str, Any]) -> dict[str, str]:
 def _model_row(model: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
     cond = model.get("condition") or {}
     nodes = cond.get("nodes") or sorted({s["node"] for s in model.get("servers", [])})
+    shown = ",".join(names.get(n, n) for n in nodes) or "-"
+    if cond.get("workers"):  # a split: host+worker+worker
+        shown = "+".join([shown, *(names.get(n, n) for n in cond["workers"])])
     return {"name": model["name"], "condition": cond.get("phase", "-"),
             "ready": f"{cond.get('ready', 0)}/{cond.get('wanted', model.get('replicas', 1))}",
-            "nodes": ",".join(names.get(n, n) for n in nodes) or "-", "reason": cond.get("reason", "-"),
+            "nodes": shown, "reason": cond.get("reason", "-"),
             "source": model["source"], "origin": model.get("origin", ""), "replicas": model.get("replicas", 1),
             "message": cond.get("message") or "-"}
 
@@ -176,14 +179,25 @@ def describe_model(described: dict[str, Any], *, names: dict[str, str], now: flo
         ("  Ready", f"{cond.get('ready', 0)}/{cond.get('wanted', spec.get('replicas', 1))}"),
         ("  Nodes", ",".join(names.get(n, n) for n in cond.get("nodes", [])) or "<none>"),
     ]
+    if spec.get("split") or cond.get("workers"):
+        fields.insert(8, ("Split", "forced (split: true)" if spec.get("split") else "when no node holds it alone"))
+        fields.append(("  Workers", ",".join(names.get(n, n) for n in cond.get("workers", [])) or "<none>"))
     text = "".join(f"{label + ':':<15}{value}\n" for label, value in fields)
     servers = [{**s, "node": names.get(s["node"], s["node"]), "since": age(s.get("since", 0), now=now),
                 "message": s.get("message") or "-"} for s in described.get("servers", [])]
     text += _section("Servers", servers, [("NODE", "node"), ("PHASE", "phase"), ("PORT", "port"), ("PID", "pid"),
                                           ("RESTARTS", "restarts"), ("SINCE", "since"), ("MESSAGE", "message")])
+    workers = [{**w, "node": names.get(w["node"], w["node"]), "host": names.get(w["host"], w["host"]),
+                "since": age(w.get("since", 0), now=now), "message": w.get("message") or "-"}
+               for w in described.get("workers", [])]
+    if workers:
+        text += _section("Split workers", workers, [("NODE", "node"), ("HOST", "host"), ("PHASE", "phase"),
+                                                    ("PORT", "port"), ("SINCE", "since"), ("MESSAGE", "message")])
     leases = [{**lease, "node": names.get(lease["node"], lease["node"]), "hot": "yes" if lease.get("hot") else "no",
+               "workers": ",".join(names.get(w, w) for w in lease.get("workers", [])) or "-",
                "age": age(lease.get("at", 0), now=now)} for lease in described.get("leases", [])]
-    text += _section("Leases", leases, [("SLOT", "slot"), ("NODE", "node"), ("HOT", "hot"), ("AGE", "age")])
+    text += _section("Leases", leases, [("SLOT", "slot"), ("NODE", "node"), ("HOT", "hot"), ("WORKERS", "workers"),
+                                        ("AGE", "age")])
     demand = [_demand_row(e, names, now=now) for e in described.get("demand", [])]
     text += _section("Demand", demand, [("NODE", "node"), ("REQ/MIN", "rate"), ("REQUESTS", "count"),
                                         ("ACTIVE", "active"), ("STATE", "state")])

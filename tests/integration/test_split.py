@@ -26,6 +26,7 @@ from meshllm.testing.engines import engine_pids
 from tests.conftest import free_port
 from tests.integration.nodes import Mesh, NodeProcess, wait_for
 from tests.integration.test_mesh import greedy
+from tests.integration.test_placement import cli
 
 pytestmark = pytest.mark.engine
 
@@ -92,6 +93,10 @@ def test_a_model_no_node_holds_is_split_and_recovers_when_a_worker_dies(mesh: Me
     # of the file); what crosses is the graph, the offers and the warm-up's activations
     loaded = [t for t in host.status()["rpc_tunnels"] if t["node"] == node_id(worker)]
     assert len(loaded) == 1 and 0 < loaded[0]["sent"] < split_model.stat().st_size / 4, loaded
+    shown = cli(spare, "get", "models")
+    assert shown.returncode == 0 and f"{host.status()['node']['name']}+" in shown.stdout, shown.stdout
+    described = cli(spare, "describe", "model", MODEL).stdout
+    assert "Split workers:" in described and "ready" in described, described
     expected = greedy(solo, MODEL)
     assert expected[0] and expected[1]
     assert greedy(a.api, MODEL) == greedy(spare.api, MODEL) == expected  # through the mesh, identical
