@@ -149,6 +149,8 @@ def relays() -> Iterator[list[subprocess.Popen[str]]]:
         for proc in started:
             proc.kill()
             proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
 def relay(relays: list[subprocess.Popen[str]], listen: str, target: str, delay_ms: float) -> str:
