@@ -33,6 +33,7 @@ from meshllm.errors import MeshError
 from meshllm.node.config import NodeConfig
 from meshllm.node.http import bind_socket, exit_on_signal, serve_app
 from meshllm.node.mesh import MeshRuntime
+from meshllm.node.rpc_direct import RpcDirectDialer, RpcDirectServer
 from meshllm.node.rpc_tunnel import RpcTunnelClient, RpcTunnelServer
 from meshllm.reconcile.demand import DemandRecorder
 from meshllm.reconcile.leases import PlacementReconciler
@@ -109,7 +110,11 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
                     role=NodeRole.CLIENT if config.client else NodeRole.SERVER, api_url=api_url,
                     version=__version__, started_at=now, incarnation=now)
     router = Router(state, node_id=node_id)
-    tunnels = RpcTunnelClient(mesh.connect)
+    def direct_address(node: str) -> str | None:
+        return state.nodes()[node].rpc_direct or None if node in state.nodes() else None
+
+    tunnels = RpcTunnelClient(mesh.connect, direct=RpcDirectDialer(mesh.creds.secret, direct_address)
+                              if config.rpc_direct else None)
     reconciler = workers = None
     if engine_dir is not None:
         reconciler = ServedModelReconciler(
@@ -127,6 +132,11 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
             await tg.start(tunnels.run)
             if workers is not None:
                 RpcTunnelServer(mesh.endpoint, workers.port_for).install()
+                if config.rpc_direct:
+                    direct_host = me.addrs[0].rpartition(":")[0] if me.addrs else config.quic_host
+                    direct = RpcDirectServer(mesh.creds.secret, workers.port_for, host=config.quic_host)
+                    direct_port = await tg.start(direct.run)
+                    me = mesh.publish(rpc_direct=f"{direct_host}:{direct_port}")
             for spec in specs:
                 state.put_model(spec)
             token = mesh.token(me)

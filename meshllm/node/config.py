@@ -29,6 +29,7 @@ class NodeConfig:
     bind_port: int = 0
     advertise: tuple[str, ...] = ()
     split: bool = False  # split this node's --model models by layers even when one node holds them
+    rpc_direct: bool = False  # split RPC over authenticated plain TCP instead of the QUIC tunnel
 
     @property
     def host(self) -> str:

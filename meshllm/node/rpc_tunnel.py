@@ -35,6 +35,7 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute, TaskStatus
 
+from meshllm.node.rpc_direct import DirectAuthError, RpcDirectDialer, copy_both_ways
 from meshllm.transport import (FrameDecoder, FrameError, PeerConnection, QuicEndpoint, Stream,
                                StreamKind, TransportError, decode_message, encode_message)
 from meshllm.transport.errors import ErrorCode
@@ -254,8 +255,9 @@ class _Listener:
 class RpcTunnelClient:
     """The host's end: local TCP listeners whose connections each become a stream to a worker."""
 
-    def __init__(self, connect: Connect) -> None:
+    def __init__(self, connect: Connect, *, direct: RpcDirectDialer | None = None) -> None:
         self._connect = connect
+        self._direct = direct  # --rpc-direct: plain TCP, mesh-secret authenticated, to workers that offer it
         self._listeners: dict[tuple[str, str], _Listener] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -325,6 +327,9 @@ class RpcTunnelClient:
         """One TCP connection from llama-server, carried by its own QUIC stream. Never raises."""
         where = f"RPC tunnel to {listener.target} on {listener.node_id}"
         async with tcp:
+            if self._direct is not None and self._direct.available(listener.node_id):
+                await self._direct_session(listener, tcp, where)
+                return
             try:
                 _nodelay(tcp)
                 stream, early = await self._start(listener)
@@ -340,9 +345,38 @@ class RpcTunnelClient:
             finally:
                 await stream.aclose()
 
+    async def _direct_session(self, listener: _Listener, tcp: anyio.abc.SocketStream, where: str) -> None:
+        assert self._direct is not None
+        try:
+            _nodelay(tcp)
+            with anyio.fail_after(CONNECT_TIMEOUT):
+                worker, early = await self._direct.connect(listener.node_id, listener.target)
+        except (OSError, TimeoutError, FrameError, DirectAuthError) as exc:
+            log.warning("%s (direct): connection refused: %s", where, exc)
+            return
+        async with worker:
+            counts = [0, 0]
+            listener.traffic.sessions += 1
+            try:
+                how = await copy_both_ways(tcp, worker, early_to_a=early, counts=counts)
+            finally:
+                listener.traffic.sent += counts[0]
+                listener.traffic.received += counts[1]
+            log.info("%s (direct): session ended: %s", where, how)
+
     async def probe(self, node_id: str, target: str) -> str | None:
         """None when ``node_id``'s worker for ``target`` accepts a session now (its rpc-server
         running and reachable through the mesh), else why not. The session is closed at once."""
+        if self._direct is not None and self._direct.available(node_id):
+            try:
+                with anyio.fail_after(PROBE_TIMEOUT):
+                    worker, _ = await self._direct.connect(node_id, target)
+            except TimeoutError:
+                return f"no answer within {PROBE_TIMEOUT:g} s (direct)"
+            except (OSError, FrameError, DirectAuthError) as exc:
+                return f"direct: {exc}"
+            await worker.aclose()
+            return None
         try:
             with anyio.fail_after(PROBE_TIMEOUT):
                 stream, _ = await self._start(_Listener(node_id, target, 0))

@@ -196,7 +196,7 @@ def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, No
         _assign(plan, ledger, Slot(name, index, lease.node, hot=index >= base[name]))
     for name, count in plan.wanted.items():
         spec = state_models[name]
-        if (name, 0) not in plan.slots and name not in strict and (spec.split or not any(
+        if (name, 0) not in plan.slots and name not in strict and len(ledger.nodes) > 1 and (spec.split or not any(
                 ledger.fits(nid, name) and (name, nid) not in failed for nid in ledger.nodes)):
             _fill_split(plan, ledger, spec, leases=valid, failed=failed)
             continue
@@ -213,7 +213,6 @@ def _fill_split(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
     """Slot 0 of ``spec`` split across nodes (its only slot): the running split if it still holds,
     else a new one from the nodes' free capacity; a split never has replicas."""
     name = spec.name
-    plan.wanted[name] = 1
     nodes = [node.model_copy(update={"capacity_bytes": max(0, ledger.free(nid))})
              for nid, node in ledger.nodes.items() if (name, nid) not in failed]
     lease = leases.get((name, 0))
@@ -230,6 +229,7 @@ def _fill_split(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
             plan.reasons[name] = (reason, f"{message}; no split either: {chosen.reason}")
         return
     plan.reasons.pop(name, None)
+    plan.wanted[name] = 1
     shares = dict(zip(chosen.participants, chosen.tensor_split, strict=True))
     slot = Slot(name, 0, chosen.host, workers=chosen.workers,
                 tensor_split=(*(shares[w] for w in chosen.workers), shares[chosen.host]))

@@ -157,6 +157,7 @@ class NodeStatus(_Entity):
     started_at: float = 0.0
     incarnation: float = Field(default=0.0, description="bumped at each start and to refute a death")
     rtt_ms: dict[str, float] = Field(default_factory=dict, description="measured RTT to peers, by node id")
+    rpc_direct: str = Field(default="", description="host:port of its direct RPC listener (--rpc-direct), if any")
 
 
 class NodeDeath(_Entity):
