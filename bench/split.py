@@ -141,10 +141,12 @@ class Processes:
     logs: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self, argv: list[str], name: str, *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(self, argv: list[str], name: str, *, batch: bool) -> subprocess.Popen[bytes]:
+        """Start ``argv``; ``batch``: as SCHED_BATCH, as a meshllm node runs its CPU engines (``launch``), so
+        that on a busy machine the bench's own engines are scheduled like the nodes' ones."""
         with (self.logs / f"{name}.log").open("ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, **(env or {})}, start_new_session=True)
+                                    start_new_session=True, preexec_fn=_as_batch if batch else None)
         self.procs.append(proc)
         return proc
 
@@ -160,6 +162,10 @@ class Processes:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+
+
+def _as_batch() -> None:
+    os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # its threads inherit it
 
 
 # -- what one mode measured -------------------------------------------------------------------------
@@ -236,7 +242,7 @@ def run_solo(setup: Setup, model: Path, *, norepack: bool) -> Sample:
         argv = server_argv(setup, model, port, gpu_layers=999 if setup.gpu else 0,
                            extra=("--no-repack",) if norepack else ())
         started = time.monotonic()
-        server = procs.start(argv, f"{model.stem}-{mode}")
+        server = procs.start(argv, f"{model.stem}-{mode}", batch=not setup.gpu)
         load = wait_healthy(port, server, setup.timeout) - started
         tps, text, agree = decode(setup, f"http://127.0.0.1:{port}", model.stem)
         return Sample(mode, 1, load, tps, text, texts_agree=agree)
@@ -261,7 +267,7 @@ def run_stock(setup: Setup, model: Path, *, relay: bool) -> Sample:
         threads = setup.threads or max(1, (os.cpu_count() or 2) // 2)  # as meshllm's worker reconciler
         worker_argv = [str(setup.engine / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(rpc_port),
                        "-t", str(threads), *(["-d", setup.device] if setup.device else [])]
-        worker = procs.start(worker_argv, f"{model.stem}-{mode.replace(' ', '-')}-rpc")
+        worker = procs.start(worker_argv, f"{model.stem}-{mode.replace(' ', '-')}-rpc", batch=not setup.device)
         wait_for(lambda: _port_open(rpc_port) or worker.poll() is not None, timeout=60, what="ggml-rpc-server",
                  nodes=[])
         if worker.poll() is not None:
@@ -272,7 +278,7 @@ def run_stock(setup: Setup, model: Path, *, relay: bool) -> Sample:
         gpu_layers, extra = stock_split_args(setup, model, counter.port if counter else rpc_port)
         started = time.monotonic()
         server = procs.start(server_argv(setup, model, port, gpu_layers=gpu_layers, extra=extra),
-                             f"{model.stem}-{mode.replace(' ', '-')}-server")
+                             f"{model.stem}-{mode.replace(' ', '-')}-server", batch=not setup.gpu)
         load = wait_healthy(port, server, setup.timeout) - started
         sent = counter.to_server if counter else None
         received = counter.to_client if counter else None
