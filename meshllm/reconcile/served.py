@@ -502,12 +502,13 @@ def split_args(desired: DesiredServer, rpc_ports: list[int], *, gpu: bool) -> tu
 
     llama.cpp puts RPC devices first and the host's own GPU last, so on a GPU host every layer is
     offloaded and ``--tensor-split`` lists the workers' shares then the host's. A CPU is never a split
-    device: a CPU host keeps its share of the layers by offloading only the rest (llama.cpp offloads
-    the last ``n`` layers), shared among the workers."""
+    device: a CPU host keeps its share of the layers by offloading only the rest, shared among the
+    workers. ``--n-gpu-layers n`` offloads the output head and the last ``n - 1`` layers (llama.cpp
+    counts the head as a layer and offloads it first), so the workers' layers are ``n - 1``."""
     rpc = ("--rpc", ",".join(f"127.0.0.1:{port}" for port in rpc_ports))
     shares = list(desired.tensor_split)
     if gpu:
         return 999, (*rpc, "--tensor-split", ",".join(f"{x:.4g}" for x in shares))
     host_share = shares[-1] / sum(shares)
-    offloaded = max(1, desired.n_layer - round(host_share * desired.n_layer))
-    return offloaded, (*rpc, "--tensor-split", ",".join(f"{x:.4g}" for x in shares[:-1]))
+    host_layers = min(desired.n_layer - 1, round(host_share * desired.n_layer))
+    return desired.n_layer - host_layers + 1, (*rpc, "--tensor-split", ",".join(f"{x:.4g}" for x in shares[:-1]))

@@ -1,0 +1,30 @@
+"""The llama-server arguments of a split host: which layers stay, which go to the workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from meshllm.reconcile.served import DesiredServer, split_args
+
+
+def desired(shares: tuple[float, ...], n_layer: int = 8) -> DesiredServer:
+    return DesiredServer(model="m", path=Path("/m.gguf"), workers=tuple(f"w{i}" for i in range(len(shares) - 1)),
+                         tensor_split=shares, n_layer=n_layer)
+
+
+def test_a_gpu_host_offloads_everything_and_lists_itself_last() -> None:
+    ngl, extra = split_args(desired((0.25, 0.25, 0.5)), [5001, 5002], gpu=True)
+    assert ngl == 999
+    assert extra == ("--rpc", "127.0.0.1:5001,127.0.0.1:5002", "--tensor-split", "0.25,0.25,0.5")
+
+
+def test_a_cpu_host_keeps_its_share_of_the_first_layers() -> None:
+    # 8 layers, host share 3/4: the host keeps 6; -ngl 3 sends the output head and the last 2 layers
+    ngl, extra = split_args(desired((0.25, 0.75)), [5001], gpu=False)
+    assert ngl == 3
+    assert extra == ("--rpc", "127.0.0.1:5001", "--tensor-split", "0.25")
+
+
+def test_a_cpu_host_always_leaves_the_workers_a_layer() -> None:
+    ngl, _ = split_args(desired((0.01, 0.99)), [5001], gpu=False)
+    assert ngl == 2  # one layer and the head
