@@ -21,6 +21,8 @@ alike); the table shows medians:
   the node's 0.2 s probe sets); mesh formation and the workers' start are not included. Decode goes
   through the host node's OpenAI API (:9337 style port). Bytes over RPC are the host's
   ``rpc_tunnels`` counters in ``/api/status`` right after ready ("n/a" where the node has none).
+  ``meshllm-2-direct`` / ``meshllm-3-direct``: the same with ``--rpc-direct`` on every node (RPC over
+  plain TCP between the agents, mesh-secret authenticated) instead of the QUIC tunnel.
 
 Decode tok/s is llama-server's own ``timings.predicted_per_second`` of a non-streamed
 ``/v1/completions`` (temperature 0, ``ignore_eos``, ``--tokens``), after one warm-up request; the
@@ -67,7 +69,7 @@ from meshllm.testing.tcp_relay import CountingTcpRelay
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The capital of France is Paris. The capital of Italy is"
-MODES = ("solo", "solo-norepack", "stock-2", "meshllm-2", "meshllm-3")
+MODES = ("solo", "solo-norepack", "stock-2", "meshllm-2", "meshllm-2-direct", "meshllm-3", "meshllm-3-direct")
 GEMMA = Path("~/.models/gemma-3-270m-q4_k_m.gguf").expanduser()
 FIT = 1.1  # placement's rule: the participants' capacity must be >= 1.1 x the model's size
 CAP_FRACTION = {2: 0.8, 3: 0.45}  # one node < 1.1, n nodes >= 1.1, n - 1 nodes < 1.1 (equal shares)
@@ -404,26 +406,28 @@ def wait_listed(host: HostServer, timeout: float) -> None:
     wait_for(listed, timeout=timeout, what=f"{host.model} in the host's /v1/models", nodes=[host.node])
 
 
-def form_mesh(setup: Setup, model: Path, n: int) -> list[NodeProcess]:
+def form_mesh(setup: Setup, model: Path, n: int, *, direct: bool = False) -> list[NodeProcess]:
     cap = f"{int(model.stat().st_size * CAP_FRACTION[n])}B"
-    first = start_node(setup, "n1", "127.0.0.2", "--model", str(model), "--max-vram", cap)
+    flags = ("--rpc-direct",) if direct else ()
+    first = start_node(setup, "n1", "127.0.0.2", "--model", str(model), "--max-vram", cap, *flags)
     nodes = [first]
     token = wait_for(lambda: (first.status() or {}).get("token"), timeout=60, what="the first node's token",
                      nodes=nodes)
     for i in range(2, n + 1):
         nodes.append(start_node(setup, f"n{i}", f"127.0.0.{i + 1}", "--standby", "--max-vram", cap,
-                                "--join", token))
+                                "--join", token, *flags))
     return nodes
 
 
-def run_meshllm(setup: Setup, model: Path, n: int, round_: int) -> Sample:
+def run_meshllm(setup: Setup, model: Path, n: int, round_: int, *, direct: bool = False) -> Sample:
     nodes: list[NodeProcess] = []
     host: HostServer | None = None
-    run_dir = setup.workdir / f"{model.stem}-meshllm-{n}-r{round_}"
+    name = f"meshllm-{n}" + ("-direct" if direct else "")
+    run_dir = setup.workdir / f"{model.stem}-{name}-r{round_}"
     mesh_setup = replace(setup, workdir=run_dir)
     try:
         formed = time.monotonic()
-        nodes = form_mesh(mesh_setup, model, n)
+        nodes = form_mesh(mesh_setup, model, n, direct=direct)
         host = wait_host(mesh_setup, nodes, n - 1)
         sent, received = tunnel_bytes(host)
         argv = argv_of(host.pid)
@@ -435,7 +439,7 @@ def run_meshllm(setup: Setup, model: Path, n: int, round_: int) -> Sample:
         wait_listed(host, 60)
         tps, text, agree = decode(setup, host.node.api, host.model)
         split = " ".join(argv[argv.index("--n-gpu-layers"):]).replace(" --no-webui", "") if argv else "?"
-        return Sample(f"meshllm-{n}", n, host.ready - host.started, tps, text, sent=sent, received=received,
+        return Sample(name, n, host.ready - host.started, tps, text, sent=sent, received=received,
                       texts_agree=agree, note=f"host llama-server {split}; ready timed by {host.how}")
     except (RuntimeError, TimeoutError, OSError, KeyError, ValueError):
         log_tails(nodes)
@@ -501,7 +505,8 @@ def run_mode(setup: Setup, model: Path, mode: str, round_: int) -> list[Sample]:
     if mode == "stock-2":
         direct = [run_stock(setup, model, relay=False)]
         return direct + ([run_stock(setup, model, relay=True)] if round_ == 0 else [])
-    return [run_meshllm(setup, model, int(mode.rsplit("-", 1)[1]), round_)]
+    direct = mode.endswith("-direct")
+    return [run_meshllm(setup, model, int(mode.removesuffix("-direct").rsplit("-", 1)[1]), round_, direct=direct)]
 
 
 def run_model(setup: Setup, model: Path, modes: list[str], rounds: int, *,
