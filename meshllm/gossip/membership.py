@@ -10,7 +10,10 @@ connection (the dialer opens the stream).
 Failure detection rides on the connections: the transport pings every peer and reports a peer down
 when it stops answering (``peer_timeout``). The node then tries once to dial it again; if that fails
 it writes a ``NodeDeath`` for the peer's current incarnation, which gossip spreads, and every node
-clears the dead node's servers from the document. A node that sees its own death while alive (a
+clears the dead node's servers from the document. Both limits widen while this node's own event
+loop runs late (the endpoint's ``LoopHealth``), and a confirmation dial that ran while the loop
+was stalled is tried again rather than believed (for at most ``RECONFIRM_WITHIN`` seconds): a
+starved node is the likeliest cause of its own missed answers. A node that sees its own death while alive (a
 false suspicion or a healed partition) refutes it with a newer incarnation; dead peers keep being
 redialled slowly, which is how partitions heal.
 """
@@ -62,6 +65,7 @@ RTT_DRIFT_MS = 5.0  # an RTT change smaller than this (and than half the old val
 RTT_REFRESH = 300.0  # seconds between republications for drift alone
 DEAD_DIALS = 2  # dials to dead nodes in flight at once: healing needs a few, not one per dead node
 RTT_SETTLE = 3.0  # a new connection's first samples include its handshake: published once it settled
+RECONFIRM_WITHIN = 3.0  # seconds after a suspicion a stalled confirmation dial may be tried again
 
 
 class Membership:
@@ -207,7 +211,7 @@ class Membership:
                 self._dialing.add(key)
                 if dead:
                     self._dead_dialing.add(key)
-                tg.start_soon(self._dial, key, addrs, self.dial_timeout)
+                tg.start_soon(self._dial, key, addrs, self.dial_timeout * self.endpoint.health.multiplier)
         self._prune(alive, ring)
         self._publish_rtt(now, ring)
 
@@ -229,15 +233,16 @@ class Membership:
                 log.debug("closing the connection to %s: not one of this node's links", nid)
                 conn.close(ErrorCode.NOT_NEEDED, "not one of the dialer's links")
 
-    async def _dial(self, key: str, addrs: list[str], timeout: float) -> PeerConnection | None:
-        """Connect to ``key`` at the first address that answers within ``timeout`` each. Joining
-        and keeping neighbours allow a handshake time to finish even on a loaded node (abandoning
-        one and dialling again only adds load); confirming a death allows far less."""
+    async def _dial(self, key: str, addrs: list[str], timeout: float, *,
+                    urgent: bool = False) -> PeerConnection | None:
+        """Connect to ``key`` at the first address that answers within ``timeout`` each (counted
+        from when the endpoint's handshake budget lets the dial start). Joining and keeping
+        neighbours allow a handshake time to finish even on a loaded node (abandoning one and
+        dialling again only adds load); confirming a death allows far less, and goes first."""
         try:
             for addr in addrs:
                 try:
-                    with anyio.fail_after(timeout):
-                        conn = await self.endpoint.connect(*parse_addr(addr))
+                    conn = await self.endpoint.connect(*parse_addr(addr), timeout=timeout, urgent=urgent)
                     self._dials[key] = _Dial(next_at=self.clock() + 2.0)  # a seed stays dialled a while
                     return conn
                 except (TransportError, OSError, TimeoutError, ValueError) as exc:
@@ -258,12 +263,19 @@ class Membership:
             elif peer not in self._dialing:
                 del self._suspects[peer]
                 self._dialing.add(peer)
-                tg.start_soon(self._confirm_death, peer)
+                tg.start_soon(self._confirm_death, peer, since)
 
-    async def _confirm_death(self, peer: str) -> None:
+    async def _confirm_death(self, peer: str, suspected_at: float) -> None:
         node = self.state.nodes().get(peer)
-        conn = await self._dial(peer, node.addrs if node else [], self.confirm_timeout)
+        health = self.endpoint.health
+        started = health.clock()
+        timeout = self.confirm_timeout * health.multiplier
+        conn = await self._dial(peer, node.addrs if node else [], timeout, urgent=True)
         if conn is not None or node is None:
+            return
+        if health.stalled_since(started) > timeout / 2 and self.clock() - suspected_at < RECONFIRM_WITHIN:
+            log.info("the dial confirming %s's death ran while this node's loop was stalled: again", peer)
+            self._suspects.setdefault(peer, suspected_at)
             return
         death = self.state.deaths().get(peer)
         if death is None or death.incarnation < node.incarnation:
