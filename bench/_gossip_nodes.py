@@ -345,7 +345,7 @@ class Worker:
         """This process's local health and handshake budget, so far."""
         b = self.budget.stats
         return {"worst_lag_s": self.health.worst, "multiplier": self.health.multiplier,
-                "dials": b.granted, "dials_queued": b.queued, "dial_wait_s": b.waited_s,
+                "dials": b.granted, "dials_queued": b.queued, "dial_wait_s": b.waited_s, "dial_held_s": b.held_s,
                 "longest_queue": b.longest_queue}
 
     async def sync_sizes(self) -> Result:

@@ -166,7 +166,7 @@ class Mesh:
         return {"worst_lag_s": max(r["worst_lag_s"] for r in replies),
                 "multiplier_max": max(r["multiplier"] for r in replies),
                 **{key: sum(r[key] for r in replies)
-                   for key in ("dials", "dials_queued", "dial_wait_s")},
+                   for key in ("dials", "dials_queued", "dial_wait_s", "dial_held_s")},
                 "longest_queue": max(r["longest_queue"] for r in replies)}
 
     async def logs(self) -> dict[str, int]:
@@ -432,8 +432,11 @@ ROWS: list[Row] = [
     ("  all nodes started after (s)", "", at("formation", "started_s")),
     ("  CPU during formation (s)", "", at("formation", "cpu_s")),
     ("  kernel UDP drops during formation", "0", at("formation", "kernel_udp_drops")),
-    ("  handshakes during formation / queued", "",
+    ("  dials in formation: started / had to wait", "",
      lambda r: f"{r['formation']['load']['dials']} / {r['formation']['load']['dials_queued']}"),
+    ("  dials in formation: mean wait / hold (s)", "", lambda r: (
+        f"{fmt(r['formation']['load']['dial_wait_s'] / max(1, r['formation']['load']['dials_queued']))} / "
+        f"{fmt(r['formation']['load']['dial_held_s'] / max(1, r['formation']['load']['dials']))}")),
     ("convergence p50 / p95 (s)", "", pair("convergence", "p50_s", "p95_s")),
     ("convergence max (s)", "<= 2", at("convergence", "max_s")),
     ("  changes reaching every node", "", pair("convergence", "complete", "changes")),

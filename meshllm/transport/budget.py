@@ -32,6 +32,7 @@ class BudgetStats:
     granted: int = 0
     queued: int = 0  # dials that had to wait for a slot
     waited_s: float = 0.0  # their waits, summed
+    held_s: float = 0.0  # time slots were held (handshakes' wall time), summed
     longest_queue: int = 0
 
 
@@ -55,9 +56,11 @@ class HandshakeBudget:
     async def slot(self, *, urgent: bool = False) -> AsyncIterator[None]:
         """Hold one slot for the body (a handshake); wait in line for it when the budget is spent."""
         await self._acquire(urgent)
+        held = anyio.current_time()
         try:
             yield
         finally:
+            self.stats.held_s += anyio.current_time() - held
             self._release()
 
     async def _acquire(self, urgent: bool) -> None:
