@@ -11,9 +11,10 @@ Failure detection rides on the connections: the transport pings every peer and r
 when it stops answering (``peer_timeout``). The node then tries once to dial it again; if that fails
 it writes a ``NodeDeath`` for the peer's current incarnation, which gossip spreads, and every node
 clears the dead node's servers from the document. Both limits widen while this node's own event
-loop runs late (the endpoint's ``LoopHealth``), and a confirmation dial that ran while the loop
-was stalled is tried again rather than believed (for at most ``RECONFIRM_WITHIN`` seconds): a
-starved node is the likeliest cause of its own missed answers. A node that sees its own death while alive (a
+loop runs late (the endpoint's ``LoopHealth``; the dial also while its handshakes run slow), and a
+confirmation dial that ran while the loop was stalled is tried again rather than believed (for at
+most ``RECONFIRM_WITHIN`` seconds): a starved node is the likeliest cause of its own missed
+answers. A node that sees its own death while alive (a
 false suspicion or a healed partition) refutes it with a newer incarnation; dead peers keep being
 redialled slowly, which is how partitions heal.
 """
@@ -34,9 +35,10 @@ from meshllm.gossip.sync import DocGossip
 from meshllm.state.document import MeshState
 from meshllm.state.schema import NodeDeath, NodeStatus
 from meshllm.transport import MessageStream, PeerConnection, PeerEvent, QuicEndpoint, Stream, StreamKind
+from meshllm.transport.budget import DialPriority
 from meshllm.transport.errors import ErrorCode, TransportError
 
-__all__ = ["Membership", "parse_addr", "ring_neighbours"]
+__all__ = ["Membership", "confirm_limit", "parse_addr", "ring_neighbours"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,13 @@ def _pruned(conn: PeerConnection) -> bool:
     return error is not None and error.code == ErrorCode.NOT_NEEDED
 
 
+def confirm_limit(base: float, *, multiplier: float, handshake_s: float) -> float:
+    """The limit on a death-confirmation dial: ``base`` on an unloaded node, wider while this node's
+    loop runs late (``multiplier``) or its handshakes have lately been slow (a loaded node takes
+    longer to finish any handshake, a live peer's too), never more than ``CONFIRM_CAP`` times."""
+    return min(max(base * multiplier, HANDSHAKE_MARGIN * handshake_s), base * CONFIRM_CAP)
+
+
 @dataclass
 class _Dial:
     next_at: float = 0.0
@@ -66,6 +75,8 @@ RTT_REFRESH = 300.0  # seconds between republications for drift alone
 DEAD_DIALS = 2  # dials to dead nodes in flight at once: healing needs a few, not one per dead node
 RTT_SETTLE = 3.0  # a new connection's first samples include its handshake: published once it settled
 RECONFIRM_WITHIN = 3.0  # seconds after a suspicion a stalled confirmation dial may be tried again
+CONFIRM_CAP = 4.0  # a confirmation dial's limit grows to at most this many times confirm_timeout
+HANDSHAKE_MARGIN = 2.0  # ... to give a live peer this many times this node's recent handshake time
 
 
 class Membership:
@@ -211,7 +222,10 @@ class Membership:
                 self._dialing.add(key)
                 if dead:
                     self._dead_dialing.add(key)
-                tg.start_soon(self._dial, key, addrs, self.dial_timeout * self.endpoint.health.multiplier)
+                if dead:  # mostly a dial into silence: kept short, and behind the others
+                    tg.start_soon(self._dial, key, addrs, self._confirm_limit(), DialPriority.BACKGROUND)
+                else:
+                    tg.start_soon(self._dial, key, addrs, self.dial_timeout * self.endpoint.health.multiplier)
         self._prune(alive, ring)
         self._publish_rtt(now, ring)
 
@@ -233,8 +247,8 @@ class Membership:
                 log.debug("closing the connection to %s: not one of this node's links", nid)
                 conn.close(ErrorCode.NOT_NEEDED, "not one of the dialer's links")
 
-    async def _dial(self, key: str, addrs: list[str], timeout: float, *,
-                    urgent: bool = False) -> PeerConnection | None:
+    async def _dial(self, key: str, addrs: list[str], timeout: float,
+                    priority: DialPriority = DialPriority.NORMAL) -> PeerConnection | None:
         """Connect to ``key`` at the first address that answers within ``timeout`` each (counted
         from when the endpoint's handshake budget lets the dial start). Joining and keeping
         neighbours allow a handshake time to finish even on a loaded node (abandoning one and
@@ -242,7 +256,7 @@ class Membership:
         try:
             for addr in addrs:
                 try:
-                    conn = await self.endpoint.connect(*parse_addr(addr), timeout=timeout, urgent=urgent)
+                    conn = await self.endpoint.connect(*parse_addr(addr), timeout=timeout, priority=priority)
                     self._dials[key] = _Dial(next_at=self.clock() + 2.0)  # a seed stays dialled a while
                     return conn
                 except (TransportError, OSError, TimeoutError, ValueError) as exc:
@@ -269,8 +283,8 @@ class Membership:
         node = self.state.nodes().get(peer)
         health = self.endpoint.health
         started = health.clock()
-        timeout = self.confirm_timeout * health.multiplier
-        conn = await self._dial(peer, node.addrs if node else [], timeout, urgent=True)
+        timeout = self._confirm_limit()
+        conn = await self._dial(peer, node.addrs if node else [], timeout, DialPriority.URGENT)
         if conn is not None or node is None:
             return
         if health.stalled_since(started) > timeout / 2 and self.clock() - suspected_at < RECONFIRM_WITHIN:
@@ -282,6 +296,10 @@ class Membership:
             log.warning("node %s is unreachable: declaring it dead", peer)
             self.state.put_death(NodeDeath(node=peer, incarnation=node.incarnation, by=self.node_id,
                                            at=self.clock()))
+
+    def _confirm_limit(self) -> float:
+        return confirm_limit(self.confirm_timeout, multiplier=self.endpoint.health.multiplier,
+                             handshake_s=self.endpoint.handshake_s)
 
     def _refute(self) -> None:
         """Keep this node's entry true: refute a death verdict, and rewrite the entry when a merge

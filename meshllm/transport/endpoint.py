@@ -36,7 +36,7 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from meshllm.store.identity import NodeIdentity
 from meshllm.transport.auth import Handshake, Role
-from meshllm.transport.budget import HandshakeBudget
+from meshllm.transport.budget import DialPriority, HandshakeBudget
 from meshllm.transport.connection import Address, PeerConnection
 from meshllm.transport.errors import ConnectionLost, ErrorCode, FrameError, TransportError
 from meshllm.transport.health import LoopHealth
@@ -145,6 +145,7 @@ class QuicEndpoint:
         self._owns_health = health is None
         self.health = health or LoopHealth()
         self.budget = budget or HandshakeBudget(self.settings.max_dials)
+        self.handshake_s = 0.0  # how long this endpoint's dials take to authenticate lately (EWMA)
 
     @property
     def node_id(self) -> str:
@@ -210,14 +211,14 @@ class QuicEndpoint:
             self._shutdown()
 
     async def connect(self, host: str, port: int, *, timeout: float | None = None,
-                      urgent: bool = False) -> PeerConnection:
+                      priority: DialPriority = DialPriority.NORMAL) -> PeerConnection:
         """An authenticated connection to the node at ``host:port``.
 
         Raises ``AuthError`` if either side refuses the other, ``ConnectionLost`` if nothing
         answers within ``auth_timeout``, ``TimeoutError`` past ``timeout``. If the peer already
         has a connection with us that wins over this one, that connection is returned instead.
-        The handshake waits for a slot in the handshake budget first (``urgent`` ones ahead of
-        the others); ``timeout`` counts from when it has one.
+        The handshake waits for a slot in the handshake budget first (by ``priority``);
+        ``timeout`` counts from when it has one.
         """
         running = self._require_running()
         address = _literal(host, port, running.family)
@@ -226,9 +227,13 @@ class QuicEndpoint:
             if not infos:
                 raise TransportError(f"cannot resolve {host}")
             address = (str(infos[0][4][0]), int(infos[0][4][1]))
-        async with self.budget.slot(urgent=urgent):
+        async with self.budget.slot(priority=priority):
+            started = _now()
             with anyio.fail_after(timeout):
-                return await self._dial(address)
+                conn = await self._dial(address)
+            took = _now() - started
+            self.handshake_s = took if not self.handshake_s else 0.8 * self.handshake_s + 0.2 * took
+            return conn
 
     async def _dial(self, address: Address) -> PeerConnection:
         quic = QuicConnection(configuration=self._client_config)

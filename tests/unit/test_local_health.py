@@ -13,7 +13,8 @@ import time
 import anyio
 import pytest
 
-from meshllm.transport.budget import HandshakeBudget
+from meshllm.gossip.membership import CONFIRM_CAP, confirm_limit
+from meshllm.transport.budget import DialPriority, HandshakeBudget
 from meshllm.transport.health import HealthSettings, LoopHealth
 
 
@@ -102,31 +103,73 @@ async def test_run_records_a_blocked_loop() -> None:
     assert health.multiplier > 1.0
 
 
+@pytest.mark.parametrize(("multiplier", "handshake_s", "expected"), [
+    (1.0, 0.0, 0.75),    # unloaded, no handshake yet: the plain limit
+    (1.0, 0.02, 0.75),   # unloaded, loopback handshakes take milliseconds
+    (1.6, 0.02, 1.2),    # a late loop widens it
+    (1.0, 0.9, 1.8),     # slow handshakes lately: room for two
+    (2.0, 5.0, 0.75 * CONFIRM_CAP),  # both, capped
+])
+def test_the_confirmation_dial_limit(multiplier: float, handshake_s: float, expected: float) -> None:
+    assert confirm_limit(0.75, multiplier=multiplier, handshake_s=handshake_s) == pytest.approx(expected)
+
+
 # -- the handshake budget -------------------------------------------------------------------------
-async def test_dials_beyond_the_budget_wait_and_urgent_ones_go_first() -> None:
-    budget = HandshakeBudget(2)
+U, N, B = DialPriority.URGENT, DialPriority.NORMAL, DialPriority.BACKGROUND
+
+
+async def run_dials(budget: HandshakeBudget,
+                    dials: list[tuple[str, DialPriority]]) -> tuple[list[str], list[str], int]:
+    """Start ``dials`` (name, priority) one after another, each holding its slot until all started;
+    returns which got a slot at once, the order all got one, and the most in flight at once."""
     order: list[str] = []
     release = anyio.Event()
     most = 0
 
-    async def dial(name: str, urgent: bool = False) -> None:
+    async def dial(name: str, priority: DialPriority) -> None:
         nonlocal most
-        async with budget.slot(urgent=urgent):
+        async with budget.slot(priority=priority):
             order.append(name)
             most = max(most, budget.in_flight)
             await release.wait()
 
     async with anyio.create_task_group() as tg:
-        for name in ("a", "b", "c", "d"):
-            tg.start_soon(dial, name)
+        for name, priority in dials:
+            tg.start_soon(dial, name, priority)
             await anyio.sleep(0.01)
-        tg.start_soon(dial, "confirm", True)
-        await anyio.sleep(0.01)
-        assert order == ["a", "b"] and budget.waiting == 3
+        at_once = order[:]
         release.set()
-    assert order == ["a", "b", "confirm", "c", "d"]
-    assert most == 2 and budget.in_flight == 0
-    assert budget.stats.queued == 3 and budget.stats.granted == 5
+    assert budget.in_flight == 0 and budget.waiting == 0
+    return at_once, order, most
+
+
+async def test_dials_beyond_the_budget_wait_in_order() -> None:
+    budget = HandshakeBudget(2)
+    at_once, order, most = await run_dials(budget, [(n, N) for n in "abcd"])
+    assert at_once == ["a", "b"] and order == ["a", "b", "c", "d"] and most == 2
+    assert budget.stats.queued == 2 and budget.stats.granted == 4
+
+
+async def test_a_confirmation_takes_the_reserve_and_then_goes_first_in_line() -> None:
+    budget = HandshakeBudget(2, reserve=1)
+    dials = [("a", N), ("b", N), ("c", N), ("confirm", U), ("confirm2", U), ("d", N)]
+    at_once, order, most = await run_dials(budget, dials)
+    assert at_once == ["a", "b", "confirm"]  # the reserve: never behind ordinary dials
+    assert order == ["a", "b", "confirm", "confirm2", "c", "d"]  # then the front of the line
+    assert most == 3
+
+
+async def test_without_a_reserve_a_confirmation_still_jumps_the_line() -> None:
+    at_once, order, most = await run_dials(HandshakeBudget(1, reserve=0), [("a", N), ("b", N), ("confirm", U)])
+    assert at_once == ["a"] and order == ["a", "confirm", "b"] and most == 1
+
+
+async def test_redials_of_dead_nodes_take_at_most_half_the_budget_and_go_last() -> None:
+    budget = HandshakeBudget(4, reserve=0)
+    dials = [("dead1", B), ("dead2", B), ("dead3", B), ("link1", N), ("link2", N), ("link3", N)]
+    at_once, order, most = await run_dials(budget, dials)
+    assert at_once == ["dead1", "dead2", "link1", "link2"]  # dead3 waits: half the budget is theirs at most
+    assert order == ["dead1", "dead2", "link1", "link2", "link3", "dead3"]
 
 
 async def test_a_cancelled_waiter_gives_up_its_place_and_leaks_no_slot() -> None:
