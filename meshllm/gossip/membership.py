@@ -106,6 +106,7 @@ class Membership:
         self._dials: dict[str, _Dial] = {}
         self._dialing: set[str] = set()
         self._dead_dialing: set[str] = set()
+        self._seeds_known: set[str] = set()
         self._rtt_published = self._rtt_checked = 0.0
         self._changed = True
         self._last_dial_scan = 0.0
@@ -184,12 +185,21 @@ class Membership:
         return self._links[1]
 
     def _wanted_addrs(self, alive: dict[str, NodeStatus], ring: set[str]) -> dict[str, list[str]]:
-        """Peers to be connected to, by node id (seeds by their address until their id is known)."""
+        """Peers to be connected to, by node id (seeds by their address until their id is known).
+
+        A seed is known once some node's entry, alive or dead, lists its address; from then on it
+        is dialled as that node (a neighbour, or a dead node redialled slowly), never again as a
+        seed: when a seed is held dead, every node that joined through it would otherwise dial it
+        at once and keep that connection (seen at 100 nodes: 82 connections to the seed)."""
         wanted = {nid: alive[nid].addrs for nid in ring}
-        known = {a for node in alive.values() for a in node.addrs}
-        for seed in self.seeds:
-            if seed not in known and seed not in self.me.addrs:
-                wanted[f"seed:{seed}"] = [seed]
+        pending = [s for s in self.seeds if s not in self._seeds_known and s not in self.me.addrs]
+        if pending:
+            known = {a for node in self.state.nodes().values() for a in node.addrs}
+            for seed in pending:
+                if seed in known:
+                    self._seeds_known.add(seed)
+                else:
+                    wanted[f"seed:{seed}"] = [seed]
         now = self.clock()
         for nid, node in self.state.nodes().items():
             if nid not in alive and nid != self.node_id and self._dials.get(nid, _Dial()).next_at <= now:
