@@ -14,9 +14,9 @@ clears the dead node's servers from the document. Both limits widen while this n
 loop runs late (the endpoint's ``LoopHealth``; the dial also while its handshakes run slow), and a
 confirmation dial that ran while the loop was stalled is tried again rather than believed (for at
 most ``RECONFIRM_WITHIN`` seconds): a starved node is the likeliest cause of its own missed
-answers. A node that sees its own death while alive (a
-false suspicion or a healed partition) refutes it with a newer incarnation; dead peers keep being
-redialled slowly, which is how partitions heal.
+answers. A node that sees its own death while alive (a false suspicion or a healed partition)
+refutes it with a newer incarnation; dead peers keep being redialled slowly, which is how
+partitions heal.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from meshllm.gossip.overlay import FINGERS, links, ring_neighbours
 from meshllm.gossip.sync import DocGossip
 from meshllm.state.document import MeshState
 from meshllm.state.schema import NodeDeath, NodeStatus
-from meshllm.transport import MessageStream, PeerConnection, PeerEvent, QuicEndpoint, Stream, StreamKind
-from meshllm.transport.budget import DialPriority
+from meshllm.transport import (DialPriority, MessageStream, PeerConnection, PeerEvent, QuicEndpoint, Stream,
+                               StreamKind)
 from meshllm.transport.errors import ErrorCode, TransportError
 
 __all__ = ["Membership", "confirm_limit", "parse_addr", "ring_neighbours"]
@@ -230,9 +230,8 @@ class Membership:
             dial = self._dials.setdefault(key, _Dial())
             if dial.next_at <= now:
                 self._dialing.add(key)
-                if dead:
-                    self._dead_dialing.add(key)
                 if dead:  # mostly a dial into silence: kept short, and behind the others
+                    self._dead_dialing.add(key)
                     tg.start_soon(self._dial, key, addrs, self._confirm_limit(), DialPriority.BACKGROUND)
                 else:
                     tg.start_soon(self._dial, key, addrs, self.dial_timeout * self.endpoint.health.multiplier)

@@ -182,7 +182,7 @@ class DocGossip:
             self.stats.malformed += 1
 
     def _handle(self, session: _Session, message: bytes) -> None:
-        if message[:1] == bytes([DIGEST_MESSAGE]):
+        if message and message[0] == DIGEST_MESSAGE:
             self._handle_digest(session, message)
             return
         if not message or message[0] != YMessageType.SYNC:
