@@ -26,6 +26,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -232,9 +233,11 @@ class Membership:
                 self._dialing.add(key)
                 if dead:  # mostly a dial into silence: kept short, and behind the others
                     self._dead_dialing.add(key)
-                    tg.start_soon(self._dial, key, addrs, self._confirm_limit(), DialPriority.BACKGROUND)
+                    tg.start_soon(self._dial, key, addrs, self._confirm_limit(), DialPriority.BACKGROUND,
+                                  partial(self._still_dead, key))
                 else:
-                    tg.start_soon(self._dial, key, addrs, self.dial_timeout * self.endpoint.health.multiplier)
+                    tg.start_soon(self._dial, key, addrs, self.dial_timeout * self.endpoint.health.multiplier,
+                                  DialPriority.NORMAL, None if key.startswith("seed:") else partial(self._still_a_link, key))
         self._prune(alive, ring)
         self._publish_rtt(now, ring)
 
@@ -256,19 +259,35 @@ class Membership:
                 log.debug("closing the connection to %s: not one of this node's links", nid)
                 conn.close(ErrorCode.NOT_NEEDED, "not one of the dialer's links")
 
+    def _unconnected(self, key: str) -> bool:
+        return self.endpoint.peer(key) is None
+
+    def _still_a_link(self, key: str) -> bool:
+        return self.endpoint.peer(key) is None and key in self._links[1]
+
+    def _still_dead(self, key: str) -> bool:
+        return self.endpoint.peer(key) is None and key not in self.state.alive_nodes()
+
     async def _dial(self, key: str, addrs: list[str], timeout: float,
-                    priority: DialPriority = DialPriority.NORMAL) -> PeerConnection | None:
+                    priority: DialPriority = DialPriority.NORMAL,
+                    needed: Callable[[], bool] | None = None) -> PeerConnection | None:
         """Connect to ``key`` at the first address that answers within ``timeout`` each (counted
-        from when the endpoint's handshake budget lets the dial start). Joining and keeping
-        neighbours allow a handshake time to finish even on a loaded node (abandoning one and
-        dialling again only adds load); confirming a death allows far less, and goes first."""
+        from when the endpoint's handshake budget lets the dial start; dropped there if
+        ``needed()`` turned false while it waited). Joining and keeping neighbours allow a
+        handshake time to finish even on a loaded node (abandoning one and dialling again only
+        adds load); confirming a death allows far less, and goes first."""
         try:
             for addr in addrs:
                 try:
-                    conn = await self.endpoint.connect(*parse_addr(addr), timeout=timeout, priority=priority)
+                    conn = await self.endpoint.connect(*parse_addr(addr), timeout=timeout, priority=priority,
+                                                       needed=needed)
                     self._dials[key] = _Dial(next_at=self.clock() + 2.0)  # a seed stays dialled a while
                     return conn
-                except (TransportError, OSError, TimeoutError, ValueError) as exc:
+                except TransportError as exc:
+                    if exc.code == ErrorCode.NOT_NEEDED:
+                        return None
+                    log.debug("dial %s at %s failed: %s", key, addr, exc)
+                except (OSError, TimeoutError, ValueError) as exc:
                     log.debug("dial %s at %s failed: %s", key, addr, exc)
             dial = self._dials.setdefault(key, _Dial())
             dial.next_at = self.clock() + dial.delay * self.rng.uniform(0.8, 1.2)
@@ -293,9 +312,10 @@ class Membership:
         health = self.endpoint.health
         started = health.clock()
         timeout = self._confirm_limit()
-        conn = await self._dial(peer, node.addrs if node else [], timeout, DialPriority.URGENT)
-        if conn is not None or node is None:
-            return
+        conn = await self._dial(peer, node.addrs if node else [], timeout, DialPriority.URGENT,
+                                partial(self._unconnected, peer))
+        if conn is not None or node is None or self.endpoint.peer(peer) is not None:
+            return  # reached, or it dialled us meanwhile
         if health.stalled_since(started) > timeout / 2 and self.clock() - suspected_at < RECONFIRM_WITHIN:
             log.info("the dial confirming %s's death ran while this node's loop was stalled: again", peer)
             self._suspects.setdefault(peer, suspected_at)

@@ -211,14 +211,17 @@ class QuicEndpoint:
             self._shutdown()
 
     async def connect(self, host: str, port: int, *, timeout: float | None = None,
-                      priority: DialPriority = DialPriority.NORMAL) -> PeerConnection:
+                      priority: DialPriority = DialPriority.NORMAL,
+                      needed: Callable[[], bool] | None = None) -> PeerConnection:
         """An authenticated connection to the node at ``host:port``.
 
         Raises ``AuthError`` if either side refuses the other, ``ConnectionLost`` if nothing
         answers within ``auth_timeout``, ``TimeoutError`` past ``timeout``. If the peer already
         has a connection with us that wins over this one, that connection is returned instead.
         The handshake waits for a slot in the handshake budget first (by ``priority``);
-        ``timeout`` counts from when it has one.
+        ``timeout`` counts from when it has one, and a dial whose ``needed()`` turned false while
+        it waited (the peer dialled us meanwhile, the link moved) raises ``TransportError`` with
+        code ``NOT_NEEDED`` instead of spending a handshake.
         """
         running = self._require_running()
         address = _literal(host, port, running.family)
@@ -228,6 +231,8 @@ class QuicEndpoint:
                 raise TransportError(f"cannot resolve {host}")
             address = (str(infos[0][4][0]), int(infos[0][4][1]))
         async with self.budget.slot(priority=priority):
+            if needed is not None and not needed():
+                raise TransportError(f"the dial to {host}:{port} is no longer needed", code=ErrorCode.NOT_NEEDED)
             started = _now()
             with anyio.fail_after(timeout):
                 conn = await self._dial(address)
