@@ -11,6 +11,7 @@ times taken in different workers. Conditions are timed in the replicas' own chan
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import inspect
 import logging
 import time
@@ -38,6 +39,8 @@ from meshllm.state.schema import ModelSpec, NodeRole, NodeStatus
 from meshllm.store.identity import NodeIdentity
 from meshllm.store.mesh import MeshCredentials
 from meshllm.transport import QuicEndpoint, TransportError, TransportSettings
+from meshllm.transport.budget import HandshakeBudget
+from meshllm.transport.health import HealthSettings, LoopHealth
 
 HOST = "127.0.0.1"
 Result = dict[str, Any]
@@ -63,17 +66,23 @@ class Knobs:
     join_interval: float = 0.0
     drain_sockets: bool = False
     procs: int = 1
+    dial_budget: int = MESH_TRANSPORT.max_dials  # handshakes in flight per worker process
+    local_health: bool = True  # False: timeouts never widen (the detector before local health)
+    profile: str = ""  # a folder: cProfile the workers over the steady window
 
 
 class BenchNode:
     """One mesh node's gossip half, run as a task of its worker process."""
 
-    def __init__(self, index: int, creds: MeshCredentials, knobs: Knobs) -> None:
+    def __init__(self, index: int, creds: MeshCredentials, knobs: Knobs, health: LoopHealth,
+                 budget: HandshakeBudget) -> None:
         self.index = index
         self.identity = NodeIdentity(Ed25519PrivateKey.generate())
         self.state = MeshState()
+        # the loop and the CPU are the process's: its nodes share one health monitor and one
+        # handshake budget, as the endpoints of one node process would
         self.endpoint = QuicEndpoint(self.identity, creds.mesh_id, creds.secret, host=HOST,
-                                     settings=knobs.transport)
+                                     settings=knobs.transport, health=health, budget=budget)
         self.gossip = DocGossip(self.state.doc, node_id=self.node_id, anti_entropy=knobs.anti_entropy)
         self.maps = {kind: self.state.doc.get(kind, type=Map) for kind in ("models", "nodes", "deaths")}
         self.knobs = knobs
@@ -249,13 +258,16 @@ class Worker:
 
     def __init__(self, tg: TaskGroup, indices: Sequence[int], creds: MeshCredentials, knobs: Knobs) -> None:
         self.tg = tg
-        self.nodes = {i: BenchNode(i, creds, knobs) for i in indices}
+        self.health = LoopHealth(HealthSettings() if knobs.local_health else HealthSettings(max_multiplier=1.0))
+        self.budget = HandshakeBudget(knobs.dial_budget)
+        self.nodes = {i: BenchNode(i, creds, knobs, self.health, self.budget) for i in indices}
         self.logs = LogCounter()
         logging.getLogger().addHandler(self.logs)
         self.watch: Watch | None = None
         self.lags: list[float] | None = None
         self._lag_scope: anyio.CancelScope | None = None
         self.changes = Counter[str]()
+        self._profiler: cProfile.Profile | None = None
         self._change_subs: list[tuple[Map, Any]] = []
 
     async def ids(self) -> dict[int, str]:
@@ -329,6 +341,13 @@ class Worker:
     async def cpu(self) -> float:
         return time.process_time()
 
+    async def load(self) -> Result:
+        """This process's local health and handshake budget, so far."""
+        b = self.budget.stats
+        return {"worst_lag_s": self.health.worst, "multiplier": self.health.multiplier,
+                "dials": b.granted, "dials_queued": b.queued, "dial_wait_s": b.waited_s, "dial_held_s": b.held_s,
+                "longest_queue": b.longest_queue}
+
     async def sync_sizes(self) -> Result:
         docs = [node.state.doc for node in self.nodes.values()]
         return sync_sizes(docs[-1], docs[len(docs) // 2]) if len(docs) > 1 else {}
@@ -347,9 +366,19 @@ class Worker:
     async def deaths(self) -> dict[str, str]:
         return {nid: death.by for nid, death in next(iter(self.nodes.values())).state.deaths().items()}
 
+    async def profile(self, path: str | None) -> None:
+        """Start profiling this process (``path`` None), or stop and write the profile to ``path``."""
+        if path is None:
+            self._profiler = cProfile.Profile()
+            self._profiler.enable()
+            return
+        assert self._profiler is not None
+        self._profiler.disable()
+        self._profiler.dump_stats(path)
+        self._profiler = None
+
     async def take_logs(self) -> dict[str, int]:
         return self.logs.take()
-
 
 
 async def serve_commands(conn: Connection, indices: Sequence[int], creds: MeshCredentials,
@@ -358,6 +387,7 @@ async def serve_commands(conn: Connection, indices: Sequence[int], creds: MeshCr
     ``finish`` stops every node and answers how many endpoints and tasks were left running."""
     async with anyio.create_task_group() as tg:
         worker = Worker(tg, indices, creds, knobs)
+        await tg.start(worker.health.run)
         while True:
             name, kwargs = await anyio.to_thread.run_sync(conn.recv)
             if name == "finish":

@@ -160,6 +160,15 @@ class Mesh:
     async def lags(self, on: bool) -> list[float]:
         return [lag for reply in await self.each("lag", on=on) for lag in reply]
 
+    async def load(self) -> Result:
+        """The workers' local health and handshake budgets since they started: worst and sums."""
+        replies = await self.each("load")
+        return {"worst_lag_s": max(r["worst_lag_s"] for r in replies),
+                "multiplier_max": max(r["multiplier"] for r in replies),
+                **{key: sum(r[key] for r in replies)
+                   for key in ("dials", "dials_queued", "dial_wait_s", "dial_held_s")},
+                "longest_queue": max(r["longest_queue"] for r in replies)}
+
     async def logs(self) -> dict[str, int]:
         counts = Counter[str]()
         for reply in await self.each("take_logs"):
@@ -262,7 +271,8 @@ async def convergence(mesh: Mesh, knobs: Knobs, rng: random.Random) -> Result:
     typed_misses = sum(await mesh.each("missing", names=names))
     alls = [run["all_s"] for run in runs if run["complete"]]
     slow = max((run for run in runs if run["complete"]), key=lambda run: run["all_s"], default={})
-    return {"p50_s": pct(alls, 0.5), "max_s": max(alls) if len(alls) == len(runs) else None,
+    return {"p50_s": pct(alls, 0.5), "p95_s": pct(alls, 0.95),
+            "max_s": max(alls) if len(alls) == len(runs) else None,
             "complete": len(alls), "changes": len(runs), "typed_misses": typed_misses,
             "hops_max": max((run.get("hops_max", 0) for run in runs), default=0),
             "repaired_nodes": sum(run.get("repaired", 0) for run in runs),
@@ -291,9 +301,14 @@ async def steady(mesh: Mesh, knobs: Knobs) -> Result:
     await mesh.call(0, "count_changes", index=0, on=True)
     drops = kernel_udp_drops()
     await mesh.lags(True)
+    if knobs.profile:
+        await mesh.each("profile", path=None)
     t0, cpu0, before = merged(await mesh.each("counters"))
     await anyio.sleep(knobs.window)
     t1, cpu1, after = merged(await mesh.each("counters"))
+    if knobs.profile:
+        Path(knobs.profile).mkdir(parents=True, exist_ok=True)
+        await mesh.each("profile", lambda w: {"path": str(Path(knobs.profile, f"steady-N{mesh.size}-w{w}.prof"))})
     lags = await mesh.lags(False)
     changes = await mesh.call(0, "count_changes", index=0, on=False)
     seconds, cpu = t1 - t0, cpu1 - cpu0
@@ -344,6 +359,7 @@ async def run_size(size: int, knobs: Knobs, rng: random.Random) -> Result:
         await mesh.open()
         result["formation"] = await formation(mesh, knobs)
         result["formation"]["warnings"] = await mesh.logs()
+        result["formation"]["load"] = await mesh.load()
         print(f"N={size}: formation {fmt(result['formation']['all_s'])} s, {result['formation']['formed']} of "
               f"{size} nodes saw all alive", flush=True)
         if result["formation"]["complete"]:
@@ -363,6 +379,7 @@ async def run_phases(mesh: Mesh, knobs: Knobs, rng: random.Random, result: Resul
                         ("detection", partial(detection, mesh, knobs, rng))):
         result[name] = await phase()
         result[name]["warnings"] = await mesh.logs()
+        result[name]["load"] = await mesh.load()
         print(f"N={mesh.size}: {name} done", flush=True)
         if name == "convergence":
             for run in result[name]["runs"]:
@@ -381,12 +398,46 @@ def pair(phase: str, first: str, second: str) -> Callable[[Result], str]:
     return lambda result: f"{fmt(result[phase][first])} / {fmt(result[phase][second])}"
 
 
+def warned(result: Result, words: str) -> int:
+    """How many warnings containing ``words`` the whole run of one size logged."""
+    return sum(n for phase in ("formation", "convergence", "steady", "detection")
+               for msg, n in result.get(phase, {}).get("warnings", {}).items() if words in msg)
+
+
+def last_load(result: Result, key: str) -> Any:
+    for phase in ("detection", "steady", "convergence", "formation"):
+        if "load" in result.get(phase, {}):
+            return result[phase]["load"][key]
+    return None
+
+
+SUMMARY: list[Row] = [
+    ("formation: all see all alive (s)", "", at("formation", "all_s")),
+    ("convergence p50 (s)", "", at("convergence", "p50_s")),
+    ("convergence p95 (s)", "", at("convergence", "p95_s")),
+    ("convergence max (s)", "<= 2", at("convergence", "max_s")),
+    ("steady UDP B/s per node, mean", "<= 2048", at("steady", "udp_Bps_mean")),
+    ("steady UDP B/s per node, max", "", at("steady", "udp_Bps_max")),
+    ("failure: all nodes know (s)", "<= 5", at("detection", "all_s")),
+    ("false death verdicts", "0", lambda r: r["false_deaths"]),
+    ("peer timeouts / death verdicts, all phases", "",
+     lambda r: f"{warned(r, 'nothing heard')} / {warned(r, 'declaring it dead')}"),
+    ("worst loop lag (s) / dials queued", "",
+     lambda r: f"{fmt(last_load(r, 'worst_lag_s'))} / {fmt(last_load(r, 'dials_queued'))}"),
+    ("steady CPU share of one core", "", at("steady", "cpu_share")),
+]
+
 ROWS: list[Row] = [
     ("formation: all see all alive (s)", "", at("formation", "all_s")),
     ("  all nodes started after (s)", "", at("formation", "started_s")),
     ("  CPU during formation (s)", "", at("formation", "cpu_s")),
     ("  kernel UDP drops during formation", "0", at("formation", "kernel_udp_drops")),
-    ("convergence p50 (s)", "", at("convergence", "p50_s")),
+    ("  dials in formation: started / had to wait", "",
+     lambda r: f"{r['formation']['load']['dials']} / {r['formation']['load']['dials_queued']}"),
+    ("  dials in formation: mean wait / hold (s)", "", lambda r: (
+        f"{fmt(r['formation']['load']['dial_wait_s'] / max(1, r['formation']['load']['dials_queued']))} / "
+        f"{fmt(r['formation']['load']['dial_held_s'] / max(1, r['formation']['load']['dials']))}")),
+    ("convergence p50 / p95 (s)", "", pair("convergence", "p50_s", "p95_s")),
     ("convergence max (s)", "<= 2", at("convergence", "max_s")),
     ("  changes reaching every node", "", pair("convergence", "complete", "changes")),
     ("  hops from the writer, max", "", at("convergence", "hops_max")),
@@ -424,16 +475,16 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def print_table(results: Sequence[Result]) -> None:
-    print(f"\n{'':38}{'target':>9}" + "".join(f"{'N=' + str(r['nodes']):>16}" for r in results))
-    for label, target, read in ROWS:
+def print_table(results: Sequence[Result], rows: Sequence[Row] = ROWS, title: str = "") -> None:
+    print(f"\n{title:44}{'target':>9}" + "".join(f"{'N=' + str(r['nodes']):>16}" for r in results))
+    for label, target, read in rows:
         cells = []
         for result in results:
             try:
                 cells.append(fmt(read(result)))
             except (KeyError, TypeError):
                 cells.append("-")
-        print(f"{label:38}{target:>9}" + "".join(f"{cell:>16}" for cell in cells))
+        print(f"{label:44}{target:>9}" + "".join(f"{cell:>16}" for cell in cells))
 
 
 async def main(sizes: Sequence[int], knobs: Knobs, seed: int, json_path: Path | None) -> None:
@@ -443,7 +494,9 @@ async def main(sizes: Sequence[int], knobs: Knobs, seed: int, json_path: Path | 
     print(f"ping {t.ping_interval:g}s, peer timeout {t.peer_timeout:g}s, ring {knobs.ring}, fingers "
           f"{','.join(f'{f:g}' for f in knobs.fingers) or 'none'}, membership tick {knobs.tick:g}s, "
           f"dial timeout {knobs.confirm_timeout:g}s, anti-entropy {knobs.anti_entropy:g}s; datagram reads "
-          f"per wake-up: {'up to 64' if knobs.drain_sockets else 'one (asyncio)'}; {knobs.procs} worker "
+          f"per wake-up: {'up to 64' if knobs.drain_sockets else 'one (asyncio)'}; handshakes in flight "
+          f"{knobs.dial_budget} per process; local health {'on' if knobs.local_health else 'off'}; "
+          f"{knobs.procs} worker "
           f"process(es); {os.cpu_count()} cores, load average {load[0]:.2f} at start", flush=True)
     results: list[Result] = []
     for size in sizes:
@@ -451,7 +504,8 @@ async def main(sizes: Sequence[int], knobs: Knobs, seed: int, json_path: Path | 
         if json_path is not None:  # after each size, so that a run cut short keeps what it measured
             json_path.write_text(json.dumps({"knobs": {**asdict(knobs), "transport": asdict(t)},
                                              "seed": seed, "results": results}, indent=2))
-    print_table(results)
+    print_table(results, ROWS, "details")
+    print_table(results, SUMMARY, f"summary ({knobs.procs} processes, {os.cpu_count()} cores)")
     print(f"\nendpoints left running: {sum(r['left_running'] for r in results)}, "
           f"tasks left: {sum(r['tasks_left'] for r in results)}")
     for result in results:
@@ -468,7 +522,7 @@ def parse_args() -> tuple[list[int], Knobs, int, Path | None]:
     parser.add_argument("--procs", type=int, default=1, help="worker processes the nodes are spread over")
     parser.add_argument("--window", type=float, default=20.0, help="steady-state window (s)")
     parser.add_argument("--json", type=Path, help="write every result here")
-    parser.add_argument("--changes", type=int, default=10, help="model specs written in the convergence phase")
+    parser.add_argument("--changes", type=int, default=20, help="model specs written in the convergence phase")
     parser.add_argument("--spacing", type=float, default=0.5, help="seconds between those writes")
     parser.add_argument("--seed", type=int, default=1, help="picks writers and the victim")
     parser.add_argument("--ping-interval", type=float, default=MESH_TRANSPORT.ping_interval)
@@ -484,13 +538,20 @@ def parse_args() -> tuple[list[int], Knobs, int, Path | None]:
                         help="seconds between two nodes joining (default: all at once)")
     parser.add_argument("--drain-sockets", action="store_true",
                         help="read every queued datagram per wake-up, as a process per node would keep up")
+    parser.add_argument("--dial-budget", type=int, default=Knobs.dial_budget,
+                        help="QUIC handshakes in flight per worker process (its nodes share it)")
+    parser.add_argument("--profile", default="", metavar="DIR",
+                        help="cProfile each worker over the steady window into DIR (pstats files)")
+    parser.add_argument("--no-local-health", action="store_true",
+                        help="never widen timeouts for this process's own loop lag (for comparison)")
     args = parser.parse_args()
     transport = replace(MESH_TRANSPORT, ping_interval=args.ping_interval, peer_timeout=args.peer_timeout)
     knobs = Knobs(transport=transport, ring=args.ring, tick=args.tick,
                   fingers=tuple(float(f) for f in args.fingers.split(",") if f),
                   confirm_timeout=args.confirm_timeout, anti_entropy=args.anti_entropy,
                   changes=args.changes, spacing=args.spacing, window=args.window,
-                  join_interval=args.join_interval, drain_sockets=args.drain_sockets, procs=args.procs)
+                  join_interval=args.join_interval, drain_sockets=args.drain_sockets, procs=args.procs,
+                  dial_budget=args.dial_budget, local_health=not args.no_local_health, profile=args.profile)
     return [int(s) for s in args.sizes.split(",")], knobs, args.seed, args.json
 
 

@@ -10,8 +10,12 @@ and ``meshllm.store.identity``. Runs on anyio's asyncio backend (aioquic drives 
     conn = await endpoint.connect(host, port)           # authenticated PeerConnection
     async with await conn.open_stream(StreamKind.RPC) as stream:
         await stream.send(b"..."); await stream.send_eof(); data = await stream.receive()
+
+Dials take turns (``HandshakeBudget``, by ``DialPriority``), and the peer timeout widens while this
+process's own event loop runs late (``LoopHealth``); both are shared by the endpoints of a process.
 """
 
+from meshllm.transport.budget import DialPriority, HandshakeBudget
 from meshllm.transport.channel import ByteChannel, MemoryByteChannel, memory_byte_channel_pair
 from meshllm.transport.connection import Address, PeerConnection
 from meshllm.transport.endpoint import PeerEvent, PeerListener, QuicEndpoint, StreamHandler
@@ -19,6 +23,7 @@ from meshllm.transport.errors import (AuthError, ConnectionLost, ErrorCode, Fram
                                       StreamReset, TransportError)
 from meshllm.transport.framing import (MAX_FRAME, FrameChannel, FrameDecoder, decode_message,
                                        encode_frame, encode_message)
+from meshllm.transport.health import HealthSettings, LoopHealth
 from meshllm.transport.stream import MessageStream, Stream, StreamKind
 from meshllm.transport.tls import ALPN, TransportSettings
 
@@ -29,10 +34,14 @@ __all__ = [
     "AuthError",
     "ByteChannel",
     "ConnectionLost",
+    "DialPriority",
     "ErrorCode",
     "FrameChannel",
     "FrameDecoder",
     "FrameError",
+    "HandshakeBudget",
+    "HealthSettings",
+    "LoopHealth",
     "MemoryByteChannel",
     "MessageStream",
     "PeerConnection",

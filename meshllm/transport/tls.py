@@ -34,6 +34,8 @@ class TransportSettings:
     than aioquic's 1200 (ENGINE.md); 16000 is much faster but works on loopback only.
     ``send_buffer`` bounds the bytes one stream may have queued in aioquic, unsent or unacknowledged:
     ``Stream.send`` waits above it, so a fast writer cannot buffer without limit.
+    ``max_dials`` bounds this endpoint's outgoing handshakes in flight (``HandshakeBudget``);
+    ``max_handshakes`` bounds incoming ones (an Initial beyond it is dropped and retransmitted).
     """
 
     max_datagram_size: int = 1452
@@ -45,6 +47,7 @@ class TransportSettings:
     max_data: int = 4 * 1024 * 1024
     max_stream_data: int = 1024 * 1024
     max_handshakes: int = 64
+    max_dials: int = 4
 
 
 @dataclass(frozen=True)
