@@ -24,13 +24,15 @@ import secrets
 import socket
 from collections.abc import Callable
 
+from dataclasses import dataclass
+
 import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute, TaskStatus
 
 from meshllm.transport import FrameDecoder, FrameError, decode_message, encode_message
 
-__all__ = ["RpcDirectDialer", "RpcDirectServer", "copy_both_ways"]
+__all__ = ["RpcDirectDialer", "RpcDirectServer", "Traffic", "copy_both_ways"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,15 @@ MAX_HEADER = 4096
 HANDSHAKE_TIMEOUT = 5.0
 READ_SIZE = 4 * 1024 * 1024
 Lookup = Callable[[str], int | None]
+
+
+@dataclass
+class Traffic:
+    """Bytes a tunnel carried: ``sent`` from the host's side towards the worker, ``received`` back."""
+
+    sent: int = 0
+    received: int = 0
+    sessions: int = 0
 
 
 class DirectAuthError(Exception):
@@ -77,20 +88,22 @@ class _Frames:
 
 
 async def copy_both_ways(a: anyio.abc.SocketStream, b: anyio.abc.SocketStream, *, early_to_b: bytes = b"",
-                         early_to_a: bytes = b"", counts: list[int] | None = None) -> str:
-    """Pipe ``a`` <-> ``b`` until either side ends; ``counts`` (if given) gains [a->b, b->a] bytes."""
-    tally = counts if counts is not None else [0, 0]
+                         early_to_a: bytes = b"", traffic: Traffic | None = None) -> str:
+    """Pipe ``a`` <-> ``b`` until either side ends; ``traffic`` (if given) counts a->b as sent and
+    b->a as received, as the bytes go."""
+    counts = traffic if traffic is not None else Traffic()
+    counts.sessions += 1
     ended: list[str] = []
 
-    async def one_way(src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream, early: bytes, index: int,
+    async def one_way(src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream, early: bytes, forward: bool,
                       scope: anyio.CancelScope) -> None:
         try:
             if early:
-                tally[index] += len(early)
+                _count(counts, forward, len(early))
                 await dst.send(early)
             while True:
                 data = await src.receive(READ_SIZE)
-                tally[index] += len(data)
+                _count(counts, forward, len(data))
                 await dst.send(data)
         except anyio.EndOfStream:
             ended.append("closed")
@@ -99,9 +112,16 @@ async def copy_both_ways(a: anyio.abc.SocketStream, b: anyio.abc.SocketStream, *
         scope.cancel()
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(one_way, a, b, early_to_b, 0, tg.cancel_scope)
-        tg.start_soon(one_way, b, a, early_to_a, 1, tg.cancel_scope)
+        tg.start_soon(one_way, a, b, early_to_b, True, tg.cancel_scope)
+        tg.start_soon(one_way, b, a, early_to_a, False, tg.cancel_scope)
     return ended[0] if ended else "cancelled"
+
+
+def _count(traffic: Traffic, forward: bool, n: int) -> None:
+    if forward:
+        traffic.sent += n
+    else:
+        traffic.received += n
 
 
 class RpcDirectServer:

@@ -35,7 +35,7 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute, TaskStatus
 
-from meshllm.node.rpc_direct import DirectAuthError, RpcDirectDialer, copy_both_ways
+from meshllm.node.rpc_direct import DirectAuthError, RpcDirectDialer, Traffic, copy_both_ways
 from meshllm.transport import (FrameDecoder, FrameError, PeerConnection, QuicEndpoint, Stream,
                                StreamKind, TransportError, decode_message, encode_message)
 from meshllm.transport.errors import ErrorCode
@@ -108,15 +108,6 @@ async def _receive_frame(stream: Stream) -> tuple[bytes, bytes]:
 def _nodelay(tcp: anyio.abc.SocketStream) -> None:
     """Every RPC message is latency-bound: never let Nagle hold one back."""
     tcp.extra(SocketAttribute.raw_socket).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-@dataclass
-class Traffic:
-    """Bytes a tunnel carried: ``sent`` from the TCP side into QUIC, ``received`` back."""
-
-    sent: int = 0
-    received: int = 0
-    sessions: int = 0
 
 
 async def _tcp_to_quic(tcp: anyio.abc.SocketStream, stream: Stream, traffic: Traffic) -> str:
@@ -355,13 +346,7 @@ class RpcTunnelClient:
             log.warning("%s (direct): connection refused: %s", where, exc)
             return
         async with worker:
-            counts = [0, 0]
-            listener.traffic.sessions += 1
-            try:
-                how = await copy_both_ways(tcp, worker, early_to_a=early, counts=counts)
-            finally:
-                listener.traffic.sent += counts[0]
-                listener.traffic.received += counts[1]
+            how = await copy_both_ways(tcp, worker, early_to_a=early, traffic=listener.traffic)
             log.info("%s (direct): session ended: %s", where, how)
 
     async def probe(self, node_id: str, target: str) -> str | None:
