@@ -396,8 +396,9 @@ class ServedModelReconciler:
             rpc_ports = [await self.rpc.open(node, model) for node in desired.workers]
         config = self._config(desired, self._pick_port(model), rpc_ports)
         log_path = self.log_dir / f"{safe_name(model)}.log"
-        # weights are offered to the workers by hash, all of them: each worker answers from its own file
-        env = {"GGML_RPC_HASH_THRESHOLD": "1"} if desired.workers else None
+        # every weight is offered to the workers by name (patch 0003), and each worker loads it from its
+        # own copy of the file, which the worker checked is the mesh's (ModelSpec.fingerprint)
+        env = {"GGML_RPC_HASH_THRESHOLD": "1", "GGML_RPC_LOAD_BY_NAME": "1"} if desired.workers else None
         # decoding on the CPU, llama-server takes every core: as a batch job it leaves the node responsive
         proc = launch(config.argv(), log_path=log_path, env=env, batch=self.gpu_layers == 0)
         log.info("%s: started llama-server pid %d on 127.0.0.1:%d", model, proc.pid, config.port)
