@@ -19,8 +19,9 @@ import anyio
 from anyio.abc import TaskStatus
 
 from meshllm.errors import TerminalError
+from meshllm.state.document import MeshState
 
-__all__ = ["Result", "WorkQueue"]
+__all__ = ["Result", "WorkQueue", "run_observed"]
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +95,21 @@ class WorkQueue:
         finally:
             self._running.discard(key)
             self._wake.set()
+
+
+async def run_observed(state: MeshState, queue: WorkQueue, enqueue_all: Callable[[], None], *,
+                       watch: Callable[[], Awaitable[None]], shutdown: Callable[[], Awaitable[None]],
+                       task_status: TaskStatus[None]) -> None:
+    """Run ``queue``, enqueueing every key ``enqueue_all`` names at start and at each change of the
+    document, with ``watch`` beside it (the processes' exits), until cancelled; then ``shutdown``."""
+    subs = state.observe(enqueue_all)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(queue.run)
+            enqueue_all()
+            tg.start_soon(watch)
+            task_status.started()
+    finally:
+        state.unobserve(subs)
+        with anyio.CancelScope(shield=True):
+            await shutdown()

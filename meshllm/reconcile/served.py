@@ -36,7 +36,7 @@ from meshllm.engine.process import (
 )
 from meshllm.engine.ggufinfo import block_count
 from meshllm.errors import ModelError
-from meshllm.reconcile.queue import Result, WorkQueue
+from meshllm.reconcile.queue import Result, WorkQueue, run_observed
 from meshllm.reconcile.workers import RPC_RECORD_PREFIX
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ModelSpec, ServerPhase, ServerStatus, server_key
@@ -192,17 +192,8 @@ class ServedModelReconciler:
     # -- wiring -----------------------------------------------------------------------------
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await self._load_records()
-        subs = self.state.observe(self._enqueue_all)
-        try:
-            async with anyio.create_task_group() as tg:
-                await tg.start(self.queue.run)
-                self._enqueue_all()
-                tg.start_soon(self._watch_processes)
-                task_status.started()
-        finally:
-            self.state.unobserve(subs)
-            with anyio.CancelScope(shield=True):
-                await self.shutdown()
+        await run_observed(self.state, self.queue, self._enqueue_all, watch=self._watch_processes,
+                           shutdown=self.shutdown, task_status=task_status)
 
     def _enqueue_all(self) -> None:
         for key in set(self._my_specs()) | set(self.actual) | set(self.adoptable):

@@ -32,7 +32,7 @@ from meshllm.engine.process import (
     stop_process_now,
 )
 from meshllm.errors import ModelError
-from meshllm.reconcile.queue import Result, WorkQueue
+from meshllm.reconcile.queue import Result, WorkQueue, run_observed
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ModelSpec, PlacementLease, ServerPhase, WorkerStatus, server_key
 from meshllm.store.db import NodeStore, ProcessRecord
@@ -107,17 +107,8 @@ class WorkerReconciler:
     # -- wiring -----------------------------------------------------------------------------
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await self._stop_leftovers()
-        subs = self.state.observe(self._enqueue_all)
-        try:
-            async with anyio.create_task_group() as tg:
-                await tg.start(self.queue.run)
-                self._enqueue_all()
-                tg.start_soon(self._watch)
-                task_status.started()
-        finally:
-            self.state.unobserve(subs)
-            with anyio.CancelScope(shield=True):
-                await self.shutdown()
+        await run_observed(self.state, self.queue, self._enqueue_all, watch=self._watch, shutdown=self.shutdown,
+                           task_status=task_status)
 
     def _enqueue_all(self) -> None:
         for model in set(self._leases()) | set(self.workers) | set(self.failures):
