@@ -66,6 +66,7 @@ from meshllm.engine.ggufinfo import block_count
 from meshllm.engine.process import LlamaServerConfig
 from meshllm.reconcile.served import DesiredServer, split_args
 from meshllm.testing.tcp_relay import CountingTcpRelay
+from meshllm.testing.engines import terminate
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The capital of France is Paris. The capital of Italy is"
@@ -156,13 +157,7 @@ class Processes:
         """Newest first: a split's llama-server goes before the ggml-rpc-server it talks to (the other
         way round it aborts with "Remote RPC server crashed")."""
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc)
         self.procs.clear()
 
 

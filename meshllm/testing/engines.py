@@ -3,9 +3,21 @@ check that none is left behind, and clean up when one is."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
-__all__ = ["engine_pids"]
+__all__ = ["engine_pids", "terminate"]
+
+
+def terminate(proc: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
+    """SIGTERM, up to ``grace`` seconds, then SIGKILL; returns once ``proc`` has ended."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def engine_pids(state_dir: Path) -> list[int]:

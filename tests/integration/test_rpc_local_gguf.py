@@ -17,6 +17,7 @@ import pytest
 
 from meshllm.engine.tinygguf import write_dense
 from meshllm.testing.tcp_relay import CountingTcpRelay
+from meshllm.testing.engines import terminate
 
 
 def _free_port() -> int:
@@ -50,12 +51,7 @@ def _process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> It
         try:
             yield proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc)
 
 
 def _split_run(engine: Path, model: Path, tmp: Path, *, local: bool) -> tuple[int, str]:

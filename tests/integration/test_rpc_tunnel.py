@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshllm.node.rpc_tunnel import RpcTunnelClient, RpcTunnelServer
 from meshllm.store.identity import NodeIdentity
+from meshllm.testing.engines import terminate
 from meshllm.transport import PeerConnection, QuicEndpoint, StreamKind
 from tests.conftest import free_port
 
@@ -179,13 +180,7 @@ def process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Ite
         try:
             yield proc
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            terminate(proc)
 
 
 async def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
