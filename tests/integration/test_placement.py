@@ -153,8 +153,11 @@ def test_a_draft_model_runs_beside_its_model_and_changes_no_output(mesh: Mesh, t
     first = node.wait_ready("m")
     plain = greedy(node.api, "m")
     apply({"source": str(tiny_dense), "draft": str(draft)})
-    wait_for(lambda: ready_servers(node, "m") and ready_servers(node, "m")[0]["pid"] != first["pid"], timeout=60,
-             what="m restarted with its draft model")
+    def restarted() -> bool:
+        ready = ready_servers(node, "m")  # read once: the server may change between two reads
+        return bool(ready) and ready[0]["pid"] != first["pid"]
+
+    wait_for(restarted, timeout=60, what="m restarted with its draft model")
     cmdline = Path(f"/proc/{ready_servers(node, 'm')[0]['pid']}/cmdline").read_bytes().split(b"\0")
     assert b"--model-draft" in cmdline and str(draft).encode() in cmdline
     assert greedy(node.api, "m") == plain  # speculative decoding keeps greedy output exactly
