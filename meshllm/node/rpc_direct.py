@@ -32,13 +32,13 @@ from anyio.abc import SocketAttribute, TaskStatus
 
 from meshllm.transport import FrameDecoder, FrameError, decode_message, encode_message
 
-__all__ = ["RpcDirectDialer", "RpcDirectServer", "Traffic", "copy_both_ways"]
+__all__ = ["MAX_HEADER", "READ_SIZE", "RpcDirectDialer", "RpcDirectServer", "Traffic", "copy_both_ways", "nodelay"]
 
 log = logging.getLogger(__name__)
 
-MAX_HEADER = 4096
+MAX_HEADER = 4096  # a handshake frame; it names a target (a model name)
 HANDSHAKE_TIMEOUT = 5.0
-READ_SIZE = 4 * 1024 * 1024
+READ_SIZE = 4 * 1024 * 1024  # whatever has arrived, in one piece (weights cross at load in MBs)
 Lookup = Callable[[str], int | None]
 
 
@@ -60,7 +60,8 @@ def _mac(secret: bytes, role: bytes, *parts: str) -> str:
                     hashlib.sha256).hexdigest()
 
 
-def _nodelay(tcp: anyio.abc.SocketStream) -> None:
+def nodelay(tcp: anyio.abc.SocketStream) -> None:
+    """Every RPC message is latency-bound: never let Nagle hold one back."""
     tcp.extra(SocketAttribute.raw_socket).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
@@ -146,7 +147,7 @@ class RpcDirectServer:
         peer = tcp.extra(SocketAttribute.remote_address)
         async with tcp:
             try:
-                _nodelay(tcp)
+                nodelay(tcp)
                 frames = _Frames(tcp)
                 with anyio.fail_after(HANDSHAKE_TIMEOUT):
                     target, early = await self._handshake(frames)
@@ -162,7 +163,7 @@ class RpcDirectServer:
                 await frames.send({"ok": False, "error": str(exc)[:512]})
                 return
             async with rpc:
-                _nodelay(rpc)
+                nodelay(rpc)
                 await frames.send({"ok": True})
                 how = await copy_both_ways(tcp, rpc, early_to_b=early)
                 log.info("direct RPC from %s to %s ended: %s", peer, target, how)
@@ -200,7 +201,7 @@ class RpcDirectDialer:
         host, _, port = address.rpartition(":")
         tcp = await anyio.connect_tcp(host, int(port))
         try:
-            _nodelay(tcp)
+            nodelay(tcp)
             frames = _Frames(tcp)
             with anyio.fail_after(HANDSHAKE_TIMEOUT):
                 nonce = secrets.token_hex(16)

@@ -35,7 +35,8 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute, TaskStatus
 
-from meshllm.node.rpc_direct import DirectAuthError, RpcDirectDialer, Traffic, copy_both_ways
+from meshllm.node.rpc_direct import (MAX_HEADER, READ_SIZE, DirectAuthError, RpcDirectDialer, Traffic,
+                                     copy_both_ways, nodelay)
 from meshllm.transport import (FrameDecoder, FrameError, PeerConnection, QuicEndpoint, Stream,
                                StreamKind, TransportError, decode_message, encode_message)
 from meshllm.transport.errors import ErrorCode
@@ -45,8 +46,6 @@ __all__ = ["RpcTunnelClient", "RpcTunnelError", "RpcTunnelServer", "decode_reply
 
 log = logging.getLogger(__name__)
 
-MAX_HEADER = 4096  # the request and reply frames; a target name is a model name
-READ_SIZE = 4 * 1024 * 1024  # whatever has arrived, in one piece (weights cross at load in MBs)
 HEADER_TIMEOUT = 10.0  # seconds for the request or the reply frame to arrive
 CONNECT_TIMEOUT = 10.0  # seconds to reach the worker node, or the worker's rpc-server
 PROTOCOL_VERSION = 1
@@ -105,11 +104,6 @@ async def _receive_frame(stream: Stream) -> tuple[bytes, bytes]:
 
 
 # -- the pipe ---------------------------------------------------------------------------------
-def _nodelay(tcp: anyio.abc.SocketStream) -> None:
-    """Every RPC message is latency-bound: never let Nagle hold one back."""
-    tcp.extra(SocketAttribute.raw_socket).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 async def _tcp_to_quic(tcp: anyio.abc.SocketStream, stream: Stream, traffic: Traffic) -> str:
     try:
         while True:
@@ -220,7 +214,7 @@ class RpcTunnelServer:
             await self._refuse(stream, f"rpc-server for {target!r} (port {port}) is not running: {exc}",
                                "rpc_unavailable")
             return None
-        _nodelay(tcp)
+        nodelay(tcp)
         return tcp
 
     async def _refuse(self, stream: Stream, reason: str, code: str) -> None:
@@ -322,7 +316,7 @@ class RpcTunnelClient:
                 await self._direct_session(listener, tcp, where)
                 return
             try:
-                _nodelay(tcp)
+                nodelay(tcp)
                 stream, early = await self._start(listener)
             except (TransportError, RpcTunnelError, OSError, TimeoutError) as exc:
                 log.warning("%s: connection refused: %s", where, exc)
@@ -339,7 +333,7 @@ class RpcTunnelClient:
     async def _direct_session(self, listener: _Listener, tcp: anyio.abc.SocketStream, where: str) -> None:
         assert self._direct is not None
         try:
-            _nodelay(tcp)
+            nodelay(tcp)
             with anyio.fail_after(CONNECT_TIMEOUT):
                 worker, early = await self._direct.connect(listener.node_id, listener.target)
         except (OSError, TimeoutError, FrameError, DirectAuthError) as exc:
