@@ -92,10 +92,6 @@ class Placement:
     def slots_of(self, node: str) -> list[Slot]:
         return [s for s in self.slots.values() if s.node == node]
 
-    def worker_slots_of(self, node: str) -> list[Slot]:
-        """The split slots ``node`` holds layers of as a worker."""
-        return [s for s in self.slots.values() if node in s.workers]
-
 
 def live_demand(demand: Iterable[DemandEntry], now: float) -> dict[str, list[DemandEntry]]:
     result: dict[str, list[DemandEntry]] = {}

@@ -74,14 +74,13 @@ class _Worker:
     started_at: float
     ready: bool = False
     restarts: int = 0
-    message: str = ""
 
 
 @dataclass
 class _Failure:
+    """Why this node waits before running the worker again: for ``host``, until ``retry_at``."""
+
     host: str
-    message: str
-    since: float
     restarts: int = 0
     retry_at: float = 0.0
 
@@ -163,7 +162,7 @@ class WorkerReconciler:
             return await self._start(spec, lease, now)
         code = worker.proc.poll()
         if code is not None:
-            return await self._exited(worker, code, spec, lease, now)
+            return await self._exited(worker, code, lease, now)
         if not worker.ready:
             return await self._probe(worker, now)
         return Result()
@@ -198,8 +197,7 @@ class WorkerReconciler:
         self._publish(self.workers[model], ServerPhase.LOADING)
         return Result(requeue_after=0.1)
 
-    async def _exited(self, worker: _Worker, code: int, spec: ModelSpec, lease: PlacementLease,
-                      now: float) -> Result:
+    async def _exited(self, worker: _Worker, code: int, lease: PlacementLease, now: float) -> Result:
         del self.workers[worker.model]
         if self.store is not None:
             await self.store.forget_process(RPC_RECORD_PREFIX + worker.model)
@@ -209,7 +207,7 @@ class WorkerReconciler:
         if restarts > MAX_RESTARTS:
             return self._fail(worker.model, lease.node, message, now, retry=60.0, restarts=0)
         delay = min(10.0, 0.5 * 2 ** restarts)
-        self.failures[worker.model] = _Failure(lease.node, message, now, restarts=restarts, retry_at=now + delay)
+        self.failures[worker.model] = _Failure(lease.node, restarts=restarts, retry_at=now + delay)
         self.state.put_worker(WorkerStatus(node=self.node_id, model=worker.model, host=lease.node,
                                            phase=ServerPhase.LOADING, message=f"restarting after: {message}",
                                            since=now))
@@ -217,7 +215,7 @@ class WorkerReconciler:
 
     def _fail(self, model: str, host: str, message: str, now: float, *, retry: float, restarts: int = 0) -> Result:
         log.warning("%s: split worker failed: %s", model, message)
-        self.failures[model] = _Failure(host, message, now, restarts=restarts, retry_at=now + retry)
+        self.failures[model] = _Failure(host, restarts=restarts, retry_at=now + retry)
         self.state.put_worker(WorkerStatus(node=self.node_id, model=model, host=host, phase=ServerPhase.FAILED,
                                            message=message, since=now))
         return Result(requeue_after=retry)
@@ -253,8 +251,7 @@ class WorkerReconciler:
 
     def _publish(self, worker: _Worker, phase: ServerPhase) -> None:
         self.state.put_worker(WorkerStatus(node=self.node_id, model=worker.model, host=worker.host, phase=phase,
-                                           port=worker.config.port, pid=worker.proc.pid, message=worker.message,
-                                           since=self.clock()))
+                                           port=worker.config.port, pid=worker.proc.pid, since=self.clock()))
 
     async def _stop(self, model: str, reason: str) -> None:
         worker = self.workers.pop(model, None)
