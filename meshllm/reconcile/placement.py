@@ -351,30 +351,25 @@ def _condition(name: str, spec: ModelSpec, why: str | None, plan: Placement,
                          message=f"node {spec.owner} that served it left, and nobody asked for it since")
     nodes = plan.nodes_for(name)
     want = plan.wanted.get(name, spec.replicas)
+    mine = [s for s in servers if s.model == name and s.node in nodes]
     split = plan.slots.get((name, 0))
-    if split is not None and split.split:  # a split server counts once it runs with the planned workers
-        mine = [s for s in servers if s.model == name and s.node == split.node
-                and (s.phase is not ServerPhase.READY or tuple(s.workers) == split.workers)]
-    else:
-        mine = [s for s in servers if s.model == name and s.node in nodes]
+    split = split if split is not None and split.split else None
+    replaced: list[ServerStatus] = []  # a split's server still running with the workers it had
+    if split is not None:  # a split server counts once it runs with the planned workers
+        replaced = [s for s in mine if s.phase is ServerPhase.READY and tuple(s.workers) != split.workers]
+        mine = [s for s in mine if s not in replaced]
     ready = sum(s.phase is ServerPhase.READY for s in mine)
     failed = [s for s in servers if s.model == name and s.phase is ServerPhase.FAILED]
     reason, message = plan.reasons.get(name, ("", ""))
-    common = {"ready": ready, "wanted": want, "nodes": nodes}
-    if split is not None and split.split:
-        common["workers"] = list(split.workers)
+    common = {"ready": ready, "wanted": want, "nodes": nodes, "workers": list(split.workers) if split else []}
     if ready >= want:
-        where = f", split by layers: host {split.node}, workers {', '.join(split.workers)}" \
-            if split is not None and split.split else ""
+        where = f", split by layers: host {split.node}, workers {', '.join(split.workers)}" if split else ""
         return Condition(phase=ConditionPhase.READY, reason="Serving", **common,
                          message=f"{ready} server{'s' if ready != 1 else ''} ready{where}")
-    if split is not None and split.split:
-        replaced = [s for s in servers if s.model == name and s.node == split.node and s.phase is ServerPhase.READY
-                    and tuple(s.workers) != split.workers]
-        if replaced:  # it served until a participant left: re-planned, not yet back
-            return Condition(phase=ConditionPhase.DEGRADED, reason="Recovering", **common,
-                             message=f"split re-planned: workers {', '.join(replaced[0].workers)} -> "
-                                     f"{', '.join(split.workers)}")
+    if replaced:  # it served until a participant left: re-planned, not yet back
+        return Condition(phase=ConditionPhase.DEGRADED, reason="Recovering", **common,
+                         message=f"split re-planned: workers {', '.join(replaced[0].workers)} -> "
+                                 f"{', '.join(split.workers)}")
     recovering = [s for s in mine if s.phase is ServerPhase.LOADING and s.recovering]
     if recovering:
         return Condition(phase=ConditionPhase.DEGRADED, reason="Recovering", **common,
