@@ -187,6 +187,7 @@ class ServedModelReconciler:
         self.processes: dict[str, EngineProcess] = {}
         self.adoptable: dict[str, tuple[EngineProcess, ProcessRecord]] = {}  # found running, not yet claimed
         self._resolved: dict[tuple[str, str], ResolvedModel] = {}
+        self._layers: dict[Path, int] = {}  # a model file's layer count (a CPU split host needs it)
         self._http = httpx.AsyncClient(timeout=2.0)
 
     # -- wiring -----------------------------------------------------------------------------
@@ -315,7 +316,9 @@ class ServedModelReconciler:
                       if lease.node == self.node_id and lease.model == model), None)
         if lease is None or not lease.workers:
             return DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, draft=draft)
-        layers = 0 if self.gpu_layers else await anyio.to_thread.run_sync(block_count, path)
+        if not self.gpu_layers and path not in self._layers:  # read once, not at every reconcile
+            self._layers[path] = await anyio.to_thread.run_sync(block_count, path)
+        layers = 0 if self.gpu_layers else self._layers[path]
         return DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, workers=tuple(lease.workers),
                              tensor_split=tuple(lease.tensor_split), n_layer=layers)
 
