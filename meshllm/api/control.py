@@ -145,18 +145,18 @@ class ControlAPI:
 
     def _resolved(self, model: ManifestModel) -> ModelSpec:
         """The spec with its source (and draft) checked on this node, and the file's size."""
-        source, size, fingerprint = self._check_source(model.spec.source, where=model.where("source"))
+        source, resolved = self._check_source(model.spec.source, where=model.where("source"))
         draft = self._check_source(model.spec.draft, where=model.where("draft"))[0] if model.spec.draft else ""
-        return model.spec.model_copy(update={"source": source, "size_bytes": size, "draft": draft,
-                                             "fingerprint": fingerprint})
+        return model.spec.model_copy(update={"source": source, "size_bytes": resolved.size_bytes, "draft": draft,
+                                             "fingerprint": file_fingerprint(resolved.path)})
 
-    def _check_source(self, source: str, *, where: str) -> tuple[str, int, str]:
+    def _check_source(self, source: str, *, where: str) -> tuple[str, ResolvedModel]:
         try:
             resolved = self.resolve(source)
         except ModelError as exc:
             raise ManifestError(f"{where}: {exc}") from None
         kept = str(resolved.path) if Path(source).expanduser().exists() else source  # as --model keeps it
-        return kept, resolved.size_bytes, file_fingerprint(resolved.path)
+        return kept, resolved
 
     def _write(self, changes: list[ModelChange]) -> None:
         with self.state.transaction():
