@@ -38,8 +38,9 @@ FINGERPRINT_SPAN = 8 << 20  # bytes hashed at each end of the file
 def file_fingerprint(path: Path) -> str:
     """A cheap identity of a model file: its size and a hash of its first and last 8 MiB (the GGUF
     header, which names every tensor with its type, shape and offset, and the end of the weights).
-    Split workers compare it with the mesh's before loading their layers from their own copy: two
-    files that agree here are the same model (the RPC content hashes then check every tensor)."""
+    Split workers compare it with the mesh's before loading their layers from their own copy, and
+    the host then offers every weight by name (patch 0003), so this is all that vouches for the
+    copy: two files that agree here are taken to be the same model."""
     size = path.stat().st_size
     digest = hashlib.blake2b(digest_size=12, person=b"meshllm-gguf")
     with path.open("rb") as f:
