@@ -110,8 +110,9 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
                     role=NodeRole.CLIENT if config.client else NodeRole.SERVER, api_url=api_url,
                     version=__version__, started_at=now, incarnation=now)
     router = Router(state, node_id=node_id)
-    def direct_address(node: str) -> str | None:
-        return state.nodes()[node].rpc_direct or None if node in state.nodes() else None
+    def direct_address(node_id: str) -> str | None:
+        node = state.nodes().get(node_id)
+        return node.rpc_direct or None if node is not None else None
 
     tunnels = RpcTunnelClient(mesh.connect, direct=RpcDirectDialer(mesh.creds.secret, direct_address)
                               if config.rpc_direct else None)

@@ -4,7 +4,8 @@ Desired: every split lease (``PlacementLease.workers``) naming this node. For ea
 its own copy of the model file, checks it is the mesh's file (``ModelSpec.fingerprint``), and runs
 ``ggml-rpc-server --gguf <file>`` bound to 127.0.0.1: the patched server answers the host's weight
 offers from that file, so no weights cross the network while the split loads. The server is reached
-only through the QUIC mesh (``node.rpc_tunnel``: the tunnel server asks ``port_for`` where it is).
+only through the node agent: the QUIC tunnel (``node.rpc_tunnel``) or, with ``--rpc-direct``, the
+authenticated TCP path (``node.rpc_direct``); both ask ``port_for`` where it is.
 Each worker is reported as a ``WorkerStatus``: loading until its port accepts connections, then
 ready; failed when this node has no identical copy or the server keeps dying (placement then leaves
 this node out of the split for a while).
