@@ -4,9 +4,22 @@ check that none is left behind, and clean up when one is."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["engine_pids", "terminate"]
+__all__ = ["engine_pids", "running", "terminate"]
+
+
+@contextmanager
+def running(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """``cmd`` started in its own session with its output in ``log``; stopped (``terminate``) on exit."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            terminate(proc)
 
 
 def terminate(proc: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:

@@ -8,8 +8,6 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -17,7 +15,7 @@ import pytest
 
 from meshllm.engine.tinygguf import write_dense
 from meshllm.testing.tcp_relay import CountingTcpRelay
-from meshllm.testing.engines import terminate
+from meshllm.testing.engines import running
 
 
 def _free_port() -> int:
@@ -44,29 +42,19 @@ def _wait(ok, proc: subprocess.Popen[bytes], what: str, timeout: float = 120) ->
     pytest.fail(f"{what} not ready in {timeout} s")
 
 
-@contextmanager
-def _process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            yield proc
-        finally:
-            terminate(proc)
-
-
 def _split_run(engine: Path, model: Path, tmp: Path, *, local: bool) -> tuple[int, str]:
     """Load ``model`` split onto one worker; (bytes sent to the worker during load, greedy text)."""
     rpc_port, port = _free_port(), _free_port()
     worker = [str(engine / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(rpc_port), "-t", "1"]
     name = "local" if local else "stock"
-    with _process(worker + (["--gguf", str(model)] if local else []), tmp / f"rpc-{name}.log") as rpc:
+    with running(worker + (["--gguf", str(model)] if local else []), tmp / f"rpc-{name}.log") as rpc:
         _wait(lambda: _listening(rpc_port), rpc, "ggml-rpc-server")
         relay = CountingTcpRelay(rpc_port)
         env = dict(os.environ, GGML_RPC_HASH_THRESHOLD="1")  # every weight is offered by hash
         cmd = [str(engine / "llama-server"), "-m", str(model), "--port", str(port), "-t", "1", "-c", "256",
                "--no-warmup", "--rpc", f"127.0.0.1:{relay.port}", "-ngl", "99"]
         try:
-            with _process(cmd, tmp / f"server-{name}.log", env) as server, \
+            with running(cmd, tmp / f"server-{name}.log", env) as server, \
                     httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=120) as http:
                 _wait(lambda: http.get("/health").status_code == 200, server, "llama-server")
                 sent = relay.to_server

@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshllm.node.rpc_tunnel import RpcTunnelClient, RpcTunnelServer
 from meshllm.store.identity import NodeIdentity
-from meshllm.testing.engines import terminate
+from meshllm.testing.engines import running
 from meshllm.transport import PeerConnection, QuicEndpoint, StreamKind
 from tests.conftest import free_port
 
@@ -173,16 +173,6 @@ async def test_a_broken_connection_closes_the_tcp_side() -> None:
 
 
 # -- with the engine ------------------------------------------------------------------------------
-@contextmanager
-def process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            yield proc
-        finally:
-            terminate(proc)
-
-
 async def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
     with anyio.fail_after(timeout):
         while True:
@@ -235,7 +225,7 @@ def split_env() -> dict[str, str]:
 async def test_llama_server_through_the_tunnel_matches_solo_and_a_lost_worker_makes_it_exit(
         engine_dir: Path, tiny_dense: Path, tmp_path: Path, split_env: dict[str, str]) -> None:
     port = free_port()
-    with process(llama_server(engine_dir, tiny_dense, port, rpc=None), tmp_path / "solo.log") as solo:
+    with running(llama_server(engine_dir, tiny_dense, port, rpc=None), tmp_path / "solo.log") as solo:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=120) as http:
             await wait_healthy(http, solo)
             expected = await complete(http)
@@ -250,7 +240,7 @@ async def test_llama_server_through_the_tunnel_matches_solo_and_a_lost_worker_ma
             tunnel = await pair.client.open(pair.worker_id, tiny_dense.stem)
             port = free_port()
             cmd = llama_server(engine_dir, tiny_dense, port, rpc=tunnel)
-            with process(cmd, tmp_path / "split.log", split_env) as split:
+            with running(cmd, tmp_path / "split.log", split_env) as split:
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False,
                                              timeout=120) as http:
                     await wait_healthy(http, split)
@@ -280,7 +270,7 @@ async def test_llama_server_through_the_tunnel_matches_solo_and_a_lost_worker_ma
         try:
             await wait_listening(rpc_port, rpc)
             port = free_port()
-            with process(llama_server(engine_dir, tiny_dense, port, rpc=tunnel), tmp_path / "split2.log",
+            with running(llama_server(engine_dir, tiny_dense, port, rpc=tunnel), tmp_path / "split2.log",
                          split_env) as split:
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False,
                                              timeout=120) as http:
@@ -296,7 +286,7 @@ async def test_llama_server_given_an_unknown_target_fails_to_start(
     async with tunnel_pair() as pair:
         tunnel = await pair.client.open(pair.worker_id, "not-served-here")
         port = free_port()
-        with process(llama_server(engine_dir, tiny_dense, port, rpc=tunnel), tmp_path / "split.log",
+        with running(llama_server(engine_dir, tiny_dense, port, rpc=tunnel), tmp_path / "split.log",
                      split_env) as split:
             with anyio.fail_after(60):
                 while split.poll() is None:
