@@ -30,19 +30,25 @@ def endpoint(*, budget: HandshakeBudget | None = None) -> QuicEndpoint:
                         budget=budget)
 
 
+async def hold_the_only_slot(tg: anyio.abc.TaskGroup, budget: HandshakeBudget) -> anyio.Event:
+    """Take ``budget``'s one slot until the returned event is set."""
+    release = anyio.Event()
+
+    async def hold(task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with budget.slot():
+            task_status.started()
+            await release.wait()
+
+    await tg.start(hold)
+    return release
+
+
 async def test_a_queued_dial_waits_for_its_turn_and_its_timeout_starts_then() -> None:
     client, server = endpoint(budget=HandshakeBudget(1, reserve=0)), endpoint()
     async with anyio.create_task_group() as tg:
         await tg.start(client.run)
         port = await tg.start(server.run)
-        release = anyio.Event()
-
-        async def hold_the_only_slot(task_status: anyio.abc.TaskStatus[None]) -> None:
-            async with client.budget.slot():
-                task_status.started()
-                await release.wait()
-
-        await tg.start(hold_the_only_slot)
+        release = await hold_the_only_slot(tg, client.budget)
         result: list[str] = []
 
         async def dial() -> None:
@@ -65,14 +71,7 @@ async def test_a_dial_no_longer_needed_when_its_turn_comes_sends_nothing() -> No
     async with anyio.create_task_group() as tg:
         await tg.start(client.run)
         port = await tg.start(server.run)
-        release = anyio.Event()
-
-        async def hold_the_only_slot(task_status: anyio.abc.TaskStatus[None]) -> None:
-            async with client.budget.slot():
-                task_status.started()
-                await release.wait()
-
-        await tg.start(hold_the_only_slot)
+        release = await hold_the_only_slot(tg, client.budget)
         wanted = [True]
         errors: list[TransportError] = []
 

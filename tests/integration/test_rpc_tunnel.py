@@ -141,14 +141,21 @@ async def test_an_unknown_target_or_a_dead_rpc_server_is_refused_cleanly() -> No
             tg.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def echo_session(pair: Pair, tg: anyio.abc.TaskGroup) -> AsyncIterator[tuple[int, anyio.abc.SocketStream]]:
+    """A tunnel to an echo server as target ``m``, and a TCP session through it that echoed once."""
+    pair.ports["m"] = await echo_server(tg)
+    port = await pair.client.open(pair.worker_id, "m")
+    async with await anyio.connect_tcp("127.0.0.1", port) as tcp:
+        await tcp.send(b"x")
+        with anyio.fail_after(10):
+            assert await tcp.receive() == b"x"
+        yield port, tcp
+
+
 async def test_close_ends_the_listener_and_its_sessions() -> None:
     async with tunnel_pair() as pair, anyio.create_task_group() as tg:
-        pair.ports["m"] = await echo_server(tg)
-        port = await pair.client.open(pair.worker_id, "m")
-        async with await anyio.connect_tcp("127.0.0.1", port) as tcp:
-            await tcp.send(b"x")
-            with anyio.fail_after(10):
-                assert await tcp.receive() == b"x"
+        async with echo_session(pair, tg) as (port, tcp):
             await pair.client.close(pair.worker_id, "m")
             assert await read_until_closed(tcp) == b""
         with pytest.raises(OSError):
@@ -159,12 +166,7 @@ async def test_close_ends_the_listener_and_its_sessions() -> None:
 
 async def test_a_broken_connection_closes_the_tcp_side() -> None:
     async with tunnel_pair() as pair, anyio.create_task_group() as tg:
-        pair.ports["m"] = await echo_server(tg)
-        port = await pair.client.open(pair.worker_id, "m")
-        async with await anyio.connect_tcp("127.0.0.1", port) as tcp:
-            await tcp.send(b"x")
-            with anyio.fail_after(10):
-                assert await tcp.receive() == b"x"
+        async with echo_session(pair, tg) as (port, tcp):
             conn = pair.host.peer(pair.worker_id)
             assert conn is not None
             conn.close()
