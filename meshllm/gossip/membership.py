@@ -190,8 +190,9 @@ class Membership:
 
         A seed is known once some node's entry, alive or dead, lists its address, or once a dial to
         it reached a member; from then on it is dialled as that node (a neighbour, or a dead node
-        redialled slowly), never again as a seed: when a seed is held dead, every node that joined through it would otherwise dial it
-        at once and keep that connection (seen at 100 nodes: 82 connections to the seed)."""
+        redialled slowly), never again as a seed: when a seed is held dead, every node that joined
+        through it would otherwise dial it at once and keep that connection (seen at 100 nodes: 82
+        connections to the seed)."""
         wanted = {nid: alive[nid].addrs for nid in ring}
         pending = [s for s in self.seeds if s not in self._seeds_known and s not in self.me.addrs]
         if pending:
@@ -263,10 +264,10 @@ class Membership:
         return self.endpoint.peer(key) is None
 
     def _still_a_link(self, key: str) -> bool:
-        return self.endpoint.peer(key) is None and key in self._links[1]
+        return self._unconnected(key) and key in self._links[1]
 
     def _still_dead(self, key: str) -> bool:
-        return self.endpoint.peer(key) is None and key not in self.state.alive_nodes()
+        return self._unconnected(key) and key not in self.state.alive_nodes()
 
     async def _dial(self, key: str, addrs: list[str], timeout: float,
                     priority: DialPriority = DialPriority.NORMAL,
