@@ -21,8 +21,10 @@ alike); the table shows medians:
   the node's 0.2 s probe sets); mesh formation and the workers' start are not included. Decode goes
   through the host node's OpenAI API (:9337 style port). Bytes over RPC are the host's
   ``rpc_tunnels`` counters in ``/api/status`` right after ready ("n/a" where the node has none).
-  ``meshllm-2-direct`` / ``meshllm-3-direct``: the same with ``--rpc-direct`` on every node (RPC over
-  plain TCP between the agents, mesh-secret authenticated) instead of the QUIC tunnel.
+  ``meshllm-2-direct`` / ``meshllm-3-direct``: the same with ``--rpc-direct`` on every node (the
+  host's llama-server connects to the workers' rpc-servers straight, key-authenticated) instead of
+  the QUIC tunnel; no agent relays those bytes, so they are the kernel's counters of the host's
+  connections to the workers (``ss -ti``: bytes acked and received).
 
 Decode tok/s is llama-server's own ``timings.predicted_per_second`` of a non-streamed
 ``/v1/completions`` (temperature 0, ``ignore_eos``, ``--tokens``), after one warm-up request; the
@@ -394,6 +396,22 @@ def tunnel_bytes(host: HostServer) -> tuple[int | None, int | None]:
     return sum(int(t.get("sent", 0)) for t in mine), sum(int(t.get("received", 0)) for t in mine)
 
 
+def socket_bytes(endpoints: list[str]) -> tuple[int | None, int | None]:
+    """(sent, received) on this machine's established TCP connections to ``endpoints`` (the kernel's
+    counters, from ``ss -ti``): the bytes of a direct split, which no agent relays; (None, None)
+    without ``ss``."""
+    sent = received = 0
+    for endpoint in endpoints:
+        try:
+            out = subprocess.run(["ss", "-tinH", "state", "established", "dst", endpoint], capture_output=True,
+                                 text=True, timeout=10, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None, None
+        sent += sum(int(n) for n in re.findall(r"bytes_acked:(\d+)", out))
+        received += sum(int(n) for n in re.findall(r"bytes_received:(\d+)", out))
+    return sent, received
+
+
 def wait_listed(host: HostServer, timeout: float) -> None:
     def listed() -> bool:
         models = http_json(f"{host.node.api}/v1/models")
@@ -424,8 +442,10 @@ def run_meshllm(setup: Setup, model: Path, n: int, round_: int, *, direct: bool 
         formed = time.monotonic()
         nodes = form_mesh(mesh_setup, model, n, direct=direct)
         host = wait_host(mesh_setup, nodes, n - 1)
-        sent, received = tunnel_bytes(host)
         argv = argv_of(host.pid)
+        rpc = argv[argv.index("--rpc") + 1].split(",") if "--rpc" in argv else []
+        direct_rpc = [e for e in rpc if not e.startswith("127.0.0.1:")]  # the workers' own addresses
+        sent, received = socket_bytes(direct_rpc) if direct_rpc else tunnel_bytes(host)
         log(f"  host {host.node.name}, workers {len(host.workers)}, split started "
             f"{host.started - time.time() + time.monotonic() - formed:.1f}s after the first node; "
             f"ready timed by {host.how}; host argv: {' '.join(argv[argv.index('--n-gpu-layers'):]) if argv else '?'}")

@@ -2,7 +2,8 @@
 and the control routes (``/api/apply`` and the rest, see ``control``).
 
 ``/api/status`` reports what the state document says: this node, every node it knows, and each
-desired model with its condition and the servers observed for it. ``meshllm get`` renders this JSON.
+desired model with its condition and the servers (and split workers) observed for it. ``meshllm get``
+renders this JSON.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ __all__ = ["create_status_app", "status_snapshot"]
 def status_snapshot(state: MeshState, *, node_id: str, now: float,
                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
     nodes, alive = state.nodes(), state.alive_nodes()
-    servers = state.servers()
+    servers, workers = state.servers(), state.workers()
     conds = conditions(state, now=now)
     models = []
     for name, spec in sorted(state.models().items()):
@@ -36,6 +37,7 @@ def status_snapshot(state: MeshState, *, node_id: str, now: float,
         models.append({
             **spec.model_dump(mode="json"),
             "servers": [s.model_dump(mode="json") for s in serving],
+            "workers": [w.model_dump(mode="json") for w in workers.values() if w.model == name],
             "phase": _model_phase(serving),
             "condition": condition.model_dump(mode="json") if condition else None,
         })

@@ -81,7 +81,7 @@ def serve(
     bind_host: Annotated[str, typer.Option("--bind-host", help="Address of the QUIC endpoint (default: as the APIs)")] = "",
     advertise: Annotated[list[str] | None, typer.Option("--advertise", help="host:port peers should dial (NAT, relays); repeatable")] = None,
     split: Annotated[bool, typer.Option("--split", help="Force a pipeline split of the --model models across nodes, even when one node holds them")] = False,
-    rpc_direct: Annotated[bool, typer.Option("--rpc-direct", help="Carry split RPC over plain TCP authenticated with the mesh secret (faster, not encrypted; trusted networks) instead of the QUIC tunnel")] = False,
+    rpc_direct: Annotated[bool, typer.Option("--rpc-direct", help="Split RPC straight between llama-server and the workers' rpc-servers over plain TCP, authenticated with a key from the mesh secret (faster, not encrypted; trusted networks), instead of the QUIC tunnel")] = False,
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return

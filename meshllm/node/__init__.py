@@ -33,7 +33,7 @@ from meshllm.errors import MeshError
 from meshllm.node.config import NodeConfig
 from meshllm.node.http import bind_socket, exit_on_signal, serve_app
 from meshllm.node.mesh import MeshRuntime
-from meshllm.node.rpc_direct import RpcDirectDialer, RpcDirectServer
+from meshllm.engine.rpc_auth import rpc_key
 from meshllm.node.rpc_tunnel import RpcTunnelClient, RpcTunnelServer
 from meshllm.reconcile.demand import DemandRecorder
 from meshllm.reconcile.leases import PlacementReconciler
@@ -41,7 +41,7 @@ from meshllm.reconcile.served import ServedModelReconciler
 from meshllm.reconcile.workers import WorkerReconciler
 from meshllm.state.document import MeshState
 from meshllm.state.manifest import Manifest
-from meshllm.state.schema import ModelOrigin, ModelSpec, NodeRole, NodeStatus
+from meshllm.state.schema import ModelOrigin, ModelSpec, NodeRole, NodeStatus, server_key
 from meshllm.store.db import AppliedManifest, NodeStore
 from meshllm.store.identity import NodeIdentity, load_identity
 
@@ -110,12 +110,12 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
                     role=NodeRole.CLIENT if config.client else NodeRole.SERVER, api_url=api_url,
                     version=__version__, started_at=now, incarnation=now)
     router = Router(state, node_id=node_id)
-    def direct_address(node_id: str) -> str | None:
-        node = state.nodes().get(node_id)
-        return node.rpc_direct or None if node is not None else None
+    def direct_address(worker: str, model: str) -> str | None:
+        status = state.workers().get(server_key(worker, model))
+        return status.direct or None if status is not None else None
 
-    tunnels = RpcTunnelClient(mesh.connect, direct=RpcDirectDialer(mesh.creds.secret, direct_address)
-                              if config.rpc_direct else None)
+    key = rpc_key(mesh.creds.secret)
+    tunnels = RpcTunnelClient(mesh.connect, key=key, direct=direct_address if config.rpc_direct else None)
     reconciler = workers = None
     if engine_dir is not None:
         reconciler = ServedModelReconciler(
@@ -123,7 +123,7 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
             gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads,
             store=store, rpc=tunnels)
         workers = WorkerReconciler(state, node_id=node_id, engine_dir=engine_dir, log_dir=config.state_dir / "logs",
-                                   threads=config.threads, device=config.device, store=store)
+                                   key=key, threads=config.threads, device=config.device, store=store)
         atexit.register(reconciler.kill_all_now)
         atexit.register(workers.kill_all_now)
     try:
@@ -132,12 +132,10 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
             mesh.serve_tunnels(router, upstream)
             await tg.start(tunnels.run)
             if workers is not None:
-                RpcTunnelServer(mesh.endpoint, workers.port_for).install()
-                if config.rpc_direct:
-                    direct_host = me.addrs[0].rpartition(":")[0] if me.addrs else config.quic_host
-                    direct = RpcDirectServer(mesh.creds.secret, workers.port_for, host=config.quic_host)
-                    direct_port = await tg.start(direct.run)
-                    me = mesh.publish(rpc_direct=f"{direct_host}:{direct_port}")
+                RpcTunnelServer(mesh.endpoint, workers.endpoint_for).install()
+                if config.rpc_direct:  # rpc-servers on the node's address, for hosts to reach straight
+                    workers.bind_host = config.quic_host
+                    workers.direct_host = me.addrs[0].rpartition(":")[0] if me.addrs else config.quic_host
             for spec in specs:
                 state.put_model(spec)
             token = mesh.token(me)

@@ -1,8 +1,9 @@
 """ggml RPC across the mesh: a split's host reaches its workers' ggml-rpc-servers through QUIC.
 
-ggml-rpc-server has no authentication, so a worker binds it to 127.0.0.1 and only the mesh reaches
-it. On the host, ``RpcTunnelClient.open(node, target)`` listens on a free 127.0.0.1 port that the
-host's llama-server is given as ``--rpc 127.0.0.1:<port>``. Each TCP connection accepted there gets
+A worker's ggml-rpc-server binds 127.0.0.1 and demands the mesh's RPC key (``engine.rpc_auth``)
+before any command, so only the mesh reaches it and only mesh members can use it. On the host,
+``RpcTunnelClient.open(node, target)`` listens on a free 127.0.0.1 port that the host's
+llama-server is given as ``--rpc 127.0.0.1:<port>``. Each TCP connection accepted there gets
 its own RPC-kind QUIC stream to the worker, which opens with one request frame naming the target (a
 model name); the worker's ``RpcTunnelServer`` looks up the local ggml-rpc-server for it, connects,
 and answers one reply frame: ok, or why not (unknown target, rpc-server not running). From then on
@@ -17,10 +18,13 @@ This path is latency-bound: every decoded token waits for one RPC round trip per
 host TCP, QUIC and worker TCP and back. So the pipes read as much as has arrived in one go (up to
 ``READ_SIZE``), forward it with one call, and take no extra task, copy or timer per chunk.
 
-    client = RpcTunnelClient(mesh.connect)          # host
+    client = RpcTunnelClient(mesh.connect, key=rpc_key(secret))          # host
     await tg.start(client.run)
     port = await client.open(worker_id, "gemma-3-270m")
-    RpcTunnelServer(endpoint, rpc_ports.get).install()   # worker
+    RpcTunnelServer(endpoint, rpc_endpoints.get).install()   # worker: target -> (host, port)
+
+With ``--rpc-direct`` on both ends the host's llama-server connects to the worker's rpc-server
+straight (``endpoint`` gives its address), and the agents carry no RPC bytes (``engine.rpc_auth``).
 """
 
 from __future__ import annotations
@@ -35,13 +39,12 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute, TaskStatus
 
-from meshllm.node.rpc_direct import (MAX_HEADER, READ_SIZE, DirectAuthError, RpcDirectDialer, Traffic,
-                                     copy_both_ways, nodelay)
+from meshllm.engine.rpc_auth import RpcAuthError, authenticate
 from meshllm.transport import (FrameDecoder, FrameError, PeerConnection, QuicEndpoint, Stream,
                                StreamKind, TransportError, decode_message, encode_message)
 from meshllm.transport.errors import ErrorCode
 
-__all__ = ["RpcTunnelClient", "RpcTunnelError", "RpcTunnelServer", "decode_reply",
+__all__ = ["RpcTunnelClient", "RpcTunnelError", "RpcTunnelServer", "Traffic", "decode_reply",
            "decode_request", "encode_reply", "encode_request"]
 
 log = logging.getLogger(__name__)
@@ -51,8 +54,26 @@ CONNECT_TIMEOUT = 10.0  # seconds to reach the worker node, or the worker's rpc-
 PROTOCOL_VERSION = 1
 PROBE_TIMEOUT = 3.0  # seconds a host waits for a worker to accept a test session before a split starts
 
+MAX_HEADER = 4096  # a request or reply frame; it names a target (a model name)
+READ_SIZE = 4 * 1024 * 1024  # whatever has arrived, in one piece (weights cross at load in MBs)
+
 Connect = Callable[[str], Awaitable[PeerConnection]]
-Lookup = Callable[[str], int | None]  # target -> local ggml-rpc-server port
+Lookup = Callable[[str], tuple[str, int] | None]  # target -> where its ggml-rpc-server listens
+DirectLookup = Callable[[str, str], str | None]  # (worker node, target) -> "host:port" of a direct rpc-server
+
+
+@dataclass
+class Traffic:
+    """Bytes a tunnel carried: ``sent`` from the host's side towards the worker, ``received`` back."""
+
+    sent: int = 0
+    received: int = 0
+    sessions: int = 0
+
+
+def nodelay(tcp: anyio.abc.SocketStream) -> None:
+    """Every RPC message is latency-bound: never let Nagle hold one back."""
+    tcp.extra(SocketAttribute.raw_socket).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class RpcTunnelError(Exception):
@@ -203,13 +224,14 @@ class RpcTunnelServer:
 
     async def _connect(self, target: str, stream: Stream) -> anyio.abc.SocketStream | None:
         """A connection to ``target``'s ggml-rpc-server, or None after telling the host why not."""
-        port = self._lookup(target)
-        if port is None:
+        where = self._lookup(target)
+        if where is None:
             await self._refuse(stream, f"no rpc-server for {target!r} on this node", "unknown_target")
             return None
+        host, port = where
         try:
             with anyio.fail_after(CONNECT_TIMEOUT):
-                tcp = await anyio.connect_tcp("127.0.0.1", port)
+                tcp = await anyio.connect_tcp(host, port)
         except (OSError, TimeoutError) as exc:
             await self._refuse(stream, f"rpc-server for {target!r} (port {port}) is not running: {exc}",
                                "rpc_unavailable")
@@ -240,9 +262,10 @@ class _Listener:
 class RpcTunnelClient:
     """The host's end: local TCP listeners whose connections each become a stream to a worker."""
 
-    def __init__(self, connect: Connect, *, direct: RpcDirectDialer | None = None) -> None:
+    def __init__(self, connect: Connect, *, key: str = "", direct: DirectLookup | None = None) -> None:
         self._connect = connect
-        self._direct = direct  # --rpc-direct: plain TCP, mesh-secret authenticated, to workers that offer it
+        self.key = key  # the mesh's RPC key (rpc_auth.rpc_key): the host's llama-server proves it to workers
+        self._direct = direct  # --rpc-direct: workers whose rpc-server llama-server reaches straight
         self._listeners: dict[tuple[str, str], _Listener] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -267,6 +290,12 @@ class RpcTunnelClient:
         """The local port of an open tunnel, else None."""
         listener = self._listeners.get((node_id, target))
         return listener.port if listener is not None else None
+
+    async def endpoint(self, node_id: str, target: str) -> str:
+        """The ``host:port`` the host's llama-server is given for ``target``'s worker on ``node_id``:
+        the worker's rpc-server itself when both use ``--rpc-direct``, else a tunnel's local port."""
+        direct = self._direct(node_id, target) if self._direct is not None else None
+        return direct or f"127.0.0.1:{await self.open(node_id, target)}"
 
     async def open(self, node_id: str, target: str) -> int:
         """The 127.0.0.1 port that tunnels to ``target``'s rpc-server on ``node_id`` (reused if open).
@@ -312,9 +341,6 @@ class RpcTunnelClient:
         """One TCP connection from llama-server, carried by its own QUIC stream. Never raises."""
         where = f"RPC tunnel to {listener.target} on {listener.node_id}"
         async with tcp:
-            if self._direct is not None and self._direct.available(listener.node_id):
-                await self._direct_session(listener, tcp, where)
-                return
             try:
                 nodelay(tcp)
                 stream, early = await self._start(listener)
@@ -330,31 +356,20 @@ class RpcTunnelClient:
             finally:
                 await stream.aclose()
 
-    async def _direct_session(self, listener: _Listener, tcp: anyio.abc.SocketStream, where: str) -> None:
-        assert self._direct is not None
-        try:
-            nodelay(tcp)
-            with anyio.fail_after(CONNECT_TIMEOUT):
-                worker, early = await self._direct.connect(listener.node_id, listener.target)
-        except (OSError, TimeoutError, FrameError, DirectAuthError) as exc:
-            log.warning("%s (direct): connection refused: %s", where, exc)
-            return
-        async with worker:
-            how = await copy_both_ways(tcp, worker, early_to_a=early, traffic=listener.traffic)
-            log.info("%s (direct): session ended: %s", where, how)
-
     async def probe(self, node_id: str, target: str) -> str | None:
         """None when ``node_id``'s worker for ``target`` accepts a session now (its rpc-server
         running and reachable through the mesh), else why not. The session is closed at once."""
-        if self._direct is not None and self._direct.available(node_id):
+        direct = self._direct(node_id, target) if self._direct is not None else None
+        if direct is not None:
+            host, _, port = direct.rpartition(":")
             try:
                 with anyio.fail_after(PROBE_TIMEOUT):
-                    worker, _ = await self._direct.connect(node_id, target)
+                    async with await anyio.connect_tcp(host, int(port)) as tcp:
+                        await authenticate(tcp, self.key)
             except TimeoutError:
-                return f"no answer within {PROBE_TIMEOUT:g} s (direct)"
-            except (OSError, FrameError, DirectAuthError) as exc:
-                return f"direct: {exc}"
-            await worker.aclose()
+                return f"no answer from {direct} within {PROBE_TIMEOUT:g} s (direct)"
+            except (OSError, RpcAuthError, anyio.BrokenResourceError) as exc:
+                return f"direct {direct}: {exc}"
             return None
         try:
             with anyio.fail_after(PROBE_TIMEOUT):

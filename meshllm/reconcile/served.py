@@ -37,6 +37,7 @@ from meshllm.engine.process import (
 from meshllm.engine.ggufinfo import block_count
 from meshllm.errors import ModelError
 from meshllm.reconcile.queue import Result, WorkQueue, run_observed
+from meshllm.engine.rpc_auth import RPC_SECRET_ENV
 from meshllm.reconcile.workers import RPC_RECORD_PREFIX
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ModelSpec, ServerPhase, ServerStatus, server_key
@@ -55,10 +56,13 @@ SPLIT_WAIT = 0.5           # seconds between checks while a split's workers are 
 
 
 class RpcConnector(Protocol):
-    """How a split host reaches its workers' ggml-rpc-servers: through the QUIC mesh (``node.rpc_tunnel``)."""
+    """How a split host reaches its workers' ggml-rpc-servers: through the QUIC mesh, or straight with
+    ``--rpc-direct`` (``node.rpc_tunnel``)."""
 
-    async def open(self, node_id: str, target: str) -> int:
-        """A loopback port on this node that leads to ``node_id``'s worker for ``target``."""
+    key: str  # the mesh's RPC key, which the workers demand of the host's llama-server
+
+    async def endpoint(self, node_id: str, target: str) -> str:
+        """The ``host:port`` llama-server's ``--rpc`` names for ``node_id``'s worker for ``target``."""
         ...
 
     async def probe(self, node_id: str, target: str) -> str | None:
@@ -372,10 +376,10 @@ class ServedModelReconciler:
                 return max(0.0, until - now)
         return None
 
-    def _config(self, desired: DesiredServer, port: int, rpc_ports: list[int] | None = None) -> LlamaServerConfig:
+    def _config(self, desired: DesiredServer, port: int, rpc_endpoints: list[str] | None = None) -> LlamaServerConfig:
         gpu_layers, extra = self.gpu_layers, ()
         if desired.workers:
-            gpu_layers, extra = split_args(desired, rpc_ports or [], gpu=self.gpu_layers > 0)
+            gpu_layers, extra = split_args(desired, rpc_endpoints or [], gpu=self.gpu_layers > 0)
         return LlamaServerConfig(
             binary=self.engine_dir / "llama-server", model_path=desired.path, alias=desired.model, port=port,
             ctx_size=desired.ctx_size, gpu_layers=gpu_layers, threads=self.threads, device=self.device,
@@ -384,15 +388,16 @@ class ServedModelReconciler:
 
     async def _start(self, desired: DesiredServer, restarts: int, now: float) -> None:
         model = desired.model
-        rpc_ports = None
+        rpc_endpoints, env = None, None
         if desired.workers:
             assert self.rpc is not None
-            rpc_ports = [await self.rpc.open(node, model) for node in desired.workers]
-        config = self._config(desired, self._pick_port(model), rpc_ports)
+            rpc_endpoints = [await self.rpc.endpoint(node, model) for node in desired.workers]
+            # every weight is offered to the workers by name (patch 0003), and each worker loads it from
+            # its own copy of the file, which the worker checked is the mesh's (ModelSpec.fingerprint);
+            # the workers serve only a client that proves the mesh's RPC key (patch 0004)
+            env = {"GGML_RPC_HASH_THRESHOLD": "1", "GGML_RPC_LOAD_BY_NAME": "1", RPC_SECRET_ENV: self.rpc.key}
+        config = self._config(desired, self._pick_port(model), rpc_endpoints)
         log_path = self.log_dir / f"{safe_name(model)}.log"
-        # every weight is offered to the workers by name (patch 0003), and each worker loads it from its
-        # own copy of the file, which the worker checked is the mesh's (ModelSpec.fingerprint)
-        env = {"GGML_RPC_HASH_THRESHOLD": "1", "GGML_RPC_LOAD_BY_NAME": "1"} if desired.workers else None
         # decoding on the CPU, llama-server takes every core: as a batch job it leaves the node responsive
         proc = launch(config.argv(), log_path=log_path, env=env, batch=self.gpu_layers == 0)
         log.info("%s: started llama-server pid %d on 127.0.0.1:%d", model, proc.pid, config.port)
@@ -492,7 +497,7 @@ class ServedModelReconciler:
             stop_process_now(proc)
 
 
-def split_args(desired: DesiredServer, rpc_ports: list[int], *, gpu: bool) -> tuple[int, tuple[str, ...]]:
+def split_args(desired: DesiredServer, rpc_endpoints: list[str], *, gpu: bool) -> tuple[int, tuple[str, ...]]:
     """``--n-gpu-layers`` and the extra llama-server arguments of a split host.
 
     llama.cpp puts RPC devices first and the host's own GPU last, so on a GPU host every layer is
@@ -500,7 +505,7 @@ def split_args(desired: DesiredServer, rpc_ports: list[int], *, gpu: bool) -> tu
     device: a CPU host keeps its share of the layers by offloading only the rest, shared among the
     workers. ``--n-gpu-layers n`` offloads the output head and the last ``n - 1`` layers (llama.cpp
     counts the head as a layer and offloads it first), so the workers' layers are ``n - 1``."""
-    rpc = ("--rpc", ",".join(f"127.0.0.1:{port}" for port in rpc_ports))
+    rpc = ("--rpc", ",".join(rpc_endpoints))
     shares = list(desired.tensor_split)
     if gpu:
         return 999, (*rpc, "--tensor-split", ",".join(f"{x:.4g}" for x in shares))

@@ -2,10 +2,12 @@
 
 Desired: every split lease (``PlacementLease.workers``) naming this node. For each, the node finds
 its own copy of the model file, checks it is the mesh's file (``ModelSpec.fingerprint``), and runs
-``ggml-rpc-server --gguf <file>`` bound to 127.0.0.1: the patched server answers the host's weight
-offers from that file, so no weights cross the network while the split loads. The server is reached
-only through the node agent: the QUIC tunnel (``node.rpc_tunnel``) or, with ``--rpc-direct``, the
-authenticated TCP path (``node.rpc_direct``); both ask ``port_for`` where it is.
+``ggml-rpc-server --gguf <file>``: the patched server answers the host's weight offers from that
+file, so no weights cross the network while the split loads, and it serves only clients that prove
+the mesh's RPC key (``engine.rpc_auth``). It binds 127.0.0.1 and is reached through the QUIC tunnel
+(``node.rpc_tunnel``, which asks ``endpoint_for`` where it is); with ``--rpc-direct`` it binds the
+node's address instead, published as ``WorkerStatus.direct``, and hosts with ``--rpc-direct`` connect
+to it straight.
 Each worker is reported as a ``WorkerStatus``: loading until its port accepts connections, then
 ready; failed when this node has no identical copy or the server keeps dying (placement then leaves
 this node out of the split for a while).
@@ -33,6 +35,7 @@ from meshllm.engine.process import (
     stop_process_now,
 )
 from meshllm.errors import ModelError
+from meshllm.engine.rpc_auth import RPC_SECRET_ENV
 from meshllm.reconcile.queue import Result, WorkQueue, run_observed
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ModelSpec, PlacementLease, ServerPhase, WorkerStatus, server_key
@@ -49,16 +52,18 @@ MAX_RESTARTS = 3  # crashes in a row before the worker is reported failed
 
 @dataclass(frozen=True)
 class RpcWorkerConfig:
-    """A ggml-rpc-server command line: loopback only, weights answered from ``gguf``."""
+    """A ggml-rpc-server command line: weights answered from ``gguf``, loopback unless ``host`` says
+    otherwise (``--rpc-direct``; the key it demands comes in its environment, not here)."""
 
     binary: Path
     gguf: Path
     port: int
     threads: int = 0
     device: str = ""
+    host: str = "127.0.0.1"
 
     def argv(self) -> list[str]:
-        args = [str(self.binary), "--host", "127.0.0.1", "--port", str(self.port), "--gguf", str(self.gguf)]
+        args = [str(self.binary), "--host", self.host, "--port", str(self.port), "--gguf", str(self.gguf)]
         if self.threads:
             args += ["--threads", str(self.threads)]
         if self.device:
@@ -89,9 +94,14 @@ class _Failure:
 class WorkerReconciler:
     """Runs this node's split workers and reports them in the document."""
 
-    def __init__(self, state: MeshState, *, node_id: str, engine_dir: Path, log_dir: Path, threads: int = 0,
-                 device: str = "", store: NodeStore | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, state: MeshState, *, node_id: str, engine_dir: Path, log_dir: Path, key: str,
+                 threads: int = 0, device: str = "", store: NodeStore | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``key``: the mesh's RPC key every rpc-server demands."""
         self.state = state
+        self.key = key
+        self.bind_host = "127.0.0.1"  # with --rpc-direct the node's address, and direct_host as others
+        self.direct_host = ""  # reach it (set by the node once its address is known)
         self.node_id = node_id
         self.engine_dir = engine_dir
         self.log_dir = log_dir
@@ -133,10 +143,17 @@ class WorkerReconciler:
                 await stop_process(proc)
             await self.store.forget_process(record.key)
 
-    def port_for(self, model: str) -> int | None:
-        """Where this node's ready worker for ``model`` listens (the RPC tunnel's lookup)."""
+    def endpoint_for(self, model: str) -> tuple[str, int] | None:
+        """Where this node's ready worker for ``model`` listens, as this node reaches it (the RPC
+        tunnel's lookup)."""
         worker = self.workers.get(model)
-        return worker.config.port if worker is not None and worker.ready and worker.proc.poll() is None else None
+        if worker is None or not worker.ready or worker.proc.poll() is not None:
+            return None
+        return self._local_host, worker.config.port
+
+    @property
+    def _local_host(self) -> str:
+        return "127.0.0.1" if self.bind_host in ("0.0.0.0", "") else self.bind_host
 
     def _leases(self) -> dict[str, PlacementLease]:
         """Split leases naming this node as a worker, by model (their host alive)."""
@@ -181,20 +198,20 @@ class WorkerReconciler:
             return self._fail(model, lease.node, f"this node's {path} is not the mesh's {model} (file "
                               f"{fingerprint}, mesh {spec.fingerprint}); replace it with the same file", now,
                               retry=30.0)
-        config = RpcWorkerConfig(binary=self.engine_dir / "ggml-rpc-server", gguf=path,
-                                 port=self._pick_port(model), threads=self.threads, device=self.device)
+        config = RpcWorkerConfig(binary=self.engine_dir / "ggml-rpc-server", gguf=path, port=self._pick_port(model),
+                                 threads=self.threads, device=self.device, host=self.bind_host)
         log_path = self.log_dir / f"rpc-{safe_name(model)}.log"
-        proc = launch(config.argv(), log_path=log_path, batch=not self.device)
+        proc = launch(config.argv(), log_path=log_path, env={RPC_SECRET_ENV: self.key}, batch=not self.device)
         restarts = failure.restarts if failure is not None and failure.host == lease.node else 0
         self.workers[model] = _Worker(model, lease.node, config, proc, now, restarts=restarts)
-        log.info("%s: started ggml-rpc-server pid %d on 127.0.0.1:%d for host %s", model, proc.pid, config.port,
-                 lease.node)
+        log.info("%s: started ggml-rpc-server pid %d on %s:%d for host %s", model, proc.pid, config.host,
+                 config.port, lease.node)
         if self.store is not None:
             await self.store.record_process(ProcessRecord(
                 key=RPC_RECORD_PREFIX + model, pid=proc.pid, port=config.port, model=model, argv=config.argv(),
                 argv_hash="", log_path=str(log_path), started_at=now))
             await self.store.record_event(model, "WorkerStarted", f"ggml-rpc-server pid {proc.pid} on "
-                                          f"127.0.0.1:{config.port} holds layers for host {lease.node}")
+                                          f"{config.host}:{config.port} holds layers for host {lease.node}")
         self._publish(self.workers[model], ServerPhase.LOADING)
         return Result(requeue_after=0.1)
 
@@ -226,11 +243,11 @@ class WorkerReconciler:
             await self._stop(worker.model, f"not listening after {START_TIMEOUT:.0f}s")
             return self._fail(worker.model, worker.host, f"ggml-rpc-server did not listen within "
                               f"{START_TIMEOUT:.0f}s; see {worker.proc.log_path}", now, retry=60.0)
-        if port_is_free(worker.config.port):  # not bound yet: still indexing its file
+        if port_is_free(worker.config.port, self._local_host):  # not bound yet: still indexing its file
             return Result(requeue_after=0.1)
         worker.ready = True
         self.failures.pop(worker.model, None)
-        log.info("%s: split worker ready on 127.0.0.1:%d", worker.model, worker.config.port)
+        log.info("%s: split worker ready on %s:%d", worker.model, worker.config.host, worker.config.port)
         self._publish(worker, ServerPhase.READY)
         return Result()
 
@@ -246,13 +263,15 @@ class WorkerReconciler:
     def _pick_port(self, model: str) -> int:
         taken = {w.config.port for m, w in self.workers.items() if m != model}
         for port in candidate_ports(RPC_RECORD_PREFIX + server_key(self.node_id, model)):
-            if port not in taken and port_is_free(port):
+            if port not in taken and port_is_free(port, self.bind_host):
                 return port
-        raise RuntimeError("no free loopback port for ggml-rpc-server")
+        raise RuntimeError(f"no free port on {self.bind_host} for ggml-rpc-server")
 
     def _publish(self, worker: _Worker, phase: ServerPhase) -> None:
+        direct = f"{self.direct_host}:{worker.config.port}" if self.direct_host else ""
         self.state.put_worker(WorkerStatus(node=self.node_id, model=worker.model, host=worker.host, phase=phase,
-                                           port=worker.config.port, pid=worker.proc.pid, since=self.clock()))
+                                           port=worker.config.port, direct=direct, pid=worker.proc.pid,
+                                           since=self.clock()))
 
     async def _stop(self, model: str, reason: str) -> None:
         worker = self.workers.pop(model, None)

@@ -157,7 +157,6 @@ class NodeStatus(_Entity):
     started_at: float = 0.0
     incarnation: float = Field(default=0.0, description="bumped at each start and to refute a death")
     rtt_ms: dict[str, float] = Field(default_factory=dict, description="measured RTT to peers, by node id")
-    rpc_direct: str = Field(default="", description="host:port of its direct RPC listener (--rpc-direct), if any")
 
 
 class NodeDeath(_Entity):
@@ -196,13 +195,15 @@ class ServerStatus(_Entity):
 
 class WorkerStatus(_Entity):
     """Observed: a ggml-rpc-server on ``node`` holding layers of ``model`` for the split's ``host``,
-    loaded from the node's own copy of the model file (reached only through the QUIC mesh)."""
+    loaded from the node's own copy of the model file, serving only clients with the mesh's RPC key."""
 
     node: str
     model: str
     host: str
     phase: ServerPhase
-    port: int = Field(default=0, ge=0, le=65535, description="its loopback port on the worker node")
+    port: int = Field(default=0, ge=0, le=65535, description="its port on the worker node")
+    direct: str = Field(default="", description="host:port a host with --rpc-direct connects to straight; "
+                                                "empty: reached only through the QUIC tunnel")
     pid: int = 0
     message: str = ""
     since: float = 0.0

@@ -1,58 +1,78 @@
-"""The direct RPC path (``--rpc-direct``): plain TCP between node agents, authenticated both ways
-with the mesh secret. Only a host holding the secret reaches a worker's rpc-server; bytes cross
-unchanged; a split over it gives the same greedy output as one llama-server."""
+"""The mesh's RPC key (engine patch 0004) and the direct path it makes safe (``--rpc-direct``).
+
+A ggml-rpc-server started with ``GGML_RPC_SECRET`` serves no command to a client that cannot prove
+the key and keeps serving the ones that can; a llama-server holding the key splits onto it with the
+same greedy output. With ``--rpc-direct`` on both nodes the host's llama-server connects to the
+worker's rpc-server straight, on the worker's address: no agent carries its bytes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import anyio
-import anyio.abc
 import pytest
 
-from meshllm.node.rpc_direct import DirectAuthError, RpcDirectDialer, RpcDirectServer
-from tests.integration.nodes import Mesh
+from meshllm.engine.rpc_auth import RPC_SECRET_ENV, RpcAuthError, authenticate, rpc_key
+from meshllm.testing.engines import running
+from tests.conftest import free_port
+from tests.integration.nodes import Mesh, wait_for
 from tests.integration.test_mesh import greedy
-from tests.integration.test_split import MODEL, cap, condition, node_id, solo, split_model, wait_for, wait_for_all
+from tests.integration.test_split import MODEL, cap, condition, node_id, solo, split_model, wait_for_all
 
 __all__ = ["solo", "split_model"]  # fixtures used here
 
-SECRET = b"s" * 32
+pytestmark = pytest.mark.engine
+
+KEY = rpc_key(b"s" * 32)
 
 
-async def _echo(tcp: anyio.abc.SocketStream) -> None:
-    async with tcp:
+def rpc_server(engine: Path, model: Path, port: int, log: Path, key: str) -> AbstractContextManager[object]:
+    """A ggml-rpc-server on 127.0.0.1 that demands ``key``."""
+    return running([str(engine / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port), "--gguf", str(model)],
+                   log, env={**os.environ, RPC_SECRET_ENV: key})
+
+
+async def hello_answered(port: int, key: str | None) -> bool:
+    """Whether the rpc-server answers a HELLO command (after proving ``key``, or with no handshake)."""
+    async with await anyio.connect_tcp("127.0.0.1", port) as tcp:
+        if key is not None:
+            await authenticate(tcp, key)
+        await tcp.send(bytes([14]) + (24).to_bytes(8, "little") + bytes(24))  # RPC_CMD_HELLO, no caps
         try:
-            while True:
-                await tcp.send(await tcp.receive())
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
-            pass
+            with anyio.fail_after(10):  # without a handshake the server gives up on it after 5 s
+                return len(await tcp.receive()) > 0
+        except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError):
+            return False
 
 
-async def test_only_a_host_holding_the_mesh_secret_reaches_the_rpc_server() -> None:
-    echo = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    echo_port = echo.extra(anyio.abc.SocketAttribute.local_port)
-    server = RpcDirectServer(SECRET, {"m": echo_port}.get, host="127.0.0.1")
-    async with echo, anyio.create_task_group() as tg:
-        tg.start_soon(echo.serve, _echo)
-        port = await tg.start(server.run)
-        where = {"w": f"127.0.0.1:{port}"}.get
-        tcp, early = await RpcDirectDialer(SECRET, where).connect("w", "m")
-        async with tcp:
-            payload = bytes(range(256)) * 4096  # 1 MiB, unchanged both ways
-            await tcp.send(payload)
-            got = bytearray(early)
-            while len(got) < len(payload):
-                got += await tcp.receive()
-            assert bytes(got) == payload
-        with pytest.raises(DirectAuthError):
-            await RpcDirectDialer(b"x" * 32, where).connect("w", "m")  # a peer without the secret
-        with pytest.raises(OSError, match="no rpc-server"):
-            await RpcDirectDialer(SECRET, where).connect("w", "unknown")
-        tg.cancel_scope.cancel()
+def test_an_rpc_server_with_the_key_serves_only_clients_that_prove_it(engine_dir: Path, split_model: Path,
+                                                                      tmp_path: Path) -> None:
+    port = free_port()
+    with running(rpc_server(engine_dir, split_model, port, tmp_path / "rpc.log", KEY)):
+        wait_for(lambda: anyio.run(hello_answered, port, KEY), timeout=30, what="the rpc-server")
+        assert not anyio.run(hello_answered, port, None)  # no handshake: closed, no command served
+        with pytest.raises(RpcAuthError):  # the wrong key: the server's answer does not check out
+            anyio.run(hello_answered, port, rpc_key(b"x" * 32))
+        assert anyio.run(hello_answered, port, KEY)  # and it still serves those that prove it
+    assert "Refused a client connection" in (tmp_path / "rpc.log").read_text()
 
 
-@pytest.mark.engine
+def test_llama_server_with_the_wrong_key_does_not_load_onto_the_worker(engine_dir: Path, split_model: Path,
+                                                                       tmp_path: Path) -> None:
+    port, api = free_port(), free_port()
+    with running(rpc_server(engine_dir, split_model, port, tmp_path / "rpc.log", KEY)):
+        wait_for(lambda: anyio.run(hello_answered, port, KEY), timeout=30, what="the rpc-server")
+        host = subprocess.run([str(engine_dir / "llama-server"), "--model", str(split_model), "--port", str(api),
+                               "--rpc", f"127.0.0.1:{port}", "-ngl", "99", "--no-webui"],
+                              env={**os.environ, RPC_SECRET_ENV: rpc_key(b"x" * 32)}, capture_output=True,
+                              timeout=60)
+    assert host.returncode != 0
+    assert b"RPC server does not hold GGML_RPC_SECRET" in host.stdout + host.stderr
+
+
 def test_a_split_over_the_direct_path_gives_the_same_output(mesh: Mesh, split_model: Path, solo: str) -> None:
     vram = cap(split_model, 0.8)
     a = mesh.start("a", "127.0.0.2", "--rpc-direct", "--max-vram", vram, models=(str(split_model),))
@@ -63,7 +83,11 @@ def test_a_split_over_the_direct_path_gives_the_same_output(mesh: Mesh, split_mo
     nodes = {node_id(n): n for n in (a, b)}
     host = nodes[condition(a)["nodes"][0]]
     worker_id = condition(a)["workers"][0]
-    assert nodes[worker_id].status()["node"]["rpc_direct"].startswith("127.0.0.")
     assert greedy(a.api, MODEL) == greedy(solo, MODEL)
-    traffic = [t for t in host.status()["rpc_tunnels"] if t["node"] == worker_id]
-    assert traffic and traffic[0]["sent"] > 0 and traffic[0]["received"] > 0
+    entry = next(m for m in host.status()["models"] if m["name"] == MODEL)
+    direct = next(w["direct"] for w in entry["workers"] if w["node"] == worker_id)
+    assert direct.startswith("127.0.0.") and not direct.startswith("127.0.0.1:")  # the worker's own address
+    pid = next(s["pid"] for s in entry["servers"] if s["phase"] == "ready")
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert argv[argv.index(b"--rpc") + 1].decode() == direct  # llama-server connects to the worker itself
+    assert not host.status()["rpc_tunnels"]  # and no tunnel carries its bytes

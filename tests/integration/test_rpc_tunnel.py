@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ async def tunnel_pair() -> AsyncIterator[Pair]:
     host, worker = (QuicEndpoint(NodeIdentity(Ed25519PrivateKey.generate()), MESH, SECRET, host=h)
                     for h in ("127.0.0.1", "127.0.0.2"))
     ports: dict[str, int] = {}
-    RpcTunnelServer(worker, ports.get).install()
+    RpcTunnelServer(worker, lambda target: ("127.0.0.1", ports[target]) if target in ports else None).install()
 
     async def connect(node_id: str) -> PeerConnection:
         return host.peer(node_id) or await host.connect(*worker.address)
