@@ -8,6 +8,7 @@ worker's rpc-server straight, on the worker's address: no agent carries its byte
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -48,11 +49,16 @@ async def hello_answered(port: int, key: str | None) -> bool:
             return False
 
 
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def test_an_rpc_server_with_the_key_serves_only_clients_that_prove_it(engine_dir: Path, split_model: Path,
                                                                       tmp_path: Path) -> None:
     port = free_port()
-    with running(rpc_server(engine_dir, split_model, port, tmp_path / "rpc.log", KEY)):
-        wait_for(lambda: anyio.run(hello_answered, port, KEY), timeout=30, what="the rpc-server")
+    with rpc_server(engine_dir, split_model, port, tmp_path / "rpc.log", KEY):
+        wait_for(lambda: listening(port), timeout=30, what="the rpc-server")
         assert not anyio.run(hello_answered, port, None)  # no handshake: closed, no command served
         with pytest.raises(RpcAuthError):  # the wrong key: the server's answer does not check out
             anyio.run(hello_answered, port, rpc_key(b"x" * 32))
@@ -63,8 +69,8 @@ def test_an_rpc_server_with_the_key_serves_only_clients_that_prove_it(engine_dir
 def test_llama_server_with_the_wrong_key_does_not_load_onto_the_worker(engine_dir: Path, split_model: Path,
                                                                        tmp_path: Path) -> None:
     port, api = free_port(), free_port()
-    with running(rpc_server(engine_dir, split_model, port, tmp_path / "rpc.log", KEY)):
-        wait_for(lambda: anyio.run(hello_answered, port, KEY), timeout=30, what="the rpc-server")
+    with rpc_server(engine_dir, split_model, port, tmp_path / "rpc.log", KEY):
+        wait_for(lambda: listening(port), timeout=30, what="the rpc-server")
         host = subprocess.run([str(engine_dir / "llama-server"), "--model", str(split_model), "--port", str(api),
                                "--rpc", f"127.0.0.1:{port}", "-ngl", "99", "--no-webui"],
                               env={**os.environ, RPC_SECRET_ENV: rpc_key(b"x" * 32)}, capture_output=True,
