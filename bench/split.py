@@ -35,8 +35,9 @@ worker, and the text drifts apart after some tokens; F32/F16 models have no repa
     PYTHONPATH=$PWD .venv/bin/python bench/split.py [--rounds 3] [--save] [MODEL ...]
     PYTHONPATH=$PWD python3 bench/split.py --gpu [--model-dir DIR] 8b      # on a GPU machine
 
-A MODEL is a .gguf path, ``tiny`` (a generated 8-layer F32 dense model, 32k vocabulary) or ``8b``
-(tinygguf's 8B-shaped F16 preset, 14.5 GB, written once into ``--model-dir``). Default: ``tiny`` and
+A MODEL is a .gguf path, ``tiny`` (a generated 8-layer F32 dense model, 32k vocabulary), ``8b``
+(tinygguf's 8B-shaped F16 preset, 14.5 GB) or ``48b`` (its 48B preset, 96.9 GB; more than one 80 GB
+GPU holds), written once into ``--model-dir``. Default: ``tiny`` and
 gemma-3-270m on CPU, ``8b`` with ``--gpu``. It prints tables and never asserts (STYLE.md).
 """
 
@@ -48,6 +49,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -146,12 +148,15 @@ class Processes:
     logs: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self, argv: list[str], name: str, *, batch: bool) -> subprocess.Popen[bytes]:
-        """Start ``argv``; ``batch``: as SCHED_BATCH, as a meshllm node runs its CPU engines (``launch``), so
-        that on a busy machine the bench's own engines are scheduled like the nodes' ones."""
+    def start(self, argv: list[str], name: str, *, batch: bool,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``argv`` (``env`` added to the bench's); ``batch``: as SCHED_BATCH, as a meshllm node runs
+        its CPU engines (``launch``), so that on a busy machine the bench's own engines are scheduled like
+        the nodes' ones."""
         with (self.logs / f"{name}.log").open("ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, preexec_fn=_as_batch if batch else None)
+                                    start_new_session=True, preexec_fn=_as_batch if batch else None,
+                                    env={**os.environ, **(env or {})})
         self.procs.append(proc)
         return proc
 
@@ -194,6 +199,11 @@ class Setup:
     timeout: float
     workdir: Path
     ports: Ports
+    gpus: int = 0  # --pin-gpus: participant i runs on GPU i mod gpus (CUDA_VISIBLE_DEVICES)
+
+    def pinned(self, participant: int) -> dict[str, str]:
+        """The environment that puts participant ``participant`` (0: the host) on its own GPU."""
+        return {"CUDA_VISIBLE_DEVICES": str(participant % self.gpus)} if self.gpus else {}
 
 
 def complete(url: str, model: str, tokens: int) -> tuple[str, float]:
@@ -241,7 +251,7 @@ def run_solo(setup: Setup, model: Path, *, norepack: bool) -> Sample:
         argv = server_argv(setup, model, port, gpu_layers=999 if setup.gpu else 0,
                            extra=("--no-repack",) if norepack else ())
         started = time.monotonic()
-        server = procs.start(argv, f"{model.stem}-{mode}", batch=not setup.gpu)
+        server = procs.start(argv, f"{model.stem}-{mode}", batch=not setup.gpu, env=setup.pinned(0))
         load = wait_healthy(port, server, setup.timeout) - started
         tps, text, agree = decode(setup, f"http://127.0.0.1:{port}", model.stem)
         return Sample(mode, 1, load, tps, text, texts_agree=agree)
@@ -253,7 +263,7 @@ def stock_split_args(setup: Setup, model: Path, port: int) -> tuple[int, tuple[s
     """The ``-ngl`` and ``--rpc``/``--tensor-split`` a meshllm host of a 2-node equal split uses."""
     desired = DesiredServer(model=model.stem, path=model, workers=("worker",), tensor_split=(0.5, 0.5),
                             n_layer=0 if setup.gpu else block_count(model))
-    return split_args(desired, [port], gpu=setup.gpu)
+    return split_args(desired, [f"127.0.0.1:{port}"], gpu=setup.gpu)
 
 
 def run_stock(setup: Setup, model: Path, *, relay: bool) -> Sample:
@@ -266,7 +276,8 @@ def run_stock(setup: Setup, model: Path, *, relay: bool) -> Sample:
         threads = setup.threads or max(1, (os.cpu_count() or 2) // 2)  # as meshllm's worker reconciler
         worker_argv = [str(setup.engine / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(rpc_port),
                        "-t", str(threads), *(["-d", setup.device] if setup.device else [])]
-        worker = procs.start(worker_argv, f"{model.stem}-{mode.replace(' ', '-')}-rpc", batch=not setup.device)
+        worker = procs.start(worker_argv, f"{model.stem}-{mode.replace(' ', '-')}-rpc", batch=not setup.device,
+                             env=setup.pinned(1))
         wait_for(lambda: _port_open(rpc_port) or worker.poll() is not None, timeout=60, what="ggml-rpc-server",
                  nodes=[])
         if worker.poll() is not None:
@@ -277,7 +288,8 @@ def run_stock(setup: Setup, model: Path, *, relay: bool) -> Sample:
         gpu_layers, extra = stock_split_args(setup, model, counter.port if counter else rpc_port)
         started = time.monotonic()
         server = procs.start(server_argv(setup, model, port, gpu_layers=gpu_layers, extra=extra),
-                             f"{model.stem}-{mode.replace(' ', '-')}-server", batch=not setup.gpu)
+                             f"{model.stem}-{mode.replace(' ', '-')}-server", batch=not setup.gpu,
+                             env=setup.pinned(0))
         load = wait_healthy(port, server, setup.timeout) - started
         sent = counter.to_server if counter else None
         received = counter.to_client if counter else None
@@ -301,9 +313,9 @@ def _port_open(port: int) -> bool:
 
 
 # -- meshllm nodes ----------------------------------------------------------------------------------
-def start_node(setup: Setup, name: str, host: str, *args: str) -> NodeProcess:
+def start_node(setup: Setup, name: str, host: str, *args: str, participant: int = 0) -> NodeProcess:
     """A ``python -m meshllm`` node on its own loopback address (its own process group, so a Ctrl-C
-    reaches the bench first and the bench stops it in order)."""
+    reaches the bench first and the bench stops it in order), on its own GPU with ``--pin-gpus``."""
     state_dir = setup.workdir / name
     state_dir.mkdir(parents=True)
     port, console = setup.ports.take(), setup.ports.take()
@@ -313,7 +325,7 @@ def start_node(setup: Setup, name: str, host: str, *args: str) -> NodeProcess:
         cmd += ["--threads", str(setup.threads)]
     if setup.device:
         cmd += ["--device", setup.device]
-    env = {**os.environ, "MESHLLM_ENGINE_DIR": str(setup.engine),
+    env = {**os.environ, "MESHLLM_ENGINE_DIR": str(setup.engine), **setup.pinned(participant),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     with (state_dir / "node.out").open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -353,6 +365,7 @@ def wait_host(setup: Setup, nodes: list[NodeProcess], n_workers: int) -> HostSer
     pid, port = server["pid"], server["port"]
     started = started_epoch(pid) or server["since"]
     deadline = time.monotonic() + setup.timeout
+    polls = 0
     while server["phase"] != "ready" and time.monotonic() < deadline:
         if healthy(port):  # polled by the bench: 20 ms resolution, not the node's 0.2 s probe
             ready, how = time.time(), "bench /health poll"
@@ -360,6 +373,9 @@ def wait_host(setup: Setup, nodes: list[NodeProcess], n_workers: int) -> HostSer
         time.sleep(0.02)
         for node in nodes:
             node.check_alive()
+        polls += 1
+        if polls % 25:  # the node's status only twice a second: on 2 cores it competes with the load
+            continue
         found = seen()
         if found is None or found[1]["pid"] != pid:
             raise RuntimeError(f"the host llama-server pid {pid} went away while loading")
@@ -397,9 +413,11 @@ def tunnel_bytes(host: HostServer) -> tuple[int | None, int | None]:
 
 
 def socket_bytes(endpoints: list[str]) -> tuple[int | None, int | None]:
-    """(sent, received) on this machine's established TCP connections to ``endpoints`` (the kernel's
-    counters, from ``ss -ti``): the bytes of a direct split, which no agent relays; (None, None)
-    without ``ss``."""
+    """(sent, received) of a direct split, which no agent relays: the kernel's counters of this
+    machine's established TCP connections to ``endpoints`` (``ss -ti``: bytes acked, bytes received);
+    (None, None) without ``ss`` (iproute2)."""
+    if shutil.which("ss") is None:
+        return None, None
     sent = received = 0
     for endpoint in endpoints:
         try:
@@ -428,7 +446,7 @@ def form_mesh(setup: Setup, model: Path, n: int, *, direct: bool = False) -> lis
                      nodes=nodes)
     for i in range(2, n + 1):
         nodes.append(start_node(setup, f"n{i}", f"127.0.0.{i + 1}", "--standby", "--max-vram", cap,
-                                "--join", token, *flags))
+                                "--join", token, *flags, participant=i - 1))
     return nodes
 
 
@@ -446,6 +464,7 @@ def run_meshllm(setup: Setup, model: Path, n: int, round_: int, *, direct: bool 
         rpc = argv[argv.index("--rpc") + 1].split(",") if "--rpc" in argv else []
         direct_rpc = [e for e in rpc if not e.startswith("127.0.0.1:")]  # the workers' own addresses
         sent, received = socket_bytes(direct_rpc) if direct_rpc else tunnel_bytes(host)
+        counted = "TCP counters (ss)" if direct_rpc else "tunnel counters"
         log(f"  host {host.node.name}, workers {len(host.workers)}, split started "
             f"{host.started - time.time() + time.monotonic() - formed:.1f}s after the first node; "
             f"ready timed by {host.how}; host argv: {' '.join(argv[argv.index('--n-gpu-layers'):]) if argv else '?'}")
@@ -455,7 +474,8 @@ def run_meshllm(setup: Setup, model: Path, n: int, round_: int, *, direct: bool 
         tps, text, agree = decode(setup, host.node.api, host.model)
         split = " ".join(argv[argv.index("--n-gpu-layers"):]).replace(" --no-webui", "") if argv else "?"
         return Sample(name, n, host.ready - host.started, tps, text, sent=sent, received=received,
-                      texts_agree=agree, note=f"host llama-server {split}; ready timed by {host.how}")
+                      texts_agree=agree, note=f"host llama-server {split}; ready timed by {host.how}; "
+                                            f"bytes: {counted}")
     except (RuntimeError, TimeoutError, OSError, KeyError, ValueError):
         log_tails(nodes)
         raise
@@ -490,8 +510,8 @@ def weight_bytes(path: Path) -> int:
 
 
 def prepare_model(spec: str, model_dir: Path) -> Path:
-    """The .gguf for ``spec``: a path, or ``tiny`` / ``8b`` written once into ``model_dir``."""
-    from meshllm.engine.tinygguf import write_dense, write_shaped
+    """The .gguf for ``spec``: a path, or ``tiny`` / ``8b`` / ``48b`` written once into ``model_dir``."""
+    from meshllm.engine.tinygguf import PRESETS, write_dense, write_shaped
 
     model_dir.mkdir(parents=True, exist_ok=True)
     if spec == "tiny":
@@ -499,12 +519,12 @@ def prepare_model(spec: str, model_dir: Path) -> Path:
         if not path.exists():
             write_dense(path, n_layer=8, n_embd=256, n_ff=512, n_vocab=32000, dtype="f32")
         return path
-    if spec == "8b":
-        path = model_dir / "synthetic-8b-f16.gguf"
+    if spec in ("8b", "48b"):
+        path = model_dir / f"synthetic-{spec}-f16.gguf"
         if not path.exists():
-            log(f"writing the 8B-shaped F16 model (14.5 GB) to {path} ...")
+            log(f"writing the {spec.upper()}-shaped F16 model ({PRESETS[spec].n_bytes / 1e9:.1f} GB) to {path} ...")
             started = time.monotonic()
-            write_shaped(path, "8b")
+            write_shaped(path, spec)
             log(f"  written in {time.monotonic() - started:.0f}s")
         return path
     path = Path(spec).expanduser()
@@ -615,7 +635,7 @@ def table(model: Path, samples: dict[str, list[Sample]], *, gpu: bool, rounds: i
 # -- command line -------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("models", nargs="*", help="tiny, 8b or .gguf paths (default: tiny and gemma; 8b with --gpu)")
+    parser.add_argument("models", nargs="*", help="tiny, 8b, 48b or .gguf paths (default: tiny and gemma; 8b with --gpu)")
     parser.add_argument("--gpu", action="store_true", help="llama-server on the GPU: -ngl 999, GPU split args")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the modes (default 3)")
     parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per request (default 64)")
@@ -623,6 +643,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default=None, help=f"comma-separated, of {','.join(MODES)}")
     parser.add_argument("--threads", type=int, default=0, help="llama-server/ggml-rpc-server threads (0: meshllm's)")
     parser.add_argument("--device", default="", help="--device for every engine process (default: llama.cpp's)")
+    parser.add_argument("--pin-gpus", type=int, default=0, metavar="N",
+                        help="N GPUs here: each participant on its own GPU (CUDA_VISIBLE_DEVICES): solo and the stock "
+                             "split's host on GPU 0, its worker on GPU 1, meshllm node n<i> on GPU (i-1) mod N")
     parser.add_argument("--engine", type=Path, help="folder with the patched llama-server and ggml-rpc-server")
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "meshllm-bench-models",
                         help="where tiny / 8b models are written once and reused")
@@ -659,7 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     with (contextlib.nullcontext(str(args.workdir)) if args.workdir
           else tempfile.TemporaryDirectory(prefix="meshllm-split-bench-")) as tmp:
         setup = Setup(engine=engine, gpu=args.gpu, threads=args.threads, device=args.device, tokens=args.tokens,
-                      requests=args.requests, timeout=args.ready_timeout, workdir=Path(tmp), ports=Ports())
+                      requests=args.requests, timeout=args.ready_timeout, workdir=Path(tmp), ports=Ports(),
+                      gpus=args.pin_gpus)
         for spec in specs:
             model = prepare_model(spec, args.model_dir)
 

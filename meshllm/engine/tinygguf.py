@@ -6,7 +6,7 @@ Qwen3-style mixture of experts (arch ``qwen3moe``), with a SentencePiece-style v
 so ``/completion`` and ``/v1/chat/completions`` both work. The text they write is gibberish, but greedy decoding
 (temperature 0) is deterministic: the same seed gives the same file, byte for byte, and the same output.
 
-The same code writes benchmark-sized models with a real architecture's shapes (presets ``3b``, ``8b``,
+The same code writes benchmark-sized models with a real architecture's shapes (presets ``3b``, ``8b``, ``48b``,
 ``30b-a3b``), which give realistic speed and loading figures without downloading weights. Such files are tens of
 gigabytes, so tensors are streamed to disk one chunk at a time: only one random block (about a million values) is
 held in memory, and tensors larger than it reuse that block, each from its own random offset. The block length is a
@@ -143,6 +143,11 @@ PRESETS: Mapping[str, ModelShape] = MappingProxyType(
         # Llama-3-8B-like body with a 32k vocabulary: 7.24 B parameters, 14.5 GB in F16.
         "8b": ModelShape(
             n_layer=32, n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8, n_vocab=32000, n_ctx=8192, dtype="f16"
+        ),
+        # Llama-3-70B-like body, 56 of its 80 layers, 32k vocabulary: 48.4 B parameters, 96.9 GB in F16 (more
+        # than one 80 GB GPU holds: the issue-6 split across two GPUs).
+        "48b": ModelShape(
+            n_layer=56, n_embd=8192, n_ff=28672, n_head=64, n_head_kv=8, n_vocab=32000, n_ctx=8192, dtype="f16"
         ),
         # Qwen3-30B-A3B-like MoE (128 experts, 8 used, 768 wide), half its query heads: 30.1 B parameters, 60 GB in F16.
         "30b-a3b": ModelShape(

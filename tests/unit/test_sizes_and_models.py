@@ -1,4 +1,4 @@
-"""Parsing sizes, resolving --model arguments, deterministic ports, the engine recipe."""
+"""Parsing sizes, visible GPUs, resolving --model arguments, deterministic ports, the engine recipe."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from meshllm.engine.build import find_engine, load_recipe
-from meshllm.engine.capacity import parse_size
+from meshllm.engine.capacity import parse_size, visible_gpus
 from meshllm.engine.models import resolve_model
 from meshllm.engine.process import candidate_ports
 from meshllm.errors import EngineError, ModelError
@@ -69,3 +69,17 @@ def test_engine_dir_override_must_hold_the_binaries(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("MESHLLM_ENGINE_DIR", str(tmp_path))
     with pytest.raises(EngineError, match="does not hold llama-server"):
         find_engine()
+
+
+@pytest.mark.parametrize(("setting", "expected"), [
+    (None, [0, 1, 2, 3]),  # unset: every GPU
+    ("1", [1]),  # a node pinned to its GPU offers that one's memory, not the machine's
+    ("2,0", [2, 0]),
+    ("", []),  # hidden: the node falls back to system RAM
+    ("-1", []),
+    ("0,7,1", [0]),  # CUDA stops at the first index it does not have
+    ("GPU-8f5e2a,1", ["GPU-8f5e2a", 1]),
+])
+def test_only_the_gpus_cuda_visible_devices_leaves_are_counted(setting: str | None,
+                                                               expected: list[int | str]) -> None:
+    assert visible_gpus(setting, 4) == expected
