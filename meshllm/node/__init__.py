@@ -29,11 +29,11 @@ from meshllm.api.status import create_status_app
 from meshllm.engine.build import require_engine
 from meshllm.engine.capacity import detect_capacity
 from meshllm.engine.models import file_fingerprint, resolve_model
+from meshllm.engine.rpc_auth import rpc_key
 from meshllm.errors import MeshError
 from meshllm.node.config import NodeConfig
 from meshllm.node.http import bind_socket, exit_on_signal, serve_app
 from meshllm.node.mesh import MeshRuntime
-from meshllm.engine.rpc_auth import rpc_key
 from meshllm.node.rpc_tunnel import RpcTunnelClient, RpcTunnelServer
 from meshllm.reconcile.demand import DemandRecorder
 from meshllm.reconcile.leases import PlacementReconciler
@@ -134,8 +134,8 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
             if workers is not None:
                 RpcTunnelServer(mesh.endpoint, workers.endpoint_for).install()
                 if config.rpc_direct:  # rpc-servers on the node's address, for hosts to reach straight
-                    workers.bind_host = config.quic_host
-                    workers.direct_host = me.addrs[0].rpartition(":")[0] if me.addrs else config.quic_host
+                    workers.serve_direct(config.quic_host,
+                                         me.addrs[0].rpartition(":")[0] if me.addrs else config.quic_host)
             for spec in specs:
                 state.put_model(spec)
             token = mesh.token(me)

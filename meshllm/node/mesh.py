@@ -170,13 +170,6 @@ class MeshRuntime:
             raise TransportError(f"node {node_id} is unreachable")
         return conn
 
-    def publish(self, **fields: object) -> NodeStatus:
-        """Change this node's own entry (fields known only once the node runs, e.g. a listener's port)."""
-        assert self.membership is not None
-        self.membership.me = self.membership.me.model_copy(update=fields)
-        self.state.put_node(self.membership.me)
-        return self.membership.me
-
     def incarnation(self) -> float:
         """This node's current incarnation (it changes when the node refutes a death verdict)."""
         assert self.membership is not None

@@ -35,9 +35,9 @@ from meshllm.engine.process import (
     port_is_free, safe_name, stop_process, stop_process_now,
 )
 from meshllm.engine.ggufinfo import block_count
+from meshllm.engine.rpc_auth import RPC_SECRET_ENV
 from meshllm.errors import ModelError
 from meshllm.reconcile.queue import Result, WorkQueue, run_observed
-from meshllm.engine.rpc_auth import RPC_SECRET_ENV
 from meshllm.reconcile.workers import RPC_RECORD_PREFIX
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ModelSpec, ServerPhase, ServerStatus, server_key

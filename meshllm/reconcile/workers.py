@@ -34,8 +34,8 @@ from meshllm.engine.process import (
     EngineProcess, adopt, candidate_ports, describe_exit, launch, log_tail, port_is_free, safe_name, stop_process,
     stop_process_now,
 )
-from meshllm.errors import ModelError
 from meshllm.engine.rpc_auth import RPC_SECRET_ENV
+from meshllm.errors import ModelError
 from meshllm.reconcile.queue import Result, WorkQueue, run_observed
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ModelSpec, PlacementLease, ServerPhase, WorkerStatus, server_key
@@ -100,8 +100,8 @@ class WorkerReconciler:
         """``key``: the mesh's RPC key every rpc-server demands."""
         self.state = state
         self.key = key
-        self.bind_host = "127.0.0.1"  # with --rpc-direct the node's address, and direct_host as others
-        self.direct_host = ""  # reach it (set by the node once its address is known)
+        self.bind_host = "127.0.0.1"  # where rpc-servers listen, and
+        self.direct_host = ""  # the address published for hosts to reach them straight (serve_direct)
         self.node_id = node_id
         self.engine_dir = engine_dir
         self.log_dir = log_dir
@@ -142,6 +142,11 @@ class WorkerReconciler:
                 log.info("stopping ggml-rpc-server pid %d left by the previous run", record.pid)
                 await stop_process(proc)
             await self.store.forget_process(record.key)
+
+    def serve_direct(self, bind_host: str, address: str) -> None:
+        """``--rpc-direct``: rpc-servers started from now on listen on ``bind_host`` and are published as
+        ``address:<port>`` (``WorkerStatus.direct``) for hosts with ``--rpc-direct`` to connect to."""
+        self.bind_host, self.direct_host = bind_host, address
 
     def endpoint_for(self, model: str) -> tuple[str, int] | None:
         """Where this node's ready worker for ``model`` listens, as this node reaches it (the RPC
