@@ -22,10 +22,10 @@ from tests.integration.nodes import NodeProcess
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[NodeProcess]:
+def node(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     # a --client node needs no engine: engine_dir is never used
     node = NodeProcess(models=[], state_dir=tmp_path / "node", engine_dir=tmp_path / "no-engine",
-                       extra=["--client"]).start()
+                       extra=["--client"], allow_models=[tmp_path_factory.getbasetemp()]).start()
     try:
         _wait_console(node)
         yield node
@@ -46,8 +46,7 @@ def _wait_console(node: NodeProcess) -> None:
 
 
 def cli(node: NodeProcess, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "meshllm", *args, "--console", str(node.console)],
-                          input=stdin, capture_output=True, text=True, timeout=120)
+    return node.cli(*args, stdin=stdin)
 
 
 def models(node: NodeProcess) -> dict[str, Any]:
