@@ -98,10 +98,11 @@ def test_a_bad_manifest_exits_1_with_its_location_and_changes_nothing(node: Node
     assert done.returncode == 1
     assert done.stderr.startswith("error: stdin: document 2: spec.sauce: unknown field (did you mean source?)")
     assert done.stderr.count("\n") == 1
-    missing = good.replace("name: tiny", "name: other").replace(str(tiny_dense), "/nowhere/x.gguf")
+    nowhere = tiny_dense.parent / "x.gguf"  # in a folder the node allows
+    missing = good.replace("name: tiny", "name: other").replace(str(tiny_dense), str(nowhere))
     done = cli(node, "apply", "-f", "-", stdin=missing)  # valid here; the node finds no such file
     assert done.returncode == 1
-    assert done.stderr.startswith("error: stdin: document 1: spec.source: model file /nowhere/x.gguf does not exist")
+    assert done.stderr.startswith(f"error: stdin: document 1: spec.source: model file {nowhere} does not exist")
     assert models(node) == before
 
 
