@@ -33,6 +33,7 @@ from meshllm.engine.models import file_fingerprint, looks_like_path, resolve_mod
 from meshllm.engine.rpc_auth import rpc_key
 from meshllm.engine.sources import SourcePolicy
 from meshllm.errors import MeshError
+from meshllm.node.blackboard import NodeBlackboard
 from meshllm.node.config import NodeConfig
 from meshllm.node.http import bind_socket, exit_on_signal, serve_app
 from meshllm.node.mesh import MeshRuntime, interface_addresses
@@ -127,6 +128,8 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
                     role=NodeRole.CLIENT if config.client else NodeRole.SERVER, api_url=api_url,
                     version=__version__, started_at=now, incarnation=now)
     router = Router(state, node_id=node_id)
+    blackboard = NodeBlackboard.for_node(config, mesh.endpoint, node_id=node_id, node_name=me.name)
+
     def direct_address(worker: str, model: str) -> str | None:
         status = state.workers().get(server_key(worker, model))
         return status.direct or None if status is not None else None
@@ -145,6 +148,7 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
         atexit.register(workers.kill_all_now)
     try:
         async with anyio.create_task_group() as tg, upstream_pool() as upstream:
+            await tg.start(blackboard.run)  # before the mesh: its stream handler must be in place
             me = await mesh.start(tg, me)
             mesh.serve_tunnels(router, upstream)
             await tg.start(tunnels.run)
@@ -174,7 +178,8 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
                     status_app = create_status_app(
                         state, node_id=node_id, access=access, sources=sources, events=events,
                         on_applied=on_applied, invite=lambda: mesh.token(me),
-                        extra={"mesh_id": mesh.creds.mesh_id, "rpc_tunnels": tunnels.tunnels})
+                        extra={"mesh_id": mesh.creds.mesh_id, "rpc_tunnels": tunnels.tunnels},
+                        routes=blackboard.api.routes())
                     console = await apis.start(serve_app, status_app, console_sock)
                     announce(f"meshllm node {node_id}: OpenAI API {api_url}, console "
                              f"http://{config.host}:{config.console_port}/api/status, logs in "

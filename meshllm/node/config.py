@@ -31,6 +31,8 @@ class NodeConfig:
     split: bool = False  # split this node's --model models by layers even when one node holds them
     rpc_direct: bool = False  # split RPC over authenticated plain TCP instead of the QUIC tunnel
     allow_models: tuple[str, ...] = ()  # folders (or files) manifests may name, beside the models folder
+    blackboard: bool = False  # open the blackboard's routes on this node (every node relays the board)
+    blackboard_rate: int = 10  # posts a minute this node accepts (benches raise it)
 
     @property
     def host(self) -> str:
