@@ -139,8 +139,8 @@ def local_node(*, console: int, state_dir: Path | None, joins: tuple[str, ...] =
     args = [sys.executable, "-m", "meshllm", "--client", "--blackboard", "--console", str(console),
             "--port", str(port), "--state-dir", str(folder), *(a for t in joins for a in ("--join", t))]
     with (folder / "mcp-node.log").open("ab") as log:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        # in this process's group: an MCP client that ends the server's group (SIGTERM) stops the node too
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while not _answers(console, state_dir):

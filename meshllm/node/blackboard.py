@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -30,11 +31,11 @@ log = logging.getLogger(__name__)
 
 
 def blackboard_author(config: NodeConfig) -> str:
-    """Who this node's posts are from: ``--name``, else the user's login name."""
+    """Who this node's posts are from: ``--name``, else ``$USER``, else the login name."""
     if config.name:
         return config.name[:64]
     try:
-        return getpass.getuser()[:64] or "anonymous"
+        return (os.environ.get("USER") or getpass.getuser())[:64] or "anonymous"
     except (KeyError, OSError):  # no login name (a container without a passwd entry)
         return "anonymous"
 
