@@ -19,9 +19,9 @@ SKILL_NAME = "meshllm-blackboard"
 
 SKILL_TEXT = f"""---
 name: {SKILL_NAME}
-description: Coordinate with other agents and people through the meshllm mesh's blackboard. Use it before
-  starting a task (has someone done or asked this already?), when you start or finish work (post your
-  status), when you learn something others could use (post a finding), and when you are stuck (ask).
+description: Search the meshllm mesh's shared blackboard before starting a task, post your status when you
+  start and finish, share findings others could use, and ask or answer questions, so that agents and people
+  working in parallel coordinate instead of duplicating work.
 ---
 
 # The meshllm blackboard
