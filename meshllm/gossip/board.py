@@ -3,7 +3,8 @@
 The board is a document of its own (``state.board`` says why) and travels on streams of its own
 kind (``StreamKind.BOARD``): a second ``DocGossip`` with the same protocol (flood of updates, digest
 anti-entropy), run over the connections membership keeps. The dialling side of each connection
-opens the stream, as for the state document, so every connected pair holds one board session.
+opens the stream, as for the state document, so every connected pair holds one board session; it
+opens it again (backing off) when it was refused or broke while the connection lives on.
 
 Every node relays the board, with or without ``--blackboard`` (which only opens the routes that read
 and post): a mesh whose blackboard nodes are not linked to each other directly still carries their
@@ -31,8 +32,10 @@ log = logging.getLogger(__name__)
 class BoardGossip:
     """Keeps ``board`` in sync with the board of every peer ``endpoint`` is connected to."""
 
-    def __init__(self, board: Board, endpoint: QuicEndpoint, *, node_id: str, anti_entropy: float = 5.0) -> None:
+    def __init__(self, board: Board, endpoint: QuicEndpoint, *, node_id: str, anti_entropy: float = 5.0,
+                 retry: float = 1.0, max_retry: float = 30.0) -> None:
         self.board = board
+        self.retry, self.max_retry = retry, max_retry
         self.endpoint = endpoint
         self.gossip = DocGossip(board.doc, node_id=node_id, anti_entropy=anti_entropy)
 
@@ -56,7 +59,7 @@ class BoardGossip:
         self.endpoint.on_stream(StreamKind.BOARD, self._accept)
         unsubscribe = self.endpoint.on_peer(on_peer)
         try:
-            async with anyio.create_task_group() as tg, receive:
+            async with send, receive, anyio.create_task_group() as tg:
                 for conn in self.endpoint.peers.values():  # connections made before this started
                     if conn.is_dialer:
                         tg.start_soon(self._dial, conn)
@@ -76,8 +79,17 @@ class BoardGossip:
         await self.gossip.attach(MessageStream(stream))
 
     async def _dial(self, conn: PeerConnection) -> None:
-        try:
-            stream = await conn.open_stream(StreamKind.BOARD)
-        except TransportError:
-            return
-        await self.gossip.attach(MessageStream(stream))
+        """Keep a board session on ``conn`` while it is this peer's connection: a stream refused (the
+        peer started its board after its mesh, or is older) or broken is opened again, backing off."""
+        delay = self.retry
+        while not conn.closed and self.endpoint.peer(conn.node_id) is conn:
+            started = anyio.current_time()
+            try:
+                stream = await conn.open_stream(StreamKind.BOARD)
+                await self.gossip.attach(MessageStream(stream))
+            except TransportError as exc:
+                log.debug("board: no session with %s: %s", conn.node_id, exc)
+            if anyio.current_time() - started > self.max_retry:
+                delay = self.retry  # it had lasted: start backing off afresh
+            await anyio.sleep(delay)
+            delay = min(delay * 2, self.max_retry)

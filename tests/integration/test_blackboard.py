@@ -20,9 +20,14 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
+from meshllm.gossip.board import BoardGossip
+from meshllm.state.board import Board, BoardItem
+from meshllm.store.identity import NodeIdentity
+from meshllm.transport import QuicEndpoint
 from tests.conftest import free_port
 from tests.integration.nodes import Mesh, NodeProcess, wait_for
 
@@ -191,3 +196,32 @@ def _answers(console: int) -> bool:
     except httpx.HTTPError:
         return False
     return True
+
+
+async def test_a_board_started_after_the_connection_still_gets_a_session() -> None:
+    """Real QUIC on loopback: B's board starts after A dialled it, so A's first board stream is refused;
+    A opens it again and the boards converge both ways."""
+    secret = b"correct horse battery staple 32b"
+    a_end, b_end = (QuicEndpoint(NodeIdentity(Ed25519PrivateKey.generate()), "board-mesh", secret, host="127.0.0.1")
+                    for _ in range(2))
+    a_board, b_board = Board(), Board()
+    a_board.add(BoardItem(id="0" * 12, author="a", node=a_end.node_id, at=time.time(),
+                          expires_at=time.time() + 3600, text="STATUS: from a"))
+    a_gossip = BoardGossip(a_board, a_end, node_id=a_end.node_id, retry=0.2)
+    b_gossip = BoardGossip(b_board, b_end, node_id=b_end.node_id)
+    async with anyio.create_task_group() as tg:
+        await tg.start(a_end.run)
+        b_port = await tg.start(b_end.run)
+        await tg.start(a_gossip.run)
+        await a_end.connect("127.0.0.1", b_port)
+        with anyio.fail_after(5):  # A's first board session: opened, sent its step 1, refused by B
+            while a_gossip.gossip.stats.messages_sent == 0 or a_gossip.gossip.sessions:
+                await anyio.sleep(0.01)
+        assert len(b_board) == 0
+        await tg.start(b_gossip.run)
+        b_board.add(BoardItem(id="1" * 12, author="b", node=b_end.node_id, at=time.time(),
+                              expires_at=time.time() + 3600, text="STATUS: from b"))
+        with anyio.fail_after(10):
+            while len(a_board) < 2 or len(b_board) < 2:
+                await anyio.sleep(0.02)
+        tg.cancel_scope.cancel()

@@ -180,7 +180,6 @@ async def test_posts_and_their_removal_reach_every_replica() -> None:
     gossips = [DocGossip(b.doc, node_id=f"n{i}", anti_entropy=0.2, rng=random.Random(i)) for i, b in enumerate(boards)]
     keepers = [BoardKeeper(b, clock=clock, jitter=0.05, idle_check=0.05, rng=random.Random(i))
                for i, b in enumerate(boards)]
-    sizes: list[int] = []
 
     async def until(check: Callable[[], bool]) -> None:
         with anyio.fail_after(5):
