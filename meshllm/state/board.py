@@ -65,7 +65,7 @@ class BoardError(MeshError):
 
 
 class PostKind(StrEnum):
-    """What a post is, as the agent chose it (the text's ``KIND:`` prefix, as the seed writes them)."""
+    """What a post is, as its author chose: the ``KIND:`` prefix its text starts with."""
 
     STATUS = "STATUS"
     FINDING = "FINDING"
