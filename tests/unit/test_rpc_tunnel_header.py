@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshllm.node.rpc_tunnel import (MAX_HEADER, RpcTunnelError, decode_reply, decode_request,
+from meshllm.tunnels.rpc import (MAX_HEADER, RpcTunnelError, decode_reply, decode_request,
                                      encode_reply, encode_request)
 from meshllm.transport import FrameDecoder, FrameError, encode_message
 
