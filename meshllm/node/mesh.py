@@ -13,6 +13,7 @@ import fcntl
 import socket
 import struct
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -21,6 +22,7 @@ from anyio.abc import TaskStatus
 from meshllm.errors import MeshError
 from meshllm.gossip.membership import Membership, parse_addr
 from meshllm.gossip.sync import DocGossip
+from meshllm.node.lifecycle import Lifecycle
 from meshllm.state.document import MeshState
 from meshllm.state.schema import NodeStatus
 from meshllm.store.identity import NodeIdentity
@@ -111,24 +113,29 @@ class MeshRuntime:
 
     async def run(self, *, task_status: TaskStatus[NodeStatus] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start the endpoint, gossip and membership and report this node's entry with its advertised
-        addresses; when cancelled, tell the mesh this node leaves, then close the endpoint."""
+        addresses. When cancelled, tell the mesh this node leaves while gossip still carries it, then
+        stop membership, gossip and the endpoint."""
         async with anyio.create_task_group() as tg:
-            port = await tg.start(self.endpoint.run)
-            self.membership.me = self.me.model_copy(update={"addrs": self.advertised(port)})
-            if self.state_dir is not None:
-                tg.start_soon(self.remember_peers, port)
-            await tg.start(self.gossip.run)
-            await tg.start(self.membership.run)
-            task_status.started(self.me)
+            parts = Lifecycle(tg)
             try:
+                port = await parts.start("QUIC endpoint", self.endpoint.run)
+                self.membership.me = self.me.model_copy(update={"addrs": self.advertised(port)})
+                if self.state_dir is not None:
+                    await parts.start("peer list", partial(self.remember_peers, port))
+                await parts.start("gossip", self.gossip.run)
+                await parts.start("membership", self.membership.run)
+                task_status.started(self.me)
                 await anyio.sleep_forever()
             finally:
                 with anyio.CancelScope(shield=True):
-                    await self.membership.leave()
+                    if "membership" in parts.names:
+                        await self.membership.leave()
+                    await parts.stop()
 
-    async def remember_peers(self, port: int) -> None:
+    async def remember_peers(self, port: int, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Keep the members' addresses in the state folder, so a restart can rejoin without a token."""
         assert self.state_dir is not None
+        task_status.started()
         saved: list[str] | None = None
         while True:
             addrs = sorted(a for nid, node in self.state.alive_nodes().items() if nid != self.identity.node_id
