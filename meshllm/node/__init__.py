@@ -29,6 +29,7 @@ from meshllm.store.identity import load_identity
 
 __all__ = ["Node", "NodeConfig", "bind_socket", "desired_models", "run_node"]
 
+
 def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSpec]:
     """The ``--model`` arguments as desired state pinned to this node; fails fast on a bad one."""
     if config.client and config.models:

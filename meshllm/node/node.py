@@ -35,17 +35,20 @@ import anyio.abc
 from anyio.abc import TaskStatus
 
 from meshllm import __version__
+from meshllm.api.admin import ConsoleAccess
 from meshllm.api.control import AppliedHook, EventSource
 from meshllm.api.openai import create_openai_app, make_local_forward, upstream_pool
 from meshllm.api.routing import Router
 from meshllm.api.status import create_status_app
 from meshllm.api.tunnel import serve_tunnel
 from meshllm.engine.capacity import detect_capacity
+from meshllm.engine.models import looks_like_path
 from meshllm.engine.rpc_auth import rpc_key
+from meshllm.engine.sources import SourcePolicy
 from meshllm.node.config import NodeConfig
 from meshllm.node.http import HttpApi
 from meshllm.node.lifecycle import Lifecycle, Run
-from meshllm.node.mesh import MeshRuntime
+from meshllm.node.mesh import MeshRuntime, interface_addresses
 from meshllm.reconcile.demand import DemandRecorder
 from meshllm.reconcile.leases import PlacementReconciler
 from meshllm.reconcile.served import ServedModelReconciler
@@ -53,13 +56,14 @@ from meshllm.reconcile.workers import WorkerReconciler
 from meshllm.state.document import MeshState
 from meshllm.state.manifest import Manifest
 from meshllm.state.schema import ModelSpec, NodeRole, NodeStatus, server_key
+from meshllm.store.admin import load_or_create_admin_token
 from meshllm.store.db import AppliedManifest, NodeStore
 from meshllm.store.identity import NodeIdentity
 from meshllm.transport import MessageStream, StreamKind
 from meshllm.tunnels.rpc import RpcTunnelClient, RpcTunnelServer
 from meshllm.tunnels.service import MessageService, StreamService, message_opener, serve_streams
 
-__all__ = ["EngineProcesses", "Node", "store_hooks"]
+__all__ = ["EngineProcesses", "Node", "console_access", "source_policy", "store_hooks"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,19 @@ class EngineProcesses:
             with anyio.CancelScope(shield=True):
                 for owner in self.owners:
                     await owner.shutdown()
+
+
+def console_access(config: NodeConfig) -> ConsoleAccess:
+    """The admin token (created in the state folder the first time) and the Host names of this node."""
+    token = load_or_create_admin_token(config.state_dir)
+    names = [*interface_addresses(), socket.gethostname(), socket.getfqdn()] if config.listen_all else []
+    return ConsoleAccess.for_bind(token, listen_all=config.listen_all, names=names)
+
+
+def source_policy(config: NodeConfig) -> SourcePolicy:
+    """Manifests may name the models folder, ``--allow-models`` and this node's own ``--model`` files."""
+    files = [Path(m).expanduser().resolve() for m in config.models if looks_like_path(m)]
+    return SourcePolicy.for_node(allowed=config.allow_models, model_files=files)
 
 
 def store_hooks(store: NodeStore, node_id: str) -> tuple[EventSource, AppliedHook]:
@@ -139,9 +156,10 @@ class Node:
             HttpApi(create_openai_app(self.router, tunnels=message_opener(self.mesh.connect, StreamKind.HTTP),
                                       max_body_bytes=config.max_body_bytes, demand=self.demand.note),
                     host=config.host, port=config.port, what="OpenAI API"),
-            HttpApi(create_status_app(state, node_id=node_id, events=events, on_applied=on_applied,
-                                      extra={"token": self.mesh.token, "mesh_id": self.mesh.creds.mesh_id,
-                                             "rpc_tunnels": self.rpc_tunnels.tunnels}),
+            HttpApi(create_status_app(state, node_id=node_id, access=console_access(config),
+                                      sources=source_policy(config), events=events, on_applied=on_applied,
+                                      invite=self.mesh.token, extra={"mesh_id": self.mesh.creds.mesh_id,
+                                                                     "rpc_tunnels": self.rpc_tunnels.tunnels}),
                     host=config.host, port=config.console_port, what="console API"),
         )
 
