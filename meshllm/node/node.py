@@ -239,7 +239,7 @@ class Node:
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if running.cancel_called:
-                    self.announce(f"received {name}: still stopping (engine processes get up to 5 s each)")
+                    self.announce(f"received {name}: still stopping the engine processes and leaving the mesh")
                     continue
                 self.announce(f"received {name}: stopping the APIs, the controllers and their engine "
                               "processes, then leaving the mesh")
