@@ -112,9 +112,11 @@ class KeyRing:
         accepted = {**{k.hash: k.hash for k in keys.values() if not k.revoked}, **self._local}
         closed = bool(self._local) or bool(keys)
         if accepted.keys() != self._accepted.keys() or closed != self._closed:
-            if closed != self._closed:
-                log.warning("API keys: the OpenAI API now %s", "requires a key" if closed else
-                            "accepts requests without a key (no key left in the mesh)")
+            if closed and not self._closed:
+                log.info("API keys: the OpenAI API now requires a key")
+            elif self._closed and not closed:
+                log.warning("API keys: the OpenAI API now accepts requests without a key (the mesh's keys "
+                            "were purged and this node has no --api-key)")
             log.info("API keys: %d accepted (%d mesh, %d --api-key)", len(accepted),
                      len(accepted) - len(self._local), len(self._local))
         self._accepted, self._closed = accepted, closed
