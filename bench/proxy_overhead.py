@@ -433,21 +433,27 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
 # -- --api-key: the key's cost ----------------------------------------------------------------------
 def key_cost(samples: list[Sample], mode: str) -> dict[str, float]:
-    """Per round, what the keyed node's proxy added over its own llama-server minus what the open node's
-    added (ms), and the keyed node's proxied/direct decode ratio over the open node's; p25, p50, p75."""
-    by = {(s.pair, s.round, s.target): s for s in samples if s.phase == "interleaved" and s.mode == mode}
-    rounds = sorted({r for (_, r, _) in by})
+    """Each node's paired p50 (ms its proxy added over its own llama-server, and proxied/direct decode
+    rate), and the keyed node's minus (over) the open node's with two standard errors: the median's
+    standard error is about 0.93 IQR / sqrt(rounds), from the spread of the per-round values."""
+    per: dict[str, tuple[list[float], list[float]]] = {}
+    for pair in ("open", "keyed"):
+        by = {(s.round, s.target): s for s in samples
+              if s.phase == "interleaved" and s.mode == mode and s.pair == pair}
+        rounds = sorted({r for r, _ in by})
+        per[pair] = ([(by[r, "proxied"].ttft_s - by[r, "direct"].ttft_s) * 1e3 for r in rounds],
+                     [by[r, "proxied"].decode_tps / by[r, "direct"].decode_tps for r in rounds])
 
-    def added(pair: str, r: int) -> float:
-        return by[pair, r, "proxied"].ttft_s - by[pair, r, "direct"].ttft_s
+    def median_and_se(values: list[float]) -> tuple[float, float]:
+        iqr = percentile(values, 75) - percentile(values, 25)
+        return percentile(values, 50), 0.93 * iqr / len(values) ** 0.5
 
-    def ratio(pair: str, r: int) -> float:
-        return by[pair, r, "proxied"].decode_tps / by[pair, r, "direct"].decode_tps
-
-    ms = [(added("keyed", r) - added("open", r)) * 1e3 for r in rounds]
-    ratios = [ratio("keyed", r) / ratio("open", r) for r in rounds]
-    return {f"{what}_p{q}": percentile(values, q) for what, values in (("ms", ms), ("ratio", ratios))
-            for q in (25, 50, 75)}
+    (o_ms, o_ms_se), (k_ms, k_ms_se) = median_and_se(per["open"][0]), median_and_se(per["keyed"][0])
+    (o_r, o_r_se), (k_r, k_r_se) = median_and_se(per["open"][1]), median_and_se(per["keyed"][1])
+    ratio = k_r / o_r
+    return {"open_ms": o_ms, "keyed_ms": k_ms, "ms": k_ms - o_ms, "ms_2se": 2 * (o_ms_se ** 2 + k_ms_se ** 2) ** 0.5,
+            "open_ratio": o_r, "keyed_ratio": k_r, "ratio": ratio,
+            "ratio_2se": 2 * ratio * ((o_r_se / o_r) ** 2 + (k_r_se / k_r) ** 2) ** 0.5}
 
 
 def gate_cost(calls: int = 20_000, mesh_keys: int = 100) -> float:
@@ -483,15 +489,18 @@ def gate_cost(calls: int = 20_000, mesh_keys: int = 100) -> float:
 def print_key_costs(samples: list[Sample]) -> dict[str, Any]:
     costs: dict[str, Any] = {mode: key_cost(samples, mode) for mode in MODES}
     costs["gate_us"] = gate_cost()
-    print("\nAPI key on vs off, side by side in the same rounds: per round, the keyed node's proxied vs direct "
-          "against the open node's (p50, and p25..p75 across rounds: the noise)")
+    print("\nAPI key on vs off, side by side in the same rounds: each node's paired p50 (its proxy against its own "
+          "llama-server),\nand the key's cost: keyed node vs open node, ± two standard errors (the noise: within it, "
+          "no difference can be told)")
+    print(f"{'':34}{'open node':>12}{'keyed node':>12}{'key cost':>24}")
     for mode, label in (("stream", "streaming decode tok/s"), ("nonstream", "non-streaming decode tok/s")):
         c = costs[mode]
-        print(f"  {label:<36}{c['ratio_p50']:>8.3f}x   ({c['ratio_p25']:.3f}x .. {c['ratio_p75']:.3f}x)")
+        print(f"  {label:<32}{c['open_ratio']:>11.3f}x{c['keyed_ratio']:>11.3f}x"
+              f"{c['ratio']:>14.3f}x ± {c['ratio_2se']:.3f}")
     for mode, label in (("first-stream", "streaming TTFT added"), ("first", "1-token latency added"),
                         ("nonstream", "128-token latency added")):
         c = costs[mode]
-        print(f"  {label:<36}{c['ms_p50']:>+8.2f} ms ({c['ms_p25']:+.2f} .. {c['ms_p75']:+.2f} ms)")
+        print(f"  {label:<32}{c['open_ms']:>+9.2f} ms{c['keyed_ms']:>+9.2f} ms{c['ms']:>+12.2f} ± {c['ms_2se']:.2f} ms")
     print(f"  the gate alone, in process: {costs['gate_us']:.2f} µs per request (sha256 of the key and one dict "
           "lookup among 100 mesh keys)")
     return costs
