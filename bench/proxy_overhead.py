@@ -243,11 +243,13 @@ def interleaved(pairs: list[Pair], body: dict[str, Any], *, rounds: int, warmup:
                 ttft_rounds: int) -> list[Sample]:
     """Alternate direct and proxied, swapping which goes first every round: first full-length requests
     (decode rate, CPU), then many short ones (time to first token, which varies more than 1 ms).
-    With two pairs (--api-key), each round does both, swapping which pair goes first too."""
+    With two pairs (--api-key), each round does both, swapping which pair goes first every round and which
+    target goes first every two rounds: the first request after the other node's (slower: caches gone
+    cold) then falls as often on each node's direct as on its proxied target."""
     samples = []
     for modes, count, label in ((DECODE_MODES, rounds, "round"), (TTFT_MODES, ttft_rounds, "TTFT round")):
         for round_ in range(-warmup, count):
-            order = TARGETS if round_ % 2 == 0 else TARGETS[::-1]
+            order = TARGETS if (round_ // len(pairs)) % 2 == 0 else TARGETS[::-1]
             for pair in pairs if round_ % 2 == 0 else pairs[::-1]:
                 for mode in modes:
                     for target in order:
