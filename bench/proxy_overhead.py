@@ -502,7 +502,8 @@ def print_key_costs(samples: list[Sample]) -> dict[str, Any]:
     for mode, label in (("first-stream", "streaming TTFT added"), ("first", "1-token latency added"),
                         ("nonstream", "128-token latency added")):
         c = costs[mode]
-        print(f"  {label:<32}{c['open_ms']:>+9.2f} ms{c['keyed_ms']:>+9.2f} ms{c['ms']:>+12.2f} ± {c['ms_2se']:.2f} ms")
+        print(f"  {label:<32}{c['open_ms']:>+9.2f} ms{c['keyed_ms']:>+9.2f} ms"
+              f"{c['ms']:>+12.2f} ± {c['ms_2se']:.2f} ms")
     print(f"  the gate alone, in process: {costs['gate_us']:.2f} µs per request (sha256 of the key and one dict "
           "lookup among 100 mesh keys)")
     return costs

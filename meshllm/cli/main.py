@@ -51,6 +51,8 @@ Ask a running node:
   meshllm get models | meshllm get nodes | meshllm describe model NAME
 Change what the mesh serves:
   meshllm apply -f examples/one-model.yaml | meshllm diff -f FILE | meshllm delete -f FILE
+Require API keys on every node's OpenAI API:
+  meshllm keys add --name NAME | meshllm keys list | meshllm keys revoke NAME
 
 See `meshllm --help` for every option."""
 

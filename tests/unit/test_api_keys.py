@@ -4,7 +4,10 @@ console routes behind ``meshllm keys``."""
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pycrdt import Map
@@ -24,6 +27,7 @@ from meshllm.cli.keys import local_keys
 from meshllm.errors import MeshError
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ApiKey
+from tests.conftest import free_port
 
 LOCAL = "local-key-0123456789"
 NOW = 1_000_000.0
@@ -66,6 +70,14 @@ def test_keys_are_random_prefixed_and_hashed_with_a_domain_label() -> None:
 def test_a_local_key_that_no_header_can_carry_is_refused_with_a_clear_error(bad: str) -> None:
     with pytest.raises(MeshError, match="--api-key"):
         check_local_key(bad)
+
+
+def test_a_bad_api_key_flag_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "meshllm", "--client", "--api-key", "two words", "--state-dir",
+                           str(tmp_path), "--port", str(free_port()), "--console", str(free_port())],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0 and "--api-key" in done.stderr
 
 
 def test_flag_and_environment_keys_are_merged_once() -> None:
