@@ -121,15 +121,6 @@ def _children(pid: int) -> set[int]:
 
 
 
-def _models(url: str, key: str) -> Any:
-    """``get_json`` with the node's API key, if it has one."""
-    try:
-        response = httpx.get(url, timeout=2, trust_env=False, headers=_auth(key))
-        return response.json() if response.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
-        return None
-
-
 def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
@@ -141,7 +132,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], port: int, console: int, *, timeo
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the node exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        models = _models(f"http://127.0.0.1:{port}/v1/models", key)
+        models = get_json(f"http://127.0.0.1:{port}/v1/models", headers=_auth(key))
         status = get_json(f"http://127.0.0.1:{console}/api/status") if models and models["data"] else None
         for model in (status or {}).get("models", []):
             for server in model["servers"]:

@@ -13,12 +13,13 @@ import json
 import sys
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from meshllm.api.keys import check_local_key
-from meshllm.cli.client import console_call
+from meshllm.cli.client import StateDir, console_call
 from meshllm.cli.get import ConsolePort, age, table
 
 __all__ = ["keys_app", "local_keys"]
@@ -37,9 +38,9 @@ def local_keys(flags: Iterable[str], env: str | None) -> tuple[str, ...]:
 
 @keys_app.command("add")
 def add(name: Annotated[str, typer.Option("--name", help="What the key is for (who holds it)")] = "",
-        console: ConsolePort = 3131, as_json: Json = False) -> None:
+        console: ConsolePort = 3131, state_dir: StateDir = None, as_json: Json = False) -> None:
     """Create a key every node accepts; it is printed once, here, and never again."""
-    answer = console_call(console, "POST", "/api/keys", body={"name": name})
+    answer = console_call(console, "POST", "/api/keys", body={"name": name}, state_dir=state_dir)
     if as_json:
         sys.stdout.write(json.dumps(answer, indent=2) + "\n")
         return
@@ -50,9 +51,9 @@ def add(name: Annotated[str, typer.Option("--name", help="What the key is for (w
 
 
 @keys_app.command("list")
-def list_keys(console: ConsolePort = 3131, as_json: Json = False) -> None:
+def list_keys(console: ConsolePort = 3131, state_dir: StateDir = None, as_json: Json = False) -> None:
     """The mesh's keys (never the keys themselves): id, name, first characters, created, revoked."""
-    answer = console_call(console, "GET", "/api/keys")
+    answer = console_call(console, "GET", "/api/keys", state_dir=state_dir)
     if as_json:
         sys.stdout.write(json.dumps(answer, indent=2) + "\n")
         return
@@ -71,9 +72,9 @@ def list_keys(console: ConsolePort = 3131, as_json: Json = False) -> None:
 
 @keys_app.command("revoke")
 def revoke(key: Annotated[str, typer.Argument(help="The key's id or name (or the key itself)")],
-           console: ConsolePort = 3131) -> None:
+           console: ConsolePort = 3131, state_dir: StateDir = None) -> None:
     """Withdraw a key: every node refuses it within seconds."""
-    answer = console_call(console, "POST", "/api/keys/revoke", body={"key": key})
+    answer = console_call(console, "POST", "/api/keys/revoke", body={"key": key}, state_dir=state_dir)
     revoked = answer["revoked"]
     print(f"key/{revoked['id']}{_named(revoked)} {'was already revoked' if answer['already'] else 'revoked'}")
     if not answer["active"]:
@@ -83,9 +84,9 @@ def revoke(key: Annotated[str, typer.Argument(help="The key's id or name (or the
 
 
 @keys_app.command("purge")
-def purge(console: ConsolePort = 3131) -> None:
+def purge(console: ConsolePort = 3131, state_dir: StateDir = None) -> None:
     """Forget the revoked keys. With no active key left, nodes without --api-key open their API again."""
-    answer = console_call(console, "POST", "/api/keys/purge", body={})
+    answer = console_call(console, "POST", "/api/keys/purge", body={}, state_dir=state_dir)
     print(f"{len(answer['purged'])} revoked key(s) forgotten")
     if answer["open"]:
         print("Warning: this node's OpenAI API now accepts requests without a key.", file=sys.stderr)

@@ -10,7 +10,6 @@ everywhere within seconds; a node open beyond loopback says so at start.
 from __future__ import annotations
 
 import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -51,12 +50,12 @@ def completion(base_url: str, key: str, **options: object) -> str:
 
 def message(base_url: str, key: str, *, stream: bool = False) -> str:
     client = anthropic.Anthropic(base_url=base_url, api_key=key, max_retries=0)
-    request = {"model": MODEL, "max_tokens": 16, "extra_body": {"temperature": 0.0},  # greedy
-               "messages": [{"role": "user", "content": "Say hello"}]}
+    greedy = {"temperature": 0.0}  # the SDK has no temperature argument any more; llama-server honours it
+    messages: list[anthropic.types.MessageParam] = [{"role": "user", "content": "Say hello"}]
     if stream:
-        with client.messages.stream(**request) as events:  # type: ignore[arg-type]
+        with client.messages.stream(model=MODEL, max_tokens=16, messages=messages, extra_body=greedy) as events:
             return "".join(events.text_stream)
-    reply = client.messages.create(**request)  # type: ignore[arg-type]
+    reply = client.messages.create(model=MODEL, max_tokens=16, messages=messages, extra_body=greedy)
     return "".join(block.text for block in reply.content if block.type == "text")
 
 
@@ -76,7 +75,7 @@ def test_node_keys_with_openai_and_anthropic_clients_locally_and_routed(
     monkeypatch.delenv("MESHLLM_API_KEY")
     wait_serving(a, KEY_A)
     assert KEY_A.encode() not in Path(f"/proc/{a.proc.pid}/cmdline").read_bytes()  # type: ignore[union-attr]
-    c = mesh.start("c", "127.0.0.3", "--client", "--join", a.status()["token"], "--api-key", KEY_C)
+    c = mesh.start("c", "127.0.0.3", "--client", "--join", a.token(), "--api-key", KEY_C)
     wait_serving(c, KEY_C, timeout=30)
     direct = f"http://127.0.0.1:{a.server(MODEL)['port']}"
     expected_text, expected_message = completion(direct, "unused"), message(direct, "unused")
@@ -95,8 +94,8 @@ def test_node_keys_with_openai_and_anthropic_clients_locally_and_routed(
 
 
 def keys_cli(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-m", "meshllm", "keys", *args, "--console", str(node.console)],
-                          capture_output=True, text=True, timeout=60)
+    """``meshllm keys ARGS`` as the node's operator (its console, its admin token)."""
+    done = node.cli("keys", *args)
     assert done.returncode == 0, done.stderr
     return done
 
@@ -105,7 +104,7 @@ def test_a_mesh_key_added_on_one_node_works_everywhere_and_a_revocation_anywhere
         mesh: Mesh, tiny_dense: Path) -> None:
     a = mesh.start("a", "127.0.0.2", models=(str(tiny_dense),))
     wait_serving(a, None)
-    c = mesh.start("c", "127.0.0.3", "--client", "--join", a.status()["token"])
+    c = mesh.start("c", "127.0.0.3", "--client", "--join", a.token())
     wait_serving(c, None, timeout=30)  # no key anywhere: open (on loopback)
     ci = keys_cli(a, "add", "--name", "ci").stdout.strip()
     spare = keys_cli(a, "add", "--name", "spare").stdout.strip()

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from meshllm.api.admin import ConsoleAccess
 from meshllm.api.keys import (
     KEY_PREFIX, ApiKeyGate, KeyRing, check_local_key, exposure_warning, hash_key, key_routes, new_key,
 )
@@ -24,6 +25,7 @@ from meshllm.api.openai import create_openai_app
 from meshllm.api.routing import Router
 from meshllm.api.status import create_status_app
 from meshllm.cli.keys import local_keys
+from meshllm.engine.sources import SourcePolicy
 from meshllm.errors import MeshError
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ApiKey
@@ -224,14 +226,25 @@ def test_listening_beyond_loopback_without_keys_is_announced(state: MeshState, h
 
 
 # -- the console routes -------------------------------------------------------------------------------
+ADMIN = "admin-token"
+
+
 @pytest.fixture
-def console(state: MeshState) -> Iterator[TestClient]:
+def console(state: MeshState, tmp_path: Path) -> Iterator[TestClient]:
     ring = KeyRing(state)
-    app = create_status_app(state, node_id="n1", clock=lambda: NOW,
-                            routes=key_routes(state, node_id="n1", ring=ring, clock=lambda: NOW))
-    with TestClient(app) as client:
+    app = create_status_app(state, node_id="n1", access=ConsoleAccess(token=ADMIN), sources=SourcePolicy((tmp_path,)),
+                            clock=lambda: NOW, routes=key_routes(state, node_id="n1", ring=ring, clock=lambda: NOW))
+    with TestClient(app, base_url="http://127.0.0.1", headers={"Authorization": f"Bearer {ADMIN}"}) as client:
         yield client
     ring.close()
+
+
+def test_the_key_routes_need_the_admin_token(console: TestClient, state: MeshState) -> None:
+    for method, path in (("GET", "/api/keys"), ("POST", "/api/keys"), ("POST", "/api/keys/revoke"),
+                         ("POST", "/api/keys/purge")):
+        refused = console.request(method, path, json={}, headers={"Authorization": "Bearer not-the-admin"})
+        assert refused.status_code == 401, (method, path)
+    assert state.api_keys() == {}
 
 
 def test_add_shows_the_key_once_and_list_never_shows_it(console: TestClient, state: MeshState) -> None:
