@@ -24,6 +24,7 @@ from anyio.abc import TaskStatus
 from meshllm import __version__
 from meshllm.api.admin import ConsoleAccess
 from meshllm.api.control import AppliedHook, EventSource
+from meshllm.api.keys import ApiKeyGate, KeyRing, exposure_warning, key_routes
 from meshllm.api.openai import create_openai_app, upstream_pool
 from meshllm.api.routing import Router
 from meshllm.api.status import create_status_app
@@ -127,6 +128,7 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
                     role=NodeRole.CLIENT if config.client else NodeRole.SERVER, api_url=api_url,
                     version=__version__, started_at=now, incarnation=now)
     router = Router(state, node_id=node_id)
+    keys = KeyRing(state, local=config.api_keys)
     def direct_address(worker: str, model: str) -> str | None:
         status = state.workers().get(server_key(worker, model))
         return status.direct or None if status is not None else None
@@ -169,16 +171,19 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
                 async with anyio.create_task_group() as apis:
                     openai_app = create_openai_app(router, tunnels=mesh.open_tunnel,
                                                    max_body_bytes=config.max_body_bytes, demand=demand.note)
-                    api = await apis.start(serve_app, openai_app, api_sock)
+                    api = await apis.start(serve_app, ApiKeyGate(openai_app, keys), api_sock)
                     events, on_applied = store_hooks(store, node_id)
                     status_app = create_status_app(
                         state, node_id=node_id, access=access, sources=sources, events=events,
                         on_applied=on_applied, invite=lambda: mesh.token(me),
-                        extra={"mesh_id": mesh.creds.mesh_id, "rpc_tunnels": tunnels.tunnels})
+                        extra={"mesh_id": mesh.creds.mesh_id, "rpc_tunnels": tunnels.tunnels},
+                        routes=key_routes(state, node_id=node_id, ring=keys))
                     console = await apis.start(serve_app, status_app, console_sock)
                     announce(f"meshllm node {node_id}: OpenAI API {api_url}, console "
                              f"http://{config.host}:{config.console_port}/api/status, logs in "
                              f"{config.state_dir / 'logs'}\ninvite token (others join with --join): {token}")
+                    if warning := exposure_warning(keys, host=config.host, url=api_url):
+                        announce(warning)
                     task_status.started({"node_id": node_id, "api_url": api_url, "token": token})
                     apis.start_soon(exit_on_signal, (api, console), announce)
                 work.cancel_scope.cancel()  # the APIs stopped: stop the reconciler and its processes
@@ -186,6 +191,7 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
             tg.cancel_scope.cancel()
     finally:
         router.close()
+        keys.close()
         if reconciler is not None and workers is not None:
             atexit.unregister(reconciler.kill_all_now)
             atexit.unregister(workers.kill_all_now)

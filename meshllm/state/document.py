@@ -15,13 +15,13 @@ from pycrdt import Doc, Map
 from pydantic import BaseModel, ValidationError
 
 from meshllm.state.schema import (
-    DemandEntry, ModelSpec, NodeDeath, NodeStatus, PlacementLease, ServerStatus, WorkerStatus,
+    ApiKey, DemandEntry, ModelSpec, NodeDeath, NodeStatus, PlacementLease, ServerStatus, WorkerStatus,
 )
 
 __all__ = ["MeshState"]
 
 E = TypeVar("E", bound=BaseModel)
-_KINDS = ("models", "nodes", "servers", "deaths", "demand", "leases", "workers")
+_KINDS = ("models", "nodes", "servers", "deaths", "demand", "leases", "workers", "apikeys")
 
 
 class MeshState:
@@ -111,6 +111,12 @@ class MeshState:
     def put_lease(self, lease: PlacementLease) -> None:
         self._put_whole("leases", lease.key, lease)
 
+    def put_api_key(self, key: ApiKey) -> None:
+        self._put("apikeys", key.id, key)
+
+    def remove_api_key(self, key_id: str) -> bool:
+        return self._remove("apikeys", key_id)
+
     def remove_demand(self, key: str) -> bool:
         return self._remove("demand", key)
 
@@ -177,6 +183,10 @@ class MeshState:
 
     def workers(self) -> dict[str, WorkerStatus]:
         return self._read("workers", WorkerStatus)
+
+    def api_keys(self) -> dict[str, ApiKey]:
+        """Every API key of the mesh, revoked ones (tombstones) included."""
+        return self._read("apikeys", ApiKey)
 
     def alive_nodes(self) -> dict[str, NodeStatus]:
         """Nodes not declared dead in their current incarnation."""
