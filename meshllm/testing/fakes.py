@@ -32,6 +32,7 @@ class FakeClock:
     def __init__(self, *, start: float = 0.0) -> None:
         self._t = start
         self._sleepers: list[tuple[float, anyio.Event]] = []
+        self._woken = 0  # sleepers woken by ``advance`` that have not run on yet
 
     def now(self) -> float:
         return EPOCH + self._t
@@ -49,14 +50,23 @@ class FakeClock:
             await entry[1].wait()
         finally:
             if entry in self._sleepers:
-                self._sleepers.remove(entry)
+                self._sleepers.remove(entry)  # cancelled before its time
+            else:
+                self._woken -= 1
 
     def advance(self, seconds: float) -> None:
         """Move the time on by ``seconds`` and wake every sleeper whose time has come."""
         self._t += seconds
-        for deadline, event in list(self._sleepers):
-            if deadline <= self._t:
-                event.set()
+        for entry in list(self._sleepers):
+            if entry[0] <= self._t:
+                self._sleepers.remove(entry)
+                self._woken += 1
+                entry[1].set()
+
+    async def woken(self) -> None:
+        """Return once every sleeper ``advance`` woke has run on to its next wait."""
+        while self._woken:
+            await anyio.sleep(0)
 
     @property
     def next_wakeup(self) -> float:
@@ -99,10 +109,10 @@ class FakeSupervisor:
         assert view.phase is ProcessPhase.STOPPING, view
         self._exit(view, -15)
 
-    def left_running(self, key: str, argv: Sequence[str], *, port: int, argv_hash: str,
+    def left_running(self, key: str, argv: Sequence[str], *, port: int, argv_hash: str, pid: int = 0,
                      started_at: float | None = None) -> ProcessView:
         """A process a previous run of the node started and recorded, found running at start."""
-        view = ProcessView(key=key, pid=self._pid(), port=port, argv=tuple(argv), argv_hash=argv_hash,
+        view = ProcessView(key=key, pid=pid or self._pid(), port=port, argv=tuple(argv), argv_hash=argv_hash,
                            log_path=Path(f"/fake/{key}.log"), started_at=started_at or self.clock.now(),
                            seen_at=self.clock.now(), phase=ProcessPhase.STARTING, adopted=True, claimed=False)
         self._views[key] = view
