@@ -201,7 +201,7 @@ class ServedModelController:
         return None
 
     def _config(self, desired: DesiredServer, *, port: int, rpc_endpoints: list[str] | None = None) -> LlamaServerConfig:
-        gpu_layers, extra = self.gpu_layers, ()
+        gpu_layers, extra = self.gpu_layers, tuple[str, ...]()
         if desired.workers:
             gpu_layers, extra = split_args(desired, rpc_endpoints or [], gpu=self.gpu_layers > 0)
         return LlamaServerConfig(

@@ -289,23 +289,23 @@ def _start_or_wait(desired: DesiredServer, actual: ActualServer, memory: Memory,
 def _status(desired: DesiredServer | None, actual: ActualServer, proc: ProcessView | None, memory: Memory,
             now: float) -> ServerStatus | None:
     """The status this node should publish for the model (None: none)."""
-    base = {"node": actual.node, "model": actual.model}
+    node, model = actual.node, actual.model
     workers = list(memory.serves.workers) if memory.serves is not None else []
     if proc is not None and proc.phase is ProcessPhase.STOPPING:
         if desired is None:
             return None
         message = memory.message if memory.recovering else f"replacing llama-server: {proc.stop_reason}"
-        return ServerStatus(**base, phase=ServerPhase.LOADING, port=0, message=message, since=now,
+        return ServerStatus(node=node, model=model, phase=ServerPhase.LOADING, port=0, message=message, since=now,
                             recovering=memory.recovering)
     if proc is not None and proc.phase is ProcessPhase.READY:
-        return ServerStatus(**base, phase=ServerPhase.READY, port=proc.port, pid=proc.pid, restarts=memory.restarts,
+        return ServerStatus(node=node, model=model, phase=ServerPhase.READY, port=proc.port, pid=proc.pid, restarts=memory.restarts,
                             since=proc.ready_at, workers=workers)
     if proc is not None:
-        return ServerStatus(**base, phase=ServerPhase.LOADING, port=proc.port, pid=proc.pid, restarts=memory.restarts,
+        return ServerStatus(node=node, model=model, phase=ServerPhase.LOADING, port=proc.port, pid=proc.pid, restarts=memory.restarts,
                             message=memory.message, since=proc.started_at, recovering=memory.recovering,
                             workers=workers)
     if memory.failed:
-        return ServerStatus(**base, phase=ServerPhase.FAILED, port=memory.port, pid=memory.pid,
+        return ServerStatus(node=node, model=model, phase=ServerPhase.FAILED, port=memory.port, pid=memory.pid,
                             restarts=memory.restarts, message=memory.message, since=memory.failed_at,
                             recovering=True, workers=workers)
     if desired is None and actual.published is not None and actual.published.phase is ServerPhase.FAILED:

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 import httpx
@@ -229,7 +229,7 @@ class ProcessSupervisor:
             self._spawn(self._watch, record.key, proc)
             log.info("%s: found %s pid %d left running by the previous run", record.key, view.name, record.pid)
 
-    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: object) -> None:
         if self._tg is None:
             raise RuntimeError("the process supervisor is not running")
         self._tg.start_soon(fn, *args)

@@ -229,18 +229,18 @@ def _start_or_wait(desired: DesiredWorker, memory: WorkerMemory, now: float,
 
 
 def _status(actual: ActualWorker, proc: ProcessView | None, memory: WorkerMemory) -> WorkerStatus | None:
-    base = {"node": actual.node, "model": actual.model, "host": memory.host}
+    node, model, host = actual.node, actual.model, memory.host
     if proc is not None and proc.phase is ProcessPhase.READY:
         direct = f"{actual.direct_host}:{proc.port}" if actual.direct_host else ""
-        return WorkerStatus(**base, phase=ServerPhase.READY, port=proc.port, direct=direct, pid=proc.pid,
+        return WorkerStatus(node=node, model=model, host=host, phase=ServerPhase.READY, port=proc.port, direct=direct, pid=proc.pid,
                             since=proc.ready_at)
     if proc is not None and proc.phase is ProcessPhase.STARTING:
-        return WorkerStatus(**base, phase=ServerPhase.LOADING, port=proc.port, pid=proc.pid, since=proc.started_at,
+        return WorkerStatus(node=node, model=model, host=host, phase=ServerPhase.LOADING, port=proc.port, pid=proc.pid, since=proc.started_at,
                             message=memory.message)
     if memory.failed:
-        return WorkerStatus(**base, phase=ServerPhase.FAILED, message=memory.message, since=memory.since)
+        return WorkerStatus(node=node, model=model, host=host, phase=ServerPhase.FAILED, message=memory.message, since=memory.since)
     if proc is None and memory.message:
-        return WorkerStatus(**base, phase=ServerPhase.LOADING, message=memory.message, since=memory.since)
+        return WorkerStatus(node=node, model=model, host=host, phase=ServerPhase.LOADING, message=memory.message, since=memory.since)
     return None
 
 

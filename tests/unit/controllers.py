@@ -14,6 +14,7 @@ import anyio
 from meshllm.engine.models import file_fingerprint
 from meshllm.reconcile.runtime import Controller, Runner
 from meshllm.reconcile.served import ServedModelController
+from meshllm.reconcile.supervisor import ProcessView
 from meshllm.reconcile.timing import Backoff
 from meshllm.reconcile.workers import WorkerController
 from meshllm.state.document import MeshState
@@ -123,6 +124,12 @@ class World:
         if self.clock.monotonic() < target:
             self.clock.advance(target - self.clock.monotonic())
         await self.settle()
+
+    def process(self, key: str) -> ProcessView:
+        """The fake's view of the process of ``key`` (which must exist)."""
+        view = self.supervisor.get(key)
+        assert view is not None, f"no process for {key}"
+        return view
 
     def pids(self) -> dict[str, int]:
         """What runs: key -> pid (stopping ones included)."""

@@ -26,7 +26,7 @@ async def test_a_model_placed_here_runs_and_is_reported_ready(tmp_path: Path) ->
         world.supervisor.ready("m")
         await world.settle()
         status = world.server()
-        assert status is not None and status.phase is ServerPhase.READY and status.port == world.supervisor.get("m").port
+        assert status is not None and status.phase is ServerPhase.READY and status.port == world.process("m").port
 
 
 async def test_a_crash_looping_server_restarts_later_each_time_up_to_the_cap(tmp_path: Path) -> None:
@@ -140,7 +140,7 @@ async def test_a_split_host_waits_for_its_workers_then_starts_with_them(tmp_path
         del world.rpc.problems["n2"]
         await world.advance(1.0)
         assert list(world.pids()) == ["m"]
-        argv = world.supervisor.get("m").argv
+        argv = world.process("m").argv
         assert argv[argv.index("--rpc") + 1] == await world.rpc.endpoint("n2", "m")
         status = world.server()
         assert status is not None and status.phase is ServerPhase.LOADING and status.workers == ["n2"]

@@ -34,7 +34,7 @@ async def test_a_worker_runs_for_its_host_and_is_reported_ready_with_its_address
         world.supervisor.ready(KEY)
         await world.settle()
         status = world.worker()
-        port = world.supervisor.get(KEY).port
+        port = world.process(KEY).port
         assert status is not None and status.phase is ServerPhase.READY and status.port == port
         assert status.direct == f"10.0.0.1:{port}"
         assert workers.endpoint_for("m") == ("127.0.0.1", port)
