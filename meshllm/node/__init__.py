@@ -1,7 +1,7 @@
 """One meshllm node: the state document, the mesh, the reconcilers and the two HTTP APIs, run together.
 
 ``run_node`` joins (or founds) a mesh, writes what the command line asked for into the replicated
-document as desired state, starts the served-model reconciler that makes llama-server match it, and
+document as desired state, starts the controllers that make llama-server match it, and
 serves the OpenAI API (``--port``) and the management API (``--console``). SIGINT or SIGTERM stops
 the APIs, then every engine process the node started, then tells the mesh it is leaving. A node
 agent that dies without that (SIGKILL, a crash) leaves its llama-servers running; the next start

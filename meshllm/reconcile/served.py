@@ -200,7 +200,8 @@ class ServedModelController:
                 raise TerminalError(message)
         return None
 
-    def _config(self, desired: DesiredServer, *, port: int, rpc_endpoints: list[str] | None = None) -> LlamaServerConfig:
+    def _config(self, desired: DesiredServer, *, port: int,
+                rpc_endpoints: list[str] | None = None) -> LlamaServerConfig:
         gpu_layers, extra = self.gpu_layers, tuple[str, ...]()
         if desired.workers:
             gpu_layers, extra = split_args(desired, rpc_endpoints or [], gpu=self.gpu_layers > 0)
@@ -225,8 +226,9 @@ class ServedModelController:
         config = self._config(desired, port=port, rpc_endpoints=rpc_endpoints)
         # decoding on the CPU, llama-server takes every core: as a batch job it leaves the node responsive
         view = await self.supervisor.launch(LaunchSpec(
-            key=model, model=model, argv=tuple(config.argv()), port=port, log_path=self.log_dir / f"{safe_name(model)}.log",
-            ready=HttpReady(port), env=env, batch=self.gpu_layers == 0, argv_hash=desired.argv_hash))
+            key=model, model=model, argv=tuple(config.argv()), port=port, ready=HttpReady(port), env=env,
+            log_path=self.log_dir / f"{safe_name(model)}.log", batch=self.gpu_layers == 0,
+            argv_hash=desired.argv_hash))
         where = f"llama-server pid {view.pid} on 127.0.0.1:{port}"
         log.info("%s: started %s", model, where)
         await self._event(model, "Restarting" if action.restarts else "Started",

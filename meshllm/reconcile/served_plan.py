@@ -20,6 +20,7 @@ Stops come before starts: a start is planned only when no process runs for the m
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from meshllm.reconcile.supervisor import ProcessPhase, ProcessView
@@ -237,8 +238,8 @@ def _adoption(desired: DesiredServer | None, actual: ActualServer, proc: Process
                                                   recovering=False)
 
 
-def _check_running(desired: DesiredServer | None, proc: ProcessView, memory: Memory, now: float, actions: list[Action], *,
-                   load_timeout: float, stable_after: float) -> tuple[ProcessView, Memory]:
+def _check_running(desired: DesiredServer | None, proc: ProcessView, memory: Memory, now: float,
+                   actions: list[Action], *, load_timeout: float, stable_after: float) -> tuple[ProcessView, Memory]:
     """Stop a running server that should not run as it does; keep track of a ready one."""
     model = proc.key
     reason = ""
@@ -289,23 +290,23 @@ def _start_or_wait(desired: DesiredServer, actual: ActualServer, memory: Memory,
 def _status(desired: DesiredServer | None, actual: ActualServer, proc: ProcessView | None, memory: Memory,
             now: float) -> ServerStatus | None:
     """The status this node should publish for the model (None: none)."""
-    node, model = actual.node, actual.model
+    server = partial(ServerStatus, node=actual.node, model=actual.model)
     workers = list(memory.serves.workers) if memory.serves is not None else []
     if proc is not None and proc.phase is ProcessPhase.STOPPING:
         if desired is None:
             return None
         message = memory.message if memory.recovering else f"replacing llama-server: {proc.stop_reason}"
-        return ServerStatus(node=node, model=model, phase=ServerPhase.LOADING, port=0, message=message, since=now,
+        return server(phase=ServerPhase.LOADING, port=0, message=message, since=now,
                             recovering=memory.recovering)
     if proc is not None and proc.phase is ProcessPhase.READY:
-        return ServerStatus(node=node, model=model, phase=ServerPhase.READY, port=proc.port, pid=proc.pid, restarts=memory.restarts,
+        return server(phase=ServerPhase.READY, port=proc.port, pid=proc.pid, restarts=memory.restarts,
                             since=proc.ready_at, workers=workers)
     if proc is not None:
-        return ServerStatus(node=node, model=model, phase=ServerPhase.LOADING, port=proc.port, pid=proc.pid, restarts=memory.restarts,
+        return server(phase=ServerPhase.LOADING, port=proc.port, pid=proc.pid, restarts=memory.restarts,
                             message=memory.message, since=proc.started_at, recovering=memory.recovering,
                             workers=workers)
     if memory.failed:
-        return ServerStatus(node=node, model=model, phase=ServerPhase.FAILED, port=memory.port, pid=memory.pid,
+        return server(phase=ServerPhase.FAILED, port=memory.port, pid=memory.pid,
                             restarts=memory.restarts, message=memory.message, since=memory.failed_at,
                             recovering=True, workers=workers)
     if desired is None and actual.published is not None and actual.published.phase is ServerPhase.FAILED:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -229,18 +230,18 @@ def _start_or_wait(desired: DesiredWorker, memory: WorkerMemory, now: float,
 
 
 def _status(actual: ActualWorker, proc: ProcessView | None, memory: WorkerMemory) -> WorkerStatus | None:
-    node, model, host = actual.node, actual.model, memory.host
+    worker = partial(WorkerStatus, node=actual.node, model=actual.model, host=memory.host)
     if proc is not None and proc.phase is ProcessPhase.READY:
         direct = f"{actual.direct_host}:{proc.port}" if actual.direct_host else ""
-        return WorkerStatus(node=node, model=model, host=host, phase=ServerPhase.READY, port=proc.port, direct=direct, pid=proc.pid,
+        return worker(phase=ServerPhase.READY, port=proc.port, direct=direct, pid=proc.pid,
                             since=proc.ready_at)
     if proc is not None and proc.phase is ProcessPhase.STARTING:
-        return WorkerStatus(node=node, model=model, host=host, phase=ServerPhase.LOADING, port=proc.port, pid=proc.pid, since=proc.started_at,
+        return worker(phase=ServerPhase.LOADING, port=proc.port, pid=proc.pid, since=proc.started_at,
                             message=memory.message)
     if memory.failed:
-        return WorkerStatus(node=node, model=model, host=host, phase=ServerPhase.FAILED, message=memory.message, since=memory.since)
+        return worker(phase=ServerPhase.FAILED, message=memory.message, since=memory.since)
     if proc is None and memory.message:
-        return WorkerStatus(node=node, model=model, host=host, phase=ServerPhase.LOADING, message=memory.message, since=memory.since)
+        return worker(phase=ServerPhase.LOADING, message=memory.message, since=memory.since)
     return None
 
 
