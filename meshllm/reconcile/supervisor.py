@@ -205,7 +205,7 @@ class ProcessSupervisor:
                 await anyio.sleep_forever()
             finally:
                 with anyio.CancelScope(shield=True):
-                    await self._halt_all("node shutting down")
+                    await self.shutdown()
                 self._tg = None
 
     async def _adopt_records(self) -> None:
@@ -379,8 +379,10 @@ class ProcessSupervisor:
             return False
         return response.status_code == 200
 
-    async def _halt_all(self, reason: str) -> None:
+    async def shutdown(self) -> None:
+        """Stop every process still running (the controllers stopped theirs already, when they shut down
+        first) and return once all have ended. ``run`` does this when it is cancelled."""
         async with anyio.create_task_group() as tg:
             for key, entry in list(self._entries.items()):
                 if entry.view.phase is not ProcessPhase.EXITED:
-                    tg.start_soon(partial(self.halt, key, reason=reason))
+                    tg.start_soon(partial(self.halt, key, reason="node shutting down"))
