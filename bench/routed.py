@@ -89,6 +89,15 @@ class NodeProcess:
         status: dict[str, Any] | None = get_json(f"http://127.0.0.1:{self.console}/api/status")
         return status
 
+    def invite(self) -> str | None:
+        """The invite token, with the admin token from the node's state folder (as `meshllm token` does)."""
+        try:
+            admin = (self.state_dir / "admin.token").read_text().strip()
+        except FileNotFoundError:
+            return None
+        answer = get_json(f"http://127.0.0.1:{self.console}/api/token", headers={"Authorization": f"Bearer {admin}"})
+        return answer["token"] if answer else None
+
     def listed(self) -> set[str]:
         models = get_json(f"{self.api}/v1/models")
         return {m["id"] for m in models["data"]} if models else set()
@@ -218,7 +227,7 @@ def _behind_relays(relays: RelayLoop) -> tuple[list[str], list[str]]:
 
 def _invite(a: NodeProcess, relays: RelayLoop | None, nodes: list[NodeProcess]) -> str:
     """A's invite token; behind relays, rewritten to name only A's relay (B must not find A directly)."""
-    token = InviteToken.decode(wait_for(lambda: (a.status() or {}).get("token"), timeout=10, what="A's token",
+    token = InviteToken.decode(wait_for(a.invite, timeout=10, what="A's token",
                                         nodes=nodes))
     if relays is not None:
         token = InviteToken(token.credentials, ("{}:{}".format(*relays.relays[0].address),))

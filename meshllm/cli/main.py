@@ -81,6 +81,7 @@ def serve(
     bind_host: Annotated[str, typer.Option("--bind-host", help="Address of the QUIC endpoint (default: as the APIs)")] = "",
     advertise: Annotated[list[str] | None, typer.Option("--advertise", help="host:port peers should dial (NAT, relays); repeatable")] = None,
     split: Annotated[bool, typer.Option("--split", help="Force a pipeline split of the --model models across nodes, even when one node holds them")] = False,
+    allow_models: Annotated[list[str] | None, typer.Option("--allow-models", help="A folder (or file) manifests applied to this node may name as a model source, beside the models folder and the --model files (repeatable)")] = None,
     rpc_direct: Annotated[bool, typer.Option("--rpc-direct", help="Split RPC straight between llama-server and the workers' rpc-servers over plain TCP, authenticated with a key from the mesh secret (faster, not encrypted; trusted networks), instead of the QUIC tunnel")] = False,
 ) -> None:
     if ctx.invoked_subcommand is not None:
@@ -94,7 +95,8 @@ def serve(
                         state_dir=state_dir.expanduser(), max_vram=_size(max_vram), device=device,
                         max_body_bytes=_size(max_body) or 0, threads=threads, name=name,
                         joins=tuple(join or ()), client=client, bind_host=bind_host, bind_port=bind_port,
-                        advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct)
+                        advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct,
+                        allow_models=tuple(allow_models or ()))
     _setup_logging()
     for source in config.models:
         resolve_model(source)  # a bad --model fails now, not after a long engine build

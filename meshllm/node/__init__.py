@@ -22,18 +22,20 @@ import anyio
 from anyio.abc import TaskStatus
 
 from meshllm import __version__
+from meshllm.api.admin import ConsoleAccess
 from meshllm.api.control import AppliedHook, EventSource
 from meshllm.api.openai import create_openai_app, upstream_pool
 from meshllm.api.routing import Router
 from meshllm.api.status import create_status_app
 from meshllm.engine.build import require_engine
 from meshllm.engine.capacity import detect_capacity
-from meshllm.engine.models import file_fingerprint, resolve_model
+from meshllm.engine.models import file_fingerprint, looks_like_path, resolve_model
 from meshllm.engine.rpc_auth import rpc_key
+from meshllm.engine.sources import SourcePolicy
 from meshllm.errors import MeshError
 from meshllm.node.config import NodeConfig
 from meshllm.node.http import bind_socket, exit_on_signal, serve_app
-from meshllm.node.mesh import MeshRuntime
+from meshllm.node.mesh import MeshRuntime, interface_addresses
 from meshllm.node.rpc_tunnel import RpcTunnelClient, RpcTunnelServer
 from meshllm.reconcile.demand import DemandRecorder, GarbageCollector
 from meshllm.reconcile.leases import PlacementController
@@ -45,6 +47,7 @@ from meshllm.reconcile.workers import WorkerController
 from meshllm.state.document import MeshState
 from meshllm.state.manifest import Manifest
 from meshllm.state.schema import ModelOrigin, ModelSpec, NodeRole, NodeStatus, server_key
+from meshllm.store.admin import load_or_create_admin_token
 from meshllm.store.db import AppliedManifest, NodeStore
 from meshllm.store.identity import NodeIdentity, load_identity
 
@@ -65,6 +68,19 @@ def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSp
                                origin=ModelOrigin.NODE, owner=node_id, size_bytes=resolved.size_bytes,
                                fingerprint=file_fingerprint(resolved.path), split=config.split))
     return specs
+
+
+def console_access(config: NodeConfig) -> ConsoleAccess:
+    """The admin token (created in the state folder the first time) and the Host names of this node."""
+    token = load_or_create_admin_token(config.state_dir)
+    names = [*interface_addresses(), socket.gethostname(), socket.getfqdn()] if config.listen_all else []
+    return ConsoleAccess.for_bind(token, listen_all=config.listen_all, names=names)
+
+
+def source_policy(config: NodeConfig) -> SourcePolicy:
+    """Manifests may name the models folder, ``--allow-models`` and this node's own ``--model`` files."""
+    files = [Path(m).expanduser().resolve() for m in config.models if looks_like_path(m)]
+    return SourcePolicy.for_node(allowed=config.allow_models, model_files=files)
 
 
 def store_hooks(store: NodeStore, node_id: str) -> tuple[EventSource, AppliedHook]:
@@ -105,6 +121,7 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
     state = MeshState()
     mesh = MeshRuntime.for_node(state, identity, state_dir=config.state_dir, joins=config.joins,
                                 host=config.quic_host, port=config.bind_port, advertise=config.advertise)
+    access, sources = console_access(config), source_policy(config)
     api_sock = bind_socket(config.host, config.port, what="OpenAI API")
     console_sock = bind_socket(config.host, config.console_port, what="console API")
     capacity = 0 if config.client else detect_capacity(max_vram=config.max_vram).bytes
@@ -157,9 +174,10 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
                                                    max_body_bytes=config.max_body_bytes, demand=demand.note)
                     api = await apis.start(serve_app, openai_app, api_sock)
                     events, on_applied = store_hooks(store, node_id)
-                    status_app = create_status_app(state, node_id=node_id, events=events, on_applied=on_applied,
-                                                   extra={"token": token, "mesh_id": mesh.creds.mesh_id,
-                                                          "rpc_tunnels": tunnels.tunnels})
+                    status_app = create_status_app(
+                        state, node_id=node_id, access=access, sources=sources, events=events,
+                        on_applied=on_applied, invite=lambda: mesh.token(me),
+                        extra={"mesh_id": mesh.creds.mesh_id, "rpc_tunnels": tunnels.tunnels})
                     console = await apis.start(serve_app, status_app, console_sock)
                     announce(f"meshllm node {node_id}: OpenAI API {api_url}, console "
                              f"http://{config.host}:{config.console_port}/api/status, logs in "

@@ -39,7 +39,7 @@ ChangeListener = Callable[[list[Changed]], None]
 class MeshState:
     """Typed access to one replica of the mesh's state document."""
 
-    def __init__(self, doc: Doc | None = None) -> None:
+    def __init__(self, doc: Doc[Any] | None = None) -> None:
         self.doc = doc if doc is not None else Doc()
         self._maps: dict[str, Map[Any]] = {kind: self.doc.get(kind, type=Map) for kind in _KINDS}
         # Decoded entries, per table and key, re-decoded only once their entry changed (here or

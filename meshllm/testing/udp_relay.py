@@ -55,8 +55,8 @@ class UdpRelay:
 
     async def start(self) -> UdpRelay:
         loop = asyncio.get_running_loop()
-        self._front = _Socket(self._from_client)
-        await loop.create_datagram_endpoint(lambda: self._front, local_addr=self.listen)  # type: ignore[arg-type,return-value]
+        front = self._front = _Socket(self._from_client)
+        await loop.create_datagram_endpoint(lambda: front, local_addr=self.listen)
         return self
 
     def close(self) -> None:
@@ -79,7 +79,7 @@ class UdpRelay:
         if back is None:
             back = self._backs[client] = _Socket(lambda reply, _src: self._to_client(reply, client))
             loop = asyncio.get_running_loop()
-            task = loop.create_datagram_endpoint(lambda: back, local_addr=(self.listen[0], 0))  # type: ignore[arg-type,return-value]
+            task = loop.create_datagram_endpoint(lambda: back, local_addr=(self.listen[0], 0))
             pending = asyncio.ensure_future(task)
             pending.add_done_callback(lambda _f: self._from_client(data, client))
             return
