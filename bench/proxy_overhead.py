@@ -47,6 +47,8 @@ from meshllm.api.keys import new_key
 
 from _common import cpu_seconds, get_json, percentile, retryable, stream_once
 
+from meshllm.engine.process import stop_process_now
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The history of the printing press"
 TARGETS = ("direct", "proxied")
@@ -168,13 +170,8 @@ def running_node(model: str, *, state_dir: Path, threads: int, timeout: float, k
 def _stop_node(proc: subprocess.Popen[bytes], llama_pid: int) -> None:
     """SIGINT, as Ctrl-C would: the node stops its llama-server itself. Whatever outlives it is killed."""
     engines = {pid for pid in _children(proc.pid) | {llama_pid} if pid and _engine_alive(pid)}
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        print(f"warning: node pid {proc.pid} ignored SIGINT for 30s; killing it", file=sys.stderr)
-        proc.kill()
-        proc.wait()
+    if stop_process_now(proc, grace=30, first=signal.SIGINT) == -signal.SIGKILL:
+        print(f"warning: node pid {proc.pid} ignored SIGINT for 30s; it was killed", file=sys.stderr)
     left = sorted(pid for pid in engines if _engine_alive(pid))
     for pid in left:
         print(f"warning: llama-server pid {pid} outlived its node; killing it", file=sys.stderr)

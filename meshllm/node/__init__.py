@@ -1,7 +1,7 @@
 """One meshllm node: the state document, the mesh, the reconcilers and the two HTTP APIs, run together.
 
 ``run_node`` joins (or founds) a mesh, writes what the command line asked for into the replicated
-document as desired state, starts the served-model reconciler that makes llama-server match it, and
+document as desired state, starts the controllers that make llama-server match it, and
 serves the OpenAI API (``--port``) and the management API (``--console``). SIGINT or SIGTERM stops
 the APIs, then every engine process the node started, then tells the mesh it is leaving. A node
 agent that dies without that (SIGKILL, a crash) leaves its llama-servers running; the next start
@@ -38,10 +38,13 @@ from meshllm.node.config import NodeConfig
 from meshllm.node.http import bind_socket, exit_on_signal, serve_app
 from meshllm.node.mesh import MeshRuntime, interface_addresses
 from meshllm.node.rpc_tunnel import RpcTunnelClient, RpcTunnelServer
-from meshllm.reconcile.demand import DemandRecorder
-from meshllm.reconcile.leases import PlacementReconciler
-from meshllm.reconcile.served import ServedModelReconciler
-from meshllm.reconcile.workers import WorkerReconciler
+from meshllm.reconcile.demand import DemandRecorder, GarbageCollector
+from meshllm.reconcile.leases import PlacementController
+from meshllm.reconcile.runtime import Runner
+from meshllm.reconcile.served import ServedModelController
+from meshllm.reconcile.supervisor import ProcessSupervisor
+from meshllm.reconcile.timing import Backoff
+from meshllm.reconcile.workers import WorkerController
 from meshllm.state.document import MeshState
 from meshllm.state.manifest import Manifest
 from meshllm.state.schema import ModelOrigin, ModelSpec, NodeRole, NodeStatus, server_key
@@ -135,16 +138,20 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
 
     key = rpc_key(mesh.creds.secret)
     tunnels = RpcTunnelClient(mesh.connect, key=key, direct=direct_address if config.rpc_direct else None)
-    reconciler = workers = None
+    supervisor = runner = workers = None
     if engine_dir is not None:
-        reconciler = ServedModelReconciler(
-            state, node_id=node_id, engine_dir=engine_dir, log_dir=config.state_dir / "logs",
+        backoff, supervisor = Backoff(), ProcessSupervisor(store=store)
+        served = ServedModelController(
+            state, node_id=node_id, supervisor=supervisor, engine_dir=engine_dir, log_dir=config.state_dir / "logs",
             gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads,
-            store=store, rpc=tunnels)
-        workers = WorkerReconciler(state, node_id=node_id, engine_dir=engine_dir, log_dir=config.state_dir / "logs",
-                                   key=key, threads=config.threads, device=config.device, store=store)
-        atexit.register(reconciler.kill_all_now)
-        atexit.register(workers.kill_all_now)
+            store=store, rpc=tunnels, backoff=backoff)
+        workers = WorkerController(state, node_id=node_id, supervisor=supervisor, engine_dir=engine_dir,
+                                   log_dir=config.state_dir / "logs", key=key, threads=config.threads,
+                                   device=config.device, store=store, backoff=backoff)
+        placement = PlacementController(state, node_id=node_id, incarnation=mesh.incarnation, store=store)
+        runner = Runner(state, [placement, served, workers, GarbageCollector(state, node_id=node_id)],
+                        supervisor=supervisor, backoff=backoff)
+        atexit.register(supervisor.kill_all_now)
     try:
         async with anyio.create_task_group() as tg, upstream_pool() as upstream:
             me = await mesh.start(tg, me)
@@ -161,13 +168,9 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
             demand = DemandRecorder(state, node_id=node_id)
             async with anyio.create_task_group() as work:
                 await work.start(demand.run)
-                if reconciler is not None:
-                    placement = PlacementReconciler(state, node_id=node_id, incarnation=mesh.incarnation,
-                                                    store=store)
-                    await work.start(placement.run)
-                    await work.start(reconciler.run)
-                    assert workers is not None
-                    await work.start(workers.run)
+                if supervisor is not None and runner is not None:
+                    await work.start(supervisor.run)
+                    await work.start(runner.run)
                 async with anyio.create_task_group() as apis:
                     openai_app = create_openai_app(router, tunnels=mesh.open_tunnel,
                                                    max_body_bytes=config.max_body_bytes, demand=demand.note)
@@ -186,14 +189,14 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
                         announce(warning)
                     task_status.started({"node_id": node_id, "api_url": api_url, "token": token})
                     apis.start_soon(exit_on_signal, (api, console), announce)
-                work.cancel_scope.cancel()  # the APIs stopped: stop the reconciler and its processes
+                if runner is not None:
+                    await runner.stop()  # the APIs stopped: the controllers stop their processes
+                work.cancel_scope.cancel()
             await mesh.leave()
             tg.cancel_scope.cancel()
     finally:
         router.close()
         keys.close()
-        if reconciler is not None and workers is not None:
-            atexit.unregister(reconciler.kill_all_now)
-            atexit.unregister(workers.kill_all_now)
-            reconciler.kill_all_now()
-            workers.kill_all_now()
+        if supervisor is not None:
+            atexit.unregister(supervisor.kill_all_now)
+            supervisor.kill_all_now()
