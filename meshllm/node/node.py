@@ -5,19 +5,21 @@ a declared order, stopped in the reverse order.
 is built. ``Node.run`` starts them one after another (``node.lifecycle``), each once the ones before
 it serve:
 
-    1. mesh             endpoint, gossip, membership (``node.mesh``); the tunnels' stream services
-                        (HTTP, and RPC on a node that can be a split worker) are registered before it runs
-    2. RPC tunnels      the split host's listeners towards its workers (``tunnels.rpc``)
-    3. engine processes what the controllers started: stopped after the controllers, by their owners
-    4. controllers      split workers, served models, placement, demand
-    5. APIs             OpenAI :9337, console + /api :3131
+    1. mesh              endpoint, gossip, membership (``node.mesh``); the tunnels' stream services
+                         (HTTP, and RPC on a node that can be a split worker) are registered before it runs
+    2. RPC tunnels       the split host's listeners towards its workers (``tunnels.rpc``)
+    3. engine processes  the process supervisor (``reconcile.supervisor``): llama-server, rpc-server
+    4. controllers       the runner (``reconcile.runtime``): placement, served models, split workers, janitor
+    5. demand recorder   what the OpenAI API hears asked for, written to the document
+    6. APIs              OpenAI :9337 (behind the API-key gate), console + /api :3131
 
 and stops them last-first on SIGINT or SIGTERM, or when cancelled: the APIs (requests in flight get a
-few seconds), the controllers, their engine processes (llama-server, rpc-server: SIGTERM, then SIGKILL),
-the RPC tunnels, and last the mesh, which tells the peers this node leaves. Signals are watched from
-the start to the end of the stop, so a second Ctrl-C cannot cut the stop short. A node agent killed
-outright (SIGKILL, a crash) leaves its llama-servers running; the next start with the same state
-folder adopts them from the node's database (``reconcile.served``).
+few seconds), the demand recorder, the controllers (each stops its own processes as it shuts down),
+whatever engine process is left (SIGTERM, then SIGKILL), the RPC tunnels, and last the mesh, which tells
+the peers this node leaves while its gossip still runs. Signals are watched from the start to the end
+of the stop, so a second Ctrl-C cannot cut the stop short. A node agent killed outright (SIGKILL, a
+crash) leaves its llama-servers running; the next start with the same state folder adopts them from
+the node's database (``reconcile.supervisor``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from anyio.abc import TaskStatus
 from meshllm import __version__
 from meshllm.api.admin import ConsoleAccess
 from meshllm.api.control import AppliedHook, EventSource
+from meshllm.api.keys import ApiKeyGate, KeyRing, exposure_warning, key_routes
 from meshllm.api.openai import create_openai_app, make_local_forward, upstream_pool
 from meshllm.api.routing import Router
 from meshllm.api.status import create_status_app
@@ -49,10 +52,13 @@ from meshllm.node.config import NodeConfig
 from meshllm.node.http import HttpApi
 from meshllm.node.lifecycle import Lifecycle, Run
 from meshllm.node.mesh import MeshRuntime, interface_addresses
-from meshllm.reconcile.demand import DemandRecorder
-from meshllm.reconcile.leases import PlacementReconciler
-from meshllm.reconcile.served import ServedModelReconciler
-from meshllm.reconcile.workers import WorkerReconciler
+from meshllm.reconcile.demand import DemandRecorder, GarbageCollector
+from meshllm.reconcile.leases import PlacementController
+from meshllm.reconcile.runtime import Runner
+from meshllm.reconcile.served import ServedModelController
+from meshllm.reconcile.supervisor import ProcessSupervisor
+from meshllm.reconcile.timing import Backoff
+from meshllm.reconcile.workers import WorkerController
 from meshllm.state.document import MeshState
 from meshllm.state.manifest import Manifest
 from meshllm.state.schema import ModelSpec, NodeRole, NodeStatus, server_key
@@ -63,26 +69,9 @@ from meshllm.transport import MessageStream, StreamKind
 from meshllm.tunnels.rpc import RpcTunnelClient, RpcTunnelServer
 from meshllm.tunnels.service import MessageService, StreamService, message_opener, serve_streams
 
-__all__ = ["EngineProcesses", "Node", "console_access", "source_policy", "store_hooks"]
+__all__ = ["Node", "console_access", "source_policy", "store_hooks"]
 
 log = logging.getLogger(__name__)
-
-
-class EngineProcesses:
-    """The engine processes this node's controllers run, as one component: it stops them (each
-    owner's ``shutdown``: stop ladder, statuses withdrawn) when the node stops, after the controllers."""
-
-    def __init__(self, owners: Sequence[ServedModelReconciler | WorkerReconciler]) -> None:
-        self.owners = tuple(owners)  # hosts before workers: a split's llama-server stops before its rpc-servers
-
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        try:
-            await anyio.sleep_forever()
-        finally:
-            with anyio.CancelScope(shield=True):
-                for owner in self.owners:
-                    await owner.shutdown()
 
 
 def console_access(config: NodeConfig) -> ConsoleAccess:
@@ -129,39 +118,49 @@ class Node:
                                          joins=config.joins, host=config.quic_host, port=config.bind_port,
                                          advertise=config.advertise)
         self.router = Router(state, node_id=node_id)
+        self.keys = KeyRing(state, local=config.api_keys)
         self.upstream = upstream_pool()  # the tunnel's; the OpenAI app keeps its own in its lifespan
         key = rpc_key(self.mesh.creds.secret)
         self.rpc_tunnels = RpcTunnelClient(self.mesh.connect, key=key,
                                            direct=self._direct_address if config.rpc_direct else None)
-        self.served: ServedModelReconciler | None = None
-        self.workers: WorkerReconciler | None = None
-        self.placement: PlacementReconciler | None = None
+        self.supervisor: ProcessSupervisor | None = None
+        self.runner: Runner | None = None
+        self.workers: WorkerController | None = None
         if engine_dir is not None:
-            self.workers = WorkerReconciler(state, node_id=node_id, engine_dir=engine_dir,
-                                            log_dir=config.state_dir / "logs", key=key, threads=config.threads,
-                                            device=config.device, store=store)
-            if config.rpc_direct:  # rpc-servers on the node's address, for hosts to reach straight
-                self.workers.serve_direct(config.quic_host, self.mesh.advertised(0)[0].rpartition(":")[0])
-            self.served = ServedModelReconciler(
-                state, node_id=node_id, engine_dir=engine_dir, log_dir=config.state_dir / "logs",
-                gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads,
-                store=store, rpc=self.rpc_tunnels)
-            self.placement = PlacementReconciler(state, node_id=node_id, incarnation=self.mesh.incarnation,
-                                                 store=store)
-        self.processes = EngineProcesses([o for o in (self.served, self.workers) if o is not None])
+            self.supervisor = ProcessSupervisor(store=store)
+            self.runner, self.workers = self._controllers(self.supervisor, engine_dir, store, key)
         self.demand = DemandRecorder(state, node_id=node_id)
         serve_streams(self.mesh.endpoint, self._stream_services())
         events, on_applied = store_hooks(store, node_id)
-        self.apis = (
-            HttpApi(create_openai_app(self.router, tunnels=message_opener(self.mesh.connect, StreamKind.HTTP),
-                                      max_body_bytes=config.max_body_bytes, demand=self.demand.note),
-                    host=config.host, port=config.port, what="OpenAI API"),
-            HttpApi(create_status_app(state, node_id=node_id, access=console_access(config),
-                                      sources=source_policy(config), events=events, on_applied=on_applied,
-                                      invite=self.mesh.token, extra={"mesh_id": self.mesh.creds.mesh_id,
-                                                                     "rpc_tunnels": self.rpc_tunnels.tunnels}),
-                    host=config.host, port=config.console_port, what="console API"),
-        )
+        openai_app = create_openai_app(self.router, tunnels=message_opener(self.mesh.connect, StreamKind.HTTP),
+                                       max_body_bytes=config.max_body_bytes, demand=self.demand.note)
+        status_app = create_status_app(
+            state, node_id=node_id, access=console_access(config), sources=source_policy(config), events=events,
+            on_applied=on_applied, invite=self.mesh.token, routes=key_routes(state, node_id=node_id, ring=self.keys),
+            extra={"mesh_id": self.mesh.creds.mesh_id, "rpc_tunnels": self.rpc_tunnels.tunnels})
+        self.apis = (HttpApi(ApiKeyGate(openai_app, self.keys), host=config.host, port=config.port, what="OpenAI API"),
+                     HttpApi(status_app, host=config.host, port=config.console_port, what="console API"))
+
+    def _controllers(self, supervisor: ProcessSupervisor, engine_dir: Path, store: NodeStore,
+                     key: str) -> tuple[Runner, WorkerController]:
+        """The runner and its controllers; the runner shuts them down in this order (a split's
+        llama-server before the rpc-servers it uses)."""
+        config, state, node_id, logs = self.config, self.state, self.node_id, self.config.state_dir / "logs"
+        backoff = Backoff()
+        served = ServedModelController(
+            state, node_id=node_id, supervisor=supervisor, engine_dir=engine_dir, log_dir=logs,
+            gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads,
+            store=store, rpc=self.rpc_tunnels, backoff=backoff)
+        # --rpc-direct: rpc-servers on the node's address, published for hosts to reach straight
+        bind_host = config.quic_host if config.rpc_direct else "127.0.0.1"
+        direct_host = self.mesh.advertised(0)[0].rpartition(":")[0] if config.rpc_direct else ""
+        workers = WorkerController(state, node_id=node_id, supervisor=supervisor, engine_dir=engine_dir, log_dir=logs,
+                                   key=key, threads=config.threads, device=config.device, store=store,
+                                   backoff=backoff, bind_host=bind_host, direct_host=direct_host)
+        placement = PlacementController(state, node_id=node_id, incarnation=self.mesh.incarnation, store=store)
+        runner = Runner(state, [placement, served, workers, GarbageCollector(state, node_id=node_id)],
+                        supervisor=supervisor, backoff=backoff)
+        return runner, workers
 
     def _me(self, client: bool) -> NodeStatus:
         now = time.time()
@@ -189,11 +188,9 @@ class Node:
 
     def _components(self) -> list[tuple[str, Run]]:
         """The start order after the mesh; the stop order is its reverse, then the mesh."""
-        controllers = [("split-worker controller", self.workers), ("served-model controller", self.served),
-                       ("placement controller", self.placement)]
-        return [("RPC tunnels", self.rpc_tunnels.run), ("engine processes", self.processes.run),
-                *((name, c.run) for name, c in controllers if c is not None),
-                ("demand recorder", self.demand.run),
+        engine = [] if self.supervisor is None or self.runner is None else [
+            ("engine processes", self.supervisor.run), ("controllers", self.runner.run)]
+        return [("RPC tunnels", self.rpc_tunnels.run), *engine, ("demand recorder", self.demand.run),
                 *((api.what, api.run) for api in self.apis)]
 
     async def run(self, *, task_status: TaskStatus[dict[str, str]] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -216,6 +213,7 @@ class Node:
             for api in self.apis:
                 api.close()
             self.router.close()
+            self.keys.close()
             with anyio.CancelScope(shield=True):
                 await self.upstream.aclose()
 
@@ -229,6 +227,8 @@ class Node:
         self.announce(f"meshllm node {self.node_id}: OpenAI API {self.api_url}, console "
                       f"http://{self.config.host}:{self.config.console_port}/api/status, logs in "
                       f"{self.config.state_dir / 'logs'}\ninvite token (others join with --join): {token}")
+        if warning := exposure_warning(self.keys, host=self.config.host, url=self.api_url):
+            self.announce(warning)
         task_status.started({"node_id": self.node_id, "api_url": self.api_url, "token": token})
 
     async def _watch_signals(self, running: anyio.CancelScope, *,
