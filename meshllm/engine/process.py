@@ -1,10 +1,10 @@
-"""Start and stop engine processes (llama-server, later ggml-rpc-server) the way a supervisor should.
+"""Start and stop engine processes (llama-server, ggml-rpc-server) the way a supervisor should.
 
 Each process is launched directly (no shell), in its own session so a terminal's Ctrl-C reaches only
 meshllm, with stdout and stderr appended to a log file (never an unread pipe). Stopping is one ladder
 (``stop_steps``): SIGTERM to the process group, a grace period, then SIGKILL, waited on without
-blocking the event loop (``stop_process``) or, for tests, benchmarks and a last resort at exit, in
-plain code (``stop_process_now``).
+blocking the event loop (``stop_process``) or, for tests and benchmarks, in plain code
+(``stop_process_now``).
 Ports and log names derive from (node, model) so a restarted node finds its own processes again,
 and ``adopt`` takes one of them back by pid: a process that is not our child, which we can poll
 and stop (through /proc and signals) but whose exit status nobody can tell us.

@@ -1,6 +1,6 @@
 """Find the llama.cpp servers a node started, from outside it: for tests and benchmarks that must
 check that none is left behind, and clean up when one is. Stopping uses the one stop ladder
-(``engine.process.stop_process_now``), as the node itself does."""
+(``engine.process.stop_process_now``: the node's own ladder, in blocking form)."""
 
 from __future__ import annotations
 
