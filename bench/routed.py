@@ -49,6 +49,7 @@ import httpx
 
 from _common import cpu_seconds, get_json, percentile, retryable, stream_once
 
+from meshllm.engine.process import stop_processes_now
 from meshllm.store.mesh import InviteToken
 from meshllm.testing.engines import engine_pids
 from meshllm.testing.udp_relay import UdpRelay
@@ -136,16 +137,10 @@ def wait_for(check: Callable[[], Any], *, timeout: float, what: str, nodes: list
 
 def stop_nodes(nodes: list[NodeProcess]) -> None:
     """SIGINT every node, as Ctrl-C would; wait; kill what ignores it and any llama-server left behind."""
-    for node in nodes:
-        if node.proc.poll() is None:
-            node.proc.send_signal(signal.SIGINT)
-    for node in nodes:
-        try:
-            node.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            print(f"warning: node {node.name} ignored SIGINT for 30s; killing it", file=sys.stderr)
-            node.proc.kill()
-            node.proc.wait()
+    codes = stop_processes_now([node.proc for node in nodes], grace=30, first=signal.SIGINT)
+    for node, code in zip(nodes, codes, strict=True):
+        if code == -signal.SIGKILL:
+            print(f"warning: node {node.name} ignored SIGINT for 30s; it was killed", file=sys.stderr)
     left = [(node.name, pid) for node in nodes for pid in engine_pids(node.state_dir)]
     for name, pid in left:
         print(f"warning: llama-server pid {pid} outlived node {name}; killing it", file=sys.stderr)

@@ -7,6 +7,7 @@ raises on purpose become one line on stderr and exit code 1.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from meshllm.cli import blackboard, control, get
+from meshllm.cli.keys import keys_app, local_keys
 from meshllm.cli.engine import engine_app, ensure_engine
 from meshllm.engine.capacity import parse_size
 from meshllm.engine.models import resolve_model
@@ -33,6 +35,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, rich_markup_mode=
                   pretty_exceptions_enable=False,
                   help="Pool GPUs across machines into one mesh serving LLMs on an OpenAI-compatible API.")
 app.add_typer(engine_app, name="engine")
+app.add_typer(keys_app, name="keys")
 get.register(app)
 control.register(app)
 blackboard.register(app)
@@ -49,6 +52,8 @@ Ask a running node:
   meshllm get models | meshllm get nodes | meshllm describe model NAME
 Change what the mesh serves:
   meshllm apply -f examples/one-model.yaml | meshllm diff -f FILE | meshllm delete -f FILE
+Require API keys on every node's OpenAI API:
+  meshllm keys add --name NAME | meshllm keys list | meshllm keys revoke NAME
 Give agents a shared blackboard (no model needed):
   meshllm --client --blackboard           # then: meshllm blackboard "STATUS: ..." | --search Q | --mcp
 
@@ -88,6 +93,7 @@ def serve(
     board: Annotated[bool, typer.Option("--blackboard", help="Enable the blackboard on this node: agents post status, findings and questions to the mesh (works with --client, no model needed)")] = False,
     board_rate: Annotated[int, typer.Option("--blackboard-rate", hidden=True, min=1, help="Posts a minute this node accepts (benches)")] = 10,
     rpc_direct: Annotated[bool, typer.Option("--rpc-direct", help="Split RPC straight between llama-server and the workers' rpc-servers over plain TCP, authenticated with a key from the mesh secret (faster, not encrypted; trusted networks), instead of the QUIC tunnel")] = False,
+    api_key: Annotated[list[str] | None, typer.Option("--api-key", metavar="KEY", help="Require this key on this node's OpenAI API (repeatable; MESHLLM_API_KEY adds one and keeps it off the command line); see `meshllm keys` for keys every node accepts")] = None,
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
@@ -101,7 +107,8 @@ def serve(
                         max_body_bytes=_size(max_body) or 0, threads=threads, name=name,
                         joins=tuple(join or ()), client=client, bind_host=bind_host, bind_port=bind_port,
                         advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct,
-                        allow_models=tuple(allow_models or ()), blackboard=board, blackboard_rate=board_rate)
+                        allow_models=tuple(allow_models or ()), blackboard=board, blackboard_rate=board_rate,
+                        api_keys=local_keys(api_key or (), os.environ.get("MESHLLM_API_KEY")))
     _setup_logging()
     for source in config.models:
         resolve_model(source)  # a bad --model fails now, not after a long engine build

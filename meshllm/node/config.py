@@ -31,6 +31,7 @@ class NodeConfig:
     split: bool = False  # split this node's --model models by layers even when one node holds them
     rpc_direct: bool = False  # split RPC over authenticated plain TCP instead of the QUIC tunnel
     allow_models: tuple[str, ...] = ()  # folders (or files) manifests may name, beside the models folder
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # --api-key / MESHLLM_API_KEY: this node only
     blackboard: bool = False  # open the blackboard's routes on this node (every node relays the board)
     blackboard_rate: int = 10  # posts a minute this node accepts (benches raise it)
 

@@ -43,6 +43,7 @@ class UdpRelay:
     drop: float = 0.0
     blocked: bool = False
     forwarded: int = 0
+    dropped: int = 0  # datagrams ``drop`` or ``blocked`` discarded, both ways
     rng: random.Random = field(default_factory=random.Random)
     _front: _Socket | None = None
     _backs: dict[Address, _Socket] = field(default_factory=dict)
@@ -66,7 +67,9 @@ class UdpRelay:
         self._backs.clear()
 
     def _passes(self) -> bool:
-        return not self.blocked and (self.drop <= 0 or self.rng.random() >= self.drop)
+        passes = not self.blocked and (self.drop <= 0 or self.rng.random() >= self.drop)
+        self.dropped += not passes
+        return passes
 
     def _later(self, send: Callable[[], None]) -> None:
         if self.delay > 0:

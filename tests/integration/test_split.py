@@ -181,9 +181,9 @@ def test_a_peer_100ms_away_is_never_a_worker_and_one_20ms_away_is(mesh: Mesh, sp
     far_id = node_id(far)
     wait_for(lambda: a.status()["node"].get("rtt_ms", {}).get(far_id, 0) >= 90, timeout=30,
              what="a to measure 100 ms to the far node")
-    time.sleep(3)  # a few placement rounds with the far node measured
-    pending = condition(a)
-    assert pending["phase"] == "Pending" and "further" in pending["message"], pending
+    # placement with the far node measured: it says the split waits for a nearer node
+    wait_for(lambda: condition(a).get("phase") == "Pending" and "further" in condition(a).get("message", ""),
+             timeout=30, what="the split to wait for a nearer node than the far one")
 
     near = mesh.start("near", "127.0.0.4", "--standby", "--max-vram", cap(split_model, 0.8),
                       "--join", via(10, "127.0.0.14"))
