@@ -30,6 +30,8 @@ apikeys    key id (12 hex digits   the node whose console      a key every node'
                                                                (``ApiKey``)
 =========  ======================  ==========================  ==================================
 
+The blackboard's posts live in a document of their own, with its own gossip: see ``state.board``.
+
 A model is *wanted* while it was applied from a manifest (``origin`` manifest), while the node whose
 ``--model`` named it lives (``origin`` node), or while any live demand for it remains. A lease is
 valid while its node is alive: a dead node's slots are vacant at once, with no renewal traffic, and a
