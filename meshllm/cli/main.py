@@ -18,12 +18,12 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from meshllm.cli import blackboard, control, get
+from meshllm.cli import download as download_cli
 from meshllm.cli.keys import keys_app, local_keys
 from meshllm.cli.engine import engine_app, ensure_engine
 from meshllm.engine.capacity import parse_size
-from meshllm.engine.models import resolve_model
 from meshllm.errors import MeshError
-from meshllm.node import NodeConfig, bind_socket, run_node
+from meshllm.node import NodeConfig, bind_socket, check_model, run_node
 from meshllm.store.identity import default_state_dir
 
 __all__ = ["app", "main"]
@@ -39,6 +39,7 @@ app.add_typer(keys_app, name="keys")
 get.register(app)
 control.register(app)
 blackboard.register(app)
+download_cli.register(app)
 
 START_HELP = """meshllm: serve LLMs from a mesh of machines on an OpenAI-compatible API.
 
@@ -93,6 +94,8 @@ def serve(
     board: Annotated[bool, typer.Option("--blackboard", help="Enable the blackboard on this node: agents post status, findings and questions to the mesh (works with --client, no model needed)")] = False,
     board_rate: Annotated[int, typer.Option("--blackboard-rate", hidden=True, min=1, help="Posts a minute this node accepts (benches)")] = 10,
     rpc_direct: Annotated[bool, typer.Option("--rpc-direct", help="Split RPC straight between llama-server and the workers' rpc-servers over plain TCP, authenticated with a key from the mesh secret (faster, not encrypted; trusted networks), instead of the QUIC tunnel")] = False,
+    draft: Annotated[str, typer.Option("--draft", metavar="PATH|NAME", help="Draft model for speculative decoding of the --model models (default: the catalog's pairing)")] = "",
+    no_draft: Annotated[bool, typer.Option("--no-draft", help="No speculative decoding, even where the catalog pairs a draft")] = False,
     api_key: Annotated[list[str] | None, typer.Option("--api-key", metavar="KEY", help="Require this key on this node's OpenAI API (repeatable; MESHLLM_API_KEY adds one and keeps it off the command line); see `meshllm keys` for keys every node accepts")] = None,
 ) -> None:
     if ctx.invoked_subcommand is not None:
@@ -107,11 +110,12 @@ def serve(
                         max_body_bytes=_size(max_body) or 0, threads=threads, name=name,
                         joins=tuple(join or ()), client=client, bind_host=bind_host, bind_port=bind_port,
                         advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct,
-                        allow_models=tuple(allow_models or ()), blackboard=board, blackboard_rate=board_rate,
+                        allow_models=tuple(allow_models or ()), draft=draft, no_draft=no_draft,
+                        blackboard=board, blackboard_rate=board_rate,
                         api_keys=local_keys(api_key or (), os.environ.get("MESHLLM_API_KEY")))
     _setup_logging()
-    for source in config.models:
-        resolve_model(source)  # a bad --model fails now, not after a long engine build
+    for source in (*config.models, *((config.draft,) if config.draft and config.models else ())):
+        check_model(source)  # a bad --model or --draft fails now, not after a long engine build
     for port, what in ((config.port, "OpenAI API"), (config.console_port, "console API")):
         bind_socket(config.host, port, what=what).close()  # so does a port another program holds
     if not client:

@@ -216,7 +216,7 @@ def _download(f: HubFile, staging: Path, *, retries: int, backoff: float, progre
     """huggingface_hub's download into ``staging``, again after a broken transfer (it resumes)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils.tqdm import disable_progress_bars, enable_progress_bars
 
     (enable_progress_bars if progress else disable_progress_bars)()
     endpoint = f.endpoint or os.environ.get("HF_ENDPOINT") or None
