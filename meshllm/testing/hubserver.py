@@ -4,7 +4,7 @@
 ``X-Linked-Etag`` (the file's sha256), ``X-Linked-Size``, ``X-Repo-Commit``, ``Accept-Ranges`` and
 ``Range`` requests (206). Files are registered with ``add`` (bytes or a path on disk); faults on demand:
 drop the connection after N bytes (``drop_after``, once), serve one flipped byte (``corrupt``), answer
-401 as a gated repository (``gated``), advertise another size (``advertise_size``). What was asked is
+401 as a gated repository (``gated``; a request with ``token`` as its bearer passes), advertise another size (``advertise_size``). What was asked is
 counted (``gets``, ``ranges``, ``bytes_sent``) so a test can prove a file was fetched once, or resumed.
 Point huggingface_hub at it with ``HF_ENDPOINT=server.url``.
 """
@@ -32,7 +32,8 @@ class HubFileEntry:
     sha256: str
     drop_after: int | None = None  # the next GET ends after this many bytes (then cleared)
     corrupt: bool = False  # serve the byte in the middle flipped (the sha256 advertised stays right)
-    gated: bool = False
+    gated: bool = False  # 401 as a gated repository, unless the request brings ``token``
+    token: str = ""
     advertise_size: int | None = None
     gets: int = 0
     ranges: list[str] = field(default_factory=list)
@@ -103,7 +104,7 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if entry is None:
                 self._error(404, "EntryNotFound", "Entry not found")
                 return
-            if entry.gated:
+            if entry.gated and self.headers.get("Authorization") != f"Bearer {entry.token}":
                 self._error(401, "GatedRepo", "Access to this repository is restricted")
                 return
             start, end = 0, entry.size - 1
