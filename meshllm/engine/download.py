@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from meshllm.engine.catalog import CatalogEntry, find_entry
@@ -164,11 +165,50 @@ def local_bytes(ref: ModelReference, folder: Path) -> int:
         if final.is_file():
             done += final.stat().st_size
             continue
-        staging = _staging(folder, f)
-        if staging.is_dir():
-            done += sum(p.stat().st_size for p in staging.rglob("*.incomplete") if p.is_file())
-            done += sum(p.stat().st_size for p in staging.rglob("*.gguf") if p.is_file())
+        try:
+            done += int(_progress_path(folder, f).read_text() or 0)
+        except (OSError, ValueError):
+            pass
     return done
+
+
+def _progress_path(folder: Path, f: HubFile) -> Path:
+    """Bytes of ``f`` received so far, as the fetching process last wrote them (huggingface_hub writes
+    the file itself in 10 MB chunks: its size alone would lag)."""
+    return _staging(folder, f) / f"{f.filename}.progress"
+
+
+def _progress_bar(path: Path, *, show: bool) -> type[Any]:
+    """A tqdm class for huggingface_hub that also writes the bytes received to ``path`` (a few times a
+    second), shown on the terminal or not."""
+    from huggingface_hub.utils.tqdm import tqdm
+
+    class ProgressFile(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = not show
+            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+            self.received = int(kwargs.get("initial") or 0)
+            self.written_at = 0.0
+            self._write(force=True)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self.received += int(n or 0)
+            self._write()
+            return super().update(n)  # type: ignore[no-any-return]
+
+        def close(self) -> None:
+            self._write(force=True)
+            super().close()
+
+        def _write(self, *, force: bool = False) -> None:
+            now = time.monotonic()
+            if force or now - self.written_at >= 0.25:
+                self.written_at = now
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text(str(self.received))
+                os.replace(tmp, path)
+
+    return ProgressFile
 
 
 def _staging(folder: Path, f: HubFile) -> Path:
@@ -202,6 +242,7 @@ def _fetch_file(f: HubFile, folder: Path, *, retries: int, backoff: float, progr
         _verify(f, got, remote)
         os.replace(got, final)
         shutil.rmtree(staging / ".cache", ignore_errors=True)
+        _progress_path(folder, f).unlink(missing_ok=True)
 
 
 def _check_disk(f: HubFile, folder: Path, missing: int) -> None:
@@ -216,14 +257,14 @@ def _download(f: HubFile, staging: Path, *, retries: int, backoff: float, progre
     """huggingface_hub's download into ``staging``, again after a broken transfer (it resumes)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
-    from huggingface_hub.utils.tqdm import disable_progress_bars, enable_progress_bars
 
-    (enable_progress_bars if progress else disable_progress_bars)()
     endpoint = f.endpoint or os.environ.get("HF_ENDPOINT") or None
+    staging.mkdir(parents=True, exist_ok=True)
+    bar = _progress_bar(_progress_path(staging.parent.parent, f), show=progress)
     for attempt in range(retries + 1):
         try:
             return Path(hf_hub_download(f.repo, f.path, revision=f.revision, local_dir=staging,
-                                        endpoint=endpoint, token=_token()))
+                                        endpoint=endpoint, token=_token(), tqdm_class=bar))
         except HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else 0
             if status < 500 or attempt == retries:
