@@ -23,7 +23,8 @@ from anyio.abc import TaskStatus
 
 from meshllm import __version__
 from meshllm.api.control import AppliedHook, EventSource
-from meshllm.api.openai import create_openai_app, upstream_pool
+from meshllm.api.backends import DataPlane
+from meshllm.api.openai import create_openai_app
 from meshllm.api.routing import Router
 from meshllm.api.status import create_status_app
 from meshllm.engine.build import require_engine
@@ -44,6 +45,8 @@ from meshllm.state.manifest import Manifest
 from meshllm.state.schema import ModelOrigin, ModelSpec, NodeRole, NodeStatus, server_key
 from meshllm.store.db import AppliedManifest, NodeStore
 from meshllm.store.identity import NodeIdentity, load_identity
+from meshllm.transport import StreamKind
+from meshllm.tunnels.http import HttpTunnelClient, HttpTunnelServer
 
 __all__ = ["NodeConfig", "bind_socket", "run_node"]
 
@@ -110,6 +113,7 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
                     role=NodeRole.CLIENT if config.client else NodeRole.SERVER, api_url=api_url,
                     version=__version__, started_at=now, incarnation=now)
     router = Router(state, node_id=node_id)
+    plane = DataPlane(router, tunnels=HttpTunnelClient(mesh.connect))
     def direct_address(worker: str, model: str) -> str | None:
         status = state.workers().get(server_key(worker, model))
         return status.direct or None if status is not None else None
@@ -127,9 +131,9 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
         atexit.register(reconciler.kill_all_now)
         atexit.register(workers.kill_all_now)
     try:
-        async with anyio.create_task_group() as tg, upstream_pool() as upstream:
+        async with anyio.create_task_group() as tg:
             me = await mesh.start(tg, me)
-            mesh.serve_tunnels(router, upstream)
+            mesh.endpoint.on_stream(StreamKind.HTTP, HttpTunnelServer(plane.answer_peer).handle)
             await tg.start(tunnels.run)
             if workers is not None:
                 RpcTunnelServer(mesh.endpoint, workers.endpoint_for).install()
@@ -150,8 +154,7 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
                     assert workers is not None
                     await work.start(workers.run)
                 async with anyio.create_task_group() as apis:
-                    openai_app = create_openai_app(router, tunnels=mesh.open_tunnel,
-                                                   max_body_bytes=config.max_body_bytes, demand=demand.note)
+                    openai_app = create_openai_app(plane, max_body_bytes=config.max_body_bytes, demand=demand.note)
                     api = await apis.start(serve_app, openai_app, api_sock)
                     events, on_applied = store_hooks(store, node_id)
                     status_app = create_status_app(state, node_id=node_id, events=events, on_applied=on_applied,

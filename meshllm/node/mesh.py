@@ -1,8 +1,8 @@
-"""The node's place in the mesh: credentials and seeds, the QUIC endpoint, gossip, membership, tunnels.
+"""The node's place in the mesh: credentials and seeds, the QUIC endpoint, gossip, membership.
 
 ``MeshRuntime`` owns the transport-facing parts of a node. It turns ``--join`` tokens into mesh
-credentials and seed addresses, advertises where this node can be dialled, and opens or serves
-HTTP tunnels so any node's API reaches a model served anywhere.
+credentials and seed addresses, advertises where this node can be dialled, and connects to peers
+(``connect``: the stream services of ``meshllm.tunnels`` open their streams on it).
 """
 
 from __future__ import annotations
@@ -16,10 +16,6 @@ from pathlib import Path
 
 import anyio
 
-from meshllm.api.openai import make_local_forward
-from meshllm.api.upstream import UpstreamPool
-from meshllm.api.routing import Router
-from meshllm.api.tunnel import serve_tunnel
 from meshllm.errors import MeshError
 from meshllm.gossip.membership import Membership, parse_addr
 from meshllm.gossip.sync import DocGossip
@@ -27,7 +23,7 @@ from meshllm.state.document import MeshState
 from meshllm.state.schema import NodeStatus
 from meshllm.store.identity import NodeIdentity
 from meshllm.store.mesh import InviteToken, MeshCredentials, load_or_create_mesh, load_peers, save_peers
-from meshllm.transport import MessageStream, PeerConnection, QuicEndpoint, Stream, StreamKind, TransportSettings
+from meshllm.transport import PeerConnection, QuicEndpoint, TransportSettings
 from meshllm.transport.errors import TransportError
 
 __all__ = ["MeshRuntime", "join_credentials"]
@@ -140,19 +136,6 @@ class MeshRuntime:
         self.membership = Membership(self.state, self.gossip, self.endpoint, me=me, seeds=self.seeds)
         await tg.start(self.membership.run)
         return me
-
-    def serve_tunnels(self, router: Router, upstream: UpstreamPool) -> None:
-        forward = make_local_forward(router, upstream)
-
-        async def handle(conn: PeerConnection, stream: Stream) -> None:
-            await serve_tunnel(MessageStream(stream), forward)
-
-        self.endpoint.on_stream(StreamKind.HTTP, handle)
-
-    async def open_tunnel(self, node_id: str) -> MessageStream:
-        """An HTTP stream to ``node_id``, dialling it first if no connection is up."""
-        conn = await self.connect(node_id)
-        return MessageStream(await conn.open_stream(StreamKind.HTTP))
 
     async def connect(self, node_id: str) -> PeerConnection:
         """The connection to ``node_id``, dialling its advertised addresses if none is up."""
