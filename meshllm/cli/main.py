@@ -20,6 +20,7 @@ from meshllm.cli import control, get
 from meshllm.cli.engine import engine_app, ensure_engine
 from meshllm.engine.capacity import parse_size
 from meshllm.engine.models import resolve_model
+from meshllm.engine.process import DEFAULT_MAX_TOKENS
 from meshllm.errors import MeshError
 from meshllm.node import NodeConfig, bind_socket, run_node
 from meshllm.store.identity import default_state_dir
@@ -81,6 +82,7 @@ def serve(
     bind_host: Annotated[str, typer.Option("--bind-host", help="Address of the QUIC endpoint (default: as the APIs)")] = "",
     advertise: Annotated[list[str] | None, typer.Option("--advertise", help="host:port peers should dial (NAT, relays); repeatable")] = None,
     split: Annotated[bool, typer.Option("--split", help="Force a pipeline split of the --model models across nodes, even when one node holds them")] = False,
+    max_tokens_default: Annotated[int, typer.Option("--max-tokens-default", help="Tokens a request that sets no max_tokens may generate (-1: until the context is full)")] = DEFAULT_MAX_TOKENS,
     rpc_direct: Annotated[bool, typer.Option("--rpc-direct", help="Split RPC straight between llama-server and the workers' rpc-servers over plain TCP, authenticated with a key from the mesh secret (faster, not encrypted; trusted networks), instead of the QUIC tunnel")] = False,
 ) -> None:
     if ctx.invoked_subcommand is not None:
@@ -94,7 +96,8 @@ def serve(
                         state_dir=state_dir.expanduser(), max_vram=_size(max_vram), device=device,
                         max_body_bytes=_size(max_body) or 0, threads=threads, name=name,
                         joins=tuple(join or ()), client=client, bind_host=bind_host, bind_port=bind_port,
-                        advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct)
+                        advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct,
+                        max_tokens_default=max_tokens_default)
     _setup_logging()
     for source in config.models:
         resolve_model(source)  # a bad --model fails now, not after a long engine build

@@ -125,7 +125,7 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
         reconciler = ServedModelReconciler(
             state, node_id=node_id, engine_dir=engine_dir, log_dir=config.state_dir / "logs",
             gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads,
-            store=store, rpc=tunnels)
+            store=store, rpc=tunnels, max_tokens=config.max_tokens_default)
         workers = WorkerReconciler(state, node_id=node_id, engine_dir=engine_dir, log_dir=config.state_dir / "logs",
                                    key=key, threads=config.threads, device=config.device, store=store)
         atexit.register(reconciler.kill_all_now)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshllm.api.openai import DEFAULT_MAX_BODY
+from meshllm.engine.process import DEFAULT_MAX_TOKENS
 from meshllm.store.identity import default_state_dir
 
 __all__ = ["NodeConfig"]
@@ -30,6 +31,7 @@ class NodeConfig:
     advertise: tuple[str, ...] = ()
     split: bool = False  # split this node's --model models by layers even when one node holds them
     rpc_direct: bool = False  # split RPC over authenticated plain TCP instead of the QUIC tunnel
+    max_tokens_default: int = DEFAULT_MAX_TOKENS  # generation limit of a request that sets none (-1: none)
 
     @property
     def host(self) -> str:

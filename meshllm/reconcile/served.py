@@ -31,11 +31,12 @@ from anyio.abc import TaskStatus
 
 from meshllm.engine.models import ResolvedModel, resolve_model
 from meshllm.engine.process import (
-    UNKNOWN_EXIT, EngineProcess, LlamaServerConfig, adopt, candidate_ports, describe_exit, launch, log_tail,
+    DEFAULT_MAX_TOKENS, UNKNOWN_EXIT, EngineProcess, LlamaServerConfig, adopt, candidate_ports, describe_exit, launch, log_tail,
     port_is_free, safe_name, stop_process, stop_process_now,
 )
 from meshllm.engine.ggufinfo import block_count
 from meshllm.engine.rpc_auth import RPC_SECRET_ENV
+from meshllm.engine.templates import chat_arguments
 from meshllm.errors import ModelError
 from meshllm.reconcile.queue import Result, WorkQueue, run_observed
 from meshllm.reconcile.workers import RPC_RECORD_PREFIX
@@ -174,7 +175,8 @@ class ServedModelReconciler:
 
     def __init__(self, state: MeshState, *, node_id: str, engine_dir: Path, log_dir: Path,
                  gpu_layers: int = 0, device: str = "", threads: int = 0, store: NodeStore | None = None,
-                 rpc: RpcConnector | None = None, clock: Callable[[], float] = time.time) -> None:
+                 rpc: RpcConnector | None = None, clock: Callable[[], float] = time.time,
+                 max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
         self.state = state
         self.node_id = node_id
         self.engine_dir = engine_dir
@@ -185,6 +187,7 @@ class ServedModelReconciler:
         self.store = store
         self.rpc = rpc
         self.clock = clock
+        self.max_tokens = max_tokens
         self._started = clock()
         self.queue = WorkQueue(self.reconcile, name="served-model")
         self.actual: dict[str, ActualServer] = {}
@@ -383,7 +386,7 @@ class ServedModelReconciler:
         return LlamaServerConfig(
             binary=self.engine_dir / "llama-server", model_path=desired.path, alias=desired.model, port=port,
             ctx_size=desired.ctx_size, gpu_layers=gpu_layers, threads=self.threads, device=self.device,
-            draft_path=desired.draft, extra=extra,
+            draft_path=desired.draft, max_tokens=self.max_tokens, chat=chat_arguments(desired.path), extra=extra,
         )
 
     async def _start(self, desired: DesiredServer, restarts: int, now: float) -> None:
