@@ -29,7 +29,7 @@ from meshllm.tunnels.http import Answer, HttpTunnelClient, TunnelRequest, Tunnel
 __all__ = ["PROXIED", "Backend", "BackendResponse", "BadRequest", "DataPlane", "FixedResponse", "LocalBackend",
            "PeerBackend", "ProxyRequest", "forwardable", "model_of"]
 
-PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages")
 
 # Headers that describe one hop, not the request: never forwarded. ``expect`` above all: the proxy
 # answers ``Expect: 100-continue`` itself, and an upstream asked for it would send an interim response.

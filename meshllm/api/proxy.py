@@ -8,14 +8,15 @@ Local and routed requests take the same path (``relay``), and HTTP semantics hol
 - a backend that cannot answer becomes an OpenAI-shaped error with ``Retry-After`` (502/503);
 - a backend that breaks after the response began ends a stream (SSE) with an error event,
   ``data: {"error": {...}}`` (the openai SDK raises on it instead of taking a cut answer for a whole
-  one), and cuts any other body short, so the client never mistakes it for a whole response; both
-  are logged.
+  one; on ``/v1/messages`` Anthropic's ``event: error``, on which the anthropic SDK raises), and cuts
+  any other body short, so the client never mistakes it for a whole response; both are logged.
 
 The body goes chunk by chunk as the backend delivers it, with one ``send`` per chunk and nothing else.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 import anyio
@@ -53,7 +54,7 @@ async def relay(backend: Backend, request: ProxyRequest, receive: Receive, send:
                 await send_error(send, exc.status, str(exc), code=exc.code, retry_after=exc.retry_after)
                 return
             try:
-                await _relay_body(response, send, what)
+                await _relay_body(response, send, what, anthropic=request.path == "/v1/messages")
             finally:
                 with anyio.CancelScope(shield=True):
                     await response.aclose()
@@ -68,7 +69,7 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> N
     scope.cancel()
 
 
-async def _relay_body(response: BackendResponse, send: Send, what: str) -> None:
+async def _relay_body(response: BackendResponse, send: Send, what: str, *, anthropic: bool) -> None:
     headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in forwardable(response.headers)]
     headers += [(b"content-length", v.encode("latin-1")) for k, v in response.headers
                 if k.lower() == "content-length"]
@@ -81,14 +82,15 @@ async def _relay_body(response: BackendResponse, send: Send, what: str) -> None:
         except StopAsyncIteration:
             break
         except Exception as exc:  # whatever broke the upstream, the client must not take this for a whole answer
-            await _broken(response, send, what, exc, last)
+            await _broken(response, send, what, exc, last, anthropic=anthropic)
             return
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
         last = chunk
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _broken(response: BackendResponse, send: Send, what: str, exc: Exception, last: bytes) -> None:
+async def _broken(response: BackendResponse, send: Send, what: str, exc: Exception, last: bytes, *,
+                  anthropic: bool) -> None:
     """End a response whose upstream broke: an error event ends a stream; any other body stays cut
     short (the server closes the connection when the response is left unfinished)."""
     if isinstance(exc, (BackendBroken, TunnelBroken)):
@@ -98,7 +100,11 @@ async def _broken(response: BackendResponse, send: Send, what: str, exc: Excepti
     if not any(k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in response.headers):
         return
     message = f"the response broke off: {exc}"
-    event = b"data: " + error_body(502, message, code="upstream_broken") + b"\n\n"
+    if anthropic:
+        payload = {"type": "error", "error": {"type": "api_error", "message": message}}
+        event = b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
+    else:
+        event = b"data: " + error_body(502, message, code="upstream_broken") + b"\n\n"
     if not last.endswith(b"\n\n"):  # end whatever event was cut, so the error is an event of its own
         event = b"\n\n" + event
     await send({"type": "http.response.body", "body": event, "more_body": True})

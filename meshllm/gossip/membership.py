@@ -143,6 +143,7 @@ class Membership:
                     await anyio.sleep(self.tick)
         finally:
             unsubscribe()
+            send.close()  # after unsubscribing: no peer event is sent into it any more
             self.state.unobserve(subscriptions)
 
     async def leave(self) -> None:

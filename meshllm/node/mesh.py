@@ -1,8 +1,10 @@
-"""The node's place in the mesh: credentials and seeds, the QUIC endpoint, gossip, membership.
+"""The node's place in the mesh: credentials and seeds, the QUIC endpoint, gossip and membership.
 
 ``MeshRuntime`` owns the transport-facing parts of a node. It turns ``--join`` tokens into mesh
-credentials and seed addresses, advertises where this node can be dialled, and connects to peers
-(``connect``: the stream services of ``meshllm.tunnels`` open their streams on it).
+credentials and seed addresses, runs the endpoint, the document's gossip and membership, advertises
+where this node can be dialled, dials peers for the parts that need a connection (``connect``), and
+announces the node's departure when it stops. What the node serves on the endpoint (the tunnels) is
+registered by the node (``node.node``), not here.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ import fcntl
 import socket
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import anyio
+from anyio.abc import TaskStatus
 
 from meshllm.errors import MeshError
 from meshllm.gossip.membership import Membership, parse_addr
 from meshllm.gossip.sync import DocGossip
+from meshllm.node.lifecycle import Lifecycle
 from meshllm.state.document import MeshState
 from meshllm.state.schema import NodeStatus
 from meshllm.store.identity import NodeIdentity
@@ -26,7 +30,7 @@ from meshllm.store.mesh import InviteToken, MeshCredentials, load_or_create_mesh
 from meshllm.transport import PeerConnection, QuicEndpoint, TransportSettings
 from meshllm.transport.errors import TransportError
 
-__all__ = ["MeshRuntime", "join_credentials"]
+__all__ = ["MESH_TRANSPORT", "MeshRuntime", "join_credentials"]
 
 # Detection budget: the transport reports a silent peer after ``peer_timeout`` (pings every
 # ``ping_interval``); membership then tries one redial before declaring it dead.
@@ -73,41 +77,65 @@ def udp_port_is_free(host: str, port: int) -> bool:
     return True
 
 
-@dataclass
 class MeshRuntime:
-    state: MeshState
-    identity: NodeIdentity
-    creds: MeshCredentials
-    seeds: list[str]
-    host: str
-    port: int = 0
-    endpoint: QuicEndpoint = field(init=False)
-    gossip: DocGossip = field(init=False)
-    membership: Membership | None = None
+    """Endpoint, gossip and membership of one node; ``run`` joins the mesh, and leaves it when cancelled."""
 
-    def __post_init__(self) -> None:
-        self.endpoint = QuicEndpoint(self.identity, self.creds.mesh_id, self.creds.secret, host=self.host,
-                                     port=self.port, settings=MESH_TRANSPORT)
-        self.gossip = DocGossip(self.state.doc, node_id=self.identity.node_id)
-
-    state_dir: Path | None = None
-    advertise: tuple[str, ...] = ()
+    def __init__(self, state: MeshState, identity: NodeIdentity, creds: MeshCredentials, *, me: NodeStatus,
+                 seeds: Sequence[str] = (), host: str, port: int = 0, state_dir: Path | None = None,
+                 advertise: Sequence[str] = ()) -> None:
+        self.state = state
+        self.identity = identity
+        self.creds = creds
+        self.host = host
+        self.state_dir = state_dir
+        self.advertise = tuple(advertise)
+        self.endpoint = QuicEndpoint(identity, creds.mesh_id, creds.secret, host=host, port=port,
+                                     settings=MESH_TRANSPORT)
+        self.gossip = DocGossip(state.doc, node_id=identity.node_id)
+        self.membership = Membership(state, self.gossip, self.endpoint, me=me, seeds=seeds)
 
     @classmethod
-    def for_node(cls, state: MeshState, identity: NodeIdentity, *, state_dir: Path, joins: Sequence[str],
-                 host: str, port: int, advertise: Sequence[str] = ()) -> MeshRuntime:
+    def for_node(cls, state: MeshState, identity: NodeIdentity, *, me: NodeStatus, state_dir: Path,
+                 joins: Sequence[str], host: str, port: int, advertise: Sequence[str] = ()) -> MeshRuntime:
         """A runtime for the mesh the tokens name, else the mesh this state folder was in (and its peers)."""
         joining, seeds = join_credentials(joins)
         creds = load_or_create_mesh(state_dir, joining=joining)
         last_port, known = load_peers(state_dir)
         if not port and last_port and udp_port_is_free(host, last_port):
             port = last_port  # peers that knew us redial this address
-        return cls(state, identity, creds, seeds + [a for a in known if a not in seeds], host, port,
-                   state_dir=state_dir, advertise=tuple(advertise))
+        return cls(state, identity, creds, me=me, seeds=seeds + [a for a in known if a not in seeds], host=host,
+                   port=port, state_dir=state_dir, advertise=advertise)
 
-    async def remember_peers(self, port: int) -> None:
+    @property
+    def me(self) -> NodeStatus:
+        """This node's entry as the mesh sees it (addresses once ``run`` started, current incarnation)."""
+        return self.membership.me
+
+    async def run(self, *, task_status: TaskStatus[NodeStatus] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start the endpoint, gossip and membership and report this node's entry with its advertised
+        addresses. When cancelled, tell the mesh this node leaves while gossip still carries it, then
+        stop membership, gossip and the endpoint."""
+        async with anyio.create_task_group() as tg:
+            parts = Lifecycle(tg)
+            try:
+                port = await parts.start("QUIC endpoint", self.endpoint.run)
+                self.membership.me = self.me.model_copy(update={"addrs": self.advertised(port)})
+                if self.state_dir is not None:
+                    await parts.start("peer list", partial(self.remember_peers, port))
+                await parts.start("gossip", self.gossip.run)
+                await parts.start("membership", self.membership.run)
+                task_status.started(self.me)
+                await anyio.sleep_forever()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if "membership" in parts.names:
+                        await self.membership.leave()
+                    await parts.stop()
+
+    async def remember_peers(self, port: int, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Keep the members' addresses in the state folder, so a restart can rejoin without a token."""
         assert self.state_dir is not None
+        task_status.started()
         saved: list[str] | None = None
         while True:
             addrs = sorted(a for nid, node in self.state.alive_nodes().items() if nid != self.identity.node_id
@@ -123,19 +151,9 @@ class MeshRuntime:
         hosts = interface_addresses() if self.host == "0.0.0.0" else [self.host]
         return [f"{h}:{port}" for h in hosts or ["127.0.0.1"]]
 
-    def token(self, me: NodeStatus) -> str:
-        return InviteToken(self.creds, tuple(me.addrs)).encode()
-
-    async def start(self, tg: anyio.abc.TaskGroup, me: NodeStatus) -> NodeStatus:
-        """Start the endpoint, gossip and membership; returns ``me`` with its advertised addresses."""
-        port = await tg.start(self.endpoint.run)
-        me = me.model_copy(update={"addrs": self.advertised(port)})
-        if self.state_dir is not None:
-            tg.start_soon(self.remember_peers, port)
-        await tg.start(self.gossip.run)
-        self.membership = Membership(self.state, self.gossip, self.endpoint, me=me, seeds=self.seeds)
-        await tg.start(self.membership.run)
-        return me
+    def token(self) -> str:
+        """The invite token others join this mesh with: its credentials and this node's addresses."""
+        return InviteToken(self.creds, tuple(self.me.addrs)).encode()
 
     async def connect(self, node_id: str) -> PeerConnection:
         """The connection to ``node_id``, dialling its advertised addresses if none is up."""
@@ -155,10 +173,4 @@ class MeshRuntime:
 
     def incarnation(self) -> float:
         """This node's current incarnation (it changes when the node refutes a death verdict)."""
-        assert self.membership is not None
-        return self.membership.me.incarnation
-
-    async def leave(self) -> None:
-        if self.membership is not None:
-            await self.membership.leave()
-
+        return self.me.incarnation

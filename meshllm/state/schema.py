@@ -24,6 +24,10 @@ workers    ``<node id>/<model>``   the node running it         observed: a ggml-
                                                                (``WorkerStatus``)
 deaths     node id                 any node that saw it die    the node's incarnation that was
                                                                declared dead (``NodeDeath``)
+apikeys    key id (12 hex digits   the node whose console      a key every node's OpenAI API
+           of the key's hash)      created it; any node        accepts, as its salted hash only;
+                                   revokes it                  revoked: kept as a tombstone
+                                                               (``ApiKey``)
 =========  ======================  ==========================  ==================================
 
 A model is *wanted* while it was applied from a manifest (``origin`` manifest), while the node whose
@@ -34,6 +38,11 @@ node that restarts keeps the slots nobody took meanwhile.
 A node is alive while its ``NodeStatus.incarnation`` is newer than its ``NodeDeath`` (if any). A
 node that learns it was declared dead while it is alive (a false suspicion, a healed partition)
 refutes it by writing a newer incarnation.
+
+An API key is never in the document, only ``sha256(API_KEY_HASH_LABEL + key)``: any member can read
+the document, so it must not hold anything that opens :9337. A revoked key stays, with ``revoked_at``
+set, so that a mesh which once had keys keeps requiring one after its last key is revoked (revoking
+the only key must not open every node's API); ``meshllm keys purge`` removes the tombstones.
 
 Times are absolute UNIX seconds (float). pycrdt hands numbers back as floats, so every read goes
 through these models, which coerce and validate. Values never hold nested plain dicts (a plain dict
@@ -48,6 +57,8 @@ from typing import NewType
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "API_KEY_HASH_LABEL",
+    "ApiKey",
     "DemandEntry",
     "ModelName",
     "ModelOrigin",
@@ -213,6 +224,27 @@ class WorkerStatus(_Entity):
         return server_key(self.node, self.model)
 
 
+API_KEY_HASH_LABEL = b"meshllm api key v1\0"  # domain separation: this hash is for nothing else
+
+
+class ApiKey(_Entity):
+    """An API key of the mesh, as its hash: every node's OpenAI API (:9337) accepts the key it hashes
+    from, until ``revoked_at`` is set. ``id`` is the first 12 hex digits of ``hash``."""
+
+    id: str = Field(pattern=r"^[0-9a-f]{12}$")
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of API_KEY_HASH_LABEL and the key, hex")
+    name: str = Field(default="", max_length=64)
+    hint: str = Field(default="", max_length=16, description="the key's first characters, to recognise it")
+    created_at: float = 0.0
+    created_by: str = Field(default="", description="the node whose console created it")
+    revoked_at: float = Field(default=0.0, description="when it was revoked; 0: valid")
+    revoked_by: str = Field(default="", description="the node whose console revoked it")
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at > 0
+
+
 def server_key(node: str, model: str) -> str:
     return f"{node}/{model}"
 
@@ -229,4 +261,4 @@ def json_schemas() -> dict[str, dict[str, object]]:
     """JSON Schemas of the document's entities, as checked in under ``schemas/``."""
     return {f"state.{model.__name__}": model.model_json_schema()
             for model in (ModelSpec, NodeStatus, ServerStatus, NodeDeath, DemandEntry, PlacementLease,
-                          WorkerStatus)}
+                          WorkerStatus, ApiKey)}

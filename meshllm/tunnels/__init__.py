@@ -1,5 +1,8 @@
-"""Tunnels: stream services that carry other protocols across the mesh, one QUIC stream per exchange.
+"""Tunnels: node-to-node services carried in QUIC streams, one stream kind each.
 
-Above ``transport`` (they open and serve its streams) and below ``api``/``reconcile`` (which hand them
-what to forward to). ``tunnels.http`` carries OpenAI API requests to the node serving the model.
+Above ``transport`` (and ``engine``, for the RPC key) and below ``reconcile`` and ``api``, which use
+them through small protocols. A tunnel's serving end is a ``StreamService`` (``tunnels.service``) that
+the node registers on its endpoint: the RPC tunnel (``tunnels.rpc``) takes a split host's ggml RPC to
+its workers' rpc-servers, and the HTTP tunnel (``tunnels.http``) takes a request for a model another
+node serves to that node's llama-server.
 """

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import anyio
 
 from meshllm.errors import MeshError
-from meshllm.transport import FrameChannel, StreamKind, TransportError
+from meshllm.transport import FrameChannel, PeerConnection, Stream, StreamKind, TransportError
 from meshllm.transport.errors import ErrorCode
 
 __all__ = ["Answer", "HttpTunnelClient", "HttpTunnelServer", "LocalForward", "TunnelBroken", "TunnelError",
@@ -225,12 +225,17 @@ class HttpTunnelClient:
 # -- the serving node ----------------------------------------------------------------------------
 
 class HttpTunnelServer:
-    """Answers HTTP tunnel streams from peers with ``forward``; a stream handler for the endpoint."""
+    """Answers HTTP tunnel streams from peers with ``forward``: the node's ``StreamService`` of the HTTP
+    kind (``tunnels.service``)."""
 
     def __init__(self, forward: LocalForward) -> None:
         self._forward = forward
 
-    async def handle(self, conn: object, stream: TunnelStream) -> None:
+    @property
+    def kind(self) -> StreamKind:
+        return StreamKind.HTTP
+
+    async def handle(self, conn: PeerConnection, stream: Stream, /) -> None:
         await serve_tunnel(stream, self._forward)
 
 
