@@ -166,3 +166,15 @@ async def test_expect_continue_is_answered_by_the_proxy_and_answers_never_change
         if not routed:
             assert llama.connections == 1
         await leases_returned(router)
+
+
+@pytest.mark.parametrize("routed", ROUTED)
+async def test_an_anthropic_stream_whose_upstream_dies_ends_with_anthropic_s_error_event(routed: bool) -> None:
+    async with upstream(sse_then_die) as llama, node_a(llama.port, routed=routed) as (url, router, _):
+        body = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}], "stream": True}
+        async with httpx.AsyncClient(base_url=url) as client:
+            response = await client.post("/v1/messages", json=body)
+        last = response.content.split(b"\n\n")[-2]
+        assert last.startswith(b"event: error\ndata: ")
+        assert json.loads(last.split(b"data: ", 1)[1])["type"] == "error"
+        await leases_returned(router)
