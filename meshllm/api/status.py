@@ -9,7 +9,7 @@ renders this JSON.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
@@ -62,11 +62,11 @@ def _model_phase(serving: list[Any]) -> str:
 def create_status_app(state: MeshState, *, node_id: str, extra: dict[str, Any] | None = None,
                       resolve: Resolver = resolve_model, events: EventSource = no_events,
                       on_applied: AppliedHook | None = None,
-                      clock: Callable[[], float] = time.time) -> Starlette:
+                      clock: Callable[[], float] = time.time, routes: Sequence[Route] = ()) -> Starlette:
     """The console app: ``/api/status`` and the control routes. ``events`` and ``on_applied`` connect
     the store (model events; applied manifests); ``resolve`` checks manifest sources on this node."""
     async def status(request: Request) -> JSONResponse:
         return JSONResponse(status_snapshot(state, node_id=node_id, now=clock(), extra=extra))
 
     control = ControlAPI(state=state, resolve=resolve, events=events, on_applied=on_applied, clock=clock)
-    return Starlette(routes=[Route("/api/status", status, methods=["GET"]), *control.routes()])
+    return Starlette(routes=[Route("/api/status", status, methods=["GET"]), *control.routes(), *routes])

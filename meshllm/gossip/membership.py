@@ -17,6 +17,11 @@ most ``RECONFIRM_WITHIN`` seconds): a starved node is the likeliest cause of its
 answers. A node that sees its own death while alive (a false suspicion or a healed partition)
 refutes it with a newer incarnation; dead peers keep being redialled slowly, which is how
 partitions heal.
+
+A node that joins through seeds whose credentials are wrong must not sit alone in silence: when
+every one of its ``join_seeds`` refused it on authentication (wrong mesh, wrong secret, retired key)
+and it has met no member yet, ``run`` raises ``JoinRefused``. Seeds that only time out or cannot be
+reached are dialled again as before; once this node met a member it never gives up this way.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ from meshllm.state.document import MeshState
 from meshllm.state.schema import NodeDeath, NodeStatus
 from meshllm.transport import (DialPriority, MessageStream, PeerConnection, PeerEvent, QuicEndpoint, Stream,
                                StreamKind)
-from meshllm.transport.errors import ErrorCode, TransportError
+from meshllm.errors import MeshError
+from meshllm.transport.errors import AuthError, ErrorCode, Refusal, TransportError
 
-__all__ = ["Membership", "confirm_limit", "parse_addr", "ring_neighbours"]
+__all__ = ["JoinRefused", "Membership", "confirm_limit", "parse_addr", "ring_neighbours"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,14 @@ def confirm_limit(base: float, *, multiplier: float, handshake_s: float) -> floa
     return min(max(base * multiplier, HANDSHAKE_MARGIN * handshake_s), base * CONFIRM_CAP)
 
 
+class JoinRefused(MeshError):
+    """Every seed this node joins through refused its credentials, and it knows no member."""
+
+    def __init__(self, addr: str, refusal: Refusal) -> None:
+        super().__init__(f"the mesh at {addr} refused this node's credentials: {refusal}")
+        self.addr, self.refusal = addr, refusal
+
+
 @dataclass
 class _Dial:
     next_at: float = 0.0
@@ -84,7 +98,8 @@ class Membership:
     """Keeps this node in the mesh: its entry, its connections, and the verdicts on lost peers."""
 
     def __init__(self, state: MeshState, gossip: DocGossip, endpoint: QuicEndpoint, *, me: NodeStatus,
-                 seeds: Sequence[str] = (), ring: int = 2, fingers: Sequence[float] = FINGERS,
+                 seeds: Sequence[str] = (), join_seeds: Sequence[str] = (), ring: int = 2,
+                 fingers: Sequence[float] = FINGERS,
                  tick: float = 0.25, confirm_timeout: float = 0.75,
                  dial_timeout: float = 4.0,
                  dead_redial: float = 3.0, clock: Callable[[], float] = time.time,
@@ -94,6 +109,10 @@ class Membership:
         self.endpoint = endpoint
         self.me = me
         self.seeds = list(seeds)
+        self.join_seeds = [s for s in join_seeds if s in self.seeds]  # whose refusals end the join
+        self._refusals: dict[str, Refusal] = {}  # join seeds that refused this node, while it met nobody
+        self._met_member = False
+        self._warned: set[tuple[str, Refusal]] = set()
         self.ring = ring
         self.fingers = tuple(fingers)
         self._links: tuple[frozenset[str], set[str]] = (frozenset(), set())
@@ -140,6 +159,7 @@ class Membership:
                 task_status.started()
                 while True:
                     await self._round(tg)
+                    self._check_refused()
                     await anyio.sleep(self.tick)
         finally:
             unsubscribe()
@@ -158,10 +178,31 @@ class Membership:
     async def _accept_gossip(self, conn: PeerConnection, stream: Stream) -> None:
         await self.gossip.attach(MessageStream(stream))
 
+    def _check_refused(self) -> None:
+        """Raise ``JoinRefused`` once every join seed refused this node and it met no member."""
+        if self._met_member or not self.join_seeds:
+            return
+        if self.endpoint.peers or self.state.nodes().keys() - {self.node_id}:
+            self._met_member = True
+            return
+        pending = [s for s in self.join_seeds if s not in self.me.addrs]
+        if pending and all(s in self._refusals for s in pending):
+            raise JoinRefused(pending[0], self._refusals[pending[0]])
+
+    def _note_refusal(self, addr: str, exc: AuthError) -> None:
+        if exc.refusal is None:
+            return
+        if not self._met_member and addr in self.join_seeds:
+            self._refusals[addr] = exc.refusal
+        elif (addr, exc.refusal) not in self._warned:  # e.g. the mesh key rotated while this node was away
+            self._warned.add((addr, exc.refusal))
+            log.warning("the node at %s refused this node: %s", addr, exc.refusal)
+
     async def _peer_events(self, tg: TaskGroup, events: anyio.abc.ObjectReceiveStream[PeerEvent]) -> None:
         async for event in events:
             peer = event.node_id
             if event.up:
+                self._met_member = True
                 self._suspects.pop(peer, None)
                 self._dials.pop(peer, None)
                 if event.connection.is_dialer:
@@ -291,6 +332,8 @@ class Membership:
                 except TransportError as exc:
                     if exc.code == ErrorCode.NOT_NEEDED:
                         return None
+                    if isinstance(exc, AuthError):
+                        self._note_refusal(addr, exc)
                     log.debug("dial %s at %s failed: %s", key, addr, exc)
                 except (OSError, TimeoutError, ValueError) as exc:
                     log.debug("dial %s at %s failed: %s", key, addr, exc)

@@ -34,6 +34,7 @@ from meshllm.errors import MeshError
 from meshllm.node.config import NodeConfig
 from meshllm.node.http import bind_socket, exit_on_signal, serve_app
 from meshllm.node.mesh import MeshRuntime
+from meshllm.node.rotation import node_rotation
 from meshllm.node.rpc_tunnel import RpcTunnelClient, RpcTunnelServer
 from meshllm.reconcile.demand import DemandRecorder
 from meshllm.reconcile.leases import PlacementReconciler
@@ -126,9 +127,11 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
                                    key=key, threads=config.threads, device=config.device, store=store)
         atexit.register(reconciler.kill_all_now)
         atexit.register(workers.kill_all_now)
+    rotation, rotation_api = node_rotation(mesh, tunnels=tunnels, workers=workers, served=reconciler)
     try:
         async with anyio.create_task_group() as tg, upstream_pool() as upstream:
             me = await mesh.start(tg, me)
+            await tg.start(rotation.run)
             mesh.serve_tunnels(router, upstream)
             await tg.start(tunnels.run)
             if workers is not None:
@@ -155,8 +158,10 @@ async def _serve(config: NodeConfig, identity: NodeIdentity, store: NodeStore, s
                     api = await apis.start(serve_app, openai_app, api_sock)
                     events, on_applied = store_hooks(store, node_id)
                     status_app = create_status_app(state, node_id=node_id, events=events, on_applied=on_applied,
-                                                   extra={"token": token, "mesh_id": mesh.creds.mesh_id,
-                                                          "rpc_tunnels": tunnels.tunnels})
+                                                   extra={"token": mesh.token, "mesh_id": mesh.creds.mesh_id,
+                                                          "key_id": lambda: mesh.creds.key_id,
+                                                          "rpc_tunnels": tunnels.tunnels},
+                                                   routes=rotation_api)
                     console = await apis.start(serve_app, status_app, console_sock)
                     announce(f"meshllm node {node_id}: OpenAI API {api_url}, console "
                              f"http://{config.host}:{config.console_port}/api/status, logs in "

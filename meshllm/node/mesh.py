@@ -3,6 +3,11 @@
 ``MeshRuntime`` owns the transport-facing parts of a node. It turns ``--join`` tokens into mesh
 credentials and seed addresses, advertises where this node can be dialled, and opens or serves
 HTTP tunnels so any node's API reaches a model served anywhere.
+
+Credentials from a token are saved in the state folder once a member accepted them (so a later
+start needs no token, and a mistyped token never replaces good credentials); a token every seed
+refuses ends the node with one line saying why (``refusal_message``). ``adopt`` switches the node to
+a rotated mesh secret (see ``node.rotation``).
 """
 
 from __future__ import annotations
@@ -21,16 +26,17 @@ from meshllm.api.upstream import UpstreamPool
 from meshllm.api.routing import Router
 from meshllm.api.tunnel import serve_tunnel
 from meshllm.errors import MeshError
-from meshllm.gossip.membership import Membership, parse_addr
+from meshllm.gossip.membership import JoinRefused, Membership, parse_addr
 from meshllm.gossip.sync import DocGossip
 from meshllm.state.document import MeshState
 from meshllm.state.schema import NodeStatus
 from meshllm.store.identity import NodeIdentity
-from meshllm.store.mesh import InviteToken, MeshCredentials, load_or_create_mesh, load_peers, save_peers
+from meshllm.store.mesh import (MESH_FILE, InviteToken, MeshCredentials, load_or_create_mesh, load_peers,
+                                save_mesh, save_peers)
 from meshllm.transport import MessageStream, PeerConnection, QuicEndpoint, Stream, StreamKind, TransportSettings
-from meshllm.transport.errors import TransportError
+from meshllm.transport.errors import Refusal, TransportError
 
-__all__ = ["MeshRuntime", "join_credentials"]
+__all__ = ["MeshRuntime", "join_credentials", "refusal_message"]
 
 # Detection budget: the transport reports a silent peer after ``peer_timeout`` (pings every
 # ``ping_interval``); membership then tries one redial before declaring it dead.
@@ -51,6 +57,28 @@ def join_credentials(tokens: Sequence[str]) -> tuple[MeshCredentials | None, lis
     if any(t.credentials != creds for t in decoded[1:]):
         raise MeshError("--join: the tokens belong to different meshes; join one mesh at a time")
     return creds, [addr for t in decoded for addr in t.addrs]
+
+
+_TOKEN_HINTS = {
+    Refusal.WRONG_SECRET: "the token is stale or mistyped; ask a member for a new one: meshllm token",
+    Refusal.RETIRED_KEY: "the mesh key was rotated since this token was made; ask a member for a new one: "
+                         "meshllm token",
+    Refusal.WRONG_MESH: "a node of another mesh answers there; ask a member of your mesh for a token: "
+                        "meshllm token",
+}
+_SAVED_HINT = "ask a member for a new token (meshllm token) and start this node with --join"
+
+
+def refusal_message(refused: JoinRefused, *, token: bool, state_dir: Path | None = None) -> str:
+    """One line for an operator whose node every seed refused: which check failed, and what to do."""
+    if token:
+        return (f"--join: the mesh at {refused.addr} refused this token: {refused.refusal} "
+                f"({_TOKEN_HINTS[refused.refusal]})")
+    saved = state_dir / MESH_FILE if state_dir is not None else MESH_FILE
+    why = {Refusal.RETIRED_KEY: "the mesh key was rotated while this node was away",
+           Refusal.WRONG_SECRET: "the mesh key changed", Refusal.WRONG_MESH: "another mesh answers there"}
+    return (f"the mesh at {refused.addr} refused the credentials saved in {saved}: {refused.refusal} "
+            f"({why[refused.refusal]}; {_SAVED_HINT})")
 
 
 def interface_addresses() -> list[str]:
@@ -91,11 +119,25 @@ class MeshRuntime:
 
     def __post_init__(self) -> None:
         self.endpoint = QuicEndpoint(self.identity, self.creds.mesh_id, self.creds.secret, host=self.host,
-                                     port=self.port, settings=MESH_TRANSPORT)
+                                     port=self.port, settings=MESH_TRANSPORT, retired=self.retired)
         self.gossip = DocGossip(self.state.doc, node_id=self.identity.node_id)
 
     state_dir: Path | None = None
     advertise: tuple[str, ...] = ()
+    join_seeds: tuple[str, ...] = ()  # the seeds of the --join tokens (empty: the remembered peers)
+    unsaved: bool = False  # credentials from a token that no member has accepted yet
+
+    def retired(self, kid: str) -> bool:
+        """Whether a rotation of the mesh key retired ``kid`` (peers proving it are refused)."""
+        return kid in self.state.rotations()
+
+    async def adopt(self, creds: MeshCredentials) -> None:
+        """Prove and demand ``creds`` from now on (a rotated mesh key), and keep them in the state folder."""
+        self.creds = creds
+        self.endpoint.switch_secret(creds.secret)
+        if self.state_dir is not None:
+            self.unsaved = False
+            await anyio.to_thread.run_sync(save_mesh, self.state_dir, creds)
 
     @classmethod
     def for_node(cls, state: MeshState, identity: NodeIdentity, *, state_dir: Path, joins: Sequence[str],
@@ -107,13 +149,17 @@ class MeshRuntime:
         if not port and last_port and udp_port_is_free(host, last_port):
             port = last_port  # peers that knew us redial this address
         return cls(state, identity, creds, seeds + [a for a in known if a not in seeds], host, port,
-                   state_dir=state_dir, advertise=tuple(advertise))
+                   state_dir=state_dir, advertise=tuple(advertise), join_seeds=tuple(seeds or known),
+                   unsaved=joining is not None)
 
     async def remember_peers(self, port: int) -> None:
         """Keep the members' addresses in the state folder, so a restart can rejoin without a token."""
         assert self.state_dir is not None
         saved: list[str] | None = None
         while True:
+            if self.unsaved and self.endpoint.peers:  # a member accepted the token's credentials: keep them
+                self.unsaved = False
+                await anyio.to_thread.run_sync(save_mesh, self.state_dir, self.creds)
             addrs = sorted(a for nid, node in self.state.alive_nodes().items() if nid != self.identity.node_id
                            for a in node.addrs)
             if addrs != saved and (addrs or saved is None):  # the port at once, then each new set of peers
@@ -127,7 +173,11 @@ class MeshRuntime:
         hosts = interface_addresses() if self.host == "0.0.0.0" else [self.host]
         return [f"{h}:{port}" for h in hosts or ["127.0.0.1"]]
 
-    def token(self, me: NodeStatus) -> str:
+    def token(self, me: NodeStatus | None = None) -> str:
+        """An invite token to this mesh, with its current secret and this node's addresses."""
+        if me is None:
+            assert self.membership is not None
+            me = self.membership.me
         return InviteToken(self.creds, tuple(me.addrs)).encode()
 
     async def start(self, tg: anyio.abc.TaskGroup, me: NodeStatus) -> NodeStatus:
@@ -137,9 +187,17 @@ class MeshRuntime:
         if self.state_dir is not None:
             tg.start_soon(self.remember_peers, port)
         await tg.start(self.gossip.run)
-        self.membership = Membership(self.state, self.gossip, self.endpoint, me=me, seeds=self.seeds)
-        await tg.start(self.membership.run)
+        self.membership = Membership(self.state, self.gossip, self.endpoint, me=me, seeds=self.seeds,
+                                     join_seeds=self.join_seeds)
+        await tg.start(self._run_membership, self.membership)
         return me
+
+    async def _run_membership(self, membership: Membership, *,
+                              task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await membership.run(task_status=task_status)
+        except JoinRefused as exc:
+            raise MeshError(refusal_message(exc, token=self.unsaved, state_dir=self.state_dir)) from None
 
     def serve_tunnels(self, router: Router, upstream: UpstreamPool) -> None:
         forward = make_local_forward(router, upstream)

@@ -15,13 +15,14 @@ from pycrdt import Doc, Map
 from pydantic import BaseModel, ValidationError
 
 from meshllm.state.schema import (
-    DemandEntry, ModelSpec, NodeDeath, NodeStatus, PlacementLease, ServerStatus, WorkerStatus,
+    DemandEntry, KeyRotation, ModelSpec, NodeDeath, NodeStatus, PlacementLease, ServerStatus, WorkerStatus,
 )
 
 __all__ = ["MeshState"]
 
 E = TypeVar("E", bound=BaseModel)
-_KINDS = ("models", "nodes", "servers", "deaths", "demand", "leases", "workers")
+_KINDS = ("models", "nodes", "servers", "deaths", "demand", "leases", "workers",
+          "rotations")
 
 
 class MeshState:
@@ -111,6 +112,9 @@ class MeshState:
     def put_lease(self, lease: PlacementLease) -> None:
         self._put_whole("leases", lease.key, lease)
 
+    def put_rotation(self, rotation: KeyRotation) -> None:
+        self._put_whole("rotations", rotation.old, rotation)
+
     def remove_demand(self, key: str) -> bool:
         return self._remove("demand", key)
 
@@ -177,6 +181,9 @@ class MeshState:
 
     def workers(self) -> dict[str, WorkerStatus]:
         return self._read("workers", WorkerStatus)
+
+    def rotations(self) -> dict[str, KeyRotation]:
+        return self._read("rotations", KeyRotation)
 
     def alive_nodes(self) -> dict[str, NodeStatus]:
         """Nodes not declared dead in their current incarnation."""

@@ -24,6 +24,9 @@ workers    ``<node id>/<model>``   the node running it         observed: a ggml-
                                                                (``WorkerStatus``)
 deaths     node id                 any node that saw it die    the node's incarnation that was
                                                                declared dead (``NodeDeath``)
+rotations  retired key id          the node that ran           the mesh secret that replaced that
+                                   ``rotate-key``              key, sealed under it (``KeyRotation``;
+                                                               a plain value, written once)
 =========  ======================  ==========================  ==================================
 
 A model is *wanted* while it was applied from a manifest (``origin`` manifest), while the node whose
@@ -49,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "DemandEntry",
+    "KeyRotation",
     "ModelName",
     "ModelOrigin",
     "ModelSpec",
@@ -213,6 +217,19 @@ class WorkerStatus(_Entity):
         return server_key(self.node, self.model)
 
 
+class KeyRotation(_Entity):
+    """The mesh key ``old`` was retired for the key ``new``: the new secret, sealed (AES-GCM) under a
+    key derived from the old one, so only nodes that held the old secret can open it (see
+    ``store.rotation``). Members refuse hellos proven with ``old`` from then on."""
+
+    old: str = Field(min_length=1, description="key id of the retired mesh secret")
+    new: str = Field(min_length=1, description="key id of the secret that replaced it")
+    nonce: str = Field(description="AES-GCM nonce, base64")
+    sealed: str = Field(description="the new secret sealed under the old one, base64")
+    by: str = Field(default="", description="the node that rotated the key")
+    at: float = 0.0
+
+
 def server_key(node: str, model: str) -> str:
     return f"{node}/{model}"
 
@@ -229,4 +246,4 @@ def json_schemas() -> dict[str, dict[str, object]]:
     """JSON Schemas of the document's entities, as checked in under ``schemas/``."""
     return {f"state.{model.__name__}": model.model_json_schema()
             for model in (ModelSpec, NodeStatus, ServerStatus, NodeDeath, DemandEntry, PlacementLease,
-                          WorkerStatus)}
+                          WorkerStatus, KeyRotation)}
