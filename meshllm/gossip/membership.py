@@ -153,17 +153,19 @@ class Membership:
         unsubscribe = self.endpoint.on_peer(on_peer)
         subscriptions = self.state.observe(on_change)
         self.state.put_node(self.me)
+        refused: JoinRefused | None = None
         try:
-            async with anyio.create_task_group() as tg, receive:
+            async with send, receive, anyio.create_task_group() as tg:
                 tg.start_soon(self._peer_events, tg, receive)
                 task_status.started()
-                while True:
+                while (refused := self._refused()) is None:
                     await self._round(tg)
-                    self._check_refused()
                     await anyio.sleep(self.tick)
+                tg.cancel_scope.cancel()
         finally:
             unsubscribe()
             self.state.unobserve(subscriptions)
+        raise refused  # run returns only this way (JoinRefused raised outside the task group, unwrapped)
 
     async def leave(self) -> None:
         """Announce a clean departure, so peers need not wait for the failure detector."""
@@ -178,16 +180,27 @@ class Membership:
     async def _accept_gossip(self, conn: PeerConnection, stream: Stream) -> None:
         await self.gossip.attach(MessageStream(stream))
 
-    def _check_refused(self) -> None:
-        """Raise ``JoinRefused`` once every join seed refused this node and it met no member."""
+    @property
+    def joining(self) -> bool:
+        """Whether this node still waits on its join seeds: none let it in yet, and not all refused it."""
+        return bool(self.join_seeds) and not self._met_member and self._refused() is None
+
+    @property
+    def refused(self) -> JoinRefused | None:
+        """Why every join seed refused this node, while it has met no member (``run`` then raises it)."""
+        return self._refused()
+
+    def _refused(self) -> JoinRefused | None:
+        """``JoinRefused`` once every join seed refused this node while it met no member."""
         if self._met_member or not self.join_seeds:
-            return
+            return None
         if self.endpoint.peers or self.state.nodes().keys() - {self.node_id}:
             self._met_member = True
-            return
+            return None
         pending = [s for s in self.join_seeds if s not in self.me.addrs]
         if pending and all(s in self._refusals for s in pending):
-            raise JoinRefused(pending[0], self._refusals[pending[0]])
+            return JoinRefused(pending[0], self._refusals[pending[0]])
+        return None
 
     def _note_refusal(self, addr: str, exc: AuthError) -> None:
         if exc.refusal is None:

@@ -41,6 +41,7 @@ __all__ = ["MeshRuntime", "join_credentials", "refusal_message"]
 # Detection budget: the transport reports a silent peer after ``peer_timeout`` (pings every
 # ``ping_interval``); membership then tries one redial before declaring it dead.
 MESH_TRANSPORT = TransportSettings(ping_interval=1.0, peer_timeout=2.5)
+JOIN_WAIT = 2.0  # seconds a starting node waits for its seeds to let it in (or refuse it) before serving
 
 
 def join_credentials(tokens: Sequence[str]) -> tuple[MeshCredentials | None, list[str]]:
@@ -190,6 +191,11 @@ class MeshRuntime:
         self.membership = Membership(self.state, self.gossip, self.endpoint, me=me, seeds=self.seeds,
                                      join_seeds=self.join_seeds)
         await tg.start(self._run_membership, self.membership)
+        with anyio.move_on_after(JOIN_WAIT):  # a refused join ends the node before it serves anything
+            while self.membership.joining:
+                await anyio.sleep(0.02)
+        if (refused := self.membership.refused) is not None:
+            raise MeshError(refusal_message(refused, token=self.unsaved, state_dir=self.state_dir))
         return me
 
     async def _run_membership(self, membership: Membership, *,

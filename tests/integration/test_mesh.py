@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -88,12 +87,9 @@ def test_a_wrong_token_is_refused(mesh: Mesh, tiny_dense: Path) -> None:
     a.wait_ready("tiny-dense")
     token = a.status()["token"]
     intruder = mesh.start("x", "127.0.0.5", "--client", "--join", forged(token))
-    wait_for(lambda: intruder.status() is not None, timeout=20, what="the intruder's API")
-    time.sleep(3)
-    assert listed(intruder) == set()
-    assert len(intruder.status()["nodes"]) == 1
+    assert intruder.proc is not None and intruder.proc.wait(timeout=30) == 1  # refused: it says why and ends
+    assert "refused this token: wrong secret" in intruder.log_text()
     assert len(a.status()["nodes"]) == 1
-    assert "AUTH" in intruder.log_text().upper() or "refused" in intruder.log_text()
 
     damaged = token[:20] + ("A" if token[20] != "A" else "B") + token[21:]
     for bad in ("not-a-token", damaged):
