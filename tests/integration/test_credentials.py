@@ -16,9 +16,13 @@ from typing import Any
 import httpx
 import pytest
 
+from meshllm.engine.rpc_auth import RPC_SECRET_ENV, rpc_key
 from meshllm.store.mesh import MESH_FILE, InviteToken, MeshCredentials
 from tests.conftest import free_port
 from tests.integration.nodes import Mesh, NodeProcess, listed, wait_for
+from tests.integration.test_split import MODEL, cap, condition, solo, split_model
+
+__all__ = ["solo", "split_model"]  # fixtures used here
 
 pytestmark = pytest.mark.engine
 
@@ -184,3 +188,82 @@ def second_dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from meshllm.engine.tinygguf import write_dense
 
     return write_dense(tmp_path_factory.mktemp("models") / "second-dense.gguf", n_layer=3, seed=7)
+
+
+def test_a_member_offline_during_a_rotation_needs_the_new_token(mesh: Mesh, tmp_path: Path) -> None:
+    a = mesh.start("a", "127.0.0.2", "--client")
+    f = mesh.start("f", "127.0.0.3", "--client", "--join", wait_for_token(a))
+    wait_for(lambda: len(f.status()["nodes"]) == 2, timeout=30, what="F to join")
+    f_id = f.status()["node"]["id"]
+    wait_for(lambda: (f.state_dir / "peers.json").exists() and saved_secret(f) != b"", timeout=10,
+             what="F to keep the mesh's credentials and peers")
+    assert f.stop() == 0
+    done = cli(a, "rotate-key")
+    assert done.returncode == 0, done.stderr
+
+    again = mesh.start("f", "127.0.0.3", "--client")  # the saved (now retired) credentials
+    assert again.proc is not None and again.proc.wait(timeout=30) == 1
+    [line] = [line for line in again.log_text().splitlines() if line.startswith("error:")]
+    assert f"refused the credentials saved in {f.state_dir / MESH_FILE}: retired key (" in line, line
+    token_file = tmp_path / "new-token"
+    token_file.write_text(done.stdout)
+    rejoined = mesh.start("f", "127.0.0.3", "--client", "--join", f"@{token_file}")
+    wait_for(lambda: node_states(a).get(f_id) == "alive" and rejoined.status()["node"]["id"] == f_id, timeout=30,
+             what="F to rejoin with the new token")
+
+
+def rpc_key_of(pid: int) -> str:
+    """The RPC key an engine process was started with (its environment)."""
+    for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+        name, _, value = item.partition(b"=")
+        if name == RPC_SECRET_ENV.encode():
+            return value.decode()
+    return ""
+
+
+def split_pids(node: NodeProcess) -> tuple[int, int]:
+    """The pids of the split's host llama-server and its worker's ggml-rpc-server."""
+    entry = next(m for m in node.status()["models"] if m["name"] == MODEL)
+    host = next((s["pid"] for s in entry["servers"] if s["phase"] == "ready"), 0)
+    return int(host), int(entry["workers"][0]["pid"]) if entry["workers"] else 0
+
+
+def split_worker(node: NodeProcess) -> dict[str, Any]:
+    entry = next(m for m in node.status()["models"] if m["name"] == MODEL)
+    return dict(entry["workers"][0]) if entry["workers"] else {}
+
+
+def test_a_split_restarts_with_the_rotated_rpc_key(mesh: Mesh, split_model: Path, solo: str) -> None:
+    """The split's RPC key derives from the mesh secret: after a rotation the workers demand the new key
+    (an old-token holder can no longer drive a --rpc-direct worker) and the split serves as before."""
+    vram = cap(split_model, 0.8)
+    a = mesh.start("a", "127.0.0.2", "--rpc-direct", "--max-vram", vram, models=(str(split_model),))
+    old = InviteToken.decode(wait_for_token(a)).credentials
+    b = mesh.start("b", "127.0.0.3", "--standby", "--rpc-direct", "--max-vram", vram, "--join", a.status()["token"])
+    wait_for(lambda: condition(a).get("phase") == "Ready", timeout=90, what="the split to be ready")
+    expected = split_greedy(solo)
+    assert split_greedy(a.api) == expected
+    old_pids = split_pids(a)
+    assert [rpc_key_of(pid) for pid in old_pids] == [rpc_key(old.secret)] * 2
+
+    done = cli(b, "rotate-key")
+    assert done.returncode == 0, done.stderr
+    new = InviteToken.decode(done.stdout.strip()).credentials
+
+    def restarted() -> bool:
+        pids = split_pids(a)
+        return (condition(a).get("phase") == "Ready" and split_worker(a).get("phase") == "ready"
+                and all(pids) and not set(pids) & set(old_pids))
+
+    took = wait_for(restarted, timeout=90, what="the split to be ready again on restarted processes")
+    print(f"\nsplit ready again {took:.1f}s after the rotation")
+    assert [rpc_key_of(pid) for pid in split_pids(a)] == [rpc_key(new.secret)] * 2  # the old key opens nothing
+    assert split_greedy(a.api) == split_greedy(b.api) == expected
+
+
+def split_greedy(base_url: str) -> str:
+    response = httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": "Once upon a time",
+                                                              "max_tokens": 24, "temperature": 0}, timeout=60)
+    response.raise_for_status()
+    text: str = response.json()["choices"][0]["text"]
+    return text
