@@ -165,7 +165,8 @@ class Membership:
         finally:
             unsubscribe()
             self.state.unobserve(subscriptions)
-        raise refused  # run returns only this way (JoinRefused raised outside the task group, unwrapped)
+        assert refused is not None  # run ends only this way: JoinRefused, raised outside the task group
+        raise refused
 
     async def leave(self) -> None:
         """Announce a clean departure, so peers need not wait for the failure detector."""
