@@ -19,9 +19,10 @@ refutes it with a newer incarnation; dead peers keep being redialled slowly, whi
 partitions heal.
 
 A node that joins through seeds whose credentials are wrong must not sit alone in silence: when
-every one of its ``join_seeds`` refused it on authentication (wrong mesh, wrong secret, retired key)
-and it has met no member yet, ``run`` raises ``JoinRefused``. Seeds that only time out or cannot be
-reached are dialled again as before; once this node met a member it never gives up this way.
+every one of its ``join_seeds`` refused it on authentication (``join_refusals``: by default wrong
+mesh, wrong secret or retired key) and it has met no member yet, ``run`` raises ``JoinRefused``.
+Seeds that only time out or cannot be reached are dialled again as before; once this node met a
+member it never gives up this way.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -98,7 +99,8 @@ class Membership:
     """Keeps this node in the mesh: its entry, its connections, and the verdicts on lost peers."""
 
     def __init__(self, state: MeshState, gossip: DocGossip, endpoint: QuicEndpoint, *, me: NodeStatus,
-                 seeds: Sequence[str] = (), join_seeds: Sequence[str] = (), ring: int = 2,
+                 seeds: Sequence[str] = (), join_seeds: Sequence[str] = (),
+                 join_refusals: Collection[Refusal] = tuple(Refusal), ring: int = 2,
                  fingers: Sequence[float] = FINGERS,
                  tick: float = 0.25, confirm_timeout: float = 0.75,
                  dial_timeout: float = 4.0,
@@ -110,6 +112,7 @@ class Membership:
         self.me = me
         self.seeds = list(seeds)
         self.join_seeds = [s for s in join_seeds if s in self.seeds]  # whose refusals end the join
+        self.join_refusals = frozenset(join_refusals)
         self._refusals: dict[str, Refusal] = {}  # join seeds that refused this node, while it met nobody
         self._met_member = False
         self._warned: set[tuple[str, Refusal]] = set()
@@ -206,7 +209,7 @@ class Membership:
     def _note_refusal(self, addr: str, exc: AuthError) -> None:
         if exc.refusal is None:
             return
-        if not self._met_member and addr in self.join_seeds:
+        if not self._met_member and addr in self.join_seeds and exc.refusal in self.join_refusals:
             self._refusals[addr] = exc.refusal
         elif (addr, exc.refusal) not in self._warned:  # e.g. the mesh key rotated while this node was away
             self._warned.add((addr, exc.refusal))

@@ -188,8 +188,11 @@ class MeshRuntime:
         if self.state_dir is not None:
             tg.start_soon(self.remember_peers, port)
         await tg.start(self.gossip.run)
+        # remembered peers that refuse as "wrong mesh" are addresses another mesh reuses, not a sign
+        # that this node's credentials are stale: only a token's seeds end the node for that
+        refusals = tuple(Refusal) if self.unsaved else (Refusal.WRONG_SECRET, Refusal.RETIRED_KEY)
         self.membership = Membership(self.state, self.gossip, self.endpoint, me=me, seeds=self.seeds,
-                                     join_seeds=self.join_seeds)
+                                     join_seeds=self.join_seeds, join_refusals=refusals)
         await tg.start(self._run_membership, self.membership)
         with anyio.move_on_after(JOIN_WAIT):  # a refused join ends the node before it serves anything
             while self.membership.joining:

@@ -47,7 +47,8 @@ def refused_start(mesh: Mesh, name: str, token: str) -> tuple[subprocess.Complet
     """Start a client node with ``token``; it must exit on its own. Returns it and the seconds it ran."""
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "meshllm", "--client", "--join", token, "--bind-host", "127.0.0.9",
-                           "--state-dir", str(mesh.root / name), "--port", str(free_port()), "--console", str(free_port())],
+                           "--state-dir", str(mesh.root / name), "--port", str(free_port()),
+                           "--console", str(free_port())],
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "MESHLLM_ENGINE_DIR": str(mesh.engine_dir)})
     return done, time.monotonic() - started
@@ -157,7 +158,8 @@ def test_rotate_key_moves_every_member_to_a_new_secret_and_retires_the_old_token
     # they carry on: no connection lost, the model still reached through the mesh, gossip flows
     assert all(set(node_states(n).values()) == {"alive"} and set(node_states(n)) == ids for n in (a, b, c))
     assert greedy(b, "tiny-dense") == greedy(c, "tiny-dense") == before
-    manifest = f"apiVersion: meshllm/v1\nkind: Model\nmetadata: {{name: second-dense}}\nspec: {{source: {second_dense}}}\n"
+    manifest = ("apiVersion: meshllm/v1\nkind: Model\nmetadata: {name: second-dense}\n"
+                f"spec: {{source: {second_dense}}}\n")
     assert cli(c, "apply", "-f", "-", stdin=manifest).returncode == 0
     wait_for(lambda: all(listed(n) == {"tiny-dense", "second-dense"} for n in (a, b, c)), timeout=60,
              what="the manifest applied after the rotation to be served and listed everywhere")

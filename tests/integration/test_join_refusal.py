@@ -140,3 +140,19 @@ async def test_a_silent_seed_keeps_the_node_trying() -> None:
                         header = pull_quic_header(Buffer(data=silent.recv(2048)), host_cid_length=8)
                         attempts.add(header.destination_cid)
                 tg.cancel_scope.cancel()
+
+
+async def test_a_remembered_peer_of_another_mesh_does_not_end_the_node(caplog: pytest.LogCaptureFixture) -> None:
+    """Restarted from its state folder, a node whose old peer's address now belongs to another mesh keeps
+    running (address reuse, not stale credentials): only a wrong secret or a retired key end it."""
+    other = endpoint("127.0.0.2", mesh="another mesh")
+    async with running(other) as (port,):
+        membership, node = joining([f"127.0.0.2:{port}"])
+        membership.join_refusals = frozenset({Refusal.WRONG_SECRET, Refusal.RETIRED_KEY})
+        async with running(node), anyio.create_task_group() as tg:
+            await tg.start(membership.run)
+            with anyio.fail_after(10):
+                while sum("belongs to mesh" in r.getMessage() for r in caplog.records) < 3:  # refused 3 times
+                    await anyio.sleep(0.05)
+            assert membership.refused is None and membership.joining
+            tg.cancel_scope.cancel()
