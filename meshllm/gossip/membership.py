@@ -37,13 +37,13 @@ from functools import partial
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from meshllm.errors import MeshError
 from meshllm.gossip.overlay import FINGERS, links, ring_neighbours
 from meshllm.gossip.sync import DocGossip
 from meshllm.state.document import MeshState
 from meshllm.state.schema import NodeDeath, NodeStatus
 from meshllm.transport import (DialPriority, MessageStream, PeerConnection, PeerEvent, QuicEndpoint, Stream,
                                StreamKind)
-from meshllm.errors import MeshError
 from meshllm.transport.errors import AuthError, ErrorCode, Refusal, TransportError
 
 __all__ = ["JoinRefused", "Membership", "confirm_limit", "parse_addr", "ring_neighbours"]

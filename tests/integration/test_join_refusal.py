@@ -101,13 +101,15 @@ async def test_a_switched_secret_keeps_connections_and_refuses_the_old_key() -> 
             assert fresh.node_id == b.node_id
 
 
-def joining(seeds: list[str], *, dial_timeout: float = 0.5) -> tuple[Membership, QuicEndpoint]:
+def joining(seeds: list[str], *, dial_timeout: float = 0.5,
+            refusals: tuple[Refusal, ...] = tuple(Refusal)) -> tuple[Membership, QuicEndpoint]:
     identity = NodeIdentity(Ed25519PrivateKey.generate())
     node = QuicEndpoint(identity, MESH, b"this node holds a mistyped secret", host="127.0.0.1")
     state = MeshState()
     gossip = DocGossip(state.doc, node_id=identity.node_id)
     me = NodeStatus(id=identity.node_id, addrs=["127.0.0.1:1"])
-    return Membership(state, gossip, node, me=me, seeds=seeds, join_seeds=seeds, dial_timeout=dial_timeout), node
+    return Membership(state, gossip, node, me=me, seeds=seeds, join_seeds=seeds, join_refusals=refusals,
+                      dial_timeout=dial_timeout), node
 
 
 async def test_a_node_every_seed_refuses_gives_up_within_seconds() -> None:
@@ -147,8 +149,7 @@ async def test_a_remembered_peer_of_another_mesh_does_not_end_the_node(caplog: p
     running (address reuse, not stale credentials): only a wrong secret or a retired key end it."""
     other = endpoint("127.0.0.2", mesh="another mesh")
     async with running(other) as (port,):
-        membership, node = joining([f"127.0.0.2:{port}"])
-        membership.join_refusals = frozenset({Refusal.WRONG_SECRET, Refusal.RETIRED_KEY})
+        membership, node = joining([f"127.0.0.2:{port}"], refusals=(Refusal.WRONG_SECRET, Refusal.RETIRED_KEY))
         async with running(node), anyio.create_task_group() as tg:
             await tg.start(membership.run)
             with anyio.fail_after(10):

@@ -11,8 +11,7 @@ import pytest
 
 from meshllm.node.rotation import KeyRotation
 from meshllm.state.document import MeshState
-from meshllm.state.schema import KeyRotation as RotationEntry
-from meshllm.state.schema import NodeStatus
+from meshllm.state.schema import KeyRotation as RotationEntry, NodeStatus
 from meshllm.store.mesh import MeshCredentials
 from meshllm.store.rotation import follow, seal, unseal
 
