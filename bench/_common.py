@@ -23,10 +23,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def get_json(url: str) -> Any:
+def get_json(url: str, *, headers: dict[str, str] | None = None) -> Any:
     """The JSON at ``url``, or None while the node is not answering yet."""
     try:
-        response = httpx.get(url, timeout=2, trust_env=False)
+        response = httpx.get(url, timeout=2, trust_env=False, headers=headers)
         return response.json() if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None

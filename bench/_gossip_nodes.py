@@ -2,7 +2,7 @@
 
 100 aioquic endpoints in one Python process measure that process's CPU more than the protocol, so the
 bench spreads the nodes over ``--procs`` worker processes. Each worker runs its nodes as
-``MeshRuntime.start`` wires them (no llama-server, no HTTP), and answers commands from the bench over a
+``MeshRuntime.run`` wires them (no llama-server, no HTTP), and answers commands from the bench over a
 ``multiprocessing`` pipe: start nodes, watch for a condition, write a change, read counters, crash a
 node. Times are ``time.monotonic()``, one clock for every process on Linux, so the bench compares
 times taken in different workers. Conditions are timed in the replicas' own change callbacks.
@@ -95,7 +95,7 @@ class BenchNode:
 
     async def serve(self, seeds: Sequence[str], *,
                     task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Start as ``MeshRuntime.start`` does; report the address to dial; run until cancelled."""
+        """Start as ``MeshRuntime.run`` does; report the address to dial; run until cancelled."""
         now = time.time()
         try:
             async with anyio.create_task_group() as tg:

@@ -7,7 +7,7 @@ Whether that stays cheap and quick at 100 nodes is what this bench answers.
 
 For each size N it runs N nodes spread over ``--procs`` worker processes (``_gossip_nodes.py``), each
 node with its own identity, ``QuicEndpoint`` (a real UDP socket on 127.0.0.1), ``MeshState``,
-``DocGossip`` and ``Membership``, wired as ``MeshRuntime.start`` wires them (no llama-server, no HTTP).
+``DocGossip`` and ``Membership``, wired as ``MeshRuntime.run`` wires them (no llama-server, no HTTP).
 Node 0 founds the mesh, the others join with its address as seed and the same mesh credentials. Then
 it measures:
 

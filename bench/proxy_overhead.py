@@ -17,6 +17,10 @@ within a round) are the ones to trust when other jobs come and go; the plain p50
 
     MESHLLM_ENGINE_DIR=/tmp/eng/build/bin .venv/bin/python bench/proxy_overhead.py [--tiny] [--rounds 20]
 
+``--api-key`` starts two such nodes, one open and one requiring an API key, and runs both pairs in every
+round: per round, what the keyed node's proxy adds over its llama-server minus what the open node's adds is
+the key's cost, printed with its spread across rounds (the noise), beside the gate's own cost in process.
+
 It prints a table and never asserts: benchmarks are not tests (see STYLE.md).
 """
 
@@ -33,13 +37,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from meshllm.api.keys import new_key
+
 from _common import cpu_seconds, get_json, percentile, retryable, stream_once
+
+from meshllm.engine.process import stop_process_now
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The history of the printing press"
@@ -73,6 +81,16 @@ class Sample:
     decode_tps: float
     node_cpu_s: float
     attempts: int
+    pair: str = ""  # --api-key: which node ("open" or "keyed")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One node's two targets (its llama-server straight, and its proxy) and the node's pid."""
+
+    name: str
+    clients: dict[str, httpx.Client]
+    node_pid: int
 
 
 # -- the node subprocess ------------------------------------------------------------------------
@@ -105,14 +123,18 @@ def _children(pid: int) -> set[int]:
 
 
 
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def _wait_ready(proc: subprocess.Popen[bytes], port: int, console: int, *, timeout: float,
-                log: Path) -> Node:
+                log: Path, key: str = "") -> Node:
     """Poll until /v1/models lists the model and /api/status shows its llama-server ready."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the node exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        models = get_json(f"http://127.0.0.1:{port}/v1/models")
+        models = get_json(f"http://127.0.0.1:{port}/v1/models", headers=_auth(key))
         status = get_json(f"http://127.0.0.1:{console}/api/status") if models and models["data"] else None
         for model in (status or {}).get("models", []):
             for server in model["servers"]:
@@ -124,8 +146,9 @@ def _wait_ready(proc: subprocess.Popen[bytes], port: int, console: int, *, timeo
 
 
 @contextlib.contextmanager
-def running_node(model: str, *, state_dir: Path, threads: int, timeout: float) -> Iterator[Node]:
-    """``python -m meshllm --model MODEL`` on free ports; stopped with SIGINT, as a user would, on exit."""
+def running_node(model: str, *, state_dir: Path, threads: int, timeout: float, key: str = "") -> Iterator[Node]:
+    """``python -m meshllm --model MODEL`` on free ports; stopped with SIGINT, as a user would, on exit.
+    ``key``: the node requires it (given as MESHLLM_API_KEY)."""
     port, console = free_port(), free_port()
     cmd = [sys.executable, "-m", "meshllm", "--model", model, "--port", str(port), "--console", str(console),
            "--state-dir", str(state_dir)]
@@ -133,10 +156,11 @@ def running_node(model: str, *, state_dir: Path, threads: int, timeout: float) -
         cmd += ["--threads", str(threads)]
     log = state_dir / "node.out"
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        env = {**os.environ, "MESHLLM_API_KEY": key} if key else None
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
     llama_pid = 0
     try:
-        node = _wait_ready(proc, port, console, timeout=timeout, log=log)
+        node = _wait_ready(proc, port, console, timeout=timeout, log=log, key=key)
         llama_pid = node.llama_pid
         yield node
     finally:
@@ -146,13 +170,8 @@ def running_node(model: str, *, state_dir: Path, threads: int, timeout: float) -
 def _stop_node(proc: subprocess.Popen[bytes], llama_pid: int) -> None:
     """SIGINT, as Ctrl-C would: the node stops its llama-server itself. Whatever outlives it is killed."""
     engines = {pid for pid in _children(proc.pid) | {llama_pid} if pid and _engine_alive(pid)}
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        print(f"warning: node pid {proc.pid} ignored SIGINT for 30s; killing it", file=sys.stderr)
-        proc.kill()
-        proc.wait()
+    if stop_process_now(proc, grace=30, first=signal.SIGINT) == -signal.SIGKILL:
+        print(f"warning: node pid {proc.pid} ignored SIGINT for 30s; it was killed", file=sys.stderr)
     left = sorted(pid for pid in engines if _engine_alive(pid))
     for pid in left:
         print(f"warning: llama-server pid {pid} outlived its node; killing it", file=sys.stderr)
@@ -208,19 +227,24 @@ def measure(client: httpx.Client, body: dict[str, Any], *, mode: str, target: st
 
 
 # -- phases -------------------------------------------------------------------------------------
-def interleaved(clients: dict[str, httpx.Client], body: dict[str, Any], *, rounds: int, warmup: int,
-                ttft_rounds: int, node_pid: int) -> list[Sample]:
+def interleaved(pairs: list[Pair], body: dict[str, Any], *, rounds: int, warmup: int,
+                ttft_rounds: int) -> list[Sample]:
     """Alternate direct and proxied, swapping which goes first every round: first full-length requests
-    (decode rate, CPU), then many short ones (time to first token, which varies more than 1 ms)."""
+    (decode rate, CPU), then many short ones (time to first token, which varies more than 1 ms).
+    With two pairs (--api-key), each round does both, swapping which pair goes first every round and which
+    target goes first every two rounds: the first request after the other node's (slower: caches gone
+    cold) then falls as often on each node's direct as on its proxied target."""
     samples = []
     for modes, count, label in ((DECODE_MODES, rounds, "round"), (TTFT_MODES, ttft_rounds, "TTFT round")):
         for round_ in range(-warmup, count):
-            order = TARGETS if round_ % 2 == 0 else TARGETS[::-1]
-            for mode in modes:
-                for target in order:
-                    sample = measure(clients[target], body, mode=mode, target=target, node_pid=node_pid,
-                                     phase="warmup" if round_ < 0 else "interleaved", round_=round_)
-                    samples.append(sample)
+            order = TARGETS if (round_ // len(pairs)) % 2 == 0 else TARGETS[::-1]
+            for pair in pairs if round_ % 2 == 0 else pairs[::-1]:
+                for mode in modes:
+                    for target in order:
+                        sample = measure(pair.clients[target], body, mode=mode, target=target,
+                                         node_pid=pair.node_pid, round_=round_,
+                                         phase="warmup" if round_ < 0 else "interleaved")
+                        samples.append(replace(sample, pair=pair.name))
             if round_ >= 0:
                 print(f"\r  {label} {round_ + 1}/{count}   ", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
@@ -353,6 +377,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="llama-server --threads (default: its own)")
     parser.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for the node")
     parser.add_argument("--json", type=Path, help="write raw samples and the summary here")
+    parser.add_argument("--api-key", action="store_true",
+                        help="two nodes side by side, one open and one requiring an API key: what the key costs")
     args = parser.parse_args(argv)
     return args
 
@@ -363,25 +389,112 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         from meshllm.engine.tinygguf import write_dense
         model = str(write_dense(workdir / "tiny-dense.gguf"))
     body = {"prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
-    with running_node(model, state_dir=workdir / "state", threads=args.threads,
-                      timeout=args.ready_timeout) as node:
-        body["model"] = node.model
-        print(f"node {node.pid} serving {node.model}: proxied {node.proxied_url}, direct {node.direct_url}",
-              file=sys.stderr)
-        clients = {t: httpx.Client(base_url=url, timeout=httpx.Timeout(300, connect=5), trust_env=False)
-                   for t, url in zip(TARGETS, (node.direct_url, node.proxied_url))}
-        try:
-            samples = interleaved(clients, body, rounds=args.rounds, warmup=args.warmup,
-                                  ttft_rounds=args.ttft_rounds, node_pid=node.pid)
-        finally:
-            for client in clients.values():
-                client.close()
-    summary = summarize(samples)
-    print_report(node, args, summary)
+    key = new_key() if args.api_key else ""
+    names = ("open", "keyed") if key else ("",)
+    with contextlib.ExitStack() as stack:
+        nodes, pairs = {}, []
+        for name in names:
+            state_dir = workdir / f"state-{name or 'node'}"
+            state_dir.mkdir()
+            node = nodes[name] = stack.enter_context(running_node(
+                model, state_dir=state_dir, threads=args.threads, timeout=args.ready_timeout,
+                key=key if name == "keyed" else ""))
+            body["model"] = node.model
+            print(f"node {node.pid} {name} serving {node.model}: proxied {node.proxied_url}, direct "
+                  f"{node.direct_url}", file=sys.stderr)
+            clients = {t: stack.enter_context(httpx.Client(
+                base_url=url, timeout=httpx.Timeout(300, connect=5), trust_env=False,
+                headers=_auth(key) if name == "keyed" and t == "proxied" else None))
+                for t, url in zip(TARGETS, (node.direct_url, node.proxied_url))}
+            pairs.append(Pair(name, clients, node.pid))
+        samples = interleaved(pairs, body, rounds=args.rounds, warmup=args.warmup, ttft_rounds=args.ttft_rounds)
+    summaries = {name: summarize([s for s in samples if s.pair == name]) for name in names}
+    for name, node in nodes.items():
+        if name:
+            print(f"\n== the {name} node: " + ("every proxied request carries `Authorization: Bearer KEY`, "
+                                                "checked by the gate" if name == "keyed" else "no API key"))
+        print_report(node, args, summaries[name])
+    costs = print_key_costs(samples) if key else None
     if args.json:
-        raw = {"args": {k: str(v) for k, v in vars(args).items()}, "node": asdict(node), "summary": summary,
-               "samples": [asdict(s) for s in samples]}
+        raw = {"args": {k: str(v) for k, v in vars(args).items()}, "nodes": {n: asdict(v) for n, v in nodes.items()},
+               "summary": summaries, "key_costs": costs, "samples": [asdict(s) for s in samples]}
         args.json.write_text(json.dumps(raw, indent=1))
+
+
+# -- --api-key: the key's cost ----------------------------------------------------------------------
+def key_cost(samples: list[Sample], mode: str) -> dict[str, float]:
+    """Each node's paired p50 (ms its proxy added over its own llama-server, and proxied/direct decode
+    rate), and the keyed node's minus (over) the open node's with two standard errors: the median's
+    standard error is about 0.93 IQR / sqrt(rounds), from the spread of the per-round values."""
+    per: dict[str, tuple[list[float], list[float]]] = {}
+    for pair in ("open", "keyed"):
+        by = {(s.round, s.target): s for s in samples
+              if s.phase == "interleaved" and s.mode == mode and s.pair == pair}
+        rounds = sorted({r for r, _ in by})
+        per[pair] = ([(by[r, "proxied"].ttft_s - by[r, "direct"].ttft_s) * 1e3 for r in rounds],
+                     [by[r, "proxied"].decode_tps / by[r, "direct"].decode_tps for r in rounds])
+
+    def median_and_se(values: list[float]) -> tuple[float, float]:
+        iqr = percentile(values, 75) - percentile(values, 25)
+        return percentile(values, 50), 0.93 * iqr / len(values) ** 0.5
+
+    (o_ms, o_ms_se), (k_ms, k_ms_se) = median_and_se(per["open"][0]), median_and_se(per["keyed"][0])
+    (o_r, o_r_se), (k_r, k_r_se) = median_and_se(per["open"][1]), median_and_se(per["keyed"][1])
+    ratio = k_r / o_r
+    return {"open_ms": o_ms, "keyed_ms": k_ms, "ms": k_ms - o_ms, "ms_2se": 2 * (o_ms_se ** 2 + k_ms_se ** 2) ** 0.5,
+            "open_ratio": o_r, "keyed_ratio": k_r, "ratio": ratio,
+            "ratio_2se": 2 * ratio * ((o_r_se / o_r) ** 2 + (k_r_se / k_r) ** 2) ** 0.5}
+
+
+def gate_cost(calls: int = 20_000, mesh_keys: int = 100) -> float:
+    """The gate alone, in this process: µs it adds per accepted request in front of an app that does
+    nothing (a Bearer key among six headers, ``mesh_keys`` keys in the document), best of 5."""
+    import asyncio
+    from meshllm.api.keys import ApiKeyGate, KeyRing, hash_key
+    from meshllm.state.document import MeshState
+    from meshllm.state.schema import ApiKey
+
+    state, keys = MeshState(), [new_key() for _ in range(mesh_keys)]
+    for digest in map(hash_key, keys):
+        state.put_api_key(ApiKey(id=digest[:12], hash=digest))
+
+    async def bare(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    gate = ApiKeyGate(bare, KeyRing(state))
+    headers = [(b"host", b"127.0.0.1:9337"), (b"user-agent", b"OpenAI/Python 1.99"), (b"accept", b"application/json"),
+               (b"content-type", b"application/json"), (b"authorization", f"Bearer {keys[-1]}".encode()),
+               (b"content-length", b"120")]
+    scope = {"type": "http", "path": "/v1/chat/completions", "headers": headers}
+
+    async def per_call(app: Any) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            await app(scope, None, None)
+        return (time.perf_counter() - start) / calls * 1e6
+
+    return min(asyncio.run(per_call(gate)) for _ in range(5)) - min(asyncio.run(per_call(bare)) for _ in range(5))
+
+
+def print_key_costs(samples: list[Sample]) -> dict[str, Any]:
+    costs: dict[str, Any] = {mode: key_cost(samples, mode) for mode in MODES}
+    costs["gate_us"] = gate_cost()
+    print("\nAPI key on vs off, side by side in the same rounds: each node's paired p50 (its proxy against its own "
+          "llama-server),\nand the key's cost: keyed node vs open node, ± two standard errors (the noise: within it, "
+          "no difference can be told)")
+    print(f"{'':34}{'open node':>12}{'keyed node':>12}{'key cost':>24}")
+    for mode, label in (("stream", "streaming decode tok/s"), ("nonstream", "non-streaming decode tok/s")):
+        c = costs[mode]
+        print(f"  {label:<32}{c['open_ratio']:>11.3f}x{c['keyed_ratio']:>11.3f}x"
+              f"{c['ratio']:>14.3f}x ± {c['ratio_2se']:.3f}")
+    for mode, label in (("first-stream", "streaming TTFT added"), ("first", "1-token latency added"),
+                        ("nonstream", "128-token latency added")):
+        c = costs[mode]
+        print(f"  {label:<32}{c['open_ms']:>+9.2f} ms{c['keyed_ms']:>+9.2f} ms"
+              f"{c['ms']:>+12.2f} ± {c['ms_2se']:.2f} ms")
+    print(f"  the gate alone, in process: {costs['gate_us']:.2f} µs per request (sha256 of the key and one dict "
+          "lookup among 100 mesh keys)")
+    return costs
 
 
 def _raise_on_signals() -> None:
@@ -398,7 +511,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     _raise_on_signals()
     with tempfile.TemporaryDirectory(prefix="meshllm-bench-") as tmp:
-        (Path(tmp) / "state").mkdir()
         run(args, Path(tmp))
 
 

@@ -49,6 +49,7 @@ import httpx
 
 from _common import cpu_seconds, get_json, percentile, retryable, stream_once
 
+from meshllm.engine.process import stop_processes_now
 from meshllm.store.mesh import InviteToken
 from meshllm.testing.engines import engine_pids
 from meshllm.testing.udp_relay import UdpRelay
@@ -87,6 +88,15 @@ class NodeProcess:
     def status(self) -> dict[str, Any] | None:
         status: dict[str, Any] | None = get_json(f"http://127.0.0.1:{self.console}/api/status")
         return status
+
+    def invite(self) -> str | None:
+        """The invite token, with the admin token from the node's state folder (as `meshllm token` does)."""
+        try:
+            admin = (self.state_dir / "admin.token").read_text().strip()
+        except FileNotFoundError:
+            return None
+        answer = get_json(f"http://127.0.0.1:{self.console}/api/token", headers={"Authorization": f"Bearer {admin}"})
+        return answer["token"] if answer else None
 
     def listed(self) -> set[str]:
         models = get_json(f"{self.api}/v1/models")
@@ -127,16 +137,10 @@ def wait_for(check: Callable[[], Any], *, timeout: float, what: str, nodes: list
 
 def stop_nodes(nodes: list[NodeProcess]) -> None:
     """SIGINT every node, as Ctrl-C would; wait; kill what ignores it and any llama-server left behind."""
-    for node in nodes:
-        if node.proc.poll() is None:
-            node.proc.send_signal(signal.SIGINT)
-    for node in nodes:
-        try:
-            node.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            print(f"warning: node {node.name} ignored SIGINT for 30s; killing it", file=sys.stderr)
-            node.proc.kill()
-            node.proc.wait()
+    codes = stop_processes_now([node.proc for node in nodes], grace=30, first=signal.SIGINT)
+    for node, code in zip(nodes, codes, strict=True):
+        if code == -signal.SIGKILL:
+            print(f"warning: node {node.name} ignored SIGINT for 30s; it was killed", file=sys.stderr)
     left = [(node.name, pid) for node in nodes for pid in engine_pids(node.state_dir)]
     for name, pid in left:
         print(f"warning: llama-server pid {pid} outlived node {name}; killing it", file=sys.stderr)
@@ -223,7 +227,7 @@ def _behind_relays(relays: RelayLoop) -> tuple[list[str], list[str]]:
 
 def _invite(a: NodeProcess, relays: RelayLoop | None, nodes: list[NodeProcess]) -> str:
     """A's invite token; behind relays, rewritten to name only A's relay (B must not find A directly)."""
-    token = InviteToken.decode(wait_for(lambda: (a.status() or {}).get("token"), timeout=10, what="A's token",
+    token = InviteToken.decode(wait_for(a.invite, timeout=10, what="A's token",
                                         nodes=nodes))
     if relays is not None:
         token = InviteToken(token.credentials, ("{}:{}".format(*relays.relays[0].address),))

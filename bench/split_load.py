@@ -40,6 +40,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from meshllm.engine.process import stop_process_now
 from meshllm.testing.tcp_relay import CountingTcpRelay
 
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
@@ -139,13 +140,7 @@ def _complete(port: int, n_predict: int) -> str:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process_now(proc, grace=10)
 
 
 @dataclass

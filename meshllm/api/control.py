@@ -1,9 +1,11 @@
 """The control API on the console port: apply, diff and delete manifests, drop a model, read demand,
 describe a model. ``meshllm apply|diff|delete|drop|describe|get`` are thin clients of these routes.
 
-Anyone may POST here, so the server validates manifests again (the CLI did too), resolves each source
-on this node (a missing file is a 422 naming its place in the manifest), and writes every change in
-one document transaction, or none when anything is invalid. What apply writes is ``plan_apply``'s
+Only holders of the admin token reach these routes (``admin.AdminGate``), and they may still be a
+script or another machine, so the server validates manifests again (the CLI did too), admits only the
+sources this node's operator allows (``SourcePolicy``), resolves each on this node (a missing file is a
+422 naming its place in the manifest), and writes every change in one document transaction, or none
+when anything is invalid. What apply writes is ``plan_apply``'s
 plan, so ``diff`` reports exactly what ``apply`` would do.
 
 Persistence lives elsewhere: the store of applied manifests and the model events are injected
@@ -18,7 +20,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import wraps
-from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
@@ -28,7 +29,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from meshllm.api.errors import openai_error
-from meshllm.engine.models import ResolvedModel, file_fingerprint, resolve_model
+from meshllm.engine.models import ResolvedModel, file_fingerprint, looks_like_path, resolve_model
+from meshllm.engine.sources import SourcePolicy
 from meshllm.errors import ManifestError, ModelError
 from meshllm.reconcile.placement import conditions
 from meshllm.state.changes import ChangeAction, ModelChange, plan_apply, plan_delete
@@ -93,6 +95,7 @@ class ControlAPI:
     """The routes, over one replica of the state document."""
 
     state: MeshState
+    sources: SourcePolicy
     resolve: Resolver = resolve_model
     events: EventSource = no_events
     on_applied: AppliedHook | None = None
@@ -152,10 +155,11 @@ class ControlAPI:
 
     def _check_source(self, source: str, *, where: str) -> tuple[str, ResolvedModel]:
         try:
+            self.sources.check(source)  # before the disk is touched: errors say nothing of other files
             resolved = self.resolve(source)
         except ModelError as exc:
             raise ManifestError(f"{where}: {exc}") from None
-        kept = str(resolved.path) if Path(source).expanduser().exists() else source  # as --model keeps it
+        kept = str(resolved.path) if looks_like_path(source) else source  # as --model keeps it
         return kept, resolved
 
     def _write(self, changes: list[ModelChange]) -> None:

@@ -12,8 +12,11 @@ __all__ = ["openai_error"]
 
 _TYPES = {
     400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
     404: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     502: "server_error",
     503: "server_error",

@@ -31,7 +31,7 @@ __all__ = ["DEFAULT_MAX_BODY", "RelayResponse", "TunnelOpener", "create_openai_a
            "upstream_pool"]
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
-PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages")
 _HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length",

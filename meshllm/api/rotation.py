@@ -1,9 +1,9 @@
 """``POST /api/rotate-key`` on the console port: give the mesh a new secret and return its invite token.
 
 The rotation itself belongs to the node (``node.rotation``); this module only exposes it, through an
-injected callable, so the API layer needs nothing above it. The request must be JSON (a cross-site
-form or a ``fetch`` without CORS cannot send that), and the answer holds a secret: the console's
-admin authentication guards this route like every other that reads a secret or changes state.
+injected callable, so the API layer needs nothing above it. The console's ``AdminGate`` guards it like
+every route that changes state (admin token, a JSON body), which matters twice here: the answer holds
+the new secret.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-
-from meshllm.api.errors import openai_error
 
 __all__ = ["RotateKey", "Rotated", "rotation_routes"]
 
@@ -40,8 +38,6 @@ class RotateKey(Protocol):
 
 def rotation_routes(rotate: RotateKey) -> list[Route]:
     async def rotate_key(request: Request) -> Response:
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-            return openai_error(415, "send the request as application/json", code="unsupported_media_type")
         rotated = await rotate()
         log.warning("mesh key rotated on request: key %s -> %s", rotated.previous_key_id, rotated.key_id)
         return JSONResponse(rotated.model_dump())

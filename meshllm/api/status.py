@@ -1,9 +1,10 @@
 """The node's management API (console port, :3131 by default): ``/api/status`` for people and the CLI,
-and the control routes (``/api/apply`` and the rest, see ``control``).
+the control routes (``/api/apply`` and the rest, see ``control``) and ``/api/token`` (the invite token),
+all behind ``admin.AdminGate``: the admin token, a Host naming this node, JSON-only changes.
 
 ``/api/status`` reports what the state document says: this node, every node it knows, and each
 desired model with its condition and the servers (and split workers) observed for it. ``meshllm get``
-renders this JSON.
+renders this JSON. It carries no secret: on a loopback-bound console anyone on the machine may read it.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from meshllm.api.admin import AdminGate, ConsoleAccess
 from meshllm.api.control import AppliedHook, ControlAPI, EventSource, Resolver, no_events
+from meshllm.api.errors import openai_error
 from meshllm.engine.models import resolve_model
+from meshllm.engine.sources import SourcePolicy
 from meshllm.reconcile.placement import conditions
 from meshllm.state.document import MeshState
 
@@ -59,14 +63,24 @@ def _model_phase(serving: list[Any]) -> str:
     return "pending"
 
 
-def create_status_app(state: MeshState, *, node_id: str, extra: dict[str, Any] | None = None,
+def create_status_app(state: MeshState, *, node_id: str, access: ConsoleAccess, sources: SourcePolicy,
+                      extra: dict[str, Any] | None = None, invite: Callable[[], str] | None = None,
                       resolve: Resolver = resolve_model, events: EventSource = no_events,
-                      on_applied: AppliedHook | None = None,
-                      clock: Callable[[], float] = time.time, routes: Sequence[Route] = ()) -> Starlette:
-    """The console app: ``/api/status`` and the control routes. ``events`` and ``on_applied`` connect
-    the store (model events; applied manifests); ``resolve`` checks manifest sources on this node."""
+                      on_applied: AppliedHook | None = None, routes: Sequence[Route] = (),
+                      clock: Callable[[], float] = time.time) -> AdminGate:
+    """The console app: ``/api/status``, the control routes and ``routes``, behind ``access``.
+    ``events`` and ``on_applied`` connect the store (model events; applied manifests); ``sources`` and
+    ``resolve`` check manifest sources on this node; ``invite`` makes the invite token (``/api/token``)."""
     async def status(request: Request) -> JSONResponse:
         return JSONResponse(status_snapshot(state, node_id=node_id, now=clock(), extra=extra))
 
-    control = ControlAPI(state=state, resolve=resolve, events=events, on_applied=on_applied, clock=clock)
-    return Starlette(routes=[Route("/api/status", status, methods=["GET"]), *control.routes(), *routes])
+    async def token(request: Request) -> JSONResponse:
+        if invite is None:
+            return openai_error(404, "this node has no invite token", code="not_found")
+        return JSONResponse({"token": invite()})
+
+    control = ControlAPI(state=state, sources=sources, resolve=resolve, events=events, on_applied=on_applied,
+                         clock=clock)
+    app = Starlette(routes=[Route("/api/status", status, methods=["GET"]),
+                            Route("/api/token", token, methods=["GET"]), *control.routes(), *routes])
+    return AdminGate(app, access)

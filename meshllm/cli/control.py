@@ -1,4 +1,5 @@
-"""``meshllm apply|diff|delete -f FILE`` and ``meshllm drop MODEL``: change what the mesh serves.
+"""``meshllm apply|diff|delete -f FILE`` and ``meshllm drop MODEL``: change what the mesh serves;
+``meshllm token``: the invite token others join with.
 
 A manifest is validated here first, so a mistake is one line naming file, document and field, and
 the node is not even asked; relative ``.gguf`` paths are made relative to the manifest's folder.
@@ -16,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from meshllm.cli.client import console_call
+from meshllm.cli.client import StateDir, console_call
 from meshllm.cli.get import ConsolePort
 from meshllm.errors import MeshError
 from meshllm.state.manifest import load_manifests, with_paths_under
@@ -55,9 +56,10 @@ def read_manifests(file: str) -> tuple[list[object], str]:
     return body, name
 
 
-def _send(path: str, file: str, console: int) -> dict[str, Any]:
+def _send(path: str, file: str, console: int, state_dir: Path | None) -> dict[str, Any]:
     body, name = read_manifests(file)
-    return console_call(console, "POST", path, body=body, params={"source": name}, timeout=APPLY_TIMEOUT)
+    return console_call(console, "POST", path, body=body, params={"source": name}, timeout=APPLY_TIMEOUT,
+                        state_dir=state_dir)
 
 
 def _print_changes(answer: dict[str, Any], output: ChangeOutput, *, diff: bool = False) -> int:
@@ -81,29 +83,38 @@ def _print_changes(answer: dict[str, Any], output: ChangeOutput, *, diff: bool =
     return failed
 
 
-def apply(file: ManifestFile, output: Output = ChangeOutput.TEXT, console: ConsolePort = 3131) -> None:
+def apply(file: ManifestFile, output: Output = ChangeOutput.TEXT, console: ConsolePort = 3131,
+          state_dir: StateDir = None) -> None:
     """Make the mesh serve the models in FILE (a Mesh also removes manifest models it does not list)."""
-    _print_changes(_send("/api/apply", file, console), output)
+    _print_changes(_send("/api/apply", file, console, state_dir), output)
 
 
-def diff(file: ManifestFile, output: Output = ChangeOutput.TEXT, console: ConsolePort = 3131) -> None:
+def diff(file: ManifestFile, output: Output = ChangeOutput.TEXT, console: ConsolePort = 3131,
+         state_dir: StateDir = None) -> None:
     """Show what `apply -f FILE` would change, changing nothing (no output: no change)."""
-    _print_changes(_send("/api/diff", file, console), output, diff=True)
+    _print_changes(_send("/api/diff", file, console, state_dir), output, diff=True)
 
 
-def delete(file: ManifestFile, output: Output = ChangeOutput.TEXT, console: ConsolePort = 3131) -> None:
+def delete(file: ManifestFile, output: Output = ChangeOutput.TEXT, console: ConsolePort = 3131,
+           state_dir: StateDir = None) -> None:
     """Stop serving the models FILE defines (models applied from manifests only)."""
-    if _print_changes(_send("/api/delete", file, console), output):
+    if _print_changes(_send("/api/delete", file, console, state_dir), output):
         raise typer.Exit(1)
 
 
-def drop(model: Annotated[str, typer.Argument(help="Model name")], console: ConsolePort = 3131) -> None:
+def drop(model: Annotated[str, typer.Argument(help="Model name")], console: ConsolePort = 3131,
+         state_dir: StateDir = None) -> None:
     """Forget a model whatever asked for it (manifest or a node's --model), with its demand and leases."""
-    answer = console_call(console, "POST", "/api/drop", body={"model": model})
+    answer = console_call(console, "POST", "/api/drop", body={"model": model}, state_dir=state_dir)
     removed = answer["removed"]
     print(f"model/{model} dropped ({removed['demand']} demand entries, {removed['leases']} leases)")
 
 
+def token(console: ConsolePort = 3131, state_dir: StateDir = None) -> None:
+    """Print the mesh's invite token (others join with `meshllm --join TOKEN`); it holds the mesh secret."""
+    print(console_call(console, "GET", "/api/token", state_dir=state_dir)["token"])
+
+
 def register(app: typer.Typer) -> None:
-    for command in (apply, diff, delete, drop):
+    for command in (apply, diff, delete, drop, token):
         app.command(command.__name__)(command)

@@ -17,7 +17,7 @@ from urllib.parse import quote
 import typer
 import yaml
 
-from meshllm.cli.client import console_call
+from meshllm.cli.client import StateDir, console_call
 
 __all__ = ["ConsolePort", "age", "register", "table"]
 
@@ -125,16 +125,17 @@ def get(
     kind: Annotated[Kind, typer.Argument(help="What to list")],
     output: Output = OutputFormat.TABLE,
     console: ConsolePort = 3131,
+    state_dir: StateDir = None,
 ) -> None:
     """List the models, nodes or request demand a running node knows."""
-    status = console_call(console, "GET", "/api/status")
+    status = console_call(console, "GET", "/api/status", state_dir=state_dir)
     names, now = _node_names(status), time.time()
     if kind is Kind.MODELS:
         _emit(status["models"], [_model_row(m, names) for m in status["models"]], kind, output)
     elif kind is Kind.NODES:
         _emit(status["nodes"], [_node_row(n, status) for n in status["nodes"]], kind, output)
     else:
-        demand = console_call(console, "GET", "/api/demand")["demand"]
+        demand = console_call(console, "GET", "/api/demand", state_dir=state_dir)["demand"]
         _emit(demand, [_demand_row(e, names, now=now) for e in demand], kind, output)
 
 
@@ -142,10 +143,11 @@ def describe(
     kind: Annotated[DescribeKind, typer.Argument(help="What to describe")],
     name: Annotated[str, typer.Argument(help="Its name")],
     console: ConsolePort = 3131,
+    state_dir: StateDir = None,
 ) -> None:
     """Show one model in detail: spec, condition, servers, leases, demand and recent events."""
-    described = console_call(console, "GET", f"/api/models/{quote(name, safe='')}")
-    names = _node_names(console_call(console, "GET", "/api/status"))
+    described = console_call(console, "GET", f"/api/models/{quote(name, safe='')}", state_dir=state_dir)
+    names = _node_names(console_call(console, "GET", "/api/status", state_dir=state_dir))
     sys.stdout.write(describe_model(described, names=names, now=time.time()))
 
 

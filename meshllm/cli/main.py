@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from meshllm.cli import control, get, rotate
+from meshllm.cli.keys import keys_app, local_keys
 from meshllm.cli.engine import engine_app, ensure_engine
 from meshllm.engine.capacity import parse_size
 from meshllm.engine.models import resolve_model
@@ -35,6 +36,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, rich_markup_mode=
                   pretty_exceptions_enable=False,
                   help="Pool GPUs across machines into one mesh serving LLMs on an OpenAI-compatible API.")
 app.add_typer(engine_app, name="engine")
+app.add_typer(keys_app, name="keys")
 get.register(app)
 control.register(app)
 rotate.register(app)
@@ -51,6 +53,8 @@ Ask a running node:
   meshllm get models | meshllm get nodes | meshllm describe model NAME
 Change what the mesh serves:
   meshllm apply -f examples/one-model.yaml | meshllm diff -f FILE | meshllm delete -f FILE
+Require API keys on every node's OpenAI API:
+  meshllm keys add --name NAME | meshllm keys list | meshllm keys revoke NAME
 
 See `meshllm --help` for every option."""
 
@@ -84,7 +88,9 @@ def serve(
     bind_host: Annotated[str, typer.Option("--bind-host", help="Address of the QUIC endpoint (default: as the APIs)")] = "",
     advertise: Annotated[list[str] | None, typer.Option("--advertise", help="host:port peers should dial (NAT, relays); repeatable")] = None,
     split: Annotated[bool, typer.Option("--split", help="Force a pipeline split of the --model models across nodes, even when one node holds them")] = False,
+    allow_models: Annotated[list[str] | None, typer.Option("--allow-models", help="A folder (or file) manifests applied to this node may name as a model source, beside the models folder and the --model files (repeatable)")] = None,
     rpc_direct: Annotated[bool, typer.Option("--rpc-direct", help="Split RPC straight between llama-server and the workers' rpc-servers over plain TCP, authenticated with a key from the mesh secret (faster, not encrypted; trusted networks), instead of the QUIC tunnel")] = False,
+    api_key: Annotated[list[str] | None, typer.Option("--api-key", metavar="KEY", help="Require this key on this node's OpenAI API (repeatable; MESHLLM_API_KEY adds one and keeps it off the command line); see `meshllm keys` for keys every node accepts")] = None,
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
@@ -99,7 +105,9 @@ def serve(
                         state_dir=state_dir.expanduser(), max_vram=_size(max_vram), device=device,
                         max_body_bytes=_size(max_body) or 0, threads=threads, name=name,
                         joins=tuple(join or ()), client=client, bind_host=bind_host, bind_port=bind_port,
-                        advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct)
+                        advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct,
+                        allow_models=tuple(allow_models or ()),
+                        api_keys=local_keys(api_key or (), os.environ.get("MESHLLM_API_KEY")))
     _setup_logging()
     for source in config.models:
         resolve_model(source)  # a bad --model fails now, not after a long engine build

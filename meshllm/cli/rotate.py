@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from meshllm.cli.client import console_call
+from meshllm.cli.client import StateDir, console_call
 from meshllm.cli.get import ConsolePort
 
 __all__ = ["register"]
@@ -25,8 +25,8 @@ can no longer connect: start it with the new token (--join @FILE)."""
 
 def register(app: typer.Typer) -> None:
     @app.command("rotate-key", help=ROTATE_HELP)
-    def rotate_key(console: ConsolePort = 3131) -> None:
-        answer = console_call(console, "POST", "/api/rotate-key", body={}, timeout=30.0)
+    def rotate_key(console: ConsolePort = 3131, state_dir: StateDir = None) -> None:
+        answer = console_call(console, "POST", "/api/rotate-key", body={}, timeout=30.0, state_dir=state_dir)
         print(f"mesh {answer.get('mesh_id')}: key {answer.get('previous_key_id')} retired, now key "
               f"{answer.get('key_id')}; earlier invite tokens no longer work. New invite token:",
               file=sys.stderr)

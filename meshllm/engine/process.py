@@ -1,8 +1,10 @@
-"""Start and stop engine processes (llama-server, later ggml-rpc-server) the way a supervisor should.
+"""Start and stop engine processes (llama-server, ggml-rpc-server) the way a supervisor should.
 
 Each process is launched directly (no shell), in its own session so a terminal's Ctrl-C reaches only
-meshllm, with stdout and stderr appended to a log file (never an unread pipe). Stopping is a ladder:
-SIGTERM to the process group, a grace period, then SIGKILL; it never blocks the event loop.
+meshllm, with stdout and stderr appended to a log file (never an unread pipe). Stopping is one ladder
+(``stop_steps``): SIGTERM to the process group, a grace period, then SIGKILL, waited on without
+blocking the event loop (``stop_process``) or, for tests and benchmarks, in plain code
+(``stop_process_now``).
 Ports and log names derive from (node, model) so a restarted node finds its own processes again,
 and ``adopt`` takes one of them back by pid: a process that is not our child, which we can poll
 and stop (through /proc and signals) but whose exit status nobody can tell us.
@@ -35,6 +37,9 @@ __all__ = [
     "port_is_free",
     "safe_name",
     "stop_process",
+    "stop_process_now",
+    "stop_processes_now",
+    "stop_steps",
 ]
 
 PORT_BASE = 41000
@@ -204,36 +209,58 @@ def _schedule_as_batch(pid: int) -> None:
             pass  # gone already, or a platform without SCHED_BATCH: the default policy is fine
 
 
-async def stop_process(proc: EngineProcess, *, grace: float = 5.0) -> int:
-    """SIGTERM the process group, wait up to ``grace`` seconds, then SIGKILL. Returns the exit code."""
+def stop_steps(proc: EngineProcess | subprocess.Popen[bytes], *, grace: float,
+               first: signal.Signals = signal.SIGTERM) -> Iterator[float]:
+    """The one stop ladder: ``first`` (SIGTERM) to the process group, up to ``grace`` seconds for it to
+    end, then SIGKILL until it is gone. It yields how long to wait before looking again, so that the
+    caller waits its own way: ``stop_process`` without blocking the event loop, ``stop_process_now``
+    in plain code, ``stop_processes_now`` for several at once."""
+    proc = _handle(proc)
     if proc.poll() is not None:
-        return proc.exit_code or 0
-    _signal_group(proc.pid, signal.SIGTERM)
+        return
+    _signal_group(proc.pid, first)
     deadline = time.monotonic() + grace
     while proc.poll() is None and time.monotonic() < deadline:
-        await anyio.sleep(0.05)
+        yield 0.02
     if proc.poll() is None:
         _signal_group(proc.pid, signal.SIGKILL)
         while proc.poll() is None:
-            await anyio.sleep(0.02)
+            yield 0.02
+
+
+async def stop_process(proc: EngineProcess, *, grace: float = 5.0) -> int:
+    """The stop ladder (``stop_steps``) without blocking the event loop. Returns the exit code."""
+    for pause in stop_steps(proc, grace=grace):
+        await anyio.sleep(pause)
     return proc.exit_code or 0
 
 
-def stop_process_now(proc: EngineProcess, *, grace: float = 3.0) -> None:
-    """Blocking variant of the ladder for interpreter shutdown paths (atexit, signal handlers)."""
-    if proc.poll() is not None:
-        return
-    _signal_group(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if proc.poll() is None:
-        _signal_group(proc.pid, signal.SIGKILL)
-        if proc.popen is not None:
-            proc.popen.wait()
-        else:
-            while proc.poll() is None and time.monotonic() < deadline + grace:
-                time.sleep(0.02)
+def stop_process_now(proc: EngineProcess | subprocess.Popen[bytes], *, grace: float = 3.0,
+                     first: signal.Signals = signal.SIGTERM) -> int:
+    """The stop ladder, blocking: for plain code (tests, benchmarks, a last resort at exit)."""
+    return stop_processes_now([proc], grace=grace, first=first)[0]
+
+
+def stop_processes_now(procs: Sequence[EngineProcess | subprocess.Popen[bytes]], *, grace: float = 3.0,
+                       first: signal.Signals = signal.SIGTERM) -> list[int]:
+    """The stop ladder for several processes at once (one grace period for all), blocking; their exit
+    codes."""
+    handles = [_handle(proc) for proc in procs]
+    ladders = [stop_steps(proc, grace=grace, first=first) for proc in handles]
+    while ladders:
+        steps = [(ladder, next(ladder, None)) for ladder in ladders]
+        ladders = [ladder for ladder, pause in steps if pause is not None]
+        if ladders:
+            time.sleep(min(pause for _, pause in steps if pause is not None))
+    return [proc.exit_code or 0 for proc in handles]
+
+
+def _handle(proc: EngineProcess | subprocess.Popen[bytes]) -> EngineProcess:
+    if isinstance(proc, EngineProcess):
+        return proc
+    handle = EngineProcess(pid=proc.pid, log_path=Path(os.devnull), popen=proc)
+    handle.poll()
+    return handle
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

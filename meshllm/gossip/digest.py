@@ -17,6 +17,7 @@ a digest that fails to match only costs a full exchange.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from pycrdt import Doc
 
@@ -78,7 +79,7 @@ def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def state_digest(doc: Doc) -> bytes:
+def state_digest(doc: Doc[Any]) -> bytes:
     """``DIGEST_SIZE`` bytes equal on two replicas exactly when they hold the same document."""
     sv = doc.get_state()
     update = doc.get_update(sv)

@@ -167,6 +167,7 @@ class Membership:
                 tg.cancel_scope.cancel()
         finally:
             unsubscribe()
+            send.close()  # after unsubscribing: no peer event is sent into it any more
             self.state.unobserve(subscriptions)
         assert refused is not None  # run ends only this way: JoinRefused, raised outside the task group
         raise refused

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -69,7 +70,7 @@ class _Session:
 class DocGossip:
     """Keeps one ``Doc`` in sync with the replicas of the peers attached to it."""
 
-    def __init__(self, doc: Doc, *, node_id: str, anti_entropy: float = 5.0, outbox_size: int = 256,
+    def __init__(self, doc: Doc[Any], *, node_id: str, anti_entropy: float = 5.0, outbox_size: int = 256,
                  rng: random.Random | None = None) -> None:
         self.doc = doc
         self.node_id = node_id

@@ -30,6 +30,8 @@ class NodeConfig:
     advertise: tuple[str, ...] = ()
     split: bool = False  # split this node's --model models by layers even when one node holds them
     rpc_direct: bool = False  # split RPC over authenticated plain TCP instead of the QUIC tunnel
+    allow_models: tuple[str, ...] = ()  # folders (or files) manifests may name, beside the models folder
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # --api-key / MESHLLM_API_KEY: this node only
 
     @property
     def host(self) -> str:

@@ -1,11 +1,13 @@
-"""Serving the node's starlette apps with uvicorn inside the node's own task group."""
+"""Serving the node's starlette apps with uvicorn inside the node's own task group.
+
+uvicorn's own signal handling is off: the node owns SIGINT/SIGTERM and stops its APIs first.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import anyio
 import uvicorn
@@ -13,7 +15,7 @@ from anyio.abc import TaskStatus
 
 from meshllm.errors import MeshError
 
-__all__ = ["bind_socket", "exit_on_signal", "serve_app"]
+__all__ = ["HttpApi", "bind_socket"]
 
 
 def bind_socket(host: str, port: int, *, what: str) -> socket.socket:
@@ -39,20 +41,49 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
-async def serve_app(app: object, sock: socket.socket, *,
-                    task_status: TaskStatus[uvicorn.Server] = anyio.TASK_STATUS_IGNORED) -> None:
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False,  # type: ignore[arg-type]
-                            timeout_graceful_shutdown=3)
-    server = _QuietServer(config)
-    task_status.started(server)
-    await server.serve(sockets=[sock])
+class HttpApi:
+    """One of the node's HTTP APIs: a starlette app served by uvicorn on a socket the node binds first.
 
+    ``bind`` takes the port (a port another program holds fails the node's start before anything
+    runs); ``run`` serves until cancelled, then lets uvicorn finish gracefully (requests in flight get
+    a few seconds, the app's lifespan closes what it opened) before it returns."""
 
-async def exit_on_signal(servers: tuple[uvicorn.Server, ...], announce: Callable[[str], None]) -> None:
-    """On SIGINT or SIGTERM, ask the servers to finish (the caller then stops everything else)."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            announce(f"received {signal.Signals(signum).name}: stopping the APIs and llama-server processes")
-            for server in servers:
+    def __init__(self, app: object, *, host: str, port: int, what: str) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self.what = what
+        self._sock: socket.socket | None = None
+
+    def bind(self) -> None:
+        if self._sock is None:
+            self._sock = bind_socket(self.host, self.port, what=self.what)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self.bind()
+        assert self._sock is not None
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on",  # type: ignore[arg-type]
+                                access_log=False, timeout_graceful_shutdown=3)
+        server = _QuietServer(config)
+        ended = anyio.Event()
+
+        async def serve(sock: socket.socket) -> None:
+            with anyio.CancelScope(shield=True):  # it stops when asked to, after its graceful shutdown
+                try:
+                    await server.serve(sockets=[sock])
+                finally:
+                    ended.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve, self._sock)
+            task_status.started()
+            try:
+                await ended.wait()
+            finally:
                 server.should_exit = True
-            return
+        raise MeshError(f"the {self.what} on {self.host}:{self.port} stopped by itself; see the log above")

@@ -1,13 +1,15 @@
-"""The node's place in the mesh: credentials and seeds, the QUIC endpoint, gossip, membership, tunnels.
+"""The node's place in the mesh: credentials and seeds, the QUIC endpoint, gossip and membership.
 
 ``MeshRuntime`` owns the transport-facing parts of a node. It turns ``--join`` tokens into mesh
-credentials and seed addresses, advertises where this node can be dialled, and opens or serves
-HTTP tunnels so any node's API reaches a model served anywhere.
+credentials and seed addresses, runs the endpoint, the document's gossip and membership, advertises
+where this node can be dialled, dials peers for the parts that need a connection (``connect``), and
+announces the node's departure when it stops. What the node serves on the endpoint (the tunnels) is
+registered by the node (``node.node``), not here.
 
 Credentials from a token are saved in the state folder once a member accepted them (so a later
 start needs no token, and a mistyped token never replaces good credentials); a token every seed
-refuses ends the node with one line saying why (``refusal_message``). ``adopt`` switches the node to
-a rotated mesh secret (see ``node.rotation``).
+refuses ends the node, before it serves anything, with one line saying why (``refusal_message``).
+``adopt`` switches the node to a rotated mesh secret (see ``node.rotation``).
 """
 
 from __future__ import annotations
@@ -16,27 +18,25 @@ import fcntl
 import socket
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import anyio
+from anyio.abc import TaskStatus
 
-from meshllm.api.openai import make_local_forward
-from meshllm.api.upstream import UpstreamPool
-from meshllm.api.routing import Router
-from meshllm.api.tunnel import serve_tunnel
 from meshllm.errors import MeshError
 from meshllm.gossip.membership import JoinRefused, Membership, parse_addr
 from meshllm.gossip.sync import DocGossip
+from meshllm.node.lifecycle import Lifecycle
 from meshllm.state.document import MeshState
 from meshllm.state.schema import NodeStatus
 from meshllm.store.identity import NodeIdentity
 from meshllm.store.mesh import (MESH_FILE, InviteToken, MeshCredentials, load_or_create_mesh, load_peers,
                                 save_mesh, save_peers)
-from meshllm.transport import MessageStream, PeerConnection, QuicEndpoint, Stream, StreamKind, TransportSettings
+from meshllm.transport import PeerConnection, QuicEndpoint, TransportSettings
 from meshllm.transport.errors import Refusal, TransportError
 
-__all__ = ["MeshRuntime", "join_credentials", "refusal_message"]
+__all__ = ["MESH_TRANSPORT", "MeshRuntime", "join_credentials", "refusal_message"]
 
 # Detection budget: the transport reports a silent peer after ``peer_timeout`` (pings every
 # ``ping_interval``); membership then tries one redial before declaring it dead.
@@ -106,27 +106,42 @@ def udp_port_is_free(host: str, port: int) -> bool:
     return True
 
 
-@dataclass
 class MeshRuntime:
-    state: MeshState
-    identity: NodeIdentity
-    creds: MeshCredentials
-    seeds: list[str]
-    host: str
-    port: int = 0
-    endpoint: QuicEndpoint = field(init=False)
-    gossip: DocGossip = field(init=False)
-    membership: Membership | None = None
+    """Endpoint, gossip and membership of one node; ``run`` joins the mesh, and leaves it when cancelled."""
 
-    def __post_init__(self) -> None:
-        self.endpoint = QuicEndpoint(self.identity, self.creds.mesh_id, self.creds.secret, host=self.host,
-                                     port=self.port, settings=MESH_TRANSPORT, retired=self.retired)
-        self.gossip = DocGossip(self.state.doc, node_id=self.identity.node_id)
+    def __init__(self, state: MeshState, identity: NodeIdentity, creds: MeshCredentials, *, me: NodeStatus,
+                 seeds: Sequence[str] = (), host: str, port: int = 0, state_dir: Path | None = None,
+                 advertise: Sequence[str] = (), join_seeds: Sequence[str] = (), unsaved: bool = False) -> None:
+        """``join_seeds``: the seeds whose refusal ends the node (the token's, else the remembered peers);
+        ``unsaved``: ``creds`` come from a token no member has accepted yet (saved once one does)."""
+        self.state = state
+        self.identity = identity
+        self.creds = creds
+        self.host = host
+        self.state_dir = state_dir
+        self.advertise = tuple(advertise)
+        self.unsaved = unsaved
+        self.endpoint = QuicEndpoint(identity, creds.mesh_id, creds.secret, host=host, port=port,
+                                     settings=MESH_TRANSPORT, retired=self.retired)
+        self.gossip = DocGossip(state.doc, node_id=identity.node_id)
+        # remembered peers that refuse as "wrong mesh" are addresses another mesh reuses, not a sign
+        # that this node's credentials are stale: only a token's seeds end the node for that
+        refusals = tuple(Refusal) if unsaved else (Refusal.WRONG_SECRET, Refusal.RETIRED_KEY)
+        self.membership = Membership(state, self.gossip, self.endpoint, me=me, seeds=seeds, join_seeds=join_seeds,
+                                     join_refusals=refusals)
 
-    state_dir: Path | None = None
-    advertise: tuple[str, ...] = ()
-    join_seeds: tuple[str, ...] = ()  # the seeds of the --join tokens (empty: the remembered peers)
-    unsaved: bool = False  # credentials from a token that no member has accepted yet
+    @classmethod
+    def for_node(cls, state: MeshState, identity: NodeIdentity, *, me: NodeStatus, state_dir: Path,
+                 joins: Sequence[str], host: str, port: int, advertise: Sequence[str] = ()) -> MeshRuntime:
+        """A runtime for the mesh the tokens name, else the mesh this state folder was in (and its peers)."""
+        joining, seeds = join_credentials(joins)
+        creds = load_or_create_mesh(state_dir, joining=joining)
+        last_port, known = load_peers(state_dir)
+        if not port and last_port and udp_port_is_free(host, last_port):
+            port = last_port  # peers that knew us redial this address
+        return cls(state, identity, creds, me=me, seeds=seeds + [a for a in known if a not in seeds], host=host,
+                   port=port, state_dir=state_dir, advertise=advertise, join_seeds=seeds or known,
+                   unsaved=joining is not None)
 
     def retired(self, kid: str) -> bool:
         """Whether a rotation of the mesh key retired ``kid`` (peers proving it are refused)."""
@@ -140,22 +155,52 @@ class MeshRuntime:
             self.unsaved = False
             await anyio.to_thread.run_sync(save_mesh, self.state_dir, creds)
 
-    @classmethod
-    def for_node(cls, state: MeshState, identity: NodeIdentity, *, state_dir: Path, joins: Sequence[str],
-                 host: str, port: int, advertise: Sequence[str] = ()) -> MeshRuntime:
-        """A runtime for the mesh the tokens name, else the mesh this state folder was in (and its peers)."""
-        joining, seeds = join_credentials(joins)
-        creds = load_or_create_mesh(state_dir, joining=joining)
-        last_port, known = load_peers(state_dir)
-        if not port and last_port and udp_port_is_free(host, last_port):
-            port = last_port  # peers that knew us redial this address
-        return cls(state, identity, creds, seeds + [a for a in known if a not in seeds], host, port,
-                   state_dir=state_dir, advertise=tuple(advertise), join_seeds=tuple(seeds or known),
-                   unsaved=joining is not None)
+    @property
+    def me(self) -> NodeStatus:
+        """This node's entry as the mesh sees it (addresses once ``run`` started, current incarnation)."""
+        return self.membership.me
 
-    async def remember_peers(self, port: int) -> None:
+    async def run(self, *, task_status: TaskStatus[NodeStatus] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start the endpoint, gossip and membership and report this node's entry with its advertised
+        addresses. When cancelled, tell the mesh this node leaves while gossip still carries it, then
+        stop membership, gossip and the endpoint."""
+        async with anyio.create_task_group() as tg:
+            parts = Lifecycle(tg)
+            try:
+                port = await parts.start("QUIC endpoint", self.endpoint.run)
+                self.membership.me = self.me.model_copy(update={"addrs": self.advertised(port)})
+                if self.state_dir is not None:
+                    await parts.start("peer list", partial(self.remember_peers, port))
+                await parts.start("gossip", self.gossip.run)
+                await parts.start("membership", self._run_membership)
+                await self._joined()
+                task_status.started(self.me)
+                await anyio.sleep_forever()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if "membership" in parts.names:
+                        await self.membership.leave()
+                    await parts.stop()
+
+    async def _run_membership(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self.membership.run(task_status=task_status)
+        except JoinRefused as exc:
+            raise MeshError(refusal_message(exc, token=self.unsaved, state_dir=self.state_dir)) from None
+
+    async def _joined(self) -> None:
+        """Wait a moment for the join seeds to let this node in; raise if they all refused it, so a
+        refused node ends before it serves anything (later refusals end it from membership)."""
+        with anyio.move_on_after(JOIN_WAIT):
+            while self.membership.joining:
+                await anyio.sleep(0.02)
+        if (refused := self.membership.refused) is not None:
+            raise MeshError(refusal_message(refused, token=self.unsaved, state_dir=self.state_dir))
+
+    async def remember_peers(self, port: int, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Keep the members' addresses in the state folder, so a restart can rejoin without a token."""
         assert self.state_dir is not None
+        task_status.started()
         saved: list[str] | None = None
         while True:
             if self.unsaved and self.endpoint.peers:  # a member accepted the token's credentials: keep them
@@ -174,52 +219,9 @@ class MeshRuntime:
         hosts = interface_addresses() if self.host == "0.0.0.0" else [self.host]
         return [f"{h}:{port}" for h in hosts or ["127.0.0.1"]]
 
-    def token(self, me: NodeStatus | None = None) -> str:
-        """An invite token to this mesh, with its current secret and this node's addresses."""
-        if me is None:
-            assert self.membership is not None
-            me = self.membership.me
-        return InviteToken(self.creds, tuple(me.addrs)).encode()
-
-    async def start(self, tg: anyio.abc.TaskGroup, me: NodeStatus) -> NodeStatus:
-        """Start the endpoint, gossip and membership; returns ``me`` with its advertised addresses."""
-        port = await tg.start(self.endpoint.run)
-        me = me.model_copy(update={"addrs": self.advertised(port)})
-        if self.state_dir is not None:
-            tg.start_soon(self.remember_peers, port)
-        await tg.start(self.gossip.run)
-        # remembered peers that refuse as "wrong mesh" are addresses another mesh reuses, not a sign
-        # that this node's credentials are stale: only a token's seeds end the node for that
-        refusals = tuple(Refusal) if self.unsaved else (Refusal.WRONG_SECRET, Refusal.RETIRED_KEY)
-        self.membership = Membership(self.state, self.gossip, self.endpoint, me=me, seeds=self.seeds,
-                                     join_seeds=self.join_seeds, join_refusals=refusals)
-        await tg.start(self._run_membership, self.membership)
-        with anyio.move_on_after(JOIN_WAIT):  # a refused join ends the node before it serves anything
-            while self.membership.joining:
-                await anyio.sleep(0.02)
-        if (refused := self.membership.refused) is not None:
-            raise MeshError(refusal_message(refused, token=self.unsaved, state_dir=self.state_dir))
-        return me
-
-    async def _run_membership(self, membership: Membership, *,
-                              task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        try:
-            await membership.run(task_status=task_status)
-        except JoinRefused as exc:
-            raise MeshError(refusal_message(exc, token=self.unsaved, state_dir=self.state_dir)) from None
-
-    def serve_tunnels(self, router: Router, upstream: UpstreamPool) -> None:
-        forward = make_local_forward(router, upstream)
-
-        async def handle(conn: PeerConnection, stream: Stream) -> None:
-            await serve_tunnel(MessageStream(stream), forward)
-
-        self.endpoint.on_stream(StreamKind.HTTP, handle)
-
-    async def open_tunnel(self, node_id: str) -> MessageStream:
-        """An HTTP stream to ``node_id``, dialling it first if no connection is up."""
-        conn = await self.connect(node_id)
-        return MessageStream(await conn.open_stream(StreamKind.HTTP))
+    def token(self) -> str:
+        """The invite token others join this mesh with: its credentials and this node's addresses."""
+        return InviteToken(self.creds, tuple(self.me.addrs)).encode()
 
     async def connect(self, node_id: str) -> PeerConnection:
         """The connection to ``node_id``, dialling its advertised addresses if none is up."""
@@ -239,10 +241,4 @@ class MeshRuntime:
 
     def incarnation(self) -> float:
         """This node's current incarnation (it changes when the node refutes a death verdict)."""
-        assert self.membership is not None
-        return self.membership.me.incarnation
-
-    async def leave(self) -> None:
-        if self.membership is not None:
-            await self.membership.leave()
-
+        return self.me.incarnation

@@ -24,16 +24,15 @@ from anyio.abc import TaskStatus
 from starlette.routing import Route
 
 from meshllm.api.rotation import Rotated, rotation_routes
-from meshllm.engine.process import stop_process
 from meshllm.engine.rpc_auth import rpc_key
 from meshllm.node.mesh import MeshRuntime
-from meshllm.node.rpc_tunnel import RpcTunnelClient
-from meshllm.reconcile.served import ServedModelReconciler
-from meshllm.reconcile.workers import WorkerReconciler
-from meshllm.state.document import MeshState
+from meshllm.reconcile.supervisor import Supervisor
+from meshllm.reconcile.workers import RPC_RECORD_PREFIX, WorkerController
+from meshllm.state.document import Changed, MeshState
 from meshllm.state.schema import KeyRotation as RotationEntry
 from meshllm.store.mesh import MeshCredentials
 from meshllm.store.rotation import follow, seal
+from meshllm.tunnels.rpc import RpcTunnelClient
 
 __all__ = ["Adopt", "KeyRotation", "node_rotation", "rekey_splits"]
 
@@ -62,10 +61,11 @@ class KeyRotation:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         wake = anyio.Event()
 
-        def changed() -> None:
-            wake.set()
+        def changed(changes: list[Changed]) -> None:
+            if any(change.table == "rotations" for change in changes):
+                wake.set()
 
-        handle = self.state.observe(changed)
+        handle = self.state.observe_changes(changed)
         try:
             await self.sync()
             task_status.started()
@@ -102,34 +102,34 @@ class KeyRotation:
         return await self.sync()
 
 
-async def rekey_splits(secret: bytes, *, tunnels: RpcTunnelClient, workers: WorkerReconciler | None,
-                       served: ServedModelReconciler | None) -> None:
+def rekey_splits(secret: bytes, *, state: MeshState, node_id: str, tunnels: RpcTunnelClient,
+                 workers: WorkerController | None, supervisor: Supervisor | None) -> list[str]:
     """Split processes hold the RPC key derived from the old secret: give the new key to whatever starts
-    them next and stop the running ones (the reconcilers start them again at once, with the new key).
-    Keeping them would leave the old key, which holders of the old token can derive, good for workers
-    that ``--rpc-direct`` exposes on the network."""
+    them next and stop the running ones (this node's rpc-servers and the llama-servers of the splits it
+    hosts); their controllers start them again with the new key. Keeping them would leave the old
+    key, which holders of the old token can derive, good for workers that ``--rpc-direct`` exposes on
+    the network. Returns the supervisor keys stopped."""
     key = rpc_key(secret)
     tunnels.key = key
-    stopping = []
-    if workers is not None:
-        workers.key = key
-        stopping += [worker.proc for worker in workers.workers.values()]
-    if served is not None:
-        stopping += [proc for model, proc in served.processes.items()
-                     if (actual := served.actual.get(model)) is not None and actual.desired.workers]
+    if workers is None or supervisor is None:
+        return []
+    workers.key = key
+    hosts = {s.model for s in state.servers().values() if s.node == node_id and s.workers}
+    stopping = sorted(k for k in supervisor.keys() if k.startswith(RPC_RECORD_PREFIX) or k in hosts)
+    for name in stopping:
+        supervisor.stop(name, reason="the mesh key was rotated: restarting with the new RPC key")
     if stopping:
-        log.warning("restarting %d split process(es) with the new RPC key", len(stopping))
-    async with anyio.create_task_group() as tg:
-        for proc in stopping:
-            tg.start_soon(stop_process, proc)
+        log.warning("the mesh key was rotated: restarting %s with the new RPC key", ", ".join(stopping))
+    return stopping
 
 
-def node_rotation(mesh: MeshRuntime, *, tunnels: RpcTunnelClient, workers: WorkerReconciler | None,
-                  served: ServedModelReconciler | None) -> tuple[KeyRotation, list[Route]]:
+def node_rotation(mesh: MeshRuntime, *, tunnels: RpcTunnelClient, workers: WorkerController | None,
+                  supervisor: Supervisor | None) -> tuple[KeyRotation, list[Route]]:
     """A node's key rotation, wired to its mesh and split processes, and its console route."""
     async def adopt(creds: MeshCredentials, /) -> None:
         await mesh.adopt(creds)
-        await rekey_splits(creds.secret, tunnels=tunnels, workers=workers, served=served)
+        rekey_splits(creds.secret, state=mesh.state, node_id=mesh.identity.node_id, tunnels=tunnels,
+                     workers=workers, supervisor=supervisor)
 
     rotation = KeyRotation(mesh.state, node_id=mesh.identity.node_id, creds=mesh.creds, adopt=adopt)
 

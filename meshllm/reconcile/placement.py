@@ -226,11 +226,11 @@ def _fill_split(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
         return
     plan.reasons.pop(name, None)
     plan.wanted[name] = 1
-    shares = dict(zip(chosen.participants, chosen.tensor_split, strict=True))
+    share_of = dict(zip(chosen.participants, chosen.tensor_split, strict=True))
     slot = Slot(name, 0, chosen.host, workers=chosen.workers,
-                tensor_split=(*(shares[w] for w in chosen.workers), shares[chosen.host]))
+                tensor_split=(*(share_of[w] for w in chosen.workers), share_of[chosen.host]))
     plan.slots[(name, 0)] = slot
-    for node, share in shares.items():
+    for node, share in share_of.items():
         ledger.take(node, name, share)
 
 
@@ -366,7 +366,7 @@ def _condition(name: str, spec: ModelSpec, why: str | None, plan: Placement,
         where = f", split by layers: host {split.node}, workers {', '.join(split.workers)}" if split else ""
         return Condition(phase=ConditionPhase.READY, reason="Serving", **common,
                          message=f"{ready} server{'s' if ready != 1 else ''} ready{where}")
-    if replaced:  # it served until a participant left: re-planned, not yet back
+    if replaced and split is not None:  # it served until a participant left: re-planned, not yet back
         return Condition(phase=ConditionPhase.DEGRADED, reason="Recovering", **common,
                          message=f"split re-planned: workers {', '.join(replaced[0].workers)} -> "
                                  f"{', '.join(split.workers)}")

@@ -101,7 +101,7 @@ def plan_split(size_bytes: int, nodes: Iterable[NodeStatus], *, force: bool = Fa
     host = min(servers.values(), key=lambda n: (-n.capacity_bytes, n.id))
     if host.capacity_bytes >= need and not force:
         return NoSplit(f"{host.id} holds it alone ({_fmt(host.capacity_bytes)} >= {_fmt(need)})", solo=True)
-    total, workers, worst = host.capacity_bytes, [], 0.0
+    total, workers, worst = host.capacity_bytes, list[str](), 0.0
     peers = _reachable_peers(servers, host.id, max_rtt_ms)
     for ms, nid in peers:
         if total >= need and workers:

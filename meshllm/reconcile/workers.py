@@ -1,53 +1,54 @@
-"""The split-worker reconciler: run a ggml-rpc-server for each split model this node holds layers of.
+"""The split-worker controller: run a ggml-rpc-server for each split model this node holds layers of.
 
-Desired: every split lease (``PlacementLease.workers``) naming this node. For each, the node finds
-its own copy of the model file, checks it is the mesh's file (``ModelSpec.fingerprint``), and runs
-``ggml-rpc-server --gguf <file>``: the patched server answers the host's weight offers from that
-file, so no weights cross the network while the split loads, and it serves only clients that prove
-the mesh's RPC key (``engine.rpc_auth``). It binds 127.0.0.1 and is reached through the QUIC tunnel
-(``node.rpc_tunnel``, which asks ``endpoint_for`` where it is); with ``--rpc-direct`` it binds the
+Desired: every split lease (``PlacementLease.workers``) naming this node, its host alive. For each, the
+node finds its own copy of the model file, checks it is the mesh's file (``ModelSpec.fingerprint``),
+and runs ``ggml-rpc-server --gguf <file>``: the patched server answers the host's weight offers from
+that file, so no weights cross the network while the split loads, and it serves only clients that
+prove the mesh's RPC key (``engine.rpc_auth``). It binds 127.0.0.1 and is reached through the QUIC
+tunnel (``node.rpc_tunnel``, which asks ``endpoint_for`` where it is); with ``--rpc-direct`` it binds the
 node's address instead, published as ``WorkerStatus.direct``, and hosts with ``--rpc-direct`` connect
 to it straight.
 Each worker is reported as a ``WorkerStatus``: loading until its port accepts connections, then
 ready; failed when this node has no identical copy or the server keeps dying (placement then leaves
-this node out of the split for a while).
+this node out of the split for a while). ``plan_worker`` decides, purely; the controller reads and applies.
 
 A ggml-rpc-server serves one host connection at a time and keeps no state a restart would lose, so
 worker processes are not adopted after a restart of the node agent: the tunnel they were reached
-through ended with the agent anyway. Ones a killed agent left running are stopped at start-up.
+through ended with the agent anyway. Ones a killed agent left running are stopped.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import anyio
-from anyio.abc import TaskStatus
 
 from meshllm.engine.models import file_fingerprint, resolve_model
-from meshllm.engine.process import (
-    EngineProcess, adopt, candidate_ports, describe_exit, launch, log_tail, port_is_free, safe_name, stop_process,
-    stop_process_now,
-)
+from meshllm.engine.process import safe_name
 from meshllm.engine.rpc_auth import RPC_SECRET_ENV
 from meshllm.errors import ModelError
-from meshllm.reconcile.queue import Result, WorkQueue, run_observed
-from meshllm.state.document import MeshState
-from meshllm.state.schema import ModelSpec, PlacementLease, ServerPhase, WorkerStatus, server_key
-from meshllm.store.db import NodeStore, ProcessRecord
+from meshllm.reconcile.supervisor import PROCESSES, LaunchSpec, ListenReady, ProcessPhase, ProcessView, Supervisor
+from meshllm.reconcile.timing import Backoff
+from meshllm.state.document import Changed, MeshState
+from meshllm.state.schema import PlacementLease, ServerPhase, WorkerStatus, server_key
+from meshllm.store.db import NodeStore
 
-__all__ = ["RPC_RECORD_PREFIX", "RpcWorkerConfig", "WorkerReconciler"]
+__all__ = [
+    "RPC_RECORD_PREFIX", "ActualWorker", "DesiredWorker", "RpcWorkerConfig", "WorkerController", "WorkerMemory",
+    "plan_worker",
+]
 
 log = logging.getLogger(__name__)
 
-RPC_RECORD_PREFIX = "rpc:"  # process records of workers, beside the llama-servers' (keyed by model)
+RPC_RECORD_PREFIX = "rpc:"  # supervisor keys of workers, beside the llama-servers' (the model name)
 START_TIMEOUT = 120.0  # seconds a ggml-rpc-server may take to index its file and listen
 MAX_RESTARTS = 3  # crashes in a row before the worker is reported failed
+FAILED_RETRY = 60.0  # seconds a failed worker waits before it is tried again
+NO_COPY_RETRY = 30.0  # seconds before looking again for an identical copy of the model
 
 
 @dataclass(frozen=True)
@@ -71,77 +72,208 @@ class RpcWorkerConfig:
         return args
 
 
-@dataclass
-class _Worker:
+# -- the plan -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DesiredWorker:
     model: str
-    host: str
-    config: RpcWorkerConfig
-    proc: EngineProcess
-    started_at: float
-    ready: bool = False
-    restarts: int = 0
+    host: str  # the split's host node
+    gguf: Path | None = None  # this node's copy of the model
+    problem: str = ""  # why this node cannot hold the layers (no identical copy)
 
 
-@dataclass
-class _Failure:
-    """Why this node waits before running the worker again: for ``host``, until ``retry_at``."""
-
-    host: str
-    restarts: int = 0
+@dataclass(frozen=True)
+class WorkerMemory:
+    host: str = ""  # the host the current (or last) worker served
+    restarts: int = 0  # crashes in a row
+    failed: bool = False  # reported FAILED: not tried again for ``host`` before ``retry_at``
     retry_at: float = 0.0
+    since: float = 0.0
+    message: str = ""  # why it failed, or restarts
 
 
-class WorkerReconciler:
+@dataclass(frozen=True)
+class ActualWorker:
+    model: str
+    node: str
+    process: ProcessView | None = None
+    memory: WorkerMemory = WorkerMemory()
+    published: WorkerStatus | None = None
+    direct_host: str = ""  # --rpc-direct: the address hosts reach this node's rpc-servers at
+
+
+@dataclass(frozen=True)
+class StartWorker:
+    desired: DesiredWorker
+
+
+@dataclass(frozen=True)
+class StopWorker:
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ForgetWorker:
+    model: str
+
+
+@dataclass(frozen=True)
+class RememberWorker:
+    """Keep ``memory``; with ``backoff`` set, apply adds that attempt's backoff to ``memory.retry_at``."""
+
+    model: str
+    memory: WorkerMemory
+    backoff: int | None = None
+
+
+@dataclass(frozen=True)
+class PublishWorker:
+    status: WorkerStatus
+
+
+@dataclass(frozen=True)
+class WithdrawWorker:
+    model: str
+
+
+@dataclass(frozen=True)
+class RecordWorker:
+    model: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class WaitWorker:
+    model: str
+    until: float
+
+
+WorkerAction = (StartWorker | StopWorker | ForgetWorker | RememberWorker | PublishWorker | WithdrawWorker
+                | RecordWorker | WaitWorker)
+
+
+def plan_worker(desired: DesiredWorker | None, actual: ActualWorker, now: float, *,
+                start_timeout: float = START_TIMEOUT, max_restarts: int = MAX_RESTARTS) -> list[WorkerAction]:
+    """What to do for this node's worker of one split model. Pure; stops before starts."""
+    model, actions = actual.model, list[WorkerAction]()
+    memory, proc, backoff = actual.memory, actual.process, None
+    if proc is not None and proc.phase is ProcessPhase.EXITED:
+        actions.append(ForgetWorker(model))
+        if proc.stop_reason is None and not proc.adopted:
+            memory, backoff = _crashed(proc, memory, max_restarts)
+        proc = None
+    if desired is None:
+        if proc is not None and proc.running:
+            actions.append(StopWorker(model, "no longer a worker of this split"))
+        if actual.published is not None:
+            actions.append(WithdrawWorker(model))
+        return actions + ([RememberWorker(model, WorkerMemory())] if actual.memory != WorkerMemory() else [])
+    if proc is not None and proc.running:
+        proc, memory = _check_running(desired, proc, memory, now, actions, start_timeout=start_timeout)
+    if proc is None and backoff is None:  # else the backoff being drawn asks for the next look
+        memory = _start_or_wait(desired, memory, now, actions)
+    if backoff is not None:
+        memory = replace(memory, retry_at=memory.since)
+    if memory != actual.memory:
+        actions.insert(0, RememberWorker(model, memory, backoff))
+    status = _status(actual, proc, memory)
+    if status is not None and (actual.published is None or not _same(actual.published, status)):
+        actions.append(PublishWorker(status))
+    return actions
+
+
+def _crashed(proc: ProcessView, memory: WorkerMemory, max_restarts: int) -> tuple[WorkerMemory, int | None]:
+    restarts = memory.restarts + 1
+    message = f"ggml-rpc-server {proc.message.removeprefix('ggml-rpc-server ')}"
+    if restarts > max_restarts:
+        return replace(memory, restarts=0, failed=True, retry_at=proc.exited_at + FAILED_RETRY,
+                       since=proc.exited_at, message=message), None
+    return replace(memory, restarts=restarts, failed=False, since=proc.exited_at,
+                   message=f"restarting after: {message}"), restarts
+
+
+def _check_running(desired: DesiredWorker, proc: ProcessView, memory: WorkerMemory, now: float,
+                   actions: list[WorkerAction], *, start_timeout: float) -> tuple[ProcessView | None, WorkerMemory]:
+    reason = ""
+    if proc.adopted:
+        reason = "left running by the previous run of this node"
+    elif memory.host != desired.host:
+        reason = f"the split's host is now {desired.host}"
+    elif proc.phase is ProcessPhase.STARTING and now - proc.seen_at > start_timeout:
+        reason = f"not listening after {start_timeout:.0f}s"
+        memory = replace(memory, failed=True, retry_at=now + FAILED_RETRY, since=now,
+                         message=f"ggml-rpc-server did not listen within {start_timeout:.0f}s; see {proc.log_path}")
+    if reason:
+        actions.append(StopWorker(desired.model, reason))
+        return replace(proc, phase=ProcessPhase.STOPPING, stop_reason=reason), memory
+    if proc.phase is ProcessPhase.STARTING:
+        actions.append(WaitWorker(desired.model, proc.seen_at + start_timeout))
+    else:
+        memory = replace(memory, failed=False, message="")
+    return proc, memory
+
+
+def _start_or_wait(desired: DesiredWorker, memory: WorkerMemory, now: float,
+                   actions: list[WorkerAction]) -> WorkerMemory:
+    same_host = memory.host == desired.host
+    if same_host and now < memory.retry_at:
+        actions.append(WaitWorker(desired.model, memory.retry_at))
+        return memory
+    if desired.problem:
+        actions.append(WaitWorker(desired.model, now + NO_COPY_RETRY))
+        return replace(memory, host=desired.host, failed=True, retry_at=now + NO_COPY_RETRY, since=now,
+                       message=desired.problem, restarts=0)
+    actions.append(StartWorker(desired))
+    return replace(memory, host=desired.host, restarts=memory.restarts if same_host else 0, failed=False,
+                   retry_at=0.0, message=memory.message if same_host else "")
+
+
+def _status(actual: ActualWorker, proc: ProcessView | None, memory: WorkerMemory) -> WorkerStatus | None:
+    worker = partial(WorkerStatus, node=actual.node, model=actual.model, host=memory.host)
+    if proc is not None and proc.phase is ProcessPhase.READY:
+        direct = f"{actual.direct_host}:{proc.port}" if actual.direct_host else ""
+        return worker(phase=ServerPhase.READY, port=proc.port, direct=direct, pid=proc.pid,
+                            since=proc.ready_at)
+    if proc is not None and proc.phase is ProcessPhase.STARTING:
+        return worker(phase=ServerPhase.LOADING, port=proc.port, pid=proc.pid, since=proc.started_at,
+                            message=memory.message)
+    if memory.failed:
+        return worker(phase=ServerPhase.FAILED, message=memory.message, since=memory.since)
+    if proc is None and memory.message:
+        return worker(phase=ServerPhase.LOADING, message=memory.message, since=memory.since)
+    return None
+
+
+def _same(a: WorkerStatus, b: WorkerStatus) -> bool:
+    return a.model_copy(update={"since": 0.0}) == b.model_copy(update={"since": 0.0})
+
+
+# -- the controller -----------------------------------------------------------------------------
+class WorkerController:
     """Runs this node's split workers and reports them in the document."""
 
-    def __init__(self, state: MeshState, *, node_id: str, engine_dir: Path, log_dir: Path, key: str,
-                 threads: int = 0, device: str = "", store: NodeStore | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
-        """``key``: the mesh's RPC key every rpc-server demands."""
+    name = "split-worker"
+
+    def __init__(self, state: MeshState, *, node_id: str, supervisor: Supervisor, engine_dir: Path, log_dir: Path,
+                 key: str, threads: int = 0, device: str = "", store: NodeStore | None = None,
+                 backoff: Backoff | None = None, bind_host: str = "127.0.0.1", direct_host: str = "") -> None:
+        """``key``: the mesh's RPC key every rpc-server demands. ``bind_host``: where rpc-servers
+        listen; ``direct_host``: the address published for hosts to reach them straight (``--rpc-direct``)."""
         self.state = state
         self.key = key
-        self.bind_host = "127.0.0.1"  # where rpc-servers listen, and
-        self.direct_host = ""  # the address published for hosts to reach them straight (serve_direct)
         self.node_id = node_id
+        self.supervisor = supervisor
         self.engine_dir = engine_dir
         self.log_dir = log_dir
         self.threads = threads or max(1, (os.cpu_count() or 2) // 2)
         self.device = device
         self.store = store
-        self.clock = clock
-        self.queue = WorkQueue(self.reconcile, name="split-worker")
-        self.workers: dict[str, _Worker] = {}
-        self.failures: dict[str, _Failure] = {}
+        self.backoff = backoff or Backoff()
+        self.bind_host = bind_host
+        self.direct_host = direct_host
+        self.memory: dict[str, WorkerMemory] = {}
         self._files: dict[tuple[str, str], tuple[Path, str]] = {}  # (source, name) -> (path, fingerprint)
-
-    # -- wiring -----------------------------------------------------------------------------
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        await self._stop_leftovers()
-        await run_observed(self.state, self.queue, self._enqueue_all, watch=self._watch, shutdown=self.shutdown,
-                           task_status=task_status)
-
-    def _enqueue_all(self) -> None:
-        for model in set(self._leases()) | set(self.workers) | set(self.failures):
-            self.queue.add(model)
-
-    async def _watch(self) -> None:
-        while True:
-            for model, worker in list(self.workers.items()):
-                if worker.proc.poll() is not None or not worker.ready:
-                    self.queue.add(model)
-            await anyio.sleep(0.2)
-
-    async def _stop_leftovers(self) -> None:
-        if self.store is None:
-            return
-        for record in await self.store.processes():
-            if not record.key.startswith(RPC_RECORD_PREFIX):
-                continue
-            proc = adopt(record.pid, record.argv, log_path=Path(record.log_path))
-            if proc is not None:
-                log.info("stopping ggml-rpc-server pid %d left by the previous run", record.pid)
-                await stop_process(proc)
-            await self.store.forget_process(record.key)
 
     def serve_direct(self, bind_host: str, address: str) -> None:
         """``--rpc-direct``: rpc-servers started from now on listen on ``bind_host`` and are published as
@@ -151,14 +283,33 @@ class WorkerReconciler:
     def endpoint_for(self, model: str) -> tuple[str, int] | None:
         """Where this node's ready worker for ``model`` listens, as this node reaches it (the RPC
         tunnel's lookup)."""
-        worker = self.workers.get(model)
-        if worker is None or not worker.ready or worker.proc.poll() is not None:
+        view = self.supervisor.get(RPC_RECORD_PREFIX + model)
+        if view is None or view.phase is not ProcessPhase.READY or view.adopted:
             return None
-        return self._local_host, worker.config.port
+        host = view.argv[view.argv.index("--host") + 1] if "--host" in view.argv else "127.0.0.1"
+        return ("127.0.0.1" if host in ("0.0.0.0", "") else host), view.port
 
-    @property
-    def _local_host(self) -> str:
-        return "127.0.0.1" if self.bind_host in ("0.0.0.0", "") else self.bind_host
+    # -- keys ---------------------------------------------------------------------------------
+    def keys(self) -> set[str]:
+        procs = {key.removeprefix(RPC_RECORD_PREFIX) for key in self.supervisor.keys()
+                 if key.startswith(RPC_RECORD_PREFIX)}
+        mine = {w.model for w in self.state.workers().values() if w.node == self.node_id}
+        return set(self._leases()) | procs | set(self.memory) | mine
+
+    def keys_for(self, change: Changed) -> set[str]:
+        table, key = change
+        if key is None or table in ("nodes", "deaths"):  # a split's host may have died or come back
+            return self.keys()
+        if table == "models":
+            return {key}
+        if table == "leases":
+            return {key.rpartition("#")[0]}
+        if table == "workers":
+            node, _, model = key.partition("/")
+            return {model} if node == self.node_id else set()
+        if table == PROCESSES and key.startswith(RPC_RECORD_PREFIX):
+            return {key.removeprefix(RPC_RECORD_PREFIX)}
+        return set()
 
     def _leases(self) -> dict[str, PlacementLease]:
         """Split leases naming this node as a worker, by model (their host alive)."""
@@ -166,137 +317,101 @@ class WorkerReconciler:
         return {lease.model: lease for lease in self.state.leases().values()
                 if self.node_id in lease.workers and lease.node in alive}
 
-    # -- one reconcile ----------------------------------------------------------------------
-    async def reconcile(self, model: str) -> Result:
-        now = self.clock()
+    # -- desired and actual -------------------------------------------------------------------
+    async def desired(self, model: str) -> DesiredWorker | None:
         lease = self._leases().get(model)
         spec = self.state.models().get(model)
-        worker = self.workers.get(model)
         if lease is None or spec is None:
-            self.failures.pop(model, None)
-            if worker is not None:
-                await self._stop(model, "no longer a worker of this split")
-            self.state.remove_worker(server_key(self.node_id, model))
-            return Result()
-        if worker is not None and worker.host != lease.node:
-            await self._stop(model, f"the split's host is now {lease.node}")
-            worker = None
-        if worker is None:
-            return await self._start(spec, lease, now)
-        code = worker.proc.poll()
-        if code is not None:
-            return await self._exited(worker, code, lease, now)
-        if not worker.ready:
-            return await self._probe(worker, now)
-        return Result()
-
-    async def _start(self, spec: ModelSpec, lease: PlacementLease, now: float) -> Result:
-        model = spec.name
-        failure = self.failures.get(model)
-        if failure is not None and failure.host == lease.node and now < failure.retry_at:
-            return Result(requeue_after=failure.retry_at - now)
+            return None
         try:
-            path, fingerprint = await self._local_file(spec)
+            path, fingerprint = await self._local_file(spec.source, spec.name)
         except ModelError as exc:
-            return self._fail(model, lease.node, f"no copy of {model} on this node: {exc}", now, retry=30.0)
+            return DesiredWorker(model, lease.node, problem=f"no copy of {model} on this node: {exc}")
         if spec.fingerprint and fingerprint != spec.fingerprint:
-            return self._fail(model, lease.node, f"this node's {path} is not the mesh's {model} (file "
-                              f"{fingerprint}, mesh {spec.fingerprint}); replace it with the same file", now,
-                              retry=30.0)
-        config = RpcWorkerConfig(binary=self.engine_dir / "ggml-rpc-server", gguf=path, port=self._pick_port(model),
-                                 threads=self.threads, device=self.device, host=self.bind_host)
-        log_path = self.log_dir / f"rpc-{safe_name(model)}.log"
-        proc = launch(config.argv(), log_path=log_path, env={RPC_SECRET_ENV: self.key}, batch=not self.device)
-        restarts = failure.restarts if failure is not None and failure.host == lease.node else 0
-        self.workers[model] = _Worker(model, lease.node, config, proc, now, restarts=restarts)
-        log.info("%s: started ggml-rpc-server pid %d on %s:%d for host %s", model, proc.pid, config.host,
-                 config.port, lease.node)
-        if self.store is not None:
-            await self.store.record_process(ProcessRecord(
-                key=RPC_RECORD_PREFIX + model, pid=proc.pid, port=config.port, model=model, argv=config.argv(),
-                argv_hash="", log_path=str(log_path), started_at=now))
-            await self.store.record_event(model, "WorkerStarted", f"ggml-rpc-server pid {proc.pid} on "
-                                          f"{config.host}:{config.port} holds layers for host {lease.node}")
-        self._publish(self.workers[model], ServerPhase.LOADING)
-        return Result(requeue_after=0.1)
+            return DesiredWorker(model, lease.node, gguf=path, problem=(
+                f"this node's {path} is not the mesh's {model} (file {fingerprint}, mesh {spec.fingerprint}); "
+                "replace it with the same file"))
+        return DesiredWorker(model, lease.node, gguf=path)
 
-    async def _exited(self, worker: _Worker, code: int, lease: PlacementLease, now: float) -> Result:
-        del self.workers[worker.model]
-        if self.store is not None:
-            await self.store.forget_process(RPC_RECORD_PREFIX + worker.model)
-        message = f"ggml-rpc-server {describe_exit(code)}: {log_tail(worker.proc.log_path) or worker.proc.log_path}"
-        log.warning("%s: %s", worker.model, message)
-        restarts = worker.restarts + 1
-        if restarts > MAX_RESTARTS:
-            return self._fail(worker.model, lease.node, message, now, retry=60.0, restarts=0)
-        delay = min(10.0, 0.5 * 2 ** restarts)
-        self.failures[worker.model] = _Failure(lease.node, restarts=restarts, retry_at=now + delay)
-        self.state.put_worker(WorkerStatus(node=self.node_id, model=worker.model, host=lease.node,
-                                           phase=ServerPhase.LOADING, message=f"restarting after: {message}",
-                                           since=now))
-        return Result(requeue_after=delay)
+    async def actual(self, model: str, desired: DesiredWorker | None, now: float) -> ActualWorker:
+        return ActualWorker(model=model, node=self.node_id, process=self.supervisor.get(RPC_RECORD_PREFIX + model),
+                            memory=self.memory.get(model, WorkerMemory()),
+                            published=self.state.workers().get(server_key(self.node_id, model)),
+                            direct_host=self.direct_host)
 
-    def _fail(self, model: str, host: str, message: str, now: float, *, retry: float, restarts: int = 0) -> Result:
-        log.warning("%s: split worker failed: %s", model, message)
-        self.failures[model] = _Failure(host, restarts=restarts, retry_at=now + retry)
-        self.state.put_worker(WorkerStatus(node=self.node_id, model=model, host=host, phase=ServerPhase.FAILED,
-                                           message=message, since=now))
-        return Result(requeue_after=retry)
+    def plan(self, desired: DesiredWorker | None, actual: ActualWorker, now: float) -> list[WorkerAction]:
+        return plan_worker(desired, actual, now)
 
-    async def _probe(self, worker: _Worker, now: float) -> Result:
-        if now - worker.started_at > START_TIMEOUT:
-            await self._stop(worker.model, f"not listening after {START_TIMEOUT:.0f}s")
-            return self._fail(worker.model, worker.host, f"ggml-rpc-server did not listen within "
-                              f"{START_TIMEOUT:.0f}s; see {worker.proc.log_path}", now, retry=60.0)
-        if port_is_free(worker.config.port, self._local_host):  # not bound yet: still indexing its file
-            return Result(requeue_after=0.1)
-        worker.ready = True
-        self.failures.pop(worker.model, None)
-        log.info("%s: split worker ready on %s:%d", worker.model, worker.config.host, worker.config.port)
-        self._publish(worker, ServerPhase.READY)
-        return Result()
-
-    async def _local_file(self, spec: ModelSpec) -> tuple[Path, str]:
-        key = (spec.source, spec.name)
+    async def _local_file(self, source: str, name: str) -> tuple[Path, str]:
+        key = (source, name)
         if key not in self._files:
             def find() -> tuple[Path, str]:
-                path = resolve_model(spec.source, name=spec.name).path
+                path = resolve_model(source, name=name).path
                 return path, file_fingerprint(path)
             self._files[key] = await anyio.to_thread.run_sync(find)
         return self._files[key]
 
-    def _pick_port(self, model: str) -> int:
-        taken = {w.config.port for m, w in self.workers.items() if m != model}
-        for port in candidate_ports(RPC_RECORD_PREFIX + server_key(self.node_id, model)):
-            if port not in taken and port_is_free(port, self.bind_host):
-                return port
-        raise RuntimeError(f"no free port on {self.bind_host} for ggml-rpc-server")
+    # -- apply --------------------------------------------------------------------------------
+    async def apply(self, model: str, action: WorkerAction, now: float) -> float | None:
+        key = RPC_RECORD_PREFIX + model
+        match action:
+            case StartWorker(desired):
+                await self._start(desired)
+            case StopWorker(_, reason):
+                self.supervisor.stop(key, reason=reason)
+                await self._event(model, "WorkerStopped", f"stopping ggml-rpc-server ({reason})")
+            case ForgetWorker():
+                await self.supervisor.forget(key)
+            case RememberWorker(_, memory, backoff):
+                if backoff is not None:
+                    memory = replace(memory, retry_at=memory.retry_at + self.backoff.delay(backoff))
+                    log.warning("%s: split worker %s", model, memory.message)
+                elif memory.failed and memory != self.memory.get(model):
+                    log.warning("%s: split worker failed: %s", model, memory.message)
+                self.memory[model] = memory
+                if memory == WorkerMemory():
+                    del self.memory[model]
+                return memory.retry_at - now if backoff is not None else None
+            case PublishWorker(status):
+                self.state.put_worker(status)
+            case WithdrawWorker():
+                self.state.remove_worker(server_key(self.node_id, model))
+            case RecordWorker(_, reason, message):
+                await self._event(model, reason, message)
+            case WaitWorker(_, until):
+                return until - now
+        return None
 
-    def _publish(self, worker: _Worker, phase: ServerPhase) -> None:
-        direct = f"{self.direct_host}:{worker.config.port}" if self.direct_host else ""
-        self.state.put_worker(WorkerStatus(node=self.node_id, model=worker.model, host=worker.host, phase=phase,
-                                           port=worker.config.port, direct=direct, pid=worker.proc.pid,
-                                           since=self.clock()))
+    async def _start(self, desired: DesiredWorker) -> None:
+        assert desired.gguf is not None
+        model, key = desired.model, RPC_RECORD_PREFIX + desired.model
+        port = self.supervisor.pick_port(RPC_RECORD_PREFIX + server_key(self.node_id, model), host=self.bind_host)
+        config = RpcWorkerConfig(binary=self.engine_dir / "ggml-rpc-server", gguf=desired.gguf, port=port,
+                                 threads=self.threads, device=self.device, host=self.bind_host)
+        view = await self.supervisor.launch(LaunchSpec(
+            key=key, model=model, argv=tuple(config.argv()), port=port,
+            log_path=self.log_dir / f"rpc-{safe_name(model)}.log", ready=ListenReady(self.bind_host, port),
+            env={RPC_SECRET_ENV: self.key}, batch=not self.device))
+        log.info("%s: started ggml-rpc-server pid %d on %s:%d for host %s", model, view.pid, config.host, port,
+                 desired.host)
+        await self._event(model, "WorkerStarted", f"ggml-rpc-server pid {view.pid} on {config.host}:{port} holds "
+                          f"layers for host {desired.host}")
 
-    async def _stop(self, model: str, reason: str) -> None:
-        worker = self.workers.pop(model, None)
-        if worker is None:
-            return
-        log.info("%s: stopping ggml-rpc-server pid %d (%s)", model, worker.proc.pid, reason)
-        await stop_process(worker.proc)
+    async def _event(self, model: str, reason: str, message: str) -> None:
         if self.store is not None:
-            await self.store.forget_process(RPC_RECORD_PREFIX + model)
-            await self.store.record_event(model, "WorkerStopped", f"ggml-rpc-server pid {worker.proc.pid} stopped "
-                                          f"({reason})")
+            await self.store.record_event(model, reason, message)
 
     async def shutdown(self) -> None:
         async with anyio.create_task_group() as tg:
-            for model in list(self.workers):
-                tg.start_soon(self._stop, model, "node shutting down")
+            for key in self.supervisor.keys():
+                view = self.supervisor.get(key)
+                if key.startswith(RPC_RECORD_PREFIX) and view is not None and view.phase is not ProcessPhase.EXITED:
+                    tg.start_soon(self._halt, key)
         for key, status in list(self.state.workers().items()):
             if status.node == self.node_id:
                 self.state.remove_worker(key)
+        self.memory.clear()
 
-    def kill_all_now(self) -> None:
-        for worker in self.workers.values():
-            stop_process_now(worker.proc)
+    async def _halt(self, key: str) -> None:
+        if await self.supervisor.halt(key, reason="node shutting down") is not None:
+            await self.supervisor.forget(key)

@@ -2,33 +2,45 @@
 
 ``MeshState`` wraps a pycrdt ``Doc`` with typed reads and writes (see ``schema`` for the layout).
 It does no I/O: gossip replicates the ``Doc``, reconcilers and the API read it through this class.
-Observers only learn *that* something changed; they re-read the state they care about.
+Observers learn *which* entries changed (``Changed``: a table and a key) and re-read the state they
+care about: a change's payload is never acted on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from pycrdt import Doc, Map
 from pydantic import BaseModel, ValidationError
 
 from meshllm.state.schema import (
-    DemandEntry, KeyRotation, ModelSpec, NodeDeath, NodeStatus, PlacementLease, ServerStatus, WorkerStatus,
+    ApiKey, DemandEntry, KeyRotation, ModelSpec, NodeDeath, NodeStatus, PlacementLease, ServerStatus,
+    WorkerStatus,
 )
 
-__all__ = ["MeshState"]
+__all__ = ["Changed", "MeshState"]
 
 E = TypeVar("E", bound=BaseModel)
-_KINDS = ("models", "nodes", "servers", "deaths", "demand", "leases", "workers",
-          "rotations")
+_KINDS = ("models", "nodes", "servers", "deaths", "demand", "leases", "workers", "apikeys", "rotations")
+
+
+class Changed(NamedTuple):
+    """One entry that changed: ``table`` (``models``, ``leases``, ...) and its ``key`` there, or
+    ``key`` None when the whole table may have changed (an update whose shape says no more)."""
+
+    table: str
+    key: str | None
+
+
+ChangeListener = Callable[[list[Changed]], None]
 
 
 class MeshState:
     """Typed access to one replica of the mesh's state document."""
 
-    def __init__(self, doc: Doc | None = None) -> None:
+    def __init__(self, doc: Doc[Any] | None = None) -> None:
         self.doc = doc if doc is not None else Doc()
         self._maps: dict[str, Map[Any]] = {kind: self.doc.get(kind, type=Map) for kind in _KINDS}
         # Decoded entries, per table and key, re-decoded only once their entry changed (here or
@@ -39,30 +51,27 @@ class MeshState:
         # One pycrdt observer per table, which drops the changed entries and only then tells the
         # listeners: pycrdt calls a table's observers in no fixed order, so a listener observing the
         # table itself could read entries decoded before the change.
-        self._listeners: dict[int, Callable[[], None]] = {}
+        self._listeners: dict[int, ChangeListener] = {}
         self._next_listener = 0
         self._subs = [table.observe_deep(self._on_change(kind)) for kind, table in self._maps.items()]
 
     def _on_change(self, kind: str) -> Callable[[list[Any]], None]:
         def on_change(events: list[Any]) -> None:
-            self._invalidate(kind, events)
+            keys = _changed_keys(events)
+            self._invalidate(kind, keys)
+            changes = [Changed(kind, None)] if keys is None else [Changed(kind, key) for key in sorted(keys)]
             for listener in list(self._listeners.values()):
-                listener()
+                listener(changes)
         return on_change
 
-    def _invalidate(self, kind: str, events: list[Any]) -> None:
+    def _invalidate(self, kind: str, keys: set[str] | None) -> None:
         stale = self._stale[kind]
         if stale is None:
             return
-        for event in events:
-            path, keys = getattr(event, "path", None), getattr(event, "keys", None)
-            if path:
-                stale.add(str(path[0]))
-            elif path == [] and isinstance(keys, dict):
-                stale.update(str(key) for key in keys)
-            else:
-                self._stale[kind] = None
-                return
+        if keys is None:
+            self._stale[kind] = None
+        else:
+            stale.update(keys)
 
     @contextmanager
     def transaction(self, origin: object = None) -> Iterator[None]:
@@ -111,6 +120,12 @@ class MeshState:
 
     def put_lease(self, lease: PlacementLease) -> None:
         self._put_whole("leases", lease.key, lease)
+
+    def put_api_key(self, key: ApiKey) -> None:
+        self._put("apikeys", key.id, key)
+
+    def remove_api_key(self, key_id: str) -> bool:
+        return self._remove("apikeys", key_id)
 
     def put_rotation(self, rotation: KeyRotation) -> None:
         self._put_whole("rotations", rotation.old, rotation)
@@ -182,6 +197,10 @@ class MeshState:
     def workers(self) -> dict[str, WorkerStatus]:
         return self._read("workers", WorkerStatus)
 
+    def api_keys(self) -> dict[str, ApiKey]:
+        """Every API key of the mesh, revoked ones (tombstones) included."""
+        return self._read("apikeys", ApiKey)
+
     def rotations(self) -> dict[str, KeyRotation]:
         return self._read("rotations", KeyRotation)
 
@@ -198,9 +217,29 @@ class MeshState:
     def observe(self, callback: Callable[[], None]) -> int:
         """Call ``callback()`` after any change (reads in it see the change); it must not raise and
         should only enqueue work. Returns a handle for ``unobserve``."""
+        return self.observe_changes(lambda _changes: callback())
+
+    def observe_changes(self, callback: ChangeListener) -> int:
+        """Call ``callback(changes)`` after any change with the entries it touched, one call per table
+        a transaction changed (reads in it see the change); it must not raise and should only enqueue
+        work. Returns a handle for ``unobserve``."""
         self._next_listener += 1
         self._listeners[self._next_listener] = callback
         return self._next_listener
 
     def unobserve(self, handle: int) -> None:
         self._listeners.pop(handle, None)
+
+
+def _changed_keys(events: list[Any]) -> set[str] | None:
+    """The table keys a batch of pycrdt events touched; None when an event does not say."""
+    keys: set[str] = set()
+    for event in events:
+        path, changed = getattr(event, "path", None), getattr(event, "keys", None)
+        if path:
+            keys.add(str(path[0]))  # a field of one entry
+        elif path == [] and isinstance(changed, dict):
+            keys.update(str(key) for key in changed)  # entries added, replaced or removed
+        else:
+            return None
+    return keys

@@ -53,6 +53,8 @@ __all__ = [
 ]
 
 API_VERSION = "meshllm/v1"
+MAX_REPLICAS = 256  # more servers of one model than any mesh has nodes is a typo, not a wish
+MAX_CTX = 1 << 24  # 16M tokens: beyond any model's trained context
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:")
 
 
@@ -86,8 +88,8 @@ class ModelManifestSpec(_Strict):
     """What to serve and how; the fields of a ``Model``'s spec and of each of a ``Mesh``'s models."""
 
     source: str = Field(min_length=1, description="a catalog name (gemma-3-270m) or a path to a .gguf file")
-    replicas: int = Field(default=1, ge=1, description="servers wanted at least")
-    ctxSize: int = Field(default=0, ge=0, description="context length; 0 takes the model's default")
+    replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS, description="servers wanted at least")
+    ctxSize: int = Field(default=0, ge=0, le=MAX_CTX, description="context length; 0 takes the model's default")
     draft: str = Field(default="", description="draft model for speculative decoding (a name or a .gguf path)")
     placement: Placement = Field(default_factory=Placement)
 
@@ -177,7 +179,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node)
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen.add(key)

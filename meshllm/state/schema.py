@@ -24,6 +24,10 @@ workers    ``<node id>/<model>``   the node running it         observed: a ggml-
                                                                (``WorkerStatus``)
 deaths     node id                 any node that saw it die    the node's incarnation that was
                                                                declared dead (``NodeDeath``)
+apikeys    key id (12 hex digits   the node whose console      a key every node's OpenAI API
+           of the key's hash)      created it; any node        accepts, as its salted hash only;
+                                   revokes it                  revoked: kept as a tombstone
+                                                               (``ApiKey``)
 rotations  retired key id          the node that ran           the mesh secret that replaced that
                                    ``rotate-key``              key, sealed under it (``KeyRotation``;
                                                                a plain value, written once)
@@ -38,6 +42,11 @@ A node is alive while its ``NodeStatus.incarnation`` is newer than its ``NodeDea
 node that learns it was declared dead while it is alive (a false suspicion, a healed partition)
 refutes it by writing a newer incarnation.
 
+An API key is never in the document, only ``sha256(API_KEY_HASH_LABEL + key)``: any member can read
+the document, so it must not hold anything that opens :9337. A revoked key stays, with ``revoked_at``
+set, so that a mesh which once had keys keeps requiring one after its last key is revoked (revoking
+the only key must not open every node's API); ``meshllm keys purge`` removes the tombstones.
+
 Times are absolute UNIX seconds (float). pycrdt hands numbers back as floats, so every read goes
 through these models, which coerce and validate. Values never hold nested plain dicts (a plain dict
 is last-writer-wins as a whole); lists are short and written whole by their single writer.
@@ -51,6 +60,8 @@ from typing import NewType
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "API_KEY_HASH_LABEL",
+    "ApiKey",
     "DemandEntry",
     "KeyRotation",
     "ModelName",
@@ -217,6 +228,27 @@ class WorkerStatus(_Entity):
         return server_key(self.node, self.model)
 
 
+API_KEY_HASH_LABEL = b"meshllm api key v1\0"  # domain separation: this hash is for nothing else
+
+
+class ApiKey(_Entity):
+    """An API key of the mesh, as its hash: every node's OpenAI API (:9337) accepts the key it hashes
+    from, until ``revoked_at`` is set. ``id`` is the first 12 hex digits of ``hash``."""
+
+    id: str = Field(pattern=r"^[0-9a-f]{12}$")
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of API_KEY_HASH_LABEL and the key, hex")
+    name: str = Field(default="", max_length=64)
+    hint: str = Field(default="", max_length=16, description="the key's first characters, to recognise it")
+    created_at: float = 0.0
+    created_by: str = Field(default="", description="the node whose console created it")
+    revoked_at: float = Field(default=0.0, description="when it was revoked; 0: valid")
+    revoked_by: str = Field(default="", description="the node whose console revoked it")
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at > 0
+
+
 class KeyRotation(_Entity):
     """The mesh key ``old`` was retired for the key ``new``: the new secret, sealed (AES-GCM) under a
     key derived from the old one, so only nodes that held the old secret can open it (see
@@ -246,4 +278,4 @@ def json_schemas() -> dict[str, dict[str, object]]:
     """JSON Schemas of the document's entities, as checked in under ``schemas/``."""
     return {f"state.{model.__name__}": model.model_json_schema()
             for model in (ModelSpec, NodeStatus, ServerStatus, NodeDeath, DemandEntry, PlacementLease,
-                          WorkerStatus, KeyRotation)}
+                          WorkerStatus, ApiKey, KeyRotation)}

@@ -84,7 +84,8 @@ class Event(SQLModel, table=True):
     level: str = "info"
 
 
-_TABLES = [IdentityRecord.__table__, AppliedManifest.__table__, ProcessRecord.__table__, Event.__table__]
+_TABLES = [SQLModel.metadata.tables[str(model.__tablename__)]
+           for model in (IdentityRecord, AppliedManifest, ProcessRecord, Event)]
 
 
 def _pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:

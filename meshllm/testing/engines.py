@@ -1,5 +1,6 @@
 """Find the llama.cpp servers a node started, from outside it: for tests and benchmarks that must
-check that none is left behind, and clean up when one is."""
+check that none is left behind, and clean up when one is. Stopping uses the one stop ladder
+(``engine.process.stop_process_now``: the node's own ladder, in blocking form)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from meshllm.engine.process import stop_process_now
 
 __all__ = ["engine_pids", "running", "terminate"]
 
@@ -22,15 +25,9 @@ def running(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Ite
             terminate(proc)
 
 
-def terminate(proc: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
-    """SIGTERM, up to ``grace`` seconds, then SIGKILL; returns once ``proc`` has ended."""
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def terminate(proc: subprocess.Popen[bytes], *, grace: float = 10.0) -> int:
+    """SIGTERM, up to ``grace`` seconds, then SIGKILL; returns the exit code once ``proc`` has ended."""
+    return stop_process_now(proc, grace=grace)
 
 
 def engine_pids(state_dir: Path) -> list[int]:

@@ -43,6 +43,7 @@ class UdpRelay:
     drop: float = 0.0
     blocked: bool = False
     forwarded: int = 0
+    dropped: int = 0  # datagrams ``drop`` or ``blocked`` discarded, both ways
     rng: random.Random = field(default_factory=random.Random)
     _front: _Socket | None = None
     _backs: dict[Address, _Socket] = field(default_factory=dict)
@@ -55,8 +56,8 @@ class UdpRelay:
 
     async def start(self) -> UdpRelay:
         loop = asyncio.get_running_loop()
-        self._front = _Socket(self._from_client)
-        await loop.create_datagram_endpoint(lambda: self._front, local_addr=self.listen)  # type: ignore[arg-type,return-value]
+        front = self._front = _Socket(self._from_client)
+        await loop.create_datagram_endpoint(lambda: front, local_addr=self.listen)
         return self
 
     def close(self) -> None:
@@ -66,7 +67,9 @@ class UdpRelay:
         self._backs.clear()
 
     def _passes(self) -> bool:
-        return not self.blocked and (self.drop <= 0 or self.rng.random() >= self.drop)
+        passes = not self.blocked and (self.drop <= 0 or self.rng.random() >= self.drop)
+        self.dropped += not passes
+        return passes
 
     def _later(self, send: Callable[[], None]) -> None:
         if self.delay > 0:
@@ -79,7 +82,7 @@ class UdpRelay:
         if back is None:
             back = self._backs[client] = _Socket(lambda reply, _src: self._to_client(reply, client))
             loop = asyncio.get_running_loop()
-            task = loop.create_datagram_endpoint(lambda: back, local_addr=(self.listen[0], 0))  # type: ignore[arg-type,return-value]
+            task = loop.create_datagram_endpoint(lambda: back, local_addr=(self.listen[0], 0))
             pending = asyncio.ensure_future(task)
             pending.add_done_callback(lambda _f: self._from_client(data, client))
             return

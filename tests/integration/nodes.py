@@ -26,6 +26,7 @@ class NodeProcess:
     state_dir: Path
     engine_dir: Path
     extra: list[str] = field(default_factory=list)
+    allow_models: list[Path] = field(default_factory=list)  # folders manifests may name (--allow-models)
     port: int = field(default_factory=free_port)
     console: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -43,6 +44,8 @@ class NodeProcess:
                 "--state-dir", str(self.state_dir), *self.extra]
         for model in self.models:
             args += ["--model", model]
+        for folder in self.allow_models:
+            args += ["--allow-models", str(folder)]
         env = {**os.environ, "MESHLLM_ENGINE_DIR": str(self.engine_dir)}
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
@@ -52,6 +55,32 @@ class NodeProcess:
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = httpx.get(f"http://127.0.0.1:{self.console}/api/status", timeout=5).json()
         return result
+
+    def admin_headers(self) -> dict[str, str]:
+        """The node's admin token, as the CLI presents it (read from the node's state folder)."""
+        return {"Authorization": "Bearer " + (self.state_dir / "admin.token").read_text().strip()}
+
+    def token(self, *, timeout: float = 60.0) -> str:
+        """The invite token (``meshllm token``; for holders of the admin token), once the console is up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{self.console}/api/token", headers=self.admin_headers(),
+                                   timeout=5)
+                answer.raise_for_status()
+                token: str = answer.json()["token"]
+                return token
+            except (httpx.HTTPError, FileNotFoundError):
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
+
+    def cli(self, *args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """``meshllm ARGS`` against this node's console, as its operator (its state folder, its token)."""
+        return subprocess.run([sys.executable, "-m", "meshllm", *args, "--console", str(self.console),
+                               "--state-dir", str(self.state_dir)], input=stdin, capture_output=True, text=True,
+                              timeout=timeout)
 
     def server(self, model: str) -> dict[str, Any]:
         for entry in self.status()["models"]:
@@ -108,13 +137,13 @@ class NodeProcess:
 class Mesh:
     """Starts nodes on their own loopback addresses and tears every one of them down."""
 
-    def __init__(self, root: Path, engine_dir: Path) -> None:
-        self.root, self.engine_dir = root, engine_dir
+    def __init__(self, root: Path, engine_dir: Path, *, allow_models: tuple[Path, ...] = ()) -> None:
+        self.root, self.engine_dir, self.allow_models = root, engine_dir, allow_models
         self.nodes: list[NodeProcess] = []
 
     def start(self, name: str, host: str, *extra: str, models: tuple[str, ...] = ()) -> NodeProcess:
         node = NodeProcess(models=list(models), state_dir=self.root / name, engine_dir=self.engine_dir,
-                           extra=["--bind-host", host, *extra]).start()
+                           extra=["--bind-host", host, *extra], allow_models=list(self.allow_models)).start()
         self.nodes.append(node)
         return node
 

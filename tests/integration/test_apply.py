@@ -22,10 +22,10 @@ from tests.integration.nodes import NodeProcess
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[NodeProcess]:
+def node(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     # a --client node needs no engine: engine_dir is never used
     node = NodeProcess(models=[], state_dir=tmp_path / "node", engine_dir=tmp_path / "no-engine",
-                       extra=["--client"]).start()
+                       extra=["--client"], allow_models=[tmp_path_factory.getbasetemp()]).start()
     try:
         _wait_console(node)
         yield node
@@ -46,8 +46,7 @@ def _wait_console(node: NodeProcess) -> None:
 
 
 def cli(node: NodeProcess, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "meshllm", *args, "--console", str(node.console)],
-                          input=stdin, capture_output=True, text=True, timeout=120)
+    return node.cli(*args, stdin=stdin)
 
 
 def models(node: NodeProcess) -> dict[str, Any]:
@@ -99,10 +98,11 @@ def test_a_bad_manifest_exits_1_with_its_location_and_changes_nothing(node: Node
     assert done.returncode == 1
     assert done.stderr.startswith("error: stdin: document 2: spec.sauce: unknown field (did you mean source?)")
     assert done.stderr.count("\n") == 1
-    missing = good.replace("name: tiny", "name: other").replace(str(tiny_dense), "/nowhere/x.gguf")
+    nowhere = tiny_dense.parent / "x.gguf"  # in a folder the node allows
+    missing = good.replace("name: tiny", "name: other").replace(str(tiny_dense), str(nowhere))
     done = cli(node, "apply", "-f", "-", stdin=missing)  # valid here; the node finds no such file
     assert done.returncode == 1
-    assert done.stderr.startswith("error: stdin: document 1: spec.source: model file /nowhere/x.gguf does not exist")
+    assert done.stderr.startswith(f"error: stdin: document 1: spec.source: model file {nowhere} does not exist")
     assert models(node) == before
 
 

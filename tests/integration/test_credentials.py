@@ -60,7 +60,7 @@ def error_lines(stderr: str) -> list[str]:
 
 def test_a_wrong_secret_or_mesh_id_exits_within_seconds_saying_which(mesh: Mesh) -> None:
     a = mesh.start("a", "127.0.0.2", "--client")
-    token = wait_for_token(a)
+    token = a.token()
     seed = InviteToken.decode(token).addrs[0]
     cases = {"wrong secret": retoken(token, secret=os.urandom(32)), "wrong mesh": retoken(token, mesh_id="0" * 16)}
     for reason, bad in cases.items():
@@ -74,11 +74,6 @@ def test_a_wrong_secret_or_mesh_id_exits_within_seconds_saying_which(mesh: Mesh)
     assert len(a.status()["nodes"]) == 1
 
 
-def wait_for_token(node: NodeProcess) -> str:
-    wait_for(lambda: bool(node.status().get("token")), timeout=60, what="the node's console")
-    return str(node.status()["token"])
-
-
 def cmdline(node: NodeProcess) -> bytes:
     assert node.proc is not None
     return Path(f"/proc/{node.proc.pid}/cmdline").read_bytes()
@@ -87,7 +82,7 @@ def cmdline(node: NodeProcess) -> bytes:
 def test_tokens_from_a_file_or_the_environment_stay_off_the_command_line(mesh: Mesh, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     a = mesh.start("a", "127.0.0.2", "--client")
-    token = wait_for_token(a)
+    token = a.token()
     secret = InviteToken.decode(token).credentials.secret
     token_file = tmp_path / "token"
     token_file.write_text(token + "\n")
@@ -124,12 +119,6 @@ def greedy(node: NodeProcess, model: str) -> str:
     return text
 
 
-def cli(node: NodeProcess, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "meshllm", *args, "--console", str(node.console)], input=stdin,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "MESHLLM_STATE_DIR": str(node.state_dir)})
-
-
 def key_ids(*nodes: NodeProcess) -> set[Any]:
     return {n.status()["key_id"] for n in nodes}
 
@@ -138,14 +127,14 @@ def test_rotate_key_moves_every_member_to_a_new_secret_and_retires_the_old_token
         mesh: Mesh, tiny_dense: Path, second_dense: Path) -> None:
     a = mesh.start("a", "127.0.0.2", models=(str(tiny_dense),))
     a.wait_ready("tiny-dense")
-    old_token = a.status()["token"]
+    old_token = a.token()
     b = mesh.start("b", "127.0.0.3", "--client", "--join", old_token)
-    c = mesh.start("c", "127.0.0.4", "--client", "--join", old_token)
+    c = mesh.start("c", "127.0.0.4", "--client", "--join", old_token, "--allow-models", str(second_dense.parent))
     wait_for(lambda: listed(b) == listed(c) == {"tiny-dense"}, timeout=30, what="B and C to list tiny-dense")
     before = greedy(c, "tiny-dense")
     ids = {n.status()["node"]["id"] for n in (a, b, c)}
 
-    done = cli(b, "rotate-key")  # on a client node: any member can rotate
+    done = b.cli("rotate-key")  # on a client node: any member can rotate
     assert done.returncode == 0, done.stderr
     new_token = done.stdout.strip()
     new = InviteToken.decode(new_token).credentials
@@ -154,13 +143,14 @@ def test_rotate_key_moves_every_member_to_a_new_secret_and_retires_the_old_token
     took = wait_for(lambda: all(saved_secret(n) == new.secret for n in (a, b, c)) and key_ids(a, b, c) == {new.key_id},
                     timeout=10, what="every member to hold the new secret")
     print(f"\nrotation reached all three members in {took:.2f}s")
+    assert all(InviteToken.decode(n.token()).credentials == new for n in (a, b, c))  # meshllm token: the new one
 
     # they carry on: no connection lost, the model still reached through the mesh, gossip flows
     assert all(set(node_states(n).values()) == {"alive"} and set(node_states(n)) == ids for n in (a, b, c))
     assert greedy(b, "tiny-dense") == greedy(c, "tiny-dense") == before
     manifest = ("apiVersion: meshllm/v1\nkind: Model\nmetadata: {name: second-dense}\n"
                 f"spec: {{source: {second_dense}}}\n")
-    assert cli(c, "apply", "-f", "-", stdin=manifest).returncode == 0
+    assert c.cli("apply", "-f", "-", stdin=manifest).returncode == 0
     wait_for(lambda: all(listed(n) == {"tiny-dense", "second-dense"} for n in (a, b, c)), timeout=60,
              what="the manifest applied after the rotation to be served and listed everywhere")
 
@@ -194,13 +184,13 @@ def second_dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_member_offline_during_a_rotation_needs_the_new_token(mesh: Mesh, tmp_path: Path) -> None:
     a = mesh.start("a", "127.0.0.2", "--client")
-    f = mesh.start("f", "127.0.0.3", "--client", "--join", wait_for_token(a))
+    f = mesh.start("f", "127.0.0.3", "--client", "--join", a.token())
     wait_for(lambda: len(f.status()["nodes"]) == 2, timeout=30, what="F to join")
     f_id = f.status()["node"]["id"]
     wait_for(lambda: (f.state_dir / "peers.json").exists() and saved_secret(f) != b"", timeout=10,
              what="F to keep the mesh's credentials and peers")
     assert f.stop() == 0
-    done = cli(a, "rotate-key")
+    done = a.cli("rotate-key")
     assert done.returncode == 0, done.stderr
 
     again = mesh.start("f", "127.0.0.3", "--client")  # the saved (now retired) credentials
@@ -240,15 +230,15 @@ def test_a_split_restarts_with_the_rotated_rpc_key(mesh: Mesh, split_model: Path
     (an old-token holder can no longer drive a --rpc-direct worker) and the split serves as before."""
     vram = cap(split_model, 0.8)
     a = mesh.start("a", "127.0.0.2", "--rpc-direct", "--max-vram", vram, models=(str(split_model),))
-    old = InviteToken.decode(wait_for_token(a)).credentials
-    b = mesh.start("b", "127.0.0.3", "--standby", "--rpc-direct", "--max-vram", vram, "--join", a.status()["token"])
+    old = InviteToken.decode(a.token()).credentials
+    b = mesh.start("b", "127.0.0.3", "--standby", "--rpc-direct", "--max-vram", vram, "--join", a.token())
     wait_for(lambda: condition(a).get("phase") == "Ready", timeout=90, what="the split to be ready")
     expected = split_greedy(solo)
     assert split_greedy(a.api) == expected
     old_pids = split_pids(a)
     assert [rpc_key_of(pid) for pid in old_pids] == [rpc_key(old.secret)] * 2
 
-    done = cli(b, "rotate-key")
+    done = b.cli("rotate-key")
     assert done.returncode == 0, done.stderr
     new = InviteToken.decode(done.stdout.strip()).credentials
 

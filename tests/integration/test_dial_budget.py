@@ -82,7 +82,9 @@ async def test_a_dial_no_longer_needed_when_its_turn_comes_sends_nothing() -> No
                 errors.append(exc)
 
         tg.start_soon(dial)
-        await anyio.sleep(0.1)
+        with anyio.fail_after(5):
+            while client.budget.waiting != 1:  # the dial waits in line
+                await anyio.sleep(0.01)
         wanted[0] = False  # say, the peer dialled us meanwhile
         release.set()
         with anyio.fail_after(5):

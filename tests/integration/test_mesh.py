@@ -41,7 +41,7 @@ def start_three(mesh: Mesh, dense: Path, moe: Path, *more: Path) -> tuple[NodePr
     a = mesh.start("a", "127.0.0.2", models=(str(dense), *map(str, more)))
     for model in ("tiny-dense", *(p.stem for p in more)):
         a.wait_ready(model)
-    token = a.status()["token"]
+    token = a.token()
     b = mesh.start("b", "127.0.0.3", "--join", token, models=(str(moe),))
     c = mesh.start("c", "127.0.0.4", "--client", "--join", token)
     b.wait_ready("tiny-moe")
@@ -85,7 +85,7 @@ def forged(token: str) -> str:
 def test_a_wrong_token_is_refused(mesh: Mesh, tiny_dense: Path) -> None:
     a = mesh.start("a", "127.0.0.2", models=(str(tiny_dense),))
     a.wait_ready("tiny-dense")
-    token = a.status()["token"]
+    token = a.token()
     intruder = mesh.start("x", "127.0.0.5", "--client", "--join", forged(token))
     assert intruder.proc is not None and intruder.proc.wait(timeout=30) == 1  # refused: it says why and ends
     assert "refused this token: wrong secret" in intruder.log_text()
@@ -164,7 +164,7 @@ def test_a_partition_heals_and_the_state_converges(mesh: Mesh, tiny_dense: Path,
                                                    partition: Callable[[str, str], Callable[[], None]]) -> None:
     a = mesh.start("a", "127.0.0.2", models=(str(tiny_dense),))
     a.wait_ready("tiny-dense")
-    b = mesh.start("b", "127.0.0.3", "--join", a.status()["token"], models=(str(tiny_moe),))
+    b = mesh.start("b", "127.0.0.3", "--join", a.token(), models=(str(tiny_moe),))
     b.wait_ready("tiny-moe")
     wait_for(lambda: listed(a) == listed(b) == {"tiny-dense", "tiny-moe"}, timeout=30, what="both models")
 

@@ -28,8 +28,7 @@ pytestmark = pytest.mark.engine
 
 
 def cli(node: NodeProcess, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "meshllm", *args, "--console", str(node.console)],
-                          input=stdin, capture_output=True, text=True, timeout=120)
+    return node.cli(*args, stdin=stdin)
 
 
 def manifest(*models: tuple[str, Path]) -> str:
@@ -53,8 +52,7 @@ def condition(node: NodeProcess, model: str) -> dict[str, Any]:
 
 def start_standbys(mesh: Mesh, count: int) -> list[NodeProcess]:
     first = mesh.start("n0", "127.0.0.2", "--standby")
-    wait_for(lambda: "token" in first.status(), timeout=60, what="the first node's API")
-    token = first.status()["token"]
+    token = first.token()
     nodes = [first] + [mesh.start(f"n{i}", f"127.0.0.{i + 2}", "--standby", "--join", token)
                        for i in range(1, count)]
     wait_for(lambda: all(len(n.status()["nodes"]) == count for n in nodes), timeout=30, what="the mesh to form")
@@ -101,7 +99,7 @@ def test_applied_models_are_placed_fail_over_and_are_pruned(mesh: Mesh, tiny_den
 def test_a_standby_serves_a_model_whose_node_left_while_it_is_asked_for(mesh: Mesh, tiny_dense: Path) -> None:
     owner = mesh.start("a", "127.0.0.2", models=(str(tiny_dense),))
     owner.wait_ready("tiny-dense")
-    token = owner.status()["token"]
+    token = owner.token()
     standby = mesh.start("b", "127.0.0.3", "--standby", "--join", token)
     client = mesh.start("c", "127.0.0.4", "--client", "--join", token)
     wait_for(lambda: listed(client) == {"tiny-dense"}, timeout=30, what="C to see tiny-dense")

@@ -82,8 +82,7 @@ def test_llama_server_with_the_wrong_key_does_not_load_onto_the_worker(engine_di
 def test_a_split_over_the_direct_path_gives_the_same_output(mesh: Mesh, split_model: Path, solo: str) -> None:
     vram = cap(split_model, 0.8)
     a = mesh.start("a", "127.0.0.2", "--rpc-direct", "--max-vram", vram, models=(str(split_model),))
-    wait_for(lambda: "token" in a.status(), timeout=60, what="a's API")
-    b = mesh.start("b", "127.0.0.3", "--standby", "--rpc-direct", "--max-vram", vram, "--join", a.status()["token"])
+    b = mesh.start("b", "127.0.0.3", "--standby", "--rpc-direct", "--max-vram", vram, "--join", a.token())
     wait_for_all((a, b))
     wait_for(lambda: condition(a).get("phase") == "Ready", timeout=90, what="the split to be ready")
     nodes = {node_id(n): n for n in (a, b)}

@@ -18,7 +18,8 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from meshllm.node.rpc_tunnel import RpcTunnelClient, RpcTunnelServer
+from meshllm.tunnels.rpc import RpcTunnelClient, RpcTunnelServer
+from meshllm.tunnels.service import serve_streams
 from meshllm.store.identity import NodeIdentity
 from meshllm.testing.engines import running
 from meshllm.transport import PeerConnection, QuicEndpoint, StreamKind
@@ -54,7 +55,7 @@ async def tunnel_pair() -> AsyncIterator[Pair]:
     host, worker = (QuicEndpoint(NodeIdentity(Ed25519PrivateKey.generate()), MESH, SECRET, host=h)
                     for h in ("127.0.0.1", "127.0.0.2"))
     ports: dict[str, int] = {}
-    RpcTunnelServer(worker, lambda target: ("127.0.0.1", ports[target]) if target in ports else None).install()
+    serve_streams(worker, [RpcTunnelServer(lambda target: ("127.0.0.1", ports[target]) if target in ports else None)])
 
     async def connect(node_id: str) -> PeerConnection:
         return host.peer(node_id) or await host.connect(*worker.address)

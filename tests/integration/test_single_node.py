@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.integration.nodes import NodeProcess, engine_pids
+from tests.integration.nodes import NodeProcess, engine_pids, wait_for
 
 pytestmark = pytest.mark.engine
 
@@ -72,16 +72,27 @@ def test_greedy_output_through_proxy_is_identical_to_llama_server(node: NodeProc
     assert _stream_text(node.api, "/v1/chat/completions", chat) == _stream_text(direct, "/v1/chat/completions", chat)
 
 
+def _server_or_none(node: NodeProcess, model: str) -> dict[str, Any] | None:
+    try:
+        return node.server(model)
+    except KeyError:  # between the old status and the new one
+        return None
+
+
 def test_killed_llama_server_is_restarted(node: NodeProcess) -> None:
     before = node.server("tiny-dense")
     os.kill(before["pid"], signal.SIGKILL)
-    time.sleep(10)
+
+    def restarted() -> bool:
+        now = _server_or_none(node, "tiny-dense")
+        return now is not None and now["pid"] != before["pid"] and now["phase"] == "ready"
+
+    wait_for(restarted, timeout=60, what="a new llama-server to be ready")
+    after = node.server("tiny-dense")
+    assert after["restarts"] == 1
     response = _completion(node.api)
     assert response.status_code == 200, response.text
-    after = node.server("tiny-dense")
-    assert after["pid"] != before["pid"]
-    assert after["restarts"] == 1
-    assert after["phase"] == "ready"
+    assert response.json()["choices"][0]["text"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -127,9 +138,8 @@ def test_broken_model_file_is_reported_and_retried(tmp_path: Path, engine_dir: P
                        engine_dir=engine_dir).start()
     try:
         node.wait_ready("tiny-dense")
-        deadline = time.monotonic() + 30
-        while node.server("broken")["phase"] != "failed" and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: _server_or_none(node, "broken") is not None and node.server("broken")["phase"] == "failed",
+                 timeout=30, what="the broken model to be reported failed")
         response = _completion(node.api, model="broken")
         assert response.status_code == 503
         assert int(response.headers["retry-after"]) >= 1

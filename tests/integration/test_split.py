@@ -78,8 +78,7 @@ def test_a_model_no_node_holds_is_split_and_recovers_when_a_worker_dies(mesh: Me
                                                                         solo: str) -> None:
     vram = cap(split_model, 0.8)  # no node holds it (0.8 < 1.1), any two do (1.6 >= 1.1)
     a = mesh.start("a", "127.0.0.2", "--max-vram", vram, models=(str(split_model),))
-    wait_for(lambda: "token" in a.status(), timeout=60, what="a's API")
-    token = a.status()["token"]
+    token = a.token()
     b = mesh.start("b", "127.0.0.3", "--standby", "--max-vram", vram, "--join", token)
     c = mesh.start("c", "127.0.0.4", "--standby", "--max-vram", vram, "--join", token)
     nodes = {node_id(n): n for n in wait_for_all((a, b, c))}
@@ -169,8 +168,7 @@ def test_a_peer_100ms_away_is_never_a_worker_and_one_20ms_away_is(mesh: Mesh, sp
     a_port = free_udp_port("127.0.0.2")
     a = mesh.start("a", "127.0.0.2", "--bind-port", str(a_port), "--max-vram", cap(split_model, 0.9),
                    models=(str(split_model),))
-    wait_for(lambda: "token" in a.status(), timeout=60, what="a's API")
-    token = InviteToken.decode(a.status()["token"])
+    token = InviteToken.decode(a.token())
 
     def via(delay_ms: float, host: str) -> str:
         """A's token naming a relay to A: the joiner reaches A only across it."""
@@ -183,9 +181,9 @@ def test_a_peer_100ms_away_is_never_a_worker_and_one_20ms_away_is(mesh: Mesh, sp
     far_id = node_id(far)
     wait_for(lambda: a.status()["node"].get("rtt_ms", {}).get(far_id, 0) >= 90, timeout=30,
              what="a to measure 100 ms to the far node")
-    time.sleep(3)  # a few placement rounds with the far node measured
-    pending = condition(a)
-    assert pending["phase"] == "Pending" and "further" in pending["message"], pending
+    # placement with the far node measured: it says the split waits for a nearer node
+    wait_for(lambda: condition(a).get("phase") == "Pending" and "further" in condition(a).get("message", ""),
+             timeout=30, what="the split to wait for a nearer node than the far one")
 
     near = mesh.start("near", "127.0.0.4", "--standby", "--max-vram", cap(split_model, 0.8),
                       "--join", via(10, "127.0.0.14"))

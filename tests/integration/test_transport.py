@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +215,7 @@ async def test_gossip_replicates_a_document_over_quic() -> None:
 class Observed:
     handlers: int = 0
     events: int = 0
+    about: set[str] = field(default_factory=set)  # the peers the events were about
 
 
 def observe(*endpoints: QuicEndpoint) -> Observed:
@@ -225,6 +226,7 @@ def observe(*endpoints: QuicEndpoint) -> Observed:
 
     def listener(event: PeerEvent) -> None:
         seen.events += 1
+        seen.about.add(event.node_id)
 
     for e in endpoints:
         e.on_peer(listener)
@@ -238,16 +240,17 @@ def observe(*endpoints: QuicEndpoint) -> Observed:
     ({"mesh": "other-mesh"}, "wrong mesh"),
 ], ids=["wrong-secret", "wrong-mesh"])
 async def test_a_stranger_is_refused_on_both_sides(stranger: dict[str, Any], match: str) -> None:
-    a, b = endpoint(**stranger), endpoint("127.0.0.2")
+    a, b, member = endpoint(**stranger), endpoint("127.0.0.2"), endpoint("127.0.0.3")
     seen = observe(a, b)
-    async with running(a, b) as (port_a, port_b):
+    async with running(a, b, member) as (port_a, port_b, _):
         with pytest.raises(AuthError, match=match):
             await a.connect("127.0.0.2", port_b)
         with pytest.raises(AuthError, match=match):
             await b.connect("127.0.0.1", port_a)
-        await anyio.sleep(0.2)  # anything late would show up now
-        assert a.peers == {} and b.peers == {}
-    assert seen == Observed(0, 0)
+        await member.connect("127.0.0.2", port_b)  # b handles a later handshake: anything late came first
+        await wait_until(lambda: seen.events == 1)
+        assert a.peers == {} and list(b.peers) == [member.node_id]
+    assert seen.handlers == 0 and seen.about == {member.node_id}  # the member came (and went), never the stranger
 
 
 @dataclass(frozen=True)
@@ -318,11 +321,9 @@ async def test_streams_opened_before_auth_wait_for_it_or_die_with_it(
     async with running(stranger, member, honest) as (_, _, port):
         with pytest.raises(AuthError):
             await stranger.connect("127.0.0.2", port)
-        await anyio.sleep(0.2)
-        assert served == []
         await member.connect("127.0.0.2", port)
         await wait_until(lambda: bool(served))
-    assert served == [(True, b"early")]
+    assert served == [(True, b"early")]  # the member's stream, served once authenticated; never the stranger's
 
 
 class SilentEndpoint(QuicEndpoint):

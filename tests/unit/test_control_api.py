@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+from meshllm.api.admin import ConsoleAccess
 from meshllm.api.status import create_status_app
+from meshllm.engine.sources import SourcePolicy
 from meshllm.state.document import MeshState
 from meshllm.state.manifest import Manifest
 from meshllm.state.schema import (
@@ -17,6 +19,7 @@ from meshllm.state.schema import (
 )
 
 NOW = 1_000_000.0
+ADMIN = "mladm-test"
 
 
 def gguf(path: Path, size: int = 64) -> Path:
@@ -45,15 +48,16 @@ def applied() -> list[list[Manifest]]:
 
 
 @pytest.fixture
-def client(state: MeshState, applied: list[list[Manifest]]) -> Iterator[TestClient]:
+def client(state: MeshState, applied: list[list[Manifest]], tmp_path: Path) -> Iterator[TestClient]:
     async def on_applied(manifests: list[Manifest]) -> None:
         applied.append(manifests)
 
     async def events(name: str) -> list[dict[str, Any]]:
         return [{"at": NOW - 5, "type": "Normal", "reason": "Applied", "message": f"{name} applied"}]
 
-    app = create_status_app(state, node_id="n1", on_applied=on_applied, events=events, clock=lambda: NOW)
-    with TestClient(app) as client:
+    app = create_status_app(state, node_id="n1", access=ConsoleAccess(token=ADMIN), sources=SourcePolicy((tmp_path,)),
+                            on_applied=on_applied, events=events, clock=lambda: NOW)
+    with TestClient(app, base_url="http://127.0.0.1", headers={"Authorization": f"Bearer {ADMIN}"}) as client:
         yield client
 
 
@@ -115,7 +119,8 @@ def test_diff_reports_the_changes_and_changes_nothing(client: TestClient, state:
 ])
 def test_a_body_that_is_not_a_list_of_manifests_is_a_400(client: TestClient, body: bytes, code: str, says: str) -> None:
     for path in ("/api/apply", "/api/diff", "/api/delete"):
-        assert_error(client.post(path, content=body), 400, code=code, says=says)
+        assert_error(client.post(path, content=body, headers={"Content-Type": "application/json"}), 400,
+                         code=code, says=says)
 
 
 @pytest.mark.parametrize(("after", "says"), [

@@ -2,33 +2,29 @@
 
 from __future__ import annotations
 
-from meshllm.reconcile.demand import DemandRecorder
-from meshllm.reconcile.leases import PlacementReconciler
+import anyio
+
+from meshllm.reconcile.demand import DemandRecorder, GarbageCollector
 from meshllm.reconcile.placement import conditions, wanted_models
+from meshllm.reconcile.runtime import Runner
 from meshllm.state.document import MeshState
-from meshllm.state.schema import ModelOrigin, ModelSpec, NodeStatus
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from meshllm.state.schema import ModelOrigin, ModelSpec, NodeStatus, PlacementLease, ServerPhase, ServerStatus
+from meshllm.testing.fakes import FakeClock
 
 
 def test_requests_become_a_demand_entry_with_a_rate_and_an_expiry() -> None:
     clock, state = FakeClock(), MeshState()
+    start = clock.now()
     recorder = DemandRecorder(state, node_id="n1", ttl=3600, clock=clock)
     for _ in range(5):
         recorder.note("x")
-        clock.now += 1
+        clock.advance(1)
     assert recorder.flush() == 1
     entry = state.demand()["x/n1"]
     assert (entry.count, entry.rate) == (5, 5.0)
-    assert entry.last_active == 1004.0 and entry.expires_at == 1004.0 + 3600
+    assert entry.last_active == start + 4 and entry.expires_at == start + 4 + 3600
     assert recorder.flush() == 0  # nothing new: nothing written
-    clock.now += 61
+    clock.advance(61)
     assert recorder.flush() == 1  # the minute passed: the rate fell to 0, written once
     assert state.demand()["x/n1"].rate == 0.0 and state.demand()["x/n1"].count == 5
 
@@ -40,15 +36,15 @@ def test_demand_keeps_an_orphaned_model_wanted_until_the_ttl() -> None:
     recorder = DemandRecorder(state, node_id="n1", ttl=600, clock=clock)
 
     def wanted() -> bool:
-        return "x" in wanted_models(state.models(), state.alive_nodes(), state.demand().values(), clock.now)
+        return "x" in wanted_models(state.models(), state.alive_nodes(), state.demand().values(), clock.now())
 
     assert not wanted()
     recorder.note("x")
     recorder.flush()
     assert wanted()
-    clock.now += 599
+    clock.advance(599)
     assert wanted()
-    clock.now += 2
+    clock.advance(2)
     assert not wanted()
 
 
@@ -60,11 +56,41 @@ async def test_the_janitor_removes_expired_demand_and_the_model_becomes_unwanted
     recorder = DemandRecorder(state, node_id="n1", ttl=600, clock=clock)
     recorder.note("x")
     recorder.flush()
-    janitor = PlacementReconciler(state, node_id="n1", incarnation=lambda: 1.0, clock=clock)
-    await janitor.reconcile("placement")
-    assert set(state.models()) == {"x", "kept"} and "x/n1" in state.demand()
-    clock.now += 601
-    await janitor.reconcile("placement")
-    assert not state.demand()
-    assert set(state.models()) == {"x", "kept"}  # shown as unwanted until its node returns or it is dropped
-    assert conditions(state, now=clock.now)["x"].reason == "NotWanted"
+    runner = Runner(state, [GarbageCollector(state, node_id="n1")], clock=clock)
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        await runner.idle()
+        assert set(state.models()) == {"x", "kept"} and "x/n1" in state.demand()
+        clock.advance(599)
+        await runner.idle()
+        assert "x/n1" in state.demand()
+        clock.advance(2)  # the entry expires: the janitor looks again then, not only at its resync
+        await runner.idle()
+        assert not state.demand()
+        assert set(state.models()) == {"x", "kept"}  # shown as unwanted until its node returns or it is dropped
+        assert conditions(state, now=clock.now())["x"].reason == "NotWanted"
+        await runner.stop()
+
+
+async def test_the_janitor_removes_what_a_dropped_model_left_and_only_the_janitor_does() -> None:
+    clock, state = FakeClock(), MeshState()
+    for node in ("n1", "n2"):
+        state.put_node(NodeStatus(id=node, incarnation=1.0))
+    state.put_model(ModelSpec(name="x", source="/x.gguf"))
+    state.put_lease(PlacementLease(model="x", slot=0, node="n2", incarnation=1.0))
+    state.put_server(ServerStatus(node="n2", model="x", phase=ServerPhase.FAILED, port=0, message="broken"))
+    state.put_server(ServerStatus(node="n1", model="y", phase=ServerPhase.FAILED, port=0, message="gone too"))
+    async with anyio.create_task_group() as tg:
+        other = Runner(state, [GarbageCollector(state, node_id="n2")], clock=clock)  # n1 is the janitor
+        await tg.start(other.run)
+        await other.idle()
+        assert set(state.servers()) == {"n2/x", "n1/y"}
+        janitor = Runner(state, [GarbageCollector(state, node_id="n1")], clock=clock)
+        await tg.start(janitor.run)
+        await janitor.idle()
+        assert list(state.servers()) == ["n2/x"]  # "y" is in no spec: its failure goes; "x" is still wanted
+        state.remove_model("x")
+        await janitor.idle()
+        assert not state.leases() and not state.servers()
+        await other.stop()
+        await janitor.stop()

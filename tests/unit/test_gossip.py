@@ -85,11 +85,9 @@ async def test_a_partition_heals_and_both_sides_keep_their_changes() -> None:
         sa.put_model(ModelSpec(name="left", source="x"))
         sb.put_model(ModelSpec(name="right", source="x"))
         sb.remove_model("before")
-        await anyio.sleep(0.1)
-        assert "right" not in sa.models()
         await link(tg, ga, gb)
         await until(lambda: sa.models() == sb.models() and "right" in sa.models())
-        assert set(sa.models()) == {"left", "right"}
+        assert set(sa.models()) == {"left", "right"}  # the removal crossed too
 
 
 async def test_malformed_messages_are_dropped_and_the_session_survives() -> None:
@@ -100,6 +98,9 @@ async def test_malformed_messages_are_dropped_and_the_session_survives() -> None
         for junk in (b"", b"\xff\xff", b"\x00\x02\xff\xff\xff", b"\x00\x00\x05abc"):
             await end_b.send(junk)
         await until(lambda: ga.stats.malformed >= 3)
+        session = ga.sessions["n1"]
         tg.start_soon(gb.attach, end_b)
         sa.put_model(ModelSpec(name="m", source="m"))
         await until(lambda: "m" in sb.models())
+        assert ga.sessions["n1"] is session  # the junk did not end the session that then carried the change
+        assert sb.models()["m"].source == "m"

@@ -9,6 +9,7 @@ of suspected deaths first.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -118,6 +119,12 @@ def test_the_confirmation_dial_limit(multiplier: float, handshake_s: float, expe
 U, N, B = DialPriority.URGENT, DialPriority.NORMAL, DialPriority.BACKGROUND
 
 
+async def until(condition: Callable[[], bool], *, timeout: float = 2.0) -> None:
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0.001)
+
+
 async def run_dials(budget: HandshakeBudget,
                     dials: list[tuple[str, DialPriority]]) -> tuple[list[str], list[str], int]:
     """Start ``dials`` (name, priority) one after another, each holding its slot until all started;
@@ -134,9 +141,9 @@ async def run_dials(budget: HandshakeBudget,
             await release.wait()
 
     async with anyio.create_task_group() as tg:
-        for name, priority in dials:
+        for started, (name, priority) in enumerate(dials, 1):
             tg.start_soon(dial, name, priority)
-            await anyio.sleep(0.01)
+            await until(lambda: len(order) + budget.waiting == started)  # it has a slot or waits in line
         at_once = order[:]
         release.set()
     assert budget.in_flight == 0 and budget.waiting == 0
@@ -187,11 +194,12 @@ async def test_a_cancelled_waiter_gives_up_its_place_and_leaks_no_slot() -> None
                 got.append(name)
 
         tg.start_soon(holder)
-        await anyio.sleep(0.01)
+        await until(lambda: budget.in_flight == 1)
         with anyio.move_on_after(0.05):
             await waiter("gave up")  # waits in line, then its timeout fires
+        assert budget.waiting == 0
         tg.start_soon(waiter, "patient")
-        await anyio.sleep(0.01)
+        await until(lambda: budget.waiting == 1)
         hold.set()
     assert got == ["patient"]
     assert budget.in_flight == 0 and budget.waiting == 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from meshllm.node.rpc_tunnel import (MAX_HEADER, RpcTunnelError, decode_reply, decode_request,
-                                     encode_reply, encode_request)
-from meshllm.transport import FrameDecoder, FrameError, encode_message
+from meshllm.transport import FrameDecoder, FrameError, decode_message, encode_message
+from meshllm.tunnels.rpc import (MAX_HEADER, RpcTunnelError, decode_reply, decode_request, encode_reply,
+                                 encode_request)
 
 
 def _payload(frame: bytes) -> bytes:
@@ -34,8 +34,10 @@ def test_a_target_too_long_for_a_header_is_refused_when_encoding() -> None:
         encode_request("x" * MAX_HEADER)
 
 
-def test_an_ok_reply_decodes_quietly() -> None:
-    decode_reply(_payload(encode_reply()))
+def test_an_ok_reply_says_ok_and_decodes_quietly() -> None:
+    payload = _payload(encode_reply())
+    assert decode_message(payload) == {"ok": True}
+    assert decode_reply(payload) is None  # no RpcTunnelError: the session may start
 
 
 @pytest.mark.parametrize(("frame", "expected"), [

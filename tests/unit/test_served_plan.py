@@ -2,48 +2,126 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from meshllm.reconcile.served import (
-    ActualServer, DesiredServer, Forget, Phase, Probe, Start, Stop, Wait, backoff, plan,
+from meshllm.reconcile.served_plan import (
+    ActualServer, Claim, Desired, DesiredServer, Forget, GiveUp, Memory, Publish, Record, Remember, Start, Stop,
+    Unavailable, Wait, Withdraw, plan,
 )
+from meshllm.reconcile.supervisor import ProcessPhase, ProcessView
+from meshllm.state.schema import ServerPhase, ServerStatus
 
-WANT = DesiredServer(model="m", path=Path("/models/m.gguf"))
-OTHER = DesiredServer(model="m", path=Path("/models/m.gguf"), ctx_size=4096)
-
-
-def running(phase: Phase, *, desired: DesiredServer = WANT, started_at: float = 100.0, restarts: int = 0,
-            retry_at: float = 0.0) -> ActualServer:
-    return ActualServer(model="m", port=41000, pid=123, phase=phase, desired=desired, started_at=started_at,
-                        restarts=restarts, retry_at=retry_at)
+WANT = DesiredServer(model="m", path=Path("/models/m.gguf"), argv_hash="h1")
+OTHER = DesiredServer(model="m", path=Path("/models/m.gguf"), ctx_size=4096, argv_hash="h2")
+SPLIT = DesiredServer(model="m", path=Path("/models/m.gguf"), workers=("w",), tensor_split=(1.0, 1.0))
+NOW = 1000.0
 
 
-@pytest.mark.parametrize(("desired", "actual", "now", "expected"), [
-    pytest.param(None, None, 100.0, [], id="nothing wanted, nothing running"),
-    pytest.param(WANT, None, 100.0, [Start("m")], id="wanted and not running: start"),
-    pytest.param(None, running(Phase.READY), 100.0, [Stop("m", "no longer desired"), Forget("m")],
-                 id="running but no longer wanted: stop then forget"),
-    pytest.param(None, running(Phase.EXITED), 100.0, [Forget("m")], id="dead and unwanted: forget"),
-    pytest.param(WANT, running(Phase.READY), 100.0, [], id="ready and unchanged: nothing"),
-    pytest.param(WANT, running(Phase.LOADING), 101.0, [Probe("m")], id="loading: probe health"),
-    pytest.param(WANT, running(Phase.LOADING, started_at=0.0), 1000.0, [Stop("m", "not ready after 900s")],
-                 id="loading too long: stop"),
-    pytest.param(OTHER, running(Phase.READY), 100.0, [Stop("m", "spec changed"), Start("m")],
-                 id="spec changed: stop before start"),
-    pytest.param(WANT, running(Phase.EXITED, restarts=2, retry_at=105.0), 100.0, [Wait("m", 105.0)],
+def proc(phase: ProcessPhase, *, started: float = 990.0, stop_reason: str | None = None, adopted: bool = False,
+         argv_hash: str = "h1") -> ProcessView:
+    return ProcessView(key="m", pid=7, port=41000, argv=("/e/llama-server",), argv_hash=argv_hash,
+                       log_path=Path("/logs/m.log"), started_at=started, seen_at=started, phase=phase,
+                       adopted=adopted, claimed=not adopted, ready_at=995.0 if phase is ProcessPhase.READY else 0.0,
+                       exited_at=999.0 if phase is ProcessPhase.EXITED else 0.0, stop_reason=stop_reason,
+                       message="llama-server exited with code 1: boom" if phase is ProcessPhase.EXITED else "")
+
+
+def status(phase: ServerPhase, **fields: object) -> ServerStatus:
+    base: dict[str, object] = {"node": "n1", "model": "m", "phase": phase, "port": 41000, "pid": 7}
+    return ServerStatus.model_validate(base | fields)
+
+
+def actual(process: ProcessView | None = None, *, memory: Memory = Memory(), published: ServerStatus | None = None,
+           waiting: str | None = None) -> ActualServer:
+    return ActualServer(model="m", node="n1", process=process, memory=memory, published=published, waiting=waiting,
+                        adopt_until=1010.0)
+
+
+RUNS = Memory(serves=WANT)
+READY = status(ServerPhase.READY, since=995.0)
+CRASHED = Memory(serves=WANT, restarts=2, failed=True, failed_at=999.0, retry_at=1005.0,
+                 message="llama-server exited with code 1: boom", recovering=True, port=41000, pid=7)
+FAILED = status(ServerPhase.FAILED, restarts=2, message=CRASHED.message, recovering=True)
+REPLACING = status(ServerPhase.LOADING, port=0, pid=0, message="replacing llama-server: spec changed")
+
+
+@pytest.mark.parametrize(("desired", "now_actual", "expected"), [
+    pytest.param(None, actual(), [], id="nothing wanted, nothing running"),
+    pytest.param(WANT, actual(), [Remember("m", RUNS), Start(WANT)], id="wanted, nothing running: start"),
+    pytest.param(None, actual(proc(ProcessPhase.READY), memory=RUNS, published=READY),
+                 [Stop("m", "no longer desired"), Withdraw("m")], id="running, no longer wanted: stop, withdraw"),
+    pytest.param(None, actual(proc(ProcessPhase.EXITED, stop_reason="no longer desired"), memory=RUNS),
+                 [Remember("m", Memory()), Forget("m"),
+                  Record("m", "Stopped", "llama-server pid 7 stopped (no longer desired)")],
+                 id="stopped and unwanted: forget it all"),
+    pytest.param(WANT, actual(proc(ProcessPhase.READY), memory=RUNS, published=READY), [],
+                 id="ready and unchanged: nothing"),
+    pytest.param(WANT, actual(proc(ProcessPhase.STARTING), memory=RUNS, published=status(ServerPhase.LOADING)),
+                 [Wait("m", 1890.0)], id="loading: look again at its load timeout"),
+    pytest.param(WANT, actual(proc(ProcessPhase.STARTING, started=0.0), memory=RUNS),
+                 [Remember("m", replace(RUNS, failed=True, failed_at=NOW, retry_at=NOW, recovering=True, port=41000,
+                                        pid=7, message="llama-server not ready after 900s"), backoff=0),
+                  Stop("m", "not ready after 900s"),
+                  Publish(status(ServerPhase.LOADING, port=0, pid=0, message="llama-server not ready after 900s",
+                                 since=NOW, recovering=True))],
+                 id="loading too long: stop, and count it as a failure"),
+    pytest.param(OTHER, actual(proc(ProcessPhase.READY), memory=RUNS, published=READY),
+                 [Stop("m", "spec changed"), Publish(REPLACING.model_copy(update={"since": NOW}))],
+                 id="spec changed: stop first, the start comes once it has ended"),
+    pytest.param(OTHER, actual(proc(ProcessPhase.STOPPING, stop_reason="spec changed"), memory=RUNS,
+                               published=REPLACING), [], id="stopping: wait for the end, start nothing"),
+    pytest.param(OTHER, actual(proc(ProcessPhase.EXITED, stop_reason="spec changed"), memory=RUNS,
+                               published=REPLACING),
+                 [Remember("m", Memory(serves=OTHER)), Forget("m"),
+                  Record("m", "Stopped", "llama-server pid 7 stopped (spec changed)"), Start(OTHER)],
+                 id="stopped for a new spec: start the new one"),
+    pytest.param(WANT, actual(proc(ProcessPhase.EXITED), memory=replace(RUNS, restarts=2), published=READY),
+                 [Remember("m", replace(CRASHED, retry_at=999.0), backoff=2), Forget("m"),
+                  Record("m", "Exited", CRASHED.message, "warning"),
+                  Publish(FAILED.model_copy(update={"since": 999.0}))],
+                 id="crashed: count it, draw its backoff, report it failed"),
+    pytest.param(WANT, actual(memory=CRASHED, published=FAILED), [Wait("m", 1005.0)],
                  id="crashed, backoff pending: wait"),
-    pytest.param(WANT, running(Phase.EXITED, restarts=2, retry_at=105.0), 105.0, [Start("m", restarts=3)],
+    pytest.param(WANT, actual(memory=replace(CRASHED, retry_at=NOW), published=FAILED),
+                 [Remember("m", replace(RUNS, restarts=3, message=f"restart 3 after: {CRASHED.message}",
+                                        recovering=True, port=41000, pid=7, failed_at=999.0)),
+                  Start(WANT, restarts=3, message=f"restart 3 after: {CRASHED.message}")],
                  id="crashed, backoff over: restart and count it"),
-    pytest.param(OTHER, running(Phase.EXITED, restarts=4, retry_at=500.0), 100.0, [Start("m", restarts=0)],
+    pytest.param(OTHER, actual(memory=CRASHED, published=FAILED),
+                 [Remember("m", replace(CRASHED, serves=OTHER, restarts=0, failed=False, retry_at=0.0)),
+                  Start(OTHER, message=CRASHED.message)],
                  id="crashed but spec changed since: start fresh now"),
+    pytest.param(WANT, actual(proc(ProcessPhase.STARTING, adopted=True)),
+                 [Remember("m", RUNS), Claim("m"),
+                  Record("m", "Adopted", "adopted llama-server pid 7 on 127.0.0.1:41000"), Wait("m", 1890.0),
+                  Publish(status(ServerPhase.LOADING, since=990.0))],
+                 id="adopted, runs what this node would: claim it"),
+    pytest.param(OTHER, actual(proc(ProcessPhase.STARTING, adopted=True)),
+                 [Stop("m", "spec changed while the node was down"),
+                  Publish(status(ServerPhase.LOADING, port=0, pid=0, since=NOW,
+                                 message="replacing llama-server: spec changed while the node was down"))],
+                 id="adopted, runs other settings: replace it"),
+    pytest.param(None, actual(proc(ProcessPhase.STARTING, adopted=True)), [Wait("m", 1010.0)],
+                 id="adopted, this node's leases not known yet: wait"),
+    pytest.param(SPLIT, actual(waiting="waiting for worker w to start its ggml-rpc-server"),
+                 [Wait("m", NOW + 0.5), Publish(status(ServerPhase.LOADING, port=0, pid=0, since=NOW,
+                                                      message="waiting for worker w to start its ggml-rpc-server"))],
+                 id="split, workers not ready: wait, and say why"),
+    pytest.param(Unavailable("m", "model file /x.gguf does not exist"), actual(proc(ProcessPhase.READY), memory=RUNS),
+                 [Stop("m", "model unavailable"), Remember("m", Memory()),
+                  Publish(status(ServerPhase.FAILED, port=0, pid=0, message="model file /x.gguf does not exist")),
+                  Record("m", "Failed", "model file /x.gguf does not exist", "error"),
+                  GiveUp("m", "model file /x.gguf does not exist")],
+                 id="model unavailable: stop, report, give up until it changes"),
 ])
-def test_plan(desired: DesiredServer | None, actual: ActualServer | None, now: float, expected: list[object]) -> None:
-    assert plan(desired, actual, now) == expected
+def test_plan(desired: Desired, now_actual: ActualServer, expected: list[object]) -> None:
+    assert plan(desired, now_actual, NOW) == expected
 
 
-def test_backoff_grows_and_is_capped() -> None:
-    assert 0.4 <= backoff(0) <= 0.6
-    assert 3.2 <= backoff(3) <= 4.8
-    assert backoff(20) <= 36.0
+def test_a_failure_stays_reported_after_the_model_left_this_node() -> None:
+    """Placement moves a crash-looping model away; its failure stays on record here."""
+    assert plan(None, actual(published=FAILED), NOW) == []
+    assert plan(None, actual(published=READY), NOW) == [Withdraw("m")]

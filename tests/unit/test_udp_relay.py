@@ -38,9 +38,15 @@ async def test_relay_adds_the_delay_both_ways_and_can_block() -> None:
         assert await asyncio.wait_for(client_proto.replies.get(), 2) == b"ping"
         assert time.monotonic() - start >= 0.1
         relay.blocked = True
+        forwarded = relay.forwarded
         client.sendto(b"lost")
-        await asyncio.sleep(0.2)
-        assert client_proto.replies.empty()
+        async with asyncio.timeout(2):
+            while relay.dropped == 0:
+                await asyncio.sleep(0.005)
+        assert relay.forwarded == forwarded and relay.dropped == 1
+        relay.blocked = False
+        client.sendto(b"after")
+        assert await asyncio.wait_for(client_proto.replies.get(), 2) == b"after"  # "lost" never comes
     finally:
         client.close()
         relay.close()

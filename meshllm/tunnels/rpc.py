@@ -21,7 +21,9 @@ host TCP, QUIC and worker TCP and back. So the pipes read as much as has arrived
     client = RpcTunnelClient(mesh.connect, key=rpc_key(secret))          # host
     await tg.start(client.run)
     port = await client.open(worker_id, "gemma-3-270m")
-    RpcTunnelServer(endpoint, rpc_endpoints.get).install()   # worker: target -> (host, port)
+    serve_streams(endpoint, [RpcTunnelServer(rpc_endpoints.get)])     # worker: target -> (host, port)
+
+The worker's end is a stream service (``tunnels.service``) the node registers on its endpoint.
 
 With ``--rpc-direct`` on both ends the host's llama-server connects to the worker's rpc-server
 straight (``endpoint`` gives its address), and the agents carry no RPC bytes (``engine.rpc_auth``).
@@ -40,8 +42,8 @@ import anyio.abc
 from anyio.abc import SocketAttribute, TaskStatus
 
 from meshllm.engine.rpc_auth import RpcAuthError, authenticate
-from meshllm.transport import (FrameDecoder, FrameError, PeerConnection, QuicEndpoint, Stream,
-                               StreamKind, TransportError, decode_message, encode_message)
+from meshllm.transport import (FrameDecoder, FrameError, PeerConnection, Stream, StreamKind, TransportError,
+                               decode_message, encode_message)
 from meshllm.transport.errors import ErrorCode
 
 __all__ = ["RpcTunnelClient", "RpcTunnelError", "RpcTunnelServer", "Traffic", "decode_reply",
@@ -182,16 +184,15 @@ async def pipe(tcp: anyio.abc.SocketStream, stream: Stream, *, early: bytes = b"
 
 # -- worker side --------------------------------------------------------------------------------
 class RpcTunnelServer:
-    """The worker's end: serves RPC streams by connecting them to the local ggml-rpc-server."""
+    """The worker's end, a stream service for RPC streams: each is connected to the local
+    ggml-rpc-server its request names."""
 
-    def __init__(self, endpoint: QuicEndpoint, lookup: Lookup) -> None:
-        self._endpoint = endpoint
+    kind = StreamKind.RPC
+
+    def __init__(self, lookup: Lookup) -> None:
         self._lookup = lookup
 
-    def install(self) -> None:
-        self._endpoint.on_stream(StreamKind.RPC, self.handle)
-
-    async def handle(self, conn: PeerConnection, stream: Stream) -> None:
+    async def handle(self, conn: PeerConnection, stream: Stream, /) -> None:
         """One tunnel session. Never raises: the endpoint's task group runs it."""
         try:
             await self._serve(conn, stream)
@@ -309,6 +310,7 @@ class RpcTunnelClient:
         multi = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0,
                                                 family=socket.AF_INET)
         tcp_listener = multi.listeners[0]  # one address, one socket
+        assert isinstance(tcp_listener, anyio.abc.SocketListener)
         port = int(tcp_listener.extra(SocketAttribute.local_port))
         listener = self._listeners[(node_id, target)] = _Listener(node_id, target, port)
         self._tg.start_soon(self._serve_listener, listener, tcp_listener)
