@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import pytest
+from starlette.testclient import TestClient
 
+from meshllm.api.admin import ConsoleAccess
+from meshllm.api.rotation import Rotated, rotation_routes
+from meshllm.api.status import create_status_app
+from meshllm.engine.sources import SourcePolicy
 from meshllm.node.rotation import KeyRotation
 from meshllm.state.document import MeshState
 from meshllm.state.schema import KeyRotation as RotationEntry, NodeStatus
-from meshllm.store.mesh import MeshCredentials
+from meshllm.store.mesh import InviteToken, MeshCredentials
 from meshllm.store.rotation import follow, seal, unseal
 
 
@@ -119,3 +125,34 @@ async def test_two_rotations_at_once_converge_on_one_secret() -> None:
     assert a_state.rotations() == b_state.rotations()  # the document kept one entry for the old key
     assert await a.sync() == await b.sync()
     assert a.current in (mine, theirs)
+
+
+# -- the console route --------------------------------------------------------------------------------
+ADMIN = "admin-token"
+
+
+def test_the_rotate_route_needs_the_admin_token_and_json(tmp_path: Path) -> None:
+    creds, state = MeshCredentials.create(), MeshState()
+    rotation, adopted = member(state, creds, "n1")
+
+    async def rotate() -> Rotated:
+        after = await rotation.rotate()
+        token = InviteToken(after, ("127.0.0.2:7000",)).encode()
+        return Rotated(token=token, mesh_id=after.mesh_id, key_id=after.key_id, previous_key_id=creds.key_id)
+
+    app = create_status_app(state, node_id="n1", access=ConsoleAccess(token=ADMIN), sources=SourcePolicy((tmp_path,)),
+                            routes=rotation_routes(rotate))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        refused = [client.post("/api/rotate-key", json={}),
+                   client.post("/api/rotate-key", json={}, headers={"Authorization": "Bearer wrong"}),
+                   client.post("/api/rotate-key", content="{}",  # a cross-site form could send this
+                               headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "text/plain"})]
+        assert [r.status_code for r in refused] == [401, 401, 415]
+        assert state.rotations() == {} and adopted.keys == []  # nothing rotated
+        done = client.post("/api/rotate-key", headers={"Authorization": f"Bearer {ADMIN}"}, json={})
+    assert done.status_code == 200, done.text
+    answer = done.json()
+    new = InviteToken.decode(answer["token"]).credentials
+    assert adopted.keys == [new] and set(state.rotations()) == {creds.key_id}
+    assert (answer["mesh_id"], answer["key_id"], answer["previous_key_id"]) == (creds.mesh_id, new.key_id,
+                                                                                creds.key_id)
