@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from meshllm.cli import control, get, rotate
+from meshllm.cli import blackboard, control, get, rotate
 from meshllm.cli.keys import keys_app, local_keys
 from meshllm.cli.engine import engine_app, ensure_engine
 from meshllm.engine.capacity import parse_size
@@ -39,6 +39,7 @@ app.add_typer(engine_app, name="engine")
 app.add_typer(keys_app, name="keys")
 get.register(app)
 control.register(app)
+blackboard.register(app)
 rotate.register(app)
 
 START_HELP = """meshllm: serve LLMs from a mesh of machines on an OpenAI-compatible API.
@@ -55,6 +56,8 @@ Change what the mesh serves:
   meshllm apply -f examples/one-model.yaml | meshllm diff -f FILE | meshllm delete -f FILE
 Require API keys on every node's OpenAI API:
   meshllm keys add --name NAME | meshllm keys list | meshllm keys revoke NAME
+Give agents a shared blackboard (no model needed):
+  meshllm --client --blackboard           # then: meshllm blackboard "STATUS: ..." | --search Q | --mcp
 
 See `meshllm --help` for every option."""
 
@@ -80,7 +83,7 @@ def serve(
     state_dir: Annotated[Path, typer.Option("--state-dir", help="Node state folder (identity, logs)")] = default_state_dir(),
     max_body: Annotated[str, typer.Option("--max-body", help="Largest request body the API accepts")] = "16MiB",
     threads: Annotated[int, typer.Option(help="CPU threads per llama-server (0: llama.cpp's default)")] = 0,
-    name: Annotated[str, typer.Option(help="Display name of this node")] = "",
+    name: Annotated[str, typer.Option(help="Display name of this node, and of its posts on the blackboard (default: the host name; on the blackboard $USER)")] = "",
     join: Annotated[list[str] | None, typer.Option("--join", help="Join the mesh of this invite token, or @FILE: the token in that file (repeatable; default: $MESHLLM_JOIN)")] = None,
     client: Annotated[bool, typer.Option("--client", help="API-only node: serves no model, offers no capacity")] = False,
     standby: Annotated[bool, typer.Option("--standby", help="Serve only what the mesh places here (applied manifests, demand)")] = False,
@@ -89,6 +92,8 @@ def serve(
     advertise: Annotated[list[str] | None, typer.Option("--advertise", help="host:port peers should dial (NAT, relays); repeatable")] = None,
     split: Annotated[bool, typer.Option("--split", help="Force a pipeline split of the --model models across nodes, even when one node holds them")] = False,
     allow_models: Annotated[list[str] | None, typer.Option("--allow-models", help="A folder (or file) manifests applied to this node may name as a model source, beside the models folder and the --model files (repeatable)")] = None,
+    board: Annotated[bool, typer.Option("--blackboard", help="Enable the blackboard on this node: agents post status, findings and questions to the mesh (works with --client, no model needed)")] = False,
+    board_rate: Annotated[int, typer.Option("--blackboard-rate", hidden=True, min=1, help="Posts a minute this node accepts (benches)")] = 10,
     rpc_direct: Annotated[bool, typer.Option("--rpc-direct", help="Split RPC straight between llama-server and the workers' rpc-servers over plain TCP, authenticated with a key from the mesh secret (faster, not encrypted; trusted networks), instead of the QUIC tunnel")] = False,
     api_key: Annotated[list[str] | None, typer.Option("--api-key", metavar="KEY", help="Require this key on this node's OpenAI API (repeatable; MESHLLM_API_KEY adds one and keeps it off the command line); see `meshllm keys` for keys every node accepts")] = None,
 ) -> None:
@@ -106,7 +111,7 @@ def serve(
                         max_body_bytes=_size(max_body) or 0, threads=threads, name=name,
                         joins=tuple(join or ()), client=client, bind_host=bind_host, bind_port=bind_port,
                         advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct,
-                        allow_models=tuple(allow_models or ()),
+                        allow_models=tuple(allow_models or ()), blackboard=board, blackboard_rate=board_rate,
                         api_keys=local_keys(api_key or (), os.environ.get("MESHLLM_API_KEY")))
     _setup_logging()
     for source in config.models:

@@ -5,6 +5,8 @@ a declared order, stopped in the reverse order.
 is built. ``Node.run`` starts them one after another (``node.lifecycle``), each once the ones before
 it serve:
 
+    0. blackboard        its document, gossip on board streams and keeper (``node.blackboard``), so peers
+                         find its stream handler from the first connection
     1. mesh              endpoint, gossip, membership (``node.mesh``); the tunnels' stream services
                          (HTTP, and RPC on a node that can be a split worker) are registered before it runs
     2. key rotation      follows the mesh key's rotations (``node.rotation``): the endpoint's secret,
@@ -17,11 +19,11 @@ it serve:
 
 and stops them last-first on SIGINT or SIGTERM, or when cancelled: the APIs (requests in flight get a
 few seconds), the demand recorder, the controllers (each stops its own processes as it shuts down),
-whatever engine process is left (SIGTERM, then SIGKILL), the RPC tunnels, and last the mesh, which tells
-the peers this node leaves while its gossip still runs. Signals are watched from the start to the end
-of the stop, so a second Ctrl-C cannot cut the stop short. A node agent killed outright (SIGKILL, a
-crash) leaves its llama-servers running; the next start with the same state folder adopts them from
-the node's database (``reconcile.supervisor``).
+whatever engine process is left (SIGTERM, then SIGKILL), the RPC tunnels, the mesh, which tells the
+peers this node leaves while its gossip still runs, and last the blackboard, which saves its snapshot.
+Signals are watched from the start to the end of the stop, so a second Ctrl-C cannot cut the stop
+short. A node agent killed outright (SIGKILL, a crash) leaves its llama-servers running; the next start
+with the same state folder adopts them from the node's database (``reconcile.supervisor``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from meshllm.engine.capacity import detect_capacity
 from meshllm.engine.models import looks_like_path
 from meshllm.engine.rpc_auth import rpc_key
 from meshllm.engine.sources import SourcePolicy
+from meshllm.node.blackboard import NodeBlackboard
 from meshllm.node.config import NodeConfig
 from meshllm.node.http import HttpApi
 from meshllm.node.lifecycle import Lifecycle, Run
@@ -121,6 +124,8 @@ class Node:
                                          joins=config.joins, host=config.quic_host, port=config.bind_port,
                                          advertise=config.advertise)
         self.router = Router(state, node_id=node_id)
+        self.blackboard = NodeBlackboard.for_node(config, self.mesh.endpoint, node_id=node_id,
+                                                  node_name=config.name or socket.gethostname())
         self.keys = KeyRing(state, local=config.api_keys)
         self.upstream = upstream_pool()  # the tunnel's; the OpenAI app keeps its own in its lifespan
         key = rpc_key(self.mesh.creds.secret)
@@ -142,7 +147,8 @@ class Node:
         status_app = create_status_app(
             state, node_id=node_id, access=console_access(config), sources=source_policy(config), events=events,
             on_applied=on_applied, invite=self.mesh.token,
-            routes=[*key_routes(state, node_id=node_id, ring=self.keys), *rotation_api],
+            routes=[*key_routes(state, node_id=node_id, ring=self.keys), *self.blackboard.api.routes(),
+                    *rotation_api],
             extra={"mesh_id": self.mesh.creds.mesh_id, "key_id": lambda: self.mesh.creds.key_id,
                    "rpc_tunnels": self.rpc_tunnels.tunnels})
         self.apis = (HttpApi(ApiKeyGate(openai_app, self.keys), host=config.host, port=config.port, what="OpenAI API"),
@@ -226,6 +232,7 @@ class Node:
                 await self.upstream.aclose()
 
     async def _start(self, parts: Lifecycle, task_status: TaskStatus[dict[str, str]]) -> None:
+        await parts.start("blackboard", self.blackboard.run)  # its stream handler in place before peers come
         await parts.start("mesh", self.mesh.run)
         for spec in self.specs:  # this node's --model models, as desired state
             self.state.put_model(spec)

@@ -33,6 +33,8 @@ rotations  retired key id          the node that ran           the mesh secret t
                                                                a plain value, written once)
 =========  ======================  ==========================  ==================================
 
+The blackboard's posts live in a document of their own, with its own gossip: see ``state.board``.
+
 A model is *wanted* while it was applied from a manifest (``origin`` manifest), while the node whose
 ``--model`` named it lives (``origin`` node), or while any live demand for it remains. A lease is
 valid while its node is alive: a dead node's slots are vacant at once, with no renewal traffic, and a
