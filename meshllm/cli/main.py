@@ -100,7 +100,7 @@ def serve(
     if ctx.invoked_subcommand is not None:
         return
     join = join_arguments(join or (), os.environ)
-    os.environ.pop(JOIN_ENV, None)  # not handed down to the engine processes
+    os.environ.pop(JOIN_ENV, None)  # not handed down to the engine processes (nor MESHLLM_API_KEY, below)
     if not model and not join and not client and not standby:
         out.print(START_HELP, highlight=False)
         raise typer.Exit(0)
@@ -112,7 +112,7 @@ def serve(
                         joins=tuple(join or ()), client=client, bind_host=bind_host, bind_port=bind_port,
                         advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct,
                         allow_models=tuple(allow_models or ()), blackboard=board, blackboard_rate=board_rate,
-                        api_keys=local_keys(api_key or (), os.environ.get("MESHLLM_API_KEY")))
+                        api_keys=local_keys(api_key or (), os.environ.pop("MESHLLM_API_KEY", None)))
     _setup_logging()
     for source in config.models:
         resolve_model(source)  # a bad --model fails now, not after a long engine build
