@@ -1,5 +1,5 @@
 """Check (or with --write, regenerate) the JSON Schemas in this folder from meshllm's pydantic models:
-the state document's entities (``state.*``) and the manifest kinds (``manifest.*``, for editors).
+the state document's entities (``state.*``), the blackboard's posts (``board.*``) and the manifest kinds (``manifest.*``, for editors).
 
 CI runs this: a model change without regenerated schemas fails, so the schemas here stay true.
 """
@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from meshllm.state import manifest, schema
+from meshllm.state import board, manifest, schema
 
 HERE = Path(__file__).resolve().parent
 
@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 def main(argv: list[str]) -> int:
     write = "--write" in argv
     stale = []
-    for name, entity_schema in {**schema.json_schemas(), **manifest.json_schemas()}.items():
+    for name, entity_schema in {**schema.json_schemas(), **board.board_json_schemas(), **manifest.json_schemas()}.items():
         path = HERE / f"{name}.schema.json"
         text = json.dumps(entity_schema, indent=2, sort_keys=True) + "\n"
         if write:

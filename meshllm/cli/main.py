@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from meshllm.cli import control, get
+from meshllm.cli import blackboard, control, get, rotate
 from meshllm.cli.keys import keys_app, local_keys
 from meshllm.cli.engine import engine_app, ensure_engine
 from meshllm.engine.capacity import parse_size
@@ -26,6 +26,7 @@ from meshllm.engine.process import DEFAULT_MAX_TOKENS
 from meshllm.errors import MeshError
 from meshllm.node import NodeConfig, bind_socket, run_node
 from meshllm.store.identity import default_state_dir
+from meshllm.store.mesh import JOIN_ENV, join_arguments
 
 __all__ = ["app", "main"]
 
@@ -39,6 +40,8 @@ app.add_typer(engine_app, name="engine")
 app.add_typer(keys_app, name="keys")
 get.register(app)
 control.register(app)
+blackboard.register(app)
+rotate.register(app)
 
 START_HELP = """meshllm: serve LLMs from a mesh of machines on an OpenAI-compatible API.
 
@@ -47,13 +50,15 @@ Start serving the embedded default model:
 Serve a local GGUF file:
   meshllm --model ~/models/model.gguf
 Offer this machine to the mesh, serving what it places here:
-  meshllm --standby [--join TOKEN]
+  meshllm --standby [--join TOKEN|@FILE]   # or the token in $MESHLLM_JOIN
 Ask a running node:
   meshllm get models | meshllm get nodes | meshllm describe model NAME
 Change what the mesh serves:
   meshllm apply -f examples/one-model.yaml | meshllm diff -f FILE | meshllm delete -f FILE
 Require API keys on every node's OpenAI API:
   meshllm keys add --name NAME | meshllm keys list | meshllm keys revoke NAME
+Give agents a shared blackboard (no model needed):
+  meshllm --client --blackboard           # then: meshllm blackboard "STATUS: ..." | --search Q | --mcp
 
 See `meshllm --help` for every option."""
 
@@ -79,8 +84,8 @@ def serve(
     state_dir: Annotated[Path, typer.Option("--state-dir", help="Node state folder (identity, logs)")] = default_state_dir(),
     max_body: Annotated[str, typer.Option("--max-body", help="Largest request body the API accepts")] = "16MiB",
     threads: Annotated[int, typer.Option(help="CPU threads per llama-server (0: llama.cpp's default)")] = 0,
-    name: Annotated[str, typer.Option(help="Display name of this node")] = "",
-    join: Annotated[list[str] | None, typer.Option("--join", help="Join the mesh of this invite token (repeatable)")] = None,
+    name: Annotated[str, typer.Option(help="Display name of this node, and of its posts on the blackboard (default: the host name; on the blackboard $USER)")] = "",
+    join: Annotated[list[str] | None, typer.Option("--join", help="Join the mesh of this invite token, or @FILE: the token in that file (repeatable; default: $MESHLLM_JOIN)")] = None,
     client: Annotated[bool, typer.Option("--client", help="API-only node: serves no model, offers no capacity")] = False,
     standby: Annotated[bool, typer.Option("--standby", help="Serve only what the mesh places here (applied manifests, demand)")] = False,
     bind_port: Annotated[int, typer.Option("--bind-port", help="Pin the QUIC mesh endpoint to this UDP port (0: any)")] = 0,
@@ -89,11 +94,15 @@ def serve(
     split: Annotated[bool, typer.Option("--split", help="Force a pipeline split of the --model models across nodes, even when one node holds them")] = False,
     max_tokens_default: Annotated[int, typer.Option("--max-tokens-default", help="Tokens a request that sets no max_tokens may generate (-1: until the context is full)")] = DEFAULT_MAX_TOKENS,
     allow_models: Annotated[list[str] | None, typer.Option("--allow-models", help="A folder (or file) manifests applied to this node may name as a model source, beside the models folder and the --model files (repeatable)")] = None,
+    board: Annotated[bool, typer.Option("--blackboard", help="Enable the blackboard on this node: agents post status, findings and questions to the mesh (works with --client, no model needed)")] = False,
+    board_rate: Annotated[int, typer.Option("--blackboard-rate", hidden=True, min=1, help="Posts a minute this node accepts (benches)")] = 10,
     rpc_direct: Annotated[bool, typer.Option("--rpc-direct", help="Split RPC straight between llama-server and the workers' rpc-servers over plain TCP, authenticated with a key from the mesh secret (faster, not encrypted; trusted networks), instead of the QUIC tunnel")] = False,
     api_key: Annotated[list[str] | None, typer.Option("--api-key", metavar="KEY", help="Require this key on this node's OpenAI API (repeatable; MESHLLM_API_KEY adds one and keeps it off the command line); see `meshllm keys` for keys every node accepts")] = None,
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
+    join = join_arguments(join or (), os.environ)
+    os.environ.pop(JOIN_ENV, None)  # not handed down to the engine processes (nor MESHLLM_API_KEY, below)
     if not model and not join and not client and not standby:
         out.print(START_HELP, highlight=False)
         raise typer.Exit(0)
@@ -104,8 +113,8 @@ def serve(
                         max_body_bytes=_size(max_body) or 0, threads=threads, name=name,
                         joins=tuple(join or ()), client=client, bind_host=bind_host, bind_port=bind_port,
                         advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct,
-                        allow_models=tuple(allow_models or ()),
-                        api_keys=local_keys(api_key or (), os.environ.get("MESHLLM_API_KEY")),
+                        allow_models=tuple(allow_models or ()), blackboard=board, blackboard_rate=board_rate,
+                        api_keys=local_keys(api_key or (), os.environ.pop("MESHLLM_API_KEY", None,
                         max_tokens_default=max_tokens_default)
     _setup_logging()
     for source in config.models:
@@ -132,7 +141,18 @@ def _run(config: NodeConfig) -> None:
         options = {"use_uvloop": True}
     except ImportError:
         options = {}
-    anyio.run(lambda: run_node(config, announce=announce), backend_options=options)
+    try:
+        anyio.run(lambda: run_node(config, announce=announce), backend_options=options)
+    except BaseExceptionGroup as group:  # a MeshError from one of the node's tasks: its one line
+        raise _first_mesh_error(group) or group from None
+
+
+def _first_mesh_error(group: BaseExceptionGroup) -> MeshError | None:
+    for exc in group.exceptions:
+        found = _first_mesh_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if isinstance(found, MeshError):
+            return found
+    return None
 
 
 def main() -> None:

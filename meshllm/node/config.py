@@ -33,6 +33,8 @@ class NodeConfig:
     rpc_direct: bool = False  # split RPC over authenticated plain TCP instead of the QUIC tunnel
     allow_models: tuple[str, ...] = ()  # folders (or files) manifests may name, beside the models folder
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # --api-key / MESHLLM_API_KEY: this node only
+    blackboard: bool = False  # open the blackboard's routes on this node (every node relays the board)
+    blackboard_rate: int = 10  # posts a minute this node accepts (benches raise it)
     max_tokens_default: int = DEFAULT_MAX_TOKENS  # generation limit of a request that sets none (-1: none)
 
     @property

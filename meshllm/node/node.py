@@ -5,21 +5,25 @@ a declared order, stopped in the reverse order.
 is built. ``Node.run`` starts them one after another (``node.lifecycle``), each once the ones before
 it serve:
 
+    0. blackboard        its document, gossip on board streams and keeper (``node.blackboard``), so peers
+                         find its stream handler from the first connection
     1. mesh              endpoint, gossip, membership (``node.mesh``); the tunnels' stream services
                          (HTTP, and RPC on a node that can be a split worker) are registered before it runs
-    2. RPC tunnels       the split host's listeners towards its workers (``tunnels.rpc``)
-    3. engine processes  the process supervisor (``reconcile.supervisor``): llama-server, rpc-server
-    4. controllers       the runner (``reconcile.runtime``): placement, served models, split workers, janitor
-    5. demand recorder   what the OpenAI API hears asked for, written to the document
-    6. APIs              OpenAI :9337 (behind the API-key gate), console + /api :3131
+    2. key rotation      follows the mesh key's rotations (``node.rotation``): the endpoint's secret,
+                         mesh.json, the split RPC key
+    3. RPC tunnels       the split host's listeners towards its workers (``tunnels.rpc``)
+    4. engine processes  the process supervisor (``reconcile.supervisor``): llama-server, rpc-server
+    5. controllers       the runner (``reconcile.runtime``): placement, served models, split workers, janitor
+    6. demand recorder   what the OpenAI API hears asked for, written to the document
+    7. APIs              OpenAI :9337 (behind the API-key gate), console + /api :3131
 
 and stops them last-first on SIGINT or SIGTERM, or when cancelled: the APIs (requests in flight get a
 few seconds), the demand recorder, the controllers (each stops its own processes as it shuts down),
-whatever engine process is left (SIGTERM, then SIGKILL), the RPC tunnels, and last the mesh, which tells
-the peers this node leaves while its gossip still runs. Signals are watched from the start to the end
-of the stop, so a second Ctrl-C cannot cut the stop short. A node agent killed outright (SIGKILL, a
-crash) leaves its llama-servers running; the next start with the same state folder adopts them from
-the node's database (``reconcile.supervisor``).
+whatever engine process is left (SIGTERM, then SIGKILL), the RPC tunnels, the mesh, which tells the
+peers this node leaves while its gossip still runs, and last the blackboard, which saves its snapshot.
+Signals are watched from the start to the end of the stop, so a second Ctrl-C cannot cut the stop
+short. A node agent killed outright (SIGKILL, a crash) leaves its llama-servers running; the next start
+with the same state folder adopts them from the node's database (``reconcile.supervisor``).
 """
 
 from __future__ import annotations
@@ -48,10 +52,12 @@ from meshllm.engine.capacity import detect_capacity
 from meshllm.engine.models import looks_like_path
 from meshllm.engine.rpc_auth import rpc_key
 from meshllm.engine.sources import SourcePolicy
+from meshllm.node.blackboard import NodeBlackboard
 from meshllm.node.config import NodeConfig
 from meshllm.node.http import HttpApi
 from meshllm.node.lifecycle import Lifecycle, Run
 from meshllm.node.mesh import MeshRuntime, interface_addresses
+from meshllm.node.rotation import node_rotation
 from meshllm.reconcile.demand import DemandRecorder, GarbageCollector
 from meshllm.reconcile.leases import PlacementController
 from meshllm.reconcile.runtime import Runner
@@ -118,6 +124,8 @@ class Node:
                                          joins=config.joins, host=config.quic_host, port=config.bind_port,
                                          advertise=config.advertise)
         self.router = Router(state, node_id=node_id)
+        self.blackboard = NodeBlackboard.for_node(config, self.mesh.endpoint, node_id=node_id,
+                                                  node_name=config.name or socket.gethostname())
         self.keys = KeyRing(state, local=config.api_keys)
         # the data plane: the OpenAI app and the HTTP tunnel service forward through it (its pool lives
         # as long as the OpenAI app)
@@ -132,13 +140,18 @@ class Node:
             self.supervisor = ProcessSupervisor(store=store)
             self.runner, self.workers = self._controllers(self.supervisor, engine_dir, store, key)
         self.demand = DemandRecorder(state, node_id=node_id)
+        self.rotation, rotation_api = node_rotation(self.mesh, tunnels=self.rpc_tunnels, workers=self.workers,
+                                                    supervisor=self.supervisor)
         serve_streams(self.mesh.endpoint, self._stream_services())
         events, on_applied = store_hooks(store, node_id)
         openai_app = create_openai_app(self.plane, max_body_bytes=config.max_body_bytes, demand=self.demand.note)
         status_app = create_status_app(
             state, node_id=node_id, access=console_access(config), sources=source_policy(config), events=events,
-            on_applied=on_applied, invite=self.mesh.token, routes=key_routes(state, node_id=node_id, ring=self.keys),
-            extra={"mesh_id": self.mesh.creds.mesh_id, "rpc_tunnels": self.rpc_tunnels.tunnels})
+            on_applied=on_applied, invite=self.mesh.token,
+            routes=[*key_routes(state, node_id=node_id, ring=self.keys), *self.blackboard.api.routes(),
+                    *rotation_api],
+            extra={"mesh_id": self.mesh.creds.mesh_id, "key_id": lambda: self.mesh.creds.key_id,
+                   "rpc_tunnels": self.rpc_tunnels.tunnels})
         self.apis = (HttpApi(ApiKeyGate(openai_app, self.keys), host=config.host, port=config.port, what="OpenAI API"),
                      HttpApi(status_app, host=config.host, port=config.console_port, what="console API"))
 
@@ -186,7 +199,8 @@ class Node:
         """The start order after the mesh; the stop order is its reverse, then the mesh."""
         engine = [] if self.supervisor is None or self.runner is None else [
             ("engine processes", self.supervisor.run), ("controllers", self.runner.run)]
-        return [("RPC tunnels", self.rpc_tunnels.run), *engine, ("demand recorder", self.demand.run),
+        return [("key rotation", self.rotation.run), ("RPC tunnels", self.rpc_tunnels.run), *engine,
+                ("demand recorder", self.demand.run),
                 *((api.what, api.run) for api in self.apis)]
 
     async def run(self, *, task_status: TaskStatus[dict[str, str]] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -212,6 +226,7 @@ class Node:
             self.keys.close()
 
     async def _start(self, parts: Lifecycle, task_status: TaskStatus[dict[str, str]]) -> None:
+        await parts.start("blackboard", self.blackboard.run)  # its stream handler in place before peers come
         await parts.start("mesh", self.mesh.run)
         for spec in self.specs:  # this node's --model models, as desired state
             self.state.put_model(spec)

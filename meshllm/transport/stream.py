@@ -1,7 +1,7 @@
 """One multiplexed QUIC stream as an anyio-friendly byte channel, and the header naming its kind.
 
 A peer connection carries many streams at once; each opens with one small frame naming its kind
-(gossip, HTTP tunnel, RPC tunnel, control) so the receiving endpoint can hand it to the right
+(gossip, HTTP tunnel, RPC tunnel, control, blackboard) so the receiving endpoint can hand it to the right
 handler. After the header a stream is plain bytes in both directions (``ByteChannel``).
 
 The connection feeds a ``Stream`` from aioquic's event callback (``_on_*`` methods: they only
@@ -31,6 +31,7 @@ class StreamKind(Enum):
     HTTP = "http"
     RPC = "rpc"
     CONTROL = "control"
+    BOARD = "board"  # gossip of the blackboard's own document (gossip.board)
 
 
 def encode_stream_header(kind: StreamKind) -> bytes:
