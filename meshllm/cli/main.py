@@ -114,7 +114,7 @@ def serve(
                         joins=tuple(join or ()), client=client, bind_host=bind_host, bind_port=bind_port,
                         advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct,
                         allow_models=tuple(allow_models or ()), blackboard=board, blackboard_rate=board_rate,
-                        api_keys=local_keys(api_key or (), os.environ.pop("MESHLLM_API_KEY", None,
+                        api_keys=local_keys(api_key or (), os.environ.pop("MESHLLM_API_KEY", None)),
                         max_tokens_default=max_tokens_default)
     _setup_logging()
     for source in config.models:
