@@ -40,7 +40,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory, engine_dir: Path) -> Iterator
     try:
         a = mesh.start("a", "127.0.0.2", models=(str(model),))
         a.wait_ready(MODEL)
-        b = mesh.start("b", "127.0.0.3", "--client", "--join", a.status()["token"])
+        b = mesh.start("b", "127.0.0.3", "--client", "--join", a.token())
         wait_for(lambda: listed(b) == {MODEL}, timeout=60, what="B to list the model")
         yield {"local": a, "routed": b}
     finally:
