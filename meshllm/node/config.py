@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshllm.api.openai import DEFAULT_MAX_BODY
+from meshllm.engine.process import DEFAULT_MAX_TOKENS
 from meshllm.store.identity import default_state_dir
 
 __all__ = ["NodeConfig"]
@@ -36,6 +37,7 @@ class NodeConfig:
     blackboard_rate: int = 10  # posts a minute this node accepts (benches raise it)
     draft: str = ""  # --draft: draft model (path or name) of the --model models; empty: the catalog's pairing
     no_draft: bool = False  # --no-draft: no speculative decoding, even where the catalog pairs a draft
+    max_tokens_default: int = DEFAULT_MAX_TOKENS  # generation limit of a request that sets none (-1: none)
 
     @property
     def host(self) -> str:
