@@ -5,7 +5,8 @@ The served-model controller asks ``want(source)`` at each reconcile of a model w
 (``FetchState``: bytes on disk, total, rate, or the error). A download is a child process,
 ``meshllm download --quiet SOURCE`` (``engine.download.fetch``: locked, resumable, checked), so a node that
 stops kills it and a second node on the machine waits on the same file lock instead of fetching again.
-Progress is read from the files on disk, whichever process writes them.
+Progress is read from the files on disk, whichever process writes them. A failed download is tried
+again ``RETRY_FAILED`` seconds later (at the first ask after that), so a network outage heals by itself.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from meshllm.reconcile.timing import Clock, SystemClock
 __all__ = ["Downloads", "FetchState", "Fetcher"]
 
 log = logging.getLogger(__name__)
+
+RETRY_FAILED = 60.0  # seconds before a failed download is started again
 
 
 @dataclass(frozen=True)
@@ -72,17 +75,17 @@ class Downloads:
 
     def want(self, source: str, reference: ModelReference) -> FetchState:
         state = self.states.get(source)
-        if state is None or (state.finished and not state.error and not reference.present(self.folder)):
+        now = self.clock.monotonic()
+        retry = state is not None and state.error != "" and now - state.sampled_at >= RETRY_FAILED
+        if state is None or retry or (state.finished and not state.error and not reference.present(self.folder)):
             if self._tg is None:
                 return FetchState(error="this node is stopping; no download started")
-            state = self.states[source] = FetchState(sampled_at=self.clock.monotonic(),
-                                                     done=local_bytes(reference, self.folder))
+            state = self.states[source] = FetchState(sampled_at=now, done=local_bytes(reference, self.folder))
             self._refs[source] = reference
             self._tg.start_soon(self._fetch, source, reference)
             return state
         if state.finished:
             return state
-        now = self.clock.monotonic()
         done = local_bytes(reference, self.folder)
         if now - state.sampled_at >= 0.5:
             rate = max(0.0, (done - state.done) / (now - state.sampled_at))
@@ -101,7 +104,8 @@ class Downloads:
                 raise MeshError(lines[-1].removeprefix("error: "))
         except MeshError as exc:
             log.warning("%s: download failed: %s", reference.name, exc)
-            self.states[source] = replace(self.states[source], finished=True, error=str(exc))
+            self.states[source] = replace(self.states[source], finished=True, error=str(exc),
+                                          sampled_at=self.clock.monotonic())
             return
         log.info("%s: downloaded", reference.name)
         self.states[source] = replace(self.states[source], finished=True, done=self.states[source].total)

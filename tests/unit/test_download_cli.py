@@ -79,3 +79,42 @@ def test_manifests_may_name_hub_references(tmp_path: Path) -> None:
     policy.check("https://huggingface.co/org/repo/resolve/main/file.gguf")
     with pytest.raises(ModelError, match="not in a folder this node serves models from"):
         policy.check(str(tmp_path / "elsewhere.gguf"))
+
+
+class StepClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def now(self) -> float:
+        return self.t
+
+    def monotonic(self) -> float:
+        return self.t
+
+
+async def test_a_node_download_fails_in_one_line_then_is_tried_again(hub: HubServer, tmp_path: Path) -> None:
+    import anyio
+
+    from meshllm.engine.download import parse_reference
+    from meshllm.reconcile.downloads import RETRY_FAILED, Downloads
+
+    clock = StepClock()
+    downloads = Downloads(folder=tmp_path / "models", clock=clock)
+    reference = parse_reference("org/r/m.gguf")
+    assert reference is not None
+    async with anyio.create_task_group() as tg:
+        await tg.start(downloads.run)
+        assert downloads.want("org/r/m.gguf", reference).error == ""  # started
+        with anyio.fail_after(30):
+            while not (state := downloads.want("org/r/m.gguf", reference)).finished:
+                await anyio.sleep(0.05)
+        assert "not found on" in state.error and "\n" not in state.error
+        hub.add("org/r", "m.gguf", write_dense(tmp_path / "m.gguf"))  # the file appears on the hub
+        assert downloads.want("org/r/m.gguf", reference).error  # not tried again yet
+        clock.t += RETRY_FAILED
+        assert downloads.want("org/r/m.gguf", reference).error == ""  # tried again
+        with anyio.fail_after(30):
+            while not downloads.want("org/r/m.gguf", reference).finished:
+                await anyio.sleep(0.05)
+        assert downloads.want("org/r/m.gguf", reference).error == "" and reference.present(tmp_path / "models")
+        tg.cancel_scope.cancel()
