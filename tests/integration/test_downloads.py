@@ -1,5 +1,5 @@
 """Nodes serving models they must download, from a local server speaking the hub's protocol: the
-status says Downloading with progress, then Ready; a catalog draft comes along and changes no greedy
+status says Downloading with progress, then Ready, and its other models serve meanwhile; a catalog draft comes along and changes no greedy
 output; two nodes on one machine fetch a file once."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from meshllm.engine.tinygguf import write_dense
 from meshllm.testing.hubserver import HubServer
-from tests.integration.nodes import Mesh, NodeProcess, wait_for
+from tests.integration.nodes import Mesh, NodeProcess, listed, wait_for
 from tests.integration.test_mesh import greedy
 
 
@@ -35,26 +35,31 @@ def phases(node: NodeProcess, model: str) -> list[tuple[str, str]]:
 
 def test_a_catalog_model_downloads_with_its_draft_then_serves_as_without_it(mesh: Mesh, hub: HubServer,
                                                                            tmp_path: Path) -> None:
-    # 34 MB: huggingface_hub reports progress every 10 MB, a few times in the 4 s this takes
-    hub.rate = 8 << 20
+    # 34 MB: huggingface_hub reports progress every 10 MB; slow until the test saw what it looks for
+    hub.rate = 4 << 20
     model = write_dense(tmp_path / "m.gguf", n_vocab=32000, n_embd=128)
     draft = write_dense(tmp_path / "d.gguf", n_vocab=32000, n_embd=128, n_layer=1, seed=7)
     hub.add("unsloth/Qwen3-8B-GGUF", "Qwen3-8B-Q4_K_M.gguf", model)
     hub.add("unsloth/Qwen3-0.6B-GGUF", "Qwen3-0.6B-Q4_K_M.gguf", draft)
     name = "Qwen3-8B-Q4_K_M"
 
-    node = mesh.start("n0", "127.0.0.2", models=("Qwen3-8B",))  # fuzzy: the catalog's Qwen3-8B-Q4_K_M
+    local = write_dense(tmp_path / "local.gguf")
+    # fuzzy: the catalog's Qwen3-8B-Q4_K_M; and a local model, served while the other downloads
+    node = mesh.start("n0", "127.0.0.2", models=("Qwen3-8B", str(local)))
     seen: list[str] = []
 
     def downloading() -> bool:
-        seen.extend(message for phase, message in phases(node, name) if phase == "downloading")
-        return any("%" in message and "MB/s" in message for message in seen)
+        now = [message for phase, message in phases(node, name) if phase == "downloading"]
+        seen.extend(now)
+        served = "local" in listed(node)  # the hub is held slow: the download runs on while this serves
+        return any("%" in message and "MB/s" in message for message in seen) and bool(now) and served
 
-    wait_for(downloading, timeout=30, what="Downloading with progress in /api/status")
-    listed = node.cli("get", "models")
-    assert re.search(r"Downloading\s.*Downloading \d+%", listed.stdout), listed.stdout
+    wait_for(downloading, timeout=30, what="Downloading with progress in /api/status, the local model served")
+    table = node.cli("get", "models")
+    assert re.search(r"Downloading\s.*Downloading \d+%", table.stdout), table.stdout
     described = node.cli("describe", "model", name)
     assert "downloading" in described.stdout and "Downloading" in described.stdout, described.stdout
+    hub.rate = None
     server = node.wait_ready(name, timeout=60)
     cmdline = Path(f"/proc/{server['pid']}/cmdline").read_bytes().split(b"\0")
     assert b"--model-draft" in cmdline
