@@ -134,7 +134,7 @@ def _metadata(f: HubFile) -> RemoteFile:
 
     try:
         meta = get_hf_file_metadata(f.url(), token=_token())
-    except Exception as exc:  # noqa: BLE001 (every hub error becomes one line)
+    except Exception as exc:  # every hub error becomes one line
         raise _hub_error(f, exc) from None
     etag = (meta.etag or "").strip('"').lower()
     return RemoteFile(size=meta.size or 0, sha256=etag if SHA256.match(etag) else "")
@@ -272,7 +272,7 @@ def _download(f: HubFile, staging: Path, *, retries: int, backoff: float, progre
         except OSError as exc:  # httpx transport errors, a dropped connection (after hf's own retries)
             if attempt == retries or isinstance(exc, (PermissionError, FileNotFoundError)):
                 raise _hub_error(f, exc) from None
-        except Exception as exc:  # noqa: BLE001 (httpx errors are not OSErrors)
+        except Exception as exc:  # httpx errors are not OSErrors
             if attempt == retries or type(exc).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore"):
                 raise _hub_error(f, exc) from None
         sleep(backoff * 2 ** attempt)

@@ -79,6 +79,8 @@ def test_manifests_may_name_hub_references(tmp_path: Path) -> None:
     policy.check("https://huggingface.co/org/repo/resolve/main/file.gguf")
     with pytest.raises(ModelError, match="not in a folder this node serves models from"):
         policy.check(str(tmp_path / "elsewhere.gguf"))
+    with pytest.raises(ModelError, match="huggingface.co .* only, not on another host"):
+        policy.check("http://10.0.0.1:8080/org/repo/resolve/main/file.gguf")
 
 
 class StepClock:
