@@ -18,6 +18,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from meshllm.engine.build import require_engine
+from meshllm.engine.catalog import catalog
 from meshllm.engine.download import ModelReference, check_remote, parse_reference
 from meshllm.engine.models import file_fingerprint, models_dir, resolve_model
 from meshllm.errors import MeshError, ModelNotFetched
@@ -46,13 +47,16 @@ def check_model(source: str) -> int:
 
 def draft_for(config: NodeConfig, source: str) -> str:
     """The draft of the ``--model`` ``source``: ``--draft``, none with ``--no-draft``, else the catalog's
-    pairing when its draft is on disk or small beside the model (at most ``DRAFT_SHARE`` of it)."""
+    pairing (of a catalog name, or of a catalog model's file given by path) when its draft is on disk or
+    small beside the model (at most ``DRAFT_SHARE`` of it)."""
     if config.no_draft:
         return ""
     if config.draft:
         return config.draft
-    reference = parse_reference(source) if not Path(source).expanduser().exists() else None
-    entry = reference.entry if reference is not None else None
+    local = Path(source).expanduser()
+    reference = parse_reference(source) if not local.exists() else None
+    entry = reference.entry if reference is not None else next(  # a catalog model's file, fetched before
+        (e for e in catalog() if e.files[0].rsplit("/", 1)[-1] == local.name), None)
     paired = parse_reference(entry.draft) if entry is not None and entry.draft else None
     if entry is None or paired is None or paired.entry is None:
         return ""

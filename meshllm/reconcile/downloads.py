@@ -48,8 +48,9 @@ class FetchState:
 class Fetcher(Protocol):
     """What the served-model controller needs of downloads (``Downloads``, or a fake in unit tests)."""
 
-    def want(self, source: str, reference: ModelReference) -> FetchState:
-        """Start fetching ``reference`` (``source`` as the user wrote it) unless under way; where it stands."""
+    def want(self, source: str, reference: ModelReference, *, retry: bool = True) -> FetchState:
+        """Start fetching ``reference`` (``source`` as the user wrote it) unless under way; where it stands.
+        ``retry``: start a failed download again after a while (else its error stays)."""
         ...
 
 
@@ -73,10 +74,10 @@ class Downloads:
                 self._tg = None
                 tg.cancel_scope.cancel()
 
-    def want(self, source: str, reference: ModelReference) -> FetchState:
+    def want(self, source: str, reference: ModelReference, *, retry: bool = True) -> FetchState:
         state = self.states.get(source)
         now = self.clock.monotonic()
-        retry = state is not None and state.error != "" and now - state.sampled_at >= RETRY_FAILED
+        retry = retry and state is not None and state.error != "" and now - state.sampled_at >= RETRY_FAILED
         if state is None or retry or (state.finished and not state.error and not reference.present(self.folder)):
             if self._tg is None:
                 return FetchState(error="this node is stopping; no download started")

@@ -93,6 +93,7 @@ class ServedModelController:
         self._adopt_until = self.clock.now() + ADOPT_GRACE
         self.memory: dict[str, Memory] = {}
         self._resolved: dict[tuple[str, str], ResolvedModel] = {}
+        self._draftless: set[str] = set()  # models served without their draft (it could not be fetched)
         self._layers: dict[Path, int] = {}  # a model file's layer count (a CPU split host needs it)
         self._chat: dict[Path, tuple[str, ...]] = {}  # a model file's chat format (engine.templates)
 
@@ -127,13 +128,22 @@ class ServedModelController:
         spec = self._my_specs().get(model)
         if spec is None:
             return None
-        source = spec.source
         try:
-            path = await self._resolve(source, spec.name)
-            source = spec.draft
+            path = await self._resolve(spec.source, spec.name)
+        except ModelNotFetched as exc:
+            return self._fetching(model, spec.source, exc, draft=False)
+        except ModelError as exc:
+            return Unavailable(model, str(exc))
+        try:
             draft = await self._resolve(spec.draft, spec.name + "-draft") if spec.draft else None
         except ModelNotFetched as exc:
-            return self._fetching(model, source, exc, draft=source != spec.source)
+            fetching = self._fetching(model, spec.draft, exc, draft=True)
+            if isinstance(fetching, Fetching):
+                return fetching
+            if model not in self._draftless:  # a draft only speeds up: serve without it, say so once
+                self._draftless.add(model)
+                log.warning("%s: serving without its draft: %s", model, fetching.message)
+            draft = None
         except ModelError as exc:
             return Unavailable(model, str(exc))
         if path not in self._chat:  # read once, not at every reconcile
@@ -183,7 +193,7 @@ class ServedModelController:
         reference = exc.reference
         if self.downloads is None or not isinstance(reference, ModelReference):
             return Unavailable(model, str(exc))
-        state = self.downloads.want(source, reference)
+        state = self.downloads.want(source, reference, retry=not draft)  # a failed draft: serve without it
         what = f"draft {reference.name}: " if draft else ""
         if state.error:
             return Unavailable(model, f"{what}download failed: {state.error}")

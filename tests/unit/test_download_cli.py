@@ -70,6 +70,8 @@ def test_draft_options_and_catalog_pairing(tmp_path: Path, monkeypatch: pytest.M
     assert draft_for(NodeConfig(), "GLM-4.7-Flash") == ""  # no pairing in the catalog
     local = write_dense(tmp_path / "mine.gguf")
     assert draft_for(NodeConfig(), str(local)) == ""
+    known = write_dense(tmp_path / "Qwen3-8B-Q4_K_M.gguf")  # a catalog model's file, given by path
+    assert draft_for(NodeConfig(), str(known)) == "Qwen3-0.6B-Q4_K_M"
 
 
 def test_manifests_may_name_hub_references(tmp_path: Path) -> None:
