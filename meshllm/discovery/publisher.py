@@ -13,18 +13,27 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 from anyio.abc import TaskStatus
 
-from meshllm.discovery.directory import Directory
+from meshllm.discovery.nostr import Event
 from meshllm.discovery.listing import ListingContent, make_event, mesh_summary
 from meshllm.state.document import MeshState
 from meshllm.store.mesh import MeshCredentials
 
-__all__ = ["PublishSettings", "Publisher"]
+__all__ = ["ListingSink", "PublishSettings", "Publisher"]
 
 log = logging.getLogger(__name__)
+
+
+class ListingSink(Protocol):
+    """Where listings go (``discovery.directory.Directory``): ``put(None)`` withdraws this node's LAN record."""
+
+    timeout: float
+
+    async def put(self, event: Event | None) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -37,7 +46,7 @@ class PublishSettings:
 
 
 class Publisher:
-    def __init__(self, state: MeshState, directory: Directory, *, settings: PublishSettings,
+    def __init__(self, state: MeshState, directory: ListingSink, *, settings: PublishSettings,
                  creds: Callable[[], MeshCredentials], token: Callable[[], str], version: str,
                  clock: Callable[[], float] = time.time) -> None:
         self.state = state
@@ -49,6 +58,7 @@ class Publisher:
         self.clock = clock
         self.published: ListingContent | None = None  # the last content sent (delisted or not)
         self.published_at = 0.0
+        self._last_created = 0
 
     def current(self) -> tuple[ListingContent, int]:
         """The listing to publish now (a delisting at ``--max-clients``), and the clients connected."""
@@ -69,16 +79,21 @@ class Publisher:
             log.info("discovery: %s mesh %r (%d client(s), --max-clients %d)",
                      "delisting" if content.delisted else "listing", self.settings.name,
                      content.clients, self.settings.max_clients)
-        await self.directory.put(make_event(self.creds(), content, now=now, ttl=self.settings.ttl))
+        await self.directory.put(self._event(content, now))
         self.published, self.published_at = content, now
+
+    def _event(self, content: ListingContent, now: float) -> Event:
+        """The signed listing, dated strictly after the last one (a relay keeps the newest per mesh; a tie
+        within one second must not keep a listing over the delisting that followed it)."""
+        self._last_created = max(int(now), self._last_created + 1)
+        return make_event(self.creds(), content, now=self._last_created, ttl=self.settings.ttl)
 
     async def withdraw(self) -> None:
         creds = self.creds()
         gone = ListingContent(mesh=creds.mesh_id, name=self.settings.name, delisted=True)
         with anyio.move_on_after(self.directory.timeout + 1):
-            await self.directory.put(make_event(creds, gone, now=self.clock(), ttl=self.settings.ttl))
-        if self.directory.lan is not None:
-            await self.directory.lan.put(None)
+            await self.directory.put(self._event(gone, self.clock()))
+        await self.directory.put(None)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """List the mesh until cancelled, then withdraw the listing."""
