@@ -26,10 +26,17 @@ from meshllm.discovery.directory import DEFAULT_RELAYS, Directory
 from meshllm.discovery.listing import Listing, choose, score
 from meshllm.discovery.mdns import MdnsDirectory
 
-__all__ = ["listing_rows", "register"]
+__all__ = ["listing_rows", "register", "relay_list"]
 
 out = Console()
 err = Console(stderr=True)
+
+
+def relay_list(given: list[str] | None) -> tuple[str, ...] | None:
+    """``--relay`` values: None (the default list) when none is given, () for ``--relay none``."""
+    if not given:
+        return None
+    return tuple(r for r in given if r.lower() != "none")
 
 
 def _age(seconds: float) -> str:
@@ -50,7 +57,7 @@ def listing_rows(listings: list[Listing], *, now: float) -> list[list[str]]:
 def discover(
     model: Annotated[str, typer.Option("--model", help="Only meshes serving (or wanting) this model")] = "",
     region: Annotated[str, typer.Option("--region", help="Rank meshes of this region first")] = "",
-    relay: Annotated[list[str] | None, typer.Option("--relay", metavar="URL", help="Nostr relay to read (repeatable; replaces the default list)")] = None,
+    relay: Annotated[list[str] | None, typer.Option("--relay", metavar="URL", help="Nostr relay to read (repeatable; replaces the default list; 'none': LAN only)")] = None,
     mdns: Annotated[bool, typer.Option("--mdns/--no-mdns", help="Look on the LAN by mDNS too")] = True,
     wait: Annotated[float, typer.Option("--wait", min=0, help="Seconds to browse the LAN")] = 2.0,
     auto: Annotated[bool, typer.Option("--auto", help="Join the best mesh: run a node with its token")] = False,
@@ -58,7 +65,8 @@ def discover(
     output: Annotated[str, typer.Option("-o", "--output", help="text or json")] = "text",
 ) -> None:
     """List the meshes published on the Nostr relays and the LAN; --auto joins the best one."""
-    directory = Directory(relays=tuple(relay) if relay else DEFAULT_RELAYS,
+    relays = relay_list(relay)
+    directory = Directory(relays=DEFAULT_RELAYS if relays is None else relays,
                           lan=MdnsDirectory(instance="discover") if mdns else None)
     listings = anyio.run(lambda: directory.find(wait=wait))
     now, ttl = time.time(), 300.0

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from meshllm.cli import blackboard, control, discover, get
+from meshllm.cli.discover import relay_list
 from meshllm.cli.keys import keys_app, local_keys
 from meshllm.cli.engine import engine_app, ensure_engine
 from meshllm.engine.capacity import parse_size
@@ -101,7 +102,7 @@ def serve(
     mesh_name: Annotated[str, typer.Option("--mesh-name", help="Name the mesh and publish it (implies --publish); with it, nodes join the mesh of that name if one is listed")] = "",
     region: Annotated[str, typer.Option("--region", help="Region tag of the listing, and the region --auto prefers (AU, US-West, EU-West, ...)")] = "",
     max_clients: Annotated[int, typer.Option("--max-clients", min=0, help="Delist the mesh while this many clients are connected (0: no limit)")] = 0,
-    relay: Annotated[list[str] | None, typer.Option("--relay", metavar="URL", help="Nostr relay of the mesh directory (repeatable; replaces the default list)")] = None,
+    relay: Annotated[list[str] | None, typer.Option("--relay", metavar="URL", help="Nostr relay of the mesh directory (repeatable; replaces the default list; 'none': LAN only)")] = None,
     mdns: Annotated[bool, typer.Option("--mdns/--no-mdns", help="Publish and discover meshes on the LAN by mDNS too")] = True,
     listing_ttl: Annotated[float, typer.Option("--listing-ttl", hidden=True, min=2, help="Seconds a listing lives unless re-published (tests)")] = 300.0,
     api_key: Annotated[list[str] | None, typer.Option("--api-key", metavar="KEY", help="Require this key on this node's OpenAI API (repeatable; MESHLLM_API_KEY adds one and keeps it off the command line); see `meshllm keys` for keys every node accepts")] = None,
@@ -124,7 +125,7 @@ def serve(
                         allow_models=tuple(allow_models or ()), blackboard=board, blackboard_rate=board_rate,
                         api_keys=local_keys(api_key or (), os.environ.get("MESHLLM_API_KEY")),
                         auto=auto, publish=publish, mesh_name=mesh_name, region=region, max_clients=max_clients,
-                        want_model=want_model, relays=tuple(relay) if relay else None, mdns=mdns,
+                        want_model=want_model, relays=relay_list(relay), mdns=mdns,
                         listing_ttl=listing_ttl)
     _setup_logging()
     for source in config.models:
