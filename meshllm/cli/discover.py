@@ -2,7 +2,7 @@
 
     meshllm discover                          every live listing: name, models, nodes, clients, region, age
     meshllm discover --model M --region EU    only meshes serving (or wanting) M; EU ranked first
-    meshllm discover --auto [--client]        pick the best as a node's --auto would, and run a node joining it
+    meshllm discover --auto [--client] [-- NODE OPTIONS]   pick the best as a node's --auto would, run a node joining it
     meshllm discover -o json                  the listings as JSON
 
 Listings are verified (signature, expiry, token bound to the mesh) before they are shown; see
@@ -55,6 +55,7 @@ def listing_rows(listings: list[Listing], *, now: float) -> list[list[str]]:
 
 
 def discover(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option("--model", help="Only meshes serving (or wanting) this model")] = "",
     region: Annotated[str, typer.Option("--region", help="Rank meshes of this region first")] = "",
     relay: Annotated[list[str] | None, typer.Option("--relay", metavar="URL", help="Nostr relay to read (repeatable; replaces the default list; 'none': LAN only)")] = None,
@@ -64,7 +65,8 @@ def discover(
     client: Annotated[bool, typer.Option("--client", help="With --auto: join as an API-only client")] = False,
     output: Annotated[str, typer.Option("-o", "--output", help="text or json")] = "text",
 ) -> None:
-    """List the meshes published on the Nostr relays and the LAN; --auto joins the best one."""
+    """List the meshes published on the Nostr relays and the LAN; --auto joins the best one (options after
+    ``--`` go to that node: ``meshllm discover --auto --client -- --port 9400``)."""
     relays = relay_list(relay)
     directory = Directory(relays=DEFAULT_RELAYS if relays is None else relays,
                           lan=MdnsDirectory(instance="discover") if mdns else None)
@@ -86,10 +88,11 @@ def discover(
         best = choose(shown, model=model, region=region, now=now, ttl=ttl)
         if best is None:
             raise typer.Exit(1)
-        args = [sys.executable, "-m", "meshllm", "--join", best.content.token, *(["--client"] if client else [])]
+        args = [sys.executable, "-m", "meshllm", "--join", best.content.token, *(["--client"] if client else []),
+                *ctx.args]
         err.print(f"joining {best.content.name or best.mesh_id} ({best.mesh_id})")
         os.execv(sys.executable, args)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("discover")(discover)
+    app.command("discover", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(discover)

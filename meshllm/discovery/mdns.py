@@ -64,6 +64,7 @@ class MdnsDirectory:
                 await self._close()
                 return
             info = ServiceInfo(SERVICE_TYPE, f"{self.instance}.{SERVICE_TYPE}", port=self.port,
+                               server=f"{self.instance}.local.",
                                addresses=[socket.inet_aton(self.address)], properties=event_to_txt(event))
             if self._zc is None:
                 self._zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
@@ -72,7 +73,7 @@ class MdnsDirectory:
             else:
                 await self._zc.async_update_service(info)
             self._info = info
-        except (OSError, ValueError, RuntimeError) as exc:  # zeroconf's errors derive from these
+        except Exception as exc:  # zeroconf raises assorted types; the LAN is best effort
             log.warning("discovery: mDNS on the LAN failed: %s (carrying on without it)", exc)
 
     async def _close(self) -> None:
@@ -83,7 +84,14 @@ class MdnsDirectory:
             await zc.async_close()
 
     async def find(self, *, wait: float) -> list[Event]:
-        """The events of the records seen on the LAN within ``wait`` seconds."""
+        """The events of the records seen on the LAN within ``wait`` seconds (none if mDNS fails here)."""
+        try:
+            return await self._browse(wait)
+        except Exception as exc:  # as in put: a warning, never the node
+            log.warning("discovery: mDNS on the LAN failed: %s (carrying on without it)", exc)
+            return []
+
+    async def _browse(self, wait: float) -> list[Event]:
         names: set[str] = set()
 
         def on_change(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
@@ -91,11 +99,7 @@ class MdnsDirectory:
                 names.add(name)
 
         found: list[Any] = []
-        try:
-            zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
-        except OSError as exc:
-            log.warning("discovery: mDNS on the LAN is unavailable: %s", exc)
-            return []
+        zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
         try:
             browser = AsyncServiceBrowser(zc.zeroconf, SERVICE_TYPE, handlers=[on_change])
             await anyio.sleep(wait)

@@ -100,7 +100,10 @@ class Publisher:
         task_status.started()
         try:
             while True:
-                await self.step()
+                try:
+                    await self.step()
+                except Exception:  # a bug in listing must never take the node down with it
+                    log.exception("discovery: publishing the listing failed; trying again")
                 await anyio.sleep(self.settings.poll)
         finally:
             with anyio.CancelScope(shield=True):

@@ -124,6 +124,17 @@ def test_same_mesh_name_finds_each_other_despite_a_dead_relay(mesh: Mesh, relay:
     assert "unreachable" in second.log_text() and dead.removeprefix("ws://") in second.log_text()
     wait_for(lambda: by_name(relay)["poker"]["clients"] == 2, timeout=30, what="the listing to count both")
 
+    # `meshllm discover --auto` picks the same mesh and runs a node joining it, with the options after --
+    third = NodeProcess(models=[], state_dir=mesh.root / "third", engine_dir=mesh.engine_dir)
+    third.state_dir.mkdir()
+    with third.log_path.open("wb") as log:
+        third.proc = subprocess.Popen(
+            [sys.executable, "-m", "meshllm", "discover", "--auto", "--client", "--relay", relay, "--no-mdns", "--",
+             "--port", str(third.port), "--console", str(third.console), "--state-dir", str(third.state_dir),
+             "--bind-host", "127.0.0.7"], stdout=log, stderr=subprocess.STDOUT)
+    mesh.nodes.append(third)
+    assert mesh_id(third) == mesh_id(first)
+
 
 def test_forged_listings_are_ignored(relay: str) -> None:
     real, other = MeshCredentials.create(), MeshCredentials.create()

@@ -252,3 +252,23 @@ async def test_auto_with_no_reachable_relay_starts_its_own_mesh(tmp_path: Any) -
                         state_dir=tmp_path, relay_timeout=1)
     assert await resolve_join(config, announce=said.append) == config
     assert "starting a new mesh 'poker'" in said[-1]
+
+
+async def test_a_failing_directory_costs_the_publisher_a_log_line_not_the_node(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(FakeDirectory):
+        async def put(self, event: dict[str, Any] | None) -> int:
+            await super().put(event)
+            if len(self.events) < 3:
+                raise RuntimeError("boom")
+            return 1
+
+    state, creds, sink = _state(clients=0), _creds(7), Broken()
+    publisher = Publisher(state, sink, settings=PublishSettings(name="x", ttl=30, poll=0.01), creds=lambda: creds,
+                          token=lambda: InviteToken(creds, ("127.0.0.1:1",)).encode(), version="1")
+    async with anyio.create_task_group() as tg:
+        await tg.start(publisher.run)
+        with anyio.fail_after(5):
+            while publisher.published is None:  # it kept trying until a put succeeded
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert "publishing the listing failed" in caplog.text and len(sink.events) >= 3
