@@ -3,7 +3,8 @@
 Every ``poll`` seconds the publisher reads the replicated state into a listing (``mesh_summary``) and
 publishes it when it changed or a third of its TTL has passed (so it never expires while the mesh
 lives). While ``--max-clients`` or more clients are connected it publishes a delisting instead, and
-lists the mesh again once fewer are. When it stops (the node stops) it withdraws the listing; a node
+lists the mesh again once fewer are. When the mesh key rotates (``rotate-key``) it replaces the listing
+signed with the old key by a delisting, then lists the mesh under the new key. When it stops (the node stops) it withdraws the listing; a node
 killed outright leaves a listing that expires by itself after the TTL.
 """
 
@@ -59,6 +60,7 @@ class Publisher:
         self.published: ListingContent | None = None  # the last content sent (delisted or not)
         self.published_at = 0.0
         self._last_created = 0
+        self._signed_with: MeshCredentials | None = None  # the key of the live listing
 
     def current(self) -> tuple[ListingContent, int]:
         """The listing to publish now (a delisting at ``--max-clients``), and the clients connected."""
@@ -73,6 +75,8 @@ class Publisher:
     async def step(self) -> None:
         """Publish the listing if it changed or is due for a refresh."""
         (content, clients), now = self.current(), self.clock()
+        if self._signed_with is not None and self._signed_with != self.creds():  # the mesh key rotated
+            await self._withdraw_old(self._signed_with, now)
         if content == self.published and now - self.published_at < self.settings.ttl / 3:
             return
         if content.delisted != (self.published is not None and self.published.delisted):
@@ -82,11 +86,21 @@ class Publisher:
         await self.directory.put(self._event(content, now))
         self.published, self.published_at = content, now
 
-    def _event(self, content: ListingContent, now: float) -> Event:
+    async def _withdraw_old(self, old: MeshCredentials, now: float) -> None:
+        """Replace the listing signed with a retired key (its token is refused now) by a delisting."""
+        log.info("discovery: the mesh key rotated; withdrawing the listing signed with the old key")
+        gone = ListingContent(mesh=old.mesh_id, name=self.settings.name, delisted=True)
+        await self.directory.put(self._event(gone, now, creds=old))
+        self.published = None
+
+    def _event(self, content: ListingContent, now: float, *, creds: MeshCredentials | None = None) -> Event:
         """The signed listing, dated strictly after the last one (a relay keeps the newest per mesh; a tie
         within one second must not keep a listing over the delisting that followed it)."""
         self._last_created = max(int(now), self._last_created + 1)
-        return make_event(self.creds(), content, now=self._last_created, ttl=self.settings.ttl)
+        signer = self.creds() if creds is None else creds
+        if creds is None:
+            self._signed_with = signer
+        return make_event(signer, content, now=self._last_created, ttl=self.settings.ttl)
 
     async def withdraw(self) -> None:
         creds = self.creds()

@@ -9,12 +9,14 @@ it serve:
                          find its stream handler from the first connection
     1. mesh              endpoint, gossip, membership (``node.mesh``); the tunnels' stream services
                          (HTTP, and RPC on a node that can be a split worker) are registered before it runs
-    2. RPC tunnels       the split host's listeners towards its workers (``tunnels.rpc``)
-    3. engine processes  the process supervisor (``reconcile.supervisor``): llama-server, rpc-server
-    4. controllers       the runner (``reconcile.runtime``): placement, served models, split workers, janitor
-    5. demand recorder   what the OpenAI API hears asked for, written to the document
-    6. APIs              OpenAI :9337 (behind the API-key gate), console + /api :3131
-    7. publisher         --publish/--mesh-name only: lists the mesh on the relays and the LAN (``node.discovery``)
+    2. key rotation      follows the mesh key's rotations (``node.rotation``): the endpoint's secret,
+                         mesh.json, the split RPC key
+    3. RPC tunnels       the split host's listeners towards its workers (``tunnels.rpc``)
+    4. engine processes  the process supervisor (``reconcile.supervisor``): llama-server, rpc-server
+    5. controllers       the runner (``reconcile.runtime``): placement, served models, split workers, janitor
+    6. demand recorder   what the OpenAI API hears asked for, written to the document
+    7. APIs              OpenAI :9337 (behind the API-key gate), console + /api :3131
+    8. publisher         --publish/--mesh-name only: lists the mesh on the relays and the LAN (``node.discovery``)
 
 and stops them last-first on SIGINT or SIGTERM, or when cancelled: the publisher (it withdraws the listing), the APIs (requests in flight get a
 few seconds), the demand recorder, the controllers (each stops its own processes as it shuts down),
@@ -57,6 +59,7 @@ from meshllm.node.discovery import publisher_for
 from meshllm.node.http import HttpApi
 from meshllm.node.lifecycle import Lifecycle, Run
 from meshllm.node.mesh import MeshRuntime, interface_addresses
+from meshllm.node.rotation import node_rotation
 from meshllm.reconcile.demand import DemandRecorder, GarbageCollector
 from meshllm.reconcile.leases import PlacementController
 from meshllm.reconcile.runtime import Runner
@@ -137,6 +140,8 @@ class Node:
             self.supervisor = ProcessSupervisor(store=store)
             self.runner, self.workers = self._controllers(self.supervisor, engine_dir, store, key)
         self.demand = DemandRecorder(state, node_id=node_id)
+        self.rotation, rotation_api = node_rotation(self.mesh, tunnels=self.rpc_tunnels, workers=self.workers,
+                                                    supervisor=self.supervisor)
         serve_streams(self.mesh.endpoint, self._stream_services())
         events, on_applied = store_hooks(store, node_id)
         openai_app = create_openai_app(self.router, tunnels=message_opener(self.mesh.connect, StreamKind.HTTP),
@@ -144,8 +149,10 @@ class Node:
         status_app = create_status_app(
             state, node_id=node_id, access=console_access(config), sources=source_policy(config), events=events,
             on_applied=on_applied, invite=self.mesh.token,
-            routes=[*key_routes(state, node_id=node_id, ring=self.keys), *self.blackboard.api.routes()],
-            extra={"mesh_id": self.mesh.creds.mesh_id, "rpc_tunnels": self.rpc_tunnels.tunnels})
+            routes=[*key_routes(state, node_id=node_id, ring=self.keys), *self.blackboard.api.routes(),
+                    *rotation_api],
+            extra={"mesh_id": self.mesh.creds.mesh_id, "key_id": lambda: self.mesh.creds.key_id,
+                   "rpc_tunnels": self.rpc_tunnels.tunnels})
         self.publisher = publisher_for(config, state, self.mesh, node_id=node_id)  # None: a private mesh
         self.apis = (HttpApi(ApiKeyGate(openai_app, self.keys), host=config.host, port=config.port, what="OpenAI API"),
                      HttpApi(status_app, host=config.host, port=config.console_port, what="console API"))
@@ -200,7 +207,8 @@ class Node:
         engine = [] if self.supervisor is None or self.runner is None else [
             ("engine processes", self.supervisor.run), ("controllers", self.runner.run)]
         listing = [] if self.publisher is None else [("publisher", self.publisher.run)]
-        return [("RPC tunnels", self.rpc_tunnels.run), *engine, ("demand recorder", self.demand.run),
+        return [("key rotation", self.rotation.run), ("RPC tunnels", self.rpc_tunnels.run), *engine,
+                ("demand recorder", self.demand.run),
                 *((api.what, api.run) for api in self.apis), *listing]
 
     async def run(self, *, task_status: TaskStatus[dict[str, str]] = anyio.TASK_STATUS_IGNORED) -> None:

@@ -184,6 +184,15 @@ async def test_publisher_lists_refreshes_delists_at_max_clients_and_withdraws() 
     created = [e["created_at"] for e in sink.events if e is not None]
     assert created == sorted(set(created))  # strictly increasing: a relay keeps the newest
 
+    rotated = MeshCredentials(mesh_id=creds.mesh_id, secret=b"\x55" * 32)
+    creds = rotated  # rotate-key: the listing under the old key is withdrawn, the new one listed
+    await publisher.step()
+    withdrawn, listed = sink.events[-2], sink.events[-1]
+    assert withdrawn is not None and listed is not None
+    assert withdrawn["pubkey"] == publishing_key(_creds(5)).pubkey and sink.contents()[-2].delisted  # type: ignore[union-attr]
+    fresh = parse_listing(listed, now=clock[0])
+    assert fresh is not None and fresh.pubkey == publishing_key(rotated).pubkey and not fresh.content.delisted
+
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tg:
             await tg.start(publisher.run)
