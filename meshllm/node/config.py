@@ -45,7 +45,7 @@ class NodeConfig:
     mdns: bool = True
     listing_ttl: float = 300.0  # seconds a published listing lives unless re-published
     relay_timeout: float = 5.0
-    mdns_wait: float = 2.0  # seconds --auto browses the LAN
+    mdns_wait: float = 3.0  # seconds --auto and --mesh-name browse the LAN before they choose
 
     @property
     def host(self) -> str:

@@ -60,6 +60,9 @@ def test_same_mesh_name_on_the_lan_by_mdns(netns: str, tmp_path: Path) -> None:
         wait_for(lambda: lan_discover(netns).get("lan-party", {}).get("clients") == 2, timeout=30,
                  what="the LAN listing to count both nodes")
         assert "starting a new mesh 'lan-party'" in logs[0].read_text()
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n" + "\n".join(f"--- {log.name}:\n{log.read_text()[-3000:]}" for log in logs
+                                                     if log.exists())) from None
     finally:
         for proc in procs:
             proc.kill()
