@@ -23,6 +23,7 @@ from meshllm.cli.keys import keys_app, local_keys
 from meshllm.cli.engine import engine_app, ensure_engine
 from meshllm.engine.capacity import parse_size
 from meshllm.engine.models import resolve_model
+from meshllm.engine.process import DEFAULT_MAX_TOKENS
 from meshllm.errors import MeshError
 from meshllm.node import NodeConfig, bind_socket, run_node
 from meshllm.store.identity import default_state_dir
@@ -95,6 +96,7 @@ def serve(
     bind_host: Annotated[str, typer.Option("--bind-host", help="Address of the QUIC endpoint (default: as the APIs)")] = "",
     advertise: Annotated[list[str] | None, typer.Option("--advertise", help="host:port peers should dial (NAT, relays); repeatable")] = None,
     split: Annotated[bool, typer.Option("--split", help="Force a pipeline split of the --model models across nodes, even when one node holds them")] = False,
+    max_tokens_default: Annotated[int, typer.Option("--max-tokens-default", help="Tokens a request that sets no max_tokens may generate (-1: until the context is full)")] = DEFAULT_MAX_TOKENS,
     allow_models: Annotated[list[str] | None, typer.Option("--allow-models", help="A folder (or file) manifests applied to this node may name as a model source, beside the models folder and the --model files (repeatable)")] = None,
     board: Annotated[bool, typer.Option("--blackboard", help="Enable the blackboard on this node: agents post status, findings and questions to the mesh (works with --client, no model needed)")] = False,
     board_rate: Annotated[int, typer.Option("--blackboard-rate", hidden=True, min=1, help="Posts a minute this node accepts (benches)")] = 10,
@@ -128,6 +130,7 @@ def serve(
                         advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct,
                         allow_models=tuple(allow_models or ()), blackboard=board, blackboard_rate=board_rate,
                         api_keys=local_keys(api_key or (), os.environ.pop("MESHLLM_API_KEY", None)),
+                        max_tokens_default=max_tokens_default,
                         auto=auto, publish=publish, mesh_name=mesh_name, region=region, max_clients=max_clients,
                         want_model=want_model, relays=relay_list(relay), mdns=mdns,
                         listing_ttl=listing_ttl)
