@@ -23,6 +23,7 @@ from meshllm.engine.download import ModelReference, check_remote, parse_referenc
 from meshllm.engine.models import file_fingerprint, models_dir, resolve_model
 from meshllm.errors import MeshError, ModelNotFetched
 from meshllm.node.config import NodeConfig
+from meshllm.node.discovery import resolve_join
 from meshllm.node.http import bind_socket
 from meshllm.node.node import Node
 from meshllm.state.schema import ModelOrigin, ModelSpec
@@ -91,6 +92,7 @@ async def run_node(config: NodeConfig, *, announce: Callable[[str], None] = prin
                    task_status: TaskStatus[dict[str, str]] = anyio.TASK_STATUS_IGNORED) -> None:
     """Run the node ``config`` describes until SIGINT, SIGTERM or cancellation; reports its id, API
     URL and invite token once it serves."""
+    config = await resolve_join(config, announce=announce)  # --auto / --mesh-name: the mesh to join, if any
     identity = load_identity(config.state_dir)
     node_id, now = identity.node_id, time.time()
     specs = await anyio.to_thread.run_sync(desired_models, config, node_id, now)

@@ -16,8 +16,9 @@ it serve:
     5. controllers       the runner (``reconcile.runtime``): placement, served models, split workers, janitor
     6. demand recorder   what the OpenAI API hears asked for, written to the document
     7. APIs              OpenAI :9337 (behind the API-key gate), console + /api :3131
+    8. publisher         --publish/--mesh-name only: lists the mesh on the relays and the LAN (``node.discovery``)
 
-and stops them last-first on SIGINT or SIGTERM, or when cancelled: the APIs (requests in flight get a
+and stops them last-first on SIGINT or SIGTERM, or when cancelled: the publisher (it withdraws the listing), the APIs (requests in flight get a
 few seconds), the demand recorder, the controllers (each stops its own processes as it shuts down),
 whatever engine process is left (SIGTERM, then SIGKILL), the RPC tunnels, the mesh, which tells the
 peers this node leaves while its gossip still runs, and last the blackboard, which saves its snapshot.
@@ -54,6 +55,7 @@ from meshllm.engine.rpc_auth import rpc_key
 from meshllm.engine.sources import SourcePolicy
 from meshllm.node.blackboard import NodeBlackboard
 from meshllm.node.config import NodeConfig
+from meshllm.node.discovery import publisher_for
 from meshllm.node.http import HttpApi
 from meshllm.node.lifecycle import Lifecycle, Run
 from meshllm.node.mesh import MeshRuntime, interface_addresses
@@ -154,6 +156,7 @@ class Node:
                     *rotation_api],
             extra={"mesh_id": self.mesh.creds.mesh_id, "key_id": lambda: self.mesh.creds.key_id,
                    "rpc_tunnels": self.rpc_tunnels.tunnels})
+        self.publisher = publisher_for(config, state, self.mesh, node_id=node_id)  # None: a private mesh
         self.apis = (HttpApi(ApiKeyGate(openai_app, self.keys), host=config.host, port=config.port, what="OpenAI API"),
                      HttpApi(status_app, host=config.host, port=config.console_port, what="console API"))
 
@@ -201,11 +204,16 @@ class Node:
     def _components(self) -> list[tuple[str, Run]]:
         """The start order after the mesh; the stop order is its reverse, then the mesh."""
         engine = [] if self.supervisor is None or self.runner is None else [
+<<<<<<< HEAD
             ("engine processes", self.supervisor.run), ("downloads", self.downloads.run),
             ("controllers", self.runner.run)]
+=======
+            ("engine processes", self.supervisor.run), ("controllers", self.runner.run)]
+        listing = [] if self.publisher is None else [("publisher", self.publisher.run)]
+>>>>>>> main
         return [("key rotation", self.rotation.run), ("RPC tunnels", self.rpc_tunnels.run), *engine,
                 ("demand recorder", self.demand.run),
-                *((api.what, api.run) for api in self.apis)]
+                *((api.what, api.run) for api in self.apis), *listing]
 
     async def run(self, *, task_status: TaskStatus[dict[str, str]] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until SIGINT, SIGTERM or cancellation; then stop every component, last started first."""
