@@ -204,13 +204,9 @@ class Node:
     def _components(self) -> list[tuple[str, Run]]:
         """The start order after the mesh; the stop order is its reverse, then the mesh."""
         engine = [] if self.supervisor is None or self.runner is None else [
-<<<<<<< HEAD
             ("engine processes", self.supervisor.run), ("downloads", self.downloads.run),
             ("controllers", self.runner.run)]
-=======
-            ("engine processes", self.supervisor.run), ("controllers", self.runner.run)]
         listing = [] if self.publisher is None else [("publisher", self.publisher.run)]
->>>>>>> main
         return [("key rotation", self.rotation.run), ("RPC tunnels", self.rpc_tunnels.run), *engine,
                 ("demand recorder", self.demand.run),
                 *((api.what, api.run) for api in self.apis), *listing]
