@@ -18,14 +18,14 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from meshllm.cli import blackboard, control, discover, get, rotate
+from meshllm.cli import download as download_cli
 from meshllm.cli.discover import relay_list
 from meshllm.cli.keys import keys_app, local_keys
 from meshllm.cli.engine import engine_app, ensure_engine
 from meshllm.engine.capacity import parse_size
-from meshllm.engine.models import resolve_model
 from meshllm.engine.process import DEFAULT_MAX_TOKENS
 from meshllm.errors import MeshError
-from meshllm.node import NodeConfig, bind_socket, run_node
+from meshllm.node import NodeConfig, bind_socket, check_model, run_node
 from meshllm.store.identity import default_state_dir
 from meshllm.store.mesh import JOIN_ENV, join_arguments
 
@@ -42,6 +42,7 @@ app.add_typer(keys_app, name="keys")
 get.register(app)
 control.register(app)
 blackboard.register(app)
+download_cli.register(app)
 rotate.register(app)
 discover.register(app)
 
@@ -101,6 +102,8 @@ def serve(
     board: Annotated[bool, typer.Option("--blackboard", help="Enable the blackboard on this node: agents post status, findings and questions to the mesh (works with --client, no model needed)")] = False,
     board_rate: Annotated[int, typer.Option("--blackboard-rate", hidden=True, min=1, help="Posts a minute this node accepts (benches)")] = 10,
     rpc_direct: Annotated[bool, typer.Option("--rpc-direct", help="Split RPC straight between llama-server and the workers' rpc-servers over plain TCP, authenticated with a key from the mesh secret (faster, not encrypted; trusted networks), instead of the QUIC tunnel")] = False,
+    draft: Annotated[str, typer.Option("--draft", metavar="PATH|NAME", help="Draft model for speculative decoding of the --model models (default: the catalog's pairing)")] = "",
+    no_draft: Annotated[bool, typer.Option("--no-draft", help="No speculative decoding, even where the catalog pairs a draft")] = False,
     auto: Annotated[bool, typer.Option("--auto", help="Join the best published mesh (see `meshllm discover`); start one if none fits")] = False,
     publish: Annotated[bool, typer.Option("--publish", help="List this mesh on the Nostr relays and the LAN: anyone who reads the listing can join it")] = False,
     mesh_name: Annotated[str, typer.Option("--mesh-name", help="Name the mesh and publish it (implies --publish); with it, nodes join the mesh of that name if one is listed")] = "",
@@ -128,15 +131,16 @@ def serve(
                         max_body_bytes=_size(max_body) or 0, threads=threads, name=name,
                         joins=tuple(join or ()), client=client, bind_host=bind_host, bind_port=bind_port,
                         advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct,
-                        allow_models=tuple(allow_models or ()), blackboard=board, blackboard_rate=board_rate,
+                        allow_models=tuple(allow_models or ()), draft=draft, no_draft=no_draft,
+                        blackboard=board, blackboard_rate=board_rate,
                         api_keys=local_keys(api_key or (), os.environ.pop("MESHLLM_API_KEY", None)),
                         max_tokens_default=max_tokens_default,
                         auto=auto, publish=publish, mesh_name=mesh_name, region=region, max_clients=max_clients,
                         want_model=want_model, relays=relay_list(relay), mdns=mdns,
                         listing_ttl=listing_ttl)
     _setup_logging()
-    for source in config.models:
-        resolve_model(source)  # a bad --model fails now, not after a long engine build
+    for source in (*config.models, *((config.draft,) if config.draft and config.models else ())):
+        check_model(source)  # a bad --model or --draft fails now, not after a long engine build
     for port, what in ((config.port, "OpenAI API"), (config.console_port, "console API")):
         bind_socket(config.host, port, what=what).close()  # so does a port another program holds
     if not client:

@@ -35,6 +35,8 @@ class NodeConfig:
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # --api-key / MESHLLM_API_KEY: this node only
     blackboard: bool = False  # open the blackboard's routes on this node (every node relays the board)
     blackboard_rate: int = 10  # posts a minute this node accepts (benches raise it)
+    draft: str = ""  # --draft: draft model (path or name) of the --model models; empty: the catalog's pairing
+    no_draft: bool = False  # --no-draft: no speculative decoding, even where the catalog pairs a draft
     max_tokens_default: int = DEFAULT_MAX_TOKENS  # generation limit of a request that sets none (-1: none)
     # discovery (node.discovery): --publish, --mesh-name, --region, --max-clients, --auto, --relay, --no-mdns
     publish: bool = False

@@ -50,7 +50,7 @@ from meshllm.api.openai import create_openai_app
 from meshllm.api.routing import Router
 from meshllm.api.status import create_status_app
 from meshllm.engine.capacity import detect_capacity
-from meshllm.engine.models import looks_like_path
+from meshllm.engine.models import looks_like_path, models_dir
 from meshllm.engine.rpc_auth import rpc_key
 from meshllm.engine.sources import SourcePolicy
 from meshllm.node.blackboard import NodeBlackboard
@@ -63,6 +63,7 @@ from meshllm.node.rotation import node_rotation
 from meshllm.reconcile.demand import DemandRecorder, GarbageCollector
 from meshllm.reconcile.leases import PlacementController
 from meshllm.reconcile.runtime import Runner
+from meshllm.reconcile.downloads import Downloads
 from meshllm.reconcile.served import ServedModelController
 from meshllm.reconcile.supervisor import ProcessSupervisor
 from meshllm.reconcile.timing import Backoff
@@ -138,6 +139,7 @@ class Node:
         self.supervisor: ProcessSupervisor | None = None
         self.runner: Runner | None = None
         self.workers: WorkerController | None = None
+        self.downloads = Downloads(folder=models_dir())  # hub models this node must fetch to serve
         if engine_dir is not None:
             self.supervisor = ProcessSupervisor(store=store)
             self.runner, self.workers = self._controllers(self.supervisor, engine_dir, store, key)
@@ -167,7 +169,8 @@ class Node:
         served = ServedModelController(
             state, node_id=node_id, supervisor=supervisor, engine_dir=engine_dir, log_dir=logs,
             gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads,
-            store=store, rpc=self.rpc_tunnels, backoff=backoff, max_tokens=config.max_tokens_default)
+            store=store, rpc=self.rpc_tunnels, backoff=backoff, max_tokens=config.max_tokens_default,
+            downloads=self.downloads)
         # --rpc-direct: rpc-servers on the node's address, published for hosts to reach straight
         bind_host = config.quic_host if config.rpc_direct else "127.0.0.1"
         direct_host = self.mesh.advertised(0)[0].rpartition(":")[0] if config.rpc_direct else ""
@@ -201,7 +204,8 @@ class Node:
     def _components(self) -> list[tuple[str, Run]]:
         """The start order after the mesh; the stop order is its reverse, then the mesh."""
         engine = [] if self.supervisor is None or self.runner is None else [
-            ("engine processes", self.supervisor.run), ("controllers", self.runner.run)]
+            ("engine processes", self.supervisor.run), ("downloads", self.downloads.run),
+            ("controllers", self.runner.run)]
         listing = [] if self.publisher is None else [("publisher", self.publisher.run)]
         return [("key rotation", self.rotation.run), ("RPC tunnels", self.rpc_tunnels.run), *engine,
                 ("demand recorder", self.demand.run),
