@@ -65,13 +65,14 @@ async def supervising(tmp_path: Path, *, grace: float = 5.0) -> AsyncIterator[tu
         await store.aclose()
 
 
-async def until_phase(supervisor: ProcessSupervisor, key: str, phase: ProcessPhase, *, timeout: float = 10) -> None:
+async def until_phase(supervisor: ProcessSupervisor, key: str, phase: ProcessPhase, *, timeout: float = 30) -> None:
     changed = anyio.Event()
     handle = supervisor.subscribe(lambda _key: changed.set())
     try:
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(timeout):  # generous: Python start-up on a loaded 2-core machine is slow
             while (view := supervisor.get(key)) is None or view.phase is not phase:
-                await changed.wait()
+                with anyio.move_on_after(0.5):  # the events are the fast path; the look is the safety net
+                    await changed.wait()
                 changed = anyio.Event()
     finally:
         supervisor.unsubscribe(handle)
