@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "meshllm.console.token";
-const view = { status: null, lastId: "", rates: {}, events: [] };
+const view = { status: null, lastId: "", events: [] };
 
 // -- the admin token: from the #token= fragment once, then sessionStorage ------------------------
 (function takeTokenFromFragment() {
@@ -96,10 +96,10 @@ function setLink(live) {
 function onEvent(event) {
   const data = JSON.parse(event.data);
   if (event.id) view.lastId = event.id;
-  const before = view.status;
+  const before = view.status && summary(view.status); // changes are applied in place: keep what was
   if (event.name === "snapshot") view.status = data;
   else if (event.name === "change" && view.status) applyChange(view.status, data);
-  noteEvents(before, view.status);
+  if (view.status) noteEvents(before, summary(view.status));
   render();
 }
 
@@ -116,19 +116,18 @@ function applyChange(status, change) {
 }
 
 // -- recent events, told from the difference of two states --------------------------------------
+function summary(s) {
+  return { me: nodeName(s, s.node.id), names: new Map(s.nodes.map((n) => [n.id, nodeName(s, n.id)])),
+    alive: new Set(s.nodes.filter((n) => n.state === "alive").map((n) => n.id)),
+    models: new Map(s.models.map((m) => [m.name, condition(m)])) };
+}
+
 function noteEvents(before, after) {
-  if (!after) return;
-  if (!before) { log("connected to node " + nodeName(after, after.node.id)); return; }
-  const alive = (s) => new Set(s.nodes.filter((n) => n.state === "alive").map((n) => n.id));
-  const was = alive(before), now = alive(after);
-  for (const id of now) if (!was.has(id)) log("node " + nodeName(after, id) + " joined");
-  for (const id of was) if (!now.has(id)) log("node " + nodeName(before, id) + " left");
-  const phase = (s) => new Map(s.models.map((m) => [m.name, condition(m)]));
-  const old = phase(before);
-  for (const [name, cond] of phase(after)) {
-    if (old.get(name) !== cond) log("model " + name + ": " + cond);
-  }
-  for (const name of old.keys()) if (!after.models.some((m) => m.name === name)) log("model " + name + " removed");
+  if (!before) { log("connected to node " + after.me); return; }
+  for (const id of after.alive) if (!before.alive.has(id)) log("node " + after.names.get(id) + " joined");
+  for (const id of before.alive) if (!after.alive.has(id)) log("node " + before.names.get(id) + " left");
+  for (const [name, cond] of after.models) if (before.models.get(name) !== cond) log("model " + name + ": " + cond);
+  for (const name of before.models.keys()) if (!after.models.has(name)) log("model " + name + " removed");
 }
 
 function log(text) {
@@ -195,10 +194,6 @@ function renderNodes(s) {
 function throughput(s, m) {
   const figures = (s.metrics || {})[m.name];
   if (!figures) return "—";
-  const now = performance.now(), last = view.rates[m.name];
-  let rate = last ? last.rate : 0;
-  if (last && figures.tokens_out !== last.tokens && now > last.at) rate = (1000 * (figures.tokens_out - last.tokens)) / (now - last.at);
-  if (!last || figures.tokens_out !== last.tokens) view.rates[m.name] = { tokens: figures.tokens_out, at: now, rate };
   return figures.requests + " req, " + figures.tokens_out + " tok out" +
     (figures.ttft_avg_s ? ", TTFT " + (1000 * figures.ttft_avg_s).toFixed(0) + " ms" : "") +
     (figures.decode_avg_tps ? ", " + figures.decode_avg_tps.toFixed(1) + " tok/s" : "");
