@@ -136,7 +136,8 @@ function log(text) {
 }
 
 // -- rendering -----------------------------------------------------------------------------------
-const gib = (bytes) => (bytes / 2 ** 30).toFixed(bytes >= 10 * 2 ** 30 ? 0 : 1) + " GiB";
+const gib = (bytes) => (bytes >= 2 ** 30 ? (bytes / 2 ** 30).toFixed(bytes >= 10 * 2 ** 30 ? 0 : 1) + " GiB"
+  : (bytes / 2 ** 20).toFixed(bytes >= 10 * 2 ** 20 ? 0 : 1) + " MiB");
 const condition = (m) => (m.condition ? m.condition.phase : m.phase[0].toUpperCase() + m.phase.slice(1));
 const nodeName = (s, id) => { const n = s.nodes.find((x) => x.id === id); return n && n.name ? n.name : id.slice(0, 8); };
 
@@ -174,7 +175,8 @@ function renderNodes(s) {
     const used = s.models.reduce((sum, m) => sum + (m.servers.some((x) => x.node === n.id && x.phase !== "failed")
       ? m.size_bytes || 0 : 0), 0);
     const pct = n.capacity_bytes ? Math.min(100, (100 * used) / n.capacity_bytes) : 0;
-    const rtts = Object.entries(n.rtt_ms || {}).map(([peer, ms]) => nodeName(s, peer) + " " + ms.toFixed(1) + " ms");
+    const alive = new Set(s.nodes.filter((x) => x.state === "alive").map((x) => x.id));
+    const rtts = Object.entries(n.rtt_ms || {}).filter(([peer]) => alive.has(peer)).map(([peer, ms]) => nodeName(s, peer) + " " + ms.toFixed(1) + " ms");
     const role = roleOf(s, n);
     const li = el("li", { "data-node": n.id, "data-role": role },
       el("span", { class: "badge role" }, role), el("strong", {}, n.name || n.id.slice(0, 8)),
