@@ -9,7 +9,8 @@ epoch).
 
 Cost: one ``EventHub`` per node computes the status at most every ``interval`` seconds after the
 state document changed (and every ``tick`` seconds, for throughput figures), diffs it against the last
-one and encodes the event once, whatever the number of clients. Each client has a bounded queue; a
+one and encodes the event once, whatever the number of clients; with no client for ``linger``
+seconds it does nothing at all. Each client has a bounded queue; a
 client that does not read (a stalled tab, a slow link) overflows it, loses its queue and is sent a
 fresh snapshot when it reads again: the node never waits for a client and holds at most
 ``client_buffer`` events per client.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -84,8 +86,11 @@ class EventHub:
     """The node's event feed: turns state changes into snapshot and change events for SSE clients."""
 
     def __init__(self, status: Callable[[], dict[str, Any]], *, history: int = 256, client_buffer: int = 64,
-                 interval: float = 0.25, tick: float = 2.0, keepalive: float = 15.0) -> None:
+                 interval: float = 0.25, tick: float = 2.0, keepalive: float = 15.0, linger: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.status = status
+        self.linger, self.clock = linger, clock
+        self._last_client = clock()
         self.epoch = secrets.token_hex(4)
         self.interval, self.tick, self.keepalive = interval, tick, keepalive
         self.client_buffer = client_buffer
@@ -103,7 +108,17 @@ class EventHub:
         self._dirty.set()
 
     def refresh(self) -> SseEvent | None:
-        """Compute the status now; publish a change event when it differs from the last one."""
+        """Compute the status now; publish a change event when it differs from the last one.
+        With no client for ``linger`` seconds it computes nothing and forgets its history (a client
+        that comes back later gets a snapshot): a node nobody watches pays nothing for the feed."""
+        if self._clients:
+            self._last_client = self.clock()
+        elif self.clock() - self._last_client > self.linger:
+            if self.current is not None:
+                self.current = None
+                self.history.clear()
+                self.seq += 1  # ids from before the gap name changes nobody kept
+            return None
         new = self.status()
         old, self.current = self.current, new
         if old is None:
@@ -161,6 +176,7 @@ class EventHub:
         """One client's stream: a snapshot (or what it missed), then changes and keepalives."""
         client = _Client(deque(), anyio.Event())
         self._clients.add(client)
+        self._last_client = self.clock()
         try:
             yield f"retry: 2000\n: meshllm events, {len(self._clients)} clients\n\n".encode()
             missed = self.missed(last_id) if last_id else None
@@ -180,6 +196,7 @@ class EventHub:
                     yield client.queue.popleft().wire
         finally:
             self._clients.discard(client)
+            self._last_client = self.clock()
 
     @property
     def clients(self) -> int:

@@ -117,6 +117,28 @@ async def test_changes_gone_from_the_history_mean_a_snapshot() -> None:
     await resumed.aclose()
 
 
+async def test_a_feed_nobody_watches_computes_nothing_and_a_late_resume_gets_a_snapshot() -> None:
+    now = [0.0]
+    feed = Feed()
+    calls = [0]
+    status = feed.hub.status
+    feed.hub = EventHub(lambda: (calls.__setitem__(0, calls[0] + 1), status())[1], linger=10, clock=lambda: now[0])
+    feed.hub.refresh()
+    stream = feed.hub.events()
+    seen, _, _ = await read_event(stream)
+    await stream.aclose()
+    feed.join("n2")  # within the linger: computed, kept for a resume
+    now[0] = 11.0
+    computed = calls[0]
+    feed.join("n3")
+    feed.join("n4")
+    assert calls[0] == computed  # nobody watching: no status computed
+    resumed = feed.hub.events(seen)
+    _, name, data = await read_event(resumed)
+    assert name == "snapshot" and len(data["nodes"]) == 4
+    await resumed.aclose()
+
+
 async def test_a_slow_client_is_dropped_and_resynced_without_holding_the_others_back() -> None:
     feed = Feed(client_buffer=3)
     slow, fast = feed.hub.events(), feed.hub.events()
