@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from meshllm.cli import blackboard, control, get
+from meshllm.cli import blackboard, control, get, rotate
 from meshllm.cli.keys import keys_app, local_keys
 from meshllm.cli.engine import engine_app, ensure_engine
 from meshllm.engine.capacity import parse_size
@@ -25,6 +25,7 @@ from meshllm.engine.models import resolve_model
 from meshllm.errors import MeshError
 from meshllm.node import NodeConfig, bind_socket, run_node
 from meshllm.store.identity import default_state_dir
+from meshllm.store.mesh import JOIN_ENV, join_arguments
 
 __all__ = ["app", "main"]
 
@@ -39,6 +40,7 @@ app.add_typer(keys_app, name="keys")
 get.register(app)
 control.register(app)
 blackboard.register(app)
+rotate.register(app)
 
 START_HELP = """meshllm: serve LLMs from a mesh of machines on an OpenAI-compatible API.
 
@@ -47,7 +49,7 @@ Start serving the embedded default model:
 Serve a local GGUF file:
   meshllm --model ~/models/model.gguf
 Offer this machine to the mesh, serving what it places here:
-  meshllm --standby [--join TOKEN]
+  meshllm --standby [--join TOKEN|@FILE]   # or the token in $MESHLLM_JOIN
 Ask a running node:
   meshllm get models | meshllm get nodes | meshllm describe model NAME
   or open its console: http://127.0.0.1:3131/ (live nodes, models, chat; Prometheus at /metrics)
@@ -83,7 +85,7 @@ def serve(
     max_body: Annotated[str, typer.Option("--max-body", help="Largest request body the API accepts")] = "16MiB",
     threads: Annotated[int, typer.Option(help="CPU threads per llama-server (0: llama.cpp's default)")] = 0,
     name: Annotated[str, typer.Option(help="Display name of this node, and of its posts on the blackboard (default: the host name; on the blackboard $USER)")] = "",
-    join: Annotated[list[str] | None, typer.Option("--join", help="Join the mesh of this invite token (repeatable)")] = None,
+    join: Annotated[list[str] | None, typer.Option("--join", help="Join the mesh of this invite token, or @FILE: the token in that file (repeatable; default: $MESHLLM_JOIN)")] = None,
     client: Annotated[bool, typer.Option("--client", help="API-only node: serves no model, offers no capacity")] = False,
     standby: Annotated[bool, typer.Option("--standby", help="Serve only what the mesh places here (applied manifests, demand)")] = False,
     bind_port: Annotated[int, typer.Option("--bind-port", help="Pin the QUIC mesh endpoint to this UDP port (0: any)")] = 0,
@@ -98,6 +100,8 @@ def serve(
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
+    join = join_arguments(join or (), os.environ)
+    os.environ.pop(JOIN_ENV, None)  # not handed down to the engine processes (nor MESHLLM_API_KEY, below)
     if not model and not join and not client and not standby:
         out.print(START_HELP, highlight=False)
         raise typer.Exit(0)
@@ -109,7 +113,7 @@ def serve(
                         joins=tuple(join or ()), client=client, bind_host=bind_host, bind_port=bind_port,
                         advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct,
                         allow_models=tuple(allow_models or ()), blackboard=board, blackboard_rate=board_rate,
-                        api_keys=local_keys(api_key or (), os.environ.get("MESHLLM_API_KEY")))
+                        api_keys=local_keys(api_key or (), os.environ.pop("MESHLLM_API_KEY", None)))
     _setup_logging()
     for source in config.models:
         resolve_model(source)  # a bad --model fails now, not after a long engine build
@@ -135,7 +139,18 @@ def _run(config: NodeConfig) -> None:
         options = {"use_uvloop": True}
     except ImportError:
         options = {}
-    anyio.run(lambda: run_node(config, announce=announce), backend_options=options)
+    try:
+        anyio.run(lambda: run_node(config, announce=announce), backend_options=options)
+    except BaseExceptionGroup as group:  # a MeshError from one of the node's tasks: its one line
+        raise _first_mesh_error(group) or group from None
+
+
+def _first_mesh_error(group: BaseExceptionGroup) -> MeshError | None:
+    for exc in group.exceptions:
+        found = _first_mesh_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if isinstance(found, MeshError):
+            return found
+    return None
 
 
 def main() -> None:

@@ -17,6 +17,12 @@ most ``RECONFIRM_WITHIN`` seconds): a starved node is the likeliest cause of its
 answers. A node that sees its own death while alive (a false suspicion or a healed partition)
 refutes it with a newer incarnation; dead peers keep being redialled slowly, which is how
 partitions heal.
+
+A node that joins through seeds whose credentials are wrong must not sit alone in silence: when
+every one of its ``join_seeds`` refused it on authentication (``join_refusals``: by default wrong
+mesh, wrong secret or retired key) and it has met no member yet, ``run`` raises ``JoinRefused``.
+Seeds that only time out or cannot be reached are dialled again as before; once this node met a
+member it never gives up this way.
 """
 
 from __future__ import annotations
@@ -24,22 +30,23 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from meshllm.errors import MeshError
 from meshllm.gossip.overlay import FINGERS, links, ring_neighbours
 from meshllm.gossip.sync import DocGossip
 from meshllm.state.document import MeshState
 from meshllm.state.schema import NodeDeath, NodeStatus
 from meshllm.transport import (DialPriority, MessageStream, PeerConnection, PeerEvent, QuicEndpoint, Stream,
                                StreamKind)
-from meshllm.transport.errors import ErrorCode, TransportError
+from meshllm.transport.errors import AuthError, ErrorCode, Refusal, TransportError
 
-__all__ = ["Membership", "confirm_limit", "parse_addr", "ring_neighbours"]
+__all__ = ["JoinRefused", "Membership", "confirm_limit", "parse_addr", "ring_neighbours"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,14 @@ def confirm_limit(base: float, *, multiplier: float, handshake_s: float) -> floa
     return min(max(base * multiplier, HANDSHAKE_MARGIN * handshake_s), base * CONFIRM_CAP)
 
 
+class JoinRefused(MeshError):
+    """Every seed this node joins through refused its credentials, and it knows no member."""
+
+    def __init__(self, addr: str, refusal: Refusal) -> None:
+        super().__init__(f"the mesh at {addr} refused this node's credentials: {refusal}")
+        self.addr, self.refusal = addr, refusal
+
+
 @dataclass
 class _Dial:
     next_at: float = 0.0
@@ -84,7 +99,9 @@ class Membership:
     """Keeps this node in the mesh: its entry, its connections, and the verdicts on lost peers."""
 
     def __init__(self, state: MeshState, gossip: DocGossip, endpoint: QuicEndpoint, *, me: NodeStatus,
-                 seeds: Sequence[str] = (), ring: int = 2, fingers: Sequence[float] = FINGERS,
+                 seeds: Sequence[str] = (), join_seeds: Sequence[str] = (),
+                 join_refusals: Collection[Refusal] = tuple(Refusal), ring: int = 2,
+                 fingers: Sequence[float] = FINGERS,
                  tick: float = 0.25, confirm_timeout: float = 0.75,
                  dial_timeout: float = 4.0,
                  dead_redial: float = 3.0, clock: Callable[[], float] = time.time,
@@ -94,6 +111,11 @@ class Membership:
         self.endpoint = endpoint
         self.me = me
         self.seeds = list(seeds)
+        self.join_seeds = [s for s in join_seeds if s in self.seeds]  # whose refusals end the join
+        self.join_refusals = frozenset(join_refusals)
+        self._refusals: dict[str, Refusal] = {}  # join seeds that refused this node, while it met nobody
+        self._met_member = False
+        self._warned: set[tuple[str, Refusal]] = set()
         self.ring = ring
         self.fingers = tuple(fingers)
         self._links: tuple[frozenset[str], set[str]] = (frozenset(), set())
@@ -134,17 +156,21 @@ class Membership:
         unsubscribe = self.endpoint.on_peer(on_peer)
         subscriptions = self.state.observe(on_change)
         self.state.put_node(self.me)
+        refused: JoinRefused | None = None
         try:
-            async with anyio.create_task_group() as tg, receive:
+            async with send, receive, anyio.create_task_group() as tg:
                 tg.start_soon(self._peer_events, tg, receive)
                 task_status.started()
-                while True:
+                while (refused := self._refused()) is None:
                     await self._round(tg)
                     await anyio.sleep(self.tick)
+                tg.cancel_scope.cancel()
         finally:
             unsubscribe()
             send.close()  # after unsubscribing: no peer event is sent into it any more
             self.state.unobserve(subscriptions)
+        assert refused is not None  # run ends only this way: JoinRefused, raised outside the task group
+        raise refused
 
     async def leave(self) -> None:
         """Announce a clean departure, so peers need not wait for the failure detector."""
@@ -159,10 +185,42 @@ class Membership:
     async def _accept_gossip(self, conn: PeerConnection, stream: Stream) -> None:
         await self.gossip.attach(MessageStream(stream))
 
+    @property
+    def joining(self) -> bool:
+        """Whether this node still waits on its join seeds: none let it in yet, and not all refused it."""
+        return bool(self.join_seeds) and not self._met_member and self._refused() is None
+
+    @property
+    def refused(self) -> JoinRefused | None:
+        """Why every join seed refused this node, while it has met no member (``run`` then raises it)."""
+        return self._refused()
+
+    def _refused(self) -> JoinRefused | None:
+        """``JoinRefused`` once every join seed refused this node while it met no member."""
+        if self._met_member or not self.join_seeds:
+            return None
+        if self.endpoint.peers or self.state.nodes().keys() - {self.node_id}:
+            self._met_member = True
+            return None
+        pending = [s for s in self.join_seeds if s not in self.me.addrs]
+        if pending and all(s in self._refusals for s in pending):
+            return JoinRefused(pending[0], self._refusals[pending[0]])
+        return None
+
+    def _note_refusal(self, addr: str, exc: AuthError) -> None:
+        if exc.refusal is None:
+            return
+        if not self._met_member and addr in self.join_seeds and exc.refusal in self.join_refusals:
+            self._refusals[addr] = exc.refusal
+        elif (addr, exc.refusal) not in self._warned:  # e.g. the mesh key rotated while this node was away
+            self._warned.add((addr, exc.refusal))
+            log.warning("the node at %s refused this node: %s", addr, exc.refusal)
+
     async def _peer_events(self, tg: TaskGroup, events: anyio.abc.ObjectReceiveStream[PeerEvent]) -> None:
         async for event in events:
             peer = event.node_id
             if event.up:
+                self._met_member = True
                 self._suspects.pop(peer, None)
                 self._dials.pop(peer, None)
                 if event.connection.is_dialer:
@@ -292,6 +350,8 @@ class Membership:
                 except TransportError as exc:
                     if exc.code == ErrorCode.NOT_NEEDED:
                         return None
+                    if isinstance(exc, AuthError):
+                        self._note_refusal(addr, exc)
                     log.debug("dial %s at %s failed: %s", key, addr, exc)
                 except (OSError, TimeoutError, ValueError) as exc:
                     log.debug("dial %s at %s failed: %s", key, addr, exc)

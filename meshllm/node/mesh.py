@@ -5,6 +5,11 @@ credentials and seed addresses, runs the endpoint, the document's gossip and mem
 where this node can be dialled, dials peers for the parts that need a connection (``connect``), and
 announces the node's departure when it stops. What the node serves on the endpoint (the tunnels) is
 registered by the node (``node.node``), not here.
+
+Credentials from a token are saved in the state folder once a member accepted them (so a later
+start needs no token, and a mistyped token never replaces good credentials); a token every seed
+refuses ends the node, before it serves anything, with one line saying why (``refusal_message``).
+``adopt`` switches the node to a rotated mesh secret (see ``node.rotation``).
 """
 
 from __future__ import annotations
@@ -20,21 +25,23 @@ import anyio
 from anyio.abc import TaskStatus
 
 from meshllm.errors import MeshError
-from meshllm.gossip.membership import Membership, parse_addr
+from meshllm.gossip.membership import JoinRefused, Membership, parse_addr
 from meshllm.gossip.sync import DocGossip
 from meshllm.node.lifecycle import Lifecycle
 from meshllm.state.document import MeshState
 from meshllm.state.schema import NodeStatus
 from meshllm.store.identity import NodeIdentity
-from meshllm.store.mesh import InviteToken, MeshCredentials, load_or_create_mesh, load_peers, save_peers
+from meshllm.store.mesh import (MESH_FILE, InviteToken, MeshCredentials, load_or_create_mesh, load_peers,
+                                save_mesh, save_peers)
 from meshllm.transport import PeerConnection, QuicEndpoint, TransportSettings
-from meshllm.transport.errors import TransportError
+from meshllm.transport.errors import Refusal, TransportError
 
-__all__ = ["MESH_TRANSPORT", "MeshRuntime", "join_credentials"]
+__all__ = ["MESH_TRANSPORT", "MeshRuntime", "join_credentials", "refusal_message"]
 
 # Detection budget: the transport reports a silent peer after ``peer_timeout`` (pings every
 # ``ping_interval``); membership then tries one redial before declaring it dead.
 MESH_TRANSPORT = TransportSettings(ping_interval=1.0, peer_timeout=2.5)
+JOIN_WAIT = 2.0  # seconds a starting node waits for its seeds to let it in (or refuse it) before serving
 
 
 def join_credentials(tokens: Sequence[str]) -> tuple[MeshCredentials | None, list[str]]:
@@ -51,6 +58,28 @@ def join_credentials(tokens: Sequence[str]) -> tuple[MeshCredentials | None, lis
     if any(t.credentials != creds for t in decoded[1:]):
         raise MeshError("--join: the tokens belong to different meshes; join one mesh at a time")
     return creds, [addr for t in decoded for addr in t.addrs]
+
+
+_TOKEN_HINTS = {
+    Refusal.WRONG_SECRET: "the token is stale or mistyped; ask a member for a new one: meshllm token",
+    Refusal.RETIRED_KEY: "the mesh key was rotated since this token was made; ask a member for a new one: "
+                         "meshllm token",
+    Refusal.WRONG_MESH: "a node of another mesh answers there; ask a member of your mesh for a token: "
+                        "meshllm token",
+}
+_SAVED_HINT = "ask a member for a new token (meshllm token) and start this node with --join"
+
+
+def refusal_message(refused: JoinRefused, *, token: bool, state_dir: Path | None = None) -> str:
+    """One line for an operator whose node every seed refused: which check failed, and what to do."""
+    if token:
+        return (f"--join: the mesh at {refused.addr} refused this token: {refused.refusal} "
+                f"({_TOKEN_HINTS[refused.refusal]})")
+    saved = state_dir / MESH_FILE if state_dir is not None else MESH_FILE
+    why = {Refusal.RETIRED_KEY: "the mesh key was rotated while this node was away",
+           Refusal.WRONG_SECRET: "the mesh key changed", Refusal.WRONG_MESH: "another mesh answers there"}
+    return (f"the mesh at {refused.addr} refused the credentials saved in {saved}: {refused.refusal} "
+            f"({why[refused.refusal]}; {_SAVED_HINT})")
 
 
 def interface_addresses() -> list[str]:
@@ -82,17 +111,24 @@ class MeshRuntime:
 
     def __init__(self, state: MeshState, identity: NodeIdentity, creds: MeshCredentials, *, me: NodeStatus,
                  seeds: Sequence[str] = (), host: str, port: int = 0, state_dir: Path | None = None,
-                 advertise: Sequence[str] = ()) -> None:
+                 advertise: Sequence[str] = (), join_seeds: Sequence[str] = (), unsaved: bool = False) -> None:
+        """``join_seeds``: the seeds whose refusal ends the node (the token's, else the remembered peers);
+        ``unsaved``: ``creds`` come from a token no member has accepted yet (saved once one does)."""
         self.state = state
         self.identity = identity
         self.creds = creds
         self.host = host
         self.state_dir = state_dir
         self.advertise = tuple(advertise)
+        self.unsaved = unsaved
         self.endpoint = QuicEndpoint(identity, creds.mesh_id, creds.secret, host=host, port=port,
-                                     settings=MESH_TRANSPORT)
+                                     settings=MESH_TRANSPORT, retired=self.retired)
         self.gossip = DocGossip(state.doc, node_id=identity.node_id)
-        self.membership = Membership(state, self.gossip, self.endpoint, me=me, seeds=seeds)
+        # remembered peers that refuse as "wrong mesh" are addresses another mesh reuses, not a sign
+        # that this node's credentials are stale: only a token's seeds end the node for that
+        refusals = tuple(Refusal) if unsaved else (Refusal.WRONG_SECRET, Refusal.RETIRED_KEY)
+        self.membership = Membership(state, self.gossip, self.endpoint, me=me, seeds=seeds, join_seeds=join_seeds,
+                                     join_refusals=refusals)
 
     @classmethod
     def for_node(cls, state: MeshState, identity: NodeIdentity, *, me: NodeStatus, state_dir: Path,
@@ -104,7 +140,20 @@ class MeshRuntime:
         if not port and last_port and udp_port_is_free(host, last_port):
             port = last_port  # peers that knew us redial this address
         return cls(state, identity, creds, me=me, seeds=seeds + [a for a in known if a not in seeds], host=host,
-                   port=port, state_dir=state_dir, advertise=advertise)
+                   port=port, state_dir=state_dir, advertise=advertise, join_seeds=seeds or known,
+                   unsaved=joining is not None)
+
+    def retired(self, kid: str) -> bool:
+        """Whether a rotation of the mesh key retired ``kid`` (peers proving it are refused)."""
+        return kid in self.state.rotations()
+
+    async def adopt(self, creds: MeshCredentials) -> None:
+        """Prove and demand ``creds`` from now on (a rotated mesh key), and keep them in the state folder."""
+        self.creds = creds
+        self.endpoint.switch_secret(creds.secret)
+        if self.state_dir is not None:
+            self.unsaved = False
+            await anyio.to_thread.run_sync(save_mesh, self.state_dir, creds)
 
     @property
     def me(self) -> NodeStatus:
@@ -123,7 +172,8 @@ class MeshRuntime:
                 if self.state_dir is not None:
                     await parts.start("peer list", partial(self.remember_peers, port))
                 await parts.start("gossip", self.gossip.run)
-                await parts.start("membership", self.membership.run)
+                await parts.start("membership", self._run_membership)
+                await self._joined()
                 task_status.started(self.me)
                 await anyio.sleep_forever()
             finally:
@@ -132,12 +182,30 @@ class MeshRuntime:
                         await self.membership.leave()
                     await parts.stop()
 
+    async def _run_membership(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self.membership.run(task_status=task_status)
+        except JoinRefused as exc:
+            raise MeshError(refusal_message(exc, token=self.unsaved, state_dir=self.state_dir)) from None
+
+    async def _joined(self) -> None:
+        """Wait a moment for the join seeds to let this node in; raise if they all refused it, so a
+        refused node ends before it serves anything (later refusals end it from membership)."""
+        with anyio.move_on_after(JOIN_WAIT):
+            while self.membership.joining:
+                await anyio.sleep(0.02)
+        if (refused := self.membership.refused) is not None:
+            raise MeshError(refusal_message(refused, token=self.unsaved, state_dir=self.state_dir))
+
     async def remember_peers(self, port: int, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Keep the members' addresses in the state folder, so a restart can rejoin without a token."""
         assert self.state_dir is not None
         task_status.started()
         saved: list[str] | None = None
         while True:
+            if self.unsaved and self.endpoint.peers:  # a member accepted the token's credentials: keep them
+                self.unsaved = False
+                await anyio.to_thread.run_sync(save_mesh, self.state_dir, self.creds)
             addrs = sorted(a for nid, node in self.state.alive_nodes().items() if nid != self.identity.node_id
                            for a in node.addrs)
             if addrs != saved and (addrs or saved is None):  # the port at once, then each new set of peers

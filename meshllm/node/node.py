@@ -9,12 +9,14 @@ it serve:
                          find its stream handler from the first connection
     1. mesh              endpoint, gossip, membership (``node.mesh``); the tunnels' stream services
                          (HTTP, and RPC on a node that can be a split worker) are registered before it runs
-    2. RPC tunnels       the split host's listeners towards its workers (``tunnels.rpc``)
-    3. engine processes  the process supervisor (``reconcile.supervisor``): llama-server, rpc-server
-    4. controllers       the runner (``reconcile.runtime``): placement, served models, split workers, janitor
-    5. demand recorder   what the OpenAI API hears asked for, written to the document
+    2. key rotation      follows the mesh key's rotations (``node.rotation``): the endpoint's secret,
+                         mesh.json, the split RPC key
+    3. RPC tunnels       the split host's listeners towards its workers (``tunnels.rpc``)
+    4. engine processes  the process supervisor (``reconcile.supervisor``): llama-server, rpc-server
+    5. controllers       the runner (``reconcile.runtime``): placement, served models, split workers, janitor
+    6. demand recorder   what the OpenAI API hears asked for, written to the document
        console events    the feed of /api/events (``api.events``), told of each document change
-    6. APIs              OpenAI :9337 (behind the API-key gate), console + /api :3131
+    7. APIs              OpenAI :9337 (behind the API-key gate), console + /api :3131
 
 and stops them last-first on SIGINT or SIGTERM, or when cancelled: the APIs (requests in flight get a
 few seconds), the demand recorder, the controllers (each stops its own processes as it shuts down),
@@ -59,6 +61,7 @@ from meshllm.node.config import NodeConfig
 from meshllm.node.http import HttpApi
 from meshllm.node.lifecycle import Lifecycle, Run
 from meshllm.node.mesh import MeshRuntime, interface_addresses
+from meshllm.node.rotation import node_rotation
 from meshllm.reconcile.demand import DemandRecorder, GarbageCollector
 from meshllm.reconcile.leases import PlacementController
 from meshllm.reconcile.runtime import Runner
@@ -139,20 +142,23 @@ class Node:
             self.supervisor = ProcessSupervisor(store=store)
             self.runner, self.workers = self._controllers(self.supervisor, engine_dir, store, key)
         self.demand = DemandRecorder(state, node_id=node_id)
+        self.rotation, rotation_api = node_rotation(self.mesh, tunnels=self.rpc_tunnels, workers=self.workers,
+                                                    supervisor=self.supervisor)
         serve_streams(self.mesh.endpoint, self._stream_services())
         events, on_applied = store_hooks(store, node_id)
         openai_app = create_openai_app(self.router, tunnels=message_opener(self.mesh.connect, StreamKind.HTTP),
                                        max_body_bytes=config.max_body_bytes, demand=self.demand.note)
         self.metrics = MeshMetrics(state, node_id=node_id, gauges=self._gauges())
-        extra = {"mesh_id": self.mesh.creds.mesh_id, "rpc_tunnels": self.rpc_tunnels.tunnels,
-                 "metrics": self.metrics.summary}
+        extra = {"mesh_id": self.mesh.creds.mesh_id, "key_id": lambda: self.mesh.creds.key_id,
+                 "rpc_tunnels": self.rpc_tunnels.tunnels, "metrics": self.metrics.summary}
         self.events = EventHub(lambda: status_snapshot(state, node_id=node_id, now=time.time(), extra=extra))
         local_api = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{config.port}"
         status_app = create_status_app(
             state, node_id=node_id, access=console_access(config), sources=source_policy(config), events=events,
             on_applied=on_applied, invite=self.mesh.token,
             routes=[*key_routes(state, node_id=node_id, ring=self.keys), *self.blackboard.api.routes(),
-                    *self.events.routes(), *self.metrics.routes(), *console_routes(openai_base=local_api)],
+                    *rotation_api, *self.events.routes(), *self.metrics.routes(),
+                    *console_routes(openai_base=local_api)],
             extra=extra)
         metered = RequestMetering(openai_app, self.metrics)
         self.apis = (HttpApi(ApiKeyGate(metered, self.keys), host=config.host, port=config.port, what="OpenAI API"),
@@ -212,8 +218,9 @@ class Node:
         """The start order after the mesh; the stop order is its reverse, then the mesh."""
         engine = [] if self.supervisor is None or self.runner is None else [
             ("engine processes", self.supervisor.run), ("controllers", self.runner.run)]
-        return [("RPC tunnels", self.rpc_tunnels.run), *engine, ("demand recorder", self.demand.run),
-                ("console events", self._run_events), *((api.what, api.run) for api in self.apis)]
+        return [("key rotation", self.rotation.run), ("RPC tunnels", self.rpc_tunnels.run), *engine,
+                ("demand recorder", self.demand.run), ("console events", self._run_events),
+                *((api.what, api.run) for api in self.apis)]
 
     async def _run_events(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The console's event feed, told of every change of the state document while it runs."""

@@ -16,13 +16,14 @@ from pycrdt import Doc, Map
 from pydantic import BaseModel, ValidationError
 
 from meshllm.state.schema import (
-    ApiKey, DemandEntry, ModelSpec, NodeDeath, NodeStatus, PlacementLease, ServerStatus, WorkerStatus,
+    ApiKey, DemandEntry, KeyRotation, ModelSpec, NodeDeath, NodeStatus, PlacementLease, ServerStatus,
+    WorkerStatus,
 )
 
 __all__ = ["Changed", "MeshState"]
 
 E = TypeVar("E", bound=BaseModel)
-_KINDS = ("models", "nodes", "servers", "deaths", "demand", "leases", "workers", "apikeys")
+_KINDS = ("models", "nodes", "servers", "deaths", "demand", "leases", "workers", "apikeys", "rotations")
 
 
 class Changed(NamedTuple):
@@ -126,6 +127,9 @@ class MeshState:
     def remove_api_key(self, key_id: str) -> bool:
         return self._remove("apikeys", key_id)
 
+    def put_rotation(self, rotation: KeyRotation) -> None:
+        self._put_whole("rotations", rotation.old, rotation)
+
     def remove_demand(self, key: str) -> bool:
         return self._remove("demand", key)
 
@@ -196,6 +200,9 @@ class MeshState:
     def api_keys(self) -> dict[str, ApiKey]:
         """Every API key of the mesh, revoked ones (tombstones) included."""
         return self._read("apikeys", ApiKey)
+
+    def rotations(self) -> dict[str, KeyRotation]:
+        return self._read("rotations", KeyRotation)
 
     def alive_nodes(self) -> dict[str, NodeStatus]:
         """Nodes not declared dead in their current incarnation."""

@@ -28,6 +28,9 @@ apikeys    key id (12 hex digits   the node whose console      a key every node'
            of the key's hash)      created it; any node        accepts, as its salted hash only;
                                    revokes it                  revoked: kept as a tombstone
                                                                (``ApiKey``)
+rotations  retired key id          the node that ran           the mesh secret that replaced that
+                                   ``rotate-key``              key, sealed under it (``KeyRotation``;
+                                                               a plain value, written once)
 =========  ======================  ==========================  ==================================
 
 The blackboard's posts live in a document of their own, with its own gossip: see ``state.board``.
@@ -62,6 +65,7 @@ __all__ = [
     "API_KEY_HASH_LABEL",
     "ApiKey",
     "DemandEntry",
+    "KeyRotation",
     "ModelName",
     "ModelOrigin",
     "ModelSpec",
@@ -247,6 +251,19 @@ class ApiKey(_Entity):
         return self.revoked_at > 0
 
 
+class KeyRotation(_Entity):
+    """The mesh key ``old`` was retired for the key ``new``: the new secret, sealed (AES-GCM) under a
+    key derived from the old one, so only nodes that held the old secret can open it (see
+    ``store.rotation``). Members refuse hellos proven with ``old`` from then on."""
+
+    old: str = Field(min_length=1, description="key id of the retired mesh secret")
+    new: str = Field(min_length=1, description="key id of the secret that replaced it")
+    nonce: str = Field(description="AES-GCM nonce, base64")
+    sealed: str = Field(description="the new secret sealed under the old one, base64")
+    by: str = Field(default="", description="the node that rotated the key")
+    at: float = 0.0
+
+
 def server_key(node: str, model: str) -> str:
     return f"{node}/{model}"
 
@@ -263,4 +280,4 @@ def json_schemas() -> dict[str, dict[str, object]]:
     """JSON Schemas of the document's entities, as checked in under ``schemas/``."""
     return {f"state.{model.__name__}": model.model_json_schema()
             for model in (ModelSpec, NodeStatus, ServerStatus, NodeDeath, DemandEntry, PlacementLease,
-                          WorkerStatus, ApiKey)}
+                          WorkerStatus, ApiKey, KeyRotation)}

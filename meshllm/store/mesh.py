@@ -9,6 +9,9 @@ carries the mesh id, the secret, a key id and the addresses of members to dial f
 The key id names the secret (a digest of it), so a later ``rotate-key`` can give the mesh a new
 secret under a new key id and have members refuse hellos proven with a retired one: every token
 printed before the rotation stops working, without anyone having to list them.
+
+A token need not appear on a command line (where every local user reads it in ``/proc/<pid>/cmdline``):
+``--join @FILE`` reads it from a file and ``MESHLLM_JOIN`` from the environment (``join_arguments``).
 """
 
 from __future__ import annotations
@@ -19,16 +22,22 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["InviteToken", "MeshCredentials", "load_or_create_mesh", "load_peers", "save_mesh", "save_peers"]
+from meshllm.errors import MeshError
+
+__all__ = ["JOIN_ENV", "InviteToken", "MeshCredentials", "join_arguments", "key_id", "load_or_create_mesh",
+           "load_peers", "save_mesh", "save_peers"]
 
 TOKEN_PREFIX = "meshllm1."
 MESH_FILE = "mesh.json"
+JOIN_ENV = "MESHLLM_JOIN"  # an invite token (or @FILE), used when no --join is given
 
 
-def _key_id(secret: bytes) -> str:
+def key_id(secret: bytes) -> str:
+    """The public name of a mesh secret (in tokens and hellos): a short digest, never the secret."""
     return hashlib.sha256(b"meshllm key id\0" + secret).hexdigest()[:8]
 
 
@@ -39,7 +48,7 @@ class MeshCredentials:
 
     @property
     def key_id(self) -> str:
-        return _key_id(self.secret)
+        return key_id(self.secret)
 
     @classmethod
     def create(cls) -> MeshCredentials:
@@ -86,10 +95,37 @@ def _b64decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def join_arguments(args: Sequence[str], environ: Mapping[str, str]) -> list[str]:
+    """The invite tokens the ``--join`` values name: each a token, or ``@FILE`` for the token held in
+    a file; with no ``--join``, the one in ``$MESHLLM_JOIN`` (a token or ``@FILE`` too). Raises
+    ``MeshError`` naming the argument when a file cannot be read or holds no token."""
+    if args:
+        return [_token_argument(arg, "--join") for arg in args]
+    value = environ.get(JOIN_ENV, "").strip()
+    return [_token_argument(value, JOIN_ENV)] if value else []
+
+
+def _token_argument(arg: str, where: str) -> str:
+    if not arg.startswith("@"):
+        return arg
+    path = Path(arg[1:]).expanduser()
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError as exc:
+        raise MeshError(f"{where} @{path}: cannot read the token file: {exc.strerror or exc}") from None
+    if not text:
+        raise MeshError(f"{where} @{path}: the file is empty (it should hold one invite token)")
+    if len(text.split()) > 1:
+        raise MeshError(f"{where} @{path}: the file holds more than one word (it should hold one invite token)")
+    return text
+
+
 def load_or_create_mesh(state_dir: Path, *, joining: MeshCredentials | None = None) -> MeshCredentials:
-    """The mesh this node belongs to: the one it joins, else the one it was in, else a new one."""
+    """The mesh this node belongs to: the one it joins, else the one it was in, else a new one.
+
+    Joined credentials are not saved here: the node saves them once a member accepted them
+    (``save_mesh``), so a mistyped token never replaces the credentials of the mesh it was in."""
     if joining is not None:
-        save_mesh(state_dir, joining)
         return joining
     path = state_dir / MESH_FILE
     if path.is_file():

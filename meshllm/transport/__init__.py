@@ -19,7 +19,7 @@ from meshllm.transport.budget import DialPriority, HandshakeBudget
 from meshllm.transport.channel import ByteChannel, MemoryByteChannel, memory_byte_channel_pair
 from meshllm.transport.connection import Address, PeerConnection
 from meshllm.transport.endpoint import PeerEvent, PeerListener, QuicEndpoint, StreamHandler
-from meshllm.transport.errors import (AuthError, ConnectionLost, ErrorCode, FrameError,
+from meshllm.transport.errors import (AuthError, ConnectionLost, ErrorCode, FrameError, Refusal,
                                       StreamReset, TransportError)
 from meshllm.transport.framing import (MAX_FRAME, FrameChannel, FrameDecoder, decode_message,
                                        encode_frame, encode_message)
@@ -48,6 +48,7 @@ __all__ = [
     "PeerEvent",
     "PeerListener",
     "QuicEndpoint",
+    "Refusal",
     "Stream",
     "StreamHandler",
     "StreamKind",

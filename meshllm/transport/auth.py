@@ -4,8 +4,8 @@ TLS encrypts but proves nothing (certificates are self-signed and unchecked); th
 what keeps strangers out. It runs on the connection's first bidirectional stream (id 0), in frames
 of JSON, before any other stream is served:
 
-    client → server   hello   {mesh, node, key, nonce, dialed_at}
-    server → client   hello   {mesh, node, key, nonce}
+    client → server   hello   {mesh, kid, node, key, nonce, dialed_at}
+    server → client   hello   {mesh, kid, node, key, nonce}
     client → server   proof   {mac, sig}   over transcript T, role "client"
     server → client   proof   {mac, sig}   over T, role "server"
 
@@ -16,6 +16,11 @@ and both hellos exactly as sent. ``mac`` = HMAC-SHA256(secret, role ‖ T) prove
 sha256(key)[:16 hex]. Both nonces are fresh, so a recorded proof is worthless on another connection.
 The client proves first: a node never sends secret-derived bytes to a peer that has not proven the
 secret, so a stranger who dials a node gets nothing to attack offline.
+
+``kid`` names the secret a side proves (``store.mesh.key_id``, as in invite tokens). A server refuses a
+client whose ``kid`` a key rotation retired before looking at its proof, and says so: the refusal's
+category (``Refusal``: wrong mesh, retired key, wrong secret) goes to the dialer in the close frame,
+so a node started with a stale or mistyped token can tell its operator which it is.
 
 ``Handshake`` is a state machine fed with stream bytes; the connection drives it synchronously from
 aioquic's event callback, so it is ordered exactly with the other streams' events.
@@ -30,7 +35,7 @@ import hmac
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -39,7 +44,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from meshllm.store.identity import NodeIdentity
-from meshllm.transport.errors import AuthError, FrameError
+from meshllm.store.mesh import key_id
+from meshllm.transport.errors import AuthError, FrameError, Refusal
 from meshllm.transport.framing import FrameDecoder, decode_message, encode_frame, encode_message
 
 __all__ = ["AUTH_STREAM_ID", "AuthResult", "Handshake", "Hello", "Role", "make_proof",
@@ -90,10 +96,13 @@ class Hello:
     public_key: bytes
     nonce: bytes
     dialed_at: int | None = None  # client only: wall-clock ns, orders redials of one peer
+    key_id: str = ""  # the id of the mesh secret this side proves ("" from older nodes)
 
     def to_message(self) -> dict[str, Any]:
         message: dict[str, Any] = {"t": "hello", "v": 1, "mesh": self.mesh_id, "node": self.node_id,
                                    "key": _b64(self.public_key), "nonce": _b64(self.nonce)}
+        if self.key_id:
+            message["kid"] = self.key_id
         if self.dialed_at is not None:
             message["dialed_at"] = self.dialed_at
         return message
@@ -107,17 +116,20 @@ def parse_hello(payload: bytes) -> Hello:
     """A hello from its frame payload; malformed fields are an ``AuthError``."""
     message = _decode(payload, "hello")
     mesh_id, node_id, dialed_at = message.get("mesh"), message.get("node"), message.get("dialed_at")
+    kid = message.get("kid", "")
     if message.get("v") != 1:
         raise AuthError(f"unsupported auth version {message.get('v')!r}")
     if not isinstance(mesh_id, str) or not isinstance(node_id, str):
         raise AuthError("hello lacks a mesh id or node id")
     if dialed_at is not None and (not isinstance(dialed_at, int) or isinstance(dialed_at, bool)):
         raise AuthError("hello field dialed_at is not an integer")
+    if not isinstance(kid, str) or len(kid) > 64:
+        raise AuthError("hello field kid is not a key id")
     key = _unb64(message.get("key"), "key", 32)
     nonce = _unb64(message.get("nonce"), "nonce", NONCE_BYTES)
     if node_id_for(key) != node_id:
         raise AuthError(f"node id {node_id[:32]!r} is not the id of the key it presented")
-    return Hello(mesh_id, node_id, key, nonce, dialed_at)
+    return Hello(mesh_id, node_id, key, nonce, dialed_at, kid)
 
 
 def _decode(payload: bytes, expected: str) -> dict[str, Any]:
@@ -154,7 +166,7 @@ def verify_proof(message: Mapping[str, Any], *, secret: bytes, transcript: bytes
     sig = _unb64(message.get("sig"), "sig", 64)
     expected = hmac.new(secret, role.value.encode() + transcript, hashlib.sha256).digest()
     if not hmac.compare_digest(mac, expected):
-        raise AuthError("the peer does not know the mesh secret")
+        raise AuthError("the peer does not know the mesh secret", refusal=Refusal.WRONG_SECRET)
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(
             sig, LABEL + role.value.encode() + transcript)
@@ -187,16 +199,20 @@ class Handshake:
 
     def __init__(self, *, identity: NodeIdentity, mesh_id: str, secret: bytes, role: Role,
                  channel_binding: bytes, nonce: bytes | None = None,
-                 dialed_at: int | None = None) -> None:
+                 dialed_at: int | None = None,
+                 retired: Callable[[str], bool] | None = None) -> None:
+        """``retired(kid)``: whether a key rotation retired that key id (a server refuses it)."""
         self._identity = identity
         self._mesh_id = mesh_id
         self._secret = secret
+        self._retired = retired
         self.role = role
         self._binding = channel_binding
         dialed = (dialed_at if dialed_at is not None else time.time_ns()) \
             if role is Role.CLIENT else None
         self.hello = Hello(mesh_id, identity.node_id, identity.public_bytes,
-                           nonce if nonce is not None else os.urandom(NONCE_BYTES), dialed)
+                           nonce if nonce is not None else os.urandom(NONCE_BYTES), dialed,
+                           key_id(secret))
         self._state = _Progress()
 
     @property
@@ -243,7 +259,11 @@ class Handshake:
         peer = parse_hello(frame)
         if peer.mesh_id != self._mesh_id:
             raise AuthError(f"peer belongs to mesh {peer.mesh_id[:64]!r}, not {self._mesh_id!r}",
-                            peer_reason="authentication failed: wrong mesh")
+                            refusal=Refusal.WRONG_MESH)
+        if (self.role is Role.SERVER and peer.key_id and peer.key_id != self.hello.key_id
+                and self._retired is not None and self._retired(peer.key_id)):
+            raise AuthError(f"peer proves key {peer.key_id!r}, which a rotation of the mesh key retired",
+                            refusal=Refusal.RETIRED_KEY)
         if peer.node_id == self._identity.node_id:
             raise AuthError("connected to itself", peer_reason="authentication failed: same node")
         if (peer.dialed_at is not None) != (self.role is Role.SERVER):

@@ -29,7 +29,7 @@ from aioquic.quic.connection import QuicConnection
 
 from meshllm.transport._aioquic import AckPolicy, peer_certificate_der, send_backlog, smoothed_rtt
 from meshllm.transport.auth import AUTH_STREAM_ID, AuthResult, Handshake, Role
-from meshllm.transport.errors import (AuthError, ConnectionLost, ErrorCode, FrameError,
+from meshllm.transport.errors import (AuthError, ConnectionLost, ErrorCode, FrameError, Refusal,
                                       StreamReset, TransportError)
 from meshllm.transport.framing import FrameDecoder
 from meshllm.transport.stream import MAX_HEADER, Stream, StreamKind, decode_stream_header, \
@@ -323,7 +323,8 @@ class PeerConnection:
         by_app = event.frame_type is None
         if by_app and self._auth is None and code in (ErrorCode.AUTH_FAILED,
                                                       ErrorCode.AUTH_TIMEOUT):
-            error: TransportError = AuthError(f"refused by the peer: {reason}", code=code)
+            error: TransportError = AuthError(f"refused by the peer: {reason}", code=code,
+                                              refusal=Refusal.from_reason(reason))
         elif not self._tls_done:
             error = ConnectionLost(f"no QUIC handshake with {self.address[0]}:{self.address[1]}: "
                                    f"{reason}", code=code)

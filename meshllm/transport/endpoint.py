@@ -13,6 +13,9 @@ stream that ``run`` drains into the group. It also sends a PING on every connect
 up and down to listeners. That timeout is widened while this process's own event loop runs late
 (``LoopHealth``), so a starved node does not mistake its own deafness for its peers' silence, and
 outgoing handshakes take turns (``HandshakeBudget``), so a burst of redials cannot starve it.
+
+The mesh secret it proves and demands can change while it runs (``switch_secret``, after a key
+rotation): new handshakes use the new one, and connections already authenticated stay up.
 """
 
 from __future__ import annotations
@@ -122,12 +125,16 @@ class QuicEndpoint:
     def __init__(self, identity: NodeIdentity, mesh_id: str, secret: bytes, *,
                  host: str = "127.0.0.1", port: int = 0,
                  settings: TransportSettings | None = None, health: LoopHealth | None = None,
-                 budget: HandshakeBudget | None = None) -> None:
+                 budget: HandshakeBudget | None = None,
+                 retired: Callable[[str], bool] | None = None) -> None:
         """``health`` and ``budget`` are shared by the endpoints of one process when several run in
-        it (their owner then runs ``health``); by default the endpoint makes and runs its own."""
+        it (their owner then runs ``health``); by default the endpoint makes and runs its own.
+        ``retired(kid)`` says whether a key rotation retired a key id: a peer proving one is refused
+        as such (``Refusal.RETIRED_KEY``)."""
         self.identity = identity
         self.mesh_id = mesh_id
         self._secret = secret
+        self._retired = retired
         self._host = host
         self._port = port
         self.settings = settings or TransportSettings()
@@ -163,6 +170,11 @@ class QuicEndpoint:
 
     def peer(self, node_id: str) -> PeerConnection | None:
         return self._peers.get(node_id)
+
+    def switch_secret(self, secret: bytes) -> None:
+        """Prove and demand ``secret`` in every handshake from now on (a rotated mesh key). The
+        connections already authenticated stay: both of their ends were members."""
+        self._secret = secret
 
     def on_stream(self, kind: StreamKind, handler: StreamHandler) -> None:
         """Run ``handler(conn, stream)`` for each incoming stream of ``kind`` (replacing any).
@@ -265,7 +277,7 @@ class QuicEndpoint:
 
     def _new_handshake(self, role: Role, channel_binding: bytes) -> Handshake:
         return Handshake(identity=self.identity, mesh_id=self.mesh_id, secret=self._secret,
-                         role=role, channel_binding=channel_binding)
+                         role=role, channel_binding=channel_binding, retired=self._retired)
 
     def _new_connection(self, quic: QuicConnection, address: Address, *,
                         binding: bytes) -> PeerConnection:

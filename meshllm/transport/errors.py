@@ -8,16 +8,18 @@
         └── StreamReset        the stream was reset or stopped by the peer, or reset locally
 
 Each carries the QUIC application error code where there is one (``ErrorCode``), so logs and
-tests can tell a refusal from a timeout without parsing messages.
+tests can tell a refusal from a timeout without parsing messages. A refusal on authentication also
+names its category (``Refusal``: wrong mesh, wrong secret, retired key), which the refusing side
+sends in its close frame, so the dialer can tell a mistyped token from a stale one.
 """
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
 from meshllm.errors import MeshError
 
-__all__ = ["AuthError", "ConnectionLost", "ErrorCode", "FrameError", "StreamReset", "TransportError"]
+__all__ = ["AuthError", "ConnectionLost", "ErrorCode", "FrameError", "Refusal", "StreamReset", "TransportError"]
 
 
 class ErrorCode(IntEnum):
@@ -38,6 +40,32 @@ class ErrorCode(IntEnum):
     CANCELLED = 0x203
 
 
+class Refusal(StrEnum):
+    """Why a node refused a peer's authentication, as both sides name it. A category only: it never
+    says which byte of a proof was wrong, and nothing in it derives from the secret."""
+
+    WRONG_MESH = "wrong mesh"  # the hello names another mesh id
+    WRONG_SECRET = "wrong secret"  # the proof's MAC is not made with this mesh's secret
+    RETIRED_KEY = "retired key"  # the hello names a key id that a rotation retired
+
+    @property
+    def peer_reason(self) -> str:
+        return f"{REFUSED_PREFIX}{self.value}"
+
+    @classmethod
+    def from_reason(cls, reason: str) -> Refusal | None:
+        """The category a peer's close reason names, if any."""
+        if reason.startswith(REFUSED_PREFIX):
+            try:
+                return cls(reason[len(REFUSED_PREFIX):])
+            except ValueError:
+                return None
+        return None
+
+
+REFUSED_PREFIX = "authentication failed: "
+
+
 class TransportError(MeshError):
     """A peer, connection or stream cannot be used; ``code`` is the QUIC error code if known."""
 
@@ -50,13 +78,15 @@ class AuthError(TransportError):
     """Mutual authentication failed: wrong mesh, wrong secret, forged key or hello, or a timeout.
 
     ``peer_reason`` is the short text sent to the peer in the close frame: it names the category
-    (wrong mesh, timeout) and never which check of the proof failed.
+    (``refusal``: wrong mesh, wrong secret, retired key) and never which check of the proof failed.
+    On the dialer's side ``refusal`` is the category the peer's close frame named.
     """
 
     def __init__(self, message: str, *, code: int | None = ErrorCode.AUTH_FAILED,
-                 peer_reason: str = "authentication failed") -> None:
+                 peer_reason: str | None = None, refusal: Refusal | None = None) -> None:
         super().__init__(message, code=code)
-        self.peer_reason = peer_reason
+        self.refusal = refusal
+        self.peer_reason = peer_reason or (refusal.peer_reason if refusal else "authentication failed")
 
 
 class FrameError(TransportError):
