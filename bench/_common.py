@@ -47,10 +47,11 @@ def _content(event: bytes) -> str | None:
     return choices[0].get("text") or None
 
 
-def stream_once(client: httpx.Client, body: dict[str, Any], *,
-                headers: dict[str, str]) -> tuple[float, float, int, float, str]:
+def stream_once(client: httpx.Client, body: dict[str, Any], *, headers: dict[str, str],
+                timings: dict[str, Any] | None = None) -> tuple[float, float, int, float, str]:
     """One streamed ``/v1/completions``: (wall s, time to first content chunk s, content chunks,
-    decode tok/s, text)."""
+    decode tok/s, text). ``timings`` receives llama-server's own, from its last event (``prompt_n``:
+    prompt tokens it evaluated, i.e. not found in its prompt cache)."""
     stamps: list[float] = []
     texts: list[str] = []
     start = time.perf_counter()
@@ -62,6 +63,8 @@ def stream_once(client: httpx.Client, body: dict[str, Any], *,
             pending += raw
             *events, pending = pending.split(b"\n\n")
             for event in events:
+                if timings is not None and b'"timings"' in event and event.startswith(b"data: {"):
+                    timings.update(json.loads(event[6:]).get("timings") or {})
                 if (text := _content(event.strip())) is not None:
                     stamps.append(now)
                     texts.append(text)

@@ -146,9 +146,11 @@ def _wait_ready(proc: subprocess.Popen[bytes], port: int, console: int, *, timeo
 
 
 @contextlib.contextmanager
-def running_node(model: str, *, state_dir: Path, threads: int, timeout: float, key: str = "") -> Iterator[Node]:
+def running_node(model: str, *, state_dir: Path, threads: int, timeout: float, key: str = "",
+                 tree: Path | None = None) -> Iterator[Node]:
     """``python -m meshllm --model MODEL`` on free ports; stopped with SIGINT, as a user would, on exit.
-    ``key``: the node requires it (given as MESHLLM_API_KEY)."""
+    ``key``: the node requires it (given as MESHLLM_API_KEY). ``tree``: run the meshllm of that source
+    tree instead of this one (``--baseline``)."""
     port, console = free_port(), free_port()
     cmd = [sys.executable, "-m", "meshllm", "--model", model, "--port", str(port), "--console", str(console),
            "--state-dir", str(state_dir)]
@@ -156,8 +158,9 @@ def running_node(model: str, *, state_dir: Path, threads: int, timeout: float, k
         cmd += ["--threads", str(threads)]
     log = state_dir / "node.out"
     with log.open("wb") as out:
-        env = {**os.environ, "MESHLLM_API_KEY": key} if key else None
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+        env = {**os.environ, **({"MESHLLM_API_KEY": key} if key else {}),
+               **({"PYTHONPATH": str(tree)} if tree else {})}
+        proc = subprocess.Popen(cmd, cwd=tree or REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
     llama_pid = 0
     try:
         node = _wait_ready(proc, port, console, timeout=timeout, log=log, key=key)
@@ -379,6 +382,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write raw samples and the summary here")
     parser.add_argument("--api-key", action="store_true",
                         help="two nodes side by side, one open and one requiring an API key: what the key costs")
+    parser.add_argument("--baseline", type=Path,
+                        help="two nodes side by side: this tree's meshllm (after) and the one in this source tree "
+                             "(before, e.g. an older commit unpacked there)")
     args = parser.parse_args(argv)
     return args
 
@@ -390,7 +396,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         model = str(write_dense(workdir / "tiny-dense.gguf"))
     body = {"prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
     key = new_key() if args.api_key else ""
-    names = ("open", "keyed") if key else ("",)
+    names = ("open", "keyed") if key else ("before", "after") if args.baseline else ("",)
     with contextlib.ExitStack() as stack:
         nodes, pairs = {}, []
         for name in names:
@@ -398,7 +404,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             state_dir.mkdir()
             node = nodes[name] = stack.enter_context(running_node(
                 model, state_dir=state_dir, threads=args.threads, timeout=args.ready_timeout,
-                key=key if name == "keyed" else ""))
+                key=key if name == "keyed" else "", tree=args.baseline if name == "before" else None))
             body["model"] = node.model
             print(f"node {node.pid} {name} serving {node.model}: proxied {node.proxied_url}, direct "
                   f"{node.direct_url}", file=sys.stderr)
@@ -411,8 +417,10 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     summaries = {name: summarize([s for s in samples if s.pair == name]) for name in names}
     for name, node in nodes.items():
         if name:
-            print(f"\n== the {name} node: " + ("every proxied request carries `Authorization: Bearer KEY`, "
-                                                "checked by the gate" if name == "keyed" else "no API key"))
+            print(f"\n== the {name} node: " + (
+                "every proxied request carries `Authorization: Bearer KEY`, checked by the gate" if name == "keyed"
+                else "no API key" if name == "open" else f"meshllm from {args.baseline}" if name == "before"
+                else f"meshllm from {REPO}"))
         print_report(node, args, summaries[name])
     costs = print_key_costs(samples) if key else None
     if args.json:

@@ -1,7 +1,7 @@
 """What routing a request through another node of the mesh costs, measured side by side in one run.
 
 A request sent to any node's :9337 for a model served elsewhere crosses the mesh in one QUIC stream
-(``meshllm/api/tunnel.py``): node B takes the HTTP request, opens an HTTP-kind stream to node A, A forwards
+(``meshllm/tunnels/http.py``): node B takes the HTTP request, opens an HTTP-kind stream to node A, A forwards
 it to its llama-server and sends the response back one QUIC message per upstream chunk. This bench starts
 two real node processes on their own loopback addresses (A serves the model, B joins with ``--client``) and
 streams the same ``/v1/completions`` request, round-robin, to three targets that all end at the SAME
@@ -298,6 +298,7 @@ class Sample:
     decode_tps: float
     attempts: int
     text: str
+    prompt_n: int  # prompt tokens llama-server evaluated: all of them when its prompt cache was cold
     cpu_s: dict[str, float]
     relay_datagrams: int
 
@@ -315,7 +316,8 @@ def measure(client: httpx.Client, body: dict[str, Any], *, scenario: str, target
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         relayed_before = sum(mesh.relays.forwarded()) if mesh.relays else 0
         try:
-            wall, ttft, chunks, tps, text = stream_once(client, body, headers=headers)
+            timings: dict[str, Any] = {}
+            wall, ttft, chunks, tps, text = stream_once(client, body, headers=headers, timings=timings)
         except httpx.HTTPError as exc:
             if attempt == 3 or not retryable(exc):
                 raise
@@ -324,16 +326,26 @@ def measure(client: httpx.Client, body: dict[str, Any], *, scenario: str, target
         cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
         relayed = sum(mesh.relays.forwarded()) - relayed_before if mesh.relays else 0
         return Sample(scenario=scenario, round=round_, target=target, wall_s=wall, ttft_s=ttft, chunks=chunks,
-                      decode_tps=tps, attempts=attempt, text=text, cpu_s=cpu, relay_datagrams=relayed)
+                      decode_tps=tps, attempts=attempt, text=text, cpu_s=cpu, relay_datagrams=relayed,
+                      prompt_n=int(timings.get("prompt_n", -1)))
     raise AssertionError("unreachable")
 
 
-def interleaved(mesh: Mesh, body: dict[str, Any], *, scenario: str, rounds: int, warmup: int) -> list[Sample]:
-    """Round-robin over the three targets, rotating which goes first every round."""
+def interleaved(mesh: Mesh, body: dict[str, Any], *, scenario: str, rounds: int, warmup: int,
+                prime: bool = True) -> list[Sample]:
+    """Round-robin over the three targets, rotating which goes first every round.
+
+    ``prime``: one request straight to llama-server first, not counted. The first request a fresh
+    llama-server sees evaluates the whole prompt in one batch; every later one finds it in the prompt
+    cache and evaluates only its last token. On a GPU the two paths give slightly different logits
+    (batched vs single-token kernels; llama.cpp documents it under ``cache_prompt``), enough to flip a
+    greedy choice now and then. Unprimed, that first request is this bench's first routed stream."""
     urls = {"direct": mesh.direct_url, "local": mesh.a.api, "routed": mesh.b.api}
     clients = {t: httpx.Client(base_url=url, timeout=httpx.Timeout(300, connect=5), trust_env=False)
                for t, url in urls.items()}
     samples = []
+    if prime:
+        stream_once(clients["direct"], body, headers={"Connection": "close"})
     try:
         for round_ in range(-warmup, rounds):
             shift = round_ % len(TARGETS)
@@ -409,6 +421,8 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
         out[target]["wall_added_us_per_chunk_paired"] = out[target]["wall_added_ms_paired"] * 1e3 / mine["chunks_p50"]
     out["text_mismatches"] = {t: sum(s.text != reference for s in samples if s.target == t) for t in TARGETS}
     out["text_compared"] = {t: sum(1 for s in samples if s.target == t) for t in TARGETS}
+    full = max(s.prompt_n for s in samples)
+    out["cold_prompt"] = {t: sum(1 for s in samples if s.target == t and s.prompt_n == full > 1) for t in TARGETS}
     return out
 
 
@@ -449,6 +463,9 @@ def scenario_table(name: str, mesh: Mesh, summary: dict[str, Any]) -> list[str]:
     verdict = {t: "OK" if bad[t] == 0 else f"MISMATCH ({bad[t]} of {seen[t]})" for t in TARGETS}
     lines.append(f"  greedy text vs the first direct stream: routed {verdict['routed']}, local {verdict['local']}, "
                  f"direct {verdict['direct']} ({seen['routed']} routed streams compared)")
+    cold = summary["cold_prompt"]
+    lines.append(f"  streams that met a cold prompt cache (whole prompt evaluated): routed {cold['routed']}, "
+                 f"local {cold['local']}, direct {cold['direct']}")
     net = summary["net_cpu_ms_per_1k"]
     lines.append(f"  CPU ms per 1,000 streamed tokens  {'as measured':^30} | {'net of direct rate':^22} | rate during")
     lines.append(f"  {'':<32}{'direct':>10}{'local':>10}{'routed':>10} | {'local':>12}{'routed':>10} | direct")
@@ -485,6 +502,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="bench a generated tiny dense model instead")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per scenario (default 20)")
     parser.add_argument("--warmup", type=int, default=1, help="rounds run first and not counted (default 1)")
+    parser.add_argument("--no-prime", action="store_true",
+                        help="no uncounted request before the rounds: the first stream meets a cold prompt cache")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per request (default 128)")
     parser.add_argument("--delay-ms", type=float, default=10.0,
                         help="one-way delay of each relay in the RTT scenario (default 10: ~20 ms RTT)")
@@ -503,7 +522,8 @@ def run_scenario(name: str, model: str, workdir: Path, args: argparse.Namespace)
         body["model"] = mesh.model
         print(f"{name}: A {mesh.a_id} serves {mesh.model} (llama-server {mesh.direct_url}, pid {mesh.llama_pid}), "
               f"B {mesh.b_id} routes; path {mesh.path}", file=sys.stderr)
-        samples = interleaved(mesh, body, scenario=name, rounds=args.rounds, warmup=args.warmup)
+        samples = interleaved(mesh, body, scenario=name, rounds=args.rounds, warmup=args.warmup,
+                              prime=not args.no_prime)
         summary = summarize(samples)
         title = "loopback" if delay is None else f"+{args.delay_ms:g} ms each way through UDP relays"
         table = scenario_table(title, mesh, summary)

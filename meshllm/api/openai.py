@@ -1,165 +1,120 @@
-"""The OpenAI-compatible API a node serves on :9337: list models, and proxy requests to llama-server.
+"""The OpenAI-compatible API a node serves on :9337: list models, say whether it can serve, proxy requests.
 
-The proxy peeks at the ``model`` field, asks the ``Router`` where that model is served, and forwards
-the request body unchanged. The response streams back byte for byte (SSE included); when the client
-goes away the upstream request is closed, which makes llama-server stop generating.
+The proxy reads the body (it is small, and names the model), asks the router for a lease on a route
+for that model, and relays the request through the route's backend (``api.backends``: this node's
+llama-server, or a peer through the mesh) along the one response path of ``api.proxy``. The body is
+forwarded unchanged and the response streams back byte for byte (SSE included). The data plane's
+connection pool lives as long as the app (its lifespan).
+
+``/health`` answers 200 while at least one model can be served through this node (its own, or one
+served elsewhere in the mesh) and 503 with the reason while none can: loading, or nothing served.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Protocol
 
-import anyio
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as HttpRoute
 from starlette.types import Receive, Scope, Send
 
-from meshllm.api.errors import openai_error
-from meshllm.api.routing import Route, Router, Unavailable
-from meshllm.api.tunnel import LocalForward, TunnelResponse, TunnelStream, open_tunnel
-from meshllm.api.upstream import UpstreamError, UpstreamPool, UpstreamResponse
-from meshllm.errors import MeshError
-from meshllm.transport.errors import ErrorCode, TransportError
+from meshllm.api.backends import PROXIED, BadRequest, DataPlane, ProxyRequest, model_of
+from meshllm.api.errors import BackendUnavailable, openai_error
+from meshllm.api.proxy import relay, send_error
+from meshllm.api.routing import Lease
 
-__all__ = ["DEFAULT_MAX_BODY", "RelayResponse", "TunnelOpener", "create_openai_app", "make_local_forward",
-           "upstream_pool"]
+__all__ = ["DEFAULT_MAX_BODY", "OpenAIProxy", "create_openai_app"]
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
-PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages")
-_HOP_BY_HOP = {
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "host", "content-length",
-}
 
 
 class _TooLarge(Exception):
     pass
 
 
-class RelayResponse:
-    """An ASGI response relaying chunks from upstream; stops and closes upstream when the client leaves."""
-
-    def __init__(self, status: int, headers: list[tuple[str, str]], chunks: AsyncIterator[bytes], *,
-                 close: Callable[[], Awaitable[None]], done: Callable[[], None] | None = None) -> None:
-        self.status = status
-        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers
-                        if k.lower() not in _HOP_BY_HOP or k.lower() == "content-length"]
-        self.chunks = chunks
-        self.close = close
-        self.done = done
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-                async for chunk in self.chunks:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                tg.cancel_scope.cancel()
-        except OSError:
-            pass  # the client went away mid-send
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.close()
-            if self.done is not None:
-                self.done()
+class _Gone(Exception):
+    pass
 
 
-async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge
-    chunks, size = [], 0
-    async for chunk in request.stream():
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole request body (answering ``Expect: 100-continue`` on the way: the server sends the
+    interim response when the body is first asked for)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise _TooLarge
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Gone
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise _TooLarge
         chunks.append(chunk)
+        more = message.get("more_body", False)
     return b"".join(chunks)
 
 
-def _model_of(body: bytes) -> str | Response:
-    """The request's model name, or the 400 response explaining what is wrong with the body."""
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return openai_error(400, f"request body is not valid JSON: {exc}", code="invalid_json")
-    if not isinstance(payload, dict):
-        return openai_error(400, "request body must be a JSON object", code="invalid_request")
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        return openai_error(400, "you must provide a model parameter (a model name from /v1/models)",
-                            code="missing_model", param="model")
-    return model
+class OpenAIProxy:
+    """The ASGI endpoint of the proxied routes."""
+
+    def __init__(self, plane: DataPlane, *, max_body_bytes: int, demand: Callable[[str], None] | None) -> None:
+        self.plane = plane
+        self.max_body_bytes = max_body_bytes
+        self.demand = demand
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            body = await _read_body(scope, receive, self.max_body_bytes)
+        except _TooLarge:
+            await send_error(send, 413, f"request body is larger than the limit of {self.max_body_bytes} bytes",
+                             code="request_too_large")
+            return
+        except _Gone:
+            return
+        model = model_of(body)
+        if isinstance(model, BadRequest):
+            await send_error(send, 400, model.message, code=model.code, param=model.param)
+            return
+        lease = self.plane.router.lease(model)
+        if lease is None:
+            await send_error(send, 404, f"the model {model!r} does not exist in this mesh; see /v1/models",
+                             code="model_not_found", param="model")
+            return
+        if self.demand is not None:
+            self.demand(model)
+        if not isinstance(lease, Lease):
+            await send_error(send, 503, lease.reason, code="model_not_ready", retry_after=lease.retry_after)
+            return
+        with lease:
+            route = lease.route
+            what = f"{scope['path']} {route.model} via {'this node' if route.local else 'node ' + route.node}"
+            try:
+                backend = self.plane.backend(route)
+            except BackendUnavailable as exc:
+                await send_error(send, exc.status, str(exc), code=exc.code, retry_after=exc.retry_after)
+                return
+            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+            request = ProxyRequest(scope["method"], scope["path"], scope["query_string"].decode("latin-1"),
+                                   headers, body)
+            await relay(backend, request, receive, send, what=what)
 
 
-class TunnelOpener(Protocol):
-    """Opens an HTTP tunnel stream to another node of the mesh."""
-
-    async def __call__(self, node_id: str) -> TunnelStream: ...
-
-
-def create_openai_app(router: Router, *, tunnels: TunnelOpener | None = None,
-                      max_body_bytes: int = DEFAULT_MAX_BODY,
+def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BODY,
                       demand: Callable[[str], None] | None = None) -> Starlette:
-    """The :9337 app. ``router`` decides where each model's requests go; ``tunnels`` reach other nodes;
-    ``demand`` hears of every request for a model the mesh knows (served or not yet)."""
+    """The :9337 app. ``plane`` routes and forwards each request; ``demand`` hears of every request for
+    a model the mesh knows (served or not yet)."""
+    router = plane.router
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with upstream_pool() as pool:
-            app.state.upstream = pool
+        async with plane.running():
             yield
-
-    async def proxy(request: Request) -> Response | RelayResponse:
-        try:
-            body = await _read_body(request, max_body_bytes)
-        except _TooLarge:
-            return openai_error(413, f"request body is larger than the limit of {max_body_bytes} bytes",
-                                code="request_too_large")
-        except ClientDisconnect:
-            return Response(status_code=499)
-        model = _model_of(body)
-        if isinstance(model, Response):
-            return model
-        target = router.resolve(model)
-        if target is None:
-            return openai_error(404, f"the model {model!r} does not exist in this mesh; see /v1/models",
-                                code="model_not_found", param="model")
-        if demand is not None:
-            demand(model)
-        if isinstance(target, Unavailable):
-            return openai_error(503, target.reason, code="model_not_ready", retry_after=target.retry_after)
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
-        router.acquire(target)
-        try:
-            if target.local:
-                response = await _forward_local(request.app.state.upstream, target, request.url.path,
-                                                request.url.query, headers, body)
-            else:
-                response = await _forward_remote(tunnels, target, request.url.path, request.url.query,
-                                                 headers, body)
-        except BaseException:
-            router.release(target)
-            raise
-        if isinstance(response, RelayResponse):
-            response.done = lambda: router.release(target)
-        else:
-            router.release(target)
-        return response
 
     async def list_models(request: Request) -> JSONResponse:
         data = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "meshllm"}
@@ -167,84 +122,16 @@ def create_openai_app(router: Router, *, tunnels: TunnelOpener | None = None,
         return JSONResponse({"object": "list", "data": data})
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+        reason = router.unready_reason()
+        if reason is not None:
+            return openai_error(503, reason, code="no_model_ready", retry_after=2)
+        return JSONResponse({"status": "ok", "models": router.ready_models()})
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return openai_error(404, f"no route for {request.method} {request.url.path}", code="not_found")
 
+    proxy = OpenAIProxy(plane, max_body_bytes=max_body_bytes, demand=demand)
     routes = [HttpRoute(path, proxy, methods=["POST"]) for path in PROXIED]
     routes += [HttpRoute("/v1/models", list_models, methods=["GET"]),
                HttpRoute("/health", health, methods=["GET"])]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found})
-
-
-def upstream_pool() -> UpstreamPool:
-    """The connections to this node's llama-servers."""
-    return UpstreamPool(connect_timeout=5.0)
-
-
-async def _open_local(pool: UpstreamPool, route: Route, path: str, query: str,
-                      headers: list[tuple[str, str]], body: bytes) -> UpstreamResponse | Response:
-    """Send the request to this node's llama-server for ``route``; a 503 response if it does not answer."""
-    target = f"{path}?{query}" if query else path
-    try:
-        return await pool.request("127.0.0.1", route.port, "POST", target, headers, body)
-    except UpstreamError as exc:
-        return openai_error(503, f"model {route.model!r} on node {route.node} did not answer: {exc}",
-                            code="upstream_unavailable", retry_after=2)
-
-
-async def _forward_local(pool: UpstreamPool, route: Route, path: str, query: str,
-                         headers: list[tuple[str, str]], body: bytes) -> Response | RelayResponse:
-    response = await _open_local(pool, route, path, query, headers, body)
-    if isinstance(response, Response):
-        return response
-    return RelayResponse(response.status_code, response.headers, response, close=response.aclose)
-
-
-async def _forward_remote(tunnels: TunnelOpener | None, route: Route, path: str, query: str,
-                          headers: list[tuple[str, str]], body: bytes) -> Response | RelayResponse:
-    if tunnels is None:
-        return openai_error(503, f"model {route.model!r} is served by node {route.node}, "
-                                 "which this node cannot reach", code="upstream_unavailable", retry_after=2)
-    try:
-        reply = await _tunnel_request(tunnels, route.node, path=path, query=query, headers=headers, body=body)
-    except (anyio.BrokenResourceError, anyio.EndOfStream, MeshError, ValueError) as exc:
-        return openai_error(503, f"model {route.model!r} on node {route.node} did not answer: {exc}",
-                            code="upstream_unavailable", retry_after=2)
-    return RelayResponse(reply.status, reply.headers, reply.chunks(), close=reply.aclose)
-
-
-async def _tunnel_request(tunnels: TunnelOpener, node: str, *, path: str, query: str,
-                          headers: list[tuple[str, str]], body: bytes) -> TunnelResponse:
-    try:
-        stream = await tunnels(node)
-        return await open_tunnel(stream, method="POST", path=path, query=query, headers=headers, body=body)
-    except TransportError as exc:
-        if exc.code != ErrorCode.DUPLICATE:
-            raise
-    # the two nodes had dialled each other at once and this connection lost the tie-break before
-    # any answer came: the request goes again, on the connection that won
-    stream = await tunnels(node)
-    return await open_tunnel(stream, method="POST", path=path, query=query, headers=headers, body=body)
-
-
-def make_local_forward(router: Router, pool: UpstreamPool) -> LocalForward:
-    """How this node answers requests tunnelled to it by peers: only from its own llama-servers."""
-
-    async def forward(method: str, path: str, query: str, headers: list[tuple[str, str]],
-                      body: bytes) -> UpstreamResponse | tuple[int, list[tuple[str, str]], bytes]:
-        model = _model_of(body)
-        target = router.resolve(model, local_only=True) if isinstance(model, str) else None
-        if isinstance(model, Response) or not isinstance(target, Route) or path not in PROXIED:
-            error = model if isinstance(model, Response) else openai_error(
-                503, f"model {model!r} is not ready on this node", code="model_not_ready", retry_after=2)
-            return _as_tuple(error)
-        response = await _open_local(pool, target, path, query, headers, body)
-        return _as_tuple(response) if isinstance(response, Response) else response
-
-    return forward
-
-
-def _as_tuple(response: Response) -> tuple[int, list[tuple[str, str]], bytes]:
-    return response.status_code, list(response.headers.items()), bytes(response.body)

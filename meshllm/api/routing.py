@@ -3,7 +3,9 @@
 The table is derived from the state document (desired models, observed servers, live nodes) and
 rebuilt only when the document changes, so the per-request cost is a dictionary lookup. A server on
 this node is preferred; otherwise the request goes to the remote node with the fewest requests in
-flight from here.
+flight from here. Every request holds a ``Lease`` on its route while it runs: the router counts
+requests in flight here and nowhere else, and a lease is released exactly once however the request
+ends. A model also answers to the other names of its file (``engine.models.canonical_name``).
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from meshllm.engine.models import canonical_name
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ServerPhase, ServerStatus
 
-__all__ = ["Route", "Router", "Unavailable"]
+__all__ = ["Lease", "Route", "Router", "Unavailable"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,26 @@ class Unavailable:
     model: str
     reason: str
     retry_after: float = 2.0
+
+
+class Lease:
+    """A request's hold on its route; ``release`` (or leaving the ``with`` block) ends it, once."""
+
+    def __init__(self, router: Router, route: Route) -> None:
+        self.router = router
+        self.route = route
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.router._release(self.route)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 @dataclass
@@ -86,6 +109,8 @@ class Router:
     def resolve(self, model: str, *, local_only: bool = False) -> Route | Unavailable | None:
         """Where to send a request for ``model`` (local first, then the least busy remote)."""
         table = self.table()
+        if model not in table.routes and model not in table.waiting:
+            model = canonical_name(model)
         routes = table.routes.get(model)
         if routes:
             if routes[0].local:
@@ -98,11 +123,27 @@ class Router:
     def ready_models(self) -> list[str]:
         return sorted(self.table().routes)
 
-    def acquire(self, route: Route) -> None:
-        self.in_flight[route.node] = self.in_flight.get(route.node, 0) + 1
+    def lease(self, model: str, *, local_only: bool = False) -> Lease | Unavailable | None:
+        """A lease on the route for ``model`` (counted in flight until released), the reason it must
+        wait, or None when the mesh does not know the model."""
+        target = self.resolve(model, local_only=local_only)
+        if not isinstance(target, Route):
+            return target
+        self.in_flight[target.node] = self.in_flight.get(target.node, 0) + 1
+        return Lease(self, target)
 
-    def release(self, route: Route) -> None:
+    def _release(self, route: Route) -> None:
         self.in_flight[route.node] = max(0, self.in_flight.get(route.node, 0) - 1)
+
+    def unready_reason(self) -> str | None:
+        """Why this node cannot serve any request now, or None when some model is ready."""
+        table = self.table()
+        if table.routes:
+            return None
+        if table.waiting:
+            return "no model is ready yet: " + "; ".join(w.reason for w in sorted(
+                table.waiting.values(), key=lambda w: w.model))
+        return "no model is served on this node or anywhere in its mesh"
 
 
 def _why_waiting(model: str, servers: Collection[ServerStatus]) -> str:

@@ -7,7 +7,9 @@ chunk in its layers, and on a CPU-only node that CPU is taken from llama-server'
 
 Only what talking to llama-server on loopback needs is here: one request per connection at a time,
 keep-alive reuse, chunked and sized bodies, back-pressure, and closing the connection to cancel a
-request (llama-server stops generating when its client goes away).
+request (llama-server stops generating when its client goes away). A connection goes back to the
+pool only after a whole final response: interim ``1xx`` responses are skipped, and a connection on
+which anything arrives that no request asked for is closed, so no answer can reach the wrong request.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from collections.abc import Iterable
 
 import httptools
 
-__all__ = ["UpstreamError", "UpstreamPool", "UpstreamResponse"]
+from meshllm.api.errors import BackendBroken, BackendUnavailable
+
+__all__ = ["UpstreamBroken", "UpstreamPool", "UpstreamResponse"]
 
 _HIGH_WATER = 1 << 20  # stop reading from llama-server while this much is buffered and unread
 
 
-class UpstreamError(OSError):
-    """The upstream server could not be reached, or closed the connection before answering."""
+class UpstreamBroken(BackendBroken):
+    """The upstream server closed the connection or sent a malformed response: before the response
+    head, ``UpstreamPool.request`` turns it into ``BackendUnavailable`` (502)."""
 
 
 class _Connection(asyncio.Protocol):
@@ -48,6 +53,7 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = False
         self.paused = False
         self.keep_alive = False
+        self.interim = False
 
     # asyncio.Protocol
 
@@ -62,9 +68,9 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(UpstreamError("upstream tried to upgrade the connection"))
+            self._fail(UpstreamBroken("upstream tried to upgrade the connection"))
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"upstream sent a malformed response: {exc}"))
+            self._fail(UpstreamBroken(f"upstream sent a malformed response: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -75,15 +81,23 @@ class _Connection(asyncio.Protocol):
             except httptools.HttpParserError:
                 pass
         if not self.complete:
-            self._fail(UpstreamError("upstream closed the connection before the response ended"))
+            self._fail(UpstreamBroken("upstream closed the connection before the response ended"))
 
     # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.complete or self.head is None:  # bytes no request asked for: this connection is out of step
+            self._fail(UpstreamBroken("upstream sent a response no request asked for"))
+            raise UpstreamBroken("unsolicited response")  # stops the parser (as HttpParserCallbackError)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        if 100 <= self.status < 200:  # interim (100 Continue, 103 Early Hints): the final response follows
+            self.interim = True
+            return
         self.keep_alive = self.parser.should_keep_alive()  # only valid until the message completes
         if self.head is not None and not self.head.done():
             self.head.set_result(None)
@@ -97,6 +111,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim, self.headers = False, []
+            return
         self.complete = True
         self._wake()
 
@@ -120,6 +137,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.head = asyncio.get_running_loop().create_future()
         self.status, self.headers, self.complete, self.got_bytes, self.keep_alive = 0, [], False, False, False
+        self.interim = False
         self.body.clear()
         self.buffered = 0
         self.parser = httptools.HttpResponseParser(self)
@@ -193,7 +211,8 @@ class UpstreamPool:
 
     async def request(self, host: str, port: int, method: str, target: str,
                       headers: Iterable[tuple[str, str]], body: bytes) -> UpstreamResponse:
-        """Send a request; returns when the response head has arrived.
+        """Send a request; returns when the final response head has arrived. ``BackendUnavailable``
+        when none came (503: nothing listens; 502: the server closed or garbled its answer).
 
         A kept-alive connection may have been closed by the server just as this request was sent on
         it; such a request never reached the server, so it is sent once more on a fresh connection.
@@ -203,10 +222,11 @@ class UpstreamPool:
             conn, reused = await self._checkout(host, port)
             try:
                 await conn.begin(request)
-            except UpstreamError:
+            except UpstreamBroken as exc:
                 if reused and not conn.got_bytes:
                     continue
-                raise
+                raise BackendUnavailable(f"{host}:{port} gave no response: {exc}", status=502,
+                                         code="upstream_failed") from None
             except BaseException:
                 if conn.transport is not None:
                     conn.transport.close()
@@ -224,7 +244,7 @@ class UpstreamPool:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(lambda: _Connection(self, (host, port)), host, port)
         except (OSError, TimeoutError) as exc:
-            raise UpstreamError(f"cannot connect to {host}:{port}: {exc}") from None
+            raise BackendUnavailable(f"cannot connect to {host}:{port}: {exc}") from None
         return conn, False
 
     def _release(self, conn: _Connection) -> None:

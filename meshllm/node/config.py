@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshllm.api.openai import DEFAULT_MAX_BODY
+from meshllm.engine.process import DEFAULT_MAX_TOKENS
 from meshllm.store.identity import default_state_dir
 
 __all__ = ["NodeConfig"]
@@ -34,6 +35,7 @@ class NodeConfig:
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # --api-key / MESHLLM_API_KEY: this node only
     blackboard: bool = False  # open the blackboard's routes on this node (every node relays the board)
     blackboard_rate: int = 10  # posts a minute this node accepts (benches raise it)
+    max_tokens_default: int = DEFAULT_MAX_TOKENS  # generation limit of a request that sets none (-1: none)
 
     @property
     def host(self) -> str:

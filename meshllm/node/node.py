@@ -47,11 +47,11 @@ from meshllm.api.console import console_routes
 from meshllm.api.control import AppliedHook, EventSource
 from meshllm.api.events import EventHub
 from meshllm.api.keys import ApiKeyGate, KeyRing, exposure_warning, key_routes
+from meshllm.api.backends import DataPlane
 from meshllm.api.metrics import MeshMetrics, NodeGauges, RequestMetering
-from meshllm.api.openai import create_openai_app, make_local_forward, upstream_pool
+from meshllm.api.openai import create_openai_app
 from meshllm.api.routing import Router
 from meshllm.api.status import create_status_app, status_snapshot
-from meshllm.api.tunnel import serve_tunnel
 from meshllm.engine.capacity import detect_capacity
 from meshllm.engine.models import looks_like_path
 from meshllm.engine.rpc_auth import rpc_key
@@ -75,9 +75,9 @@ from meshllm.state.schema import ModelSpec, NodeRole, NodeStatus, server_key
 from meshllm.store.admin import load_or_create_admin_token
 from meshllm.store.db import AppliedManifest, NodeStore
 from meshllm.store.identity import NodeIdentity
-from meshllm.transport import MessageStream, StreamKind
+from meshllm.tunnels.http import HttpTunnelClient, HttpTunnelServer
 from meshllm.tunnels.rpc import RpcTunnelClient, RpcTunnelServer
-from meshllm.tunnels.service import MessageService, StreamService, message_opener, serve_streams
+from meshllm.tunnels.service import StreamService, serve_streams
 
 __all__ = ["Node", "console_access", "source_policy", "store_hooks"]
 
@@ -131,7 +131,9 @@ class Node:
         self.blackboard = NodeBlackboard.for_node(config, self.mesh.endpoint, node_id=node_id,
                                                   node_name=config.name or socket.gethostname())
         self.keys = KeyRing(state, local=config.api_keys)
-        self.upstream = upstream_pool()  # the tunnel's; the OpenAI app keeps its own in its lifespan
+        # the data plane: the OpenAI app and the HTTP tunnel service forward through it (its pool lives
+        # as long as the OpenAI app)
+        self.plane = DataPlane(self.router, tunnels=HttpTunnelClient(self.mesh.connect))
         key = rpc_key(self.mesh.creds.secret)
         self.rpc_tunnels = RpcTunnelClient(self.mesh.connect, key=key,
                                            direct=self._direct_address if config.rpc_direct else None)
@@ -146,8 +148,7 @@ class Node:
                                                     supervisor=self.supervisor)
         serve_streams(self.mesh.endpoint, self._stream_services())
         events, on_applied = store_hooks(store, node_id)
-        openai_app = create_openai_app(self.router, tunnels=message_opener(self.mesh.connect, StreamKind.HTTP),
-                                       max_body_bytes=config.max_body_bytes, demand=self.demand.note)
+        openai_app = create_openai_app(self.plane, max_body_bytes=config.max_body_bytes, demand=self.demand.note)
         self.metrics = MeshMetrics(state, node_id=node_id, gauges=self._gauges())
         extra = {"mesh_id": self.mesh.creds.mesh_id, "key_id": lambda: self.mesh.creds.key_id,
                  "rpc_tunnels": self.rpc_tunnels.tunnels, "metrics": self.metrics.summary}
@@ -178,7 +179,7 @@ class Node:
         served = ServedModelController(
             state, node_id=node_id, supervisor=supervisor, engine_dir=engine_dir, log_dir=logs,
             gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads,
-            store=store, rpc=self.rpc_tunnels, backoff=backoff)
+            store=store, rpc=self.rpc_tunnels, backoff=backoff, max_tokens=config.max_tokens_default)
         # --rpc-direct: rpc-servers on the node's address, published for hosts to reach straight
         bind_host = config.quic_host if config.rpc_direct else "127.0.0.1"
         direct_host = self.mesh.advertised(0)[0].rpartition(":")[0] if config.rpc_direct else ""
@@ -204,12 +205,7 @@ class Node:
     def _stream_services(self) -> list[StreamService]:
         """What this node answers on its endpoint besides gossip: the HTTP tunnel (requests for the
         models it serves) and, where it can be a split worker, the RPC tunnel to its rpc-servers."""
-        forward = make_local_forward(self.router, self.upstream)
-
-        async def serve_http(stream: MessageStream) -> None:
-            await serve_tunnel(stream, forward)
-
-        services: list[StreamService] = [MessageService(StreamKind.HTTP, serve_http)]
+        services: list[StreamService] = [HttpTunnelServer(self.plane.answer_peer)]
         if self.workers is not None:
             services.append(RpcTunnelServer(self.workers.endpoint_for))
         return services
@@ -251,8 +247,6 @@ class Node:
                 api.close()
             self.router.close()
             self.keys.close()
-            with anyio.CancelScope(shield=True):
-                await self.upstream.aclose()
 
     async def _start(self, parts: Lifecycle, task_status: TaskStatus[dict[str, str]]) -> None:
         await parts.start("blackboard", self.blackboard.run)  # its stream handler in place before peers come

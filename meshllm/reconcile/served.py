@@ -26,8 +26,9 @@ import anyio
 
 from meshllm.engine.ggufinfo import block_count
 from meshllm.engine.models import ResolvedModel, resolve_model
-from meshllm.engine.process import LlamaServerConfig, safe_name
+from meshllm.engine.process import DEFAULT_MAX_TOKENS, LlamaServerConfig, safe_name
 from meshllm.engine.rpc_auth import RPC_SECRET_ENV
+from meshllm.engine.templates import chat_arguments
 from meshllm.errors import ModelError, TerminalError
 from meshllm.reconcile.served_plan import (
     ADOPT_GRACE, Action, ActualServer, Claim, Desired, DesiredServer, Forget, GiveUp, Memory, Publish, Record,
@@ -67,7 +68,8 @@ class ServedModelController:
 
     def __init__(self, state: MeshState, *, node_id: str, supervisor: Supervisor, engine_dir: Path, log_dir: Path,
                  gpu_layers: int = 0, device: str = "", threads: int = 0, store: NodeStore | None = None,
-                 rpc: RpcConnector | None = None, clock: Clock | None = None, backoff: Backoff | None = None) -> None:
+                 rpc: RpcConnector | None = None, clock: Clock | None = None, backoff: Backoff | None = None,
+                 max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
         self.state = state
         self.node_id = node_id
         self.supervisor = supervisor
@@ -80,10 +82,12 @@ class ServedModelController:
         self.rpc = rpc
         self.clock = clock or SystemClock()
         self.backoff = backoff or Backoff()
+        self.max_tokens = max_tokens
         self._adopt_until = self.clock.now() + ADOPT_GRACE
         self.memory: dict[str, Memory] = {}
         self._resolved: dict[tuple[str, str], ResolvedModel] = {}
         self._layers: dict[Path, int] = {}  # a model file's layer count (a CPU split host needs it)
+        self._chat: dict[Path, tuple[str, ...]] = {}  # a model file's chat format (engine.templates)
 
     # -- keys ---------------------------------------------------------------------------------
     def keys(self) -> set[str]:
@@ -121,6 +125,8 @@ class ServedModelController:
             draft = await self._resolve(spec.draft, spec.name + "-draft") if spec.draft else None
         except ModelError as exc:
             return Unavailable(model, str(exc))
+        if path not in self._chat:  # read once, not at every reconcile
+            self._chat[path] = await anyio.to_thread.run_sync(chat_arguments, path)
         lease = next((lease for lease in self.state.leases().values()
                       if lease.node == self.node_id and lease.model == model), None)
         if lease is None or not lease.workers:
@@ -208,7 +214,8 @@ class ServedModelController:
         return LlamaServerConfig(
             binary=self.engine_dir / "llama-server", model_path=desired.path, alias=desired.model, port=port,
             ctx_size=desired.ctx_size, gpu_layers=gpu_layers, threads=self.threads, device=self.device,
-            draft_path=desired.draft, extra=extra,
+            draft_path=desired.draft, max_tokens=self.max_tokens, chat=self._chat.get(desired.path, ()),
+            extra=extra,
         )
 
     async def _start(self, action: Start) -> ProcessView:

@@ -66,3 +66,14 @@ def test_client_disconnect_stops_generation_upstream(gemma_node: NodeProcess) ->
     while _busy_slots(port) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _busy_slots(port) == 0, "llama-server kept generating after the client hung up"
+
+
+def test_the_readme_chat_without_max_tokens_answers_briefly(gemma_node: NodeProcess) -> None:
+    """The README's curl, as written: no max_tokens, the node's chat format for a GGUF without one."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    start = time.monotonic()
+    reply = httpx.post(f"{gemma_node.api}/v1/chat/completions", json=body, timeout=60).json()
+    assert time.monotonic() - start < 10
+    content = reply["choices"][0]["message"]["content"]
+    assert content.strip() and reply["usage"]["completion_tokens"] <= 512
+    assert "<|im_end|>" not in content and "Question:" not in content

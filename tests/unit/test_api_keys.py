@@ -18,6 +18,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from meshllm.api.admin import ConsoleAccess
+from meshllm.api.backends import DataPlane
 from meshllm.api.keys import (
     KEY_PREFIX, ApiKeyGate, KeyRing, check_local_key, exposure_warning, hash_key, key_routes, new_key,
 )
@@ -175,10 +176,11 @@ def test_no_keys_anywhere_is_open(state: MeshState) -> None:
 def test_the_real_openai_app_behind_the_gate(state: MeshState) -> None:
     router = Router(state, node_id="n1")
     try:
-        with TestClient(ApiKeyGate(create_openai_app(router), KeyRing(state, local=[LOCAL]))) as client:
+        with TestClient(ApiKeyGate(create_openai_app(DataPlane(router)), KeyRing(state, local=[LOCAL]))) as client:
             assert client.get("/v1/models").status_code == 401
             assert client.get("/v1/models", headers={"Authorization": f"Bearer {LOCAL}"}).json()["object"] == "list"
-            assert client.get("/health").json() == {"status": "ok"}
+            health = client.get("/health")  # open without a key; 503: no model is ready here
+            assert health.status_code == 503 and health.json()["error"]["code"] == "no_model_ready"
             unknown = client.post("/v1/chat/completions", headers={"x-api-key": LOCAL}, json={"model": "nope"})
             assert unknown.status_code == 404  # past the gate, the proxy answers as before
     finally:

@@ -1,18 +1,17 @@
-"""The :9337 app's answers that need no upstream: model list, routing errors, body checks."""
+"""The :9337 app's answers that need no upstream: model list, health, routing errors, body checks."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-import anyio
 import pytest
 from starlette.testclient import TestClient
 
+from meshllm.api.backends import DataPlane
 from meshllm.api.openai import create_openai_app
 from meshllm.api.routing import Router
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ModelSpec, NodeStatus, ServerPhase, ServerStatus
-from meshllm.transport.errors import ConnectionLost, ErrorCode
 
 NODE = "n1"
 
@@ -30,7 +29,7 @@ def state() -> MeshState:
 @pytest.fixture
 def client(state: MeshState) -> Iterator[TestClient]:
     router = Router(state, node_id=NODE)
-    with TestClient(create_openai_app(router, max_body_bytes=1024)) as client:
+    with TestClient(create_openai_app(DataPlane(router), max_body_bytes=1024)) as client:
         yield client
     router.close()
 
@@ -79,46 +78,40 @@ def test_unreachable_upstream_is_503(client: TestClient) -> None:
     assert response.json()["error"]["code"] == "upstream_unavailable"
 
 
-class _FakeTunnel:
-    """One tunnel stream: answers 200 with ``chunks``, or fails the request with ``error``."""
-
-    def __init__(self, *, error: Exception | None = None, chunks: tuple[bytes, ...] = ()) -> None:
-        self.error = error
-        self.replies = [b'{"status": 200, "headers": [["content-type", "application/json"]]}', *chunks]
-
-    async def send(self, message: bytes) -> None:
-        if self.error is not None:
-            raise self.error
-
-    async def send_eof(self) -> None:
-        pass
-
-    async def receive(self) -> bytes:
-        if not self.replies:
-            raise anyio.EndOfStream
-        return self.replies.pop(0)
-
-    async def aclose(self) -> None:
-        pass
-
-
-@pytest.mark.parametrize(("duplicate", "status"), [(True, 200), (False, 503)])
-def test_a_request_on_a_connection_lost_to_a_duplicate_is_sent_again(duplicate: bool, status: int) -> None:
-    state = MeshState()
-    state.put_model(ModelSpec(name="remote-model", source="x", node="n2"))
-    state.put_node(NodeStatus(id="n2", incarnation=1))
-    state.put_server(ServerStatus(node="n2", model="remote-model", phase=ServerPhase.READY, port=7))
-    lost = ConnectionLost("connection to n2 closed here: replaced by another connection",
-                          code=ErrorCode.DUPLICATE if duplicate else None)
-    opened = [_FakeTunnel(error=lost), _FakeTunnel(chunks=(b'{"ok": true}',))]
-
-    async def tunnels(node_id: str) -> _FakeTunnel:
-        return opened.pop(0)
-
+def test_health_is_503_with_the_reason_until_a_model_is_ready(state: MeshState) -> None:
+    state.put_server(ServerStatus(node=NODE, model="ready-model", phase=ServerPhase.LOADING, port=1))
     router = Router(state, node_id=NODE)
-    with TestClient(create_openai_app(router, tunnels=tunnels)) as client:  # type: ignore[arg-type]
-        response = client.post("/v1/completions", json={"model": "remote-model", "prompt": "hi"})
+    with TestClient(create_openai_app(DataPlane(router))) as client:
+        loading = client.get("/health")
+        assert loading.status_code == 503 and int(loading.headers["retry-after"]) >= 1
+        assert loading.json()["error"]["code"] == "no_model_ready"
+        assert "'ready-model' is loading" in loading.json()["error"]["message"]
+        state.put_server(ServerStatus(node=NODE, model="ready-model", phase=ServerPhase.READY, port=1))
+        ready = client.get("/health")
+        assert ready.status_code == 200 and ready.json() == {"status": "ok", "models": ["ready-model"]}
     router.close()
-    assert response.status_code == status
-    if status == 200:
-        assert response.json() == {"ok": True} and not opened
+
+
+def test_a_client_node_is_healthy_while_the_mesh_serves_a_model_elsewhere() -> None:
+    state = MeshState()
+    router = Router(state, node_id=NODE)
+    with TestClient(create_openai_app(DataPlane(router))) as client:
+        alone = client.get("/health")
+        assert alone.status_code == 503 and "no model is served" in alone.json()["error"]["message"]
+        state.put_node(NodeStatus(id="n2", incarnation=1))
+        state.put_model(ModelSpec(name="remote-model", source="x", node="n2"))
+        state.put_server(ServerStatus(node="n2", model="remote-model", phase=ServerPhase.READY, port=7))
+        assert client.get("/health").json() == {"status": "ok", "models": ["remote-model"]}
+    router.close()
+
+
+@pytest.mark.parametrize("asked", ["gemma-3-270m", "gemma-3-270m-q4_k_m", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m"])
+def test_the_embedded_model_answers_to_its_names(asked: str) -> None:
+    state = MeshState()
+    state.put_model(ModelSpec(name="gemma-3-270m", source="/m/gemma-3-270m-q4_k_m.gguf", node=NODE))
+    state.put_server(ServerStatus(node=NODE, model="gemma-3-270m", phase=ServerPhase.LOADING, port=1))
+    router = Router(state, node_id=NODE)
+    with TestClient(create_openai_app(DataPlane(router))) as client:
+        response = client.post("/v1/completions", json={"model": asked, "prompt": "x"})
+    router.close()
+    assert response.status_code == 503 and response.json()["error"]["code"] == "model_not_ready"

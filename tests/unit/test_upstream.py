@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from meshllm.api.upstream import UpstreamError, UpstreamPool
+from meshllm.api.errors import BackendUnavailable
+from meshllm.api.upstream import UpstreamBroken, UpstreamPool
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -155,7 +156,7 @@ async def test_a_server_that_dies_mid_body_raises_instead_of_ending_quietly() ->
 
     async with serving(dies) as (port, _), UpstreamPool() as pool:
         response = await pool.request("127.0.0.1", port, "POST", "/", [], b"{}")
-        with pytest.raises(UpstreamError, match="before the response ended"):
+        with pytest.raises(UpstreamBroken, match="before the response ended"):
             await response.aread()
         await response.aclose()
 
@@ -164,5 +165,53 @@ async def test_nothing_listening_is_an_upstream_error() -> None:
     async with serving(read_request) as (port, _):
         pass  # closed again: the port is free now
     async with UpstreamPool() as pool:
-        with pytest.raises(UpstreamError, match="cannot connect"):
+        with pytest.raises(BackendUnavailable, match="cannot connect") as caught:
             await pool.request("127.0.0.1", port, "POST", "/", [], b"{}")
+    assert caught.value.status == 503
+
+
+async def test_a_server_that_hangs_up_before_answering_is_a_502() -> None:
+    async def hangs_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+
+    async with serving(hangs_up) as (port, _), UpstreamPool() as pool:
+        with pytest.raises(BackendUnavailable, match="gave no response") as caught:
+            await pool.request("127.0.0.1", port, "POST", "/", [], b"{}")
+    assert caught.value.status == 502
+
+
+async def test_interim_responses_are_skipped_and_each_request_gets_its_own_answer() -> None:
+    """A server that answers ``100 Continue`` before each final response (as llama-server does when
+    asked to): the interim response is no answer, and the connection stays in step."""
+    async def continues(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            _, body = await read_request(reader)
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.01)
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + sized(b"answer to " + body))
+            await writer.drain()
+
+    async with serving(continues) as (port, accepted), UpstreamPool() as pool:
+        for i in range(3):
+            response = await pool.request("127.0.0.1", port, "POST", "/", [], b"%d" % i)
+            assert response.status_code == 200
+            assert ("Link", "</x>") not in response.headers
+            assert await response.aread() == b"answer to %d" % i
+            await response.aclose()
+    assert len(accepted) == 1
+
+
+async def test_a_pooled_connection_that_receives_bytes_nobody_asked_for_is_dropped() -> None:
+    async def answers_twice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            _, body = await read_request(reader)
+            writer.write(sized(b"answer to " + body) + sized(b"stray"))
+            await writer.drain()
+
+    async with serving(answers_twice) as (port, accepted), UpstreamPool() as pool:
+        for i in range(3):
+            response = await pool.request("127.0.0.1", port, "POST", "/", [], b"%d" % i)
+            assert await response.aread() == b"answer to %d" % i
+            await response.aclose()
+    assert len(accepted) == 3

@@ -1,0 +1,180 @@
+"""The proxy's data plane against stand-in llama-servers, on this node and through a peer's tunnel.
+
+What a client sees when the upstream fails before or after the response began, when the client goes
+away, and when it sends ``Expect: 100-continue``; and that every request's lease is given back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import anyio
+import httpx
+import openai
+import pytest
+
+from meshllm.api.routing import Router
+from tests.unit.dataplane_fakes import Upstream, node_a, read_request, upstream, wait_hang_up
+
+ROUTED = [pytest.param(False, id="local"), pytest.param(True, id="routed")]
+EVENTS = [b'data: {"choices": [{"text": "one", "index": 0}]}\n\n', b'data: {"choices": [{"text": "two", "index": 0}]}\n\n']
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def sse_then_die(state: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    state.heads.append((await read_request(reader))[0])
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for event in EVENTS:
+        writer.write(chunk(event))
+        await writer.drain()
+    writer.transport.abort()  # llama-server killed: no final chunk
+
+
+async def json_then_die(state: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"choices": [')
+    await writer.drain()
+    writer.transport.abort()
+
+
+async def echo(state: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers each request with its body, like a model that repeats its prompt; says ``100 Continue``
+    first when asked to (as llama-server does)."""
+    while True:
+        head, body = await read_request(reader)
+        state.heads.append(head)
+        if b"expect: 100-continue" in head.lower():
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        answer = json.dumps({"prompt": json.loads(body)["prompt"][:40]}).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(answer), answer))
+        await writer.drain()
+
+
+async def hold(state: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A non-streamed generation that takes long: nothing comes back until the proxy hangs up."""
+    await read_request(reader)
+    await wait_hang_up(state, reader)
+
+
+async def leases_returned(router: Router) -> None:
+    with anyio.fail_after(5):
+        while sum(router.in_flight.values()):
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.parametrize("routed", ROUTED)
+async def test_a_stream_whose_upstream_dies_ends_with_an_error_event(routed: bool) -> None:
+    async with upstream(sse_then_die) as llama, node_a(llama.port, routed=routed) as (url, router, _):
+        body = {"model": "m", "prompt": "x", "stream": True}
+        async with httpx.AsyncClient(base_url=url) as client:
+            start = time.monotonic()
+            response = await client.post("/v1/completions", json=body)
+            assert time.monotonic() - start < 5
+        events = [e for e in response.content.split(b"\n\n") if e]
+        assert [e + b"\n\n" for e in events[:2]] == EVENTS
+        assert events[2].startswith(b"data: ")
+        error = json.loads(events[2][6:])["error"]
+        assert error["code"] == "upstream_broken" and "broke" in error["message"]
+        assert len(events) == 3 and b"[DONE]" not in response.content
+
+        sdk = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        texts = []
+        with pytest.raises(openai.APIError, match="broke"):
+            async for part in await sdk.completions.create(model="m", prompt="x", stream=True):
+                texts.append(part.choices[0].text)
+        assert texts == ["one", "two"]
+        await leases_returned(router)
+
+
+@pytest.mark.parametrize("routed", ROUTED)
+async def test_a_whole_body_whose_upstream_dies_is_cut_short_not_passed_off_as_whole(routed: bool) -> None:
+    async with upstream(json_then_die) as llama, node_a(llama.port, routed=routed) as (url, router, _):
+        async with httpx.AsyncClient(base_url=url) as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        await leases_returned(router)
+
+
+@pytest.mark.parametrize("routed", ROUTED)
+async def test_an_upstream_that_is_down_is_a_503_and_one_that_hangs_up_a_502(routed: bool) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    async with node_a(closed_port, routed=routed) as (url, router, _):
+        async with httpx.AsyncClient(base_url=url) as client:
+            response = await client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+        assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
+        assert response.json()["error"]["code"] == "upstream_unavailable"
+        await leases_returned(router)
+
+    async def hangs_up(state: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+
+    async with upstream(hangs_up) as llama, node_a(llama.port, routed=routed) as (url, router, _):
+        async with httpx.AsyncClient(base_url=url) as client:
+            response = await client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+        assert response.status_code == 502 and response.headers["retry-after"]
+        assert response.json()["error"]["code"] == "upstream_failed"
+        await leases_returned(router)
+
+
+@pytest.mark.parametrize("routed", ROUTED)
+async def test_a_client_that_goes_away_cancels_its_non_streamed_request_upstream(routed: bool) -> None:
+    async with upstream(hold) as llama, node_a(llama.port, routed=routed) as (url, router, fake):
+        async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(5, read=0.5)) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post("/v1/completions", json={"model": "m", "prompt": "a long story"})
+        with anyio.fail_after(5):
+            await llama.hung_up.wait()
+        await leases_returned(router)
+        if fake is not None:  # the requesting node reset its tunnel stream: not a clean end
+            assert fake.opened[0].was_reset
+
+
+@pytest.mark.parametrize("routed", ROUTED)
+async def test_expect_continue_is_answered_by_the_proxy_and_answers_never_change_hands(routed: bool) -> None:
+    """curl sends ``Expect: 100-continue`` with bodies of 1 MiB or more. The proxy answers it and never
+    forwards it; two clients taking turns on the one pooled upstream connection get their own answers."""
+    async with upstream(echo) as llama, node_a(llama.port, routed=routed) as (url, router, _):
+        host, port = url.removeprefix("http://").split(":")
+        big = json.dumps({"model": "m", "prompt": "the big one"}).encode() + b" " * (1 << 20)
+        async with httpx.AsyncClient(base_url=url) as small_client:
+            for turn in range(3):
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(big))
+                await writer.drain()
+                with anyio.fail_after(5):
+                    assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+                writer.write(big)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                assert head.startswith(b"HTTP/1.1 200")
+                assert json.loads(await reader.readexactly(length)) == {"prompt": "the big one"}
+                writer.close()
+                small = await small_client.post("/v1/completions", json={"model": "m", "prompt": f"small {turn}"})
+                assert small.json() == {"prompt": f"small {turn}"}
+        assert llama.heads and not any(b"expect" in h.lower() for h in llama.heads)
+        if not routed:
+            assert llama.connections == 1
+        await leases_returned(router)
+
+
+@pytest.mark.parametrize("routed", ROUTED)
+async def test_an_anthropic_stream_whose_upstream_dies_ends_with_anthropic_s_error_event(routed: bool) -> None:
+    async with upstream(sse_then_die) as llama, node_a(llama.port, routed=routed) as (url, router, _):
+        body = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}], "stream": True}
+        async with httpx.AsyncClient(base_url=url) as client:
+            response = await client.post("/v1/messages", json=body)
+        last = response.content.split(b"\n\n")[-2]
+        assert last.startswith(b"event: error\ndata: ")
+        assert json.loads(last.split(b"data: ", 1)[1])["type"] == "error"
+        await leases_returned(router)
