@@ -83,12 +83,13 @@ def test_the_console_shows_the_mesh_chats_and_follows_changes(mesh: Mesh, browse
     # a chat through the page streams the API's greedy answer
     expected = api_answer(c, "tiny-moe")
     assert expected
-    page.select_option("#chat-model", "tiny-moe")
-    page.fill("#chat-prompt", PROMPT)
-    page.locator("#chat-form summary").click()
-    page.fill("#chat-max", "24")
-    page.fill("#chat-temp", "0")
-    page.click("#chat-send")
+    # by label and role, as a screen reader user finds them
+    page.get_by_label("Model", exact=True).select_option("tiny-moe")
+    page.get_by_label("Message").fill(PROMPT)
+    page.get_by_text("Options").click()
+    page.get_by_label("Max tokens").fill("24")
+    page.get_by_label("Temperature").fill("0")
+    page.get_by_role("button", name="Send").click()
     expect(page.locator('#chat-output[data-done="1"]')).to_be_attached(timeout=60_000)
     assert page.locator("#chat-output").text_content() == expected
     expect(page.locator("#chat-stats")).to_contain_text("tok/s")
