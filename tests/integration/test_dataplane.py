@@ -150,7 +150,7 @@ def test_a_client_that_goes_away_stops_the_generation_non_streamed_too(pair: dic
     thread = threading.Thread(target=reader)
     thread.start()
     try:
-        wait_for(lambda: busy_slots(port) == 1, timeout=3, what="the stream to start")
+        wait_for(lambda: busy_slots(port) == 1, timeout=15, what="the stream to start")
     finally:
         enough.set()
         thread.join()
