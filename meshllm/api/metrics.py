@@ -245,18 +245,27 @@ class RequestMetering:
                         model = name
             return message
 
+        done = False
+
+        def finish() -> None:
+            nonlocal done
+            if model is not None and not done:
+                done = True
+                self.metrics.finished(model, **meter.figures())
+
         async def metered_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 meter.response_start(message)
             elif message["type"] == "http.response.body":
                 meter.chunk(message.get("body", b""))
+                if not message.get("more_body", False):
+                    finish()  # counted before the client can see the end of the answer
             await send(message)
 
         try:
             await self.app(scope, metered_receive, metered_send)
         except BaseException:
-            meter.error = True
+            meter.error = not done
             raise
         finally:
-            if model is not None:
-                self.metrics.finished(model, **meter.figures())
+            finish()
