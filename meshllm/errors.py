@@ -3,6 +3,7 @@
     MeshError                  every error meshllm raises on purpose
     ├── EngineError            the llama.cpp engine is missing, cannot be built or will not start
     ├── ModelError             a model name or path cannot be resolved to a GGUF file
+    │   └── ModelNotFetched    it names a hub model not in the models folder yet (``.reference``)
     ├── ManifestError          a manifest is malformed; the message names file, document and field
     ├── NodeUnreachable        the CLI cannot reach a running node's API
     └── TerminalError          a reconcile that must not be retried (logged, key left alone)
@@ -12,7 +13,9 @@ API errors are not exceptions here: the api layer turns conditions into OpenAI-s
 
 from __future__ import annotations
 
-__all__ = ["EngineError", "ManifestError", "MeshError", "ModelError", "NodeUnreachable", "TerminalError"]
+__all__ = [
+    "EngineError", "ManifestError", "MeshError", "ModelError", "ModelNotFetched", "NodeUnreachable", "TerminalError",
+]
 
 
 class MeshError(Exception):
@@ -25,6 +28,15 @@ class EngineError(MeshError):
 
 class ModelError(MeshError):
     """A model name or path does not resolve to a readable GGUF file."""
+
+
+class ModelNotFetched(ModelError):
+    """A catalog name or hub reference whose files are not in the models folder yet: fetch them first
+    (``reference`` is the ``engine.download.ModelReference``)."""
+
+    def __init__(self, message: str, reference: object) -> None:
+        super().__init__(message)
+        self.reference = reference
 
 
 class ManifestError(MeshError):

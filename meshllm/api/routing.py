@@ -148,6 +148,9 @@ class Router:
 
 def _why_waiting(model: str, servers: Collection[ServerStatus]) -> str:
     mine = [s for s in servers if s.model == model]
+    fetching = [s for s in mine if s.phase is ServerPhase.DOWNLOADING]
+    if fetching:
+        return f"model {model!r} is downloading ({fetching[0].message})"
     loading = [s for s in mine if s.phase is ServerPhase.LOADING]
     if loading:
         return f"model {model!r} is loading" + (f" ({loading[0].message})" if loading[0].message else "")

@@ -8,6 +8,7 @@ sections. The node's console API (``/api/status``, ``/api/demand``, ``/api/model
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from enum import StrEnum
@@ -68,6 +69,13 @@ def _node_names(status: dict[str, Any]) -> dict[str, str]:
     return {n["id"]: n.get("name") or n["id"] for n in status.get("nodes", [])}
 
 
+def _reason(cond: dict[str, Any]) -> str:
+    """The condition's reason; a download's with how far it got (``Downloading 25%``)."""
+    reason = str(cond.get("reason", "-"))
+    found = re.search(r"\((\d+%)\)", str(cond.get("message", ""))) if reason == "Downloading" else None
+    return f"{reason} {found[1]}" if found else reason
+
+
 def _model_row(model: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
     cond = model.get("condition") or {}
     nodes = cond.get("nodes") or sorted({s["node"] for s in model.get("servers", [])})
@@ -76,7 +84,7 @@ def _model_row(model: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
         shown = "+".join([shown, *(names.get(n, n) for n in cond["workers"])])
     return {"name": model["name"], "condition": cond.get("phase", "-"),
             "ready": f"{cond.get('ready', 0)}/{cond.get('wanted', model.get('replicas', 1))}",
-            "nodes": shown, "reason": cond.get("reason", "-"),
+            "nodes": shown, "reason": _reason(cond),
             "source": model["source"], "origin": model.get("origin", ""), "replicas": model.get("replicas", 1),
             "message": cond.get("message") or "-"}
 

@@ -17,14 +17,15 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from meshllm.cli import blackboard, control, get, rotate
+from meshllm.cli import blackboard, control, discover, get, rotate
+from meshllm.cli import download as download_cli
+from meshllm.cli.discover import relay_list
 from meshllm.cli.keys import keys_app, local_keys
 from meshllm.cli.engine import engine_app, ensure_engine
 from meshllm.engine.capacity import parse_size
-from meshllm.engine.models import resolve_model
 from meshllm.engine.process import DEFAULT_MAX_TOKENS
 from meshllm.errors import MeshError
-from meshllm.node import NodeConfig, bind_socket, run_node
+from meshllm.node import NodeConfig, bind_socket, check_model, run_node
 from meshllm.store.identity import default_state_dir
 from meshllm.store.mesh import JOIN_ENV, join_arguments
 
@@ -41,7 +42,9 @@ app.add_typer(keys_app, name="keys")
 get.register(app)
 control.register(app)
 blackboard.register(app)
+download_cli.register(app)
 rotate.register(app)
+discover.register(app)
 
 START_HELP = """meshllm: serve LLMs from a mesh of machines on an OpenAI-compatible API.
 
@@ -58,6 +61,8 @@ Change what the mesh serves:
   meshllm apply -f examples/one-model.yaml | meshllm diff -f FILE | meshllm delete -f FILE
 Require API keys on every node's OpenAI API:
   meshllm keys add --name NAME | meshllm keys list | meshllm keys revoke NAME
+Find and join a published mesh, or publish yours:
+  meshllm discover [--model M] [--region R] | meshllm --auto [--model M] | meshllm --model M --mesh-name NAME
 Give agents a shared blackboard (no model needed):
   meshllm --client --blackboard           # then: meshllm blackboard "STATUS: ..." | --search Q | --mcp
 
@@ -98,15 +103,28 @@ def serve(
     board: Annotated[bool, typer.Option("--blackboard", help="Enable the blackboard on this node: agents post status, findings and questions to the mesh (works with --client, no model needed)")] = False,
     board_rate: Annotated[int, typer.Option("--blackboard-rate", hidden=True, min=1, help="Posts a minute this node accepts (benches)")] = 10,
     rpc_direct: Annotated[bool, typer.Option("--rpc-direct", help="Split RPC straight between llama-server and the workers' rpc-servers over plain TCP, authenticated with a key from the mesh secret (faster, not encrypted; trusted networks), instead of the QUIC tunnel")] = False,
+    draft: Annotated[str, typer.Option("--draft", metavar="PATH|NAME", help="Draft model for speculative decoding of the --model models (default: the catalog's pairing)")] = "",
+    no_draft: Annotated[bool, typer.Option("--no-draft", help="No speculative decoding, even where the catalog pairs a draft")] = False,
+    auto: Annotated[bool, typer.Option("--auto", help="Join the best published mesh (see `meshllm discover`); start one if none fits")] = False,
+    publish: Annotated[bool, typer.Option("--publish", help="List this mesh on the Nostr relays and the LAN: anyone who reads the listing can join it")] = False,
+    mesh_name: Annotated[str, typer.Option("--mesh-name", help="Name the mesh and publish it (implies --publish); with it, nodes join the mesh of that name if one is listed")] = "",
+    region: Annotated[str, typer.Option("--region", help="Region tag of the listing, and the region --auto prefers (AU, US-West, EU-West, ...)")] = "",
+    max_clients: Annotated[int, typer.Option("--max-clients", min=0, help="Delist the mesh while this many clients are connected (0: no limit)")] = 0,
+    relay: Annotated[list[str] | None, typer.Option("--relay", metavar="URL", help="Nostr relay of the mesh directory (repeatable; replaces the default list; 'none': LAN only)")] = None,
+    mdns: Annotated[bool, typer.Option("--mdns/--no-mdns", help="Publish and discover meshes on the LAN by mDNS too")] = True,
+    listing_ttl: Annotated[float, typer.Option("--listing-ttl", hidden=True, min=2, help="Seconds a listing lives unless re-published (tests)")] = 300.0,
     api_key: Annotated[list[str] | None, typer.Option("--api-key", metavar="KEY", help="Require this key on this node's OpenAI API (repeatable; MESHLLM_API_KEY adds one and keeps it off the command line); see `meshllm keys` for keys every node accepts")] = None,
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
     join = join_arguments(join or (), os.environ)
     os.environ.pop(JOIN_ENV, None)  # not handed down to the engine processes (nor MESHLLM_API_KEY, below)
-    if not model and not join and not client and not standby:
+    if not model and not join and not client and not standby and not auto and not mesh_name:
         out.print(START_HELP, highlight=False)
         raise typer.Exit(0)
+    want_model = ""
+    if client and auto and model and len(model) == 1 and not standby:
+        want_model, model = model[0], None  # --client --auto --model M: join a mesh serving M, serve nothing
     if client and (standby or model):
         raise MeshError("--client nodes serve nothing; drop --client, or drop --standby and --model")
     config = NodeConfig(models=tuple(model or ()), port=port, console_port=console, listen_all=listen_all,
@@ -114,12 +132,16 @@ def serve(
                         max_body_bytes=_size(max_body) or 0, threads=threads, name=name,
                         joins=tuple(join or ()), client=client, bind_host=bind_host, bind_port=bind_port,
                         advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct,
-                        allow_models=tuple(allow_models or ()), blackboard=board, blackboard_rate=board_rate,
+                        allow_models=tuple(allow_models or ()), draft=draft, no_draft=no_draft,
+                        blackboard=board, blackboard_rate=board_rate,
                         api_keys=local_keys(api_key or (), os.environ.pop("MESHLLM_API_KEY", None)),
-                        max_tokens_default=max_tokens_default)
+                        max_tokens_default=max_tokens_default,
+                        auto=auto, publish=publish, mesh_name=mesh_name, region=region, max_clients=max_clients,
+                        want_model=want_model, relays=relay_list(relay), mdns=mdns,
+                        listing_ttl=listing_ttl)
     _setup_logging()
-    for source in config.models:
-        resolve_model(source)  # a bad --model fails now, not after a long engine build
+    for source in (*config.models, *((config.draft,) if config.draft and config.models else ())):
+        check_model(source)  # a bad --model or --draft fails now, not after a long engine build
     for port, what in ((config.port, "OpenAI API"), (config.console_port, "console API")):
         bind_socket(config.host, port, what=what).close()  # so does a port another program holds
     if not client:

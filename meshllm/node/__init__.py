@@ -18,16 +18,52 @@ import anyio
 from anyio.abc import TaskStatus
 
 from meshllm.engine.build import require_engine
-from meshllm.engine.models import file_fingerprint, resolve_model
-from meshllm.errors import MeshError
+from meshllm.engine.catalog import catalog
+from meshllm.engine.download import ModelReference, check_remote, parse_reference
+from meshllm.engine.models import file_fingerprint, models_dir, resolve_model
+from meshllm.errors import MeshError, ModelNotFetched
 from meshllm.node.config import NodeConfig
+from meshllm.node.discovery import resolve_join
 from meshllm.node.http import bind_socket
 from meshllm.node.node import Node
 from meshllm.state.schema import ModelOrigin, ModelSpec
 from meshllm.store.db import NodeStore
 from meshllm.store.identity import load_identity
 
-__all__ = ["Node", "NodeConfig", "bind_socket", "desired_models", "run_node"]
+__all__ = ["Node", "NodeConfig", "bind_socket", "check_model", "desired_models", "draft_for", "run_node"]
+
+DRAFT_SHARE = 0.1  # a catalog draft not on disk yet is fetched when it is at most this share of its model
+
+
+def check_model(source: str) -> int:
+    """Fail now (``ModelError``, one line) on a ``--model`` or ``--draft`` that cannot be had: a bad path,
+    an unknown name, a hub file that is missing or gated. The bytes it takes (a hub model: to fetch)."""
+    try:
+        return resolve_model(source).size_bytes
+    except ModelNotFetched as exc:
+        if not isinstance(exc.reference, ModelReference):
+            raise
+        return sum(r.size for r in check_remote(exc.reference))
+
+
+def draft_for(config: NodeConfig, source: str) -> str:
+    """The draft of the ``--model`` ``source``: ``--draft``, none with ``--no-draft``, else the catalog's
+    pairing (of a catalog name, or of a catalog model's file given by path) when its draft is on disk or
+    small beside the model (at most ``DRAFT_SHARE`` of it)."""
+    if config.no_draft:
+        return ""
+    if config.draft:
+        return config.draft
+    local = Path(source).expanduser()
+    reference = parse_reference(source) if not local.exists() else None
+    entry = reference.entry if reference is not None else next(  # a catalog model's file, fetched before
+        (e for e in catalog() if e.files[0].rsplit("/", 1)[-1] == local.name), None)
+    paired = parse_reference(entry.draft) if entry is not None and entry.draft else None
+    if entry is None or paired is None or paired.entry is None:
+        return ""
+    if paired.present(models_dir()) or paired.entry.size_bytes <= DRAFT_SHARE * entry.size_bytes:
+        return paired.name
+    return ""
 
 
 def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSpec]:
@@ -36,11 +72,19 @@ def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSp
         raise MeshError("--client nodes serve no models; drop --client or --model")
     specs = []
     for source in config.models:
-        resolved = resolve_model(source)
+        draft = draft_for(config, source)
+        try:
+            resolved = resolve_model(source)
+        except ModelNotFetched as exc:  # a hub model: the served-model controller fetches it
+            reference = exc.reference
+            name = getattr(reference, "name", source)
+            specs.append(ModelSpec(name=name, source=source, node=node_id, created_at=now, origin=ModelOrigin.NODE,
+                                   owner=node_id, size_bytes=check_model(source), split=config.split, draft=draft))
+            continue
         kept = source if not Path(source).expanduser().exists() else str(resolved.path)
         specs.append(ModelSpec(name=resolved.name, source=kept, node=node_id, created_at=now,
                                origin=ModelOrigin.NODE, owner=node_id, size_bytes=resolved.size_bytes,
-                               fingerprint=file_fingerprint(resolved.path), split=config.split))
+                               fingerprint=file_fingerprint(resolved.path), split=config.split, draft=draft))
     return specs
 
 
@@ -48,6 +92,7 @@ async def run_node(config: NodeConfig, *, announce: Callable[[str], None] = prin
                    task_status: TaskStatus[dict[str, str]] = anyio.TASK_STATUS_IGNORED) -> None:
     """Run the node ``config`` describes until SIGINT, SIGTERM or cancellation; reports its id, API
     URL and invite token once it serves."""
+    config = await resolve_join(config, announce=announce)  # --auto / --mesh-name: the mesh to join, if any
     identity = load_identity(config.state_dir)
     node_id, now = identity.node_id, time.time()
     specs = await anyio.to_thread.run_sync(desired_models, config, node_id, now)

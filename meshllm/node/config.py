@@ -35,7 +35,21 @@ class NodeConfig:
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # --api-key / MESHLLM_API_KEY: this node only
     blackboard: bool = False  # open the blackboard's routes on this node (every node relays the board)
     blackboard_rate: int = 10  # posts a minute this node accepts (benches raise it)
+    draft: str = ""  # --draft: draft model (path or name) of the --model models; empty: the catalog's pairing
+    no_draft: bool = False  # --no-draft: no speculative decoding, even where the catalog pairs a draft
     max_tokens_default: int = DEFAULT_MAX_TOKENS  # generation limit of a request that sets none (-1: none)
+    # discovery (node.discovery): --publish, --mesh-name, --region, --max-clients, --auto, --relay, --no-mdns
+    publish: bool = False
+    mesh_name: str = ""
+    region: str = ""
+    max_clients: int = 0  # delist while this many clients are connected; 0: no limit
+    auto: bool = False
+    want_model: str = ""  # --client --auto --model M: join a mesh serving M (a client serves nothing itself)
+    relays: tuple[str, ...] | None = None  # None: discovery.directory.DEFAULT_RELAYS
+    mdns: bool = True
+    listing_ttl: float = 300.0  # seconds a published listing lives unless re-published
+    relay_timeout: float = 5.0
+    mdns_wait: float = 3.0  # seconds --auto and --mesh-name browse the LAN before they choose
 
     @property
     def host(self) -> str:

@@ -17,8 +17,9 @@ it serve:
     6. demand recorder   what the OpenAI API hears asked for, written to the document
        console events    the feed of /api/events (``api.events``), told of each document change
     7. APIs              OpenAI :9337 (behind the API-key gate), console + /api :3131
+    8. publisher         --publish/--mesh-name only: lists the mesh on the relays and the LAN (``node.discovery``)
 
-and stops them last-first on SIGINT or SIGTERM, or when cancelled: the APIs (requests in flight get a
+and stops them last-first on SIGINT or SIGTERM, or when cancelled: the publisher (it withdraws the listing), the APIs (requests in flight get a
 few seconds), the demand recorder, the controllers (each stops its own processes as it shuts down),
 whatever engine process is left (SIGTERM, then SIGKILL), the RPC tunnels, the mesh, which tells the
 peers this node leaves while its gossip still runs, and last the blackboard, which saves its snapshot.
@@ -53,11 +54,12 @@ from meshllm.api.openai import create_openai_app
 from meshllm.api.routing import Router
 from meshllm.api.status import create_status_app, status_snapshot
 from meshllm.engine.capacity import detect_capacity
-from meshllm.engine.models import looks_like_path
+from meshllm.engine.models import looks_like_path, models_dir
 from meshllm.engine.rpc_auth import rpc_key
 from meshllm.engine.sources import SourcePolicy
 from meshllm.node.blackboard import NodeBlackboard
 from meshllm.node.config import NodeConfig
+from meshllm.node.discovery import publisher_for
 from meshllm.node.http import HttpApi
 from meshllm.node.lifecycle import Lifecycle, Run
 from meshllm.node.mesh import MeshRuntime, interface_addresses
@@ -65,6 +67,7 @@ from meshllm.node.rotation import node_rotation
 from meshllm.reconcile.demand import DemandRecorder, GarbageCollector
 from meshllm.reconcile.leases import PlacementController
 from meshllm.reconcile.runtime import Runner
+from meshllm.reconcile.downloads import Downloads
 from meshllm.reconcile.served import ServedModelController
 from meshllm.reconcile.supervisor import ProcessSupervisor
 from meshllm.reconcile.timing import Backoff
@@ -140,6 +143,7 @@ class Node:
         self.supervisor: ProcessSupervisor | None = None
         self.runner: Runner | None = None
         self.workers: WorkerController | None = None
+        self.downloads = Downloads(folder=models_dir())  # hub models this node must fetch to serve
         if engine_dir is not None:
             self.supervisor = ProcessSupervisor(store=store)
             self.runner, self.workers = self._controllers(self.supervisor, engine_dir, store, key)
@@ -161,6 +165,7 @@ class Node:
                     *rotation_api, *self.events.routes(), *self.metrics.routes(),
                     *console_routes(openai_base=local_api)],
             extra=extra)
+        self.publisher = publisher_for(config, state, self.mesh, node_id=node_id)  # None: a private mesh
         metered = RequestMetering(openai_app, self.metrics)
         self.apis = (HttpApi(ApiKeyGate(metered, self.keys), host=config.host, port=config.port, what="OpenAI API"),
                      HttpApi(status_app, host=config.host, port=config.console_port, what="console API"))
@@ -179,7 +184,8 @@ class Node:
         served = ServedModelController(
             state, node_id=node_id, supervisor=supervisor, engine_dir=engine_dir, log_dir=logs,
             gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads,
-            store=store, rpc=self.rpc_tunnels, backoff=backoff, max_tokens=config.max_tokens_default)
+            store=store, rpc=self.rpc_tunnels, backoff=backoff, max_tokens=config.max_tokens_default,
+            downloads=self.downloads)
         # --rpc-direct: rpc-servers on the node's address, published for hosts to reach straight
         bind_host = config.quic_host if config.rpc_direct else "127.0.0.1"
         direct_host = self.mesh.advertised(0)[0].rpartition(":")[0] if config.rpc_direct else ""
@@ -213,10 +219,12 @@ class Node:
     def _components(self) -> list[tuple[str, Run]]:
         """The start order after the mesh; the stop order is its reverse, then the mesh."""
         engine = [] if self.supervisor is None or self.runner is None else [
-            ("engine processes", self.supervisor.run), ("controllers", self.runner.run)]
+            ("engine processes", self.supervisor.run), ("downloads", self.downloads.run),
+            ("controllers", self.runner.run)]
+        listing = [] if self.publisher is None else [("publisher", self.publisher.run)]
         return [("key rotation", self.rotation.run), ("RPC tunnels", self.rpc_tunnels.run), *engine,
                 ("demand recorder", self.demand.run), ("console events", self._run_events),
-                *((api.what, api.run) for api in self.apis)]
+                *((api.what, api.run) for api in self.apis), *listing]
 
     async def _run_events(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The console's event feed, told of every change of the state document while it runs."""

@@ -305,6 +305,7 @@ def _hot_models(base: Mapping[str, int], rates: Mapping[str, float],
 # -- conditions ---------------------------------------------------------------------------------
 class ConditionPhase(StrEnum):
     PENDING = "Pending"
+    DOWNLOADING = "Downloading"
     LOADING = "Loading"
     READY = "Ready"
     DEGRADED = "Degraded"
@@ -378,6 +379,10 @@ def _condition(name: str, spec: ModelSpec, why: str | None, plan: Placement,
         message = message or (failed[0].message if failed else f"{want - ready} more server(s) starting")
         return Condition(phase=ConditionPhase.DEGRADED, reason=reason or "TooFewServers", message=message,
                          **common)
+    fetching = [s for s in mine if s.phase is ServerPhase.DOWNLOADING]
+    if fetching and not ready:
+        return Condition(phase=ConditionPhase.DOWNLOADING, reason="Downloading", **common,
+                         message=f"{fetching[0].node}: {fetching[0].message}")
     if nodes and any(s.phase is ServerPhase.LOADING for s in mine):
         return Condition(phase=ConditionPhase.LOADING, reason="Loading", message="loading on " + ", ".join(nodes),
                          **common)

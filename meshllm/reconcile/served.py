@@ -10,8 +10,12 @@ backoff, one no longer desired is stopped (the supervisor's one ladder).
 The supervisor records every llama-server in the node's database, so a node agent that was killed and
 restarted *adopts* the ones it left running instead of starting a second copy: one whose command line
 is exactly what this node would run now (``DesiredServer.argv_hash``) is claimed, any other stopped.
-What happens to each model is written to the store's event log (Started, Ready, Exited, Restarting,
-Stopped, Adopted, Failed).
+What happens to each model is written to the store's event log (Downloading, Started, Ready, Exited,
+Restarting, Stopped, Adopted, Failed).
+
+A model (or draft) named by a catalog name or a hub reference whose files are not in the models folder
+yet is fetched by the ``Fetcher`` (``reconcile.downloads``) outside the reconcile: while it runs, the
+model's desired state is ``Fetching`` and its status ``Downloading`` with the progress.
 """
 
 from __future__ import annotations
@@ -24,14 +28,16 @@ from typing import Protocol
 
 import anyio
 
+from meshllm.engine.download import ModelReference
 from meshllm.engine.ggufinfo import block_count
 from meshllm.engine.models import ResolvedModel, resolve_model
 from meshllm.engine.process import DEFAULT_MAX_TOKENS, LlamaServerConfig, safe_name
 from meshllm.engine.rpc_auth import RPC_SECRET_ENV
 from meshllm.engine.templates import chat_arguments
-from meshllm.errors import ModelError, TerminalError
+from meshllm.errors import ModelError, ModelNotFetched, TerminalError
+from meshllm.reconcile.downloads import Fetcher
 from meshllm.reconcile.served_plan import (
-    ADOPT_GRACE, Action, ActualServer, Claim, Desired, DesiredServer, Forget, GiveUp, Memory, Publish, Record,
+    ADOPT_GRACE, Action, ActualServer, Claim, Desired, DesiredServer, Fetching, Forget, GiveUp, Memory, Publish, Record,
     Remember, Start, Stop, Unavailable, Wait, Withdraw, plan,
 )
 from meshllm.reconcile.supervisor import PROCESSES, HttpReady, LaunchSpec, ProcessPhase, ProcessView, Supervisor
@@ -69,7 +75,7 @@ class ServedModelController:
     def __init__(self, state: MeshState, *, node_id: str, supervisor: Supervisor, engine_dir: Path, log_dir: Path,
                  gpu_layers: int = 0, device: str = "", threads: int = 0, store: NodeStore | None = None,
                  rpc: RpcConnector | None = None, clock: Clock | None = None, backoff: Backoff | None = None,
-                 max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+                 max_tokens: int = DEFAULT_MAX_TOKENS, downloads: Fetcher | None = None) -> None:
         self.state = state
         self.node_id = node_id
         self.supervisor = supervisor
@@ -80,12 +86,14 @@ class ServedModelController:
         self.threads = threads
         self.store = store
         self.rpc = rpc
+        self.downloads = downloads
         self.clock = clock or SystemClock()
         self.backoff = backoff or Backoff()
         self.max_tokens = max_tokens
         self._adopt_until = self.clock.now() + ADOPT_GRACE
         self.memory: dict[str, Memory] = {}
         self._resolved: dict[tuple[str, str], ResolvedModel] = {}
+        self._draftless: set[str] = set()  # models served without their draft (it could not be fetched)
         self._layers: dict[Path, int] = {}  # a model file's layer count (a CPU split host needs it)
         self._chat: dict[Path, tuple[str, ...]] = {}  # a model file's chat format (engine.templates)
 
@@ -122,7 +130,20 @@ class ServedModelController:
             return None
         try:
             path = await self._resolve(spec.source, spec.name)
+        except ModelNotFetched as exc:
+            return self._fetching(model, spec.source, exc, draft=False)
+        except ModelError as exc:
+            return Unavailable(model, str(exc))
+        try:
             draft = await self._resolve(spec.draft, spec.name + "-draft") if spec.draft else None
+        except ModelNotFetched as exc:
+            fetching = self._fetching(model, spec.draft, exc, draft=True)
+            if isinstance(fetching, Fetching):
+                return fetching
+            if model not in self._draftless:  # a draft only speeds up: serve without it, say so once
+                self._draftless.add(model)
+                log.warning("%s: serving without its draft: %s", model, fetching.message)
+            draft = None
         except ModelError as exc:
             return Unavailable(model, str(exc))
         if path not in self._chat:  # read once, not at every reconcile
@@ -166,6 +187,17 @@ class ServedModelController:
             if problem is not None:
                 return f"worker {node} does not answer through the mesh: {problem}"
         return None
+
+    def _fetching(self, model: str, source: str, exc: ModelNotFetched, *, draft: bool) -> Fetching | Unavailable:
+        """Its files (or its draft's) are missing: have them fetched, and say how far that got."""
+        reference = exc.reference
+        if self.downloads is None or not isinstance(reference, ModelReference):
+            return Unavailable(model, str(exc))
+        state = self.downloads.want(source, reference, retry=not draft)  # a failed draft: serve without it
+        what = f"draft {reference.name}: " if draft else ""
+        if state.error:
+            return Unavailable(model, f"{what}download failed: {state.error}")
+        return Fetching(model, what + state.message)
 
     async def _resolve(self, source: str, name: str) -> Path:
         key = (source, name)

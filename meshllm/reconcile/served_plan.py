@@ -11,6 +11,8 @@ status it published, and for a split whether its workers are ready), and returns
   what this node would start, and stopped otherwise; it waits ``adopt_until`` for the node's leases;
 - a running server is stopped when it is no longer desired, its settings changed (a split's workers
   included), or it was not ready within ``load_timeout``; a stopping one is waited for;
+- the model's files are being fetched (``Fetching``): publish ``Downloading`` with the progress, look
+  again shortly; nothing starts until the files are there;
 - nothing runs: start (a crashed one once its backoff is over; a split once its workers are ready);
 - the ``ServerStatus`` the situation calls for is published when it differs from the one in the
   document, and events are recorded on the transitions (Started, Ready, Exited, Stopped, ...).
@@ -27,8 +29,9 @@ from meshllm.reconcile.supervisor import ProcessPhase, ProcessView
 from meshllm.state.schema import ServerPhase, ServerStatus
 
 __all__ = [
-    "ADOPT_GRACE", "LOAD_TIMEOUT", "SPLIT_WAIT", "STABLE_AFTER", "Action", "ActualServer", "Claim", "Desired",
-    "DesiredServer", "Forget", "GiveUp", "Memory", "Publish", "Record", "Remember", "Start", "Stop", "Unavailable",
+    "ADOPT_GRACE", "FETCH_POLL", "LOAD_TIMEOUT", "SPLIT_WAIT", "STABLE_AFTER", "Action", "ActualServer", "Claim",
+    "Desired", "DesiredServer", "Fetching", "Forget", "GiveUp", "Memory", "Publish", "Record", "Remember", "Start",
+    "Stop", "Unavailable",
     "Wait", "Withdraw", "plan",
 ]
 
@@ -36,6 +39,7 @@ LOAD_TIMEOUT = 900.0  # seconds a llama-server may take to answer /health with 2
 STABLE_AFTER = 60.0  # a server ready this long has its restart count reset
 ADOPT_GRACE = 15.0  # seconds after start an adopted llama-server waits for this node's leases
 SPLIT_WAIT = 0.5  # seconds between looks while a split's workers are not all reachable
+FETCH_POLL = 1.0  # seconds between two progress reports of a download
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,15 @@ class Unavailable:
     message: str
 
 
-Desired = DesiredServer | Unavailable | None
+@dataclass(frozen=True)
+class Fetching:
+    """The model's files (or its draft's) are being downloaded; ``message`` is the progress."""
+
+    model: str
+    message: str
+
+
+Desired = DesiredServer | Unavailable | Fetching | None
 
 
 @dataclass(frozen=True)
@@ -171,6 +183,8 @@ def plan(desired: Desired, actual: ActualServer, now: float, *, load_timeout: fl
         proc = None
     if isinstance(desired, Unavailable):
         return actions + _unavailable(desired, actual, proc)
+    if isinstance(desired, Fetching):
+        return actions + _fetching(desired, actual, proc, now)
     if proc is not None and proc.running and not proc.claimed:
         proc, memory = _adoption(desired, actual, proc, memory, now, actions)
         if proc is None:
@@ -217,6 +231,23 @@ def _unavailable(desired: Unavailable, actual: ActualServer, proc: ProcessView |
         actions += [Publish(status), Record(desired.model, "Failed", desired.message, "error"),
                     GiveUp(desired.model, desired.message)]
     return actions
+
+
+def _fetching(desired: Fetching, actual: ActualServer, proc: ProcessView | None, now: float) -> list[Action]:
+    """Nothing runs while the files come (a server of an older spec is stopped); the progress is published."""
+    actions: list[Action] = []
+    if proc is not None and proc.running:
+        actions.append(Stop(desired.model, "model files are downloading"))
+    if actual.memory != Memory():
+        actions.append(Remember(desired.model, Memory()))
+    status = ServerStatus(node=actual.node, model=desired.model, phase=ServerPhase.DOWNLOADING, port=0,
+                          message=desired.message, since=now)
+    published = actual.published
+    if published is None or not _same(published, status):
+        actions.append(Publish(status))
+        if published is None or published.phase is not ServerPhase.DOWNLOADING:
+            actions.append(Record(desired.model, "Downloading", desired.message))
+    return actions + [Wait(desired.model, now + FETCH_POLL)]
 
 
 def _adoption(desired: DesiredServer | None, actual: ActualServer, proc: ProcessView, memory: Memory, now: float,

@@ -186,6 +186,7 @@ class NodeDeath(_Entity):
 
 
 class ServerPhase(StrEnum):
+    DOWNLOADING = "downloading"  # fetching the model's files; ``message`` has the progress
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from meshllm.reconcile.served_plan import (
-    ActualServer, Claim, Desired, DesiredServer, Forget, GiveUp, Memory, Publish, Record, Remember, Start, Stop,
+    ActualServer, Claim, Desired, DesiredServer, Fetching, Forget, GiveUp, Memory, Publish, Record, Remember, Start, Stop,
     Unavailable, Wait, Withdraw, plan,
 )
 from meshllm.reconcile.supervisor import ProcessPhase, ProcessView
@@ -125,3 +125,25 @@ def test_a_failure_stays_reported_after_the_model_left_this_node() -> None:
     """Placement moves a crash-looping model away; its failure stays on record here."""
     assert plan(None, actual(published=FAILED), NOW) == []
     assert plan(None, actual(published=READY), NOW) == [Withdraw("m")]
+
+
+FETCHING = status(ServerPhase.DOWNLOADING, port=0, pid=0, message="downloading 1.0 MB of 4.0 MB (25%)", since=NOW)
+
+
+@pytest.mark.parametrize(("message", "now_actual", "expected"), [
+    pytest.param("downloading 1.0 MB of 4.0 MB (25%)", actual(),
+                 [Publish(FETCHING), Record("m", "Downloading", FETCHING.message), Wait("m", NOW + 1.0)],
+                 id="files missing: Downloading published and recorded, looked at again"),
+    pytest.param("downloading 1.0 MB of 4.0 MB (25%)", actual(published=FETCHING), [Wait("m", NOW + 1.0)],
+                 id="no progress: nothing rewritten"),
+    pytest.param("downloading 2.0 MB of 4.0 MB (50%)", actual(published=FETCHING),
+                 [Publish(FETCHING.model_copy(update={"message": "downloading 2.0 MB of 4.0 MB (50%)"})), Wait("m", NOW + 1.0)],
+                 id="progress: republished, no new event"),
+    pytest.param("downloading 0 B", actual(proc(ProcessPhase.READY), memory=RUNS, published=READY),
+                 [Stop("m", "model files are downloading"), Remember("m", Memory()),
+                  Publish(FETCHING.model_copy(update={"message": "downloading 0 B"})), Record("m", "Downloading", "downloading 0 B"),
+                  Wait("m", NOW + 1.0)],
+                 id="a new source to fetch: the old server stops first"),
+])
+def test_plan_while_downloading(message: str, now_actual: ActualServer, expected: list[object]) -> None:
+    assert plan(Fetching("m", message), now_actual, NOW) == expected

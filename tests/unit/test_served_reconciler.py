@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from meshllm.reconcile.served_plan import ADOPT_GRACE, STABLE_AFTER
 from meshllm.reconcile.runtime import RESYNC
 from meshllm.state.schema import ModelSpec, ServerPhase, WorkerStatus
@@ -206,3 +208,59 @@ async def test_stopping_the_node_stops_every_server_and_withdraws_their_statuses
         await runner.stop()
         assert not world.pids()
         assert world.server("a") is None and world.server("b") is None
+
+
+class FakeFetcher:
+    """Downloads as the controller sees them: a state per source, set by the test."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, object] = {}
+        self.asked: list[tuple[str, bool]] = []
+
+    def want(self, source: str, reference: object, *, retry: bool = True) -> object:
+        from meshllm.reconcile.downloads import FetchState
+
+        self.asked.append((source, retry))
+        return self.states.get(source, FetchState())
+
+
+def served_with(world: World, fetcher: FakeFetcher) -> object:
+    from meshllm.reconcile.served import ServedModelController
+
+    return ServedModelController(world.state, node_id=ME, supervisor=world.supervisor, engine_dir=Path("/engine"),
+                                 log_dir=world.tmp / "logs", clock=world.clock, backoff=world.backoff,
+                                 downloads=fetcher)  # type: ignore[arg-type]
+
+
+async def test_a_hub_model_shows_downloading_then_starts_once_its_file_is_there(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshllm.reconcile.downloads import FetchState
+    from meshllm.reconcile.served_plan import FETCH_POLL
+
+    monkeypatch.setenv("MESHLLM_MODELS_DIR", str(tmp_path / "models"))
+    world, fetcher = World(tmp_path), FakeFetcher()
+    fetcher.states["org/r/m.gguf"] = FetchState(done=1_000_000, total=4_000_000, rate=500_000)
+    world.state.put_model(ModelSpec(name="m", source="org/r/m.gguf", node=ME))
+    world.lease("m")
+    async with world.running(served_with(world, fetcher)):  # type: ignore[arg-type]
+        status = world.server()
+        assert status is not None and status.phase is ServerPhase.DOWNLOADING and "(25%)" in status.message
+        assert not world.pids() and fetcher.asked[0] == ("org/r/m.gguf", True)
+        (tmp_path / "models").mkdir()
+        gguf(tmp_path / "models" / "m.gguf")  # the download finished
+        await world.advance(FETCH_POLL)
+        assert list(world.pids()) == ["m"]
+
+
+async def test_a_draft_that_cannot_be_fetched_leaves_the_model_served_without_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshllm.reconcile.downloads import FetchState
+
+    monkeypatch.setenv("MESHLLM_MODELS_DIR", str(tmp_path / "models"))
+    world, fetcher = World(tmp_path), FakeFetcher()
+    fetcher.states["org/r/d.gguf"] = FetchState(finished=True, error="org/r/d.gguf: not found on the hub")
+    world.serve("m", draft="org/r/d.gguf")
+    async with world.running(served_with(world, fetcher)):  # type: ignore[arg-type]
+        assert list(world.pids()) == ["m"]
+        assert "--model-draft" not in world.process("m").argv
+        assert ("org/r/d.gguf", False) in fetcher.asked  # a failed draft is not fetched again and again

@@ -1,0 +1,112 @@
+"""Where listings live: the Nostr relays (``--relay``) and, on the LAN, mDNS; read and written as one.
+
+``Directory.find`` asks every relay (concurrently) and the LAN, verifies each event it gets back
+(``listing.parse_listing``) and keeps the newest live listing per mesh. ``Directory.put`` sends one
+signed listing to every relay and the LAN. An unreachable relay, or one that sends garbage, costs a
+warning (once until it answers again), never the node: discovery is best effort by design.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import anyio
+
+from meshllm.discovery import nostr
+from meshllm.discovery.listing import Listing, listing_filter, newest, parse_listing
+from meshllm.discovery.nostr import Event, RelayError
+
+__all__ = ["DEFAULT_RELAYS", "Directory", "LanDirectory"]
+
+log = logging.getLogger(__name__)
+
+# Public relays that accept NIP-78 events from anyone (checked when this list was written); --relay replaces it.
+DEFAULT_RELAYS = ("wss://relay.damus.io", "wss://nos.lol", "wss://relay.nostr.band")
+
+
+class LanDirectory(Protocol):
+    """Listings on the local network (``discovery.mdns``)."""
+
+    async def put(self, event: Event | None) -> None: ...
+    async def find(self, *, wait: float) -> list[Event]: ...
+
+
+@dataclass
+class Directory:
+    relays: Sequence[str] = DEFAULT_RELAYS
+    lan: LanDirectory | None = None
+    timeout: float = 5.0
+    _failing: set[str] = field(default_factory=set)
+
+    def _failed(self, relay: str, exc: Exception) -> None:
+        if relay not in self._failing:
+            log.warning("discovery: %s (carrying on without it)", exc)
+            self._failing.add(relay)
+
+    def _ok(self, relay: str) -> None:
+        if relay in self._failing:
+            log.info("discovery: relay %s answers again", relay)
+            self._failing.discard(relay)
+
+    async def put(self, event: Event | None) -> int:
+        """Publish ``event`` everywhere (None: withdraw this node's LAN record); returns how many relays took it."""
+        accepted = 0
+
+        async def one(relay: str) -> None:
+            nonlocal accepted
+            try:
+                await nostr.publish(relay, event, timeout=self.timeout)  # type: ignore[arg-type]
+                accepted += 1
+                self._ok(relay)
+            except RelayError as exc:
+                self._failed(relay, exc)
+
+        async with anyio.create_task_group() as tg:
+            if event is not None:
+                for relay in self.relays:
+                    tg.start_soon(one, relay)
+            if self.lan is not None:
+                await self.lan.put(event)
+        return accepted
+
+    async def events(self, *, wait: float = 2.0) -> list[tuple[str, object]]:
+        """Every event the relays and the LAN return, unverified, with where it came from."""
+        found: list[tuple[str, object]] = []
+
+        async def one(relay: str) -> None:
+            try:
+                got = await nostr.query(relay, [listing_filter()], timeout=self.timeout)
+                found.extend((relay, e) for e in got)
+                self._ok(relay)
+            except RelayError as exc:
+                self._failed(relay, exc)
+
+        async def lan() -> None:
+            assert self.lan is not None
+            found.extend(("mdns", e) for e in await self.lan.find(wait=wait))
+
+        async with anyio.create_task_group() as tg:
+            for relay in self.relays:
+                tg.start_soon(one, relay)
+            if self.lan is not None:
+                tg.start_soon(lan)
+        return found
+
+    async def find(self, *, wait: float = 2.0, now: float | None = None) -> list[Listing]:
+        """The live, verified listings, one per mesh (forged, stale and malformed ones skipped)."""
+        when = time.time() if now is None else now
+        parsed = []
+        skipped = 0
+        for source, event in await self.events(wait=wait):
+            listing = parse_listing(event, now=when, source=source)
+            if listing is None:
+                skipped += 1
+            else:
+                parsed.append(listing)
+        if skipped:
+            log.info("discovery: skipped %d listing(s) that were forged, expired or malformed", skipped)
+        return newest(parsed)
