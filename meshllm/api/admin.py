@@ -11,7 +11,7 @@ shell. ``AdminGate`` wraps the console app and decides before any route runs:
   neither a custom header nor that type, and the console answers no CORS preflight, so a web page the
   user opens cannot act on the node, not even blindly.
 - Reads are open only on a loopback-bound console and only for the routes listed as public (status,
-  one model, demand), which carry no secret; everything else, and everything when the console is
+  one model, demand, the console page, its event stream, Prometheus metrics), which carry no secret; everything else, and everything when the console is
   reachable beyond loopback, needs the token. New routes are private unless listed here.
 
 Failures are OpenAI-shaped errors that name what is missing and never echo a credential.
@@ -29,8 +29,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 __all__ = ["AdminGate", "ConsoleAccess", "LOOPBACK_HOSTS", "PUBLIC_READS"]
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-# Read-only routes a loopback-bound console answers without the token; a trailing "/" is a prefix.
-PUBLIC_READS = ("/api/status", "/api/demand", "/api/models/")
+# Read-only routes a loopback-bound console answers without the token; a trailing "/" is a prefix
+# (but "/" alone is the page, exactly).
+# The console page ("/", its script and stylesheet) carries no secret; /api/events streams what
+# /api/status says; /metrics (Prometheus) says how much, never what: scrapers rarely hold a token.
+PUBLIC_READS = ("/api/status", "/api/demand", "/api/models/", "/", "/console.js", "/console.css", "/api/events",
+                "/metrics")
 _READ_METHODS = {"GET", "HEAD"}
 
 
@@ -77,7 +81,8 @@ _TOKEN_HELP = ("this request needs the node's admin token (Authorization: Bearer
 
 
 def _public(path: str) -> bool:
-    return any(path.startswith(p) if p.endswith("/") else path == p for p in PUBLIC_READS)
+    # "/" (the console page) is the one exact path ending in "/": as a prefix it would open everything
+    return any(path.startswith(p) if p.endswith("/") and p != "/" else path == p for p in PUBLIC_READS)
 
 
 def _host_name(host: str) -> str:

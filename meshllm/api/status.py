@@ -34,6 +34,12 @@ def status_snapshot(state: MeshState, *, node_id: str, now: float,
     nodes, alive = state.nodes(), state.alive_nodes()
     servers, workers = state.servers(), state.workers()
     conds = conditions(state, now=now)
+    demand: dict[str, dict[str, float]] = {}
+    for entry in state.demand().values():
+        if entry.expires_at > now:
+            summed = demand.setdefault(entry.model, {"count": 0, "rate": 0.0})
+            summed["count"] += entry.count
+            summed["rate"] += entry.rate
     models = []
     for name, spec in sorted(state.models().items()):
         serving = [s for s in servers.values() if s.model == name]
@@ -44,6 +50,7 @@ def status_snapshot(state: MeshState, *, node_id: str, now: float,
             "workers": [w.model_dump(mode="json") for w in workers.values() if w.model == name],
             "phase": _model_phase(serving),
             "condition": condition.model_dump(mode="json") if condition else None,
+            "demand": demand.get(name),
         })
     me = nodes.get(node_id)
     return {

@@ -56,6 +56,7 @@ Offer this machine to the mesh, serving what it places here:
   meshllm --standby [--join TOKEN|@FILE]   # or the token in $MESHLLM_JOIN
 Ask a running node:
   meshllm get models | meshllm get nodes | meshllm describe model NAME
+  or open its console: http://127.0.0.1:3131/ (live nodes, models, chat; Prometheus at /metrics)
 Change what the mesh serves:
   meshllm apply -f examples/one-model.yaml | meshllm diff -f FILE | meshllm delete -f FILE
 Require API keys on every node's OpenAI API:

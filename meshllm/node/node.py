@@ -15,6 +15,7 @@ it serve:
     4. engine processes  the process supervisor (``reconcile.supervisor``): llama-server, rpc-server
     5. controllers       the runner (``reconcile.runtime``): placement, served models, split workers, janitor
     6. demand recorder   what the OpenAI API hears asked for, written to the document
+       console events    the feed of /api/events (``api.events``), told of each document change
     7. APIs              OpenAI :9337 (behind the API-key gate), console + /api :3131
     8. publisher         --publish/--mesh-name only: lists the mesh on the relays and the LAN (``node.discovery``)
 
@@ -43,12 +44,15 @@ from anyio.abc import TaskStatus
 
 from meshllm import __version__
 from meshllm.api.admin import ConsoleAccess
+from meshllm.api.console import console_routes
 from meshllm.api.control import AppliedHook, EventSource
+from meshllm.api.events import EventHub
 from meshllm.api.keys import ApiKeyGate, KeyRing, exposure_warning, key_routes
 from meshllm.api.backends import DataPlane
+from meshllm.api.metrics import MeshMetrics, NodeGauges, RequestMetering
 from meshllm.api.openai import create_openai_app
 from meshllm.api.routing import Router
-from meshllm.api.status import create_status_app
+from meshllm.api.status import create_status_app, status_snapshot
 from meshllm.engine.capacity import detect_capacity
 from meshllm.engine.models import looks_like_path, models_dir
 from meshllm.engine.rpc_auth import rpc_key
@@ -149,16 +153,27 @@ class Node:
         serve_streams(self.mesh.endpoint, self._stream_services())
         events, on_applied = store_hooks(store, node_id)
         openai_app = create_openai_app(self.plane, max_body_bytes=config.max_body_bytes, demand=self.demand.note)
+        self.metrics = MeshMetrics(state, node_id=node_id, gauges=self._gauges())
+        extra = {"mesh_id": self.mesh.creds.mesh_id, "key_id": lambda: self.mesh.creds.key_id,
+                 "rpc_tunnels": self.rpc_tunnels.tunnels, "metrics": self.metrics.summary}
+        self.events = EventHub(lambda: status_snapshot(state, node_id=node_id, now=time.time(), extra=extra))
+        local_api = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{config.port}"
         status_app = create_status_app(
             state, node_id=node_id, access=console_access(config), sources=source_policy(config), events=events,
             on_applied=on_applied, invite=self.mesh.token,
             routes=[*key_routes(state, node_id=node_id, ring=self.keys), *self.blackboard.api.routes(),
-                    *rotation_api],
-            extra={"mesh_id": self.mesh.creds.mesh_id, "key_id": lambda: self.mesh.creds.key_id,
-                   "rpc_tunnels": self.rpc_tunnels.tunnels})
+                    *rotation_api, *self.events.routes(), *self.metrics.routes(),
+                    *console_routes(openai_base=local_api)],
+            extra=extra)
         self.publisher = publisher_for(config, state, self.mesh, node_id=node_id)  # None: a private mesh
-        self.apis = (HttpApi(ApiKeyGate(openai_app, self.keys), host=config.host, port=config.port, what="OpenAI API"),
+        metered = RequestMetering(openai_app, self.metrics)
+        self.apis = (HttpApi(ApiKeyGate(metered, self.keys), host=config.host, port=config.port, what="OpenAI API"),
                      HttpApi(status_app, host=config.host, port=config.console_port, what="console API"))
+
+    def _gauges(self) -> NodeGauges:
+        gossip, quic = self.mesh.gossip.stats, self.mesh.endpoint.stats
+        return NodeGauges(gossip_bytes=lambda: (gossip.bytes_sent, gossip.bytes_received),
+                          quic_bytes=lambda: (quic.bytes_sent, quic.bytes_received))
 
     def _controllers(self, supervisor: ProcessSupervisor, engine_dir: Path, store: NodeStore,
                      key: str) -> tuple[Runner, WorkerController]:
@@ -208,8 +223,16 @@ class Node:
             ("controllers", self.runner.run)]
         listing = [] if self.publisher is None else [("publisher", self.publisher.run)]
         return [("key rotation", self.rotation.run), ("RPC tunnels", self.rpc_tunnels.run), *engine,
-                ("demand recorder", self.demand.run),
+                ("demand recorder", self.demand.run), ("console events", self._run_events),
                 *((api.what, api.run) for api in self.apis), *listing]
+
+    async def _run_events(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The console's event feed, told of every change of the state document while it runs."""
+        handle = self.state.observe(self.events.notify)
+        try:
+            await self.events.run(task_status=task_status)
+        finally:
+            self.state.unobserve(handle)
 
     async def run(self, *, task_status: TaskStatus[dict[str, str]] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until SIGINT, SIGTERM or cancellation; then stop every component, last started first."""
@@ -242,7 +265,7 @@ class Node:
             await parts.start(name, run)
         token = self.mesh.token()
         self.announce(f"meshllm node {self.node_id}: OpenAI API {self.api_url}, console "
-                      f"http://{self.config.host}:{self.config.console_port}/api/status, logs in "
+                      f"http://{self.config.host}:{self.config.console_port}/ , logs in "
                       f"{self.config.state_dir / 'logs'}\ninvite token (others join with --join): {token}")
         if warning := exposure_warning(self.keys, host=self.config.host, url=self.api_url):
             self.announce(warning)

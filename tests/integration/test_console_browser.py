@@ -1,0 +1,124 @@
+"""The web console in a real browser: Playwright drives Debian's chromium (``/usr/bin/chromium``, installed by
+``.ci/run`` with apt; Playwright's own browser download needs the internet) against the console of a
+``--client`` node in a mesh of three serving nodes.
+
+What a user notices: the page lists the four nodes (three with memory bars, one client) and both
+models; a chat through the page streams the same greedy answer as the OpenAI API; a killed node leaves
+the page within 10 s; an applied manifest's model shows up Loading, then Ready, without a reload.
+Screenshots (desktop and narrow) are saved in the test's folder and copied to ``bench/results/``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from playwright.sync_api import Browser, expect, sync_playwright
+
+from tests.integration.nodes import Mesh, NodeProcess, listed, wait_for
+
+pytestmark = pytest.mark.engine
+
+CHROMIUM = Path("/usr/bin/chromium")
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+PROMPT = "Tell me a story"
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail("Debian's chromium is not installed: apt-get install -y chromium (.ci/run does it)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def third_dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from meshllm.engine.tinygguf import write_dense
+
+    return write_dense(tmp_path_factory.mktemp("models") / "third-dense.gguf", n_layer=3, seed=11)
+
+
+def api_answer(node: NodeProcess, model: str) -> str:
+    client = openai.OpenAI(base_url=f"{node.api}/v1", api_key="unused", max_retries=0)
+    chunks = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
+                                            max_tokens=24, temperature=0, stream=True)
+    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+
+
+def test_the_console_shows_the_mesh_chats_and_follows_changes(mesh: Mesh, browser: Browser, tiny_dense: Path,
+                                                                tiny_moe: Path, third_dense: Path,
+                                                                tmp_path: Path) -> None:
+    a = mesh.start("a", "127.0.0.2", "--name", "node-a", models=(str(tiny_dense),))
+    a.wait_ready("tiny-dense")
+    token = a.token()
+    b = mesh.start("b", "127.0.0.3", "--name", "node-b", "--join", token, models=(str(tiny_moe),))
+    d = mesh.start("d", "127.0.0.5", "--name", "node-d", "--join", token)
+    c = mesh.start("c", "127.0.0.4", "--name", "node-c", "--client", "--join", token)
+    b.wait_ready("tiny-moe")
+    wait_for(lambda: listed(c) == {"tiny-dense", "tiny-moe"}, timeout=60, what="the client to see both models")
+    admin = (c.state_dir / "admin.token").read_text().strip()
+    ids = {name: n.status()["node"]["id"] for name, n in (("a", a), ("b", b), ("c", c), ("d", d))}
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"http://127.0.0.1:{c.console}/#token={admin}")
+    expect(page.locator("#link")).to_have_text("live", timeout=15_000)
+    for name in ("a", "b", "d"):
+        card = page.locator(f'[data-node="{ids[name]}"]')
+        expect(card).to_be_visible(timeout=15_000)
+        expect(card.locator('[role="meter"]')).to_have_count(1)  # its memory bar
+    expect(page.locator(f'[data-node="{ids["c"]}"][data-role="client"]')).to_be_visible()
+    expect(page.locator(f'[data-node="{ids["a"]}"][data-role="serving"]')).to_be_visible()
+    for model in ("tiny-dense", "tiny-moe"):
+        expect(page.locator(f'tr[data-model="{model}"][data-condition="Ready"]')).to_be_visible(timeout=15_000)
+    assert "#token" not in page.url  # the fragment moved to sessionStorage
+
+    # a chat through the page streams the API's greedy answer
+    expected = api_answer(c, "tiny-moe")
+    assert expected
+    # by label and role, as a screen reader user finds them
+    page.get_by_label("Model", exact=True).select_option("tiny-moe")
+    page.get_by_label("Message").fill(PROMPT)
+    page.get_by_text("Options").click()
+    page.get_by_label("Max tokens").fill("24")
+    page.get_by_label("Temperature").fill("0")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator('#chat-output[data-done="1"]')).to_be_attached(timeout=60_000)
+    assert page.locator("#chat-output").text_content() == expected
+    expect(page.locator("#chat-stats")).to_contain_text("tok/s")
+    # the API's request and the page's, 24 tokens each: the figures of /metrics' counters
+    expect(page.locator('tr[data-model="tiny-moe"]')).to_contain_text("2 req, 48 tok out", timeout=10_000)
+
+    shots = [tmp_path / "console-desktop.png", tmp_path / "console-narrow.png"]
+    page.screenshot(path=str(shots[0]), full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.screenshot(path=str(shots[1]), full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 900})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for shot in shots:
+        shutil.copy(shot, RESULTS / shot.name)
+
+    # a killed node leaves the page within 10 s
+    assert b.proc is not None
+    b.proc.kill()
+    expect(page.locator(f'[data-node="{ids["b"]}"]')).to_have_count(0, timeout=10_000)
+
+    # an applied manifest's model shows up Loading, then Ready, without a reload
+    manifest = tmp_path / "third.yaml"
+    manifest.write_text(f"apiVersion: meshllm/v1\nkind: Model\nmetadata:\n  name: third\nspec:\n"
+                        f"  source: {third_dense}\n")
+    done = c.cli("apply", "-f", str(manifest))
+    assert done.returncode == 0, done.stderr
+    events = page.locator("#events")
+    expect(events).to_contain_text("model third: Loading", timeout=60_000)
+    expect(page.locator('tr[data-model="third"][data-condition="Ready"]')).to_be_visible(timeout=120_000)
+    expect(events).to_contain_text("model third: Ready")
+    page.screenshot(path=str(tmp_path / "console-after.png"), full_page=True)
+    shutil.copy(tmp_path / "console-after.png", RESULTS / "console-after.png")
