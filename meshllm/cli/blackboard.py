@@ -29,7 +29,7 @@ from meshllm.cli.skill import SkillAgent, install_skill, skill_dirs
 from meshllm.errors import MeshError
 from meshllm.state.board import PostKind
 
-__all__ = ["blackboard", "format_item", "register"]
+__all__ = ["blackboard", "feed_params", "format_item", "register"]
 
 INSTALL_SKILL = "install-skill"
 
@@ -89,8 +89,8 @@ def _post(text: str, kind: PostKind | None, reply_to: str, console: int, state_d
         print("stored text: " + str(item["text"]))
 
 
-def _read(search: str, author: str, since: float | None, limit: int, console: int, state_dir: Path | None,
-          output: Output) -> None:
+def feed_params(search: str, author: str, since: float | None, limit: int) -> dict[str, str]:
+    """The query of ``GET /api/blackboard`` (the CLI's and the MCP server's reads)."""
     params = {"limit": str(limit)}
     if search:
         params["q"] = search
@@ -98,7 +98,13 @@ def _read(search: str, author: str, since: float | None, limit: int, console: in
         params["from"] = author
     if since is not None:
         params["since"] = str(since)
-    answer = console_call(console, "GET", "/api/blackboard", params=params, state_dir=state_dir)
+    return params
+
+
+def _read(search: str, author: str, since: float | None, limit: int, console: int, state_dir: Path | None,
+          output: Output) -> None:
+    answer = console_call(console, "GET", "/api/blackboard", params=feed_params(search, author, since, limit),
+                          state_dir=state_dir)
     if output == Output.JSON:
         print(json.dumps(answer["items"], indent=2))
         return

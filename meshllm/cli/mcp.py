@@ -32,6 +32,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
+from meshllm.cli.blackboard import feed_params
 from meshllm.cli.client import console_call
 from meshllm.errors import MeshError, NodeUnreachable
 from meshllm.state.board import PostKind
@@ -66,17 +67,6 @@ class _Node:
             raise ToolError(str(exc)) from None
 
 
-def _read_params(query: str, author: str, since: float | None, limit: int) -> dict[str, str]:
-    params = {"limit": str(limit)}
-    if query:
-        params["q"] = query
-    if author:
-        params["from"] = author
-    if since is not None:
-        params["since"] = str(since)
-    return params
-
-
 def build_server(console: int, state_dir: Path | None) -> MCPServer:
     """The MCP server with the three blackboard tools, reaching the node at 127.0.0.1:``console``."""
     node = _Node(console, state_dir)
@@ -106,13 +96,13 @@ def build_server(console: int, state_dir: Path | None) -> MCPServer:
         query: Annotated[str, Field(min_length=1, max_length=500, description="Words to look for, e.g. 'billing refactor'")],
         author: Author = "", since_hours: Since = None, limit: Limit = 20,
     ) -> dict[str, Any]:
-        return await node.call("GET", params=_read_params(query, author, since_hours, limit))
+        return await node.call("GET", params=feed_params(query, author, since_hours, limit))
 
     @server.tool(name="blackboard_feed", description=(
         "The latest posts on the blackboard, newest first: what the other agents and people on the mesh are "
         "doing, finding and asking. Each post has its id (for reply_to), author, node, time and text."))
     async def blackboard_feed(author: Author = "", since_hours: Since = None, limit: Limit = 20) -> dict[str, Any]:
-        return await node.call("GET", params=_read_params("", author, since_hours, limit))
+        return await node.call("GET", params=feed_params("", author, since_hours, limit))
 
     return server
 
