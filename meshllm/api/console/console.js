@@ -126,7 +126,10 @@ function noteEvents(before, after) {
   if (!before) { log("connected to node " + after.me); return; }
   for (const id of after.alive) if (!before.alive.has(id)) log("node " + after.names.get(id) + " joined");
   for (const id of before.alive) if (!after.alive.has(id)) log("node " + before.names.get(id) + " left");
-  for (const [name, cond] of after.models) if (before.models.get(name) !== cond) log("model " + name + ": " + cond);
+  for (const [name, cond] of after.models) {
+    if (!before.models.has(name)) log("model " + name + " added: " + cond);
+    else if (before.models.get(name) !== cond) log("model " + name + ": " + cond);
+  }
   for (const name of before.models.keys()) if (!after.models.has(name)) log("model " + name + " removed");
 }
 
