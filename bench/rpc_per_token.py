@@ -42,9 +42,11 @@ PATHS: dict[str, dict[str, str]] = {"stock": {}, "clear": {"GGML_RPC_SECRET": rp
          "sealed": {"GGML_RPC_SECRET": rpc_key(b"b" * 32)}}
 
 
-def wait_http(url: str, timeout: float) -> None:
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited with {proc.returncode} before {url} answered")
         try:
             with urllib.request.urlopen(url, timeout=2) as answer:
                 if answer.status == 200:
@@ -68,7 +70,7 @@ def session(engine: Path, model: Path, rpc_port: int, env: dict[str, str], token
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={
             **os.environ, **env, "GGML_RPC_HASH_THRESHOLD": "1", "GGML_RPC_LOAD_BY_NAME": "1"})
         try:
-            wait_http(f"http://127.0.0.1:{port}/health", 300)
+            wait_http(f"http://127.0.0.1:{port}/health", 300, proc)
             body = json.dumps({"prompt": "The capital of France is", "n_predict": tokens, "temperature": 0,
                                "ignore_eos": True, "cache_prompt": False}).encode()
             request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", body,

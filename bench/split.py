@@ -453,7 +453,7 @@ def form_mesh(setup: Setup, model: Path, n: int, *, path: str = "") -> list[Node
     flags = PATH_FLAGS[path]
     first = start_node(setup, "n1", "127.0.0.2", "--model", str(model), "--max-vram", cap, *flags)
     nodes = [first]
-    token = wait_for(lambda: (first.status() or {}).get("token"), timeout=60, what="the first node's token",
+    token = wait_for(first.invite, timeout=60, what="the first node's token",
                      nodes=nodes)
     for i in range(2, n + 1):
         nodes.append(start_node(setup, f"n{i}", f"127.0.0.{i + 1}", "--standby", "--max-vram", cap,

@@ -108,6 +108,7 @@ def test_the_sealed_channel_is_aes_gcm_and_a_tampered_record_ends_the_connection
         record[6] ^= 1  # one bit of the ciphertext
         tampered.sock.sendall(bytes(record))
         assert closed_soon(tampered.sock)  # refused, nothing answered
+        tampered.sock.close()
         assert anyio.run(hello_answered, port, KEY)  # and the server serves the next client
     assert "failed authentication" in (tmp_path / "rpc.log").read_text()
 
@@ -210,9 +211,9 @@ def test_a_split_over_the_default_path_is_sealed_and_refuses_outsiders(mesh: Mes
     assert not host.status()["rpc_tunnels"]
 
     where, port = direct.rsplit(":", 1)
-    outsider = socket.create_connection((where, int(port)), timeout=5)  # no key: closed, nothing served
-    outsider.sendall(HELLO)
-    assert closed_soon(outsider)
+    with socket.create_connection((where, int(port)), timeout=5) as outsider:  # no key: closed, nothing served
+        outsider.sendall(HELLO)
+        assert closed_soon(outsider)
     with pytest.raises(RpcAuthError):  # another mesh's key: the worker's answer does not check out
         anyio.run(_authenticate_direct, where, int(port), rpc_key(b"x" * 32))
     assert greedy(a.api, MODEL) == greedy(solo, MODEL)  # the split serves on
