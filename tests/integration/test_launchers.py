@@ -1,0 +1,149 @@
+"""``meshllm claude|goose|opencode|pi`` with real node processes and fake agents on PATH.
+
+The fakes (``fake_agent.py``) find the mesh the way each real tool does (environment, config file,
+arguments) and make one real request through it: Anthropic's ``/v1/messages`` for claude, chat
+completions for the others. What a user notices: with no node on the port the launcher starts a
+client node that joins the mesh, the agent gets the strongest model and its own arguments, and when
+the agent exits that node is gone, the mesh's own nodes untouched, and the agent's exit code is the
+launcher's; a node already on the port is reused and left running; a node that requires a key gets
+it; a model the mesh does not serve is a one-line error listing what it serves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from meshllm.engine.tinygguf import write_dense
+from tests.conftest import free_port
+from tests.integration.nodes import Mesh, NodeProcess, wait_for
+
+pytestmark = pytest.mark.engine
+
+FAKE = Path(__file__).with_name("fake_agent.py")
+SMALL, LARGE = "tiny-1B", "tiny-3B"  # the launcher picks the larger one when no --model is given
+KEY = "key-of-the-client-node-0123"
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Path:
+    """A folder of fake claude, goose, opencode and pi executables."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for tool in ("claude", "goose", "opencode", "pi"):
+        script = folder / tool
+        script.write_text(f"#!{sys.executable}\nimport runpy, sys\nsys.argv[0] = {tool!r}\n"
+                          f"runpy.run_path({str(FAKE)!r}, run_name='fake')['main']({tool!r})\n")
+        script.chmod(0o755)
+    return folder
+
+
+@pytest.fixture
+def serving(mesh: Mesh, tmp_path: Path) -> NodeProcess:
+    models = [write_dense(tmp_path / f"{name}.gguf") for name in (SMALL, LARGE)]
+    node = mesh.start("a", "127.0.0.2", models=tuple(str(m) for m in models))
+    for name in (SMALL, LARGE):
+        node.wait_ready(name)
+    return node
+
+
+def run_launcher(tmp_path: Path, agents: Path, *args: str, env: dict[str, str] | None = None,
+                 exit_code: int = 0) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    record = tmp_path / "record.json"
+    record.unlink(missing_ok=True)
+    environ = {k: v for k, v in os.environ.items() if k != "MESHLLM_API_KEY"}
+    environ.update({"PATH": f"{agents}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path / "home"),
+                    "FAKE_AGENT_RECORD": str(record), "FAKE_AGENT_EXIT": str(exit_code), **(env or {})})
+    done = subprocess.run([sys.executable, "-m", "meshllm", *args], env=environ, capture_output=True, text=True,
+                          timeout=240)
+    return done, json.loads(record.read_text()) if record.exists() else {}
+
+
+def direct(node: NodeProcess, model: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The same request straight to the model's llama-server, for the greedy output to compare."""
+    url = f"http://127.0.0.1:{node.server(model)['port']}{path}"
+    answer: dict[str, Any] = httpx.post(url, json={"model": model, **body}, timeout=60).json()
+    return answer
+
+
+def test_claude_starts_a_client_node_uses_the_strongest_model_and_stops_only_that_node(
+        serving: NodeProcess, tmp_path: Path, agents: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(serving.token() + "\n")
+    port = free_port()
+    done, record = run_launcher(tmp_path, agents, "claude", "--port", str(port), "--join", f"@{token_file}",
+                                "--state-dir", str(tmp_path / "user"), "-p", "hello", "--", "--verbose",
+                                exit_code=3)
+    assert done.returncode == 3, done.stderr  # the agent's exit code is the launcher's
+    assert f"started a client node on port {port}" in done.stderr
+    settings = record["argv"][1]
+    assert record["argv"] == ["--settings", settings, "--model", LARGE, "-p", "hello", "--verbose"]
+    assert not Path(settings).exists()  # the settings file (it holds the key) is removed with the agent
+    assert record["config"]["env"]["ANTHROPIC_BASE_URL"] == f"http://127.0.0.1:{port}"
+    assert record["env"]["ANTHROPIC_MODEL"] == LARGE and "ANTHROPIC_API_KEY" not in record["env"]
+    assert "MESHLLM_JOIN" not in record["env"]  # the mesh secret stays with the node
+    request = record["request"]
+    assert request["status"] == 200, request
+    body = {"max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": "Say hello"}]}
+    assert request["body"]["content"] == direct(serving, LARGE, "/v1/messages", body)["content"]
+    with pytest.raises(httpx.ConnectError):  # the started node is gone ...
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+    assert serving.proc is not None and serving.proc.poll() is None  # ... and the mesh's own node serves on
+    assert {m["id"] for m in httpx.get(f"{serving.api}/v1/models", timeout=5).json()["data"]} == {SMALL, LARGE}
+
+
+def test_goose_pi_and_opencode_reuse_the_node_on_the_port_and_leave_it_running(
+        mesh: Mesh, serving: NodeProcess, tmp_path: Path, agents: Path) -> None:
+    client = mesh.start("c", "127.0.0.3", "--client", "--join", serving.token(), "--api-key", KEY)
+
+    def routes_both() -> bool:
+        listed = httpx.get(f"{client.api}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=5)
+        return {m["id"] for m in listed.json()["data"]} == {SMALL, LARGE}
+    wait_for(routes_both, timeout=60, what="the client node routing both models")
+    port = ["--port", str(client.port)]
+
+    done, _ = run_launcher(tmp_path, agents, "goose", *port)
+    assert done.returncode == 1 and "requires an API key" in done.stderr and done.stderr.count("\n") == 1
+
+    done, record = run_launcher(tmp_path, agents, "goose", *port, "--model", SMALL, "run", "-t", "hi",
+                                env={"MESHLLM_API_KEY": KEY})
+    assert done.returncode == 0, done.stderr
+    assert "started a client node" not in done.stderr
+    assert record["argv"] == ["run", "-t", "hi"] and record["env"]["GOOSE_MODEL"] == SMALL
+    assert record["env"]["GOOSE_PROVIDER"] == "mesh"
+    assert sorted(m["name"] for m in record["config"]["models"]) == [SMALL, LARGE]
+    assert record["request"]["status"] == 200, record["request"]
+
+    pi_models = tmp_path / "home/.pi/agent/models.json"
+    pi_models.parent.mkdir(parents=True)
+    pi_models.write_text(json.dumps({"providers": {"ollama": {"baseUrl": "http://localhost:11434/v1"}}}))
+    done, record = run_launcher(tmp_path, agents, "pi", *port, "--api-key", KEY, "-p", "hi")
+    assert done.returncode == 0, done.stderr
+    assert record["argv"] == ["--provider", "mesh", "--model", LARGE, "-p", "hi"]
+    assert set(record["config"]["providers"]) == {"ollama", "mesh"}  # the user's providers are kept
+    assert KEY not in pi_models.read_text()  # the file names the key's variable, not the key
+    assert record["request"]["status"] == 200, record["request"]
+    body = {"max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": "Say hello"}]}
+    assert record["request"]["body"]["choices"][0]["message"] == \
+        direct(serving, LARGE, "/v1/chat/completions", body)["choices"][0]["message"]
+
+    done, record = run_launcher(tmp_path, agents, "opencode", *port, "--api-key", KEY, "--model", f"{SMALL}.gguf",
+                                "run", "hi")
+    assert done.returncode == 0, done.stderr
+    assert record["argv"] == ["run", "hi"] and record["config"]["model"] == f"mesh/{SMALL}"
+    assert record["request"]["status"] == 200, record["request"]
+
+    done, record = run_launcher(tmp_path, agents, "pi", *port, "--api-key", KEY, "--model", "tiny-70B")
+    assert done.returncode == 1 and not record
+    assert f"does not serve 'tiny-70B'; it serves: {SMALL}, {LARGE}" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+    assert client.proc is not None and client.proc.poll() is None  # reused, never stopped
+    assert routes_both()
