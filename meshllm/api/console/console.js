@@ -159,6 +159,7 @@ function bar(pct) {
 
 function roleOf(s, node) {
   if (node.role === "client") return "client";
+  if (node.role === "viewer") return "no node";
   if (s.models.some((m) => m.servers.some((x) => x.node === node.id))) return "serving";
   if (s.models.some((m) => m.workers.some((w) => w.node === node.id))) return "split worker";
   return "standby";
@@ -167,7 +168,12 @@ function roleOf(s, node) {
 function render() {
   const s = view.status;
   if (!s) return;
-  $("mesh").textContent = "mesh " + (s.mesh_id || "?") + " · via node " + nodeName(s, s.node.id);
+  const readonly = Boolean(s.readonly);
+  $("mesh").textContent = readonly ? "read-only console · no node runs on this machine"
+    : "mesh " + (s.mesh_id || "?") + " · via node " + nodeName(s, s.node.id);
+  for (const id of ["lobby", "meshes-section"]) $(id).hidden = !readonly;
+  for (const id of ["models-section", "chat-section", "token-button"]) $(id).hidden = readonly;
+  if (readonly) renderLobby(s);
   renderNodes(s);
   renderModels(s);
   $("events").replaceChildren(...view.events.map((t) => el("li", {}, t)));
@@ -194,6 +200,16 @@ function renderNodes(s) {
     return li;
   });
   $("nodes").replaceChildren(...items);
+}
+
+function renderLobby(s) {
+  $("lobby-hint").textContent = s.hint || "";
+  const rows = (s.meshes || []).map((m) => el("tr", { "data-mesh": m.mesh_id },
+    el("th", { scope: "row" }, m.name || m.mesh_id.slice(0, 12)), el("td", {}, m.models.join(", ") || "—"),
+    el("td", {}, String(m.nodes)), el("td", {}, String(m.clients)), el("td", {}, m.region || "—"),
+    el("td", {}, m.age_s + " s"), el("td", {}, el("code", {}, m.join))));
+  $("meshes").tBodies[0].replaceChildren(...rows);
+  $("meshes-none").hidden = rows.length > 0;
 }
 
 function throughput(s, m) {
