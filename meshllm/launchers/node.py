@@ -10,19 +10,23 @@ so it never shares an identity with the user's own node. It joins the mesh of, i
 ``--join`` tokens, ``$MESHLLM_JOIN``, the mesh of the user's state folder (its credentials and the
 members it last knew, as an invite token), or the mesh this launcher's node was in last time. The
 token reaches it through its environment, never its command line. It requires a key on its API (the
-user's ``--api-key``, else a fresh one), which only the agent is given. ``stop`` ends that process,
-and only that one: SIGTERM (the node leaves the mesh), then SIGKILL after a grace period.
+user's ``--api-key``, else a fresh one), which only the agents are given. ``stop`` ends that process,
+and only that one: SIGTERM (the node leaves the mesh), then SIGKILL after a grace period. Its pid and
+key are kept in its folder (0600) for the other launchers on the port (``Sessions``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +36,10 @@ from meshllm.engine.models import canonical_name
 from meshllm.errors import MeshError
 from meshllm.store.mesh import JOIN_ENV, MESH_FILE, InviteToken, MeshCredentials, join_arguments, load_peers
 
-__all__ = ["ClientNode", "join_token", "probe", "wait_served"]
+__all__ = ["ClientNode", "Sessions", "join_token", "probe", "wait_served"]
 
 KEY_ENV = "MESHLLM_API_KEY"  # the node's own key (see meshllm.api.keys)
+PID_FILE, KEY_FILE = "node.pid", "client.key"
 STOP_GRACE = 20.0
 SETTLE = 5.0  # seconds to wait for a --model the mesh does not list yet, once it lists others
 
@@ -104,13 +109,37 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: not ours
+        return False
+    return True
+
+
+def _runs_in(pid: int, state_dir: Path) -> bool:
+    """Whether ``pid`` is a meshllm node of ``state_dir`` (not a process that reused the pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        done = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, check=False)
+        return str(state_dir) in done.stdout
+    return str(state_dir).encode() in cmdline
+
+
 @dataclass
 class ClientNode:
-    """A ``meshllm --client`` process this launcher started, and owns."""
+    """A ``meshllm --client`` process a launcher started on ``port``: its pid, its API key and its state
+    folder (``node.pid`` and ``client.key`` in it, 0600, so that the other launchers of this user on the
+    port use it too). ``proc`` is set in the launcher that started it."""
 
-    proc: subprocess.Popen[bytes]
+    pid: int
     port: int
     state_dir: Path
+    key: str
+    proc: subprocess.Popen[bytes] | None = None
 
     @property
     def log_path(self) -> Path:
@@ -128,11 +157,32 @@ class ClientNode:
         with (state_dir / "node.log").open("ab") as log:
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
-        return cls(proc, port, state_dir)
+        for name, text in ((KEY_FILE, key), (PID_FILE, str(proc.pid))):
+            fd = os.open(state_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text + "\n")
+        return cls(proc.pid, port, state_dir, key, proc)
+
+    @classmethod
+    def running(cls, *, port: int, state_dir: Path) -> ClientNode | None:
+        """The node another launcher started here and left running (for a launcher still using it, or
+        killed before it could stop it); None when there is none."""
+        try:
+            pid = int((state_dir / PID_FILE).read_text())
+            key = (state_dir / KEY_FILE).read_text().strip()
+        except (OSError, ValueError):
+            return None
+        if not _pid_alive(pid) or not _runs_in(pid, state_dir):
+            return None
+        return cls(pid, port, state_dir, key)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None if self.proc is not None else _pid_alive(self.pid)
 
     def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise MeshError(f"the client node started on port {self.port} ended (exit {self.proc.returncode}): "
+        if not self.alive():
+            code = f"exit {self.proc.returncode}" if self.proc is not None else "ended"
+            raise MeshError(f"the client node started on port {self.port} ended ({code}): "
                             f"{self.last_line()} (log: {self.log_path})")
 
     def last_line(self) -> str:
@@ -142,16 +192,50 @@ class ClientNode:
             return "no log"
         return lines[-1].strip() if lines else "no log"
 
-    def stop(self) -> int:
-        """SIGTERM, then SIGKILL after the grace period; the node's exit code."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+    def stop(self) -> None:
+        """SIGTERM (the node leaves the mesh), then SIGKILL after the grace period."""
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            if not self.alive():
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+            deadline = time.monotonic() + STOP_GRACE
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        for name in (PID_FILE, KEY_FILE):
+            (self.state_dir / name).unlink(missing_ok=True)
+
+
+class Sessions:
+    """The launchers using the node of one port: each holds a shared lock on ``sessions.lock`` while its
+    agent runs, and an exclusive one on ``start.lock`` while it finds or starts the node (two launchers
+    never start two nodes on one port). The last launcher to leave stops a node a launcher started."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.state_dir = state_dir
+        self._fd = os.open(state_dir / "sessions.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        fd = os.open(self.state_dir / "start.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def last(self) -> bool:
+        """Whether no other launcher uses the node now; if so this one holds the lock alone until ``close``."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 def wait_served(port: int, key: str | None, *, wanted: str = "", timeout: float,

@@ -27,7 +27,7 @@ from types import FrameType
 from meshllm.api.keys import new_key
 from meshllm.errors import MeshError
 from meshllm.launchers.choice import choose_model
-from meshllm.launchers.node import ClientNode, join_token, probe, wait_served
+from meshllm.launchers.node import ClientNode, Sessions, join_token, probe, wait_served
 from meshllm.launchers.tools import Prepared, Target, Tool
 
 __all__ = ["LaunchRequest", "launch"]
@@ -54,20 +54,14 @@ def launch(tool: Tool, request: LaunchRequest, *, environ: Mapping[str, str] | N
     exe = shutil.which(tool.binary, path=environ.get("PATH"))
     if exe is None:
         raise MeshError(f"{tool.binary} ({tool.title}) is not installed or not on PATH; install it: {tool.install}")
-    key, node = request.api_key, None
-    served = probe(request.port, key)
-    if served is None:
-        node_dir = request.state_dir / "launch" / str(request.port)
-        token = join_token(request.joins, environ, state_dir=request.state_dir, node_dir=node_dir)
-        key = key or new_key()
-        node = ClientNode.start(port=request.port, state_dir=node_dir, token=token, key=key)
-        announce(f"meshllm: started a client node on port {request.port} (log: {node.log_path})")
-    elif request.joins:
-        announce(f"meshllm: a node already listens on port {request.port}: using it (--join is not needed)")
+    sessions = Sessions(request.state_dir / "launch" / str(request.port))
+    node: ClientNode | None = None
     prepared: Prepared | None = None
     try:
-        served = wait_served(request.port, key, wanted=request.model, timeout=request.wait, node=node)
+        with sessions.starting():
+            node, served = _node(request, environ, sessions.state_dir, announce)
         model = choose_model(served, request.model)
+        key = node.key if node is not None else request.api_key
         target = Target(request.port, model, tuple(served), key or PLACEHOLDER_KEY)
         prepared = tool.prepare(target, request.args, environ, request.state_dir / "launch")
         for path in prepared.written:
@@ -78,9 +72,30 @@ def launch(tool: Tool, request: LaunchRequest, *, environ: Mapping[str, str] | N
     finally:
         for path in prepared.temporary if prepared else []:
             path.unlink(missing_ok=True)
-        if node is not None:
+        if node is not None and sessions.last():
             node.stop()
             announce(f"meshllm: stopped the client node on port {request.port}")
+        sessions.close()
+
+
+def _node(request: LaunchRequest, environ: Mapping[str, str], node_dir: Path,
+          announce: Callable[[str], None]) -> tuple[ClientNode | None, list[str]]:
+    """The node on the port (None: the user's own, never stopped) and the models it routes, once it
+    routes one: a node a launcher started there, any node answering there, else a new client node."""
+    node = ClientNode.running(port=request.port, state_dir=node_dir)
+    if node is not None:
+        announce(f"meshllm: using the client node another launcher started on port {request.port} "
+                 "(the last launcher to exit stops it)")
+    elif probe(request.port, request.api_key) is None:
+        token = join_token(request.joins, environ, state_dir=request.state_dir, node_dir=node_dir)
+        node = ClientNode.start(port=request.port, state_dir=node_dir, token=token,
+                                key=request.api_key or new_key())
+        announce(f"meshllm: started a client node on port {request.port} (log: {node.log_path})")
+    elif request.joins:
+        announce(f"meshllm: a node already listens on port {request.port}: using it (--join is not needed)")
+    key = node.key if node is not None else request.api_key
+    served = wait_served(request.port, key, wanted=request.model, timeout=request.wait, node=node)
+    return node, served
 
 
 def _run(exe: str, prepared: Prepared, environ: dict[str, str]) -> int:

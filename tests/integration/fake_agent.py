@@ -1,6 +1,7 @@
 """A stand-in for claude, goose, opencode and pi in the launcher tests: it finds the mesh the way the
 real tool does (its environment, its config file, its arguments), makes one real request through
-it, and records what it saw in ``$FAKE_AGENT_RECORD`` (JSON). It exits with ``$FAKE_AGENT_EXIT``.
+it, and records what it saw in ``$FAKE_AGENT_RECORD`` (JSON). It exits with ``$FAKE_AGENT_EXIT``,
+or with ``$FAKE_AGENT_HOLD`` set waits until a signal ends it (a session the user closes).
 
 Standard library only: it runs as the agent would, outside meshllm.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -77,5 +79,8 @@ def main(tool: str) -> None:
     request, config = {"claude": claude, "goose": goose, "opencode": opencode, "pi": pi}[tool](argv)
     record = {"tool": tool, "argv": argv, "config": config, "request": request,
               "env": {k: v for k, v in os.environ.items() if k.startswith(PREFIXES)}}
-    Path(os.environ["FAKE_AGENT_RECORD"]).write_text(json.dumps(record))
+    Path(os.environ["FAKE_AGENT_RECORD"] + ".tmp").write_text(json.dumps(record))
+    os.replace(os.environ["FAKE_AGENT_RECORD"] + ".tmp", os.environ["FAKE_AGENT_RECORD"])
+    if os.environ.get("FAKE_AGENT_HOLD"):
+        time.sleep(600)
     sys.exit(int(os.environ.get("FAKE_AGENT_EXIT", "0")))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,23 +47,30 @@ def agents(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def serving(mesh: Mesh, tmp_path: Path) -> NodeProcess:
+def serving(mesh: Mesh, tmp_path: Path, engine_dir: Path) -> NodeProcess:
+    """A node serving both models, on 127.0.0.1 as a user's node is (its state folder's mesh is joinable)."""
     models = [write_dense(tmp_path / f"{name}.gguf") for name in (SMALL, LARGE)]
-    node = mesh.start("a", "127.0.0.2", models=tuple(str(m) for m in models))
+    node = NodeProcess(models=[str(m) for m in models], state_dir=tmp_path / "a", engine_dir=engine_dir).start()
+    mesh.nodes.append(node)
     for name in (SMALL, LARGE):
         node.wait_ready(name)
     return node
 
 
-def run_launcher(tmp_path: Path, agents: Path, *args: str, env: dict[str, str] | None = None,
-                 exit_code: int = 0) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    record = tmp_path / "record.json"
-    record.unlink(missing_ok=True)
+def launcher_env(tmp_path: Path, agents: Path, env: dict[str, str] | None = None) -> dict[str, str]:
     environ = {k: v for k, v in os.environ.items() if k != "MESHLLM_API_KEY"}
     environ.update({"PATH": f"{agents}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path / "home"),
-                    "FAKE_AGENT_RECORD": str(record), "FAKE_AGENT_EXIT": str(exit_code), **(env or {})})
+                    "FAKE_AGENT_RECORD": str(tmp_path / "record.json"), **(env or {})})
+    (tmp_path / "record.json").unlink(missing_ok=True)
+    return environ
+
+
+def run_launcher(tmp_path: Path, agents: Path, *args: str, env: dict[str, str] | None = None,
+                 exit_code: int = 0) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    environ = launcher_env(tmp_path, agents, {"FAKE_AGENT_EXIT": str(exit_code), **(env or {})})
     done = subprocess.run([sys.executable, "-m", "meshllm", *args], env=environ, capture_output=True, text=True,
                           timeout=240)
+    record = tmp_path / "record.json"
     return done, json.loads(record.read_text()) if record.exists() else {}
 
 
@@ -86,6 +94,7 @@ def test_claude_starts_a_client_node_uses_the_strongest_model_and_stops_only_tha
     settings = record["argv"][1]
     assert record["argv"] == ["--settings", settings, "--model", LARGE, "-p", "hello", "--verbose"]
     assert not Path(settings).exists()  # the settings file (it holds the key) is removed with the agent
+    assert record["config"]["env"]["ANTHROPIC_AUTH_TOKEN"] not in " ".join(record["argv"])
     assert record["config"]["env"]["ANTHROPIC_BASE_URL"] == f"http://127.0.0.1:{port}"
     assert record["env"]["ANTHROPIC_MODEL"] == LARGE and "ANTHROPIC_API_KEY" not in record["env"]
     assert "MESHLLM_JOIN" not in record["env"]  # the mesh secret stays with the node
@@ -97,6 +106,38 @@ def test_claude_starts_a_client_node_uses_the_strongest_model_and_stops_only_tha
         httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
     assert serving.proc is not None and serving.proc.poll() is None  # ... and the mesh's own node serves on
     assert {m["id"] for m in httpx.get(f"{serving.api}/v1/models", timeout=5).json()["data"]} == {SMALL, LARGE}
+
+
+def test_launchers_on_one_port_share_the_node_and_the_last_one_out_stops_it_even_on_sigterm(
+        serving: NodeProcess, tmp_path: Path, agents: Path) -> None:
+    port = ["--port", str(free_port())]
+    user = ["--state-dir", str(serving.state_dir)]  # no --join: the mesh of the user's node's state folder
+    environ = launcher_env(tmp_path, agents, {"FAKE_AGENT_HOLD": "1"})
+    stderr = tmp_path / "launcher.err"
+    with stderr.open("w") as err:
+        first = subprocess.Popen([sys.executable, "-m", "meshllm", "opencode", *port, *user], env=environ, stderr=err)
+    try:
+        record = tmp_path / "record.json"
+        wait_for(lambda: record.exists() or first.poll() is not None, timeout=120, what="the first agent's request")
+        assert first.poll() is None, stderr.read_text()
+        assert json.loads(record.read_text())["request"]["status"] == 200
+
+        done, second = run_launcher(tmp_path, agents, "pi", *port, *user)  # meanwhile, in another terminal
+        assert done.returncode == 0, done.stderr
+        assert "using the client node another launcher started" in done.stderr
+        assert second["request"]["status"] == 200 and "stopped the client node" not in done.stderr
+        assert httpx.get(f"http://127.0.0.1:{port[1]}/health", timeout=5).status_code == 200  # still up for the first
+
+        first.send_signal(signal.SIGTERM)  # the first terminal closes: its agent ends, then the node
+        assert first.wait(60) == 128 + signal.SIGTERM
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert "stopped the client node on port" in stderr.read_text()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port[1]}/v1/models", timeout=5)
+    assert serving.proc is not None and serving.proc.poll() is None
 
 
 def test_goose_pi_and_opencode_reuse_the_node_on_the_port_and_leave_it_running(

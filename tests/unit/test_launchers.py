@@ -15,7 +15,7 @@ from meshllm.engine.catalog import CatalogEntry
 from meshllm.errors import MeshError
 from meshllm.launchers import TOOLS
 from meshllm.launchers.choice import choose_model, parameter_count
-from meshllm.launchers.node import join_token
+from meshllm.launchers.node import Sessions, join_token
 from meshllm.launchers.run import _run
 from meshllm.launchers.tools import Prepared, Target
 from meshllm.store.mesh import InviteToken, MeshCredentials, save_mesh, save_peers
@@ -148,3 +148,16 @@ def test_the_agents_exit_code_is_passed_through_and_a_signal_is_128_plus_it() ->
     assert _run(sys.executable, killed, env) == 128 + 15
     check = "import os, sys; sys.exit(3 if 'MESHLLM_JOIN' in os.environ or os.environ['X'] != 'set' else 0)"
     assert _run(sys.executable, Prepared(["-c", check], env={"X": "set"}), {**env, "MESHLLM_JOIN": "secret"}) == 0
+
+
+def test_the_last_launcher_out_is_the_one_that_stops_the_node(tmp_path: Path) -> None:
+    first, second = Sessions(tmp_path), Sessions(tmp_path)
+    try:
+        assert not first.last()  # the other one still uses the node
+        assert second.last()
+    finally:
+        first.close()
+        second.close()
+    alone = Sessions(tmp_path)
+    assert alone.last()
+    alone.close()
