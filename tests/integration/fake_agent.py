@@ -77,7 +77,7 @@ def pi(argv: list[str]) -> tuple[dict[str, Any], Any]:
 def main(tool: str) -> None:
     argv = sys.argv[1:]
     request, config = {"claude": claude, "goose": goose, "opencode": opencode, "pi": pi}[tool](argv)
-    record = {"tool": tool, "argv": argv, "config": config, "request": request,
+    record = {"tool": tool, "pid": os.getpid(), "argv": argv, "config": config, "request": request,
               "env": {k: v for k, v in os.environ.items() if k.startswith(PREFIXES)}}
     Path(os.environ["FAKE_AGENT_RECORD"] + ".tmp").write_text(json.dumps(record))
     os.replace(os.environ["FAKE_AGENT_RECORD"] + ".tmp", os.environ["FAKE_AGENT_RECORD"])

@@ -140,6 +140,30 @@ def test_launchers_on_one_port_share_the_node_and_the_last_one_out_stops_it_even
     assert serving.proc is not None and serving.proc.poll() is None
 
 
+def test_a_node_left_by_a_killed_launcher_is_stopped_by_the_next_one(
+        serving: NodeProcess, tmp_path: Path, agents: Path) -> None:
+    port = ["--port", str(free_port())]
+    user = ["--state-dir", str(serving.state_dir)]
+    environ = launcher_env(tmp_path, agents, {"FAKE_AGENT_HOLD": "1"})
+    killed = subprocess.Popen([sys.executable, "-m", "meshllm", "goose", *port, *user], env=environ,
+                              stderr=subprocess.DEVNULL)
+    record = tmp_path / "record.json"
+    try:
+        wait_for(lambda: record.exists() or killed.poll() is not None, timeout=120, what="the agent's request")
+    finally:
+        killed.kill()  # no chance to stop its node
+        killed.wait()
+        if record.exists():
+            os.kill(json.loads(record.read_text())["pid"], signal.SIGKILL)
+    assert httpx.get(f"http://127.0.0.1:{port[1]}/health", timeout=5).status_code == 200  # the node is left over
+    done, again = run_launcher(tmp_path, agents, "claude", *port, *user)
+    assert done.returncode == 0, done.stderr
+    assert "using the client node another launcher started" in done.stderr and again["request"]["status"] == 200
+    assert "stopped the client node" in done.stderr
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port[1]}/v1/models", timeout=5)
+
+
 def test_goose_pi_and_opencode_reuse_the_node_on_the_port_and_leave_it_running(
         mesh: Mesh, serving: NodeProcess, tmp_path: Path, agents: Path) -> None:
     client = mesh.start("c", "127.0.0.3", "--client", "--join", serving.token(), "--api-key", KEY)
