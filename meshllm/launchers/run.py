@@ -59,9 +59,10 @@ def launch(tool: Tool, request: LaunchRequest, *, environ: Mapping[str, str] | N
     prepared: Prepared | None = None
     try:
         with sessions.starting():
-            node, served = _node(request, environ, sessions.state_dir, announce)
+            node = _node(request, environ, sessions.state_dir, announce)
+            key = node.key if node is not None else request.api_key
+            served = wait_served(request.port, key, wanted=request.model, timeout=request.wait, node=node)
         model = choose_model(served, request.model)
-        key = node.key if node is not None else request.api_key
         target = Target(request.port, model, tuple(served), key or PLACEHOLDER_KEY)
         prepared = tool.prepare(target, request.args, environ, request.state_dir / "launch")
         for path in prepared.written:
@@ -79,9 +80,9 @@ def launch(tool: Tool, request: LaunchRequest, *, environ: Mapping[str, str] | N
 
 
 def _node(request: LaunchRequest, environ: Mapping[str, str], node_dir: Path,
-          announce: Callable[[str], None]) -> tuple[ClientNode | None, list[str]]:
-    """The node on the port (None: the user's own, never stopped) and the models it routes, once it
-    routes one: a node a launcher started there, any node answering there, else a new client node."""
+          announce: Callable[[str], None]) -> ClientNode | None:
+    """The launchers' node on the port: one a launcher started there, else None when a node (the
+    user's own, never stopped) answers there, else a new client node."""
     node = ClientNode.running(port=request.port, state_dir=node_dir)
     if node is not None:
         announce(f"meshllm: using the client node another launcher started on port {request.port} "
@@ -93,9 +94,7 @@ def _node(request: LaunchRequest, environ: Mapping[str, str], node_dir: Path,
         announce(f"meshllm: started a client node on port {request.port} (log: {node.log_path})")
     elif request.joins:
         announce(f"meshllm: a node already listens on port {request.port}: using it (--join is not needed)")
-    key = node.key if node is not None else request.api_key
-    served = wait_served(request.port, key, wanted=request.model, timeout=request.wait, node=node)
-    return node, served
+    return node
 
 
 def _run(exe: str, prepared: Prepared, environ: dict[str, str]) -> int:

@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from meshllm.engine.tinygguf import write_dense
+from meshllm.store.mesh import InviteToken, MeshCredentials
 from tests.conftest import free_port
 from tests.integration.nodes import Mesh, NodeProcess, wait_for
 
@@ -212,3 +213,16 @@ def test_goose_pi_and_opencode_reuse_the_node_on_the_port_and_leave_it_running(
 
     assert client.proc is not None and client.proc.poll() is None  # reused, never stopped
     assert routes_both()
+
+
+def test_a_mesh_that_routes_no_model_is_an_error_and_the_started_node_is_stopped(
+        tmp_path: Path, agents: Path) -> None:
+    nowhere = InviteToken(MeshCredentials.create(), ("127.0.0.1:9",)).encode()  # a mesh no one answers for
+    port = free_port()
+    done, record = run_launcher(tmp_path, agents, "goose", "--port", str(port), "--join", nowhere, "--wait", "3",
+                                "--state-dir", str(tmp_path / "user"))
+    assert done.returncode == 1 and not record
+    assert "error: no model is ready in the mesh after 3s" in done.stderr
+    assert f"stopped the client node on port {port}" in done.stderr
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
