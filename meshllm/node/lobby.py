@@ -109,7 +109,7 @@ class Lobby:
             await anyio.sleep(self.refresh_every)
 
     async def run(self, *, host: str, port: int, announce: Callable[[str], None]) -> None:
-        api = HttpApi(self.app(), host=host, port=port, what="console")
+        api = HttpApi(self.app(), host=host, port=port, what="console", on_stop=self.events.close)
         api.bind()
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         announce(f"Read-only console: http://{shown}:{port}/  (Ctrl-C to stop)")

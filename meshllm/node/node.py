@@ -168,7 +168,8 @@ class Node:
         self.publisher = publisher_for(config, state, self.mesh, node_id=node_id)  # None: a private mesh
         metered = RequestMetering(openai_app, self.metrics)
         self.apis = (HttpApi(ApiKeyGate(metered, self.keys), host=config.host, port=config.port, what="OpenAI API"),
-                     HttpApi(status_app, host=config.host, port=config.console_port, what="console API"))
+                     HttpApi(status_app, host=config.host, port=config.console_port, what="console API",
+                             on_stop=self.events.close))
 
     def _gauges(self) -> NodeGauges:
         gossip, quic = self.mesh.gossip.stats, self.mesh.endpoint.stats

@@ -167,6 +167,20 @@ async def test_a_quiet_stream_sends_keepalives() -> None:
     await stream.aclose()
 
 
+async def test_closing_the_hub_ends_every_stream_at_once() -> None:
+    """A stopping node ends its console streams itself: its HTTP server does not wait out its grace period."""
+    feed = Feed()  # keepalive 15 s: only close() can end the wait
+    streams = [feed.hub.events() for _ in range(3)]
+    for stream in streams:
+        await read_event(stream)
+    feed.hub.close()
+    for stream in streams:
+        with anyio.fail_after(1):
+            with pytest.raises(StopAsyncIteration):
+                await anext(stream)
+    assert feed.hub.clients == 0
+
+
 async def test_the_run_loop_coalesces_a_burst_of_changes() -> None:
     feed = Feed(interval=0.05, tick=60)
     feed.state.observe(feed.hub.notify)
