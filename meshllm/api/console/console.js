@@ -217,7 +217,8 @@ function throughput(s, m) {
   if (!figures) return "—";
   return figures.requests + " req, " + figures.tokens_out + " tok out" +
     (figures.ttft_avg_s ? ", TTFT " + (1000 * figures.ttft_avg_s).toFixed(0) + " ms" : "") +
-    (figures.decode_avg_tps ? ", " + figures.decode_avg_tps.toFixed(1) + " tok/s" : "");
+    (figures.decode_avg_tps ? ", " + figures.decode_avg_tps.toFixed(1) + " tok/s" : "") +
+    (figures.waiting ? ", " + figures.waiting + " queued" : "");
 }
 
 function renderModels(s) {
