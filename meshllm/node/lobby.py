@@ -46,6 +46,7 @@ def lobby_status(*, capacity: Capacity, listings: Sequence[Listing], hint: str, 
     """The ``/api/status`` of a machine that runs no node: itself, no models, the published meshes."""
     me = {"id": "this-machine", "name": name or socket.gethostname(), "role": "viewer",
           "capacity_bytes": capacity.bytes, "capacity": capacity.description, "version": __version__,
+          "gpus": [{"name": name, "bytes": size} for name, size in capacity.devices],
           "rtt_ms": {}, "state": "alive"}
     meshes = [{"mesh_id": e.mesh_id, "name": e.content.name, "models": list(e.content.served),
                "wanted": list(e.content.wanted), "nodes": e.content.nodes, "clients": e.content.clients,
