@@ -46,6 +46,7 @@ def lobby_status(*, capacity: Capacity, listings: Sequence[Listing], hint: str, 
     """The ``/api/status`` of a machine that runs no node: itself, no models, the published meshes."""
     me = {"id": "this-machine", "name": name or socket.gethostname(), "role": "viewer",
           "capacity_bytes": capacity.bytes, "capacity": capacity.description, "version": __version__,
+          "gpus": [{"name": name, "bytes": size} for name, size in capacity.devices],
           "rtt_ms": {}, "state": "alive"}
     meshes = [{"mesh_id": e.mesh_id, "name": e.content.name, "models": list(e.content.served),
                "wanted": list(e.content.wanted), "nodes": e.content.nodes, "clients": e.content.clients,
@@ -109,7 +110,7 @@ class Lobby:
             await anyio.sleep(self.refresh_every)
 
     async def run(self, *, host: str, port: int, announce: Callable[[str], None]) -> None:
-        api = HttpApi(self.app(), host=host, port=port, what="console")
+        api = HttpApi(self.app(), host=host, port=port, what="console", on_stop=self.events.close)
         api.bind()
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         announce(f"Read-only console: http://{shown}:{port}/  (Ctrl-C to stop)")

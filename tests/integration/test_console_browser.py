@@ -6,10 +6,13 @@ What a user notices: the page lists the four nodes (three with memory bars, one 
 models; a chat through the page streams the same greedy answer as the OpenAI API; a killed node leaves
 the page within 10 s; an applied manifest's model shows up Loading, then Ready, without a reload.
 Screenshots (desktop and narrow) are saved in the test's folder and copied to ``bench/results/``.
+``meshllm`` with no arguments serves the page read-only, listing the meshes a real relay holds; a node
+with several GPUs gets one bar per GPU.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -182,3 +185,38 @@ def test_no_arguments_serve_a_read_only_console_listing_published_meshes(relay: 
         lobby.send_signal(signal.SIGINT)
         assert lobby.wait(timeout=15) == 0
         lobby.stdout.close()  # type: ignore[union-attr]
+
+
+def test_a_node_with_several_gpus_gets_a_bar_per_gpu(browser: Browser) -> None:
+    """The status as a node with two GPUs reports it (the page is the console's, the feed a recorded one:
+    this machine has no GPU)."""
+    gib = 1 << 30
+    node = {"id": "n-gpu", "name": "gpu-box", "role": "server", "capacity_bytes": 72 * gib, "state": "alive",
+            "gpus": [{"name": "NVIDIA RTX 4090", "bytes": 24 * gib}, {"name": "NVIDIA A6000", "bytes": 48 * gib}],
+            "rtt_ms": {}}
+    model = {"name": "big", "size_bytes": 36 * gib, "phase": "ready", "condition": None, "demand": None,
+             "servers": [{"node": "n-gpu", "model": "big", "phase": "ready"}], "workers": []}
+    status = {"mesh_id": "m1", "node": node, "nodes": [node], "models": [model]}
+    feed = f"id: e-1\nevent: snapshot\ndata: {json.dumps(status)}\n\n"
+    port = free_port()
+    with subprocess.Popen([sys.executable, "-m", "meshllm", "--console", str(port), "--relay", "none", "--no-mdns"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as lobby:
+        try:
+            assert lobby.stdout is not None
+            for line in lobby.stdout:
+                if "Read-only console" in line:
+                    break
+            page = browser.new_page()
+            page.route("**/api/events", lambda route: route.fulfill(
+                status=200, headers={"content-type": "text/event-stream"}, body=feed))
+            page.goto(f"http://127.0.0.1:{port}/")
+            card = page.locator('[data-node="n-gpu"]')
+            bars = card.locator('[role="meter"]')
+            expect(bars).to_have_count(2, timeout=15_000)
+            # 36 GiB held, spread 1:2 as the GPUs' memory: 12 GiB on the 24 GiB card, 24 on the 48 GiB one
+            expect(bars.nth(0)).to_have_attribute("aria-valuenow", str(12 * gib))
+            expect(bars.nth(1)).to_have_attribute("aria-valuenow", str(24 * gib))
+            expect(card).to_contain_text("GPU 1 NVIDIA A6000: ≈ 24 GiB of 48 GiB used")
+        finally:
+            lobby.send_signal(signal.SIGINT)
+            lobby.wait(timeout=15)

@@ -183,19 +183,13 @@ function renderNodes(s) {
   const items = s.nodes.filter((n) => n.state === "alive").map((n) => {
     const used = s.models.reduce((sum, m) => sum + (m.servers.some((x) => x.node === n.id && x.phase !== "failed")
       ? m.size_bytes || 0 : 0), 0);
-    const pct = n.capacity_bytes ? Math.min(100, (100 * used) / n.capacity_bytes) : 0;
     const alive = new Set(s.nodes.filter((x) => x.state === "alive").map((x) => x.id));
     const rtts = Object.entries(n.rtt_ms || {}).filter(([peer]) => alive.has(peer)).map(([peer, ms]) => nodeName(s, peer) + " " + ms.toFixed(1) + " ms");
     const role = roleOf(s, n);
     const li = el("li", { "data-node": n.id, "data-role": role },
       el("span", { class: "badge role" }, role), el("strong", {}, n.name || n.id.slice(0, 8)),
       el("div", { class: "muted" }, n.id.slice(0, 12) + (n.id === s.node.id ? " (this node)" : "")));
-    if (role !== "client") {
-      li.append(el("div", { class: "bar", role: "meter", "aria-label": "memory used on " + (n.name || n.id),
-        "aria-valuemin": "0", "aria-valuemax": String(n.capacity_bytes), "aria-valuenow": String(used) },
-      bar(pct)),
-      el("div", { class: "muted" }, gib(used) + " of " + gib(n.capacity_bytes) + " used"));
-    }
+    if (role !== "client") li.append(...memoryBars(n, used));
     if (rtts.length) li.append(el("div", { class: "muted" }, "links: " + rtts.join(", ")));
     return li;
   });
@@ -212,12 +206,28 @@ function renderLobby(s) {
   $("meshes-none").hidden = rows.length > 0;
 }
 
+// One bar per GPU where a node has several (llama-server spreads layers over them by memory, so each
+// GPU's share of what the node holds is estimated in that proportion: "≈"), else one for the node.
+function memoryBars(n, used) {
+  const gpus = n.gpus || [];
+  const parts = gpus.length > 1 ? gpus.map((g, i) => ({ label: "GPU " + i + " " + g.name, size: g.bytes,
+    used: n.capacity_bytes ? Math.round((used * g.bytes) / n.capacity_bytes) : 0, approx: "≈ " }))
+    : [{ label: gpus.length ? gpus[0].name : "memory", size: n.capacity_bytes, used, approx: "" }];
+  return parts.flatMap((p) => [
+    el("div", { class: "bar", role: "meter", "aria-label": p.label + " used on " + (n.name || n.id),
+      "aria-valuemin": "0", "aria-valuemax": String(p.size), "aria-valuenow": String(p.used) },
+    bar(p.size ? Math.min(100, (100 * p.used) / p.size) : 0)),
+    el("div", { class: "muted" }, (gpus.length > 1 ? p.label + ": " : "") + p.approx + gib(p.used) + " of " +
+      gib(p.size) + " used")]);
+}
+
 function throughput(s, m) {
   const figures = (s.metrics || {})[m.name];
   if (!figures) return "—";
   return figures.requests + " req, " + figures.tokens_out + " tok out" +
     (figures.ttft_avg_s ? ", TTFT " + (1000 * figures.ttft_avg_s).toFixed(0) + " ms" : "") +
-    (figures.decode_avg_tps ? ", " + figures.decode_avg_tps.toFixed(1) + " tok/s" : "");
+    (figures.decode_avg_tps ? ", " + figures.decode_avg_tps.toFixed(1) + " tok/s" : "") +
+    (figures.waiting ? ", " + figures.waiting + " queued" : "");
 }
 
 function renderModels(s) {
