@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 19 on a lent GPU machine: the CUDA engine from the carried patched source, the 8B model, then bench/split.py and
+# bench/rpc_per_token.py, all in the background (setsid) so a second call can follow it; logs under /tmp/out.
 # Carry a folder (e.g. .dev/rpc) holding llama-src.tar.xz (the pinned llama.cpp source with the patches applied,
 # big folders left out: see bench/README.md), whl/ (meshllm's dependencies as wheels) and tree/ (this checkout);
 # copy this script there and run it with setsid in one call, then follow /tmp/out/run.log in the next.
-# bench/rpc_per_token.py, all in the background (setsid) so a second call can follow it; logs under /tmp/out.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 D=$(cd "$(dirname "$0")" && pwd)
