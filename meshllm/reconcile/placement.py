@@ -190,7 +190,7 @@ def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, No
     for (name, index), lease in sorted(valid.items()):
         if name not in plan.wanted or index >= plan.wanted[name] or (name, index) in plan.slots or lease.workers:
             continue
-        if state_models[name].split and len(ledger.nodes) > 1 and name not in strict:
+        if state_models[name].split and name not in strict:
             continue  # a forced split served solo: the split rules decide whether it can move to a split now
         if name in ledger.held.get(lease.node, set()) or not ledger.fits(lease.node, name) \
                 or strict.get(name, lease.node) != lease.node:
@@ -198,8 +198,9 @@ def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, No
         _assign(plan, ledger, Slot(name, index, lease.node, hot=index >= base[name]))
     for name, count in plan.wanted.items():
         spec = state_models[name]
-        if (name, 0) not in plan.slots and name not in strict and len(ledger.nodes) > 1 and (spec.split or not any(
-                ledger.fits(nid, name) and (name, nid) not in failed for nid in ledger.nodes)):
+        if (name, 0) not in plan.slots and name not in strict and (spec.split and ledger.nodes or len(ledger.nodes) > 1
+                                                                    and not any(ledger.fits(nid, name) and (name, nid)
+                                                                                not in failed for nid in ledger.nodes)):
             _fill_split(plan, ledger, spec, leases=valid, failed=failed)
             continue
         for index in range(count):

@@ -116,6 +116,7 @@ def solo_lease(nid: str) -> PlacementLease:
 def test_split_asked_of_a_node_alone_serves_solo_then_moves_to_a_split_when_a_worker_comes() -> None:
     alone = plan(spec(100, split=True), mesh(node("a", 200)))
     assert alone.slots[("x", 0)].node == "a" and not alone.slots[("x", 0)].split
+    assert "solo until a split can be planned" in alone.notes["x"]
     # a standby joined, not yet measured: still solo where it runs (not moved to the newcomer), and said so
     unmeasured = plan(spec(100, split=True), mesh(node("a", 200), node("b", 300)), leases=[solo_lease("a")])
     slot = unmeasured.slots[("x", 0)]
