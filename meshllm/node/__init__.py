@@ -20,7 +20,7 @@ from anyio.abc import TaskStatus
 from meshllm.engine.build import require_engine
 from meshllm.engine.catalog import catalog
 from meshllm.engine.download import ModelReference, check_remote, parse_reference
-from meshllm.engine.models import file_fingerprint, models_dir, resolve_model
+from meshllm.engine.models import file_fingerprint, file_hashes, models_dir, resolve_model
 from meshllm.errors import MeshError, ModelNotFetched
 from meshllm.node.config import NodeConfig
 from meshllm.node.discovery import resolve_join
@@ -84,7 +84,8 @@ def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSp
         kept = source if not Path(source).expanduser().exists() else str(resolved.path)
         specs.append(ModelSpec(name=resolved.name, source=kept, node=node_id, created_at=now,
                                origin=ModelOrigin.NODE, owner=node_id, size_bytes=resolved.size_bytes,
-                               fingerprint=file_fingerprint(resolved.path), split=config.split, draft=draft))
+                               fingerprint=file_fingerprint(resolved.path), tensor_hashes=file_hashes(resolved.path),
+                               copy_on=node_id, split=config.split, draft=draft))
     return specs
 
 
