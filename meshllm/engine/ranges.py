@@ -16,8 +16,10 @@ import httpx
 
 from meshllm.engine.download import HubFile
 from meshllm.engine.sparse import RangeSourceError
+from meshllm.engine.tensors import NeedMore, parse_table
+from meshllm.errors import ModelError
 
-__all__ = ["HubRanges"]
+__all__ = ["HubRanges", "remote_fingerprint"]
 
 RETRIES = 3
 CHUNK = 4 << 20
@@ -75,3 +77,25 @@ class HubRanges:
                     yield chunk
             if got < length:
                 raise httpx.ReadError(f"the hub sent {got} of {length} bytes")
+
+
+def remote_fingerprint(file: HubFile, size: int, *, first: int = 256 << 10) -> str:
+    """The fingerprint (``engine.tensors``) of a hub file of ``size`` bytes, from its header alone (a
+    few ``Range`` requests): what a model nobody has fetched yet is known by in the mesh."""
+    token = os.environ.get("HF_TOKEN")
+    want = min(size, first)
+    with httpx.Client(follow_redirects=True, timeout=30.0,
+                      headers={"Authorization": f"Bearer {token}"} if token else {}) as client:
+        while True:
+            try:
+                answer = client.get(file.url(), headers={"Range": f"bytes=0-{want - 1}", "Accept-Encoding": "identity"})
+            except httpx.HTTPError as exc:
+                raise ModelError(f"{file.repo}/{file.path}: cannot read its header from the hub ({exc})") from None
+            if answer.status_code not in (200, 206):
+                raise ModelError(f"{file.repo}/{file.path}: HTTP {answer.status_code} reading its header")
+            try:
+                return parse_table(answer.content[:want], size).fingerprint
+            except NeedMore as more:
+                if want >= size:
+                    raise ModelError(f"{file.repo}/{file.path}: its GGUF header runs past the end") from None
+                want = min(size, max(more.size, 2 * want))

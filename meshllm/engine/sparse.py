@@ -24,10 +24,13 @@ from typing import Protocol
 
 import anyio
 
-from meshllm.engine.tensors import HASH_DIGITS, HEAD_READ, NeedMore, TensorInfo, TensorTable, parse_table, runs
+from meshllm.engine.tensors import HASH_DIGITS, NeedMore, TensorInfo, TensorTable, parse_table, runs
 from meshllm.errors import ModelError
 
 __all__ = ["RangeSource", "RangeSourceError", "SparseCopy", "allocated_bytes", "read_table"]
+
+
+FIRST_READ = 256 << 10  # bytes asked first for a header; more when it is longer (a big vocabulary)
 
 
 class RangeSourceError(ModelError):
@@ -52,7 +55,7 @@ async def read_table(sources: Sequence[RangeSource], size: int) -> tuple[TensorT
     """The tensor table and header bytes of the file, from the first source that answers."""
     problems = []
     for source in sources:
-        want = min(size, HEAD_READ)
+        want = min(size, FIRST_READ)
         try:
             while True:
                 head = await _read(source, 0, want)

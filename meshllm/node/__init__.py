@@ -21,6 +21,7 @@ from meshllm.engine.build import require_engine
 from meshllm.engine.catalog import catalog
 from meshllm.engine.download import ModelReference, check_remote, parse_reference
 from meshllm.engine.models import file_fingerprint, file_hashes, models_dir, resolve_model
+from meshllm.engine.ranges import remote_fingerprint
 from meshllm.errors import MeshError, ModelNotFetched
 from meshllm.node.config import NodeConfig
 from meshllm.node.discovery import resolve_join
@@ -78,8 +79,13 @@ def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSp
         except ModelNotFetched as exc:  # a hub model: the served-model controller fetches it
             reference = exc.reference
             name = getattr(reference, "name", source)
+            size = check_model(source)
+            files = reference.files if isinstance(reference, ModelReference) else ()
+            # one file: known by its header, and fetched in pieces where it is split
+            fingerprint = remote_fingerprint(files[0], size) if len(files) == 1 else ""
             specs.append(ModelSpec(name=name, source=source, node=node_id, created_at=now, origin=ModelOrigin.NODE,
-                                   owner=node_id, size_bytes=check_model(source), split=config.split, draft=draft))
+                                   owner=node_id, size_bytes=size, fingerprint=fingerprint, split=config.split,
+                                   draft=draft))
             continue
         kept = source if not Path(source).expanduser().exists() else str(resolved.path)
         specs.append(ModelSpec(name=resolved.name, source=kept, node=node_id, created_at=now,

@@ -36,7 +36,7 @@ class HubFileEntry:
     gated: bool = False  # 401 as a gated repository, unless the request brings ``token``
     token: str = ""
     advertise_size: int | None = None
-    gets: int = 0
+    gets: int = 0  # GETs that read to the end of the file: downloads; pieces are in ``ranges`` only
     ranges: list[str] = field(default_factory=list)
 
 
@@ -127,7 +127,7 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if body:
                 with hub.lock:
-                    entry.gets += 1
+                    entry.gets += end == entry.size - 1  # a download (or its resumption), not a piece
                     drop, entry.drop_after = entry.drop_after, None
                 self._send(entry, start, end, drop)
 
