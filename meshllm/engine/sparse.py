@@ -24,7 +24,7 @@ from typing import Protocol
 
 import anyio
 
-from meshllm.engine.tensors import HASH_DIGITS, NeedMore, TensorInfo, TensorTable, parse_table, runs
+from meshllm.engine.tensors import HASH_DIGITS, NeedMore, TensorInfo, TensorTable, masked_header, parse_table, runs
 from meshllm.errors import ModelError
 
 __all__ = ["RangeSource", "RangeSourceError", "SparseCopy", "allocated_bytes", "read_table"]
@@ -104,9 +104,12 @@ class SparseCopy:
         os.replace(tmp, self.record)
 
     async def fill(self, header: bytes, tensors: Sequence[TensorInfo], sources: Sequence[RangeSource], *,
-                   hashes: Mapping[str, str], progress: Callable[[int], None] | None = None) -> None:
+                   hashes: Mapping[str, str], progress: Callable[[int], None] | None = None,
+                   only_these: bool = False) -> None:
         """Make the copy hold ``header`` and ``tensors``, fetching the missing ones from ``sources``;
-        each is checked against ``hashes`` (when the mesh has them: else the source vouches for it)."""
+        each is checked against ``hashes`` (when the mesh has them: else the source vouches for it).
+        ``only_these``: the header names no other tensor (``masked_header``: for a worker, whose
+        ggml-rpc-server then refuses an offer of a tensor it lacks rather than read a hole)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         held = self.held()
         if not held:
@@ -114,7 +117,8 @@ class SparseCopy:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             os.ftruncate(fd, self.table.size)
-            os.pwrite(fd, header, 0)
+            keep = {t.name for t in tensors}
+            os.pwrite(fd, masked_header(header, self.table, keep) if only_these else header, 0)
             for start, length, inside in runs(t for t in tensors if t.name not in held):
                 await self._run(fd, start, length, inside, sources, hashes, progress)
                 held |= {t.name for t in inside}

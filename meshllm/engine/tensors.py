@@ -32,8 +32,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from meshllm.errors import ModelError
 
 __all__ = [
-    "CPU", "HASH_DIGITS", "NeedMore", "TensorInfo", "TensorTable", "device_tensors", "file_table", "hash_tensors",
-    "layer_devices", "parse_table", "runs", "tensor_digest",
+    "CPU", "HASH_DIGITS", "NeedMore", "TensorInfo", "TensorTable", "check_hashes", "device_tensors", "file_table",
+    "hash_tensors", "layer_devices", "masked_header", "parse_table", "runs", "tensor_digest",
 ]
 
 CPU = -1  # the device index of a layer llama.cpp keeps on the CPU
@@ -76,6 +76,7 @@ class TensorTable:
     header_digest: str
     n_layer: int
     tensors: tuple[TensorInfo, ...]
+    name_at: tuple[int, ...] = ()  # where each tensor's name starts in the header, in ``tensors``' order
 
     @property
     def fingerprint(self) -> str:
@@ -146,8 +147,9 @@ def parse_table(head: bytes, size: int) -> TensorTable:
     for _ in range(n_kv):
         key = cur.string()
         meta[key] = cur.value(cur.num("I"))
-    infos = []
+    infos, name_at = [], []
     for _ in range(n_tensors):
+        name_at.append(cur.pos + 8)
         name = cur.string()
         dims = [cur.num("Q") for _ in range(cur.num("I"))]
         kind, offset = cur.num("I"), cur.num("Q")
@@ -163,7 +165,24 @@ def parse_table(head: bytes, size: int) -> TensorTable:
     for t in tensors:
         if t.end > size:
             raise ModelError(f"tensor {t.name} ends at byte {t.end}, beyond the file's {size} bytes")
-    return TensorTable(size=size, data_offset=data_offset, header_digest=digest, n_layer=n_layer, tensors=tensors)
+    return TensorTable(size=size, data_offset=data_offset, header_digest=digest, n_layer=n_layer, tensors=tensors,
+                       name_at=tuple(name_at))
+
+
+def masked_header(header: bytes, table: TensorTable, keep: set[str]) -> bytes:
+    """``header`` with every tensor not in ``keep`` renamed (its first letter made ``~``: the same
+    length, so every offset stays): a worker's ggml-rpc-server then knows only the tensors its sparse
+    copy holds, and an offer of any other ends the connection (patch 0003) instead of loading the
+    zeros of a hole. The header unchanged when renaming would make two names equal."""
+    names = [t.name for t in table.tensors]
+    renamed = [n if n in keep or not n else "~" + n[1:] for n in names]
+    if len(set(renamed)) != len(renamed):
+        return header
+    out = bytearray(header)
+    for name, at in zip(names, table.name_at, strict=True):
+        if name not in keep and name:
+            out[at] = ord("~")
+    return bytes(out)
 
 
 def file_table(path: Path) -> TensorTable:

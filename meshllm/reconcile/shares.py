@@ -155,7 +155,8 @@ class ShareFetches:
             def progress(done: int) -> None:
                 self.states[share.key] = replace(self.states[share.key], done=done)
 
-            await copy.fill(header, tensors, sources, hashes=share.hashes, progress=progress)
+            await copy.fill(header, tensors, sources, hashes=share.hashes, progress=progress,
+                            only_these=share.worker != HOST)
         except MeshError as exc:
             log.warning("%s: fetching its share failed: %s", share.model, exc)
             self.states[share.key] = replace(self.states[share.key], error=str(exc), at=self.clock.monotonic())

@@ -10,7 +10,7 @@ import pytest
 
 from meshllm.engine.models import file_fingerprint
 from meshllm.engine.sparse import RangeSourceError, SparseCopy, allocated_bytes, read_table
-from meshllm.engine.tensors import CPU, check_hashes, file_table, hash_tensors, layer_devices
+from meshllm.engine.tensors import CPU, check_hashes, file_table, hash_tensors, layer_devices, masked_header, parse_table
 from meshllm.engine.tinygguf import write_dense
 from meshllm.errors import ModelError
 from meshllm.reconcile.shares import HOST, Share, share_tensors
@@ -137,3 +137,14 @@ async def test_hub_ranges_pin_the_file_and_resume_a_cut_transfer(model: Path, tm
                 b"".join([c async for c in source.stream(0, 10)])
         finally:
             await source.aclose()
+
+
+def test_a_workers_header_names_only_the_tensors_it_holds_at_the_same_offsets(model: Path) -> None:
+    table = file_table(model)
+    header = model.read_bytes()[:table.data_offset]
+    mine = {t.name for t in share_tensors(table, share(model, 0))}
+    masked = parse_table(masked_header(header, table, mine), table.size)
+    assert masked.data_offset == table.data_offset
+    assert [(t.offset, t.nbytes) for t in masked.tensors] == [(t.offset, t.nbytes) for t in table.tensors]
+    assert {t.name for t in masked.tensors} & {t.name for t in table.tensors} == mine
+    assert all(t.name.startswith("~") for t in masked.tensors if t.name not in mine)
