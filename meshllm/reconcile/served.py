@@ -41,7 +41,7 @@ from meshllm.reconcile.served_plan import (
     Remember, Start, Stop, Unavailable, Wait, Withdraw, plan,
 )
 from meshllm.reconcile.supervisor import PROCESSES, HttpReady, LaunchSpec, ProcessPhase, ProcessView, Supervisor
-from meshllm.reconcile.shares import ShareFetches, share_of
+from meshllm.reconcile.shares import ShareFetcher, share_of
 from meshllm.reconcile.split import split_layout
 from meshllm.reconcile.timing import Backoff, Clock, SystemClock
 from meshllm.reconcile.workers import RPC_RECORD_PREFIX
@@ -78,7 +78,7 @@ class ServedModelController:
                  gpu_layers: int = 0, device: str = "", threads: int = 0, store: NodeStore | None = None,
                  rpc: RpcConnector | None = None, clock: Clock | None = None, backoff: Backoff | None = None,
                  max_tokens: int = DEFAULT_MAX_TOKENS, downloads: Fetcher | None = None,
-                 shares: ShareFetches | None = None) -> None:
+                 shares: ShareFetcher | None = None) -> None:
         self.state = state
         self.node_id = node_id
         self.supervisor = supervisor

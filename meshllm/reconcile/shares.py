@@ -18,6 +18,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -33,7 +34,7 @@ from meshllm.state.schema import ModelSpec, PlacementLease
 from meshllm.tunnels.http import HttpTunnelClient
 from meshllm.tunnels.models import PeerRanges
 
-__all__ = ["HOST", "Share", "ShareFetches", "ShareState", "share_of", "share_tensors"]
+__all__ = ["HOST", "Share", "ShareFetcher", "ShareFetches", "ShareState", "share_of", "share_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,14 @@ class ShareState:
     @property
     def message(self) -> str:
         return progress_line(self.done, self.total, 0.0).replace("downloading", "fetching its layers:", 1)
+
+
+class ShareFetcher(Protocol):
+    """What the split controllers need of share fetches (``ShareFetches``, or a fake in unit tests)."""
+
+    def want(self, share: Share) -> ShareState:
+        """Start fetching ``share`` unless under way (or failed lately); where it stands."""
+        ...
 
 
 class ShareFetches:

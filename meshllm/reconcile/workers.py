@@ -32,7 +32,7 @@ from meshllm.engine.process import safe_name
 from meshllm.engine.rpc_auth import RPC_SECRET_ENV
 from meshllm.engine.tensors import check_hashes, file_table, hash_tensors
 from meshllm.errors import ModelError
-from meshllm.reconcile.shares import Share, ShareFetches, share_of, share_tensors
+from meshllm.reconcile.shares import Share, ShareFetcher, share_of, share_tensors
 from meshllm.reconcile.supervisor import PROCESSES, LaunchSpec, ListenReady, ProcessPhase, ProcessView, Supervisor
 from meshllm.reconcile.timing import Backoff
 from meshllm.state.document import Changed, MeshState
@@ -269,7 +269,7 @@ class WorkerController:
     def __init__(self, state: MeshState, *, node_id: str, supervisor: Supervisor, engine_dir: Path, log_dir: Path,
                  key: str, threads: int = 0, device: str = "", store: NodeStore | None = None,
                  backoff: Backoff | None = None, bind_host: str = "127.0.0.1", direct_host: str = "",
-                 shares: ShareFetches | None = None) -> None:
+                 shares: ShareFetcher | None = None) -> None:
         """``key``: the mesh's RPC key every rpc-server demands. ``bind_host``: where rpc-servers
         listen; ``direct_host``: the address published for hosts to reach them straight (``--rpc-direct``)."""
         self.state = state

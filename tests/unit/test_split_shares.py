@@ -13,7 +13,10 @@ from meshllm.engine.sparse import RangeSourceError, SparseCopy, allocated_bytes,
 from meshllm.engine.tensors import CPU, check_hashes, file_table, hash_tensors, layer_devices, masked_header, parse_table
 from meshllm.engine.tinygguf import write_dense
 from meshllm.errors import ModelError
-from meshllm.reconcile.shares import HOST, Share, share_tensors
+from meshllm.reconcile.shares import HOST, Share, ShareState, share_tensors
+from meshllm.reconcile.workers import RPC_RECORD_PREFIX, WorkerController
+from meshllm.state.schema import ModelSpec, NodeStatus, ServerPhase
+from tests.unit.controllers import ME, World
 from meshllm.reconcile.split import split_layout
 from meshllm.testing.hubserver import HubServer
 from meshllm.engine.download import HubFile
@@ -148,3 +151,62 @@ def test_a_workers_header_names_only_the_tensors_it_holds_at_the_same_offsets(mo
     assert [(t.offset, t.nbytes) for t in masked.tensors] == [(t.offset, t.nbytes) for t in table.tensors]
     assert {t.name for t in masked.tensors} & {t.name for t in table.tensors} == mine
     assert all(t.name.startswith("~") for t in masked.tensors if t.name not in mine)
+
+
+# -- the worker controller (fake supervisor, fake clock) -------------------------------------------
+class FakeShares:
+    """Fetches that finish when the test says so."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.done, self.asked = path, False, list[Share]()
+
+    def want(self, share: Share) -> ShareState:
+        self.asked.append(share)
+        if self.done:
+            return ShareState(done=100, total=100, path=self.path)
+        return ShareState(done=40, total=100)
+
+
+def worker_world(tmp_path: Path, model: Path) -> World:
+    world = World(tmp_path)
+    world.state.put_node(NodeStatus(id="n2", capacity_bytes=10**9, incarnation=1.0))
+    table = file_table(model)
+    world.state.put_model(ModelSpec(name="m", source=str(model), node="n2", size_bytes=table.size,
+                                    fingerprint=table.fingerprint, tensor_hashes=hash_tensors(model, table.tensors),
+                                    copy_on="n2"))
+    world.lease("m", node="n2", workers=[ME], shares=[0.4, 0.6])
+    return world
+
+
+async def test_a_worker_whose_copy_differs_in_one_tensor_it_holds_refuses_it(model: Path, tmp_path: Path) -> None:
+    world = worker_world(tmp_path, model)
+    table = file_table(model)
+    victim = next(t for t in table.tensors if t.name == "blk.7.ffn_down.weight")  # the worker's (the last layers)
+    bad = bytearray(model.read_bytes())
+    bad[victim.offset + victim.nbytes // 2] ^= 0x01
+    (tmp_path / "bad.gguf").write_bytes(bad)
+    world.state.put_model(world.state.models()["m"].model_copy(update={"source": str(tmp_path / "bad.gguf")}))
+    async with world.running(world.workers()):
+        status = world.worker()
+        assert status is not None and status.phase is ServerPhase.FAILED, status
+        assert "tensor blk.7.ffn_down.weight differs" in status.message and not world.pids()
+
+
+async def test_a_worker_without_the_file_shows_its_fetch_then_serves_the_sparse_copy(model: Path,
+                                                                                    tmp_path: Path) -> None:
+    world = worker_world(tmp_path, model)
+    world.state.put_model(world.state.models()["m"].model_copy(update={"source": str(tmp_path / "absent.gguf")}))
+    shares = FakeShares(tmp_path / "sparse.gguf")
+    workers = WorkerController(world.state, node_id=ME, supervisor=world.supervisor, engine_dir=Path("/engine"),
+                               log_dir=tmp_path / "logs", key="k", threads=1, backoff=world.backoff, shares=shares)
+    async with world.running(workers):
+        status = world.worker()
+        assert status is not None and status.phase is ServerPhase.DOWNLOADING and "(40%)" in status.message
+        assert not world.pids() and shares.asked[-1].worker == 0 and shares.asked[-1].copy_on == "n2"
+        shares.done = True
+        await world.advance(1.01)
+        assert list(world.pids()) == [RPC_RECORD_PREFIX + "m"]
+        argv = world.process(RPC_RECORD_PREFIX + "m").argv
+        assert argv[argv.index("--gguf") + 1] == str(tmp_path / "sparse.gguf")
+        status = world.worker()
+        assert status is not None and status.phase is ServerPhase.LOADING and not status.message
