@@ -338,7 +338,7 @@ class WorkerController:
         if lease is None or spec is None:
             return None
         host = self.state.nodes().get(lease.node)
-        share = share_of(spec, lease, self.node_id, host_gpu=host is not None and host.gpu)
+        share = share_of(spec, lease, self.node_id, host_gpu=host is not None and bool(host.gpus))
         try:
             path = await self._local_file(spec.source, spec.name)
         except ModelError as exc:
