@@ -83,6 +83,7 @@ class DesiredWorker:
     gguf: Path | None = None  # this node's copy of the model (whole, or a sparse copy of its share)
     problem: str = ""  # why this node cannot hold the layers (no identical copy)
     fetching: str = ""  # its share of the file is being fetched: how far that got
+    layout: str = ""  # a sparse copy: the share it holds (its rpc-server knows only those tensors)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class WorkerMemory:
     since: float = 0.0
     message: str = ""  # why it failed, or restarts
     fetching: bool = False  # ``message`` is the progress of fetching its share of the file
+    layout: str = ""  # the share the running rpc-server's sparse copy held when it started
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,8 @@ def _check_running(desired: DesiredWorker, proc: ProcessView, memory: WorkerMemo
         reason = "left running by the previous run of this node"
     elif memory.host != desired.host:
         reason = f"the split's host is now {desired.host}"
+    elif memory.layout != desired.layout:
+        reason = "its share of the layers changed"
     elif proc.phase is ProcessPhase.STARTING and now - proc.seen_at > start_timeout:
         reason = f"not listening after {start_timeout:.0f}s"
         memory = replace(memory, failed=True, retry_at=now + FAILED_RETRY, since=now,
@@ -234,7 +238,8 @@ def _start_or_wait(desired: DesiredWorker, memory: WorkerMemory, now: float,
         return replace(memory, host=desired.host, failed=True, retry_at=now + NO_COPY_RETRY, since=now,
                        message=desired.problem, restarts=0, fetching=False)
     actions.append(StartWorker(desired))
-    return replace(memory, host=desired.host, restarts=memory.restarts if same_host else 0, failed=False,
+    return replace(memory, host=desired.host, layout=desired.layout, restarts=memory.restarts if same_host else 0,
+                   failed=False,
                    retry_at=0.0, message=memory.message if same_host and not memory.fetching else "", fetching=False)
 
 
@@ -356,7 +361,7 @@ class WorkerController:
                                  f"its layers failed: {state.error}")
         if state.path is None:
             return DesiredWorker(share.model, host, fetching=state.message)
-        return DesiredWorker(share.model, host, gguf=state.path)
+        return DesiredWorker(share.model, host, gguf=state.path, layout=f"{share.worker}:{share.tensor_split}")
 
     async def _check_copy(self, path: Path, spec: ModelSpec, share: Share) -> str:
         """Why this node's whole copy is not the mesh's file (its header, or a tensor it would serve

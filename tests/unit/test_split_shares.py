@@ -210,3 +210,22 @@ async def test_a_worker_without_the_file_shows_its_fetch_then_serves_the_sparse_
         assert argv[argv.index("--gguf") + 1] == str(tmp_path / "sparse.gguf")
         status = world.worker()
         assert status is not None and status.phase is ServerPhase.LOADING and not status.message
+
+
+async def test_a_worker_on_a_sparse_copy_restarts_when_its_share_changes(model: Path, tmp_path: Path) -> None:
+    world = worker_world(tmp_path, model)
+    world.state.put_model(world.state.models()["m"].model_copy(update={"source": str(tmp_path / "absent.gguf")}))
+    shares = FakeShares(tmp_path / "sparse.gguf")
+    shares.done = True
+    workers = WorkerController(world.state, node_id=ME, supervisor=world.supervisor, engine_dir=Path("/engine"),
+                               log_dir=tmp_path / "logs", key="k", threads=1, backoff=world.backoff, shares=shares)
+    key = RPC_RECORD_PREFIX + "m"
+    async with world.running(workers):
+        world.supervisor.ready(key)
+        await world.settle()
+        first = world.process(key).pid
+        world.lease("m", node="n2", workers=[ME], shares=[0.6, 0.4])  # re-planned: a larger share here
+        await world.settle()
+        await world.advance(1.01)
+        assert shares.asked[-1].tensor_split == (0.6, 0.4)
+        assert list(world.pids()) == [key] and world.process(key).pid != first  # its rpc-server knew the old share
