@@ -119,18 +119,19 @@ class SparseCopy:
             os.ftruncate(fd, self.table.size)
             keep = {t.name for t in tensors}
             os.pwrite(fd, masked_header(header, self.table, keep) if only_these else header, 0)
+            order = list(sources)  # a source that failed goes last for the next runs
             for start, length, inside in runs(t for t in tensors if t.name not in held):
-                await self._run(fd, start, length, inside, sources, hashes, progress)
+                await self._run(fd, start, length, inside, order, hashes, progress)
                 held |= {t.name for t in inside}
                 self._save(held)
             os.fsync(fd)
         finally:
             os.close(fd)
 
-    async def _run(self, fd: int, start: int, length: int, tensors: list[TensorInfo], sources: Sequence[RangeSource],
+    async def _run(self, fd: int, start: int, length: int, tensors: list[TensorInfo], sources: list[RangeSource],
                    hashes: Mapping[str, str], progress: Callable[[int], None] | None) -> None:
         problems = []
-        for source in sources:
+        for source in list(sources):
             check = _Checker(tensors, hashes, where=source.name)
             pos = start
             try:
@@ -146,6 +147,8 @@ class SparseCopy:
                 return
             except RangeSourceError as exc:
                 problems.append(f"{source.name}: {exc}")
+                sources.remove(source)
+                sources.append(source)
         raise RangeSourceError(f"bytes {start}-{start + length - 1} ({tensors[0].name}...): " + "; ".join(problems))
 
 

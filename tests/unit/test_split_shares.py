@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 from pathlib import Path
 
 import gguf
@@ -229,3 +230,32 @@ async def test_a_worker_on_a_sparse_copy_restarts_when_its_share_changes(model: 
         await world.advance(1.01)
         assert shares.asked[-1].tensor_split == (0.6, 0.4)
         assert list(world.pids()) == [key] and world.process(key).pid != first  # its rpc-server knew the old share
+
+
+async def test_a_peer_serves_ranges_of_its_own_copy_only_for_the_mesh_s_fingerprint(model: Path) -> None:
+    from meshllm.state.document import MeshState
+    from meshllm.tunnels.http import TunnelRequest
+    from meshllm.tunnels.models import GGUF_PREFIX, ModelFileServer, local_copies
+
+    state = MeshState()
+    state.put_model(ModelSpec(name="m", source=str(model)))
+    forwarded: list[str] = []
+
+    async def forward(request: TunnelRequest) -> Any:
+        forwarded.append(request.path)
+        raise AssertionError("not a model-file request")
+
+    server = ModelFileServer(local_copies(state.models), forward)
+
+    async def get(model_name: str, fingerprint: str, ranged: str) -> tuple[int, bytes]:
+        answer = await server(TunnelRequest("GET", GGUF_PREFIX + model_name, f"fingerprint={fingerprint}",
+                                            [("range", ranged)], b""))
+        return answer.status_code, b"".join([chunk async for chunk in answer])
+
+    fingerprint = file_fingerprint(model)
+    assert await get("m", fingerprint, "bytes=100-2099999") == (206, model.read_bytes()[100:2_100_000])
+    status, body = await get("m", "1:other", "bytes=0-9")
+    assert status == 404 and b"no copy of m" in body
+    assert (await get("other", fingerprint, "bytes=0-9"))[0] == 404
+    assert (await get("m", fingerprint, f"bytes=0-{model.stat().st_size}"))[0] == 416
+    assert not forwarded
