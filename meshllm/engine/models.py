@@ -24,8 +24,8 @@ from meshllm.engine.download import ModelReference, parse_reference
 from meshllm.engine.tensors import file_table, hash_tensors
 from meshllm.errors import ModelError, ModelNotFetched
 
-__all__ = ["DEFAULT_MODEL", "ResolvedModel", "canonical_name", "file_fingerprint", "file_hashes", "looks_like_path", "models_dir",
-           "resolve_model"]
+__all__ = ["DEFAULT_MODEL", "ResolvedModel", "canonical_name", "file_fingerprint", "file_hashes", "looks_like_path",
+           "models_dir", "resolve_model"]
 
 DEFAULT_MODEL = "gemma-3-270m"
 GGUF_MAGIC = b"GGUF"

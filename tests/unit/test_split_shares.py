@@ -11,7 +11,9 @@ import pytest
 
 from meshllm.engine.models import file_fingerprint
 from meshllm.engine.sparse import RangeSourceError, SparseCopy, allocated_bytes, read_table
-from meshllm.engine.tensors import CPU, check_hashes, file_table, hash_tensors, layer_devices, masked_header, parse_table
+from meshllm.engine.tensors import (
+    CPU, check_hashes, file_table, hash_tensors, layer_devices, masked_header, parse_table,
+)
 from meshllm.engine.tinygguf import write_dense
 from meshllm.errors import ModelError
 from meshllm.reconcile.shares import HOST, Share, ShareState, share_tensors
@@ -90,7 +92,8 @@ async def test_a_sparse_copy_holds_its_share_and_takes_little_disk(model: Path, 
     read, header = await read_table([source], len(data))
     assert read == table
     copy = SparseCopy(tmp_path / "m.gguf", table)
-    await copy.fill(header, mine, [BytesSource(b"", broken=True, name="dead"), source], hashes=hash_tensors(model, table.tensors))
+    await copy.fill(header, mine, [BytesSource(b"", broken=True, name="dead"), source],
+                    hashes=hash_tensors(model, table.tensors))
     copied = (tmp_path / "m.gguf").read_bytes()
     assert len(copied) == len(data) and copied[:table.data_offset] == data[:table.data_offset]
     for t in mine:
