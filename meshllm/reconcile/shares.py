@@ -15,6 +15,7 @@ the node holding the whole file (``ModelSpec.copy_on``) over the mesh. A failed 
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 HOST = -1  # ``Share.worker`` of the split's host
 RETRY_FAILED = 30.0
+DISK_MARGIN = 64 << 20  # bytes kept free beyond the share
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,13 @@ class ShareFetches:
         name = Path(share.source).name if share.source.endswith(".gguf") else f"{share.model}.gguf"
         return self.folder / ".split" / share.fingerprint.replace(":", "-") / name
 
+    def _check_disk(self, missing: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.folder).free
+        if missing + DISK_MARGIN > free:
+            raise MeshError(f"not enough disk space in {self.folder}: {missing / 1e6:.1f} MB to fetch, "
+                            f"{free / 1e6:.1f} MB free")
+
     async def _fetch(self, share: Share) -> None:
         sources = self._sources(share)
         try:
@@ -158,6 +167,7 @@ class ShareFetches:
             copy = SparseCopy(self._path(share), table)
             total = sum(t.nbytes for t in tensors if t.name not in copy.held())
             self.states[share.key] = replace(self.states[share.key], total=total)
+            self._check_disk(total)
             log.info("%s: fetching %d tensors (%s) of its share from %s", share.model, len(tensors),
                      progress_line(total, 0, 0).removeprefix("downloading "), ", ".join(s.name for s in sources))
 
@@ -166,7 +176,7 @@ class ShareFetches:
 
             await copy.fill(header, tensors, sources, hashes=share.hashes, progress=progress,
                             only_these=share.worker != HOST)
-        except MeshError as exc:
+        except (MeshError, OSError) as exc:  # OSError: the models folder (a full disk, permissions)
             log.warning("%s: fetching its share failed: %s", share.model, exc)
             self.states[share.key] = replace(self.states[share.key], error=str(exc), at=self.clock.monotonic())
             return
