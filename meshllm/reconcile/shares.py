@@ -181,8 +181,9 @@ class ShareFetches:
             self.states[share.key] = replace(self.states[share.key], error=str(exc), at=self.clock.monotonic())
             return
         finally:
-            for source in sources:
-                if isinstance(source, HubRanges):
-                    await source.aclose()
+            with anyio.CancelScope(shield=True):
+                for source in sources:
+                    if isinstance(source, HubRanges):
+                        await source.aclose()
         log.info("%s: its share is in %s", share.model, copy.path)
         self.states[share.key] = replace(self.states[share.key], path=copy.path)
