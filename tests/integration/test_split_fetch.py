@@ -169,8 +169,14 @@ def test_a_piece_differing_in_one_tensor_is_refused_with_the_tensor_named(mesh: 
     b = start(mesh, monkeypatch, tmp_path, "b", "127.0.0.3", "--standby", "--max-vram", cap(weights, 0.5),
               "--join", a.token())
     node_ids((a, b))
-    wait_for(lambda: condition(a).get("reason") == "WorkerFailed", timeout=60, what="the worker's failure")
-    message = condition(a)["message"]
+    seen: dict[str, Any] = {}
+
+    def failed() -> bool:  # the worker tries again every 30 s: keep the condition that said why
+        seen.update(condition(a))
+        return seen.get("reason") == "WorkerFailed"
+
+    wait_for(failed, timeout=60, what="the worker's failure")
+    message = seen["message"]
     print(message)
     assert "blk.7.ffn_down.weight" in message and "differs from the mesh's copy" in message, message
     assert shares(tmp_path, ["b"], weights).get("b", {}).get("share", 0) < victim.nbytes  # never kept
