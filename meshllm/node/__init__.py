@@ -70,6 +70,10 @@ def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSp
     """The ``--model`` arguments as desired state pinned to this node; fails fast on a bad one."""
     if config.client and config.models:
         raise MeshError("--client nodes serve no models; drop --client or --model")
+    if config.alias and len(config.models) != 1:
+        raise MeshError("--alias names one model: give exactly one --model with it")
+    options = {"ctx_size": config.ctx_size, "embeddings": config.embeddings, "pooling": config.pooling,
+               "rerank": config.rerank, "chat_template": config.chat_template}
     specs = []
     for source in config.models:
         draft = draft_for(config, source)
@@ -78,13 +82,15 @@ def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSp
         except ModelNotFetched as exc:  # a hub model: the served-model controller fetches it
             reference = exc.reference
             name = getattr(reference, "name", source)
-            specs.append(ModelSpec(name=name, source=source, node=node_id, created_at=now, origin=ModelOrigin.NODE,
-                                   owner=node_id, size_bytes=check_model(source), split=config.split, draft=draft))
+            specs.append(ModelSpec(name=config.alias or name, source=source, node=node_id, created_at=now,
+                                   origin=ModelOrigin.NODE, owner=node_id, size_bytes=check_model(source),
+                                   split=config.split, draft=draft, **options))
             continue
         kept = source if not Path(source).expanduser().exists() else str(resolved.path)
-        specs.append(ModelSpec(name=resolved.name, source=kept, node=node_id, created_at=now,
+        specs.append(ModelSpec(name=config.alias or resolved.name, source=kept, node=node_id, created_at=now,
                                origin=ModelOrigin.NODE, owner=node_id, size_bytes=resolved.size_bytes,
-                               fingerprint=file_fingerprint(resolved.path), split=config.split, draft=draft))
+                               fingerprint=file_fingerprint(resolved.path), split=config.split, draft=draft,
+                               **options))
     return specs
 
 

@@ -118,6 +118,13 @@ class ModelSpec(_Entity):
     split: bool = Field(default=False, description="split it across nodes even when one node could hold it")
     fingerprint: str = Field(default="", description="identity of the GGUF file (size and sampled hash): "
                              "a split worker serves only an identical local copy")
+    embeddings: bool = Field(default=False, description="serve embeddings (llama-server --embeddings): an "
+                             "embedding model")
+    pooling: str = Field(default="", description="pooling of embeddings (none, mean, cls, last, rank); "
+                         "empty: the model's own")
+    rerank: bool = Field(default=False, description="serve reranking (llama-server --rerank): a reranker model")
+    chat_template: str = Field(default="", description="chat template: a llama.cpp built-in name (chatml, "
+                               "gemma, ...) or a jinja template; empty: the model's own")
 
 
 class DemandEntry(_Entity):
