@@ -158,6 +158,9 @@ def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BOD
 
     proxy = OpenAIProxy(plane, max_body_bytes=max_body_bytes, demand=demand)
     routes = [HttpRoute(e.path, proxy, methods=[e.method]) for e in ENDPOINTS]
+    for route in routes:  # starlette adds HEAD to GET; a HEAD's answer has no body for the proxy to relay
+        assert route.methods is not None
+        route.methods.discard("HEAD")
     routes += [HttpRoute(path, list_models, methods=["GET"]) for path in ("/v1/models", "/models")]
     routes += [HttpRoute(path, health, methods=["GET"]) for path in ("/health", "/v1/health")]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: wrong_method})

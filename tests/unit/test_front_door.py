@@ -142,6 +142,7 @@ def test_a_wrong_method_is_an_openai_405(client: TestClient) -> None:
     answer = client.get("/v1/chat/completions")
     assert answer.status_code == 405 and answer.json()["error"]["code"] == "method_not_allowed"
     assert "POST" in answer.headers["allow"]
+    assert client.head("/props").status_code == 405  # no body to relay: never sent upstream
 
 
 def test_models_and_health_also_answer_where_llama_server_has_them(client: TestClient) -> None:
