@@ -27,7 +27,7 @@ from langchain_openai import ChatOpenAI, OpenAIEmbeddings
 from playwright.sync_api import sync_playwright
 
 from tests.conftest import free_port
-from tests.integration.nodes import Mesh, NodeProcess, listed, wait_for
+from tests.integration.nodes import Mesh, listed, wait_for
 
 pytestmark = pytest.mark.engine
 
@@ -307,13 +307,17 @@ def test_a_cors_preflight_is_answered_as_llama_server_answers_it(front: dict[str
 
 
 class _Page(http.server.BaseHTTPRequestHandler):
+    """The page of a front-end on another origin (another port)."""
+
     def do_GET(self) -> None:  # noqa: N802  (http.server's name)
         body = b"<!doctype html><title>front-end</title>"
         self.send_response(200)
         self.send_header("Content-Type", "text/html")
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
+        self.close_connection = True
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -334,10 +338,12 @@ def test_a_browser_page_on_another_origin_chats_through_the_mesh(front: dict[str
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{site.server_address[1]}/")
-            answers = [page.evaluate(fetch, [f"{front[t].api}/v1/chat/completions", MODEL]) for t in TARGETS]
-            browser.close()
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{site.server_address[1]}/")
+                answers = [page.evaluate(fetch, [f"{front[t].api}/v1/chat/completions", MODEL]) for t in TARGETS]
+            finally:
+                browser.close()
     finally:
         site.shutdown()
         site.server_close()
