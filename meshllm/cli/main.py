@@ -23,7 +23,7 @@ from meshllm.cli.discover import relay_list
 from meshllm.cli.keys import keys_app, local_keys
 from meshllm.cli.engine import engine_app, ensure_engine
 from meshllm.engine.capacity import parse_size
-from meshllm.engine.process import DEFAULT_MAX_TOKENS
+from meshllm.engine.process import DEFAULT_MAX_TOKENS, POOLING_TYPES
 from meshllm.errors import MeshError
 from meshllm.node import NodeConfig, bind_socket, check_model, run_node
 from meshllm.node.lobby import run_lobby
@@ -118,6 +118,13 @@ def serve(
     relay: Annotated[list[str] | None, typer.Option("--relay", metavar="URL", help="Nostr relay of the mesh directory (repeatable; replaces the default list; 'none': LAN only)")] = None,
     mdns: Annotated[bool, typer.Option("--mdns/--no-mdns", help="Publish and discover meshes on the LAN by mDNS too")] = True,
     listing_ttl: Annotated[float, typer.Option("--listing-ttl", hidden=True, min=2, help="Seconds a listing lives unless re-published (tests)")] = 300.0,
+    alias: Annotated[str, typer.Option("--alias", help="Name clients use for the --model model (one model; it also answers to its file's name)")] = "",
+    ctx_size: Annotated[int, typer.Option("--ctx-size", min=0, help="Context length of the --model models (0: the model's default)")] = 0,
+    embeddings: Annotated[bool, typer.Option("--embeddings", help="Serve the --model models for embeddings (/v1/embeddings; embedding models)")] = False,
+    pooling: Annotated[str, typer.Option("--pooling", metavar="none|mean|cls|last|rank", help="Pooling of the embeddings (default: the model's)")] = "",
+    rerank: Annotated[bool, typer.Option("--rerank", help="Serve the --model models for reranking (/v1/rerank; reranker models)")] = False,
+    chat_template: Annotated[str, typer.Option("--chat-template", metavar="NAME|JINJA", help="Chat template of the --model models: a llama.cpp built-in (chatml, gemma, llama3, ...) or a jinja template (default: the model's)")] = "",
+    cors_origins: Annotated[str, typer.Option("--cors-origins", metavar="ORIGINS", help="Browser origins the OpenAI API answers: '*' (any, as llama-server), 'localhost', or a comma-separated list")] = "*",
     api_key: Annotated[list[str] | None, typer.Option("--api-key", metavar="KEY", help="Require this key on this node's OpenAI API (repeatable; MESHLLM_API_KEY adds one and keeps it off the command line); see `meshllm keys` for keys every node accepts")] = None,
 ) -> None:
     if ctx.invoked_subcommand is not None:
@@ -134,6 +141,8 @@ def serve(
         want_model, model = model[0], None  # --client --auto --model M: join a mesh serving M, serve nothing
     if rpc_direct and rpc_tunnel:
         raise MeshError("--rpc-direct and --rpc-tunnel exclude each other: pick one way for split RPC")
+    if pooling and pooling not in POOLING_TYPES:
+        raise typer.BadParameter(f"{pooling!r} is not one of {', '.join(POOLING_TYPES)}", param_hint="--pooling")
     if client and (standby or model):
         raise MeshError("--client nodes serve nothing; drop --client, or drop --standby and --model")
     config = NodeConfig(models=tuple(model or ()), port=port, console_port=console, listen_all=listen_all,
@@ -147,7 +156,8 @@ def serve(
                         max_tokens_default=max_tokens_default,
                         auto=auto, publish=publish, mesh_name=mesh_name, region=region, max_clients=max_clients,
                         want_model=want_model, relays=relay_list(relay), mdns=mdns,
-                        listing_ttl=listing_ttl)
+                        listing_ttl=listing_ttl, alias=alias, ctx_size=ctx_size, embeddings=embeddings,
+                        pooling=pooling, rerank=rerank, chat_template=chat_template, cors_origins=cors_origins)
     _setup_logging()
     for source in (*config.models, *((config.draft,) if config.draft and config.models else ())):
         check_model(source)  # a bad --model or --draft fails now, not after a long engine build

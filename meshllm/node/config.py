@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshllm.api.cors import DEFAULT_CORS_ORIGINS
 from meshllm.api.openai import DEFAULT_MAX_BODY
 from meshllm.engine.process import DEFAULT_MAX_TOKENS
 from meshllm.store.identity import default_state_dir
@@ -39,6 +40,15 @@ class NodeConfig:
     draft: str = ""  # --draft: draft model (path or name) of the --model models; empty: the catalog's pairing
     no_draft: bool = False  # --no-draft: no speculative decoding, even where the catalog pairs a draft
     max_tokens_default: int = DEFAULT_MAX_TOKENS  # generation limit of a request that sets none (-1: none)
+    # the --model models' spec (state.schema.ModelSpec): --alias (one model), --ctx-size, --embeddings, --pooling,
+    # --rerank, --chat-template
+    alias: str = ""
+    ctx_size: int = 0
+    embeddings: bool = False
+    pooling: str = ""
+    rerank: bool = False
+    chat_template: str = ""
+    cors_origins: str = DEFAULT_CORS_ORIGINS  # --cors-origins: browser origins the OpenAI API answers (api.cors)
     # discovery (node.discovery): --publish, --mesh-name, --region, --max-clients, --auto, --relay, --no-mdns
     publish: bool = False
     mesh_name: str = ""

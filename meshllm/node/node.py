@@ -49,6 +49,7 @@ from meshllm.api.control import AppliedHook, EventSource
 from meshllm.api.events import EventHub
 from meshllm.api.keys import ApiKeyGate, KeyRing, exposure_warning, key_routes
 from meshllm.api.backends import DataPlane
+from meshllm.api.cors import CorsGate, CorsPolicy
 from meshllm.api.metrics import MeshMetrics, NodeGauges, RequestMetering
 from meshllm.api.openai import create_openai_app
 from meshllm.api.routing import Router
@@ -171,7 +172,8 @@ class Node:
             extra=extra)
         self.publisher = publisher_for(config, state, self.mesh, node_id=node_id)  # None: a private mesh
         metered = RequestMetering(openai_app, self.metrics)
-        self.apis = (HttpApi(ApiKeyGate(metered, self.keys), host=config.host, port=config.port, what="OpenAI API"),
+        gated = CorsGate(ApiKeyGate(metered, self.keys), CorsPolicy(origins=config.cors_origins))
+        self.apis = (HttpApi(gated, host=config.host, port=config.port, what="OpenAI API"),
                      HttpApi(status_app, host=config.host, port=config.console_port, what="console API",
                              on_stop=self.events.close))
 

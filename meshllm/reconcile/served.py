@@ -31,7 +31,7 @@ import anyio
 from meshllm.engine.download import ModelReference
 from meshllm.engine.ggufinfo import block_count
 from meshllm.engine.models import ResolvedModel, resolve_model
-from meshllm.engine.process import DEFAULT_MAX_TOKENS, LlamaServerConfig, safe_name
+from meshllm.engine.process import DEFAULT_MAX_TOKENS, LlamaServerConfig, ServingOptions, safe_name
 from meshllm.engine.rpc_auth import RPC_CLEAR_ENV, RPC_SECRET_ENV
 from meshllm.engine.templates import chat_arguments
 from meshllm.errors import ModelError, ModelNotFetched, TerminalError
@@ -161,14 +161,16 @@ class ServedModelController:
             return Unavailable(model, str(exc))
         if path not in self._chat:  # read once, not at every reconcile
             self._chat[path] = await anyio.to_thread.run_sync(chat_arguments, path)
+        serving = ServingOptions(embeddings=spec.embeddings, pooling=spec.pooling, rerank=spec.rerank,
+                                 chat_template=spec.chat_template)
         if lease is None or not lease.workers:
-            desired = DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, draft=draft)
+            desired = DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, draft=draft, serving=serving)
         else:
             if not self.gpu_layers and path not in self._layers:  # read once, not at every reconcile
                 self._layers[path] = await anyio.to_thread.run_sync(block_count, path)
             desired = DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, workers=tuple(lease.workers),
                                     tensor_split=tuple(lease.tensor_split),
-                                    n_layer=0 if self.gpu_layers else self._layers[path])
+                                    n_layer=0 if self.gpu_layers else self._layers[path], serving=serving)
         return replace(desired, argv_hash=settings_hash(self._config(desired, port=0)))
 
     async def actual(self, model: str, desired: Desired, now: float) -> ActualServer:
@@ -268,7 +270,7 @@ class ServedModelController:
             binary=self.engine_dir / "llama-server", model_path=desired.path, alias=desired.model, port=port,
             ctx_size=desired.ctx_size, gpu_layers=gpu_layers, threads=self.threads, device=self.device,
             draft_path=desired.draft, max_tokens=self.max_tokens, chat=self._chat.get(desired.path, ()),
-            extra=extra,
+            serving=desired.serving, extra=extra,
         )
 
     async def _start(self, action: Start) -> ProcessView:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
+from meshllm.engine.process import ServingOptions
 from meshllm.reconcile.supervisor import ProcessPhase, ProcessView
 from meshllm.state.schema import ServerPhase, ServerStatus
 
@@ -53,6 +54,7 @@ class DesiredServer:
     tensor_split: tuple[float, ...] = ()  # split: layer shares, workers first, this node last
     n_layer: int = 0  # split on a CPU host: the model's layer count (the host keeps its share of them)
     argv_hash: str = ""  # the llama-server command line this node would run, hashed (port left out)
+    serving: ServingOptions = ServingOptions()  # the spec's embeddings, pooling, rerank, chat template
 
 
 @dataclass(frozen=True)
