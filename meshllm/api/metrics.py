@@ -11,6 +11,7 @@ first to the last chunk), and requests in flight.
 
 Per node, read when scraped: capacity and use (bytes of the models it serves or loads), peers
 alive, gossip bytes and QUIC bytes (the endpoint's UDP bytes: gossip, tunnels and QUIC overhead).
+Failovers (``api.failover``) are counted per model and stage, and so are failures it could not move.
 
 Everything lives in a ``CollectorRegistry`` of the node's own (none at module level), and the
 console's figures (``summary``) are read back from the same counters, so both always agree.
@@ -88,6 +89,11 @@ class MeshMetrics:
                                 buckets=_RATE_BUCKETS, registry=registry)
         self.in_flight = Gauge("meshllm_requests_in_flight", "requests being answered", ["model"],
                                registry=registry)
+        self.failovers = Counter("meshllm_failovers", "requests moved to another server of their model, by stage "
+                                 "(before_start: not yet answered; mid_stream: carried on)", ["model", "stage"],
+                                 registry=registry)
+        self.failovers_failed = Counter("meshllm_failovers_failed", "requests whose server failed where no "
+                                        "failover was possible", ["model", "stage"], registry=registry)
         registry.register(_NodeCollector(state, node_id, gauges or NodeGauges()))
         self.state = state
         self._models: set[str] = set()
@@ -132,6 +138,14 @@ class MeshMetrics:
             self.ttft.labels(model).observe(ttft)
         if rate:
             self.decode.labels(model).observe(rate)
+
+    def failed_over(self, model: str, *, stage: str) -> None:
+        """A request was moved to another server (``api.failover``)."""
+        self.failovers.labels(model, stage).inc()
+
+    def gave_up(self, model: str, *, stage: str) -> None:
+        """A request's server failed and it could not be moved."""
+        self.failovers_failed.labels(model, stage).inc()
 
     def routes(self) -> list[Route]:
         async def metrics(request: Request) -> Response:

@@ -2,8 +2,10 @@
 
 The proxy reads the body (it is small, and names the model), asks the router for a lease on a route
 for that model, and relays the request through the route's backend (``api.backends``: this node's
-llama-server, or a peer through the mesh) along the one response path of ``api.proxy``. The body is
-forwarded unchanged and the response streams back byte for byte (SSE included). The data plane's
+llama-server, or a peer through the mesh) along the one response path of ``api.failover``, which moves
+it to another server of the model when its own fails. Where the model has one server, the body is
+forwarded unchanged and the response streams back byte for byte (SSE included); where it has more,
+a stream is followed event by event so it can be carried on (``api.resume``). The data plane's
 connection pool lives as long as the app (its lifespan).
 
 ``/health`` answers 200 while at least one model can be served through this node (its own, or one
@@ -23,8 +25,9 @@ from starlette.routing import Route as HttpRoute
 from starlette.types import Receive, Scope, Send
 
 from meshllm.api.backends import PROXIED, BadRequest, DataPlane, ProxyRequest, model_of
-from meshllm.api.errors import BackendUnavailable, openai_error
-from meshllm.api.proxy import relay, send_error
+from meshllm.api.errors import openai_error
+from meshllm.api.failover import Failover, FailoverEvents, FailoverPolicy
+from meshllm.api.proxy import send_error
 from meshllm.api.routing import Lease
 
 __all__ = ["DEFAULT_MAX_BODY", "OpenAIProxy", "create_openai_app"]
@@ -63,8 +66,10 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 class OpenAIProxy:
     """The ASGI endpoint of the proxied routes."""
 
-    def __init__(self, plane: DataPlane, *, max_body_bytes: int, demand: Callable[[str], None] | None) -> None:
+    def __init__(self, plane: DataPlane, *, max_body_bytes: int, demand: Callable[[str], None] | None,
+                 failover: Failover) -> None:
         self.plane = plane
+        self.failover = failover
         self.max_body_bytes = max_body_bytes
         self.demand = demand
 
@@ -81,7 +86,7 @@ class OpenAIProxy:
         if isinstance(model, BadRequest):
             await send_error(send, 400, model.message, code=model.code, param=model.param)
             return
-        lease = self.plane.router.lease(model)
+        lease = self.failover.lease(model)
         if lease is None:
             await send_error(send, 404, f"the model {model!r} does not exist in this mesh; see /v1/models",
                              code="model_not_found", param="model")
@@ -94,21 +99,18 @@ class OpenAIProxy:
         with lease:
             route = lease.route
             what = f"{scope['path']} {route.model} via {'this node' if route.local else 'node ' + route.node}"
-            try:
-                backend = self.plane.backend(route)
-            except BackendUnavailable as exc:
-                await send_error(send, exc.status, str(exc), code=exc.code, retry_after=exc.retry_after)
-                return
             headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
             request = ProxyRequest(scope["method"], scope["path"], scope["query_string"].decode("latin-1"),
                                    headers, body)
-            await relay(backend, request, receive, send, what=what)
+            await self.failover.serve(lease, request, receive, send, what=what)
 
 
 def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BODY,
-                      demand: Callable[[str], None] | None = None) -> Starlette:
-    """The :9337 app. ``plane`` routes and forwards each request; ``demand`` hears of every request for
-    a model the mesh knows (served or not yet)."""
+                      demand: Callable[[str], None] | None = None, failover: FailoverPolicy | None = None,
+                      failover_events: FailoverEvents | None = None) -> Starlette:
+    """The :9337 app. ``plane`` routes and forwards each request, moving it to another server of its
+    model when its own fails (``failover``, counted in ``failover_events``); ``demand`` hears of every
+    request for a model the mesh knows (served or not yet)."""
     router = plane.router
 
     @asynccontextmanager
@@ -130,7 +132,8 @@ def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BOD
     async def not_found(request: Request, exc: Exception) -> Response:
         return openai_error(404, f"no route for {request.method} {request.url.path}", code="not_found")
 
-    proxy = OpenAIProxy(plane, max_body_bytes=max_body_bytes, demand=demand)
+    proxy = OpenAIProxy(plane, max_body_bytes=max_body_bytes, demand=demand,
+                        failover=Failover(plane, policy=failover, events=failover_events))
     routes = [HttpRoute(path, proxy, methods=["POST"]) for path in PROXIED]
     routes += [HttpRoute("/v1/models", list_models, methods=["GET"]),
                HttpRoute("/health", health, methods=["GET"])]

@@ -106,12 +106,25 @@ class Router:
             self._table = self._build()
         return self._table
 
-    def resolve(self, model: str, *, local_only: bool = False) -> Route | Unavailable | None:
-        """Where to send a request for ``model`` (local first, then the least busy remote)."""
+    def routes(self, model: str) -> list[Route]:
+        """The ready servers of ``model`` (local first)."""
+        table = self.table()
+        if model not in table.routes and model not in table.waiting:
+            model = canonical_name(model)
+        return list(table.routes.get(model, ()))
+
+    def resolve(self, model: str, *, local_only: bool = False,
+                avoid: Collection[Route] = ()) -> Route | Unavailable | None:
+        """Where to send a request for ``model`` (local first, then the least busy remote), not to
+        any route in ``avoid`` (servers that failed it)."""
         table = self.table()
         if model not in table.routes and model not in table.waiting:
             model = canonical_name(model)
         routes = table.routes.get(model)
+        if routes and avoid:
+            routes = [r for r in routes if r not in avoid]
+            if not routes:
+                return Unavailable(model, f"no other server of model {model!r} is ready")
         if routes:
             if routes[0].local:
                 return routes[0]
@@ -123,10 +136,11 @@ class Router:
     def ready_models(self) -> list[str]:
         return sorted(self.table().routes)
 
-    def lease(self, model: str, *, local_only: bool = False) -> Lease | Unavailable | None:
+    def lease(self, model: str, *, local_only: bool = False,
+              avoid: Collection[Route] = ()) -> Lease | Unavailable | None:
         """A lease on the route for ``model`` (counted in flight until released), the reason it must
         wait, or None when the mesh does not know the model."""
-        target = self.resolve(model, local_only=local_only)
+        target = self.resolve(model, local_only=local_only, avoid=avoid)
         if not isinstance(target, Route):
             return target
         self.in_flight[target.node] = self.in_flight.get(target.node, 0) + 1

@@ -152,8 +152,9 @@ class Node:
                                                     supervisor=self.supervisor)
         serve_streams(self.mesh.endpoint, self._stream_services())
         events, on_applied = store_hooks(store, node_id)
-        openai_app = create_openai_app(self.plane, max_body_bytes=config.max_body_bytes, demand=self.demand.note)
         self.metrics = MeshMetrics(state, node_id=node_id, gauges=self._gauges())
+        openai_app = create_openai_app(self.plane, max_body_bytes=config.max_body_bytes, demand=self.demand.note,
+                                       failover_events=self.metrics)
         extra = {"mesh_id": self.mesh.creds.mesh_id, "key_id": lambda: self.mesh.creds.key_id,
                  "rpc_tunnels": self.rpc_tunnels.tunnels, "metrics": self.metrics.summary}
         self.events = EventHub(lambda: status_snapshot(state, node_id=node_id, now=time.time(), extra=extra))
