@@ -48,7 +48,7 @@ MID_STREAM = "mid_stream"
 @dataclass(frozen=True, kw_only=True)
 class FailoverPolicy:
     max_failovers: int = 3  # per request
-    deadline: float = 30.0  # s after arrival within which a request not yet answered is re-sent
+    deadline: float = 120.0  # s after arrival within which a request not yet answered is re-sent
     suspect_for: float = 10.0  # s a server that failed a request is avoided while another is ready
 
 

@@ -74,6 +74,7 @@ class StreamTracker:
         self.base = 0  # tokens the current segment's prompt carries beyond the original prompt
         self._skip = ""
         self._pending = b""
+        self._ids_carry_on = not chat  # False once text, not ids, carries a sampled stream on
 
     # -- the request ------------------------------------------------------------------------
 
@@ -107,6 +108,7 @@ class StreamTracker:
                 self._skip = self.beyond  # regenerate what the client has, and drop it
             elif self.beyond:
                 extra.append(self.beyond)
+                self._ids_carry_on = False  # the text's tokens are not ids: the ids end here for good
             body["prompt"] = head + extra
             kept = len(self.ids) if self._skip else produced
         if key is not None:
@@ -131,7 +133,7 @@ class StreamTracker:
         self.segment += 1
         self.segment_tokens = 0
         self._pending = b""
-        self.exact = not self.chat
+        self.exact = self._ids_carry_on
 
     # -- the events -------------------------------------------------------------------------
 

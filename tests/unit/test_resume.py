@@ -120,3 +120,14 @@ def test_requests_it_cannot_carry_on_get_no_tracker() -> None:
     assert not tracked("/v1/chat/completions", messages=[{"role": "user", "content": "x"}], tools=[{}])
     assert not tracked("/v1/messages", messages=[{"role": "user", "content": "x"}])
     assert tracker_for("/v1/completions", b'{"model": "m", "prompt": "a"}') is None  # not streamed
+
+
+def test_a_sampled_stream_carried_on_by_text_is_carried_on_by_text_again() -> None:
+    tracker = completion(temperature=0.7)
+    tracker.begin_segment()
+    tracker.feed(token(" a", 7, 1) + token("é", 5, 3))
+    tracker.resume_body()
+    tracker.begin_segment()
+    tracker.feed(token(" b", 9, 1) + token(" c", 10, 2))
+    body = json.loads(tracker.resume_body() or b"")
+    assert body["prompt"] == ["Once", 7, "é b c"] and body["max_tokens"] == 5
