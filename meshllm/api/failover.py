@@ -158,7 +158,7 @@ class _Exchange:
         request = ProxyRequest(self.request.method, self.request.path, self.request.query, headers, self.body)
         response = await backend.send(request)
         try:
-            if response.status_code in (502, 503) and self._another() is not None:
+            if response.status_code in (502, 503) and self._has_another():
                 raise BackendUnavailable(f"{self.what}: the server answered {response.status_code}",
                                          status=response.status_code)
             if self.head_sent and response.status_code != 200:
@@ -198,6 +198,10 @@ class _Exchange:
         self.head_sent = True
         self.streaming = any(k.lower() == "content-type" and v.startswith("text/event-stream")
                              for k, v in response.headers)
+
+    def _has_another(self) -> bool:
+        route = self.owner.plane.router.resolve(self.model, avoid=self.tried | {self.lease.route})
+        return isinstance(route, Route) and self.failovers < self.owner.policy.max_failovers
 
     def _another(self) -> Lease | None:
         """A lease on another server of the model (not one that failed this request)."""

@@ -262,3 +262,29 @@ async def test_a_request_whose_server_is_down_goes_to_a_replica_unnoticed() -> N
                 await leases_returned(router)
         tg.cancel_scope.cancel()
     assert reply.status_code == 200 and reply.json() == {"prompt": "hello"}
+
+
+async def loading(state: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    body = b'{"error": {"code": 503, "message": "Loading model"}}'
+    writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(body), body))
+    await writer.drain()
+
+
+async def test_a_server_that_answers_503_hands_the_request_to_a_replica() -> None:
+    from meshllm.api.backends import DataPlane
+    from meshllm.tunnels.http import HttpTunnelClient
+    from tests.unit.dataplane_fakes import FakeMesh, serving
+
+    async with upstream(loading) as busy, upstream(echo) as replica, anyio.create_task_group() as tg:
+        router, b_router = await with_replica(busy.port, replica.port)
+        b_plane = DataPlane(b_router)
+        async with b_plane.running():
+            fake = FakeMesh(tg, {"b": b_plane.answer_peer})
+            async with serving(DataPlane(router, tunnels=HttpTunnelClient(fake))) as url:
+                async with httpx.AsyncClient(base_url=url) as client:
+                    reply = await client.post("/v1/completions", json={"model": "m", "prompt": "hello"})
+                await leases_returned(router)
+        tg.cancel_scope.cancel()
+    assert reply.status_code == 200 and reply.json() == {"prompt": "hello"}
