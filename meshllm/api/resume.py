@@ -109,7 +109,8 @@ class StreamTracker:
             elif self.beyond:
                 extra.append(self.beyond)
                 self._ids_carry_on = False  # the text's tokens are not ids: the ids end here for good
-            body["prompt"] = head + extra
+            if extra:
+                body["prompt"] = head + extra
             kept = len(self.ids) if self._skip else produced
         if key is not None:
             body[key] = body[key] - kept
