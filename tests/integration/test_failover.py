@@ -55,9 +55,11 @@ def twins(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory,
     # tests the failover, not the batching. The nodes pass the variable on to their llama-servers.
     monkeypatch.setenv("LLAMA_ARG_FLASH_ATTN", "off")
     monkeypatch.setenv("LLAMA_ARG_N_PARALLEL", "8")  # room for a new request beside the 4 moved streams
+    monkeypatch.setenv("LLAMA_ARG_THREADS", "1")
 
-    model = write_dense(tmp_path_factory.mktemp("failover-models") / "twin.gguf", n_ctx=16384, n_layer=4,
-                        n_embd=128, n_ff=256)
+    # big enough to stream for seconds on one thread (the test kills a node while the streams run)
+    model = write_dense(tmp_path_factory.mktemp("failover-models") / "twin.gguf", n_ctx=16384, n_layer=8,
+                        n_embd=384, n_ff=1024)
     a = mesh.start("a", "127.0.0.2", "--standby")
     token = a.token()
     b = mesh.start("b", "127.0.0.3", "--standby", "--join", token)
