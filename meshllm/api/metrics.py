@@ -93,8 +93,8 @@ class MeshMetrics:
         self.failovers = Counter("meshllm_failovers", "requests moved to another server of their model, by stage "
                                  "(before_start: not yet answered; mid_stream: carried on)", ["model", "stage"],
                                  registry=registry)
-        self.failovers_failed = Counter("meshllm_failovers_failed", "requests whose server failed where no "
-                                        "failover was possible", ["model", "stage"], registry=registry)
+        self.unrecovered = Counter("meshllm_unrecovered_server_failures", "requests whose server failed where "
+                                   "no other could take them over", ["model", "stage"], registry=registry)
         self.waiting = Gauge("meshllm_requests_waiting", "requests in flight with no byte of their answer yet "
                              "(the queue)", ["model"], registry=registry)
         registry.register(_NodeCollector(state, node_id, gauges or NodeGauges()))
@@ -154,7 +154,7 @@ class MeshMetrics:
 
     def gave_up(self, model: str, *, stage: str) -> None:
         """A request's server failed and it could not be moved."""
-        self.failovers_failed.labels(model, stage).inc()
+        self.unrecovered.labels(model, stage).inc()
 
     def routes(self) -> list[Route]:
         async def metrics(request: Request) -> Response:
