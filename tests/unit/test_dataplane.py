@@ -288,3 +288,27 @@ async def test_a_server_that_answers_503_hands_the_request_to_a_replica() -> Non
                 await leases_returned(router)
         tg.cancel_scope.cancel()
     assert reply.status_code == 200 and reply.json() == {"prompt": "hello"}
+
+
+async def test_a_stream_whose_servers_all_die_ends_with_an_error_event_after_trying_each_once() -> None:
+    from meshllm.api.backends import DataPlane
+    from meshllm.tunnels.http import HttpTunnelClient
+    from tests.unit.dataplane_fakes import FakeMesh, serving
+
+    async with upstream(two_tokens_then_die) as first, upstream(two_tokens_then_die) as second, \
+            anyio.create_task_group() as tg:
+        router, b_router = await with_replica(first.port, second.port)
+        b_plane = DataPlane(b_router)
+        async with b_plane.running():
+            fake = FakeMesh(tg, {"b": b_plane.answer_peer})
+            async with serving(DataPlane(router, tunnels=HttpTunnelClient(fake))) as url:
+                async with httpx.AsyncClient(base_url=url) as client:
+                    body = {"model": "m", "prompt": "x", "max_tokens": 9, "temperature": 0, "stream": True}
+                    response = await client.post("/v1/completions", json=body)
+                await leases_returned(router)
+        tg.cancel_scope.cancel()
+    events = [json.loads(e[6:]) for e in response.content.split(b"\n\n") if e.startswith(b"data: {")]
+    assert [e["choices"][0]["text"] for e in events[:2]] == ["one", " two"]  # then the (fake) replica's
+    assert events[-1]["error"]["code"] == "upstream_broken"
+    assert len(first.heads) == len(second.heads) == 1  # each server tried once
+    assert json.loads(second.heads[0])["prompt"] == ["x", 1, 2]
