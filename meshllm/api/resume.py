@@ -17,10 +17,14 @@ Two ways to carry on, by endpoint:
   token's id is unknown, so the exact prefix stops there, and for a greedy request the replica
   regenerates from there while the tracker drops what the client already has (``_skip``). A
   sampled request gets the rest of the text appended as a string instead.
-- ``/v1/chat/completions``: by text, as a prefilled final assistant message: llama-server continues
-  a trailing assistant message (``prefill_assistant``, on by default: the template is rendered
-  without closing that turn, and the prefill itself is not repeated in the events). Exact whenever
-  the text tokenizes back into the tokens that produced it, as a model's own greedy output does.
+- ``/v1/chat/completions``: the chat endpoint takes no token ids. A greedy request is sent again
+  unchanged and the tracker drops what the client already has from the replica's answer (exact, at
+  the cost of decoding those tokens again). A sampled one goes on by text, as a prefilled final
+  assistant message: llama-server continues a trailing assistant message (``prefill_assistant``, on
+  by default: the template is rendered without closing that turn, and the prefill itself is not
+  repeated in the events); the text tokenizes back into the tokens that produced it only mostly
+  (measured: never for a random tiny model's output, whose pieces re-merge), which sampling makes
+  moot.
 
 Other endpoints (``/v1/messages``, several choices, non-streamed bodies) are not continued mid-way:
 a request the tracker cannot continue ends with an error event as before.
@@ -95,10 +99,11 @@ class StreamTracker:
         produced = self.produced + self.segment_tokens
         body = dict(self.body)
         key = _limit_key(body)
-        if self.chat:
+        if self.chat and self.greedy:  # the same request again: the replica regenerates what the client has
+            kept, self._skip = 0, self.beyond
+        elif self.chat:
             body["messages"] = self._prefilled(body.get("messages"))
-            kept = produced
-            self._skip = ""
+            kept, self._skip = produced, ""
         else:
             prompt = body.get("prompt")
             head: list[Any] = [prompt] if isinstance(prompt, str) else list(prompt or [])
@@ -199,7 +204,11 @@ class StreamTracker:
             self.segment_tokens = count
         text = delta.get("content")
         if isinstance(text, str):
+            text = self._skipped(text)
+            delta["content"] = text
             self.beyond += text
+            if not text and self.segment > 1:
+                return False
         if delta.get("tool_calls") or delta.get("reasoning_content"):
             self.resumable = False
         return True
@@ -220,18 +229,24 @@ class StreamTracker:
             self.exact = False
         if isinstance(count, int):
             self.segment_tokens = count
-        if self._skip:
-            if self._skip.startswith(text):
-                self._skip = self._skip[len(text):]
-                text = ""
-            elif text.startswith(self._skip):
-                text, self._skip = text[len(self._skip):], ""
-            else:
-                self._skip = ""  # the replica took another way: nothing to drop
+        text = self._skipped(text)
         if not self.exact:
             self.beyond += text
         choice["text"] = text
         return bool(text) or self.segment == 1
+
+    def _skipped(self, text: str) -> str:
+        """``text`` less what the client already has (a greedy replica regenerating it)."""
+        if not self._skip:
+            return text
+        if self._skip.startswith(text):
+            self._skip = self._skip[len(text):]
+            return ""
+        if text.startswith(self._skip):
+            text, self._skip = text[len(self._skip):], ""
+            return text
+        self._skip = ""  # the replica took another way: nothing to drop
+        return text
 
     def _fix_usage(self, payload: dict[str, Any]) -> None:
         usage = payload.get("usage")

@@ -131,3 +131,24 @@ def test_a_sampled_stream_carried_on_by_text_is_carried_on_by_text_again() -> No
     tracker.feed(token(" b", 9, 1) + token(" c", 10, 2))
     body = json.loads(tracker.resume_body() or b"")
     assert body["prompt"] == ["Once", 7, "é b c"] and body["max_tokens"] == 5
+
+
+def test_a_greedy_chat_stream_is_regenerated_at_the_replica_and_what_the_client_has_is_dropped() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "stream": True,
+            "temperature": 0}
+    tracker = tracker_for("/v1/chat/completions", json.dumps(body).encode())
+    assert tracker is not None
+
+    def chunk(delta: dict[str, Any], count: int) -> bytes:
+        return event({"choices": [{"index": 0, "delta": delta, "finish_reason": None}], "id": "chatcmpl-9",
+                      "timings": {"prompt_n": 9, "cache_n": 0, "predicted_n": count}})
+
+    tracker.begin_segment()
+    tracker.feed(chunk({"role": "assistant", "content": None}, 1) + chunk({"content": "Hel"}, 1)
+                 + chunk({"content": "lo"}, 2))
+    resumed = json.loads(tracker.resume_body() or b"")
+    assert resumed["messages"] == body["messages"] and resumed["max_tokens"] == 10
+    tracker.begin_segment()
+    seen = client_view(tracker.feed(chunk({"role": "assistant", "content": None}, 1) + chunk({"content": "Hel"}, 1)
+                                    + chunk({"content": "lo"}, 2) + chunk({"content": " there"}, 3)))
+    assert [e["choices"][0]["delta"] for e in seen] == [{"content": " there"}]
