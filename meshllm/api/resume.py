@@ -22,9 +22,8 @@ Two ways to carry on, by endpoint:
   the cost of decoding those tokens again). A sampled one goes on by text, as a prefilled final
   assistant message: llama-server continues a trailing assistant message (``prefill_assistant``, on
   by default: the template is rendered without closing that turn, and the prefill itself is not
-  repeated in the events); the text tokenizes back into the tokens that produced it only mostly
-  (measured: never for a random tiny model's output, whose pieces re-merge), which sampling makes
-  moot.
+  repeated in the events); the text need not tokenize back into the tokens that produced it (a
+  random tiny model's pieces can re-merge), which sampling makes moot.
 
 Other endpoints (``/v1/messages``, several choices, non-streamed bodies) are not continued mid-way:
 a request the tracker cannot continue ends with an error event as before.
