@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from meshllm.api.errors import openai_error
-from meshllm.engine.models import ResolvedModel, file_fingerprint, looks_like_path, resolve_model
+from meshllm.engine.models import ResolvedModel, file_fingerprint, file_hashes, looks_like_path, resolve_model
 from meshllm.engine.sources import SourcePolicy
 from meshllm.errors import ManifestError, ModelError
 from meshllm.reconcile.placement import conditions
@@ -151,7 +151,8 @@ class ControlAPI:
         source, resolved = self._check_source(model.spec.source, where=model.where("source"))
         draft = self._check_source(model.spec.draft, where=model.where("draft"))[0] if model.spec.draft else ""
         return model.spec.model_copy(update={"source": source, "size_bytes": resolved.size_bytes, "draft": draft,
-                                             "fingerprint": file_fingerprint(resolved.path)})
+                                             "fingerprint": file_fingerprint(resolved.path),
+                                             "tensor_hashes": file_hashes(resolved.path)})
 
     def _check_source(self, source: str, *, where: str) -> tuple[str, ResolvedModel]:
         try:
