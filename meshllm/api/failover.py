@@ -1,12 +1,15 @@
 """Nothing lost when a server dies: the proxy moves a request to another server of its model.
 
-A request the router leased to a server goes through ``Failover.serve``, which relays it like
-``api.proxy.relay`` does, with two differences:
+A request the router leased to a server goes through ``Failover.serve``, which relays it (the
+proxy's one response path, with the helpers of ``api.proxy``) and moves it when its server fails:
 
 - **Before the response began** (the server cannot be reached, answered 502/503, or the path to
   it broke before the response head, as when a node dies with a non-streamed answer unfinished),
   the request goes, unchanged, to another ready server of the model: the client never hears of
-  it. Only within ``FailoverPolicy.deadline`` seconds of the request's arrival.
+  it. Only within ``FailoverPolicy.deadline`` seconds of the request's arrival. A request waiting
+  on a node that has gone silent (``Silence``: nothing heard from it for ``silent_after`` s, where a
+  live node is heard every second) moves then, without waiting for the transport to declare the
+  node gone (seconds later, more on a loaded machine).
 - **Mid-stream** (the server or its node dies after tokens were streamed), a ``resume.StreamTracker``
   that followed the stream builds the request that carries the answer on, with what was produced
   appended, and the new server's events continue the client's stream. The tracker is used only
@@ -31,13 +34,13 @@ from typing import Protocol
 import anyio
 from starlette.types import Receive, Send
 
-from meshllm.api.backends import BackendResponse, DataPlane, ProxyRequest, forwardable
+from meshllm.api.backends import Backend, BackendResponse, DataPlane, ProxyRequest, forwardable
 from meshllm.api.errors import BackendUnavailable
 from meshllm.api.proxy import cancel_on_disconnect, end_broken, send_error
 from meshllm.api.resume import StreamTracker, tracker_for
 from meshllm.api.routing import Lease, Route, Unavailable
 
-__all__ = ["Failover", "FailoverEvents", "FailoverPolicy"]
+__all__ = ["Failover", "FailoverEvents", "FailoverPolicy", "Silence"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class FailoverPolicy:
     max_failovers: int = 3  # per request
     deadline: float = 120.0  # s after arrival within which a request not yet answered is re-sent
     suspect_for: float = 10.0  # s a server that failed a request is avoided while another is ready
+    silent_after: float = 2.0  # s without a datagram from a serving node before its unanswered request moves
 
 
 class FailoverEvents(Protocol):
@@ -58,6 +62,12 @@ class FailoverEvents(Protocol):
     def failed_over(self, model: str, *, stage: str) -> None: ...
 
     def gave_up(self, model: str, *, stage: str) -> None: ...
+
+
+class Silence(Protocol):
+    """Seconds since anything was heard from a node (None: no connection to it)."""
+
+    def __call__(self, node: str, /) -> float | None: ...
 
 
 class _Suspects:
@@ -81,8 +91,10 @@ class Failover:
     """Serves proxied requests with failover (one per OpenAI app, living as long as it)."""
 
     def __init__(self, plane: DataPlane, *, policy: FailoverPolicy | None = None,
-                 events: FailoverEvents | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 events: FailoverEvents | None = None, silence: Silence | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.plane = plane
+        self.silence = silence
         self.policy = policy or FailoverPolicy()
         self.events = events
         self.clock = clock
@@ -156,7 +168,7 @@ class _Exchange:
         backend = self.owner.plane.backend(self.lease.route)
         headers = self.request.headers
         request = ProxyRequest(self.request.method, self.request.path, self.request.query, headers, self.body)
-        response = await backend.send(request)
+        response = await self._send(backend, request)
         try:
             if response.status_code in (502, 503) and self._has_another():
                 raise BackendUnavailable(f"{self.what}: the server answered {response.status_code}",
@@ -168,6 +180,34 @@ class _Exchange:
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
+
+    async def _send(self, backend: Backend, request: ProxyRequest) -> BackendResponse:
+        """``backend.send``; given up (``BackendUnavailable``) when the serving node falls silent
+        before it answers, which a dead node does seconds before the transport declares it gone."""
+        silence, node = self.owner.silence, self.lease.route.node
+        if silence is None or self.lease.route.local:
+            return await backend.send(request)
+        limit, silent = self.owner.policy.silent_after, False
+        response: BackendResponse | None = None
+
+        async def watch(scope: anyio.CancelScope) -> None:
+            nonlocal silent
+            while True:
+                await anyio.sleep(limit / 8)
+                quiet = silence(node)
+                if quiet is not None and quiet > limit:
+                    silent = True
+                    scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch, tg.cancel_scope)
+            response = await backend.send(request)
+            tg.cancel_scope.cancel()
+        if silent or response is None:
+            if response is not None:
+                await response.aclose()
+            raise BackendUnavailable(f"node {node} has been silent for over {limit:.1f}s")
+        return response
 
     async def _relay(self, response: BackendResponse) -> None:
         if not self.head_sent:

@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from meshllm.api.backends import PROXIED, BadRequest, DataPlane, ProxyRequest, model_of
 from meshllm.api.errors import openai_error
-from meshllm.api.failover import Failover, FailoverEvents, FailoverPolicy
+from meshllm.api.failover import Failover, FailoverEvents, FailoverPolicy, Silence
 from meshllm.api.proxy import send_error
 from meshllm.api.routing import Lease
 
@@ -107,7 +107,7 @@ class OpenAIProxy:
 
 def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BODY,
                       demand: Callable[[str], None] | None = None, failover: FailoverPolicy | None = None,
-                      failover_events: FailoverEvents | None = None) -> Starlette:
+                      failover_events: FailoverEvents | None = None, silence: Silence | None = None) -> Starlette:
     """The :9337 app. ``plane`` routes and forwards each request, moving it to another server of its
     model when its own fails (``failover``, counted in ``failover_events``); ``demand`` hears of every
     request for a model the mesh knows (served or not yet)."""
@@ -133,7 +133,7 @@ def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BOD
         return openai_error(404, f"no route for {request.method} {request.url.path}", code="not_found")
 
     proxy = OpenAIProxy(plane, max_body_bytes=max_body_bytes, demand=demand,
-                        failover=Failover(plane, policy=failover, events=failover_events))
+                        failover=Failover(plane, policy=failover, events=failover_events, silence=silence))
     routes = [HttpRoute(path, proxy, methods=["POST"]) for path in PROXIED]
     routes += [HttpRoute("/v1/models", list_models, methods=["GET"]),
                HttpRoute("/health", health, methods=["GET"])]

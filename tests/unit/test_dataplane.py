@@ -312,3 +312,32 @@ async def test_a_stream_whose_servers_all_die_ends_with_an_error_event_after_try
     assert events[-1]["error"]["code"] == "upstream_broken"
     assert len(first.heads) == len(second.heads) == 1  # each server tried once
     assert json.loads(second.heads[0])["prompt"] == ["x", 1, 2]
+
+
+async def test_a_request_waiting_on_a_silent_node_moves_to_another() -> None:
+    from meshllm.api.backends import DataPlane
+    from meshllm.state.schema import NodeStatus, ServerPhase, ServerStatus
+    from meshllm.tunnels.http import HttpTunnelClient
+    from tests.unit.dataplane_fakes import FakeMesh, mesh_state, serving
+
+    async with upstream(hold) as stuck, upstream(echo) as replica, anyio.create_task_group() as tg:
+        state = mesh_state(remote_port=stuck.port)  # b: answers nothing, and is heard from no more
+        state.put_node(NodeStatus(id="c", incarnation=1))
+        state.put_server(ServerStatus(node="c", model="m", phase=ServerPhase.READY, port=replica.port))
+        # each serving node's own view: the model served by itself (mesh_state names it "b")
+        planes = {n: DataPlane(Router(mesh_state(remote_port=port), node_id="b"))
+                  for n, port in (("b", stuck.port), ("c", replica.port))}
+        async with planes["b"].running(), planes["c"].running():
+            fake = FakeMesh(tg, {n: p.answer_peer for n, p in planes.items()})
+            router = Router(state, node_id="a")
+            plane = DataPlane(router, tunnels=HttpTunnelClient(fake))
+            async with serving(plane, silence=lambda node: 30.0 if node == "b" else 0.1) as url:
+                async with httpx.AsyncClient(base_url=url) as client:
+                    start = time.monotonic()
+                    reply = await client.post("/v1/completions", json={"model": "m", "prompt": "hello"})
+                    took = time.monotonic() - start
+                await leases_returned(router)
+        tg.cancel_scope.cancel()
+    assert reply.status_code == 200 and reply.json() == {"prompt": "hello"}
+    assert took < 2
+    await asyncio.wait_for(stuck.hung_up.wait(), 5)  # the silent node's request was cancelled
