@@ -12,6 +12,7 @@ of their answer yet (waiting for a slot of the engine, or for its prompt to be r
 
 Per node, read when scraped: capacity and use (bytes of the models it serves or loads), peers
 alive, gossip bytes and QUIC bytes (the endpoint's UDP bytes: gossip, tunnels and QUIC overhead).
+Failovers (``api.failover``) are counted per model and stage, and so are failures it could not move.
 
 Everything lives in a ``CollectorRegistry`` of the node's own (none at module level), and the
 console's figures (``summary``) are read back from the same counters, so both always agree.
@@ -89,6 +90,11 @@ class MeshMetrics:
                                 buckets=_RATE_BUCKETS, registry=registry)
         self.in_flight = Gauge("meshllm_requests_in_flight", "requests being answered", ["model"],
                                registry=registry)
+        self.failovers = Counter("meshllm_failovers", "requests moved to another server of their model, by stage "
+                                 "(before_start: not yet answered; mid_stream: carried on)", ["model", "stage"],
+                                 registry=registry)
+        self.unrecovered = Counter("meshllm_unrecovered_server_failures", "requests whose server failed where "
+                                   "no other could take them over", ["model", "stage"], registry=registry)
         self.waiting = Gauge("meshllm_requests_waiting", "requests in flight with no byte of their answer yet "
                              "(the queue)", ["model"], registry=registry)
         registry.register(_NodeCollector(state, node_id, gauges or NodeGauges()))
@@ -141,6 +147,14 @@ class MeshMetrics:
             self.ttft.labels(model).observe(ttft)
         if rate:
             self.decode.labels(model).observe(rate)
+
+    def failed_over(self, model: str, *, stage: str) -> None:
+        """A request was moved to another server (``api.failover``)."""
+        self.failovers.labels(model, stage).inc()
+
+    def gave_up(self, model: str, *, stage: str) -> None:
+        """A request's server failed and it could not be moved."""
+        self.unrecovered.labels(model, stage).inc()
 
     def routes(self) -> list[Route]:
         async def metrics(request: Request) -> Response:

@@ -1,9 +1,12 @@
 """The OpenAI-compatible API a node serves on :9337: list models, say whether it can serve, proxy requests.
 
 Every llama-server endpoint of ``api.endpoints`` is proxied. The proxy reads the body (it is small,
-and names the model), asks the router for a lease on a route for that model, and relays the request through the route's backend (``api.backends``: this node's
-llama-server, or a peer through the mesh) along the one response path of ``api.proxy``. The body is
-forwarded unchanged and the response streams back byte for byte (SSE included). The data plane's
+and names the model), asks the router for a lease on a route for that model, and relays the request
+through the route's backend (``api.backends``: this node's llama-server, or a peer through the mesh)
+along the one response path of ``api.failover``, which moves it to another server of the model when its
+own fails. Where the model has one server, the body is forwarded unchanged and the response streams
+back byte for byte (SSE included); where it has more, a stream is followed event by event so it can be
+carried on (``api.resume``). The data plane's
 connection pool lives as long as the app (its lifespan).
 
 ``/health`` answers 200 while at least one model can be served through this node (its own, or one
@@ -24,8 +27,9 @@ from starlette.types import Receive, Scope, Send
 
 from meshllm.api.backends import DataPlane, ProxyRequest
 from meshllm.api.endpoints import ENDPOINTS, BadRequest, is_anthropic, requested_model
-from meshllm.api.errors import BackendUnavailable, openai_error
-from meshllm.api.proxy import relay, send_error
+from meshllm.api.errors import openai_error
+from meshllm.api.failover import Failover, FailoverEvents, FailoverPolicy, Silence
+from meshllm.api.proxy import send_error
 from meshllm.api.routing import Lease, Unavailable
 
 __all__ = ["DEFAULT_MAX_BODY", "OpenAIProxy", "create_openai_app"]
@@ -64,8 +68,10 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 class OpenAIProxy:
     """The ASGI endpoint of the proxied routes."""
 
-    def __init__(self, plane: DataPlane, *, max_body_bytes: int, demand: Callable[[str], None] | None) -> None:
+    def __init__(self, plane: DataPlane, *, max_body_bytes: int, demand: Callable[[str], None] | None,
+                 failover: Failover) -> None:
         self.plane = plane
+        self.failover = failover
         self.max_body_bytes = max_body_bytes
         self.demand = demand
 
@@ -94,15 +100,9 @@ class OpenAIProxy:
         with lease:
             route = lease.route
             what = f"{scope['path']} {route.model} via {'this node' if route.local else 'node ' + route.node}"
-            try:
-                backend = self.plane.backend(route)
-            except BackendUnavailable as exc:
-                await send_error(send, exc.status, str(exc), code=exc.code, retry_after=exc.retry_after,
-                                 anthropic=anthropic)
-                return
             headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
             request = ProxyRequest(scope["method"], scope["path"], query, headers, body)
-            await relay(backend, request, receive, send, what=what)
+            await self.failover.serve(lease, request, receive, send, what=what)
 
     def _lease(self, named: str | None | BadRequest) -> Lease | Unavailable | BadRequest:
         """A lease for the model the request names (``api.endpoints``), or why there is none."""
@@ -115,7 +115,7 @@ class OpenAIProxy:
                 return BadRequest(router.unready_reason() or "no model is served", "no_model_ready", status=503)
             return BadRequest(f"this mesh serves several models ({', '.join(known)}): name one in `model` "
                               "(in the body, or ?model= for a request without one)", "missing_model", "model")
-        lease = router.lease(named)
+        lease = self.failover.lease(named)
         if lease is None:
             return BadRequest(f"the model {named!r} does not exist in this mesh; see /v1/models", "model_not_found",
                               "model", status=404)
@@ -123,9 +123,11 @@ class OpenAIProxy:
 
 
 def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BODY,
-                      demand: Callable[[str], None] | None = None) -> Starlette:
-    """The :9337 app. ``plane`` routes and forwards each request; ``demand`` hears of every request for
-    a model the mesh knows (served or not yet)."""
+                      demand: Callable[[str], None] | None = None, failover: FailoverPolicy | None = None,
+                      failover_events: FailoverEvents | None = None, silence: Silence | None = None) -> Starlette:
+    """The :9337 app. ``plane`` routes and forwards each request, moving it to another server of its
+    model when its own fails (``failover``, counted in ``failover_events``); ``demand`` hears of every
+    request for a model the mesh knows (served or not yet)."""
     router = plane.router
 
     @asynccontextmanager
@@ -156,7 +158,8 @@ def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BOD
         response.headers.update(allowed)
         return response
 
-    proxy = OpenAIProxy(plane, max_body_bytes=max_body_bytes, demand=demand)
+    proxy = OpenAIProxy(plane, max_body_bytes=max_body_bytes, demand=demand,
+                        failover=Failover(plane, policy=failover, events=failover_events, silence=silence))
     routes = [HttpRoute(e.path, proxy, methods=[e.method]) for e in ENDPOINTS]
     for route in routes:  # starlette adds HEAD to GET; a HEAD's answer has no body for the proxy to relay
         assert route.methods is not None

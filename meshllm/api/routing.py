@@ -127,15 +127,27 @@ class Router:
             self._table = self._build()
         return self._table
 
-    def resolve(self, model: str | None, *, local_only: bool = False) -> Route | Unavailable | None:
-        """Where to send a request for ``model`` (local first, then the least busy remote); a request
-        that names no model (None) goes to the only model known, if there is exactly one."""
+    def routes(self, model: str) -> list[Route]:
+        """The ready servers of ``model`` (local first)."""
+        table = self.table()
+        name = table.name_of(model)
+        return list(table.routes.get(name, ())) if name is not None else []
+
+    def resolve(self, model: str | None, *, local_only: bool = False,
+                avoid: Collection[Route] = ()) -> Route | Unavailable | None:
+        """Where to send a request for ``model`` (local first, then the least busy remote), not to
+        any route in ``avoid`` (servers that failed it); a request that names no model (None) goes
+        to the only model known, if there is exactly one."""
         table = self.table()
         name = table.name_of(model) if model is not None else self.only_model()
         if name is None:
             return None
         model = name
         routes = table.routes.get(model)
+        if routes and avoid:
+            routes = [r for r in routes if r not in avoid]
+            if not routes:
+                return Unavailable(model, f"no other server of model {model!r} is ready")
         if routes:
             if routes[0].local:
                 return routes[0]
@@ -157,10 +169,11 @@ class Router:
         known = self.known_models()
         return known[0] if len(known) == 1 else None
 
-    def lease(self, model: str | None, *, local_only: bool = False) -> Lease | Unavailable | None:
+    def lease(self, model: str | None, *, local_only: bool = False,
+              avoid: Collection[Route] = ()) -> Lease | Unavailable | None:
         """A lease on the route for ``model`` (counted in flight until released), the reason it must
         wait, or None when the mesh does not know the model."""
-        target = self.resolve(model, local_only=local_only)
+        target = self.resolve(model, local_only=local_only, avoid=avoid)
         if not isinstance(target, Route):
             return target
         self.in_flight[target.node] = self.in_flight.get(target.node, 0) + 1

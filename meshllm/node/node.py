@@ -157,8 +157,9 @@ class Node:
                                                     supervisor=self.supervisor)
         serve_streams(self.mesh.endpoint, self._stream_services())
         events, on_applied = store_hooks(store, node_id)
-        openai_app = create_openai_app(self.plane, max_body_bytes=config.max_body_bytes, demand=self.demand.note)
         self.metrics = MeshMetrics(state, node_id=node_id, gauges=self._gauges())
+        openai_app = create_openai_app(self.plane, max_body_bytes=config.max_body_bytes, demand=self.demand.note,
+                                       failover_events=self.metrics, silence=self._silence)
         extra = {"mesh_id": self.mesh.creds.mesh_id, "key_id": lambda: self.mesh.creds.key_id,
                  "rpc_tunnels": self.rpc_tunnels.tunnels, "metrics": self.metrics.summary}
         self.events = EventHub(lambda: status_snapshot(state, node_id=node_id, now=time.time(), extra=extra))
@@ -176,6 +177,11 @@ class Node:
         self.apis = (HttpApi(gated, host=config.host, port=config.port, what="OpenAI API"),
                      HttpApi(status_app, host=config.host, port=config.console_port, what="console API",
                              on_stop=self.events.close))
+
+    def _silence(self, node: str) -> float | None:
+        """Seconds since this node heard from ``node`` (the proxy moves requests off a silent one)."""
+        conn = self.mesh.endpoint.peer(node)
+        return conn.silent_for if conn is not None else None
 
     def _gauges(self) -> NodeGauges:
         gossip, quic = self.mesh.gossip.stats, self.mesh.endpoint.stats

@@ -345,12 +345,13 @@ class ProcessSupervisor:
         entry = self._entries.get(key)
         if entry is None or entry.proc is not proc or entry.view.phase is ProcessPhase.EXITED:
             return
-        entry.view = replace(entry.view, phase=ProcessPhase.EXITED, exit_code=code, exited_at=self.clock.now(),
+        exited_at = self.clock.now()
+        if self.store is not None:  # the record goes first: whoever sees the exit finds no stale record
+            await self.store.forget_process(key)
+        entry.view = replace(entry.view, phase=ProcessPhase.EXITED, exit_code=code, exited_at=exited_at,
                              message=exit_message(entry.view, code))
         if entry.view.stop_reason is None:
             log.warning("%s: %s", key, entry.view.message)
-        if self.store is not None:
-            await self.store.forget_process(key)
         self._notify(key)
 
     async def _ladder(self, key: str, proc: EngineProcess) -> None:

@@ -15,6 +15,7 @@ import uvicorn
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from meshllm.api.backends import DataPlane
+from meshllm.api.failover import Silence
 from meshllm.api.openai import create_openai_app
 from meshllm.api.routing import Router
 from meshllm.state.document import MeshState
@@ -180,10 +181,12 @@ def free_socket() -> socket.socket:
 
 
 @asynccontextmanager
-async def serving(plane: DataPlane, *, max_body_bytes: int = 4 << 20) -> AsyncIterator[str]:
+async def serving(plane: DataPlane, *, max_body_bytes: int = 4 << 20,
+                  silence: Silence | None = None) -> AsyncIterator[str]:
     """The node's OpenAI API on a loopback port, served by uvicorn in this event loop."""
     sock = free_socket()
-    config = uvicorn.Config(create_openai_app(plane, max_body_bytes=max_body_bytes), log_level="warning",
+    app = create_openai_app(plane, max_body_bytes=max_body_bytes, silence=silence)
+    config = uvicorn.Config(app, log_level="warning",
                             lifespan="on", access_log=False)
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as tg:

@@ -178,3 +178,166 @@ async def test_an_anthropic_stream_whose_upstream_dies_ends_with_anthropic_s_err
         assert last.startswith(b"event: error\ndata: ")
         assert json.loads(last.split(b"data: ", 1)[1])["type"] == "error"
         await leases_returned(router)
+
+
+# -- failover (api.failover) -------------------------------------------------------------------
+
+def token_event(text: str, tid: int, count: int, *, final: str | None = None) -> bytes:
+    payload = {"choices": [{"text": text, "index": 0, "finish_reason": final,
+                            "logprobs": {"content": [{"id": tid}]}}],
+               "id": f"cmpl-{tid}", "timings": {"prompt_n": 1, "cache_n": 0, "predicted_n": count}}
+    if final:
+        payload["usage"] = {"prompt_tokens": 3, "completion_tokens": count, "total_tokens": 3 + count}
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+async def two_tokens_then_die(state: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    head, body = await read_request(reader)
+    state.heads.append(body)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for event in (token_event("one", 1, 1), token_event(" two", 2, 2)):
+        writer.write(chunk(event))
+        await writer.drain()
+    writer.transport.abort()
+
+
+async def the_rest(state: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    head, body = await read_request(reader)
+    state.heads.append(body)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for event in (token_event(" three", 3, 1), token_event("", 4, 1, final="length"), b"data: [DONE]\n\n"):
+        writer.write(chunk(event))
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+
+
+async def with_replica(dying_port: int, replica_port: int) -> tuple[Router, Router]:
+    from tests.unit.dataplane_fakes import mesh_state
+
+    return (Router(mesh_state(local_port=dying_port, remote_port=replica_port), node_id="a"),
+            Router(mesh_state(remote_port=replica_port), node_id="b"))
+
+
+async def test_a_stream_whose_server_dies_carries_on_at_a_replica_as_one_stream() -> None:
+    from meshllm.api.backends import DataPlane
+    from meshllm.tunnels.http import HttpTunnelClient
+    from tests.unit.dataplane_fakes import FakeMesh, serving
+
+    async with upstream(two_tokens_then_die) as dying, upstream(the_rest) as replica, \
+            anyio.create_task_group() as tg:
+        router, b_router = await with_replica(dying.port, replica.port)
+        b_plane = DataPlane(b_router)
+        async with b_plane.running():
+            fake = FakeMesh(tg, {"b": b_plane.answer_peer})
+            async with serving(DataPlane(router, tunnels=HttpTunnelClient(fake))) as url:
+                async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as sdk:
+                    parts = [part async for part in await sdk.completions.create(
+                        model="m", prompt="x", max_tokens=3, temperature=0, stream=True)]
+                await leases_returned(router)
+        tg.cancel_scope.cancel()
+    assert "".join(p.choices[0].text for p in parts if p.choices) == "one two three"
+    assert {p.id for p in parts} == {"cmpl-1"}
+    assert parts[-1].usage is not None and parts[-1].usage.completion_tokens == 3
+    assert parts[-1].usage.prompt_tokens == 1
+    assert json.loads(replica.heads[0])["prompt"] == ["x", 1, 2]
+    assert json.loads(replica.heads[0])["max_tokens"] == 1
+
+
+async def test_a_request_whose_server_is_down_goes_to_a_replica_unnoticed() -> None:
+    from meshllm.api.backends import DataPlane
+    from meshllm.tunnels.http import HttpTunnelClient
+    from tests.unit.dataplane_fakes import FakeMesh, serving
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        down = closed.getsockname()[1]  # nothing listens there
+    async with upstream(echo) as replica, anyio.create_task_group() as tg:
+        router, b_router = await with_replica(down, replica.port)
+        b_plane = DataPlane(b_router)
+        async with b_plane.running():
+            fake = FakeMesh(tg, {"b": b_plane.answer_peer})
+            async with serving(DataPlane(router, tunnels=HttpTunnelClient(fake))) as url:
+                async with httpx.AsyncClient(base_url=url) as client:
+                    reply = await client.post("/v1/completions", json={"model": "m", "prompt": "hello"})
+                await leases_returned(router)
+        tg.cancel_scope.cancel()
+    assert reply.status_code == 200 and reply.json() == {"prompt": "hello"}
+
+
+async def loading(state: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    body = b'{"error": {"code": 503, "message": "Loading model"}}'
+    writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(body), body))
+    await writer.drain()
+
+
+async def test_a_server_that_answers_503_hands_the_request_to_a_replica() -> None:
+    from meshllm.api.backends import DataPlane
+    from meshllm.tunnels.http import HttpTunnelClient
+    from tests.unit.dataplane_fakes import FakeMesh, serving
+
+    async with upstream(loading) as busy, upstream(echo) as replica, anyio.create_task_group() as tg:
+        router, b_router = await with_replica(busy.port, replica.port)
+        b_plane = DataPlane(b_router)
+        async with b_plane.running():
+            fake = FakeMesh(tg, {"b": b_plane.answer_peer})
+            async with serving(DataPlane(router, tunnels=HttpTunnelClient(fake))) as url:
+                async with httpx.AsyncClient(base_url=url) as client:
+                    reply = await client.post("/v1/completions", json={"model": "m", "prompt": "hello"})
+                await leases_returned(router)
+        tg.cancel_scope.cancel()
+    assert reply.status_code == 200 and reply.json() == {"prompt": "hello"}
+
+
+async def test_a_stream_whose_servers_all_die_ends_with_an_error_event_after_trying_each_once() -> None:
+    from meshllm.api.backends import DataPlane
+    from meshllm.tunnels.http import HttpTunnelClient
+    from tests.unit.dataplane_fakes import FakeMesh, serving
+
+    async with upstream(two_tokens_then_die) as first, upstream(two_tokens_then_die) as second, \
+            anyio.create_task_group() as tg:
+        router, b_router = await with_replica(first.port, second.port)
+        b_plane = DataPlane(b_router)
+        async with b_plane.running():
+            fake = FakeMesh(tg, {"b": b_plane.answer_peer})
+            async with serving(DataPlane(router, tunnels=HttpTunnelClient(fake))) as url:
+                async with httpx.AsyncClient(base_url=url) as client:
+                    body = {"model": "m", "prompt": "x", "max_tokens": 9, "temperature": 0, "stream": True}
+                    response = await client.post("/v1/completions", json=body)
+                await leases_returned(router)
+        tg.cancel_scope.cancel()
+    events = [json.loads(e[6:]) for e in response.content.split(b"\n\n") if e.startswith(b"data: {")]
+    assert [e["choices"][0]["text"] for e in events[:2]] == ["one", " two"]  # then the (fake) replica's
+    assert events[-1]["error"]["code"] == "upstream_broken"
+    assert len(first.heads) == len(second.heads) == 1  # each server tried once
+    assert json.loads(second.heads[0])["prompt"] == ["x", 1, 2]
+
+
+async def test_a_request_waiting_on_a_silent_node_moves_to_another() -> None:
+    from meshllm.api.backends import DataPlane
+    from meshllm.state.schema import NodeStatus, ServerPhase, ServerStatus
+    from meshllm.tunnels.http import HttpTunnelClient
+    from tests.unit.dataplane_fakes import FakeMesh, mesh_state, serving
+
+    async with upstream(hold) as stuck, upstream(echo) as replica, anyio.create_task_group() as tg:
+        state = mesh_state(remote_port=stuck.port)  # b: answers nothing, and is heard from no more
+        state.put_node(NodeStatus(id="c", incarnation=1))
+        state.put_server(ServerStatus(node="c", model="m", phase=ServerPhase.READY, port=replica.port))
+        # each serving node's own view: the model served by itself (mesh_state names it "b")
+        planes = {n: DataPlane(Router(mesh_state(remote_port=port), node_id="b"))
+                  for n, port in (("b", stuck.port), ("c", replica.port))}
+        async with planes["b"].running(), planes["c"].running():
+            fake = FakeMesh(tg, {n: p.answer_peer for n, p in planes.items()})
+            router = Router(state, node_id="a")
+            plane = DataPlane(router, tunnels=HttpTunnelClient(fake))
+            async with serving(plane, silence=lambda node: 30.0 if node == "b" else 0.1) as url:
+                async with httpx.AsyncClient(base_url=url) as client:
+                    start = time.monotonic()
+                    reply = await client.post("/v1/completions", json={"model": "m", "prompt": "hello"})
+                    took = time.monotonic() - start
+                await leases_returned(router)
+        tg.cancel_scope.cancel()
+    assert reply.status_code == 200 and reply.json() == {"prompt": "hello"}
+    assert took < 2
+    await asyncio.wait_for(stuck.hung_up.wait(), 5)  # the silent node's request was cancelled
