@@ -26,6 +26,7 @@ from meshllm.engine.capacity import parse_size
 from meshllm.engine.process import DEFAULT_MAX_TOKENS
 from meshllm.errors import MeshError
 from meshllm.node import NodeConfig, bind_socket, check_model, run_node
+from meshllm.node.lobby import run_lobby
 from meshllm.store.identity import default_state_dir
 from meshllm.store.mesh import JOIN_ENV, join_arguments
 
@@ -121,6 +122,8 @@ def serve(
     os.environ.pop(JOIN_ENV, None)  # not handed down to the engine processes (nor MESHLLM_API_KEY, below)
     if not model and not join and not client and not standby and not auto and not mesh_name:
         out.print(START_HELP, highlight=False)
+        _lobby(NodeConfig(console_port=console, listen_all=listen_all, max_vram=_size(max_vram), name=name,
+                          relays=relay_list(relay), mdns=mdns))
         raise typer.Exit(0)
     want_model = ""
     if client and auto and model and len(model) == 1 and not standby:
@@ -147,6 +150,22 @@ def serve(
     if not client:
         ensure_engine()
     _run(config)
+
+
+def _lobby(config: NodeConfig) -> None:
+    """No arguments: the console, read-only, until Ctrl-C (unless a node already serves one there)."""
+    try:
+        bind_socket(config.host, config.console_port, what="console").close()
+    except MeshError:
+        out.print(f"\nA console already answers on port {config.console_port}: "
+                  f"http://127.0.0.1:{config.console_port}/", highlight=False)
+        return
+    _setup_logging()
+    out.print("")
+    try:
+        anyio.run(lambda: run_lobby(config, hint=START_HELP, announce=lambda text: out.print(text, highlight=False)))
+    except KeyboardInterrupt:
+        pass
 
 
 def _setup_logging() -> None:
