@@ -138,3 +138,17 @@ TARGET = ShardTarget("x", 0, 3, source=__import__("pathlib").Path("/m/x.gguf"), 
 def test_the_shard_controller_plan(desired: object, known: ShardFile, on_disk: bool, now: float,
                                    expected: list[object]) -> None:
     assert plan_shard(desired, ShardActual("x", known, on_disk=on_disk), now) == expected  # type: ignore[arg-type]
+
+
+def test_the_core_share_is_tunable_from_a_manifest() -> None:
+    from meshllm.state.manifest import manifest_models, validate_documents
+
+    loaded = validate_documents([{"apiVersion": "meshllm/v1", "kind": "Model", "metadata": {"name": "x"},
+                                  "spec": {"source": "/m/x.gguf", "placement": {"split": True, "expertCore": 0}}}],
+                                source_name="test")
+    (model,) = manifest_models(loaded)
+    assert model.spec.expert_core == 0.0 and model.spec.split
+    spec = model.spec.model_copy(update={"size_bytes": 100 * MB, "experts": 8, "experts_used": 2,
+                                         "expert_bytes": 10 * MB})
+    slots = plan(spec, nodes(a=500, b=500)).slots.values()
+    assert {s.expert_core for s in slots} == {2}  # the experts a token uses, no more
