@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from meshllm.cli import blackboard, control, discover, get, rotate
+from meshllm.cli import blackboard, control, discover, get, launch, rotate
 from meshllm.cli import download as download_cli
 from meshllm.cli.discover import relay_list
 from meshllm.cli.keys import keys_app, local_keys
@@ -46,6 +46,7 @@ blackboard.register(app)
 download_cli.register(app)
 rotate.register(app)
 discover.register(app)
+launch.register(app)
 
 START_HELP = """meshllm: serve LLMs from a mesh of machines on an OpenAI-compatible API.
 
@@ -64,6 +65,8 @@ Require API keys on every node's OpenAI API:
   meshllm keys add --name NAME | meshllm keys list | meshllm keys revoke NAME
 Find and join a published mesh, or publish yours:
   meshllm discover [--model M] [--region R] | meshllm --auto [--model M] | meshllm --model M --mesh-name NAME
+Run a coding agent on the mesh's models (reuses the node on --port, or starts a client node):
+  meshllm claude | meshllm goose | meshllm opencode | meshllm pi   [--model M] [--join TOKEN] [-- ARGS]
 Give agents a shared blackboard (no model needed):
   meshllm --client --blackboard           # then: meshllm blackboard "STATUS: ..." | --search Q | --mcp
 

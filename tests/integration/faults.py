@@ -156,11 +156,14 @@ def ready_servers(node: NodeProcess) -> list[dict[str, Any]]:
 class FaultMesh:
     """Nodes a and b (standby, each serving a replica of MODEL) and client c, on their own loopback addresses."""
 
-    def __init__(self, mesh: Mesh, model: Path, *, replicas: int = 2) -> None:
+    def __init__(self, mesh: Mesh, model: Path, *, replicas: int = 2, max_vram: str = "") -> None:
+        """``max_vram``: each server node offers that much, too little to hold the model alone: its one
+        replica is split over a and b (pipeline parallel), for the split worker's faults."""
         self.mesh, self.model, self.replicas = mesh, model, replicas
-        self.a = mesh.start("a", A, "--standby")
+        cap = ("--max-vram", max_vram) if max_vram else ()
+        self.a = mesh.start("a", A, "--standby", *cap)
         token = self.a.token()
-        self.b = mesh.start("b", B, "--standby", "--join", token)
+        self.b = mesh.start("b", B, "--standby", *cap, "--join", token)
         self.c = mesh.start("c", C, "--client", "--join", token)
         self.token = token
         manifest = json.dumps({"apiVersion": "meshllm/v1", "kind": "Model", "metadata": {"name": MODEL},
@@ -168,7 +171,14 @@ class FaultMesh:
         done = self.a.cli("apply", "-f", "-", stdin=manifest)
         assert done.returncode == 0, done.stderr
         self.settle()
+        if max_vram:
+            wait_for(lambda: self.workers() != [], timeout=60, what="the split's worker")
         self.mesh_id = self.c.status()["mesh_id"]
+
+    def workers(self) -> list[NodeProcess]:
+        """The server nodes that hold layers of MODEL as split workers."""
+        ids = {w["node"] for m in self.c.status()["models"] if m["name"] == MODEL for w in m["workers"]}
+        return [n for n in self.servers if n.status()["node"]["id"] in ids]
 
     @property
     def servers(self) -> list[NodeProcess]:
@@ -188,9 +198,11 @@ class FaultMesh:
                         timeout=timeout, what=f"{MODEL} to have {self.replicas} ready servers")
 
     def duplicates(self) -> int:
-        """Servers beyond the desired replicas, and engine processes that no server status accounts for."""
+        """Servers beyond the desired replicas, and engine processes (llama-server, rpc-server) that no
+        server or worker status accounts for."""
         servers = ready_servers(self.c)
-        pids = {s.get("pid") for s in servers}
+        workers = [w for m in self.c.status()["models"] if m["name"] == MODEL for w in m["workers"]]
+        pids = {s.get("pid") for s in servers} | {w.get("pid") for w in workers}
         orphans = [pid for node in self.servers for pid in engine_pids(node.state_dir) if pid not in pids]
         return max(0, len(servers) - self.replicas) + len(orphans)
 
@@ -294,6 +306,18 @@ def packet_loss(fm: FaultMesh, *, seconds: float = 10.0, probability: float = 0.
         time.sleep(seconds)  # the fault's duration
 
 
+def kill_worker(fm: FaultMesh) -> None:
+    """kill -9 of a split worker's node and its rpc-server; the split is served again once it is back."""
+    worker = fm.workers()[0]
+    pids = engine_pids(worker.state_dir)
+    assert worker.proc is not None
+    worker.proc.kill()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    worker.proc.wait()
+    fm.restart(worker)
+
+
 FAULTS: dict[str, Callable[[FaultMesh], None]] = {
     "kill -9 serving node": kill_node,
     "kill -9 llama-server": kill_engine,
@@ -303,6 +327,7 @@ FAULTS: dict[str, Callable[[FaultMesh], None]] = {
     "SIGSTOP 8 s": stall,
     "20% packet loss 10 s": packet_loss,
 }
+SPLIT_FAULTS: dict[str, Callable[[FaultMesh], None]] = {"kill -9 split worker": kill_worker}
 
 
 def run_fault(fm: FaultMesh, name: str, *, workers: int, max_tokens: int, reference: str,
@@ -313,10 +338,11 @@ def run_fault(fm: FaultMesh, name: str, *, workers: int, max_tokens: int, refere
     with Load(fm.c.api, workers=workers, max_tokens=max_tokens) as load:
         wait_for(lambda: load.count() >= warmup, timeout=60, what="the load to run")
         injected = time.monotonic()
-        FAULTS[name](fm)
+        {**FAULTS, **SPLIT_FAULTS}[name](fm)
         fm.settle(timeout=settle_timeout)
-        mark = load.count()
-        wait_for(lambda: load.count() >= mark + workers, timeout=60, what="requests after recovery")
+        settled = time.monotonic()
+        wait_for(lambda: any(o.kind == "ok" and o.start >= settled for o in list(load.outcomes)),
+                 timeout=settle_timeout, what="a request served after the recovery")
     outcomes = load.outcomes
     row.requests = len(outcomes)
     row.failed = sum(o.kind != "ok" for o in outcomes)

@@ -7,7 +7,7 @@ What a user of the mesh must never see, whatever the fault: a stream cut without
 whose text differs from the uninterrupted one, a mesh that stops serving, servers duplicated after it
 recovered, or state forgotten. The figures of each run (failed, resumed, time to serve again) are
 printed as a table; ``bench/faults.py`` runs the same with more load and saves it. A split worker's
-kill is covered by ``test_split.py`` (the host recovers).
+kill runs on a mesh of its own, where the model is split over the two server nodes.
 """
 
 from __future__ import annotations
@@ -21,11 +21,25 @@ import pytest
 
 from tests.integration.faults import FAULTS, FaultMesh, FaultRow, reference_text, run_fault, table
 from tests.integration.nodes import Mesh
+from tests.integration.test_split import split_model  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.engine
 
 WORKERS, MAX_TOKENS = 4, 96
 ROWS: list[FaultRow] = []
+
+
+def test_a_split_worker_killed_mid_stream_is_an_error_then_the_split_serves_again(
+        mesh: Mesh, split_model: Path) -> None:
+    size = split_model.stat().st_size
+    fm = FaultMesh(mesh, split_model, replicas=1, max_vram=f"{int(size * 0.8)}B")  # neither holds it alone
+    reference = reference_text(fm, max_tokens=MAX_TOKENS)
+    row = run_fault(fm, "kill -9 split worker", workers=2, max_tokens=MAX_TOKENS, reference=reference)
+    ROWS.append(row)
+    print(table([row]))
+    assert row.cut == 0, f"streams cut without an error: {row.notes}"
+    assert row.wrong == 0 and row.serve_again_s is not None
+    assert row.duplicates == 0 and row.lost == []
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +71,4 @@ def test_a_fault_loses_nothing(fault_mesh: FaultMesh, reference: str, fault: str
     assert row.serve_again_s is not None, "nothing was served after the fault"
     assert row.duplicates == 0
     assert row.lost == []
+
