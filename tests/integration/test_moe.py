@@ -15,7 +15,6 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -80,7 +79,7 @@ def landed(entry: NodeProcess, user: str, nodes: list[NodeProcess]) -> NodeProce
     return grew[0]
 
 
-def ready_shards(node: NodeProcess) -> dict[str, Any]:
+def ready_shards(node: NodeProcess) -> dict[str, object]:
     cond = condition(node, MODEL)
     return cond if cond.get("phase") == "Ready" and cond.get("ready") == cond.get("wanted") else {}
 
@@ -179,18 +178,26 @@ def unknown_arch(source: Path, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("damage, reason", [(truncated, "TruncatedModel"), (unknown_arch, "UnknownMoeArchitecture")])
-def test_a_bad_moe_file_gets_a_clear_reason_and_no_crash_loop(mesh: Mesh, moe_model: Path, tmp_path: Path,
-                                                              damage: Any, reason: str) -> None:
-    bad = damage(moe_model, tmp_path / f"{MODEL}.gguf")
+def test_a_truncated_moe_file_is_refused_at_start_with_one_line(mesh: Mesh, moe_model: Path, tmp_path: Path) -> None:
+    bad = truncated(moe_model, tmp_path / f"{MODEL}.gguf")
+    a = mesh.start("a", "127.0.0.2", "--split", models=(str(bad),))
+    assert a.proc is not None and a.proc.wait(timeout=60) != 0
+    assert "beyond the file" in a.log_text() and not engine_pids(a.state_dir)
+
+
+def test_an_moe_architecture_the_detector_does_not_know_gets_a_clear_reason_and_no_crash_loop(
+        mesh: Mesh, moe_model: Path, tmp_path: Path) -> None:
+    bad = unknown_arch(moe_model, tmp_path / f"{MODEL}.gguf")
     a = mesh.start("a", "127.0.0.2", "--split", models=(str(bad),))
     b = mesh.start("b", "127.0.0.3", "--standby", "--join", a.token())
     wait_for_all((a, b))
-    wait_for(lambda: condition(a, MODEL).get("reason") == reason, timeout=30, what=f"reason {reason}")
+    wait_for(lambda: condition(a, MODEL).get("reason") == "UnknownMoeArchitecture", timeout=30,
+             what="reason UnknownMoeArchitecture")
     cond = condition(a, MODEL)
-    assert cond["phase"] == "Pending" and str(bad.name) in cond["message"], cond
+    assert cond["phase"] == "Pending" and str(bad.name) in cond["message"] and "qwen9moe" in cond["message"], cond
     # nothing was launched, so nothing crash-loops
-    assert not engine_pids(a.state_dir) and not engine_pids(b.state_dir)
+    wait_for(lambda: not engine_pids(a.state_dir) and not engine_pids(b.state_dir), timeout=15,
+             what="no engine process")
     answer = httpx.post(f"{b.api}/v1/completions", timeout=10, json={"model": MODEL, "prompt": "x", "max_tokens": 2})
     assert answer.status_code == 503 and "error" in answer.json(), answer.text
 
