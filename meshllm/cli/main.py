@@ -106,7 +106,8 @@ def serve(
     allow_models: Annotated[list[str] | None, typer.Option("--allow-models", help="A folder (or file) manifests applied to this node may name as a model source, beside the models folder and the --model files (repeatable)")] = None,
     board: Annotated[bool, typer.Option("--blackboard", help="Enable the blackboard on this node: agents post status, findings and questions to the mesh (works with --client, no model needed)")] = False,
     board_rate: Annotated[int, typer.Option("--blackboard-rate", hidden=True, min=1, help="Posts a minute this node accepts (benches)")] = 10,
-    rpc_direct: Annotated[bool, typer.Option("--rpc-direct", help="Split RPC straight between llama-server and the workers' rpc-servers over plain TCP, authenticated with a key from the mesh secret (faster, not encrypted; trusted networks), instead of the QUIC tunnel")] = False,
+    rpc_direct: Annotated[bool, typer.Option("--rpc-direct", help="Split RPC straight between llama-server and the workers' rpc-servers, authenticated with a key from the mesh secret but not encrypted (trusted networks); by default it is encrypted too")] = False,
+    rpc_tunnel: Annotated[bool, typer.Option("--rpc-tunnel", help="Split RPC only through the QUIC mesh (slower): workers' rpc-servers listen on loopback, for networks where nodes cannot reach each other over TCP")] = False,
     draft: Annotated[str, typer.Option("--draft", metavar="PATH|NAME", help="Draft model for speculative decoding of the --model models (default: the catalog's pairing)")] = "",
     no_draft: Annotated[bool, typer.Option("--no-draft", help="No speculative decoding, even where the catalog pairs a draft")] = False,
     auto: Annotated[bool, typer.Option("--auto", help="Join the best published mesh (see `meshllm discover`); start one if none fits")] = False,
@@ -131,13 +132,15 @@ def serve(
     want_model = ""
     if client and auto and model and len(model) == 1 and not standby:
         want_model, model = model[0], None  # --client --auto --model M: join a mesh serving M, serve nothing
+    if rpc_direct and rpc_tunnel:
+        raise MeshError("--rpc-direct and --rpc-tunnel exclude each other: pick one way for split RPC")
     if client and (standby or model):
         raise MeshError("--client nodes serve nothing; drop --client, or drop --standby and --model")
     config = NodeConfig(models=tuple(model or ()), port=port, console_port=console, listen_all=listen_all,
                         state_dir=state_dir.expanduser(), max_vram=_size(max_vram), device=device,
                         max_body_bytes=_size(max_body) or 0, threads=threads, name=name,
                         joins=tuple(join or ()), client=client, bind_host=bind_host, bind_port=bind_port,
-                        advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct,
+                        advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct, rpc_tunnel=rpc_tunnel,
                         allow_models=tuple(allow_models or ()), draft=draft, no_draft=no_draft,
                         blackboard=board, blackboard_rate=board_rate,
                         api_keys=local_keys(api_key or (), os.environ.pop("MESHLLM_API_KEY", None)),

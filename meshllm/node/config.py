@@ -30,7 +30,8 @@ class NodeConfig:
     bind_port: int = 0
     advertise: tuple[str, ...] = ()
     split: bool = False  # split this node's --model models by layers even when one node holds them
-    rpc_direct: bool = False  # split RPC over authenticated plain TCP instead of the QUIC tunnel
+    rpc_direct: bool = False  # split RPC straight over plain TCP, key-authenticated, unencrypted (trusted networks)
+    rpc_tunnel: bool = False  # split RPC only through the QUIC tunnel (rpc-servers on loopback)
     allow_models: tuple[str, ...] = ()  # folders (or files) manifests may name, beside the models folder
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # --api-key / MESHLLM_API_KEY: this node only
     blackboard: bool = False  # open the blackboard's routes on this node (every node relays the board)

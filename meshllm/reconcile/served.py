@@ -32,7 +32,7 @@ from meshllm.engine.download import ModelReference
 from meshllm.engine.ggufinfo import block_count
 from meshllm.engine.models import ResolvedModel, resolve_model
 from meshllm.engine.process import DEFAULT_MAX_TOKENS, LlamaServerConfig, safe_name
-from meshllm.engine.rpc_auth import RPC_SECRET_ENV
+from meshllm.engine.rpc_auth import RPC_CLEAR_ENV, RPC_SECRET_ENV
 from meshllm.engine.templates import chat_arguments
 from meshllm.errors import ModelError, ModelNotFetched, TerminalError
 from meshllm.reconcile.downloads import Fetcher
@@ -60,6 +60,7 @@ class RpcConnector(Protocol):
     ``--rpc-direct`` (``node.rpc_tunnel``)."""
 
     key: str  # the mesh's RPC key, which the workers demand of the host's llama-server
+    clear: bool  # --rpc-direct: no sealing of the RPC bytes after the key handshake
 
     async def endpoint(self, node_id: str, target: str) -> str:
         """The ``host:port`` llama-server's ``--rpc`` names for ``node_id``'s worker for ``target``."""
@@ -200,8 +201,10 @@ class ServedModelController:
     async def actual(self, model: str, desired: Desired, now: float) -> ActualServer:
         proc = self.supervisor.get(model)
         waiting = None
-        if isinstance(desired, DesiredServer) and desired.workers and (proc is None or not proc.running):
-            waiting = await self._split_waiting(desired)
+        serves = self.memory.get(model, Memory()).serves
+        solo_now = proc is not None and proc.running and serves is not None and not serves.workers
+        if isinstance(desired, DesiredServer) and desired.workers and (proc is None or not proc.running or solo_now):
+            waiting = await self._split_waiting(desired)  # a solo server keeps serving until the split can start
         return ActualServer(model=model, node=self.node_id, process=proc, memory=self.memory.get(model, Memory()),
                             published=self.state.servers().get(server_key(self.node_id, model)), waiting=waiting,
                             adopt_until=self._adopt_until)
@@ -304,8 +307,11 @@ class ServedModelController:
             rpc_endpoints = [await self.rpc.endpoint(node, model) for node in desired.workers]
             # every weight is offered to the workers by name (patch 0003), and each worker loads it from
             # its own copy of the file, which the worker checked is the mesh's (ModelSpec.fingerprint);
-            # the workers serve only a client that proves the mesh's RPC key (patch 0004)
+            # the workers serve only a client that proves the mesh's RPC key (patch 0004), and the bytes
+            # that follow are sealed (patch 0005) unless --rpc-direct asks for the clear channel
             env = {"GGML_RPC_HASH_THRESHOLD": "1", "GGML_RPC_LOAD_BY_NAME": "1", RPC_SECRET_ENV: self.rpc.key}
+            if self.rpc.clear:
+                env[RPC_CLEAR_ENV] = "1"
         port = self.supervisor.pick_port(server_key(self.node_id, model))
         config = self._config(desired, port=port, rpc_endpoints=rpc_endpoints)
         # decoding on the CPU, llama-server takes every core: as a batch job it leaves the node responsive
