@@ -101,14 +101,15 @@ class Failover:
         self.clock = clock
         self.suspects = _Suspects(self.policy.suspect_for, clock)
 
-    def lease(self, model: str | None) -> Lease | Unavailable | None:
-        """The router's lease for a new request, away from suspect servers while another is ready."""
+    def lease(self, model: str | None, *, session: str | None = None) -> Lease | Unavailable | None:
+        """The router's lease for a new request, away from suspect servers while another is ready
+        (``session``: the request's key, for a model split by experts)."""
         suspects = self.suspects.current()
         if suspects:
-            lease = self.plane.router.lease(model, avoid=suspects)
+            lease = self.plane.router.lease(model, avoid=suspects, session=session)
             if isinstance(lease, Lease):
                 return lease
-        return self.plane.router.lease(model)
+        return self.plane.router.lease(model, session=session)
 
     async def serve(self, lease: Lease, request: ProxyRequest, receive: Receive, send: Send, *, what: str) -> None:
         """Relay ``request`` from the server ``lease`` holds, moving it when that server fails."""

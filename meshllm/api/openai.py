@@ -31,6 +31,7 @@ from meshllm.api.errors import openai_error
 from meshllm.api.failover import Failover, FailoverEvents, FailoverPolicy, Silence
 from meshllm.api.proxy import send_error
 from meshllm.api.routing import Lease, Unavailable
+from meshllm.api.sessions import session_key
 
 __all__ = ["DEFAULT_MAX_BODY", "OpenAIProxy", "create_openai_app"]
 
@@ -86,7 +87,8 @@ class OpenAIProxy:
         except _Gone:
             return
         query = scope["query_string"].decode("latin-1")
-        lease = self._lease(requested_model(body, query))
+        named = requested_model(body, query)
+        lease = self._lease(named, session=self._session(named, scope, body))
         if isinstance(lease, BadRequest):
             await send_error(send, lease.status, lease.message, code=lease.code, param=lease.param,
                              anthropic=anthropic, retry_after=2 if lease.status == 503 else None)
@@ -104,7 +106,7 @@ class OpenAIProxy:
             request = ProxyRequest(scope["method"], scope["path"], query, headers, body)
             await self.failover.serve(lease, request, receive, send, what=what)
 
-    def _lease(self, named: str | None | BadRequest) -> Lease | Unavailable | BadRequest:
+    def _lease(self, named: str | None | BadRequest, *, session: str | None) -> Lease | Unavailable | BadRequest:
         """A lease for the model the request names (``api.endpoints``), or why there is none."""
         if isinstance(named, BadRequest):
             return named
@@ -115,11 +117,17 @@ class OpenAIProxy:
                 return BadRequest(router.unready_reason() or "no model is served", "no_model_ready", status=503)
             return BadRequest(f"this mesh serves several models ({', '.join(known)}): name one in `model` "
                               "(in the body, or ?model= for a request without one)", "missing_model", "model")
-        lease = self.failover.lease(named)
+        lease = self.failover.lease(named, session=session)
         if lease is None:
             return BadRequest(f"the model {named!r} does not exist in this mesh; see /v1/models", "model_not_found",
                               "model", status=404)
         return lease
+
+    def _session(self, named: str | None | BadRequest, scope: Scope, body: bytes) -> str | None:
+        """The session key of a request for an expert-sharded model (``api.sessions``); None otherwise."""
+        if isinstance(named, BadRequest) or not self.plane.router.sharded(named):
+            return None
+        return session_key(body, [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]])
 
 
 def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BODY,

@@ -9,6 +9,10 @@ ends. A model also answers to the other names of its file (``engine.models.canon
 name of the file it is served from (``--alias chat --model /m/foo.gguf`` answers to ``chat``,
 ``foo.gguf`` and ``foo``), and, when the mesh knows exactly one model, to any name at all: clients
 written for another provider ask for ``gpt-4o-mini``, and there is nothing else they could mean.
+
+An expert-sharded model (its leases have ``shards``) is routed by the request's session key instead
+(``api.sessions``): rendezvous hashing over the nodes with a ready shard, so a conversation stays on one
+node's KV cache, and a dead node's sessions move to the others as soon as its servers leave the table.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from meshllm.api.sessions import rendezvous
 from meshllm.engine.models import canonical_name, looks_like_path
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ServerPhase, ServerStatus
@@ -70,6 +75,7 @@ class _Table:
     routes: dict[str, list[Route]] = field(default_factory=dict)
     waiting: dict[str, Unavailable] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)  # another name -> the model's name
+    sharded: set[str] = field(default_factory=set)  # models split by experts: routed by session
 
     def name_of(self, asked: str) -> str | None:
         """The model ``asked`` means: itself, another name of it, or the only model known."""
@@ -111,6 +117,7 @@ class Router:
         for routes in table.routes.values():
             routes.sort(key=lambda r: (not r.local, r.node))
         specs = self.state.models()
+        table.sharded = {lease.model for lease in self.state.leases().values() if lease.shards}
         wanted = set(specs) | {s.model for s in servers}
         for model in wanted - set(table.routes):
             table.waiting[model] = Unavailable(model, _why_waiting(model, servers))
@@ -127,17 +134,24 @@ class Router:
             self._table = self._build()
         return self._table
 
+    def sharded(self, model: str | None) -> bool:
+        """Whether ``model`` is split by experts (its requests are routed by session key)."""
+        table = self.table()
+        name = table.name_of(model) if model is not None else self.only_model()
+        return name is not None and name in table.sharded
+
     def routes(self, model: str) -> list[Route]:
         """The ready servers of ``model`` (local first)."""
         table = self.table()
         name = table.name_of(model)
         return list(table.routes.get(name, ())) if name is not None else []
 
-    def resolve(self, model: str | None, *, local_only: bool = False,
-                avoid: Collection[Route] = ()) -> Route | Unavailable | None:
+    def resolve(self, model: str | None, *, local_only: bool = False, avoid: Collection[Route] = (),
+                session: str | None = None) -> Route | Unavailable | None:
         """Where to send a request for ``model`` (local first, then the least busy remote), not to
-        any route in ``avoid`` (servers that failed it); a request that names no model (None) goes
-        to the only model known, if there is exactly one."""
+        any route in ``avoid`` (servers that failed it); for an expert-sharded model with a
+        ``session`` key, the shard that key hashes to. A request that names no model (None) goes to
+        the only model known, if there is exactly one."""
         table = self.table()
         name = table.name_of(model) if model is not None else self.only_model()
         if name is None:
@@ -148,6 +162,9 @@ class Router:
             routes = [r for r in routes if r not in avoid]
             if not routes:
                 return Unavailable(model, f"no other server of model {model!r} is ready")
+        if routes and session is not None and not local_only and model in table.sharded:
+            chosen = rendezvous(session, (r.node for r in routes))
+            return next(r for r in routes if r.node == chosen)
         if routes:
             if routes[0].local:
                 return routes[0]
@@ -169,11 +186,11 @@ class Router:
         known = self.known_models()
         return known[0] if len(known) == 1 else None
 
-    def lease(self, model: str | None, *, local_only: bool = False,
-              avoid: Collection[Route] = ()) -> Lease | Unavailable | None:
+    def lease(self, model: str | None, *, local_only: bool = False, avoid: Collection[Route] = (),
+              session: str | None = None) -> Lease | Unavailable | None:
         """A lease on the route for ``model`` (counted in flight until released), the reason it must
         wait, or None when the mesh does not know the model."""
-        target = self.resolve(model, local_only=local_only, avoid=avoid)
+        target = self.resolve(model, local_only=local_only, avoid=avoid, session=session)
         if not isinstance(target, Route):
             return target
         self.in_flight[target.node] = self.in_flight.get(target.node, 0) + 1

@@ -24,6 +24,7 @@ from meshllm.engine.download import HubFile, ModelReference, check_remote, parse
 from meshllm.engine.models import file_fingerprint, file_hashes, models_dir, resolve_model
 from meshllm.engine.ranges import remote_fingerprint
 from meshllm.errors import MeshError, ModelError, ModelNotFetched
+from meshllm.moe.spec import moe_spec_fields
 from meshllm.node.config import NodeConfig
 from meshllm.node.discovery import resolve_join
 from meshllm.node.http import bind_socket
@@ -108,7 +109,8 @@ def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSp
         specs.append(ModelSpec(name=config.alias or resolved.name, source=kept, node=node_id, created_at=now,
                                origin=ModelOrigin.NODE, owner=node_id, size_bytes=resolved.size_bytes,
                                fingerprint=file_fingerprint(resolved.path), tensor_hashes=file_hashes(resolved.path),
-                               copy_on=node_id, split=config.split, draft=draft, **options))
+                               copy_on=node_id, split=config.split, draft=draft,
+                               **options).model_copy(update=moe_spec_fields(resolved.path)))
     return specs
 
 

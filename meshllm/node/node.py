@@ -71,6 +71,7 @@ from meshllm.reconcile.runtime import Runner
 from meshllm.reconcile.downloads import Downloads
 from meshllm.reconcile.served import ServedModelController
 from meshllm.reconcile.shares import ShareFetches
+from meshllm.reconcile.shards import ExpertShardController
 from meshllm.reconcile.supervisor import ProcessSupervisor
 from meshllm.reconcile.timing import Backoff
 from meshllm.reconcile.workers import WorkerController
@@ -194,11 +195,12 @@ class Node:
         llama-server before the rpc-servers it uses)."""
         config, state, node_id, logs = self.config, self.state, self.node_id, self.config.state_dir / "logs"
         backoff = Backoff()
+        shards = ExpertShardController(state, node_id=node_id, folder=config.state_dir / "shards", store=store)
         served = ServedModelController(
             state, node_id=node_id, supervisor=supervisor, engine_dir=engine_dir, log_dir=logs,
             gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads,
             store=store, rpc=self.rpc_tunnels, backoff=backoff, max_tokens=config.max_tokens_default,
-            downloads=self.downloads, shares=self.shares)
+            downloads=self.downloads, shares=self.shares, shards=shards)
         # rpc-servers on the node's address, published for hosts to reach straight (they demand the mesh's
         # RPC key and seal what follows unless the host asks --rpc-direct's clear channel); --rpc-tunnel:
         # on loopback, reached through the QUIC mesh only
@@ -209,7 +211,7 @@ class Node:
                                    backoff=backoff, bind_host=bind_host, direct_host=direct_host,
                                    shares=self.shares)
         placement = PlacementController(state, node_id=node_id, incarnation=self.mesh.incarnation, store=store)
-        runner = Runner(state, [placement, served, workers, GarbageCollector(state, node_id=node_id)],
+        runner = Runner(state, [placement, served, shards, workers, GarbageCollector(state, node_id=node_id)],
                         supervisor=supervisor, backoff=backoff)
         return runner, workers
 

@@ -30,6 +30,12 @@ The rules, in order:
    while no worker can be had (its node started alone, or its workers died) is served solo meanwhile,
    on the node that already serves it if it still can, and moves to a split as soon as one can be
    planned (``Placement.notes`` says so on its Ready condition).
+7. A mixture-of-experts model (``ModelSpec.experts``) that needs splitting is split by experts instead
+   (``moe.plan``): one slot per shard, each on its own node, every shard a whole model with fewer experts.
+   Running shards stay where they are (unless more nodes can now take a shard: then more, smaller
+   shards); the slot of a shard whose node died goes to a node that can hold it (its sessions go to the
+   other shards meanwhile). An MoE file that cannot be split by experts
+   (``moe_problem``) stays Pending with that reason.
 
 ``conditions`` explains the outcome per model: Pending, Loading, Ready or Degraded, with a reason.
 """
@@ -42,6 +48,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from meshllm.moe.plan import NoShards, ShardLayout, experts_per_shard, plan_layout
+from meshllm.moe.spec import problem_of
 from meshllm.reconcile.split import NoSplit, SplitPlan, keep_or_replan
 from meshllm.state.document import MeshState
 from meshllm.state.schema import (
@@ -71,6 +79,9 @@ class Slot:
     hot: bool = False
     workers: tuple[str, ...] = ()
     tensor_split: tuple[float, ...] = ()
+    shards: int = 0  # expert sharding: this slot serves shard ``slot`` of ``shards``
+    expert_core: int = 0
+    expert_copies: int = 0
 
     @property
     def split(self) -> bool:
@@ -188,7 +199,8 @@ def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, No
     for name, count in base.items():
         plan.wanted[name] = count + (1 if name in hot else 0)
     for (name, index), lease in sorted(valid.items()):
-        if name not in plan.wanted or index >= plan.wanted[name] or (name, index) in plan.slots or lease.workers:
+        if name not in plan.wanted or index >= plan.wanted[name] or (name, index) in plan.slots or lease.workers \
+                or lease.shards:
             continue
         if state_models[name].split and name not in strict:
             continue  # a forced split served solo: the split rules decide whether it can move to a split now
@@ -201,7 +213,12 @@ def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, No
         if (name, 0) not in plan.slots and name not in strict and (spec.split and ledger.nodes or len(ledger.nodes) > 1
                                                                     and not any(ledger.fits(nid, name) and (name, nid)
                                                                                 not in failed for nid in ledger.nodes)):
-            _fill_split(plan, ledger, spec, leases=valid, failed=failed)
+            if spec.moe_problem:
+                plan.reasons[name] = problem_of(spec.moe_problem)
+            elif spec.experts:
+                _fill_shards(plan, ledger, spec, leases=valid, failed=failed)
+            else:
+                _fill_split(plan, ledger, spec, leases=valid, failed=failed)
             continue
         for index in range(count):
             if (name, index) not in plan.slots:
@@ -241,6 +258,55 @@ def _fill_split(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
     plan.slots[(name, 0)] = slot
     for node, share in share_of.items():
         ledger.take(node, name, share)
+
+
+def _fill_shards(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
+                 leases: Mapping[tuple[str, int], PlacementLease], failed: set[tuple[str, str]]) -> None:
+    """One slot per expert shard (rule 7): the running layout kept, its vacant shards re-placed; else a
+    new layout from the nodes' free capacity."""
+    name = spec.name
+    trunk = spec.size_bytes - spec.experts * spec.expert_bytes
+    current = {index: lease for (model, index), lease in leases.items() if model == name and lease.shards}
+    if current:
+        first = current[min(current)]
+        shards, core, copies = first.shards, first.expert_core, first.expert_copies
+        current = {i: lease for i, lease in current.items() if (lease.shards, lease.expert_core, lease.expert_copies)
+                   == (shards, core, copies) and i < shards and (name, lease.node) not in failed}
+    capacities = {nid: ledger.free(nid) for nid in ledger.nodes if (name, nid) not in failed}
+    layout = plan_layout(n_expert=spec.experts, n_used=spec.experts_used, trunk_bytes=trunk,
+                         expert_bytes=spec.expert_bytes, capacities=capacities, core_fraction=spec.expert_core)
+    if current and isinstance(layout, ShardLayout) and layout.shards > shards:
+        current = {}  # more nodes can take a shard now: more, smaller shards (each node re-writes its own)
+    if not current:
+        if isinstance(layout, NoShards):
+            lease = leases.get((name, 0))
+            if spec.split and _fill_solo(plan, ledger, name, lease if lease is not None and not lease.shards else None,
+                                         failed):
+                plan.notes[name] = f"solo until expert shards can be planned (--split): {layout.message}"
+                return
+            reason, message = _why_unplaced(ledger, name, failed)
+            plan.reasons[name] = (layout.reason, f"{message}; no expert sharding either: {layout.message}")
+            return
+        shards, core, copies = layout.shards, layout.core, layout.copies
+        placed = dict(enumerate(layout.nodes))
+    else:
+        placed = {i: lease.node for i, lease in current.items()}
+    size = trunk + experts_per_shard(spec.experts, core, shards, copies) * spec.expert_bytes
+    plan.reasons.pop(name, None)
+    plan.wanted[name] = shards
+    for index in range(shards):
+        node = placed.get(index)
+        if node is None:  # a vacant shard: a node with room that holds no shard of the model
+            holders = set(placed.values())
+            spare = [nid for nid in ledger.nodes if nid not in holders and (name, nid) not in failed
+                     and ledger.free(nid) >= FIT_FACTOR * size]
+            if not spare:
+                plan.reasons[name] = ("ShardVacant", f"expert shard {index + 1}/{shards} has no node that can hold "
+                                      f"it ({_fmt(FIT_FACTOR * size)}); its sessions go to the other shards")
+                continue
+            node = placed[index] = min(spare, key=lambda nid: (not ledger.standby(nid), -ledger.free(nid), nid))
+        plan.slots[(name, index)] = Slot(name, index, node, shards=shards, expert_core=core, expert_copies=copies)
+        ledger.take(node, name, size / max(1, spec.size_bytes))
 
 
 def _fill_solo(plan: Placement, ledger: _Ledger, name: str, lease: PlacementLease | None,
@@ -343,6 +409,19 @@ class Condition(BaseModel):
     wanted: int = Field(default=1, description="servers wanted")
     nodes: list[str] = Field(default_factory=list, description="nodes placed to serve it")
     workers: list[str] = Field(default_factory=list, description="split: the nodes holding the rest of its layers")
+    shards: list[str] = Field(default_factory=list, description="expert sharding: each shard's node, experts, "
+                              "memory and measured quality")
+
+
+def _shard_lines(spec: ModelSpec, servers: list[ServerStatus]) -> list[str]:
+    """One line per expert shard: where, which experts, how big against the whole model, how good."""
+    lines = []
+    for server in sorted((s for s in servers if s.shard), key=lambda s: s.shard):
+        quality = server.quality or "not measured"
+        lines.append(f"shard {server.shard} on {server.node}: {server.experts}/{spec.experts} experts per layer, "
+                     f"{_fmt(server.file_bytes)} (whole model {_fmt(spec.size_bytes)}), {server.phase.value}, "
+                     f"quality: {quality}")
+    return lines
 
 
 def current_plan(state: MeshState, *, now: float, me: str = "") -> Placement:
@@ -394,9 +473,14 @@ def _condition(name: str, spec: ModelSpec, why: str | None, plan: Placement,
     ready = sum(s.phase is ServerPhase.READY for s in mine)
     failed = [s for s in servers if s.model == name and s.phase is ServerPhase.FAILED]
     reason, message = plan.reasons.get(name, ("", ""))
-    common = {"ready": ready, "wanted": want, "nodes": nodes, "workers": list(split.workers) if split else []}
+    common = {"ready": ready, "wanted": want, "nodes": nodes, "workers": list(split.workers) if split else [],
+              "shards": _shard_lines(spec, mine)}
     if ready >= want:
         where = f", split by layers: host {split.node}, workers {', '.join(split.workers)}" if split else ""
+        first = plan.slots.get((name, 0))
+        if first is not None and first.shards:
+            where = (f", split by experts into {first.shards} shards (core of {first.expert_core} experts per layer "
+                     f"in every shard, each other expert on {first.expert_copies} of them)")
         where += f"; {plan.notes[name]}" if name in plan.notes else ""
         return Condition(phase=ConditionPhase.READY, reason="Serving", **common,
                          message=f"{ready} server{'s' if ready != 1 else ''} ready{where}")

@@ -40,6 +40,7 @@ from meshllm.reconcile.served_plan import (
     ADOPT_GRACE, Action, ActualServer, Claim, Desired, DesiredServer, Fetching, Forget, GiveUp, Memory, Publish, Record,
     Remember, Start, Stop, Unavailable, Wait, Withdraw, plan,
 )
+from meshllm.reconcile.shards import ShardFile
 from meshllm.reconcile.supervisor import PROCESSES, HttpReady, LaunchSpec, ProcessPhase, ProcessView, Supervisor
 from meshllm.reconcile.shares import ShareFetcher, share_of
 from meshllm.reconcile.split import split_layout
@@ -49,7 +50,7 @@ from meshllm.state.document import Changed, MeshState
 from meshllm.state.schema import ModelSpec, PlacementLease, ServerPhase, server_key
 from meshllm.store.db import NodeStore
 
-__all__ = ["DesiredServer", "RpcConnector", "ServedModelController", "settings_hash", "split_args"]
+__all__ = ["DesiredServer", "RpcConnector", "ServedModelController", "ShardSource", "settings_hash", "split_args"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,12 @@ class RpcConnector(Protocol):
         ...
 
 
+class ShardSource(Protocol):
+    """Where an expert shard's file stands on this node (``reconcile.shards.ExpertShardController``)."""
+
+    def shard_for(self, model: str) -> ShardFile | None: ...
+
+
 class ServedModelController:
     """Runs one llama-server per model this node holds a lease of, and reports them in the document."""
 
@@ -79,7 +86,7 @@ class ServedModelController:
                  gpu_layers: int = 0, device: str = "", threads: int = 0, store: NodeStore | None = None,
                  rpc: RpcConnector | None = None, clock: Clock | None = None, backoff: Backoff | None = None,
                  max_tokens: int = DEFAULT_MAX_TOKENS, downloads: Fetcher | None = None,
-                 shares: ShareFetcher | None = None) -> None:
+                 shares: ShareFetcher | None = None, shards: ShardSource | None = None) -> None:
         self.state = state
         self.node_id = node_id
         self.supervisor = supervisor
@@ -92,6 +99,7 @@ class ServedModelController:
         self.rpc = rpc
         self.downloads = downloads
         self.shares = shares
+        self.shards = shards
         self.clock = clock or SystemClock()
         self.backoff = backoff or Backoff()
         self.max_tokens = max_tokens
@@ -163,6 +171,8 @@ class ServedModelController:
             self._chat[path] = await anyio.to_thread.run_sync(chat_arguments, path)
         serving = ServingOptions(embeddings=spec.embeddings, pooling=spec.pooling, rerank=spec.rerank,
                                  chat_template=spec.chat_template)
+        if lease is not None and lease.shards:
+            return await self._shard_desired(model, spec, lease, serving)
         if lease is None or not lease.workers:
             desired = DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, draft=draft, serving=serving)
         else:
@@ -171,6 +181,24 @@ class ServedModelController:
             desired = DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, workers=tuple(lease.workers),
                                     tensor_split=tuple(lease.tensor_split),
                                     n_layer=0 if self.gpu_layers else self._layers[path], serving=serving)
+        return replace(desired, argv_hash=settings_hash(self._config(desired, port=0)))
+
+    async def _shard_desired(self, model: str, spec: ModelSpec, lease: PlacementLease,
+                             serving: ServingOptions) -> Desired:
+        """An expert shard's server: its file once the shard controller has it ready."""
+        label = f"{lease.slot + 1}/{lease.shards}"
+        shard = self.shards.shard_for(model) if self.shards is not None else None
+        target = shard.target if shard is not None else None
+        if shard is not None and shard.phase == "failed" and (target is None or target.label == label):
+            return Unavailable(model, shard.message)
+        if shard is None or target is None or target.label != label or shard.phase != "ready":
+            return Fetching(model, shard.message if shard is not None and target is not None and target.label == label
+                            else f"waiting for expert shard {label} to be written")
+        if target.out not in self._chat:
+            self._chat[target.out] = await anyio.to_thread.run_sync(chat_arguments, target.out)
+        desired = DesiredServer(model=model, path=target.out, ctx_size=spec.ctx_size, shard=label,
+                                experts=len(target.experts[0]) if target.experts else 0, file_bytes=shard.size,
+                                quality=shard.quality, serving=serving)
         return replace(desired, argv_hash=settings_hash(self._config(desired, port=0)))
 
     async def actual(self, model: str, desired: Desired, now: float) -> ActualServer:

@@ -55,6 +55,10 @@ class DesiredServer:
     n_layer: int = 0  # split on a CPU host: the model's layer count (the host keeps its share of them)
     argv_hash: str = ""  # the llama-server command line this node would run, hashed (port left out)
     serving: ServingOptions = ServingOptions()  # the spec's embeddings, pooling, rerank, chat template
+    shard: str = ""  # an expert shard ("index/count", 1-based; ``path`` is its file); empty: the whole model
+    experts: int = 0  # expert shard: experts per layer it keeps
+    file_bytes: int = 0  # expert shard: bytes of its file
+    quality: str = ""  # expert shard: measured quality, if any (``moe.quality``)
 
 
 @dataclass(frozen=True)
@@ -328,7 +332,17 @@ def _start_or_wait(desired: DesiredServer, actual: ActualServer, memory: Memory,
 
 def _status(desired: DesiredServer | None, actual: ActualServer, proc: ProcessView | None, memory: Memory,
             now: float) -> ServerStatus | None:
-    """The status this node should publish for the model (None: none)."""
+    """The status this node should publish for the model (None: none), with the expert shard it serves."""
+    status = _server_status(desired, actual, proc, memory, now)
+    serves = memory.serves
+    if status is None or status is actual.published or serves is None or not serves.shard:
+        return status
+    return status.model_copy(update={"shard": serves.shard, "experts": serves.experts,
+                                     "file_bytes": serves.file_bytes, "quality": serves.quality})
+
+
+def _server_status(desired: DesiredServer | None, actual: ActualServer, proc: ProcessView | None, memory: Memory,
+                   now: float) -> ServerStatus | None:
     server = partial(ServerStatus, node=actual.node, model=actual.model)
     workers = list(memory.serves.workers) if memory.serves is not None else []
     if proc is not None and proc.phase is ProcessPhase.STOPPING:

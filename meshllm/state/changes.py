@@ -54,7 +54,9 @@ class ModelChange(BaseModel):
 _COMPARED = {"source": "source", "node": "placement.node", "ctx_size": "ctxSize", "replicas": "replicas",
              "draft": "draft", "origin": "origin", "owner": "owner", "size_bytes": "sizeBytes",
              "split": "placement.split", "fingerprint": "fingerprint", "tensor_hashes": "tensorHashes",
-             "embeddings": "embeddings", "pooling": "pooling", "rerank": "rerank", "chat_template": "chatTemplate"}
+             "embeddings": "embeddings", "pooling": "pooling", "rerank": "rerank", "chat_template": "chatTemplate",
+             "expert_core": "placement.expertCore", "experts": "experts", "expert_ranks": "expertRanks",
+             "moe_problem": "moeProblem"}
 
 
 def _shown(value: Any) -> Any:
