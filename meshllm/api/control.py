@@ -32,6 +32,7 @@ from meshllm.api.errors import openai_error
 from meshllm.engine.models import ResolvedModel, file_fingerprint, looks_like_path, resolve_model
 from meshllm.engine.sources import SourcePolicy
 from meshllm.errors import ManifestError, ModelError
+from meshllm.moe.spec import moe_spec_fields
 from meshllm.reconcile.placement import conditions
 from meshllm.state.changes import ChangeAction, ModelChange, plan_apply, plan_delete
 from meshllm.state.document import MeshState
@@ -151,7 +152,8 @@ class ControlAPI:
         source, resolved = self._check_source(model.spec.source, where=model.where("source"))
         draft = self._check_source(model.spec.draft, where=model.where("draft"))[0] if model.spec.draft else ""
         return model.spec.model_copy(update={"source": source, "size_bytes": resolved.size_bytes, "draft": draft,
-                                             "fingerprint": file_fingerprint(resolved.path)})
+                                             "fingerprint": file_fingerprint(resolved.path),
+                                             **moe_spec_fields(resolved.path)})
 
     def _check_source(self, source: str, *, where: str) -> tuple[str, ResolvedModel]:
         try:

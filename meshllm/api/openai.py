@@ -26,6 +26,7 @@ from meshllm.api.backends import PROXIED, BadRequest, DataPlane, ProxyRequest, m
 from meshllm.api.errors import BackendUnavailable, openai_error
 from meshllm.api.proxy import relay, send_error
 from meshllm.api.routing import Lease
+from meshllm.api.sessions import session_key
 
 __all__ = ["DEFAULT_MAX_BODY", "OpenAIProxy", "create_openai_app"]
 
@@ -81,7 +82,7 @@ class OpenAIProxy:
         if isinstance(model, BadRequest):
             await send_error(send, 400, model.message, code=model.code, param=model.param)
             return
-        lease = self.plane.router.lease(model)
+        lease = self.plane.router.lease(model, session=self._session(model, scope, body))
         if lease is None:
             await send_error(send, 404, f"the model {model!r} does not exist in this mesh; see /v1/models",
                              code="model_not_found", param="model")
@@ -103,6 +104,13 @@ class OpenAIProxy:
             request = ProxyRequest(scope["method"], scope["path"], scope["query_string"].decode("latin-1"),
                                    headers, body)
             await relay(backend, request, receive, send, what=what)
+
+
+    def _session(self, model: str, scope: Scope, body: bytes) -> str | None:
+        """The session key of a request for an expert-sharded model (``api.sessions``); None otherwise."""
+        if not self.plane.router.sharded(model):
+            return None
+        return session_key(body, [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]])
 
 
 def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BODY,

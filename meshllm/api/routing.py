@@ -6,6 +6,10 @@ this node is preferred; otherwise the request goes to the remote node with the f
 flight from here. Every request holds a ``Lease`` on its route while it runs: the router counts
 requests in flight here and nowhere else, and a lease is released exactly once however the request
 ends. A model also answers to the other names of its file (``engine.models.canonical_name``).
+
+An expert-sharded model (its leases have ``shards``) is routed by the request's session key instead
+(``api.sessions``): rendezvous hashing over the nodes with a ready shard, so a conversation stays on one
+node's KV cache, and a dead node's sessions move to the others as soon as its servers leave the table.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from meshllm.api.sessions import rendezvous
 from meshllm.engine.models import canonical_name
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ServerPhase, ServerStatus
@@ -66,6 +71,7 @@ class Lease:
 class _Table:
     routes: dict[str, list[Route]] = field(default_factory=dict)
     waiting: dict[str, Unavailable] = field(default_factory=dict)
+    sharded: set[str] = field(default_factory=set)  # models split by experts: routed by session
 
 
 class Router:
@@ -96,6 +102,7 @@ class Router:
             table.routes.setdefault(server.model, []).append(route)
         for routes in table.routes.values():
             routes.sort(key=lambda r: (not r.local, r.node))
+        table.sharded = {lease.model for lease in self.state.leases().values() if lease.shards}
         wanted = set(self.state.models()) | {s.model for s in servers}
         for model in wanted - set(table.routes):
             table.waiting[model] = Unavailable(model, _why_waiting(model, servers))
@@ -106,12 +113,21 @@ class Router:
             self._table = self._build()
         return self._table
 
-    def resolve(self, model: str, *, local_only: bool = False) -> Route | Unavailable | None:
-        """Where to send a request for ``model`` (local first, then the least busy remote)."""
+    def sharded(self, model: str) -> bool:
+        """Whether ``model`` is split by experts (its requests are routed by session key)."""
+        table = self.table()
+        return model in table.sharded or canonical_name(model) in table.sharded
+
+    def resolve(self, model: str, *, local_only: bool = False, session: str | None = None) -> Route | Unavailable | None:
+        """Where to send a request for ``model``: local first, then the least busy remote; for an
+        expert-sharded model with a ``session`` key, the shard that key hashes to."""
         table = self.table()
         if model not in table.routes and model not in table.waiting:
             model = canonical_name(model)
         routes = table.routes.get(model)
+        if routes and session is not None and not local_only and model in table.sharded:
+            chosen = rendezvous(session, (r.node for r in routes))
+            return next(r for r in routes if r.node == chosen)
         if routes:
             if routes[0].local:
                 return routes[0]
@@ -123,10 +139,10 @@ class Router:
     def ready_models(self) -> list[str]:
         return sorted(self.table().routes)
 
-    def lease(self, model: str, *, local_only: bool = False) -> Lease | Unavailable | None:
+    def lease(self, model: str, *, local_only: bool = False, session: str | None = None) -> Lease | Unavailable | None:
         """A lease on the route for ``model`` (counted in flight until released), the reason it must
         wait, or None when the mesh does not know the model."""
-        target = self.resolve(model, local_only=local_only)
+        target = self.resolve(model, local_only=local_only, session=session)
         if not isinstance(target, Route):
             return target
         self.in_flight[target.node] = self.in_flight.get(target.node, 0) + 1

@@ -97,7 +97,7 @@ def serve(
     bind_port: Annotated[int, typer.Option("--bind-port", help="Pin the QUIC mesh endpoint to this UDP port (0: any)")] = 0,
     bind_host: Annotated[str, typer.Option("--bind-host", help="Address of the QUIC endpoint (default: as the APIs)")] = "",
     advertise: Annotated[list[str] | None, typer.Option("--advertise", help="host:port peers should dial (NAT, relays); repeatable")] = None,
-    split: Annotated[bool, typer.Option("--split", help="Force a pipeline split of the --model models across nodes, even when one node holds them")] = False,
+    split: Annotated[bool, typer.Option("--split", help="Split the --model models across nodes even when one node holds them: by experts for an MoE model, else by layers")] = False,
     max_tokens_default: Annotated[int, typer.Option("--max-tokens-default", help="Tokens a request that sets no max_tokens may generate (-1: until the context is full)")] = DEFAULT_MAX_TOKENS,
     allow_models: Annotated[list[str] | None, typer.Option("--allow-models", help="A folder (or file) manifests applied to this node may name as a model source, beside the models folder and the --model files (repeatable)")] = None,
     board: Annotated[bool, typer.Option("--blackboard", help="Enable the blackboard on this node: agents post status, findings and questions to the mesh (works with --client, no model needed)")] = False,

@@ -1,8 +1,9 @@
 """Synthetic GGUF models with random weights, for tests and benchmarks.
 
 There is no model hub on the machines meshllm is tested on, and real models are too big for unit and integration
-tests. This module writes models that llama.cpp loads and runs like real ones: a dense Llama (arch ``llama``) or a
-Qwen3-style mixture of experts (arch ``qwen3moe``), with a SentencePiece-style vocabulary and a ChatML chat template,
+tests. This module writes models that llama.cpp loads and runs like real ones: a dense Llama (arch ``llama``), a
+Qwen3-style mixture of experts (arch ``qwen3moe``) or a Qwen2-style one with a shared expert beside the routed
+ones (arch ``qwen2moe``, kind ``moe-shared``), with a SentencePiece-style vocabulary and a ChatML chat template,
 so ``/completion`` and ``/v1/chat/completions`` both work. The text they write is gibberish, but greedy decoding
 (temperature 0) is deterministic: the same seed gives the same file, byte for byte, and the same output.
 
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 DType = Literal["f32", "f16"]
-Kind = Literal["dense", "moe"]
+Kind = Literal["dense", "moe", "moe-shared"]
 Init = Literal["normal", "ones"]
 
 CHATML_TEMPLATE = (
@@ -65,7 +66,7 @@ _NP_DTYPE: Mapping[str, np.dtype[np.floating]] = MappingProxyType({"f32": np.dty
 _FILE_TYPE: Mapping[str, gguf.LlamaFileType] = MappingProxyType(
     {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
 )
-_ARCH: Mapping[str, str] = MappingProxyType({"dense": "llama", "moe": "qwen3moe"})
+_ARCH: Mapping[str, str] = MappingProxyType({"dense": "llama", "moe": "qwen3moe", "moe-shared": "qwen2moe"})
 
 _SPECIALS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2: unk, bos, eos
 _CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
@@ -84,7 +85,7 @@ _PIECES = (
 
 @dataclass(frozen=True, kw_only=True)
 class ModelShape:
-    """The hyperparameters of a synthetic model; ``n_expert``/``n_expert_used`` only matter for ``moe``."""
+    """The hyperparameters of a synthetic model; ``n_expert``/``n_expert_used`` only matter for the MoE kinds."""
 
     kind: Kind = "dense"
     n_layer: int = 2
@@ -110,7 +111,7 @@ class ModelShape:
             raise ValueError("n_head must divide n_embd and n_head_kv must divide n_head")
         if self.n_vocab <= _N_RESERVED:
             raise ValueError(f"n_vocab must exceed {_N_RESERVED} (special, byte and ChatML tokens)")
-        if self.kind == "moe" and not 1 <= self.n_expert_used <= self.n_expert:
+        if self.kind != "dense" and not 1 <= self.n_expert_used <= self.n_expert:
             raise ValueError("a MoE needs 1 <= n_expert_used <= n_expert")
 
     @property
@@ -136,6 +137,7 @@ PRESETS: Mapping[str, ModelShape] = MappingProxyType(
     {
         "tiny": ModelShape(),
         "tiny-moe": ModelShape(kind="moe"),
+        "tiny-moe-shared": ModelShape(kind="moe-shared"),
         # Llama-3.2-3B-like body with a 32k vocabulary: 3.02 B parameters, 6.0 GB in F16.
         "3b": ModelShape(
             n_layer=28, n_embd=3072, n_ff=8192, n_head=24, n_head_kv=8, n_vocab=32000, n_ctx=8192, dtype="f16"
@@ -226,10 +228,12 @@ def write_moe(
     n_ctx: int = 2048,
     dtype: DType = "f32",
     seed: int = 0,
+    shared: bool = False,
 ) -> Path:
-    """Write a Qwen3-MoE-architecture model (``n_ff`` is each expert's width) and return its path."""
+    """Write a Qwen3-MoE-architecture model (``n_ff`` is each expert's width) and return its path; ``shared``: a
+    Qwen2-MoE one instead, with one shared expert (as wide as the others) beside the routed ones."""
     shape = ModelShape(
-        kind="moe",
+        kind="moe-shared" if shared else "moe",
         n_layer=n_layer,
         n_embd=n_embd,
         n_ff=n_ff,
@@ -291,10 +295,12 @@ def _add_hparams(writer: gguf.GGUFWriter, shape: ModelShape) -> None:
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_vocab_size(shape.n_vocab)
-    if shape.kind == "moe":
+    if shape.kind != "dense":
         writer.add_expert_count(shape.n_expert)
         writer.add_expert_used_count(shape.n_expert_used)
         writer.add_expert_feed_forward_length(shape.n_ff)
+    if shape.kind == "moe-shared":
+        writer.add_expert_shared_feed_forward_length(shape.n_ff)
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, n_vocab: int) -> None:
@@ -374,14 +380,24 @@ def _plan_tensors(shape: ModelShape) -> list[_TensorSpec]:
             ]
             continue
         n_exp = shape.n_expert
+        if shape.kind == "moe":  # qwen3moe normalises queries and keys per head
+            specs += [
+                _TensorSpec(blk + "attn_q_norm.weight", (hd,), f32, "ones"),
+                _TensorSpec(blk + "attn_k_norm.weight", (hd,), f32, "ones"),
+            ]
         specs += [
-            _TensorSpec(blk + "attn_q_norm.weight", (hd,), f32, "ones"),
-            _TensorSpec(blk + "attn_k_norm.weight", (hd,), f32, "ones"),
             _TensorSpec(blk + "ffn_gate_inp.weight", (n_exp, d), f32),  # the router stays F32, as converters do
             _TensorSpec(blk + "ffn_gate_exps.weight", (n_exp, ff, d), big),
             _TensorSpec(blk + "ffn_up_exps.weight", (n_exp, ff, d), big),
             _TensorSpec(blk + "ffn_down_exps.weight", (n_exp, d, ff), big),
         ]
+        if shape.kind == "moe-shared":  # qwen2moe: a gated shared expert every token goes through
+            specs += [
+                _TensorSpec(blk + "ffn_gate_inp_shexp.weight", (d,), f32),
+                _TensorSpec(blk + "ffn_gate_shexp.weight", (ff, d), big),
+                _TensorSpec(blk + "ffn_up_shexp.weight", (ff, d), big),
+                _TensorSpec(blk + "ffn_down_shexp.weight", (d, ff), big),
+            ]
     specs += [
         _TensorSpec("output_norm.weight", (d,), f32, "ones"),
         _TensorSpec("output.weight", (shape.n_vocab, d), big, zero_rows=_N_RESERVED),

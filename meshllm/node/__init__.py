@@ -22,6 +22,7 @@ from meshllm.engine.catalog import catalog
 from meshllm.engine.download import ModelReference, check_remote, parse_reference
 from meshllm.engine.models import file_fingerprint, models_dir, resolve_model
 from meshllm.errors import MeshError, ModelNotFetched
+from meshllm.moe.spec import moe_spec_fields
 from meshllm.node.config import NodeConfig
 from meshllm.node.discovery import resolve_join
 from meshllm.node.http import bind_socket
@@ -84,7 +85,8 @@ def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSp
         kept = source if not Path(source).expanduser().exists() else str(resolved.path)
         specs.append(ModelSpec(name=resolved.name, source=kept, node=node_id, created_at=now,
                                origin=ModelOrigin.NODE, owner=node_id, size_bytes=resolved.size_bytes,
-                               fingerprint=file_fingerprint(resolved.path), split=config.split, draft=draft))
+                               fingerprint=file_fingerprint(resolved.path), split=config.split,
+                               draft=draft).model_copy(update=moe_spec_fields(resolved.path)))
     return specs
 
 

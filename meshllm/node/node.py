@@ -69,6 +69,7 @@ from meshllm.reconcile.leases import PlacementController
 from meshllm.reconcile.runtime import Runner
 from meshllm.reconcile.downloads import Downloads
 from meshllm.reconcile.served import ServedModelController
+from meshllm.reconcile.shards import ExpertShardController
 from meshllm.reconcile.supervisor import ProcessSupervisor
 from meshllm.reconcile.timing import Backoff
 from meshllm.reconcile.workers import WorkerController
@@ -181,11 +182,12 @@ class Node:
         llama-server before the rpc-servers it uses)."""
         config, state, node_id, logs = self.config, self.state, self.node_id, self.config.state_dir / "logs"
         backoff = Backoff()
+        shards = ExpertShardController(state, node_id=node_id, folder=config.state_dir / "shards", store=store)
         served = ServedModelController(
             state, node_id=node_id, supervisor=supervisor, engine_dir=engine_dir, log_dir=logs,
             gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads,
             store=store, rpc=self.rpc_tunnels, backoff=backoff, max_tokens=config.max_tokens_default,
-            downloads=self.downloads)
+            downloads=self.downloads, shards=shards)
         # --rpc-direct: rpc-servers on the node's address, published for hosts to reach straight
         bind_host = config.quic_host if config.rpc_direct else "127.0.0.1"
         direct_host = self.mesh.advertised(0)[0].rpartition(":")[0] if config.rpc_direct else ""
@@ -193,7 +195,7 @@ class Node:
                                    key=key, threads=config.threads, device=config.device, store=store,
                                    backoff=backoff, bind_host=bind_host, direct_host=direct_host)
         placement = PlacementController(state, node_id=node_id, incarnation=self.mesh.incarnation, store=store)
-        runner = Runner(state, [placement, served, workers, GarbageCollector(state, node_id=node_id)],
+        runner = Runner(state, [placement, served, shards, workers, GarbageCollector(state, node_id=node_id)],
                         supervisor=supervisor, backoff=backoff)
         return runner, workers
 

@@ -72,12 +72,15 @@ def plan_leases(desired: DesiredLeases, leases: Mapping[str, PlacementLease], no
         current = leases.get(lease_key(desired.model, index))
         workers, shares = list(slot.workers), list(slot.tensor_split)
         want = PlacementLease(model=desired.model, slot=index, node=desired.node, incarnation=desired.incarnation,
-                              at=now, hot=slot.hot, workers=workers, tensor_split=shares)
+                              at=now, hot=slot.hot, workers=workers, tensor_split=shares, shards=slot.shards,
+                              expert_core=slot.expert_core, expert_copies=slot.expert_copies)
         if current is not None and current.model_copy(update={"at": now}) == want:
             continue
         event = ""
-        if current is None or current.node != desired.node or current.workers != workers:
-            split = f" (split by layers with {', '.join(workers)}: shares {shares})" if workers else ""
+        if current is None or current.node != desired.node or current.workers != workers \
+                or current.shards != slot.shards:
+            split = f" (split by layers with {', '.join(workers)}: shares {shares})" if workers else \
+                f" (expert shard {index + 1}/{slot.shards})" if slot.shards else ""
             event = f"slot {index} placed on this node" + (" (a hot replica)" if slot.hot else "") + split
         actions.append(Take(want, event))
     return actions

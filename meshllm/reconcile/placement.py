@@ -27,6 +27,11 @@ The rules, in order:
    (at most 80 ms away) until they hold 1.1 x its size. A running split is kept
    (``split.keep_or_replan``) unless a participant died or one clearly better appears. Nodes
    whose split worker failed for the model lately are left out.
+7. A mixture-of-experts model (``ModelSpec.experts``) that needs splitting is split by experts instead
+   (``moe.plan``): one slot per shard, each on its own node, every shard a whole model with fewer experts.
+   Running shards stay where they are; the slot of a shard whose node died goes to a node that can hold it
+   (its sessions go to the other shards meanwhile). An MoE file that cannot be split by experts
+   (``moe_problem``) stays Pending with that reason.
 
 ``conditions`` explains the outcome per model: Pending, Loading, Ready or Degraded, with a reason.
 """
@@ -39,6 +44,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from meshllm.moe.plan import NoShards, experts_per_shard, plan_layout
+from meshllm.moe.spec import problem_of
 from meshllm.reconcile.split import NoSplit, SplitPlan, keep_or_replan
 from meshllm.state.document import MeshState
 from meshllm.state.schema import (
@@ -68,6 +75,9 @@ class Slot:
     hot: bool = False
     workers: tuple[str, ...] = ()
     tensor_split: tuple[float, ...] = ()
+    shards: int = 0  # expert sharding: this slot serves shard ``slot`` of ``shards``
+    expert_core: int = 0
+    expert_copies: int = 0
 
     @property
     def split(self) -> bool:
@@ -184,7 +194,8 @@ def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, No
     for name, count in base.items():
         plan.wanted[name] = count + (1 if name in hot else 0)
     for (name, index), lease in sorted(valid.items()):
-        if name not in plan.wanted or index >= plan.wanted[name] or (name, index) in plan.slots or lease.workers:
+        if name not in plan.wanted or index >= plan.wanted[name] or (name, index) in plan.slots or lease.workers \
+                or lease.shards:
             continue
         if name in ledger.held.get(lease.node, set()) or not ledger.fits(lease.node, name) \
                 or strict.get(name, lease.node) != lease.node:
@@ -194,7 +205,12 @@ def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, No
         spec = state_models[name]
         if (name, 0) not in plan.slots and name not in strict and len(ledger.nodes) > 1 and (spec.split or not any(
                 ledger.fits(nid, name) and (name, nid) not in failed for nid in ledger.nodes)):
-            _fill_split(plan, ledger, spec, leases=valid, failed=failed)
+            if spec.moe_problem:
+                plan.reasons[name] = problem_of(spec.moe_problem)
+            elif spec.experts:
+                _fill_shards(plan, ledger, spec, leases=valid, failed=failed)
+            else:
+                _fill_split(plan, ledger, spec, leases=valid, failed=failed)
             continue
         for index in range(count):
             if (name, index) not in plan.slots:
@@ -232,6 +248,48 @@ def _fill_split(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
     plan.slots[(name, 0)] = slot
     for node, share in share_of.items():
         ledger.take(node, name, share)
+
+
+def _fill_shards(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
+                 leases: Mapping[tuple[str, int], PlacementLease], failed: set[tuple[str, str]]) -> None:
+    """One slot per expert shard (rule 7): the running layout kept, its vacant shards re-placed; else a
+    new layout from the nodes' free capacity."""
+    name = spec.name
+    trunk = spec.size_bytes - spec.experts * spec.expert_bytes
+    current = {index: lease for (model, index), lease in leases.items() if model == name and lease.shards}
+    if current:
+        first = current[min(current)]
+        shards, core, copies = first.shards, first.expert_core, first.expert_copies
+        current = {i: lease for i, lease in current.items() if (lease.shards, lease.expert_core, lease.expert_copies)
+                   == (shards, core, copies) and i < shards and (name, lease.node) not in failed}
+    if not current:
+        capacities = {nid: ledger.free(nid) for nid in ledger.nodes if (name, nid) not in failed}
+        layout = plan_layout(n_expert=spec.experts, n_used=spec.experts_used, trunk_bytes=trunk,
+                             expert_bytes=spec.expert_bytes, capacities=capacities, core_fraction=spec.expert_core)
+        if isinstance(layout, NoShards):
+            reason, message = _why_unplaced(ledger, name, failed)
+            plan.reasons[name] = (layout.reason, f"{message}; no expert sharding either: {layout.message}")
+            return
+        shards, core, copies = layout.shards, layout.core, layout.copies
+        placed = dict(enumerate(layout.nodes))
+    else:
+        placed = {i: lease.node for i, lease in current.items()}
+    size = trunk + experts_per_shard(spec.experts, core, shards, copies) * spec.expert_bytes
+    plan.reasons.pop(name, None)
+    plan.wanted[name] = shards
+    for index in range(shards):
+        node = placed.get(index)
+        if node is None:  # a vacant shard: a node with room that holds no shard of the model
+            holders = set(placed.values())
+            spare = [nid for nid in ledger.nodes if nid not in holders and (name, nid) not in failed
+                     and ledger.free(nid) >= FIT_FACTOR * size]
+            if not spare:
+                plan.reasons[name] = ("ShardVacant", f"expert shard {index + 1}/{shards} has no node that can hold "
+                                      f"it ({_fmt(FIT_FACTOR * size)}); its sessions go to the other shards")
+                continue
+            node = placed[index] = min(spare, key=lambda nid: (not ledger.standby(nid), -ledger.free(nid), nid))
+        plan.slots[(name, index)] = Slot(name, index, node, shards=shards, expert_core=core, expert_copies=copies)
+        ledger.take(node, name, size / max(1, spec.size_bytes))
 
 
 def _assign(plan: Placement, ledger: _Ledger, slot: Slot) -> None:
@@ -323,6 +381,19 @@ class Condition(BaseModel):
     wanted: int = Field(default=1, description="servers wanted")
     nodes: list[str] = Field(default_factory=list, description="nodes placed to serve it")
     workers: list[str] = Field(default_factory=list, description="split: the nodes holding the rest of its layers")
+    shards: list[str] = Field(default_factory=list, description="expert sharding: each shard's node, experts, "
+                              "memory and measured quality")
+
+
+def _shard_lines(spec: ModelSpec, servers: list[ServerStatus]) -> list[str]:
+    """One line per expert shard: where, which experts, how big against the whole model, how good."""
+    lines = []
+    for server in sorted((s for s in servers if s.shard), key=lambda s: s.shard):
+        quality = server.quality or "not measured"
+        lines.append(f"shard {server.shard} on {server.node}: {server.experts}/{spec.experts} experts per layer, "
+                     f"{_fmt(server.file_bytes)} (whole model {_fmt(spec.size_bytes)}), {server.phase.value}, "
+                     f"quality: {quality}")
+    return lines
 
 
 def current_plan(state: MeshState, *, now: float, me: str = "") -> Placement:
@@ -362,9 +433,14 @@ def _condition(name: str, spec: ModelSpec, why: str | None, plan: Placement,
     ready = sum(s.phase is ServerPhase.READY for s in mine)
     failed = [s for s in servers if s.model == name and s.phase is ServerPhase.FAILED]
     reason, message = plan.reasons.get(name, ("", ""))
-    common = {"ready": ready, "wanted": want, "nodes": nodes, "workers": list(split.workers) if split else []}
+    common = {"ready": ready, "wanted": want, "nodes": nodes, "workers": list(split.workers) if split else [],
+              "shards": _shard_lines(spec, mine)}
     if ready >= want:
         where = f", split by layers: host {split.node}, workers {', '.join(split.workers)}" if split else ""
+        first = plan.slots.get((name, 0))
+        if first is not None and first.shards:
+            where = (f", split by experts into {first.shards} shards (core of {first.expert_core} experts per layer "
+                     f"in every shard, each other expert on {first.expert_copies} of them)")
         return Condition(phase=ConditionPhase.READY, reason="Serving", **common,
                          message=f"{ready} server{'s' if ready != 1 else ''} ready{where}")
     if replaced and split is not None:  # it served until a participant left: re-planned, not yet back

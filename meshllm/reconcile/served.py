@@ -40,14 +40,15 @@ from meshllm.reconcile.served_plan import (
     ADOPT_GRACE, Action, ActualServer, Claim, Desired, DesiredServer, Fetching, Forget, GiveUp, Memory, Publish, Record,
     Remember, Start, Stop, Unavailable, Wait, Withdraw, plan,
 )
+from meshllm.reconcile.shards import ShardFile
 from meshllm.reconcile.supervisor import PROCESSES, HttpReady, LaunchSpec, ProcessPhase, ProcessView, Supervisor
 from meshllm.reconcile.timing import Backoff, Clock, SystemClock
 from meshllm.reconcile.workers import RPC_RECORD_PREFIX
 from meshllm.state.document import Changed, MeshState
-from meshllm.state.schema import ModelSpec, ServerPhase, server_key
+from meshllm.state.schema import ModelSpec, PlacementLease, ServerPhase, server_key
 from meshllm.store.db import NodeStore
 
-__all__ = ["DesiredServer", "RpcConnector", "ServedModelController", "settings_hash", "split_args"]
+__all__ = ["DesiredServer", "RpcConnector", "ServedModelController", "ShardSource", "settings_hash", "split_args"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,12 @@ class RpcConnector(Protocol):
         ...
 
 
+class ShardSource(Protocol):
+    """Where an expert shard's file stands on this node (``reconcile.shards.ExpertShardController``)."""
+
+    def shard_for(self, model: str) -> ShardFile | None: ...
+
+
 class ServedModelController:
     """Runs one llama-server per model this node holds a lease of, and reports them in the document."""
 
@@ -75,7 +82,8 @@ class ServedModelController:
     def __init__(self, state: MeshState, *, node_id: str, supervisor: Supervisor, engine_dir: Path, log_dir: Path,
                  gpu_layers: int = 0, device: str = "", threads: int = 0, store: NodeStore | None = None,
                  rpc: RpcConnector | None = None, clock: Clock | None = None, backoff: Backoff | None = None,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, downloads: Fetcher | None = None) -> None:
+                 max_tokens: int = DEFAULT_MAX_TOKENS, downloads: Fetcher | None = None,
+                 shards: ShardSource | None = None) -> None:
         self.state = state
         self.node_id = node_id
         self.supervisor = supervisor
@@ -87,6 +95,7 @@ class ServedModelController:
         self.store = store
         self.rpc = rpc
         self.downloads = downloads
+        self.shards = shards
         self.clock = clock or SystemClock()
         self.backoff = backoff or Backoff()
         self.max_tokens = max_tokens
@@ -150,6 +159,8 @@ class ServedModelController:
             self._chat[path] = await anyio.to_thread.run_sync(chat_arguments, path)
         lease = next((lease for lease in self.state.leases().values()
                       if lease.node == self.node_id and lease.model == model), None)
+        if lease is not None and lease.shards:
+            return await self._shard_desired(model, spec, lease)
         if lease is None or not lease.workers:
             desired = DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, draft=draft)
         else:
@@ -158,6 +169,23 @@ class ServedModelController:
             desired = DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, workers=tuple(lease.workers),
                                     tensor_split=tuple(lease.tensor_split),
                                     n_layer=0 if self.gpu_layers else self._layers[path])
+        return replace(desired, argv_hash=settings_hash(self._config(desired, port=0)))
+
+    async def _shard_desired(self, model: str, spec: ModelSpec, lease: PlacementLease) -> Desired:
+        """An expert shard's server: its file once the shard controller has it ready."""
+        label = f"{lease.slot + 1}/{lease.shards}"
+        shard = self.shards.shard_for(model) if self.shards is not None else None
+        target = shard.target if shard is not None else None
+        if shard is not None and shard.phase == "failed" and (target is None or target.label == label):
+            return Unavailable(model, shard.message)
+        if shard is None or target is None or target.label != label or shard.phase != "ready":
+            return Fetching(model, shard.message if shard is not None and target is not None and target.label == label
+                            else f"waiting for expert shard {label} to be written")
+        if target.out not in self._chat:
+            self._chat[target.out] = await anyio.to_thread.run_sync(chat_arguments, target.out)
+        desired = DesiredServer(model=model, path=target.out, ctx_size=spec.ctx_size, shard=label,
+                                experts=len(target.experts[0]) if target.experts else 0, file_bytes=shard.size,
+                                quality=shard.quality)
         return replace(desired, argv_hash=settings_hash(self._config(desired, port=0)))
 
     async def actual(self, model: str, desired: Desired, now: float) -> ActualServer:

@@ -52,6 +52,10 @@ class DesiredServer:
     tensor_split: tuple[float, ...] = ()  # split: layer shares, workers first, this node last
     n_layer: int = 0  # split on a CPU host: the model's layer count (the host keeps its share of them)
     argv_hash: str = ""  # the llama-server command line this node would run, hashed (port left out)
+    shard: str = ""  # an expert shard ("index/count", 1-based; ``path`` is its file); empty: the whole model
+    experts: int = 0  # expert shard: experts per layer it keeps
+    file_bytes: int = 0  # expert shard: bytes of its file
+    quality: str = ""  # expert shard: measured quality, if any (``moe.quality``)
 
 
 @dataclass(frozen=True)
@@ -320,7 +324,17 @@ def _start_or_wait(desired: DesiredServer, actual: ActualServer, memory: Memory,
 
 def _status(desired: DesiredServer | None, actual: ActualServer, proc: ProcessView | None, memory: Memory,
             now: float) -> ServerStatus | None:
-    """The status this node should publish for the model (None: none)."""
+    """The status this node should publish for the model (None: none), with the expert shard it serves."""
+    status = _server_status(desired, actual, proc, memory, now)
+    serves = memory.serves
+    if status is None or status is actual.published or serves is None or not serves.shard:
+        return status
+    return status.model_copy(update={"shard": serves.shard, "experts": serves.experts,
+                                     "file_bytes": serves.file_bytes, "quality": serves.quality})
+
+
+def _server_status(desired: DesiredServer | None, actual: ActualServer, proc: ProcessView | None, memory: Memory,
+                   now: float) -> ServerStatus | None:
     server = partial(ServerStatus, node=actual.node, model=actual.model)
     workers = list(memory.serves.workers) if memory.serves is not None else []
     if proc is not None and proc.phase is ProcessPhase.STOPPING:

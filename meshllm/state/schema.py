@@ -118,6 +118,16 @@ class ModelSpec(_Entity):
     split: bool = Field(default=False, description="split it across nodes even when one node could hold it")
     fingerprint: str = Field(default="", description="identity of the GGUF file (size and sampled hash): "
                              "a split worker serves only an identical local copy")
+    # a mixture-of-experts file (``moe.detect``), for expert sharding when no node holds it (or ``split``)
+    experts: int = Field(default=0, ge=0, description="routed experts per MoE layer; 0: a dense model")
+    experts_used: int = Field(default=0, ge=0, description="experts each token is routed to")
+    expert_bytes: int = Field(default=0, ge=0, description="bytes of one expert over every MoE layer")
+    expert_core: float = Field(default=0.5, ge=0, le=1, description="share of each layer's experts, by importance, "
+                               "that every expert shard keeps")
+    expert_ranks: list[str] = Field(default_factory=list, description="per MoE layer, expert ids most important "
+                                    "first, comma-separated; empty: id order (moe.importance)")
+    moe_problem: str = Field(default="", description="why this MoE file cannot be split by experts: "
+                             "'Reason: message'")
 
 
 class DemandEntry(_Entity):
@@ -150,6 +160,9 @@ class PlacementLease(_Entity):
     hot: bool = False
     workers: list[str] = Field(default_factory=list, description="split: the nodes running ggml-rpc-server")
     tensor_split: list[float] = Field(default_factory=list, description="split: layer shares, workers then host")
+    shards: int = Field(default=0, ge=0, description="expert sharding: the shard count (slot = shard index); 0: none")
+    expert_core: int = Field(default=0, ge=0, description="expert sharding: experts per layer every shard keeps")
+    expert_copies: int = Field(default=0, ge=0, description="expert sharding: shards holding each other expert")
 
     @property
     def key(self) -> str:
@@ -205,6 +218,10 @@ class ServerStatus(_Entity):
     since: float = 0.0
     recovering: bool = Field(default=False, description="started again after the previous server failed")
     workers: list[str] = Field(default_factory=list, description="split: the workers this server runs with")
+    shard: str = Field(default="", description="expert shard it serves, 'index/count' (1-based); empty: the model")
+    experts: int = Field(default=0, ge=0, description="expert shard: experts per layer it keeps")
+    file_bytes: int = Field(default=0, ge=0, description="expert shard: bytes of its GGUF (its memory, about)")
+    quality: str = Field(default="", description="expert shard: measured agreement with the whole model, if any")
 
     @property
     def key(self) -> str:
