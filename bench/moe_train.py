@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "heldout.txt").write_text(held_text, encoding="utf-8")
     (args.out / "calib.txt").write_text(train_text[: 200_000], encoding="utf-8")
     data = np.array(encode(train_text), dtype=np.int16)
-    held = np.array(encode(held_text[:120_000]), dtype=np.int16)
+    held = np.array(encode(held_text[:40_000]), dtype=np.int16)
     print(f"train {len(data):,} tokens, held-out {len(encode(held_text)):,} tokens, shape {shape}", flush=True)
     model = Model(shape)
     print(f"{sum(x.numel() for x in model.parameters()) / 1e6:.2f} M parameters", flush=True)
