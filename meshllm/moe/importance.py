@@ -39,6 +39,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import zlib
 from collections.abc import Mapping, Sequence
@@ -253,3 +254,40 @@ def skew(row: Sequence[int], *, top: float = 0.25) -> dict[str, float]:
     k = max(1, round(top * len(shares)))
     entropy = -sum(p * math.log2(p) for p in shares if p > 0)
     return {"top_share": sum(shares[:k]), "entropy_bits": entropy, "max_entropy_bits": math.log2(len(shares))}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m meshllm.moe.importance MODEL.gguf``: compute and cache the routing statistics of a model once
+    (the node then finds them when it resolves the model), and print how skewed each layer's routing is."""
+    import argparse
+
+    from meshllm.engine.build import find_engine
+
+    parser = argparse.ArgumentParser(prog="python -m meshllm.moe.importance", description=main.__doc__)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--text", type=Path, help="calibration text (default: Python's documentation topics)")
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--chunks", type=int, default=64)
+    parser.add_argument("--ngl", type=int, default=0, help="layers on the GPU")
+    args = parser.parse_args(argv)
+    engine = find_engine()
+    if engine is None:
+        print("error: the engine is not built: run `meshllm engine build`", file=sys.stderr)
+        return 1
+    try:
+        text = args.text.read_text(encoding="utf-8") if args.text else None
+        stats = compute_routing_stats(args.model, engine_dir=engine, text=text,
+                                      run=ImatrixRun(ctx=args.ctx, chunks=args.chunks, gpu_layers=args.ngl))
+    except (ModelError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{stats_path(stats.fingerprint)}")
+    for layer, row in sorted(stats.counts.items()):
+        figures = skew(row)
+        print(f"blk.{layer}: top 25% of experts take {100 * figures['top_share']:.1f}% of selections, entropy "
+              f"{figures['entropy_bits']:.2f} of {figures['max_entropy_bits']:.2f} bits")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
