@@ -10,6 +10,10 @@ it decodes. This bench measures, side by side in one run, on one machine:
   one node of the mesh gives. The shards sit on separate nodes, so the mesh's aggregate is their sum;
 - ``shards xN here`` (``--colocated``): the N shard servers at once on this machine, the threads split between
   them: the aggregate when the "nodes" share one host's cores (no gain expected on a CPU: shown for honesty);
+Every server is loaded first; then each round runs every configuration once, and the median round of each is shown
+(``--rounds``): a spell of CPU taken by another job then spoils one round of several configurations, not every
+round of one.
+
 - memory per node: the file each node loads and llama-server's resident memory (peak, ``VmHWM``) after decoding,
   plus GPU memory per process with ``--ngl``.
 
@@ -176,6 +180,19 @@ def _row(label: str, size: int, agg: float, rates: list[float], mem: dict[str, f
           f"{min(rates):>8.2f} {max(rates):>8.2f}", flush=True)
 
 
+def _interleaved(servers: dict[str, Server], n: int, args: argparse.Namespace) -> dict[str, tuple[float, list[float]]]:
+    """Every configuration once per round, round after round, all servers loaded throughout, so a spell of CPU
+    taken by another job hits one round of several configurations rather than every round of one; per
+    configuration, the round of median aggregate."""
+    plans = {"full x1": [servers["full"].port], f"full x{n}": [servers["full"].port] * n}
+    plans.update({f"{name} x1": [server.port] for name, server in servers.items() if name != "full"})
+    samples: dict[str, list[tuple[float, list[float]]]] = {label: [] for label in plans}
+    for _ in range(args.rounds):
+        for label, ports in plans.items():
+            samples[label].append(_round(ports, args))
+    return {label: sorted(rounds, key=lambda r: r[0])[len(rounds) // 2] for label, rounds in samples.items()}
+
+
 def run(engine: Path, model: Path, args: argparse.Namespace) -> None:
     info = detect_moe(model)
     if info is None:
@@ -184,38 +201,37 @@ def run(engine: Path, model: Path, args: argparse.Namespace) -> None:
     n = args.sessions or args.shards
     threads = args.threads or os.cpu_count() or 2
     print(f"\n{model.name}: {info.n_layer} layers, {info.n_expert} experts ({info.n_used} used), "
-          f"{model.stat().st_size / 1e9:.3f} GB; {n} sessions of {args.tokens} tokens; {threads} threads; ngl {args.ngl}")
-    print(f"{'server':<18} {'file GB':>8} {'peak RSS':>9} {'GPU MB':>9} {'agg tok/s':>10} {'min/s':>8} {'max/s':>8}")
-    full = _start(engine, model, parallel=n, threads=threads, args=args, name="full")
+          f"{model.stat().st_size / 1e9:.3f} GB; {n} sessions of {args.tokens} tokens; {threads} threads; ngl {args.ngl}; "
+          f"median of {args.rounds} interleaved rounds")
+    files = {"full": model, **{f"shard {i}": path for i, path in enumerate(shards)}}
+    servers: dict[str, Server] = {}
     try:
-        one_agg, one_rates = _sessions([full.port], args)
-        agg_full, rates = _sessions([full.port] * n, args)
-        mem_full = _memory(full)
+        for name, path in files.items():
+            servers[name] = _start(engine, path, parallel=n if name == "full" else 1, threads=threads, args=args,
+                                   name=name.replace(" ", ""))
+        results = _interleaved(servers, n, args)
+        memory = {name: _memory(server) for name, server in servers.items()}
     finally:
-        _stop(full)
-    _row("full x1", model.stat().st_size, one_agg, one_rates, mem_full)
-    _row(f"full x{n}", model.stat().st_size, agg_full, rates, mem_full)
-    shard_aggs = []
-    for index, path in enumerate(shards):
-        server = _start(engine, path, parallel=1, threads=threads, args=args, name=f"shard{index}")
-        try:
-            agg, rates = _sessions([server.port], args)
-            mem = _memory(server)
-        finally:
+        for server in servers.values():
             _stop(server)
-        shard_aggs.append(agg)
-        _row(f"shard {index} x1", path.stat().st_size, agg, rates, mem)
+    print(f"{'server':<18} {'file GB':>8} {'peak RSS':>9} {'GPU MB':>9} {'agg tok/s':>10} {'min/s':>8} {'max/s':>8}")
+    for label, (agg, rates) in results.items():
+        name = label.rsplit(" x", 1)[0]
+        _row(label, files[name].stat().st_size, agg, rates, memory[name])
     if args.colocated and len(shards) == args.shards:
         per = max(1, threads // len(shards))
-        servers = [_start(engine, p, parallel=1, threads=per, args=args, name=f"coloc{i}") for i, p in enumerate(shards)]
+        servers = {f"coloc{i}": _start(engine, p, parallel=1, threads=per, args=args, name=f"coloc{i}")
+                   for i, p in enumerate(shards)}
         try:
-            agg, rates = _sessions([s.port for s in servers], args)
+            agg, rates = _sessions([s.port for s in servers.values()], args)
         finally:
-            for s in servers:
-                _stop(s)
+            for server in servers.values():
+                _stop(server)
         _row(f"shards x{n} here", sum(p.stat().st_size for p in shards), agg, rates, {})
+    shard_aggs = [results[f"shard {i} x1"][0] for i in range(len(shards))]
+    agg_full = results[f"full x{n}"][0]
     mesh = sum(shard_aggs[i % len(shard_aggs)] for i in range(n))
-    print(f"\n{n} sessions: mesh of {len(shards)} shard nodes {mesh:.2f} tok/s (sum of the nodes) against one node with "
+    print(f"\n{n} sessions: mesh of {n} shard nodes {mesh:.2f} tok/s (sum of the nodes) against one node with "
           f"the whole model {agg_full:.2f} tok/s: {mesh / agg_full:.2f}x")
     largest = max(p.stat().st_size for p in shards)
     print(f"memory per node: largest shard {largest / 1e9:.3f} GB = {largest / model.stat().st_size:.2f}x the whole "
