@@ -192,7 +192,12 @@ def describe_model(described: dict[str, Any], *, names: dict[str, str], now: flo
     if spec.get("split") or cond.get("workers"):
         fields.insert(8, ("Split", "forced (split: true)" if spec.get("split") else "when no node holds it alone"))
         fields.append(("  Workers", ",".join(names.get(n, n) for n in cond.get("workers", [])) or "<none>"))
+    if spec.get("experts"):
+        fields.insert(8, ("Experts", f"{spec['experts']} per MoE layer, {spec.get('experts_used', 0)} used per token"
+                                     f" (core kept by every shard: {spec.get('expert_core', 0.5):.0%})"))
     text = "".join(f"{label + ':':<15}{value}\n" for label, value in fields)
+    if cond.get("shards"):
+        text += "Expert shards:\n" + "".join(f"  {line}\n" for line in cond["shards"])
     servers = [{**s, "node": names.get(s["node"], s["node"]), "since": age(s.get("since", 0), now=now),
                 "message": s.get("message") or "-"} for s in described.get("servers", [])]
     text += _section("Servers", servers, [("NODE", "node"), ("PHASE", "phase"), ("PORT", "port"), ("PID", "pid"),

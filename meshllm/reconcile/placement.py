@@ -29,8 +29,9 @@ The rules, in order:
    whose split worker failed for the model lately are left out.
 7. A mixture-of-experts model (``ModelSpec.experts``) that needs splitting is split by experts instead
    (``moe.plan``): one slot per shard, each on its own node, every shard a whole model with fewer experts.
-   Running shards stay where they are; the slot of a shard whose node died goes to a node that can hold it
-   (its sessions go to the other shards meanwhile). An MoE file that cannot be split by experts
+   Running shards stay where they are (unless more nodes can now take a shard: then more, smaller
+   shards); the slot of a shard whose node died goes to a node that can hold it (its sessions go to the
+   other shards meanwhile). An MoE file that cannot be split by experts
    (``moe_problem``) stays Pending with that reason.
 
 ``conditions`` explains the outcome per model: Pending, Loading, Ready or Degraded, with a reason.
@@ -44,7 +45,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from meshllm.moe.plan import NoShards, experts_per_shard, plan_layout
+from meshllm.moe.plan import NoShards, ShardLayout, experts_per_shard, plan_layout
 from meshllm.moe.spec import problem_of
 from meshllm.reconcile.split import NoSplit, SplitPlan, keep_or_replan
 from meshllm.state.document import MeshState
@@ -262,10 +263,12 @@ def _fill_shards(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
         shards, core, copies = first.shards, first.expert_core, first.expert_copies
         current = {i: lease for i, lease in current.items() if (lease.shards, lease.expert_core, lease.expert_copies)
                    == (shards, core, copies) and i < shards and (name, lease.node) not in failed}
+    capacities = {nid: ledger.free(nid) for nid in ledger.nodes if (name, nid) not in failed}
+    layout = plan_layout(n_expert=spec.experts, n_used=spec.experts_used, trunk_bytes=trunk,
+                         expert_bytes=spec.expert_bytes, capacities=capacities, core_fraction=spec.expert_core)
+    if current and isinstance(layout, ShardLayout) and layout.shards > shards:
+        current = {}  # more nodes can take a shard now: more, smaller shards (each node re-writes its own)
     if not current:
-        capacities = {nid: ledger.free(nid) for nid in ledger.nodes if (name, nid) not in failed}
-        layout = plan_layout(n_expert=spec.experts, n_used=spec.experts_used, trunk_bytes=trunk,
-                             expert_bytes=spec.expert_bytes, capacities=capacities, core_fraction=spec.expert_core)
         if isinstance(layout, NoShards):
             reason, message = _why_unplaced(ledger, name, failed)
             plan.reasons[name] = (layout.reason, f"{message}; no expert sharding either: {layout.message}")

@@ -7,6 +7,8 @@ against the mesh's ``ModelSpec.fingerprint``), the experts the shard keeps in ea
 both. Actual: what this controller knows of the file (writing, ready, failed). ``plan_shard`` decides,
 purely: a ready file on disk is reused (``moe.shard.shard_ready``), a missing one is written (in a worker
 thread, so the reconcile of other keys goes on), a failed one is tried again after ``FAILED_RETRY``.
+Once a shard is ready, the node's shards of the model's earlier layouts are deleted (a disk holds one
+shard per model).
 
 The served-model controller runs llama-server on the file once ready (``shard_for``); until then the
 model's status on this node says the shard is being written, or why it cannot be (a damaged or truncated
@@ -251,6 +253,10 @@ class ExpertShardController:
                                                f"({self.files[model].size} bytes)")
 
     def _ready(self, target: ShardTarget, how: str) -> None:
+        for old in self.folder.glob(f"{safe_name(target.model)}-*of*.gguf*"):  # earlier layouts' shards
+            if old.name.startswith(target.out.name):
+                continue
+            old.unlink(missing_ok=True)
         size = target.out.stat().st_size
         self.files[target.model] = ShardFile(target, "ready", f"expert shard {target.label} {how}", size=size,
                                              quality=read_quality(target.out), at=self.clock.now())

@@ -50,7 +50,8 @@ class ModelChange(BaseModel):
 # ModelSpec fields a manifest sets, by the name the manifest gives them
 _COMPARED = {"source": "source", "node": "placement.node", "ctx_size": "ctxSize", "replicas": "replicas",
              "draft": "draft", "origin": "origin", "owner": "owner", "size_bytes": "sizeBytes",
-             "split": "placement.split", "fingerprint": "fingerprint"}
+             "split": "placement.split", "fingerprint": "fingerprint", "expert_core": "placement.expertCore",
+             "experts": "experts", "expert_ranks": "expertRanks", "moe_problem": "moeProblem"}
 
 
 def _field_changes(old: ModelSpec, new: ModelSpec) -> dict[str, FieldChange]:

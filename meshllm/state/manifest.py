@@ -80,8 +80,10 @@ class Metadata(_Strict):
 
 class Placement(_Strict):
     node: str = Field(default="", description="serve it on this node (a node id or a node name); empty: any node")
-    split: bool = Field(default=False, description="split it by layers across nodes even when one node could "
-                        "hold it (a model no node holds is split anyway)")
+    split: bool = Field(default=False, description="split it across nodes even when one node could hold it (a "
+                        "model no node holds is split anyway): by experts for an MoE model, else by layers")
+    expertCore: float = Field(default=0.5, ge=0, le=1, description="expert splits: the share of each layer's "
+                              "experts, most used first, that every shard keeps")
 
 
 class ModelManifestSpec(_Strict):
@@ -321,7 +323,7 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 def _spec(name: str, spec: ModelManifestSpec, *, now: float) -> ModelSpec:
     return ModelSpec(name=name, source=spec.source, node=spec.placement.node, ctx_size=spec.ctxSize,
                      created_at=now, origin=ModelOrigin.MANIFEST, replicas=spec.replicas, draft=spec.draft,
-                     split=spec.placement.split)
+                     split=spec.placement.split, expert_core=spec.placement.expertCore)
 
 
 def manifest_models(loaded: Sequence[LoadedManifest], *, now: float = 0.0) -> list[ManifestModel]:
@@ -345,7 +347,8 @@ def model_manifest(spec: ModelSpec, *, status: ModelManifestStatus | None = None
     return ModelManifest(
         apiVersion="meshllm/v1", kind="Model", metadata=Metadata(name=spec.name),
         spec=ModelManifestSpec(source=spec.source, replicas=spec.replicas, ctxSize=spec.ctx_size,
-                               draft=spec.draft, placement=Placement(node=spec.node, split=spec.split)),
+                               draft=spec.draft, placement=Placement(node=spec.node, split=spec.split,
+                                                                     expertCore=spec.expert_core)),
         status=status)
 
 
