@@ -232,7 +232,9 @@ def run(engine: Path, model: Path, args: argparse.Namespace) -> None:
     agg_full = results[f"full x{n}"][0]
     mesh = sum(shard_aggs[i % len(shard_aggs)] for i in range(n))
     print(f"\n{n} sessions: mesh of {n} shard nodes {mesh:.2f} tok/s (sum of the nodes) against one node with "
-          f"the whole model {agg_full:.2f} tok/s: {mesh / agg_full:.2f}x")
+          f"the whole model {agg_full:.2f} tok/s: {mesh / agg_full:.2f}x; against {n} nodes each holding the whole "
+          f"model (if they could), one session each, {n * results['full x1'][0]:.2f} tok/s: "
+          f"{mesh / (n * results['full x1'][0]):.2f}x")
     largest = max(p.stat().st_size for p in shards)
     print(f"memory per node: largest shard {largest / 1e9:.3f} GB = {largest / model.stat().st_size:.2f}x the whole "
           f"model's {model.stat().st_size / 1e9:.3f} GB; the trunk ({info.trunk_bytes / 1e9:.3f} GB) is on every node")
