@@ -198,6 +198,8 @@ def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, No
         if name not in plan.wanted or index >= plan.wanted[name] or (name, index) in plan.slots or lease.workers \
                 or lease.shards:
             continue
+        if state_models[name].split and len(ledger.nodes) > 1:
+            continue  # a forced split served alone while its node was alone: split it now
         if name in ledger.held.get(lease.node, set()) or not ledger.fits(lease.node, name) \
                 or strict.get(name, lease.node) != lease.node:
             continue

@@ -152,3 +152,12 @@ def test_the_core_share_is_tunable_from_a_manifest() -> None:
                                          "expert_bytes": 10 * MB})
     slots = plan(spec, nodes(a=500, b=500)).slots.values()
     assert {s.expert_core for s in slots} == {2}  # the experts a token uses, no more
+
+
+def test_a_forced_split_served_alone_while_its_node_was_alone_is_split_once_a_peer_comes() -> None:
+    alone = plan(moe_spec(split=True), nodes(a=500))
+    (slot,) = alone.slots.values()
+    assert slot.node == "a" and not slot.shards
+    solo = PlacementLease(model="x", slot=0, node="a", incarnation=1.0)
+    later = plan(moe_spec(split=True), nodes(a=500, b=500), [solo])
+    assert sorted((s.node, s.shards) for s in later.slots.values()) == [("a", 2), ("b", 2)]
