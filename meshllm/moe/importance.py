@@ -60,6 +60,7 @@ __all__ = [
 
 IMATRIX_BINARY = "llama-imatrix"
 _COUNTS = re.compile(r"^blk\.(\d+)\.ffn_(?:gate_up|gate|up|down)_exps\.weight\.counts$")
+_FINGERPRINT = re.compile(r"^\d+:[0-9a-f]+$")  # engine.models.file_fingerprint's shape: it names the cache file
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,10 @@ class RoutingStats:
             if not isinstance(row, list) or not all(isinstance(c, int) and c >= 0 for c in row):
                 raise ValueError(f"layer {layer}: counts must be non-negative integers")
             counts[int(layer)] = tuple(row)
-        return cls(fingerprint=str(raw.get("fingerprint", "")), selections=int(raw.get("selections", 0)),
+        fingerprint = str(raw.get("fingerprint", ""))
+        if fingerprint and not _FINGERPRINT.fullmatch(fingerprint):
+            raise ValueError(f"not a model fingerprint: {fingerprint[:40]!r}")
+        return cls(fingerprint=fingerprint, selections=int(raw.get("selections", 0)),
                    counts=counts)
 
 
@@ -112,7 +116,7 @@ def read_stats(path: Path, *, fingerprint: str | None = None) -> RoutingStats | 
     fingerprint = fingerprint or file_fingerprint(path)
     try:
         stats = RoutingStats.from_json(json.loads(stats_path(fingerprint).read_text()))
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         return None
     return stats if stats.fingerprint == fingerprint else None
 
@@ -233,7 +237,10 @@ def from_blob(blob: str) -> RoutingStats:
         raw = json.loads(zlib.decompress(base64.b64decode(blob, validate=True)))
     except (ValueError, zlib.error) as exc:
         raise ValueError(f"routing statistics blob is damaged: {exc}") from None
-    return RoutingStats.from_json(raw)
+    try:
+        return RoutingStats.from_json(raw)
+    except TypeError as exc:
+        raise ValueError(f"routing statistics blob is damaged: {exc}") from None
 
 
 def store_blob(blob: str, *, folder: Path | None = None) -> Path:

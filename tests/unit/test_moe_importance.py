@@ -117,6 +117,13 @@ def test_the_blob_is_small_and_round_trips(tmp_path: Path) -> None:
         store_blob(to_blob(RoutingStats(fingerprint="", selections=1, counts={0: (1,)})))
 
 
+def test_a_blob_from_a_peer_cannot_name_a_file_outside_the_cache(tmp_path: Path) -> None:
+    hostile = RoutingStats(fingerprint="1:ab/../../../escaped", selections=1, counts={0: (1,)})
+    with pytest.raises(ValueError, match="not a model fingerprint"):
+        store_blob(to_blob(hostile))
+    assert not list(tmp_path.rglob("escaped*"))
+
+
 def test_skew_of_uniform_and_concentrated_routing() -> None:
     uniform = skew([10] * 16)
     assert uniform["top_share"] == pytest.approx(0.25)
