@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from meshllm.api.errors import openai_error
-from meshllm.engine.models import ResolvedModel, file_fingerprint, looks_like_path, resolve_model
+from meshllm.engine.models import ResolvedModel, file_fingerprint, file_hashes, looks_like_path, resolve_model
 from meshllm.engine.sources import SourcePolicy
 from meshllm.errors import ManifestError, ModelError
 from meshllm.moe.spec import moe_spec_fields
@@ -153,6 +153,7 @@ class ControlAPI:
         draft = self._check_source(model.spec.draft, where=model.where("draft"))[0] if model.spec.draft else ""
         return model.spec.model_copy(update={"source": source, "size_bytes": resolved.size_bytes, "draft": draft,
                                              "fingerprint": file_fingerprint(resolved.path),
+                                             "tensor_hashes": file_hashes(resolved.path),
                                              **moe_spec_fields(resolved.path)})
 
     def _check_source(self, source: str, *, where: str) -> tuple[str, ResolvedModel]:

@@ -48,7 +48,7 @@ def shard_ready(out: Path, *, source_fingerprint: str, experts: Sequence[Sequenc
         record = json.loads(_sidecar(out).read_text())
         return bool(record.get("source") == source_fingerprint and record.get("experts") ==
                     composition_digest(experts) and record.get("fingerprint") == file_fingerprint(out))
-    except (OSError, ValueError):
+    except (OSError, ValueError, ModelError):  # missing, unreadable, or no longer a whole GGUF
         return False
 
 
