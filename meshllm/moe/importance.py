@@ -14,8 +14,9 @@ Where the statistics come from: llama.cpp's ``llama-imatrix`` (an engine target)
 the model and, for every ``*_exps`` tensor, counts the tokens routed to each expert (it reads the expert ids of
 ``ggml_mul_mat_id``); its GGUF output holds them as ``blk.<i>.ffn_{gate,up,down}_exps.weight.counts`` (F32,
 one per expert). ``compute_routing_stats`` runs it once per model file and caches the counts as
-``<cache>/moe-importance/<fingerprint>.json`` (``engine.models.file_fingerprint``), so a renamed or
-re-downloaded copy of the same file finds them and a different file never does. The default calibration
+``<cache>/moe-importance/<key>.json``, keyed by ``model_key`` (the file's fingerprint, which hashes its header,
+and a hash of its routers' weights), so a renamed or re-downloaded copy of the same file finds them and a
+different model never does. The default calibration
 text is the Python documentation that ships with every Python (``pydoc_data.topics``: English prose with
 code), so no download is needed.
 
@@ -34,6 +35,7 @@ Fallback order (the first that exists wins):
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import os
@@ -50,17 +52,19 @@ import gguf
 
 from meshllm.engine.build import cache_root
 from meshllm.engine.models import file_fingerprint
+from meshllm.engine.tensors import file_table, hash_tensors
 from meshllm.errors import ModelError
 
 __all__ = [
     "IMATRIX_BINARY", "ImatrixRun", "RoutingStats", "calibration_text", "compute_routing_stats", "counts_from_imatrix",
-    "expert_ranks", "from_blob", "load_importance", "read_stats", "skew", "stats_folder", "stats_path", "store_blob",
-    "to_blob",
+    "expert_ranks", "from_blob", "load_importance", "model_key", "read_stats", "skew", "stats_folder", "stats_path",
+    "store_blob", "to_blob",
 ]
 
 IMATRIX_BINARY = "llama-imatrix"
 _COUNTS = re.compile(r"^blk\.(\d+)\.ffn_(?:gate_up|gate|up|down)_exps\.weight\.counts$")
-_FINGERPRINT = re.compile(r"^\d+:[0-9a-f]+$")  # engine.models.file_fingerprint's shape: it names the cache file
+_FINGERPRINT = re.compile(r"\d+:[0-9a-f]+(:[0-9a-f]+)?")  # model_key's shape: it names the cache file
+_ROUTER = re.compile(r"^blk\.\d+\.ffn_gate_inp\.weight$")
 
 
 @dataclass(frozen=True)
@@ -107,13 +111,23 @@ def stats_folder() -> Path:
 
 
 def stats_path(fingerprint: str, *, folder: Path | None = None) -> Path:
-    """Where the statistics of the file with this fingerprint are cached (``size:hex`` -> ``size-hex.json``)."""
+    """Where the statistics of the file with this key (``model_key``) are cached (``:`` -> ``-``)."""
     return (folder or stats_folder()) / (fingerprint.replace(":", "-") + ".json")
+
+
+def model_key(path: Path) -> str:
+    """What routing statistics are cached under: the file's fingerprint (size and header: every tensor's name,
+    type, shape and offset) and a hash of its routers' weights, since two models of one layout trained apart
+    share a header but not their routing."""
+    routers = [t for t in file_table(path).tensors if _ROUTER.match(t.name)]
+    hashes = hash_tensors(path, routers)
+    digest = hashlib.blake2b("".join(f"{n}={h};" for n, h in sorted(hashes.items())).encode(), digest_size=8)
+    return f"{file_fingerprint(path)}:{digest.hexdigest()}"
 
 
 def read_stats(path: Path, *, fingerprint: str | None = None) -> RoutingStats | None:
     """The cached statistics of ``path`` (a model file), or None when there are none or they do not match it."""
-    fingerprint = fingerprint or file_fingerprint(path)
+    fingerprint = fingerprint or model_key(path)
     try:
         stats = RoutingStats.from_json(json.loads(stats_path(fingerprint).read_text()))
     except (OSError, ValueError, TypeError):
@@ -125,7 +139,7 @@ def load_importance(path: Path) -> list[list[float]] | None:
     """Per layer, per expert: the share of routing selections (see the module docstring); None: no statistics."""
     try:
         stats = read_stats(path)
-    except OSError:
+    except (OSError, ModelError):  # no such file, or not a GGUF: no statistics
         return None
     if stats is None:
         return None
@@ -194,7 +208,7 @@ def compute_routing_stats(model: Path, *, engine_dir: Path, text: str | None = N
     if not binary.is_file():
         raise ModelError(f"{binary} is missing: rebuild the engine (`meshllm engine build`) to compute expert "
                          "routing statistics")
-    fingerprint = fingerprint or file_fingerprint(model)
+    fingerprint = fingerprint or model_key(model)
     with tempfile.TemporaryDirectory(prefix="meshllm-imatrix-") as tmp:
         folder = Path(tmp)
         (folder / "calibration.txt").write_text(text if text is not None else calibration_text(), encoding="utf-8")

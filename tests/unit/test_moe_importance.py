@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
-from meshllm.engine.models import file_fingerprint
+from meshllm.engine.tinygguf import write_moe
 from meshllm.errors import ModelError
 from meshllm.moe.importance import (
     RoutingStats,
@@ -19,6 +19,7 @@ from meshllm.moe.importance import (
     expert_ranks,
     from_blob,
     load_importance,
+    model_key,
     read_stats,
     skew,
     stats_path,
@@ -50,9 +51,8 @@ def _imatrix(path: Path, counts: dict[int, list[int]]) -> Path:
     return path
 
 
-def _model(path: Path, payload: bytes = b"weights") -> Path:
-    path.write_bytes(b"GGUF" + payload * 100)
-    return path
+def _model(path: Path, *, seed: int = 0) -> Path:
+    return write_moe(path, n_layer=3, n_expert=4, n_vocab=300, seed=seed)
 
 
 def test_expert_counts_are_read_per_layer_and_dense_tensors_are_ignored(tmp_path: Path) -> None:
@@ -69,7 +69,7 @@ def test_an_imatrix_of_a_dense_model_or_a_damaged_file_is_a_clear_error(tmp_path
 
 
 def _cache_stats(model: Path, counts: dict[int, tuple[int, ...]]) -> RoutingStats:
-    stats = RoutingStats(fingerprint=file_fingerprint(model), selections=max(map(sum, counts.values())), counts=counts)
+    stats = RoutingStats(fingerprint=model_key(model), selections=max(map(sum, counts.values())), counts=counts)
     store_blob(to_blob(stats))
     return stats
 
@@ -83,20 +83,23 @@ def test_cached_statistics_give_each_experts_share_per_layer(tmp_path: Path) -> 
     assert ranks == [[0, 1, 2, 3], [0, 2, 1, 3], [0, 1, 2, 3]]
 
 
-def test_statistics_follow_the_file_not_its_name(tmp_path: Path) -> None:
+def test_statistics_follow_the_model_not_its_name(tmp_path: Path) -> None:
     model = _model(tmp_path / "moe.gguf")
-    _cache_stats(model, {0: (3, 1)})
+    _cache_stats(model, {0: (3, 1, 0, 0)})
     copy = _model(tmp_path / "renamed.gguf")
-    other = _model(tmp_path / "other.gguf", b"other weights")
-    assert load_importance(copy) == [[0.75, 0.25]]
+    # the same layout (and so the same header) with other weights: another model, another routing
+    other = _model(tmp_path / "other.gguf", seed=1)
+    assert load_importance(copy) == [[0.75, 0.25, 0.0, 0.0]]
     assert load_importance(other) is None  # the documented fallback: id order
-    assert expert_ranks(load_importance(other), n_layer=1, n_expert=2) == [[0, 1]]
+    assert expert_ranks(load_importance(other), n_layer=1, n_expert=4) == [[0, 1, 2, 3]]
     assert load_importance(tmp_path / "missing.gguf") is None
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF and then nothing")
+    assert load_importance(tmp_path / "junk.gguf") is None
 
 
 def test_a_cache_file_for_another_fingerprint_is_not_trusted(tmp_path: Path) -> None:
     model = _model(tmp_path / "moe.gguf")
-    path = stats_path(file_fingerprint(model))
+    path = stats_path(model_key(model))
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"fingerprint": "1:abc", "selections": 4, "counts": {"0": [3, 1]}}))
     assert read_stats(model) is None
