@@ -10,8 +10,9 @@ client node ``c`` that every request goes through, as an application's would. ``
 - ``error``: an HTTP error or an error event in the stream: the user was told;
 - ``cut``: the stream ended (or the connection broke) with neither: a silent cut, never acceptable.
 
-For each fault: the requests that failed (error + cut), the streams resumed on another server
-(``c``'s failover counter on ``/metrics``, when the node has one), the time from the fault to the
+For each fault: the requests that failed (error + cut), the streams resumed on another server mid-way
+and the requests re-sent to another before their answer began (``c``'s ``meshllm_failovers_total`` by
+stage), the time from the fault to the
 first request started after it that was served, servers beyond the desired replicas once the mesh
 settled (``duplicates``: ready servers in the status plus engine processes no status accounts for),
 and what the mesh forgot (``lost``: models, mesh id, nodes).
@@ -59,6 +60,7 @@ class FaultRow:
     cut: int = 0
     wrong: int = 0
     resumed: int = 0
+    retried: int = 0
     serve_again_s: float | None = None
     errors_for_s: float = 0.0
     duplicates: int = 0
@@ -68,10 +70,10 @@ class FaultRow:
     def cells(self) -> list[str]:
         again = "-" if self.serve_again_s is None else f"{self.serve_again_s:.1f}"
         return [self.fault, str(self.requests), str(self.failed), str(self.cut), str(self.wrong), str(self.resumed),
-                again, f"{self.errors_for_s:.1f}", str(self.duplicates), ", ".join(self.lost) or "none", self.notes]
+                str(self.retried), again, f"{self.errors_for_s:.1f}", str(self.duplicates), ", ".join(self.lost) or "none", self.notes]
 
 
-HEADER = ["fault", "requests", "failed", "silent cuts", "wrong text", "resumed", "serve again s", "errors for s",
+HEADER = ["fault", "requests", "failed", "silent cuts", "wrong text", "resumed", "re-sent", "serve again s", "errors for s",
           "duplicates",
           "state lost", "notes"]
 
@@ -136,14 +138,15 @@ class Load:
             return len(self.outcomes)
 
 
-def failovers(node: NodeProcess) -> int:
-    """What ``node``'s /metrics counts as requests continued on another server (0 without a counter)."""
+def failovers(node: NodeProcess, *, stage: str) -> int:
+    """How many requests ``node``'s /metrics counts as moved to another server at ``stage``
+    (``before_start``: before the answer began; ``mid_stream``: a stream carried on)."""
     try:
         text = httpx.get(f"http://127.0.0.1:{node.console}/metrics", timeout=5).text
     except httpx.HTTPError:
         return 0
-    return int(sum(float(m[1]) for m in re.finditer(r"^meshllm_\w*failover\w*_total(?:\{[^}]*\})? (\S+)$", text,
-                                                   re.MULTILINE)))
+    pattern = rf'^meshllm_failovers_total\{{[^}}]*stage="{stage}"[^}}]*\}} (\S+)$'
+    return int(sum(float(m[1]) for m in re.finditer(pattern, text, re.MULTILINE)))
 
 
 def ready_servers(node: NodeProcess) -> list[dict[str, Any]]:
@@ -333,7 +336,7 @@ SPLIT_FAULTS: dict[str, Callable[[FaultMesh], None]] = {"kill -9 split worker": 
 def run_fault(fm: FaultMesh, name: str, *, workers: int, max_tokens: int, reference: str,
               warmup: int = 4, settle_timeout: float = 120.0) -> FaultRow:
     """Run one fault under load; the mesh is settled again when it returns."""
-    before = failovers(fm.c)
+    before = failovers(fm.c, stage="mid_stream"), failovers(fm.c, stage="before_start")
     row = FaultRow(name)
     with Load(fm.c.api, workers=workers, max_tokens=max_tokens) as load:
         wait_for(lambda: load.count() >= warmup, timeout=60, what="the load to run")
@@ -348,7 +351,8 @@ def run_fault(fm: FaultMesh, name: str, *, workers: int, max_tokens: int, refere
     row.failed = sum(o.kind != "ok" for o in outcomes)
     row.cut = sum(o.kind == "cut" for o in outcomes)
     row.wrong = sum(o.kind == "ok" and o.text != reference for o in outcomes)
-    row.resumed = failovers(fm.c) - before
+    row.resumed = failovers(fm.c, stage="mid_stream") - before[0]
+    row.retried = failovers(fm.c, stage="before_start") - before[1]
     served_after = [o.end for o in outcomes if o.kind == "ok" and o.start >= injected]
     row.serve_again_s = min(served_after) - injected if served_after else None
     failed_after = [o.end for o in outcomes if o.kind != "ok" and o.end >= injected]
