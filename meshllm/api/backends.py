@@ -15,12 +15,12 @@ the backend for a route, and answers the requests peers tunnel to this node from
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+from meshllm.api.bodies import loads
 from meshllm.api.errors import BackendUnavailable, error_body
 from meshllm.api.routing import Lease, Route, Router
 from meshllm.api.upstream import UpstreamPool
@@ -56,8 +56,8 @@ class BadRequest:
 def model_of(body: bytes) -> str | BadRequest:
     """The request's model name, or what is wrong with the body."""
     try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        payload = loads(body)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too deeply nested
         return BadRequest(f"request body is not valid JSON: {exc}", "invalid_json")
     if not isinstance(payload, dict):
         return BadRequest("request body must be a JSON object", "invalid_request")

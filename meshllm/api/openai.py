@@ -23,6 +23,7 @@ from starlette.routing import Route as HttpRoute
 from starlette.types import Receive, Scope, Send
 
 from meshllm.api.backends import PROXIED, BadRequest, DataPlane, ProxyRequest, model_of
+from meshllm.api.bodies import BODY_DEADLINE, BodyTimeout, BodyTooLarge, ClientGone, read_body
 from meshllm.api.errors import BackendUnavailable, openai_error
 from meshllm.api.proxy import relay, send_error
 from meshllm.api.routing import Lease
@@ -32,50 +33,28 @@ __all__ = ["DEFAULT_MAX_BODY", "OpenAIProxy", "create_openai_app"]
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 
 
-class _TooLarge(Exception):
-    pass
-
-
-class _Gone(Exception):
-    pass
-
-
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body (answering ``Expect: 100-continue`` on the way: the server sends the
-    interim response when the body is first asked for)."""
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise _TooLarge
-    chunks, size, more = [], 0, True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Gone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-        more = message.get("more_body", False)
-    return b"".join(chunks)
-
-
 class OpenAIProxy:
     """The ASGI endpoint of the proxied routes."""
 
-    def __init__(self, plane: DataPlane, *, max_body_bytes: int, demand: Callable[[str], None] | None) -> None:
+    def __init__(self, plane: DataPlane, *, max_body_bytes: int, demand: Callable[[str], None] | None,
+                 body_deadline: float = BODY_DEADLINE) -> None:
         self.plane = plane
         self.max_body_bytes = max_body_bytes
+        self.body_deadline = body_deadline
         self.demand = demand
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            body = await _read_body(scope, receive, self.max_body_bytes)
-        except _TooLarge:
+            body = await read_body(scope, receive, limit=self.max_body_bytes, deadline=self.body_deadline)
+        except BodyTooLarge:
             await send_error(send, 413, f"request body is larger than the limit of {self.max_body_bytes} bytes",
                              code="request_too_large")
             return
-        except _Gone:
+        except BodyTimeout:
+            await send_error(send, 408, f"the request body did not arrive within {self.body_deadline:g} s",
+                             code="request_timeout")
+            return
+        except ClientGone:
             return
         model = model_of(body)
         if isinstance(model, BadRequest):
@@ -106,7 +85,7 @@ class OpenAIProxy:
 
 
 def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BODY,
-                      demand: Callable[[str], None] | None = None) -> Starlette:
+                      demand: Callable[[str], None] | None = None, body_deadline: float = BODY_DEADLINE) -> Starlette:
     """The :9337 app. ``plane`` routes and forwards each request; ``demand`` hears of every request for
     a model the mesh knows (served or not yet)."""
     router = plane.router
@@ -130,7 +109,7 @@ def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BOD
     async def not_found(request: Request, exc: Exception) -> Response:
         return openai_error(404, f"no route for {request.method} {request.url.path}", code="not_found")
 
-    proxy = OpenAIProxy(plane, max_body_bytes=max_body_bytes, demand=demand)
+    proxy = OpenAIProxy(plane, max_body_bytes=max_body_bytes, demand=demand, body_deadline=body_deadline)
     routes = [HttpRoute(path, proxy, methods=["POST"]) for path in PROXIED]
     routes += [HttpRoute("/v1/models", list_models, methods=["GET"]),
                HttpRoute("/health", health, methods=["GET"])]

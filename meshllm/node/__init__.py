@@ -20,6 +20,7 @@ from anyio.abc import TaskStatus
 from meshllm.engine.build import require_engine
 from meshllm.engine.catalog import catalog
 from meshllm.engine.download import ModelReference, check_remote, parse_reference
+from meshllm.engine.ggufcheck import check_gguf
 from meshllm.engine.models import file_fingerprint, models_dir, resolve_model
 from meshllm.errors import MeshError, ModelNotFetched
 from meshllm.node.config import NodeConfig
@@ -81,6 +82,7 @@ def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSp
             specs.append(ModelSpec(name=name, source=source, node=node_id, created_at=now, origin=ModelOrigin.NODE,
                                    owner=node_id, size_bytes=check_model(source), split=config.split, draft=draft))
             continue
+        check_gguf(resolved.path)  # a truncated or corrupt file fails here, not in llama-server's restarts
         kept = source if not Path(source).expanduser().exists() else str(resolved.path)
         specs.append(ModelSpec(name=resolved.name, source=kept, node=node_id, created_at=now,
                                origin=ModelOrigin.NODE, owner=node_id, size_bytes=resolved.size_bytes,
