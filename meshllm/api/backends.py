@@ -101,8 +101,32 @@ class Backend(Protocol):
         ...
 
 
+_CLIENT_MISTAKES = ("Failed to parse", "[json.exception.")  # llama-server's 500s that blame the request
+
+
+async def _client_mistake(response: BackendResponse) -> BackendResponse:
+    """``response``, or a 400 when it is one of llama-server's 500s for a malformed request (a message
+    without ``role``, ``tools`` that is not a list): the client must fix its request, not retry it."""
+    if response.status_code != 500 or not any(
+            k.lower() == "content-type" and v.startswith("application/json") for k, v in response.headers):
+        return response
+    body = b""
+    try:
+        async for chunk in response:  # an error body: a few hundred bytes
+            body += chunk
+    finally:
+        await response.aclose()
+    try:
+        message = loads(body)["error"]["message"]  # type: ignore[index]
+    except (ValueError, KeyError, TypeError):
+        return FixedResponse(500, response.headers, body)
+    if isinstance(message, str) and any(m in message for m in _CLIENT_MISTAKES):
+        return FixedResponse.error(400, message, code="invalid_request")
+    return FixedResponse(500, response.headers, body)
+
+
 class LocalBackend:
-    """This node's llama-server on 127.0.0.1:``port``."""
+    """This node's llama-server on 127.0.0.1:``port``; its 500s for malformed requests become 400s."""
 
     def __init__(self, pool: UpstreamPool, route: Route) -> None:
         self.pool = pool
@@ -110,11 +134,12 @@ class LocalBackend:
 
     async def send(self, request: ProxyRequest) -> BackendResponse:
         try:
-            return await self.pool.request("127.0.0.1", self.route.port, request.method, request.target,
-                                           forwardable(request.headers), request.body)
+            response = await self.pool.request("127.0.0.1", self.route.port, request.method, request.target,
+                                               forwardable(request.headers), request.body)
         except BackendUnavailable as exc:
             raise BackendUnavailable(f"model {self.route.model!r} on this node did not answer: {exc}",
                                      status=exc.status, code=exc.code, retry_after=exc.retry_after) from None
+        return await _client_mistake(response)
 
 
 class PeerBackend:

@@ -30,6 +30,7 @@ from meshllm.node.node import Node
 from meshllm.state.schema import ModelOrigin, ModelSpec
 from meshllm.store.db import NodeStore
 from meshllm.store.identity import load_identity
+from meshllm.store.lock import hold_state_dir
 
 __all__ = ["Node", "NodeConfig", "bind_socket", "check_model", "desired_models", "draft_for", "run_node"]
 
@@ -94,6 +95,12 @@ async def run_node(config: NodeConfig, *, announce: Callable[[str], None] = prin
                    task_status: TaskStatus[dict[str, str]] = anyio.TASK_STATUS_IGNORED) -> None:
     """Run the node ``config`` describes until SIGINT, SIGTERM or cancellation; reports its id, API
     URL and invite token once it serves."""
+    with hold_state_dir(config.state_dir):  # a second agent on this folder stops here, with one line
+        await _run_locked(config, announce=announce, task_status=task_status)
+
+
+async def _run_locked(config: NodeConfig, *, announce: Callable[[str], None],
+                      task_status: TaskStatus[dict[str, str]]) -> None:
     config = await resolve_join(config, announce=announce)  # --auto / --mesh-name: the mesh to join, if any
     identity = load_identity(config.state_dir)
     node_id, now = identity.node_id, time.time()
