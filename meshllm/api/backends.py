@@ -15,7 +15,7 @@ the backend for a route, and answers the requests peers tunnel to this node from
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -143,11 +143,14 @@ class LocalBackend:
 
 
 class PeerBackend:
-    """Another node's llama-server, through an HTTP tunnel over the mesh."""
+    """Another node's llama-server, through an HTTP tunnel over the mesh; a node it cannot reach is
+    reported (``on_unreachable``: the router then leaves it out of the next requests' routes)."""
 
-    def __init__(self, tunnels: HttpTunnelClient, route: Route) -> None:
+    def __init__(self, tunnels: HttpTunnelClient, route: Route, *,
+                 on_unreachable: Callable[[str], None] | None = None) -> None:
         self.tunnels = tunnels
         self.route = route
+        self.on_unreachable = on_unreachable
 
     async def send(self, request: ProxyRequest) -> BackendResponse:
         tunnelled = TunnelRequest(request.method, request.path, request.query, forwardable(request.headers),
@@ -155,6 +158,8 @@ class PeerBackend:
         try:
             return await self.tunnels.request(self.route.node, tunnelled)
         except TunnelUnavailable as exc:
+            if self.on_unreachable is not None:
+                self.on_unreachable(self.route.node)
             raise BackendUnavailable(f"model {self.route.model!r} on node {self.route.node} did not answer: "
                                      f"{exc}") from None
 
@@ -229,7 +234,7 @@ class DataPlane:
         if self.tunnels is None:
             raise BackendUnavailable(f"model {route.model!r} is served by node {route.node}, which this node "
                                      "cannot reach")
-        return PeerBackend(self.tunnels, route)
+        return PeerBackend(self.tunnels, route, on_unreachable=self.router.unreachable)
 
     async def answer_peer(self, request: TunnelRequest) -> Answer:
         """A request another node tunnelled here: served only by this node's own llama-servers."""

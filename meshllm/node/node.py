@@ -132,6 +132,8 @@ class Node:
                                          joins=config.joins, host=config.quic_host, port=config.bind_port,
                                          advertise=config.advertise)
         self.router = Router(state, node_id=node_id)
+        self.mesh.endpoint.on_peer(  # a node whose connection closed is routed around before its death verdict
+            lambda event: (self.router.peer_up if event.up else self.router.peer_down)(event.node_id))
         self.blackboard = NodeBlackboard.for_node(config, self.mesh.endpoint, node_id=node_id,
                                                   node_name=config.name or socket.gethostname())
         self.keys = KeyRing(state, local=config.api_keys)
