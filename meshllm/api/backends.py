@@ -117,7 +117,7 @@ async def _client_mistake(response: BackendResponse) -> BackendResponse:
     finally:
         await response.aclose()
     try:
-        message = loads(body)["error"]["message"]  # type: ignore[index]
+        message = loads(body)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         return FixedResponse(500, response.headers, body)
     if isinstance(message, str) and any(m in message for m in _CLIENT_MISTAKES):

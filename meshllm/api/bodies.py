@@ -7,24 +7,21 @@ body is read within ``deadline`` seconds (else 408) and up to ``limit`` bytes (e
 ``Content-Length`` before anything is read). ``BodyLimit`` applies this to every request of an app
 that changes state (the console's API); the proxy calls ``read_body`` itself.
 
-``loads`` is ``json.loads`` for untrusted text: a document nested deeper than Python's recursion limit
-raises ``RecursionError`` from the standard parser, which no caller expects; here it is a
-``ValueError`` like any other malformed JSON, and so a 400.
+JSON from clients is parsed with ``meshllm.jsonsafe.loads`` (re-exported here): a document nested a
+thousand deep is a ``ValueError`` like any other malformed JSON, and so a 400.
 """
 
 from __future__ import annotations
-
-import json
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meshllm.api.errors import error_body
+from meshllm.jsonsafe import loads
 
-__all__ = ["BODY_DEADLINE", "MAX_JSON_DEPTH", "BodyLimit", "BodyTimeout", "BodyTooLarge", "ClientGone", "loads", "read_body"]
+__all__ = ["BODY_DEADLINE", "BodyLimit", "BodyTimeout", "BodyTooLarge", "ClientGone", "loads", "read_body"]
 
 BODY_DEADLINE = 30.0  # seconds a client has to send its whole request body
-MAX_JSON_DEPTH = 64  # deeper than any request or manifest a person or an SDK writes
 
 
 class BodyTooLarge(Exception):
@@ -60,42 +57,6 @@ async def read_body(scope: Scope, receive: Receive, *, limit: int, deadline: flo
     if timer.cancelled_caught:
         raise BodyTimeout
     return b"".join(chunks)
-
-
-def loads(text: bytes | str) -> object:
-    """``json.loads`` that raises ``ValueError`` (never ``RecursionError``) on a document nested deeper
-    than ``MAX_JSON_DEPTH``: the depth is measured on the raw text first, in one pass."""
-    data = text.encode() if isinstance(text, str) else text
-    if _depth(data) > MAX_JSON_DEPTH:
-        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        return json.loads(data)
-    except RecursionError:  # a depth the scan above missed: still a malformed request
-        raise ValueError("JSON nested too deeply") from None
-
-
-def _depth(data: bytes) -> int:
-    """The deepest nesting of ``[``/``{`` outside strings (an upper bound for invalid JSON)."""
-    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
-        return 0  # too few brackets to be too deep: the common case costs two counts
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return deepest
 
 
 class BodyLimit:
