@@ -100,6 +100,7 @@ class EventHub:
         self._snapshot: SseEvent | None = None
         self._clients: set[_Client] = set()
         self._dirty = anyio.Event()
+        self.closed = False
         self.published = 0  # events made (not counting snapshots); the bench reads it
 
     # -- producing ------------------------------------------------------------------------------
@@ -161,6 +162,12 @@ class EventHub:
             self._snapshot = SseEvent.make(ident, "snapshot", self.current)
         return self._snapshot
 
+    def close(self) -> None:
+        """End every client's stream now (the node stops: its HTTP server need not wait for them)."""
+        self.closed = True
+        for client in self._clients:
+            client.wake.set()
+
     # -- consuming ------------------------------------------------------------------------------
     def missed(self, last_id: str) -> list[SseEvent] | None:
         """The events after ``last_id``, or None when they are not all in the history any more."""
@@ -182,10 +189,12 @@ class EventHub:
             missed = self.missed(last_id) if last_id else None
             for event in missed if missed is not None else [self.snapshot()]:
                 yield event.wire
-            while True:
+            while not self.closed:
                 with anyio.move_on_after(self.keepalive):
                     await client.wake.wait()
                 client.wake = anyio.Event()
+                if self.closed:
+                    return
                 if client.resync:
                     client.resync = False
                     yield self.snapshot().wire

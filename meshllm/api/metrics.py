@@ -7,7 +7,8 @@ peer's, through the HTTP tunnel). Per model it counts requests, errors (an HTTP 
 or an error event inside a stream), tokens in and out (``usage`` of a plain answer, the ``usage`` or
 llama-server ``timings`` of a stream's last chunks), time to first token (first body chunk of a
 stream) and decode rate (``timings.predicted_per_second``, else tokens out over the time from the
-first to the last chunk), and requests in flight.
+first to the last chunk), requests in flight, and of those the queue: requests that have had no byte
+of their answer yet (waiting for a slot of the engine, or for its prompt to be read).
 
 Per node, read when scraped: capacity and use (bytes of the models it serves or loads), peers
 alive, gossip bytes and QUIC bytes (the endpoint's UDP bytes: gossip, tunnels and QUIC overhead).
@@ -88,6 +89,8 @@ class MeshMetrics:
                                 buckets=_RATE_BUCKETS, registry=registry)
         self.in_flight = Gauge("meshllm_requests_in_flight", "requests being answered", ["model"],
                                registry=registry)
+        self.waiting = Gauge("meshllm_requests_waiting", "requests in flight with no byte of their answer yet "
+                             "(the queue)", ["model"], registry=registry)
         registry.register(_NodeCollector(state, node_id, gauges or NodeGauges()))
         self.state = state
         self._models: set[str] = set()
@@ -106,6 +109,7 @@ class MeshMetrics:
                 "tokens_in": get("meshllm_prompt_tokens_total", label) or 0.0,
                 "tokens_out": get("meshllm_completion_tokens_total", label) or 0.0,
                 "in_flight": get("meshllm_requests_in_flight", label) or 0.0,
+                "waiting": get("meshllm_requests_waiting", label) or 0.0,
                 "ttft_avg_s": (get("meshllm_time_to_first_token_seconds_sum", label) or 0.0) / ttft_n if ttft_n else 0.0,
                 "decode_avg_tps": (get("meshllm_decode_tokens_per_second_sum", label) or 0.0) / rate_n if rate_n else 0.0,
             }
@@ -119,7 +123,12 @@ class MeshMetrics:
         self._models.add(model)
         self.requests.labels(model).inc()
         self.in_flight.labels(model).inc()
+        self.waiting.labels(model).inc()
         return True
+
+    def answering(self, model: str) -> None:
+        """The first byte of a started request's answer went out: it leaves the queue."""
+        self.waiting.labels(model).dec()
 
     def finished(self, model: str, *, error: bool, tokens_in: int, tokens_out: int, ttft: float | None,
                  rate: float | None) -> None:
@@ -245,12 +254,19 @@ class RequestMetering:
                         model = name
             return message
 
-        done = False
+        done = queued = False
+
+        def answering() -> None:
+            nonlocal queued
+            if model is not None and not queued:
+                queued = True  # counted out of the queue once
+                self.metrics.answering(model)
 
         def finish() -> None:
             nonlocal done
             if model is not None and not done:
                 done = True
+                answering()
                 self.metrics.finished(model, **meter.figures())
 
         async def metered_send(message: Message) -> None:
@@ -258,6 +274,8 @@ class RequestMetering:
                 meter.response_start(message)
             elif message["type"] == "http.response.body":
                 meter.chunk(message.get("body", b""))
+                if meter.first is not None:
+                    answering()
                 if not message.get("more_body", False):
                     finish()  # counted before the client can see the end of the answer
             await send(message)

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from meshllm.cli import blackboard, control, discover, get, rotate
+from meshllm.cli import blackboard, control, discover, get, launch, rotate
 from meshllm.cli import download as download_cli
 from meshllm.cli.discover import relay_list
 from meshllm.cli.keys import keys_app, local_keys
@@ -26,6 +26,7 @@ from meshllm.engine.capacity import parse_size
 from meshllm.engine.process import DEFAULT_MAX_TOKENS
 from meshllm.errors import MeshError
 from meshllm.node import NodeConfig, bind_socket, check_model, run_node
+from meshllm.node.lobby import run_lobby
 from meshllm.store.identity import default_state_dir
 from meshllm.store.mesh import JOIN_ENV, join_arguments
 
@@ -45,6 +46,7 @@ blackboard.register(app)
 download_cli.register(app)
 rotate.register(app)
 discover.register(app)
+launch.register(app)
 
 START_HELP = """meshllm: serve LLMs from a mesh of machines on an OpenAI-compatible API.
 
@@ -63,6 +65,8 @@ Require API keys on every node's OpenAI API:
   meshllm keys add --name NAME | meshllm keys list | meshllm keys revoke NAME
 Find and join a published mesh, or publish yours:
   meshllm discover [--model M] [--region R] | meshllm --auto [--model M] | meshllm --model M --mesh-name NAME
+Run a coding agent on the mesh's models (reuses the node on --port, or starts a client node):
+  meshllm claude | meshllm goose | meshllm opencode | meshllm pi   [--model M] [--join TOKEN] [-- ARGS]
 Give agents a shared blackboard (no model needed):
   meshllm --client --blackboard           # then: meshllm blackboard "STATUS: ..." | --search Q | --mcp
 
@@ -121,6 +125,8 @@ def serve(
     os.environ.pop(JOIN_ENV, None)  # not handed down to the engine processes (nor MESHLLM_API_KEY, below)
     if not model and not join and not client and not standby and not auto and not mesh_name:
         out.print(START_HELP, highlight=False)
+        _lobby(NodeConfig(console_port=console, listen_all=listen_all, max_vram=_size(max_vram), name=name,
+                          relays=relay_list(relay), mdns=mdns))
         raise typer.Exit(0)
     want_model = ""
     if client and auto and model and len(model) == 1 and not standby:
@@ -147,6 +153,22 @@ def serve(
     if not client:
         ensure_engine()
     _run(config)
+
+
+def _lobby(config: NodeConfig) -> None:
+    """No arguments: the console, read-only, until Ctrl-C (unless a node already serves one there)."""
+    try:
+        bind_socket(config.host, config.console_port, what="console").close()
+    except MeshError:
+        out.print(f"\nA console already answers on port {config.console_port}: "
+                  f"http://127.0.0.1:{config.console_port}/", highlight=False)
+        return
+    _setup_logging()
+    out.print("")
+    try:
+        anyio.run(lambda: run_lobby(config, hint=START_HELP, announce=lambda text: out.print(text, highlight=False)))
+    except KeyboardInterrupt:
+        pass
 
 
 def _setup_logging() -> None:

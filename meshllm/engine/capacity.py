@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class Capacity:
     bytes: int
     gpu: bool
     description: str
+    devices: tuple[tuple[str, int], ...] = ()  # each GPU llama-server may use: (name, memory bytes)
 
 
 def visible_gpus(setting: str | None, count: int) -> list[int | str]:
@@ -52,7 +54,7 @@ def visible_gpus(setting: str | None, count: int) -> list[int | str]:
     return visible
 
 
-def _gpu_memory() -> tuple[int, str] | None:
+def _gpu_memory() -> list[tuple[str, int]] | None:
     try:
         import pynvml  # nvidia-ml-py
     except ImportError:
@@ -71,10 +73,12 @@ def _gpu_memory() -> tuple[int, str] | None:
                 break  # an entry CUDA cannot use either
         if not handles:
             return None
-        count = len(handles)
-        total = sum(int(pynvml.nvmlDeviceGetMemoryInfo(h).total) for h in handles)
-        name = pynvml.nvmlDeviceGetName(handles[0])
-        return total, f"{count}× {name if isinstance(name, str) else name.decode()}"
+        devices = []
+        for handle in handles:
+            name = pynvml.nvmlDeviceGetName(handle)
+            devices.append((name if isinstance(name, str) else name.decode(),
+                            int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)))
+        return devices
     finally:
         pynvml.nvmlShutdown()
 
@@ -86,9 +90,16 @@ def _ram() -> int:
     return 0
 
 
-def detect_capacity(*, max_vram: int | None = None) -> Capacity:
-    gpu = _gpu_memory()
-    total, desc, is_gpu = (gpu[0], gpu[1], True) if gpu else (_ram(), "CPU (system RAM)", False)
-    if max_vram is not None:
-        total = min(total, max_vram) if total else max_vram
-    return Capacity(bytes=total, gpu=is_gpu, description=desc)
+def detect_capacity(*, max_vram: int | None = None,
+                    gpus: Callable[[], list[tuple[str, int]] | None] = _gpu_memory) -> Capacity:
+    """What this machine offers: its GPUs' memory (each GPU CUDA lets it use), else its RAM; at most
+    ``max_vram``, taken from each GPU in proportion to its memory (as llama-server spreads layers)."""
+    devices = gpus() or []
+    total = sum(size for _, size in devices) if devices else _ram()
+    desc = f"{len(devices)}× {devices[0][0]}" if devices else "CPU (system RAM)"
+    if max_vram is not None and total and max_vram < total:
+        devices = [(name, size * max_vram // total) for name, size in devices]
+        total = max_vram
+    elif max_vram is not None and not total:
+        total = max_vram
+    return Capacity(bytes=total, gpu=bool(devices), description=desc, devices=tuple(devices))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -82,8 +82,10 @@ class HttpApi:
     runs); ``run`` serves until cancelled, then lets uvicorn finish gracefully (requests in flight get
     a few seconds, the app's lifespan closes what it opened) before it returns."""
 
-    def __init__(self, app: object, *, host: str, port: int, what: str, head_deadline: float = HEAD_DEADLINE) -> None:
+    def __init__(self, app: object, *, host: str, port: int, what: str,
+                 on_stop: Callable[[], None] | None = None, head_deadline: float = HEAD_DEADLINE) -> None:
         self.app = app
+        self.on_stop = on_stop  # told first when the API stops: ends endless responses (event streams)
         self.head_deadline = head_deadline
         self.host = host
         self.port = port
@@ -121,5 +123,7 @@ class HttpApi:
             try:
                 await ended.wait()
             finally:
+                if self.on_stop is not None:
+                    self.on_stop()
                 server.should_exit = True
         raise MeshError(f"the {self.what} on {self.host}:{self.port} stopped by itself; see the log above")

@@ -75,7 +75,7 @@ from meshllm.reconcile.timing import Backoff
 from meshllm.reconcile.workers import WorkerController
 from meshllm.state.document import MeshState
 from meshllm.state.manifest import Manifest
-from meshllm.state.schema import ModelSpec, NodeRole, NodeStatus, server_key
+from meshllm.state.schema import GpuShare, ModelSpec, NodeRole, NodeStatus, server_key
 from meshllm.store.admin import load_or_create_admin_token
 from meshllm.store.db import AppliedManifest, NodeStore
 from meshllm.store.identity import NodeIdentity
@@ -173,7 +173,8 @@ class Node:
         self.publisher = publisher_for(config, state, self.mesh, node_id=node_id)  # None: a private mesh
         metered = RequestMetering(openai_app, self.metrics)
         self.apis = (HttpApi(ApiKeyGate(metered, self.keys), host=config.host, port=config.port, what="OpenAI API"),
-                     HttpApi(status_app, host=config.host, port=config.console_port, what="console API"))
+                     HttpApi(status_app, host=config.host, port=config.console_port, what="console API",
+                             on_stop=self.events.close))
 
     def _gauges(self) -> NodeGauges:
         gossip, quic = self.mesh.gossip.stats, self.mesh.endpoint.stats
@@ -204,8 +205,10 @@ class Node:
 
     def _me(self, client: bool) -> NodeStatus:
         now = time.time()
-        capacity = 0 if client else detect_capacity(max_vram=self.config.max_vram).bytes
-        return NodeStatus(id=self.node_id, name=self.config.name or socket.gethostname(), capacity_bytes=capacity,
+        capacity = None if client else detect_capacity(max_vram=self.config.max_vram)
+        gpus = [GpuShare(name=name, bytes=size) for name, size in capacity.devices] if capacity else []
+        return NodeStatus(id=self.node_id, name=self.config.name or socket.gethostname(),
+                          capacity_bytes=capacity.bytes if capacity else 0, gpus=gpus,
                           role=NodeRole.CLIENT if client else NodeRole.SERVER, api_url=self.api_url,
                           version=__version__, started_at=now, incarnation=now)
 

@@ -65,6 +65,7 @@ __all__ = [
     "API_KEY_HASH_LABEL",
     "ApiKey",
     "DemandEntry",
+    "GpuShare",
     "KeyRotation",
     "ModelName",
     "ModelOrigin",
@@ -161,6 +162,13 @@ class NodeRole(StrEnum):
     CLIENT = "client"
 
 
+class GpuShare(_Entity):
+    """One GPU a node offers, and how much of it (``--max-vram`` takes from each in proportion)."""
+
+    name: str
+    bytes: int = Field(ge=0)
+
+
 class NodeStatus(_Entity):
     """A node as it reports itself."""
 
@@ -168,6 +176,7 @@ class NodeStatus(_Entity):
     name: str = ""
     role: NodeRole = NodeRole.SERVER
     capacity_bytes: int = Field(default=0, ge=0, description="VRAM (RAM on CPU nodes) offered to the mesh")
+    gpus: list[GpuShare] = Field(default_factory=list, description="the GPUs behind capacity_bytes (none: RAM)")
     api_url: str = ""
     addrs: list[str] = Field(default_factory=list, description="QUIC addresses (host:port) to dial it at")
     version: str = ""

@@ -6,19 +6,33 @@ What a user notices: the page lists the four nodes (three with memory bars, one 
 models; a chat through the page streams the same greedy answer as the OpenAI API; a killed node leaves
 the page within 10 s; an applied manifest's model shows up Loading, then Ready, without a reload.
 Screenshots (desktop and narrow) are saved in the test's folder and copied to ``bench/results/``.
+``meshllm`` with no arguments serves the page read-only, listing the meshes a real relay holds; a node
+with several GPUs gets one bar per GPU.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import anyio
+import httpx
 import openai
 import pytest
 from playwright.sync_api import Browser, expect, sync_playwright
 
+from meshllm.discovery import nostr
+from meshllm.discovery.listing import ListingContent, make_event
+from meshllm.store.mesh import InviteToken, MeshCredentials
+from tests.conftest import free_port
 from tests.integration.nodes import Mesh, NodeProcess, listed, wait_for
 
 pytestmark = pytest.mark.engine
@@ -124,3 +138,85 @@ def test_the_console_shows_the_mesh_chats_and_follows_changes(mesh: Mesh, browse
     expect(events).to_contain_text(re.compile(r"model third(:| added:) Ready"))
     page.screenshot(path=str(tmp_path / "console-after.png"), full_page=True)
     shutil.copy(tmp_path / "console-after.png", RESULTS / "console-after.png")
+
+
+def test_no_arguments_serve_a_read_only_console_listing_published_meshes(relay: str, browser: Browser) -> None:
+    creds = MeshCredentials.create()
+    token = InviteToken(creds, ("127.0.0.1:9",)).encode()
+    listing = ListingContent(mesh=creds.mesh_id, name="poker-night", served=["Qwen3-8B-Q4_K_M"], nodes=3,
+                             clients=1, region="EU-West", token=token)
+    event = make_event(creds, listing, now=time.time(), ttl=60)
+    with ThreadPoolExecutor(1) as pool:  # Playwright's sync API holds this thread's event loop
+        pool.submit(anyio.run, nostr.publish, relay, event).result()
+
+    port = free_port()
+    lobby = subprocess.Popen([sys.executable, "-m", "meshllm", "--console", str(port), "--relay", relay,
+                              "--no-mdns"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert lobby.stdout is not None
+        lines = []
+        for line in lobby.stdout:  # the instructions, then where the console is
+            lines.append(line)
+            if "Read-only console" in line:
+                break
+        assert any("meshllm --model gemma-3-270m" in line for line in lines), lines
+        assert f"http://127.0.0.1:{port}/" in lines[-1]
+
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        expect(page.get_by_role("heading", name="No node runs here yet")).to_be_visible(timeout=15_000)
+        expect(page.locator("#lobby-hint")).to_contain_text("meshllm --model gemma-3-270m")
+        row = page.locator(f'tr[data-mesh="{creds.mesh_id}"]')
+        expect(row).to_contain_text("poker-night", timeout=30_000)
+        expect(row).to_contain_text("Qwen3-8B-Q4_K_M")
+        expect(row).to_contain_text("meshllm --standby --mesh-name poker-night")
+        assert token not in page.content()  # the page shows how to join, never the secret itself
+        expect(page.get_by_role("heading", name="Chat")).to_be_hidden()
+        expect(page.locator('[data-node="this-machine"]')).to_contain_text("no node")
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(RESULTS / "console-readonly.png"), full_page=True)
+
+        # read-only: a change is refused with what to run instead, and the console keeps serving
+        refused = httpx.post(f"http://127.0.0.1:{port}/api/apply", content=b"kind: Mesh\n")
+        assert refused.status_code == 405
+        assert "meshllm --model" in refused.json()["error"]["message"]
+        assert httpx.get(f"http://127.0.0.1:{port}/api/status").json()["readonly"] is True
+    finally:
+        lobby.send_signal(signal.SIGINT)
+        assert lobby.wait(timeout=15) == 0
+        lobby.stdout.close()  # type: ignore[union-attr]
+
+
+def test_a_node_with_several_gpus_gets_a_bar_per_gpu(browser: Browser) -> None:
+    """The status as a node with two GPUs reports it (the page is the console's, the feed a recorded one:
+    this machine has no GPU)."""
+    gib = 1 << 30
+    node = {"id": "n-gpu", "name": "gpu-box", "role": "server", "capacity_bytes": 72 * gib, "state": "alive",
+            "gpus": [{"name": "NVIDIA RTX 4090", "bytes": 24 * gib}, {"name": "NVIDIA A6000", "bytes": 48 * gib}],
+            "rtt_ms": {}}
+    model = {"name": "big", "size_bytes": 36 * gib, "phase": "ready", "condition": None, "demand": None,
+             "servers": [{"node": "n-gpu", "model": "big", "phase": "ready"}], "workers": []}
+    status = {"mesh_id": "m1", "node": node, "nodes": [node], "models": [model]}
+    feed = f"id: e-1\nevent: snapshot\ndata: {json.dumps(status)}\n\n"
+    port = free_port()
+    with subprocess.Popen([sys.executable, "-m", "meshllm", "--console", str(port), "--relay", "none", "--no-mdns"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as lobby:
+        try:
+            assert lobby.stdout is not None
+            for line in lobby.stdout:
+                if "Read-only console" in line:
+                    break
+            page = browser.new_page()
+            page.route("**/api/events", lambda route: route.fulfill(
+                status=200, headers={"content-type": "text/event-stream"}, body=feed))
+            page.goto(f"http://127.0.0.1:{port}/")
+            card = page.locator('[data-node="n-gpu"]')
+            bars = card.locator('[role="meter"]')
+            expect(bars).to_have_count(2, timeout=15_000)
+            # 36 GiB held, spread 1:2 as the GPUs' memory: 12 GiB on the 24 GiB card, 24 on the 48 GiB one
+            expect(bars.nth(0)).to_have_attribute("aria-valuenow", str(12 * gib))
+            expect(bars.nth(1)).to_have_attribute("aria-valuenow", str(24 * gib))
+            expect(card).to_contain_text("GPU 1 NVIDIA A6000: ≈ 24 GiB of 48 GiB used")
+        finally:
+            lobby.send_signal(signal.SIGINT)
+            lobby.wait(timeout=15)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import httpx
 
 from tests.conftest import free_port
 
@@ -13,10 +17,37 @@ def meshllm(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "meshllm", *args], capture_output=True, text=True, timeout=60)
 
 
-def test_no_arguments_prints_how_to_start() -> None:
-    done = meshllm()
+def test_no_arguments_print_how_to_start_and_serve_a_read_only_console() -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "meshllm", "--console", str(port), "--relay", "none",
+                             "--no-mdns"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Read-only console" in line:
+                break
+        assert any("meshllm --model gemma-3-270m" in line for line in lines)
+        status = httpx.get(f"http://127.0.0.1:{port}/api/status").json()
+        assert status["readonly"] is True and status["models"] == []
+        assert status["node"]["capacity_bytes"] > 0  # what this machine could offer
+        refused = httpx.delete(f"http://127.0.0.1:{port}/api/models/x")
+        assert refused.status_code == 405 and refused.json()["error"]["code"] == "read_only"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+        proc.stdout.close()  # type: ignore[union-attr]
+
+
+def test_no_arguments_beside_a_running_console_only_print_how_to_start() -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        done = meshllm("--console", str(held.getsockname()[1]), "--relay", "none", "--no-mdns")
     assert done.returncode == 0
     assert "meshllm --model gemma-3-270m" in done.stdout
+    assert "already answers" in done.stdout
 
 
 def test_missing_model_file_is_one_clear_line(tmp_path: Path) -> None:

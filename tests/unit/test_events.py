@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import pytest
 from starlette.testclient import TestClient
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from meshllm.api.admin import ConsoleAccess
 from meshllm.api.console import console_routes
@@ -167,6 +167,20 @@ async def test_a_quiet_stream_sends_keepalives() -> None:
     await stream.aclose()
 
 
+async def test_closing_the_hub_ends_every_stream_at_once() -> None:
+    """A stopping node ends its console streams itself: its HTTP server does not wait out its grace period."""
+    feed = Feed()  # keepalive 15 s: only close() can end the wait
+    streams = [feed.hub.events() for _ in range(3)]
+    for stream in streams:
+        await read_event(stream)
+    feed.hub.close()
+    for stream in streams:
+        with anyio.fail_after(1):
+            with pytest.raises(StopAsyncIteration):
+                await anext(stream)
+    assert feed.hub.clients == 0
+
+
 async def test_the_run_loop_coalesces_a_burst_of_changes() -> None:
     feed = Feed(interval=0.05, tick=60)
     feed.state.observe(feed.hub.notify)
@@ -239,6 +253,45 @@ def test_an_error_inside_a_stream_counts_and_unknown_models_add_no_series() -> N
     client.post("/v1/chat/completions", json={"model": "made-up-name"})
     assert metrics.summary()["tiny"]["errors"] == 1
     assert list(metrics.summary()) == ["tiny"]
+
+
+async def test_a_request_is_queued_until_the_first_byte_of_its_answer() -> None:
+    gate, first_sent, finish = anyio.Event(), anyio.Event(), anyio.Event()
+
+    async def engine(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await gate.wait()  # no slot free yet
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b'data: {"choices":[]}\n\n', "more_body": True})
+        first_sent.set()
+        await finish.wait()
+        await send({"type": "http.response.body", "body": b""})
+
+    state = MeshState()
+    state.put_model(ModelSpec(name="tiny", source="tiny.gguf", size_bytes=1 << 20))
+    metrics = MeshMetrics(state, node_id="n1")
+    metered = RequestMetering(engine, metrics)
+    body = json.dumps({"model": "tiny", "stream": True}).encode()
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Message) -> None:
+        pass
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    figures = lambda: (metrics.summary()["tiny"]["in_flight"], metrics.summary()["tiny"]["waiting"])  # noqa: E731
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(metered, scope, receive, send)
+        with anyio.fail_after(5):
+            while "tiny" not in metrics.summary():
+                await anyio.sleep(0.01)
+        assert figures() == (1, 1)
+        gate.set()
+        await first_sent.wait()
+        assert figures() == (1, 0)
+        finish.set()
+    assert figures() == (0, 0)
 
 
 # -- who may read what ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from meshllm.engine.build import find_engine, load_recipe
-from meshllm.engine.capacity import parse_size, visible_gpus
+from meshllm.engine.capacity import detect_capacity, parse_size, visible_gpus
 from meshllm.engine.models import resolve_model
 from meshllm.engine.process import candidate_ports
 from meshllm.errors import EngineError, ModelError
@@ -83,3 +83,15 @@ def test_engine_dir_override_must_hold_the_binaries(tmp_path: Path, monkeypatch:
 def test_only_the_gpus_cuda_visible_devices_leaves_are_counted(setting: str | None,
                                                                expected: list[int | str]) -> None:
     assert visible_gpus(setting, 4) == expected
+
+
+def test_capacity_counts_each_gpu_and_max_vram_takes_from_each_in_proportion() -> None:
+    gib = 1 << 30
+    two = lambda: [("NVIDIA RTX 4090", 24 * gib), ("NVIDIA A6000", 48 * gib)]  # noqa: E731
+    full = detect_capacity(gpus=two)
+    assert (full.bytes, full.gpu, full.devices) == (72 * gib, True, tuple(two()))
+    capped = detect_capacity(max_vram=36 * gib, gpus=two)
+    assert capped.bytes == 36 * gib
+    assert capped.devices == (("NVIDIA RTX 4090", 12 * gib), ("NVIDIA A6000", 24 * gib))
+    cpu = detect_capacity(max_vram=8 * gib, gpus=lambda: None)
+    assert (cpu.bytes, cpu.gpu, cpu.devices) == (8 * gib, False, ())

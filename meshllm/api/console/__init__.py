@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from meshllm.api.errors import openai_error
 
-__all__ = ["PAGE_PATHS", "console_routes"]
+__all__ = ["PAGE_PATHS", "console_routes", "page_routes"]
 
 _FILES = {"/": ("index.html", "text/html; charset=utf-8"),
           "/console.js": ("console.js", "text/javascript; charset=utf-8"),
@@ -38,14 +38,20 @@ _HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "X
             "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'"}
 
 
-def console_routes(*, openai_base: str) -> list[Route]:
-    """The page's files and the chat relay to ``openai_base`` (``http://127.0.0.1:9337``)."""
+def page_routes() -> list[Route]:
+    """The page's files (read once)."""
     folder = resources.files(__name__)
     pages = {path: ((folder / name).read_bytes(), kind) for path, (name, kind) in _FILES.items()}
 
     async def page(request: Request) -> Response:
         body, kind = pages[request.url.path]
         return Response(body, media_type=kind, headers=_HEADERS)
+
+    return [Route(path, page, methods=["GET"]) for path in _FILES]
+
+
+def console_routes(*, openai_base: str) -> list[Route]:
+    """The page's files and the chat relay to ``openai_base`` (``http://127.0.0.1:9337``)."""
 
     async def chat(request: Request) -> Response:
         headers = {"content-type": "application/json"}
@@ -68,5 +74,4 @@ def console_routes(*, openai_base: str) -> list[Route]:
         return StreamingResponse(upstream.aiter_raw(), status_code=upstream.status_code, headers=kept,
                                  background=BackgroundTask(close))
 
-    return [*(Route(path, page, methods=["GET"]) for path in _FILES),
-            Route("/api/chat/completions", chat, methods=["POST"])]
+    return [*page_routes(), Route("/api/chat/completions", chat, methods=["POST"])]

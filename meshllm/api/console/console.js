@@ -159,6 +159,7 @@ function bar(pct) {
 
 function roleOf(s, node) {
   if (node.role === "client") return "client";
+  if (node.role === "viewer") return "no node";
   if (s.models.some((m) => m.servers.some((x) => x.node === node.id))) return "serving";
   if (s.models.some((m) => m.workers.some((w) => w.node === node.id))) return "split worker";
   return "standby";
@@ -167,7 +168,12 @@ function roleOf(s, node) {
 function render() {
   const s = view.status;
   if (!s) return;
-  $("mesh").textContent = "mesh " + (s.mesh_id || "?") + " · via node " + nodeName(s, s.node.id);
+  const readonly = Boolean(s.readonly);
+  $("mesh").textContent = readonly ? "read-only console · no node runs on this machine"
+    : "mesh " + (s.mesh_id || "?") + " · via node " + nodeName(s, s.node.id);
+  for (const id of ["lobby", "meshes-section"]) $(id).hidden = !readonly;
+  for (const id of ["models-section", "chat-section", "token-button"]) $(id).hidden = readonly;
+  if (readonly) renderLobby(s);
   renderNodes(s);
   renderModels(s);
   $("events").replaceChildren(...view.events.map((t) => el("li", {}, t)));
@@ -177,23 +183,42 @@ function renderNodes(s) {
   const items = s.nodes.filter((n) => n.state === "alive").map((n) => {
     const used = s.models.reduce((sum, m) => sum + (m.servers.some((x) => x.node === n.id && x.phase !== "failed")
       ? m.size_bytes || 0 : 0), 0);
-    const pct = n.capacity_bytes ? Math.min(100, (100 * used) / n.capacity_bytes) : 0;
     const alive = new Set(s.nodes.filter((x) => x.state === "alive").map((x) => x.id));
     const rtts = Object.entries(n.rtt_ms || {}).filter(([peer]) => alive.has(peer)).map(([peer, ms]) => nodeName(s, peer) + " " + ms.toFixed(1) + " ms");
     const role = roleOf(s, n);
     const li = el("li", { "data-node": n.id, "data-role": role },
       el("span", { class: "badge role" }, role), el("strong", {}, n.name || n.id.slice(0, 8)),
       el("div", { class: "muted" }, n.id.slice(0, 12) + (n.id === s.node.id ? " (this node)" : "")));
-    if (role !== "client") {
-      li.append(el("div", { class: "bar", role: "meter", "aria-label": "memory used on " + (n.name || n.id),
-        "aria-valuemin": "0", "aria-valuemax": String(n.capacity_bytes), "aria-valuenow": String(used) },
-      bar(pct)),
-      el("div", { class: "muted" }, gib(used) + " of " + gib(n.capacity_bytes) + " used"));
-    }
+    if (role !== "client") li.append(...memoryBars(n, used));
     if (rtts.length) li.append(el("div", { class: "muted" }, "links: " + rtts.join(", ")));
     return li;
   });
   $("nodes").replaceChildren(...items);
+}
+
+function renderLobby(s) {
+  $("lobby-hint").textContent = s.hint || "";
+  const rows = (s.meshes || []).map((m) => el("tr", { "data-mesh": m.mesh_id },
+    el("th", { scope: "row" }, m.name || m.mesh_id.slice(0, 12)), el("td", {}, m.models.join(", ") || "—"),
+    el("td", {}, String(m.nodes)), el("td", {}, String(m.clients)), el("td", {}, m.region || "—"),
+    el("td", {}, m.age_s + " s"), el("td", {}, el("code", {}, m.join))));
+  $("meshes").tBodies[0].replaceChildren(...rows);
+  $("meshes-none").hidden = rows.length > 0;
+}
+
+// One bar per GPU where a node has several (llama-server spreads layers over them by memory, so each
+// GPU's share of what the node holds is estimated in that proportion: "≈"), else one for the node.
+function memoryBars(n, used) {
+  const gpus = n.gpus || [];
+  const parts = gpus.length > 1 ? gpus.map((g, i) => ({ label: "GPU " + i + " " + g.name, size: g.bytes,
+    used: n.capacity_bytes ? Math.round((used * g.bytes) / n.capacity_bytes) : 0, approx: "≈ " }))
+    : [{ label: gpus.length ? gpus[0].name : "memory", size: n.capacity_bytes, used, approx: "" }];
+  return parts.flatMap((p) => [
+    el("div", { class: "bar", role: "meter", "aria-label": p.label + " used on " + (n.name || n.id),
+      "aria-valuemin": "0", "aria-valuemax": String(p.size), "aria-valuenow": String(p.used) },
+    bar(p.size ? Math.min(100, (100 * p.used) / p.size) : 0)),
+    el("div", { class: "muted" }, (gpus.length > 1 ? p.label + ": " : "") + p.approx + gib(p.used) + " of " +
+      gib(p.size) + " used")]);
 }
 
 function throughput(s, m) {
@@ -201,7 +226,8 @@ function throughput(s, m) {
   if (!figures) return "—";
   return figures.requests + " req, " + figures.tokens_out + " tok out" +
     (figures.ttft_avg_s ? ", TTFT " + (1000 * figures.ttft_avg_s).toFixed(0) + " ms" : "") +
-    (figures.decode_avg_tps ? ", " + figures.decode_avg_tps.toFixed(1) + " tok/s" : "");
+    (figures.decode_avg_tps ? ", " + figures.decode_avg_tps.toFixed(1) + " tok/s" : "") +
+    (figures.waiting ? ", " + figures.waiting + " queued" : "");
 }
 
 function renderModels(s) {
