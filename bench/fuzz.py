@@ -23,6 +23,7 @@ exceptions). It never asserts; ``tests/unit/test_fuzz.py`` is the seeded run CI 
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import os
 import random
@@ -83,6 +84,8 @@ def http_check(tally: Tally, target: str, client: httpx.Client, headers: dict[st
             tally.problem(target, f"{path}: no answer: {exc!r}")
             return
         tally.status(response.status_code)
+        if response.status_code >= 500:
+            tally.server_error(f"{path} {response.status_code}: {response.text[:160]}")
         problem = answer_problem(response.status_code, response.headers.get("content-type", ""), response.content)
         if problem:
             tally.problem(target, f"{path}: {problem}")
@@ -246,6 +249,7 @@ def main() -> None:
     report = {"cases": tally.total, "by_target": tally.cases, "statuses": tally.statuses,
               "node_crashed": not alive, "node_healthy_after": healthy, "unhandled_exceptions_in_log": len(tracebacks),
               "malformed_or_unexpected": len(tally.problems), "examples": tally.problems[:20] + tracebacks[:10],
+              "server_errors": dict(Counter(tally.server_errors).most_common(15)),
               "seconds": round(time.monotonic() - started, 1), "seed": args.seed}
     print(json.dumps(report, indent=2))
     if args.json:

@@ -210,6 +210,7 @@ class Tally:
     cases: dict[str, int] = field(default_factory=dict)
     statuses: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # malformed answers, unexpected exceptions
+    server_errors: list[str] = field(default_factory=list)  # well-formed 5xx answers, what they said
 
     def case(self, target: str) -> None:
         self.cases[target] = self.cases.get(target, 0) + 1
@@ -217,6 +218,9 @@ class Tally:
     def status(self, code: int) -> None:
         key = f"{code // 100}xx" if code != 500 else "500"
         self.statuses[key] = self.statuses.get(key, 0) + 1
+
+    def server_error(self, text: str) -> None:
+        self.server_errors.append(text)
 
     def problem(self, target: str, text: str) -> None:
         self.problems.append(f"{target}: {text}")
