@@ -101,7 +101,9 @@ class Backend(Protocol):
         ...
 
 
-_CLIENT_MISTAKES = ("Failed to parse", "[json.exception.")  # llama-server's 500s that blame the request
+# llama-server's 500s that blame the request (seen: a message without a role, tools that are not a list,
+# /v1/messages without messages)
+_CLIENT_MISTAKES = ("Failed to parse", "[json.exception.", "' is required", "Expected '")
 
 
 async def _client_mistake(response: BackendResponse) -> BackendResponse:

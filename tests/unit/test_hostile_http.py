@@ -5,8 +5,10 @@ blame the request reach the client as 400s."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
+from collections.abc import Awaitable, Callable
 
 import anyio
 import httpx
@@ -91,25 +93,42 @@ async def test_slow_clients_are_cut_off_and_the_node_keeps_answering(stage: str)
     router.close()
 
 
-LLAMA_500 = (b'{"error":{"code":500,"message":"Failed to parse messages: Missing \'role\' in message: '
-             b'{\\"content\\":\\"hi\\"}","type":"server_error"}}')
+# What llama-server answered (a 500) to requests that were the client's mistake, as seen
+LLAMA_500 = {
+    "no role": ("/v1/chat/completions", {"model": "m", "messages": [{"content": "hi"}]},
+                "Failed to parse messages: Missing 'role' in message: {\"content\":\"hi\"}"),
+    "tools": ("/v1/chat/completions", {"model": "m", "messages": [], "tools": "x"},
+              "Failed to parse tools: Expected 'tools' to be an array, got \"x\"; tools = \"x\""),
+    "no messages": ("/v1/messages", {"model": "m", "max_tokens": 4}, "'messages' is required"),
+}
 
 
-async def answers_500(state: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """llama-server's answer to a chat request whose message has no role (seen: a 500)."""
-    while True:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json; charset=utf-8\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(LLAMA_500), LLAMA_500))
-        await writer.drain()
+def answering_500(message: str) -> Callable[[Upstream, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    body = json.dumps({"error": {"code": 500, "message": message, "type": "server_error"}}).encode()
+
+    async def answer(state: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json; charset=utf-8\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+    return answer
 
 
+@pytest.mark.parametrize("case", sorted(LLAMA_500))
 @pytest.mark.parametrize("routed", ROUTED)
-async def test_a_llama_server_500_for_a_malformed_request_reaches_the_client_as_a_400(routed: bool) -> None:
-    async with upstream(answers_500) as server, node_a(server.port, routed=routed) as (url, _, _):
+async def test_a_llama_server_500_for_a_malformed_request_reaches_the_client_as_a_400(routed: bool, case: str) -> None:
+    path, request, message = LLAMA_500[case]
+    async with upstream(answering_500(message)) as server, node_a(server.port, routed=routed) as (url, _, _):
         async with httpx.AsyncClient() as client:
-            response = await client.post(f"{url}/v1/chat/completions",
-                                         json={"model": "m", "messages": [{"content": "hi"}]})
+            response = await client.post(f"{url}{path}", json=request)
     assert response.status_code == 400
     error = response.json()["error"]
-    assert error["type"] == "invalid_request_error" and "Missing 'role'" in error["message"]
+    assert error["type"] == "invalid_request_error" and error["message"] == message
+
+
+async def test_a_llama_server_500_of_its_own_stays_a_500() -> None:
+    async with upstream(answering_500("model crashed")) as server, node_a(server.port, routed=False) as (url, _, _):
+        async with httpx.AsyncClient() as client:
+            response = await client.post(f"{url}/v1/completions", json={"model": "m", "prompt": "x"})
+    assert response.status_code == 500 and response.json()["error"]["message"] == "model crashed"
