@@ -6,9 +6,13 @@ it with the three clients in turn, the order rotating every round, each into a f
 - ``meshllm``: ``engine.download.fetch`` (file lock, HEAD, free-disk check, huggingface_hub download,
   sha256 of the whole file, atomic rename): what a node and ``meshllm download`` run;
 - ``hf_hub``: ``huggingface_hub.hf_hub_download(local_dir=...)`` alone (no checksum);
-- ``httpx``: one streamed GET written to disk in 1 MiB pieces (no resume, no checksum).
+- ``httpx``: one streamed GET written to disk in 1 MiB pieces (no resume, no checksum);
+- ``ranges``: ``engine.ranges.HubRanges``, the client split participants fetch their tensors with (``Range``
+  requests, the file's ETag pinned, retries that resume), here fetching the whole file in 64 MiB pieces
+  written in place with ``pwrite`` and hashed (sha256) as they arrive, as ``engine.sparse`` does.
 
-It prints MB/s per client (median of the rounds) and meshllm / each other (median of the per-round ratios).
+It prints MB/s per client (median of the rounds) and meshllm / each other, ranges / hf_hub (median of the
+per-round ratios).
 Usage: python bench/download.py [--size-mb 256] [--rounds 5] [--out results/download-....txt]
 """
 
@@ -65,6 +69,38 @@ def via_httpx(url: str, folder: Path) -> Path:
     return target
 
 
+def via_ranges(url: str, folder: Path) -> Path:
+    import hashlib
+
+    import anyio
+
+    from meshllm.engine.download import HubFile
+    from meshllm.engine.ranges import HubRanges
+
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / FILE
+    size = int(httpx.head(f"{url}/{REPO}/resolve/main/{FILE}", timeout=10).headers["content-length"])
+
+    async def run() -> None:
+        source = HubRanges(HubFile(REPO, FILE, endpoint=url))
+        digest = hashlib.sha256()
+        fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(fd, size)
+            for start in range(0, size, 64 << 20):
+                pos = start
+                async for chunk in source.stream(start, min(64 << 20, size - start)):
+                    os.pwrite(fd, chunk, pos)
+                    digest.update(chunk)
+                    pos += len(chunk)
+        finally:
+            os.close(fd)
+            await source.aclose()
+
+    anyio.run(run)
+    return target
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=256)
@@ -75,7 +111,7 @@ def main() -> int:
 
     disable_progress_bars()
     clients: dict[str, Callable[[str, Path], Path]] = {"meshllm": via_meshllm, "hf_hub": via_hf_hub,
-                                                       "httpx": via_httpx}
+                                                       "httpx": via_httpx, "ranges": via_ranges}
     size = args.size_mb << 20
     rates: dict[str, list[float]] = {name: [] for name in clients}
     with tempfile.TemporaryDirectory(prefix="meshllm-bench-dl-") as tmp, HubServer() as hub:
@@ -83,7 +119,7 @@ def main() -> int:
         hub.add(REPO, FILE, write_file(root / "source.gguf", size))
         names = list(clients)
         for round_ in range(args.rounds):
-            order = names[round_ % 3:] + names[:round_ % 3]
+            order = names[round_ % len(names):] + names[:round_ % len(names)]
             for name in order:
                 folder = root / f"{name}-{round_}"
                 start = time.perf_counter()
@@ -100,6 +136,8 @@ def main() -> int:
     for other in ("hf_hub", "httpx"):
         ratio = statistics.median(m / o for m, o in zip(rates["meshllm"], rates[other], strict=True))
         lines.append(f"meshllm / {other}: {ratio:.2f}x (median of per-round ratios)")
+    ratio = statistics.median(r / o for r, o in zip(rates["ranges"], rates["hf_hub"], strict=True))
+    lines.append(f"ranges / hf_hub: {ratio:.2f}x (median of per-round ratios)")
     text = "\n".join(lines)
     print(text)
     if args.out is not None:

@@ -39,7 +39,7 @@ from meshllm.api.bodies import loads
 from meshllm.api.errors import openai_error
 from meshllm.engine.ggufcheck import check_gguf
 from meshllm.engine.ggufinfo import context_length
-from meshllm.engine.models import ResolvedModel, file_fingerprint, looks_like_path, resolve_model
+from meshllm.engine.models import ResolvedModel, file_fingerprint, file_hashes, looks_like_path, resolve_model
 from meshllm.engine.sources import SourcePolicy
 from meshllm.errors import ManifestError, ModelError
 from meshllm.reconcile.placement import conditions
@@ -178,7 +178,8 @@ class ControlAPI:
             raise ManifestError(f"{model.where('ctxSize')}: {model.spec.ctx_size} is more than the "
                                 f"{trained} tokens of context the model was trained for")
         return model.spec.model_copy(update={"source": source, "size_bytes": resolved.size_bytes, "draft": draft,
-                                             "fingerprint": file_fingerprint(resolved.path)})
+                                             "fingerprint": file_fingerprint(resolved.path),
+                                             "tensor_hashes": file_hashes(resolved.path)})
 
     def _check_source(self, source: str, *, where: str) -> tuple[str, ResolvedModel]:
         try:

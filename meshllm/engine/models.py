@@ -14,16 +14,18 @@ path of its file, ``gemma-3-270m-q4_k_m.gguf``), so every node of a mesh lists i
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from meshllm.engine.download import ModelReference, parse_reference
+from meshllm.engine.tensors import file_table, hash_tensors
 from meshllm.errors import ModelError, ModelNotFetched
 
-__all__ = ["DEFAULT_MODEL", "ResolvedModel", "canonical_name", "file_fingerprint", "looks_like_path", "models_dir",
-           "resolve_model"]
+__all__ = ["DEFAULT_MODEL", "ResolvedModel", "canonical_name", "file_fingerprint", "file_hashes", "looks_like_path",
+           "models_dir", "resolve_model"]
 
 DEFAULT_MODEL = "gemma-3-270m"
 GGUF_MAGIC = b"GGUF"
@@ -39,23 +41,34 @@ class ResolvedModel:
     size_bytes: int
 
 
-FINGERPRINT_SPAN = 8 << 20  # bytes hashed at each end of the file
-
-
 def file_fingerprint(path: Path) -> str:
-    """A cheap identity of a model file: its size and a hash of its first and last 8 MiB (the GGUF
-    header, which names every tensor with its type, shape and offset, and the end of the weights).
-    Split workers compare it with the mesh's before loading their layers from their own copy, and
-    the host then offers every weight by name (patch 0003), so this is all that vouches for the
-    copy: two files that agree here are taken to be the same model."""
-    size = path.stat().st_size
-    digest = hashlib.blake2b(digest_size=12, person=b"meshllm-gguf")
-    with path.open("rb") as f:
-        digest.update(f.read(FINGERPRINT_SPAN))
-        if size > 2 * FINGERPRINT_SPAN:
-            f.seek(size - FINGERPRINT_SPAN)
-        digest.update(f.read(FINGERPRINT_SPAN))
-    return f"{size}:{digest.hexdigest()}"
+    """The identity of a model file: its size and a hash of its GGUF header, which names every tensor
+    with its type, shape and offset (``engine.tensors``). Two files that agree here lay the same
+    tensors out the same way; whether their bytes agree is what ``file_hashes`` tells."""
+    return file_table(path).fingerprint
+
+
+def file_hashes(path: Path) -> dict[str, str]:
+    """The sha256 of every tensor of ``path`` (``engine.tensors.hash_tensors``), read once per version
+    of the file: kept in ``<models folder>/.tensors/`` by path, size and modification time."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    cache = models_dir() / ".tensors" / f"{key}.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if isinstance(cached, dict):
+            return {str(k): str(v) for k, v in cached.items()}
+    except (OSError, ValueError):
+        pass
+    hashes = hash_tensors(path, file_table(path).tensors)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(hashes))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only models folder: computed again next time
+    return hashes
 
 
 def models_dir() -> Path:

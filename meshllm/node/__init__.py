@@ -10,6 +10,7 @@ until SIGINT or SIGTERM; then it stops them in the reverse order and leaves the 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +20,11 @@ from anyio.abc import TaskStatus
 
 from meshllm.engine.build import require_engine
 from meshllm.engine.catalog import catalog
-from meshllm.engine.download import ModelReference, check_remote, parse_reference
+from meshllm.engine.download import HubFile, ModelReference, check_remote, parse_reference
 from meshllm.engine.ggufcheck import check_gguf
-from meshllm.engine.models import file_fingerprint, models_dir, resolve_model
-from meshllm.errors import MeshError, ModelNotFetched
+from meshllm.engine.models import file_fingerprint, file_hashes, models_dir, resolve_model
+from meshllm.engine.ranges import remote_fingerprint
+from meshllm.errors import MeshError, ModelError, ModelNotFetched
 from meshllm.node.config import NodeConfig
 from meshllm.node.discovery import resolve_join
 from meshllm.node.http import bind_socket
@@ -33,6 +35,8 @@ from meshllm.store.identity import load_identity
 from meshllm.store.lock import hold_state_dir
 
 __all__ = ["Node", "NodeConfig", "bind_socket", "check_model", "desired_models", "draft_for", "run_node"]
+
+log = logging.getLogger(__name__)
 
 DRAFT_SHARE = 0.1  # a catalog draft not on disk yet is fetched when it is at most this share of its model
 
@@ -68,6 +72,16 @@ def draft_for(config: NodeConfig, source: str) -> str:
     return ""
 
 
+def _header_fingerprint(file: HubFile, size: int) -> str:
+    """A hub file's fingerprint from its header, or "" when the hub would not give it (the node still
+    serves the model; only a split without the file waits for it)."""
+    try:
+        return remote_fingerprint(file, size)
+    except ModelError as exc:
+        log.warning("%s/%s: %s", file.repo, file.path, exc)
+        return ""
+
+
 def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSpec]:
     """The ``--model`` arguments as desired state pinned to this node; fails fast on a bad one."""
     if config.client and config.models:
@@ -80,14 +94,20 @@ def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSp
         except ModelNotFetched as exc:  # a hub model: the served-model controller fetches it
             reference = exc.reference
             name = getattr(reference, "name", source)
+            size = check_model(source)
+            files = reference.files if isinstance(reference, ModelReference) else ()
+            # one file: known by its header, and fetched in pieces where it is split
+            fingerprint = _header_fingerprint(files[0], size) if len(files) == 1 else ""
             specs.append(ModelSpec(name=name, source=source, node=node_id, created_at=now, origin=ModelOrigin.NODE,
-                                   owner=node_id, size_bytes=check_model(source), split=config.split, draft=draft))
+                                   owner=node_id, size_bytes=size, fingerprint=fingerprint, split=config.split,
+                                   draft=draft))
             continue
         check_gguf(resolved.path)  # a truncated or corrupt file fails here, not in llama-server's restarts
         kept = source if not Path(source).expanduser().exists() else str(resolved.path)
         specs.append(ModelSpec(name=resolved.name, source=kept, node=node_id, created_at=now,
                                origin=ModelOrigin.NODE, owner=node_id, size_bytes=resolved.size_bytes,
-                               fingerprint=file_fingerprint(resolved.path), split=config.split, draft=draft))
+                               fingerprint=file_fingerprint(resolved.path), tensor_hashes=file_hashes(resolved.path),
+                               copy_on=node_id, split=config.split, draft=draft))
     return specs
 
 

@@ -70,6 +70,7 @@ from meshllm.reconcile.leases import PlacementController
 from meshllm.reconcile.runtime import Runner
 from meshllm.reconcile.downloads import Downloads
 from meshllm.reconcile.served import ServedModelController
+from meshllm.reconcile.shares import ShareFetches
 from meshllm.reconcile.supervisor import ProcessSupervisor
 from meshllm.reconcile.timing import Backoff
 from meshllm.reconcile.workers import WorkerController
@@ -80,6 +81,7 @@ from meshllm.store.admin import load_or_create_admin_token
 from meshllm.store.db import AppliedManifest, NodeStore
 from meshllm.store.identity import NodeIdentity
 from meshllm.tunnels.http import HttpTunnelClient, HttpTunnelServer
+from meshllm.tunnels.models import ModelFileServer, local_copies
 from meshllm.tunnels.rpc import RpcTunnelClient, RpcTunnelServer
 from meshllm.tunnels.service import StreamService, serve_streams
 
@@ -147,6 +149,8 @@ class Node:
         self.runner: Runner | None = None
         self.workers: WorkerController | None = None
         self.downloads = Downloads(folder=models_dir())  # hub models this node must fetch to serve
+        # split shares: the tensors of a model this node holds in a split, when it has no whole copy
+        self.shares = ShareFetches(folder=models_dir(), node_id=node_id, tunnels=HttpTunnelClient(self.mesh.connect))
         if engine_dir is not None:
             self.supervisor = ProcessSupervisor(store=store)
             self.runner, self.workers = self._controllers(self.supervisor, engine_dir, store, key)
@@ -191,13 +195,14 @@ class Node:
             state, node_id=node_id, supervisor=supervisor, engine_dir=engine_dir, log_dir=logs,
             gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads,
             store=store, rpc=self.rpc_tunnels, backoff=backoff, max_tokens=config.max_tokens_default,
-            downloads=self.downloads)
+            downloads=self.downloads, shares=self.shares)
         # --rpc-direct: rpc-servers on the node's address, published for hosts to reach straight
         bind_host = config.quic_host if config.rpc_direct else "127.0.0.1"
         direct_host = self.mesh.advertised(0)[0].rpartition(":")[0] if config.rpc_direct else ""
         workers = WorkerController(state, node_id=node_id, supervisor=supervisor, engine_dir=engine_dir, log_dir=logs,
                                    key=key, threads=config.threads, device=config.device, store=store,
-                                   backoff=backoff, bind_host=bind_host, direct_host=direct_host)
+                                   backoff=backoff, bind_host=bind_host, direct_host=direct_host,
+                                   shares=self.shares)
         placement = PlacementController(state, node_id=node_id, incarnation=self.mesh.incarnation, store=store)
         runner = Runner(state, [placement, served, workers, GarbageCollector(state, node_id=node_id)],
                         supervisor=supervisor, backoff=backoff)
@@ -219,7 +224,9 @@ class Node:
     def _stream_services(self) -> list[StreamService]:
         """What this node answers on its endpoint besides gossip: the HTTP tunnel (requests for the
         models it serves) and, where it can be a split worker, the RPC tunnel to its rpc-servers."""
-        services: list[StreamService] = [HttpTunnelServer(self.plane.answer_peer)]
+        # peers' requests, and pieces of the model files this node holds (for split shares)
+        answer = ModelFileServer(local_copies(self.state.models), self.plane.answer_peer)
+        services: list[StreamService] = [HttpTunnelServer(answer)]
         if self.workers is not None:
             services.append(RpcTunnelServer(self.workers.endpoint_for))
         return services
@@ -228,6 +235,7 @@ class Node:
         """The start order after the mesh; the stop order is its reverse, then the mesh."""
         engine = [] if self.supervisor is None or self.runner is None else [
             ("engine processes", self.supervisor.run), ("downloads", self.downloads.run),
+            ("split shares", self.shares.run),
             ("controllers", self.runner.run)]
         listing = [] if self.publisher is None else [("publisher", self.publisher.run)]
         return [("model names", self.names.run), ("key rotation", self.rotation.run), ("RPC tunnels", self.rpc_tunnels.run), *engine,

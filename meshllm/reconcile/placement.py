@@ -341,8 +341,20 @@ def conditions(state: MeshState, *, now: float, plan: Placement | None = None) -
     alive = state.alive_nodes()
     servers = [s for s in state.servers().values() if s.node in alive]
     wanted = wanted_models(state.models(), alive, state.demand().values(), now)
-    return {name: _condition(name, spec, wanted.get(name), plan, servers)
+    failed_workers = [w for w in state.workers().values() if w.phase is ServerPhase.FAILED and w.node in alive
+                      and now - w.since < FAILURE_MEMORY]
+    return {name: _worker_failure(name, _condition(name, spec, wanted.get(name), plan, servers), failed_workers)
             for name, spec in state.models().items()}
+
+
+def _worker_failure(name: str, condition: Condition, failed: list[WorkerStatus]) -> Condition:
+    """A model not served because a split worker could not hold its layers says so (say, its copy of
+    the file differs from the mesh's in one tensor), rather than only that no split fits."""
+    mine = [w for w in failed if w.model == name]
+    if condition.phase in (ConditionPhase.READY, ConditionPhase.LOADING, ConditionPhase.DOWNLOADING) or not mine:
+        return condition
+    return condition.model_copy(update={"reason": "WorkerFailed",
+                                        "message": f"split worker {mine[0].node}: {mine[0].message}"})
 
 
 def _condition(name: str, spec: ModelSpec, why: str | None, plan: Placement,

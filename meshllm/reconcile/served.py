@@ -42,10 +42,12 @@ from meshllm.reconcile.served_plan import (
     Remember, Start, Stop, Unavailable, Wait, Withdraw, plan,
 )
 from meshllm.reconcile.supervisor import PROCESSES, HttpReady, LaunchSpec, ProcessPhase, ProcessView, Supervisor
+from meshllm.reconcile.shares import ShareFetcher, share_of
+from meshllm.reconcile.split import split_layout
 from meshllm.reconcile.timing import Backoff, Clock, SystemClock
 from meshllm.reconcile.workers import RPC_RECORD_PREFIX
 from meshllm.state.document import Changed, MeshState
-from meshllm.state.schema import ModelSpec, ServerPhase, server_key
+from meshllm.state.schema import ModelSpec, PlacementLease, ServerPhase, server_key
 from meshllm.store.db import NodeStore
 
 __all__ = ["DesiredServer", "RpcConnector", "ServedModelController", "settings_hash", "split_args"]
@@ -76,7 +78,8 @@ class ServedModelController:
     def __init__(self, state: MeshState, *, node_id: str, supervisor: Supervisor, engine_dir: Path, log_dir: Path,
                  gpu_layers: int = 0, device: str = "", threads: int = 0, store: NodeStore | None = None,
                  rpc: RpcConnector | None = None, clock: Clock | None = None, backoff: Backoff | None = None,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, downloads: Fetcher | None = None) -> None:
+                 max_tokens: int = DEFAULT_MAX_TOKENS, downloads: Fetcher | None = None,
+                 shares: ShareFetcher | None = None) -> None:
         self.state = state
         self.node_id = node_id
         self.supervisor = supervisor
@@ -88,6 +91,7 @@ class ServedModelController:
         self.store = store
         self.rpc = rpc
         self.downloads = downloads
+        self.shares = shares
         self.clock = clock or SystemClock()
         self.backoff = backoff or Backoff()
         self.max_tokens = max_tokens
@@ -130,12 +134,20 @@ class ServedModelController:
         spec = self._my_specs().get(model)
         if spec is None:
             return None
+        lease = next((lease for lease in self.state.leases().values()
+                      if lease.node == self.node_id and lease.model == model), None)
         try:
             path = await self._resolve(spec.source, spec.name)
-        except ModelNotFetched as exc:
-            return self._fetching(model, spec.source, exc, draft=False)
         except ModelError as exc:
-            return Unavailable(model, str(exc))
+            if lease is not None and lease.workers and self.shares is not None:  # a split host: its share only
+                share = self._host_share(spec, lease)
+                if not isinstance(share, Path):
+                    return share
+                path = share
+            elif isinstance(exc, ModelNotFetched):
+                return self._fetching(model, spec.source, exc, draft=False)
+            else:
+                return Unavailable(model, str(exc))
         if problem := await self._broken(path):  # llama-server would fail to load it, again and again
             return Unavailable(model, problem)
         try:
@@ -152,8 +164,6 @@ class ServedModelController:
             return Unavailable(model, str(exc))
         if path not in self._chat:  # read once, not at every reconcile
             self._chat[path] = await anyio.to_thread.run_sync(chat_arguments, path)
-        lease = next((lease for lease in self.state.leases().values()
-                      if lease.node == self.node_id and lease.model == model), None)
         if lease is None or not lease.workers:
             desired = DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, draft=draft)
         else:
@@ -218,6 +228,14 @@ class ServedModelController:
             except ModelError as exc:
                 self._checked[key] = str(exc)
         return self._checked[key]
+
+    def _host_share(self, spec: ModelSpec, lease: PlacementLease) -> Path | Fetching | Unavailable:
+        """The split host's share of a file it has no whole copy of: fetched (``reconcile.shares``)."""
+        assert self.shares is not None
+        state = self.shares.want(share_of(spec, lease, self.node_id, host_gpu=self.gpu_layers > 0))
+        if state.error:
+            return Unavailable(spec.name, f"fetching its layers failed: {state.error}")
+        return state.path if state.path is not None else Fetching(spec.name, state.message)
 
     async def _resolve(self, source: str, name: str) -> Path:
         key = (source, name)
@@ -328,17 +346,6 @@ def settings_hash(config: LlamaServerConfig) -> str:
 
 
 def split_args(desired: DesiredServer, rpc_endpoints: list[str], *, gpu: bool) -> tuple[int, tuple[str, ...]]:
-    """``--n-gpu-layers`` and the extra llama-server arguments of a split host.
-
-    llama.cpp puts RPC devices first and the host's own GPU last, so on a GPU host every layer is
-    offloaded and ``--tensor-split`` lists the workers' shares then the host's. A CPU is never a split
-    device: a CPU host keeps its share of the layers by offloading only the rest, shared among the
-    workers. ``--n-gpu-layers n`` offloads the output head and the last ``n - 1`` layers (llama.cpp
-    counts the head as a layer and offloads it first), so the workers' layers are ``n - 1``."""
-    rpc = ("--rpc", ",".join(rpc_endpoints))
-    shares = list(desired.tensor_split)
-    if gpu:
-        return 999, (*rpc, "--tensor-split", ",".join(f"{x:.4g}" for x in shares))
-    host_share = shares[-1] / sum(shares)
-    host_layers = min(desired.n_layer - 1, round(host_share * desired.n_layer))
-    return desired.n_layer - host_layers + 1, (*rpc, "--tensor-split", ",".join(f"{x:.4g}" for x in shares[:-1]))
+    """``--n-gpu-layers`` and the extra llama-server arguments of a split host (``split_layout``)."""
+    gpu_layers, shares = split_layout(desired.n_layer, desired.tensor_split, gpu=gpu)
+    return gpu_layers, ("--rpc", ",".join(rpc_endpoints), "--tensor-split", ",".join(f"{x:.4g}" for x in shares))

@@ -24,13 +24,13 @@ candidate is clearly better: fewer participants, or a worst RTT lower by more th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from meshllm.state.schema import NodeRole, NodeStatus
 
 __all__ = [
-    "FIT_FACTOR", "MAX_RTT_MS", "RTT_HYSTERESIS_MS", "NoSplit", "SplitPlan", "keep_or_replan", "plan_split", "rtt",
+    "FIT_FACTOR", "MAX_RTT_MS", "RTT_HYSTERESIS_MS", "NoSplit", "SplitPlan", "keep_or_replan", "plan_split", "rtt", "split_layout",
 ]
 
 FIT_FACTOR = 1.1  # the participants' capacity must be at least this times the model's size
@@ -152,3 +152,21 @@ def keep_or_replan(current: SplitPlan | None, size_bytes: int, nodes: Iterable[N
     if candidate.worst_rtt_ms < worst - RTT_HYSTERESIS_MS:
         return candidate
     return current
+
+
+def split_layout(n_layer: int, tensor_split: Sequence[float], *, gpu: bool) -> tuple[int, list[float]]:
+    """A split host's ``--n-gpu-layers`` and ``--tensor-split`` shares, for the lease's shares (workers
+    first, host last). Split participants that fetch only their tensors derive their layers from it
+    (``engine.tensors.layer_devices``), so both must come from here.
+
+    llama.cpp puts RPC devices first and the host's own GPU last, so on a GPU host every layer is
+    offloaded and ``--tensor-split`` lists the workers' shares then the host's. A CPU is never a split
+    device: a CPU host keeps its share of the layers by offloading only the rest, shared among the
+    workers. ``--n-gpu-layers n`` offloads the output head and the last ``n - 1`` layers (llama.cpp
+    counts the head as a layer and offloads it first), so the workers' layers are ``n - 1``."""
+    shares = list(tensor_split)
+    if gpu:
+        return 999, shares
+    host_share = shares[-1] / sum(shares)
+    host_layers = min(n_layer - 1, round(host_share * n_layer))
+    return n_layer - host_layers + 1, shares[:-1]

@@ -27,14 +27,16 @@ from pathlib import Path
 
 import anyio
 
-from meshllm.engine.models import file_fingerprint, resolve_model
+from meshllm.engine.models import resolve_model
 from meshllm.engine.process import safe_name
 from meshllm.engine.rpc_auth import RPC_SECRET_ENV
+from meshllm.engine.tensors import check_hashes, file_table, hash_tensors
 from meshllm.errors import ModelError
+from meshllm.reconcile.shares import Share, ShareFetcher, share_of, share_tensors
 from meshllm.reconcile.supervisor import PROCESSES, LaunchSpec, ListenReady, ProcessPhase, ProcessView, Supervisor
 from meshllm.reconcile.timing import Backoff
 from meshllm.state.document import Changed, MeshState
-from meshllm.state.schema import PlacementLease, ServerPhase, WorkerStatus, server_key
+from meshllm.state.schema import ModelSpec, PlacementLease, ServerPhase, WorkerStatus, server_key
 from meshllm.store.db import NodeStore
 
 __all__ = [
@@ -49,6 +51,7 @@ START_TIMEOUT = 120.0  # seconds a ggml-rpc-server may take to index its file an
 MAX_RESTARTS = 3  # crashes in a row before the worker is reported failed
 FAILED_RETRY = 60.0  # seconds a failed worker waits before it is tried again
 NO_COPY_RETRY = 30.0  # seconds before looking again for an identical copy of the model
+FETCH_POLL = 1.0  # seconds between looks at the fetch of its share, while it runs
 
 
 @dataclass(frozen=True)
@@ -77,8 +80,10 @@ class RpcWorkerConfig:
 class DesiredWorker:
     model: str
     host: str  # the split's host node
-    gguf: Path | None = None  # this node's copy of the model
+    gguf: Path | None = None  # this node's copy of the model (whole, or a sparse copy of its share)
     problem: str = ""  # why this node cannot hold the layers (no identical copy)
+    fetching: str = ""  # its share of the file is being fetched: how far that got
+    layout: str = ""  # a sparse copy: the share it holds (its rpc-server knows only those tensors)
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,8 @@ class WorkerMemory:
     retry_at: float = 0.0
     since: float = 0.0
     message: str = ""  # why it failed, or restarts
+    fetching: bool = False  # ``message`` is the progress of fetching its share of the file
+    layout: str = ""  # the share the running rpc-server's sparse copy held when it started
 
 
 @dataclass(frozen=True)
@@ -200,6 +207,8 @@ def _check_running(desired: DesiredWorker, proc: ProcessView, memory: WorkerMemo
         reason = "left running by the previous run of this node"
     elif memory.host != desired.host:
         reason = f"the split's host is now {desired.host}"
+    elif memory.layout != desired.layout:
+        reason = "its share of the layers changed"
     elif proc.phase is ProcessPhase.STARTING and now - proc.seen_at > start_timeout:
         reason = f"not listening after {start_timeout:.0f}s"
         memory = replace(memory, failed=True, retry_at=now + FAILED_RETRY, since=now,
@@ -220,13 +229,18 @@ def _start_or_wait(desired: DesiredWorker, memory: WorkerMemory, now: float,
     if same_host and now < memory.retry_at:
         actions.append(WaitWorker(desired.model, memory.retry_at))
         return memory
+    if desired.fetching:
+        actions.append(WaitWorker(desired.model, now + FETCH_POLL))
+        return replace(memory, host=desired.host, failed=False, retry_at=0.0, since=memory.since or now,
+                       message=desired.fetching, fetching=True, restarts=0)
     if desired.problem:
         actions.append(WaitWorker(desired.model, now + NO_COPY_RETRY))
         return replace(memory, host=desired.host, failed=True, retry_at=now + NO_COPY_RETRY, since=now,
-                       message=desired.problem, restarts=0)
+                       message=desired.problem, restarts=0, fetching=False)
     actions.append(StartWorker(desired))
-    return replace(memory, host=desired.host, restarts=memory.restarts if same_host else 0, failed=False,
-                   retry_at=0.0, message=memory.message if same_host else "")
+    return replace(memory, host=desired.host, layout=desired.layout, restarts=memory.restarts if same_host else 0,
+                   failed=False,
+                   retry_at=0.0, message=memory.message if same_host and not memory.fetching else "", fetching=False)
 
 
 def _status(actual: ActualWorker, proc: ProcessView | None, memory: WorkerMemory) -> WorkerStatus | None:
@@ -240,6 +254,8 @@ def _status(actual: ActualWorker, proc: ProcessView | None, memory: WorkerMemory
                             message=memory.message)
     if memory.failed:
         return worker(phase=ServerPhase.FAILED, message=memory.message, since=memory.since)
+    if proc is None and memory.fetching:
+        return worker(phase=ServerPhase.DOWNLOADING, message=memory.message, since=memory.since)
     if proc is None and memory.message:
         return worker(phase=ServerPhase.LOADING, message=memory.message, since=memory.since)
     return None
@@ -257,7 +273,8 @@ class WorkerController:
 
     def __init__(self, state: MeshState, *, node_id: str, supervisor: Supervisor, engine_dir: Path, log_dir: Path,
                  key: str, threads: int = 0, device: str = "", store: NodeStore | None = None,
-                 backoff: Backoff | None = None, bind_host: str = "127.0.0.1", direct_host: str = "") -> None:
+                 backoff: Backoff | None = None, bind_host: str = "127.0.0.1", direct_host: str = "",
+                 shares: ShareFetcher | None = None) -> None:
         """``key``: the mesh's RPC key every rpc-server demands. ``bind_host``: where rpc-servers
         listen; ``direct_host``: the address published for hosts to reach them straight (``--rpc-direct``)."""
         self.state = state
@@ -273,7 +290,9 @@ class WorkerController:
         self.bind_host = bind_host
         self.direct_host = direct_host
         self.memory: dict[str, WorkerMemory] = {}
-        self._files: dict[tuple[str, str], tuple[Path, str]] = {}  # (source, name) -> (path, fingerprint)
+        self.shares = shares
+        self._files: dict[tuple[str, str], Path] = {}  # (source, name) -> this node's whole copy
+        self._checked: dict[tuple[object, ...], str] = {}  # a copy and share -> why it is not the mesh's, or ""
 
     def serve_direct(self, bind_host: str, address: str) -> None:
         """``--rpc-direct``: rpc-servers started from now on listen on ``bind_host`` and are published as
@@ -323,15 +342,47 @@ class WorkerController:
         spec = self.state.models().get(model)
         if lease is None or spec is None:
             return None
+        host = self.state.nodes().get(lease.node)
+        share = share_of(spec, lease, self.node_id, host_gpu=host is not None and bool(host.gpus))
         try:
-            path, fingerprint = await self._local_file(spec.source, spec.name)
+            path = await self._local_file(spec.source, spec.name)
         except ModelError as exc:
-            return DesiredWorker(model, lease.node, problem=f"no copy of {model} on this node: {exc}")
-        if spec.fingerprint and fingerprint != spec.fingerprint:
-            return DesiredWorker(model, lease.node, gguf=path, problem=(
-                f"this node's {path} is not the mesh's {model} (file {fingerprint}, mesh {spec.fingerprint}); "
-                "replace it with the same file"))
-        return DesiredWorker(model, lease.node, gguf=path)
+            return self._fetched(share, lease.node, exc)
+        problem = await self._check_copy(path, spec, share)
+        return DesiredWorker(model, lease.node, gguf=path, problem=problem)
+
+    def _fetched(self, share: Share, host: str, missing: ModelError) -> DesiredWorker:
+        """No whole copy here: its share of the file, fetched (``reconcile.shares``)."""
+        if self.shares is None:
+            return DesiredWorker(share.model, host, problem=f"no copy of {share.model} on this node: {missing}")
+        state = self.shares.want(share)
+        if state.error:
+            return DesiredWorker(share.model, host, problem=f"no copy of {share.model} on this node, and fetching "
+                                 f"its layers failed: {state.error}")
+        if state.path is None:
+            return DesiredWorker(share.model, host, fetching=state.message)
+        return DesiredWorker(share.model, host, gguf=state.path, layout=f"{share.worker}:{share.tensor_split}")
+
+    async def _check_copy(self, path: Path, spec: ModelSpec, share: Share) -> str:
+        """Why this node's whole copy is not the mesh's file (its header, or a tensor it would serve
+        differs), or ""; checked once per version of the file and share."""
+        stat = path.stat()
+        key = (path, stat.st_size, stat.st_mtime_ns, spec.fingerprint, share.key)
+        if key not in self._checked:
+            def check() -> str:
+                table = file_table(path)
+                if spec.fingerprint and table.fingerprint != spec.fingerprint:
+                    return (f"this node's {path} is not the mesh's {spec.name} (file {table.fingerprint}, mesh "
+                            f"{spec.fingerprint}); replace it with the same file")
+                if spec.tensor_hashes:
+                    try:
+                        check_hashes(hash_tensors(path, share_tensors(table, share)), spec.tensor_hashes,
+                                     where=f"this node's {path}")
+                    except ModelError as exc:
+                        return f"{exc}; replace it with the mesh's file"
+                return ""
+            self._checked[key] = await anyio.to_thread.run_sync(check)
+        return self._checked[key]
 
     async def actual(self, model: str, desired: DesiredWorker | None, now: float) -> ActualWorker:
         return ActualWorker(model=model, node=self.node_id, process=self.supervisor.get(RPC_RECORD_PREFIX + model),
@@ -342,13 +393,10 @@ class WorkerController:
     def plan(self, desired: DesiredWorker | None, actual: ActualWorker, now: float) -> list[WorkerAction]:
         return plan_worker(desired, actual, now)
 
-    async def _local_file(self, source: str, name: str) -> tuple[Path, str]:
+    async def _local_file(self, source: str, name: str) -> Path:
         key = (source, name)
         if key not in self._files:
-            def find() -> tuple[Path, str]:
-                path = resolve_model(source, name=name).path
-                return path, file_fingerprint(path)
-            self._files[key] = await anyio.to_thread.run_sync(find)
+            self._files[key] = await anyio.to_thread.run_sync(lambda: resolve_model(source, name=name).path)
         return self._files[key]
 
     # -- apply --------------------------------------------------------------------------------

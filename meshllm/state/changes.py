@@ -8,6 +8,9 @@ writes exactly these changes, in one transaction, or none of them.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any
@@ -50,13 +53,20 @@ class ModelChange(BaseModel):
 # ModelSpec fields a manifest sets, by the name the manifest gives them
 _COMPARED = {"source": "source", "node": "placement.node", "ctx_size": "ctxSize", "replicas": "replicas",
              "draft": "draft", "origin": "origin", "owner": "owner", "size_bytes": "sizeBytes",
-             "split": "placement.split", "fingerprint": "fingerprint"}
+             "split": "placement.split", "fingerprint": "fingerprint", "tensor_hashes": "tensorHashes"}
+
+
+def _shown(value: Any) -> Any:
+    """A field as a change shows it: a table of tensor hashes as one short digest of it."""
+    if isinstance(value, dict):
+        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12] if value else ""
+    return value
 
 
 def _field_changes(old: ModelSpec, new: ModelSpec) -> dict[str, FieldChange]:
     changes = {}
     for field, shown in _COMPARED.items():
-        before, after = getattr(old, field), getattr(new, field)
+        before, after = _shown(getattr(old, field)), _shown(getattr(new, field))
         if before != after:
             changes[shown] = FieldChange(old=str(before) if isinstance(before, ModelOrigin) else before,
                                          new=str(after) if isinstance(after, ModelOrigin) else after)

@@ -117,8 +117,13 @@ class ModelSpec(_Entity):
     size_bytes: int = Field(default=0, ge=0, description="bytes of the GGUF file, for placement")
     draft: str = Field(default="", description="draft model for speculative decoding (a name or a path)")
     split: bool = Field(default=False, description="split it across nodes even when one node could hold it")
-    fingerprint: str = Field(default="", description="identity of the GGUF file (size and sampled hash): "
-                             "a split worker serves only an identical local copy")
+    fingerprint: str = Field(default="", description="identity of the GGUF file: its size and a hash of its "
+                             "header (every tensor's name, type, shape and offset)")
+    tensor_hashes: dict[str, str] = Field(default_factory=dict, description="sha256 (32 hex digits) of every "
+                                          "tensor's bytes, by name: a split worker checks each piece it holds "
+                                          "against it; empty while no node has held the whole file")
+    copy_on: str = Field(default="", description="a node holding the whole file (it computed tensor_hashes): "
+                         "split participants without the file may fetch their pieces from it over the mesh")
 
 
 class DemandEntry(_Entity):

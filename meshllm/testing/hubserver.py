@@ -3,7 +3,7 @@
 ``HEAD``/``GET /ORG/REPO/resolve/REV/PATH`` answer as the hub does for an LFS file: ``ETag`` and
 ``X-Linked-Etag`` (the file's sha256), ``X-Linked-Size``, ``X-Repo-Commit``, ``Accept-Ranges`` and
 ``Range`` requests (206). Files are registered with ``add`` (bytes or a path on disk); faults on demand:
-drop the connection after N bytes (``drop_after``, once), serve one flipped byte (``corrupt``), answer
+drop the connection after N bytes (``drop_after``, once), serve one flipped byte (``corrupt``, ``corrupt_at``), answer
 401 as a gated repository (``gated``; a request with ``token`` as its bearer passes), advertise another size (``advertise_size``). What was asked is
 counted (``gets``, ``ranges``, ``bytes_sent``) so a test can prove a file was fetched once, or resumed.
 Point huggingface_hub at it with ``HF_ENDPOINT=server.url``.
@@ -32,10 +32,11 @@ class HubFileEntry:
     sha256: str
     drop_after: int | None = None  # the next GET ends after this many bytes (then cleared)
     corrupt: bool = False  # serve the byte in the middle flipped (the sha256 advertised stays right)
+    corrupt_at: int | None = None  # serve the byte at this offset flipped instead (in a tensor, say)
     gated: bool = False  # 401 as a gated repository, unless the request brings ``token``
     token: str = ""
     advertise_size: int | None = None
-    gets: int = 0
+    gets: int = 0  # GETs that read to the end of the file: downloads; pieces are in ``ranges`` only
     ranges: list[str] = field(default_factory=list)
 
 
@@ -126,22 +127,22 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if body:
                 with hub.lock:
-                    entry.gets += 1
+                    entry.gets += end == entry.size - 1  # a download (or its resumption), not a piece
                     drop, entry.drop_after = entry.drop_after, None
                 self._send(entry, start, end, drop)
 
         def _send(self, entry: HubFileEntry, start: int, end: int, drop: int | None) -> None:
             import time
 
-            middle = entry.size // 2
+            flip = entry.corrupt_at if entry.corrupt_at is not None else entry.size // 2 if entry.corrupt else -1
             sent = 0
             with entry.path.open("rb") as f:
                 f.seek(start)
                 pos = start
                 while pos <= end:
                     chunk = bytearray(f.read(min(CHUNK, end + 1 - pos)))
-                    if entry.corrupt and pos <= middle < pos + len(chunk):
-                        chunk[middle - pos] ^= 0xFF
+                    if pos <= flip < pos + len(chunk):
+                        chunk[flip - pos] ^= 0xFF
                     if drop is not None and sent + len(chunk) > drop:
                         self.wfile.write(chunk[: drop - sent])
                         self.wfile.flush()
