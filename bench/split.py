@@ -13,6 +13,7 @@ alike); the table shows medians:
   Its bytes come from a second load in the first round through a ``CountingTcpRelay`` (stock RPC
   bytes do not vary between rounds), shown as the row ``stock-2 relay`` with that load's own
   figures, since a Python relay in the path costs decode.
+- ``stock-3``: the same with two plain ``ggml-rpc-server``s (three equal shares).
 - ``meshllm-2`` / ``meshllm-3``: real ``python -m meshllm`` node processes on 127.0.0.2.., one with
   ``--model M --max-vram CAP`` and the rest ``--standby --max-vram CAP --join TOKEN``, CAP chosen so
   that exactly 2 (3) nodes hold the model under placement's 1.1x rule. Load is from the start of the
@@ -21,10 +22,14 @@ alike); the table shows medians:
   the node's 0.2 s probe sets); mesh formation and the workers' start are not included. Decode goes
   through the host node's OpenAI API (:9337 style port). Bytes over RPC are the host's
   ``rpc_tunnels`` counters in ``/api/status`` right after ready ("n/a" where the node has none).
-  ``meshllm-2-direct`` / ``meshllm-3-direct``: the same with ``--rpc-direct`` on every node (the
-  host's llama-server connects to the workers' rpc-servers straight, key-authenticated) instead of
-  the QUIC tunnel; no agent relays those bytes, so they are the kernel's counters of the host's
-  connections to the workers (``ss -ti``: bytes acked and received).
+  The default path: the host's llama-server connects to the workers' rpc-servers straight, proves the
+  mesh's RPC key and seals every message (AES-256-GCM, engine patch 0005); no agent relays those
+  bytes, so they are the kernel's counters of the host's connections to the workers (``ss -ti``:
+  bytes acked and received). ``meshllm-2-direct`` / ``meshllm-3-direct``: ``--rpc-direct`` on every
+  node (the same connection, unsealed); ``meshllm-2-tunnel`` / ``meshllm-3-tunnel``: ``--rpc-tunnel``
+  (through the agents' QUIC tunnel, the default before patch 0005; bytes: the tunnel's counters).
+  ``added ms/token vs solo`` is 1000/tok/s of the mode minus solo's; ``decode / stock-n`` compares
+  with the stock split of as many participants.
 
 Decode tok/s is llama-server's own ``timings.predicted_per_second`` of a non-streamed
 ``/v1/completions`` (temperature 0, ``ignore_eos``, ``--tokens``), after one warm-up request; the
@@ -74,7 +79,9 @@ from meshllm.testing.engines import terminate
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The capital of France is Paris. The capital of Italy is"
-MODES = ("solo", "solo-norepack", "stock-2", "meshllm-2", "meshllm-2-direct", "meshllm-3", "meshllm-3-direct")
+MODES = ("solo", "solo-norepack", "stock-2", "stock-3", "meshllm-2", "meshllm-2-direct", "meshllm-2-tunnel",
+         "meshllm-3", "meshllm-3-direct", "meshllm-3-tunnel")
+PATH_FLAGS = {"": (), "-direct": ("--rpc-direct",), "-tunnel": ("--rpc-tunnel",)}  # mode suffix -> node flags
 GEMMA = Path("~/.models/gemma-3-270m-q4_k_m.gguf").expanduser()
 FIT = 1.1  # placement's rule: the participants' capacity must be >= 1.1 x the model's size
 CAP_FRACTION = {2: 0.8, 3: 0.45}  # one node < 1.1, n nodes >= 1.1, n - 1 nodes < 1.1 (equal shares)
@@ -200,6 +207,7 @@ class Setup:
     workdir: Path
     ports: Ports
     gpus: int = 0  # --pin-gpus: participant i runs on GPU i mod gpus (CUDA_VISIBLE_DEVICES)
+    stock_bytes: bool = True  # count stock-2's bytes in an extra load through a relay (round 1)
 
     def pinned(self, participant: int) -> dict[str, str]:
         """The environment that puts participant ``participant`` (0: the host) on its own GPU."""
@@ -259,33 +267,36 @@ def run_solo(setup: Setup, model: Path, *, norepack: bool) -> Sample:
         procs.stop_all()
 
 
-def stock_split_args(setup: Setup, model: Path, port: int) -> tuple[int, tuple[str, ...]]:
-    """The ``-ngl`` and ``--rpc``/``--tensor-split`` a meshllm host of a 2-node equal split uses."""
-    desired = DesiredServer(model=model.stem, path=model, workers=("worker",), tensor_split=(0.5, 0.5),
+def stock_split_args(setup: Setup, model: Path, ports: list[int]) -> tuple[int, tuple[str, ...]]:
+    """The ``-ngl`` and ``--rpc``/``--tensor-split`` a meshllm host of an equal split uses."""
+    n = len(ports) + 1
+    desired = DesiredServer(model=model.stem, path=model, workers=tuple(f"w{i}" for i in ports),
+                            tensor_split=tuple(round(1 / n, 4) for _ in range(n)),
                             n_layer=0 if setup.gpu else block_count(model))
-    return split_args(desired, [f"127.0.0.1:{port}"], gpu=setup.gpu)
+    return split_args(desired, [f"127.0.0.1:{port}" for port in ports], gpu=setup.gpu)
 
 
-def run_stock(setup: Setup, model: Path, *, relay: bool) -> Sample:
-    """A stock RPC split on this machine, direct or through a byte-counting relay."""
-    mode = "stock-2 relay" if relay else "stock-2"
+def run_stock(setup: Setup, model: Path, *, relay: bool, n: int = 2) -> Sample:
+    """A stock RPC split of ``n`` participants on this machine, direct or (n = 2) through a byte-counting relay."""
+    mode = f"stock-{n}" + (" relay" if relay else "")
     procs = Processes(setup.workdir)
     counter = None
     try:
-        rpc_port = setup.ports.take()
+        rpc_ports = [setup.ports.take() for _ in range(n - 1)]
         threads = setup.threads or max(1, (os.cpu_count() or 2) // 2)  # as meshllm's worker reconciler
-        worker_argv = [str(setup.engine / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(rpc_port),
-                       "-t", str(threads), *(["-d", setup.device] if setup.device else [])]
-        worker = procs.start(worker_argv, f"{model.stem}-{mode.replace(' ', '-')}-rpc", batch=not setup.device,
-                             env=setup.pinned(1))
-        wait_for(lambda: _port_open(rpc_port) or worker.poll() is not None, timeout=60, what="ggml-rpc-server",
-                 nodes=[])
-        if worker.poll() is not None:
-            raise RuntimeError(f"ggml-rpc-server exited with {worker.returncode}")
+        for i, rpc_port in enumerate(rpc_ports):
+            worker_argv = [str(setup.engine / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(rpc_port),
+                           "-t", str(threads), *(["-d", setup.device] if setup.device else [])]
+            worker = procs.start(worker_argv, f"{model.stem}-{mode.replace(' ', '-')}-rpc{i}",
+                                 batch=not setup.device, env=setup.pinned(i + 1))
+            wait_for(lambda: _port_open(rpc_port) or worker.poll() is not None, timeout=60,  # noqa: B023
+                     what="ggml-rpc-server", nodes=[])
+            if worker.poll() is not None:
+                raise RuntimeError(f"ggml-rpc-server exited with {worker.returncode}")
         if relay:
-            counter = CountingTcpRelay(rpc_port)
+            counter = CountingTcpRelay(rpc_ports[0])
         port = setup.ports.take()
-        gpu_layers, extra = stock_split_args(setup, model, counter.port if counter else rpc_port)
+        gpu_layers, extra = stock_split_args(setup, model, [counter.port] if counter else rpc_ports)
         started = time.monotonic()
         server = procs.start(server_argv(setup, model, port, gpu_layers=gpu_layers, extra=extra),
                              f"{model.stem}-{mode.replace(' ', '-')}-server", batch=not setup.gpu,
@@ -294,7 +305,7 @@ def run_stock(setup: Setup, model: Path, *, relay: bool) -> Sample:
         sent = counter.to_server if counter else None
         received = counter.to_client if counter else None
         tps, text, agree = decode(setup, f"http://127.0.0.1:{port}", model.stem)
-        return Sample(mode, 2, load, tps, text, sent=sent, received=received, texts_agree=agree,
+        return Sample(mode, n, load, tps, text, sent=sent, received=received, texts_agree=agree,
                       note=f"llama-server --n-gpu-layers {gpu_layers} {' '.join(extra)}"
                       + ("; through a CountingTcpRelay, first round only (its bytes are stock-2's)" if relay else ""))
     finally:
@@ -437,12 +448,12 @@ def wait_listed(host: HostServer, timeout: float) -> None:
     wait_for(listed, timeout=timeout, what=f"{host.model} in the host's /v1/models", nodes=[host.node])
 
 
-def form_mesh(setup: Setup, model: Path, n: int, *, direct: bool = False) -> list[NodeProcess]:
+def form_mesh(setup: Setup, model: Path, n: int, *, path: str = "") -> list[NodeProcess]:
     cap = f"{int(model.stat().st_size * CAP_FRACTION[n])}B"
-    flags = ("--rpc-direct",) if direct else ()
+    flags = PATH_FLAGS[path]
     first = start_node(setup, "n1", "127.0.0.2", "--model", str(model), "--max-vram", cap, *flags)
     nodes = [first]
-    token = wait_for(lambda: (first.status() or {}).get("token"), timeout=60, what="the first node's token",
+    token = wait_for(first.invite, timeout=60, what="the first node's token",
                      nodes=nodes)
     for i in range(2, n + 1):
         nodes.append(start_node(setup, f"n{i}", f"127.0.0.{i + 1}", "--standby", "--max-vram", cap,
@@ -450,15 +461,15 @@ def form_mesh(setup: Setup, model: Path, n: int, *, direct: bool = False) -> lis
     return nodes
 
 
-def run_meshllm(setup: Setup, model: Path, n: int, round_: int, *, direct: bool = False) -> Sample:
+def run_meshllm(setup: Setup, model: Path, n: int, round_: int, *, path: str = "") -> Sample:
     nodes: list[NodeProcess] = []
     host: HostServer | None = None
-    name = f"meshllm-{n}" + ("-direct" if direct else "")
+    name = f"meshllm-{n}{path}"
     run_dir = setup.workdir / f"{model.stem}-{name}-r{round_}"
     mesh_setup = replace(setup, workdir=run_dir)
     try:
         formed = time.monotonic()
-        nodes = form_mesh(mesh_setup, model, n, direct=direct)
+        nodes = form_mesh(mesh_setup, model, n, path=path)
         host = wait_host(mesh_setup, nodes, n - 1)
         argv = argv_of(host.pid)
         rpc = argv[argv.index("--rpc") + 1].split(",") if "--rpc" in argv else []
@@ -537,11 +548,12 @@ def prepare_model(spec: str, model_dir: Path) -> Path:
 def run_mode(setup: Setup, model: Path, mode: str, round_: int) -> list[Sample]:
     if mode in ("solo", "solo-norepack"):
         return [run_solo(setup, model, norepack=mode == "solo-norepack")]
-    if mode == "stock-2":
-        direct = [run_stock(setup, model, relay=False)]
-        return direct + ([run_stock(setup, model, relay=True)] if round_ == 0 else [])
-    direct = mode.endswith("-direct")
-    return [run_meshllm(setup, model, int(mode.removesuffix("-direct").rsplit("-", 1)[1]), round_, direct=direct)]
+    if mode.startswith("stock-"):
+        n = int(mode.rsplit("-", 1)[1])
+        direct = [run_stock(setup, model, relay=False, n=n)]
+        return direct + ([run_stock(setup, model, relay=True)] if round_ == 0 and n == 2 and setup.stock_bytes else [])
+    path = next(suffix for suffix in ("-direct", "-tunnel", "") if mode.endswith(suffix))
+    return [run_meshllm(setup, model, int(mode.removesuffix(path).rsplit("-", 1)[1]), round_, path=path)]
 
 
 def run_model(setup: Setup, model: Path, modes: list[str], rounds: int, *,
@@ -597,7 +609,7 @@ def table(model: Path, samples: dict[str, list[Sample]], *, gpu: bool, rounds: i
     load = {m: _median([s.load_s for s in g]) for m, g in samples.items()}
     tps = {m: _median([s.decode_tps for s in g]) for m, g in samples.items()}
     columns = ["mode", "participants", "load s", "load / solo", "decode tok/s", "decode / solo",
-               "decode / stock-2", "bytes over RPC at load (to workers / back)", "% of weights", "output = solo"]
+               "added ms/token vs solo", "decode / stock-2", "decode / stock-n", "bytes over RPC at load (to workers / back)", "% of weights", "output = solo"]
     if not gpu:
         columns.append("= solo --no-repack")
     columns.append("= stock-2")
@@ -606,6 +618,11 @@ def table(model: Path, samples: dict[str, list[Sample]], *, gpu: bool, rounds: i
     failures = {m[len(FAILED):]: g for m, g in samples.items() if m.startswith(FAILED)}
     samples = {m: g for m, g in samples.items() if not m.startswith(FAILED)}
     order = [*MODES[:3], "stock-2 relay", *MODES[3:]]
+
+    def added(mode: str) -> str:
+        solo, mine = tps.get("solo"), tps.get(mode)
+        return f"{1000 / mine - 1000 / solo:+.2f}" if solo and mine else "-"
+
     samples = dict(sorted(samples.items(), key=lambda item: order.index(item[0]) if item[0] in order else 99))
     for mode, group in samples.items():
         sent = _median([s.sent for s in group])
@@ -618,7 +635,8 @@ def table(model: Path, samples: dict[str, list[Sample]], *, gpu: bool, rounds: i
         moved = "-" if mode.startswith("solo") else \
             f"{fmt_bytes(None if sent is None else int(sent))} / {fmt_bytes(None if received is None else int(received))}"
         row = [mode, str(group[0].participants), f"{load[mode]:.2f}", _ratio(load[mode], load.get("solo")),
-               f"{tps[mode]:.1f}", _ratio(tps[mode], tps.get("solo")), _ratio(tps[mode], tps.get("stock-2")),
+               f"{tps[mode]:.1f}", _ratio(tps[mode], tps.get("solo")), added(mode), _ratio(tps[mode], tps.get("stock-2")),
+               _ratio(tps[mode], tps.get(f"stock-{group[0].participants}")),
                moved, share, _same(group[0].text, samples.get("solo")) + (" (varied)" if varied else "")]
         if not gpu:
             row.append(_same(group[0].text, samples.get("solo-norepack")))
@@ -651,6 +669,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where tiny / 8b models are written once and reused")
     parser.add_argument("--ready-timeout", type=float, default=600, help="seconds a load may take")
     parser.add_argument("--workdir", type=Path, help="keep the nodes' state and every log here (default: a temporary folder)")
+    parser.add_argument("--no-stock-bytes", action="store_true",
+                        help="skip the extra stock-2 load through a byte-counting relay (the 'stock-2 relay' row)")
     parser.add_argument("--save", action="store_true", help="also write the tables to bench/results/split-*.txt")
     return parser.parse_args(argv)
 
@@ -683,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
           else tempfile.TemporaryDirectory(prefix="meshllm-split-bench-")) as tmp:
         setup = Setup(engine=engine, gpu=args.gpu, threads=args.threads, device=args.device, tokens=args.tokens,
                       requests=args.requests, timeout=args.ready_timeout, workdir=Path(tmp), ports=Ports(),
-                      gpus=args.pin_gpus)
+                      gpus=args.pin_gpus, stock_bytes=not args.no_stock_bytes)
         for spec in specs:
             model = prepare_model(spec, args.model_dir)
 

@@ -21,15 +21,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from meshllm.api.bodies import loads
+from meshllm.api.endpoints import MODEL_HEADER, BadRequest, endpoint_for, is_anthropic, requested_model
 from meshllm.api.errors import BackendUnavailable, error_body
 from meshllm.api.routing import Lease, Route, Router
 from meshllm.api.upstream import UpstreamPool
 from meshllm.tunnels.http import Answer, HttpTunnelClient, TunnelRequest, TunnelUnavailable
 
-__all__ = ["PROXIED", "Backend", "BackendResponse", "BadRequest", "DataPlane", "FixedResponse", "LocalBackend",
-           "PeerBackend", "ProxyRequest", "forwardable", "model_of"]
-
-PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages")
+__all__ = ["Backend", "BackendResponse", "DataPlane", "FixedResponse", "LocalBackend", "PeerBackend", "ProxyRequest",
+           "forwardable"]
 
 # Headers that describe one hop, not the request: never forwarded. ``expect`` above all: the proxy
 # answers ``Expect: 100-continue`` itself, and an upstream asked for it would send an interim response.
@@ -42,30 +41,6 @@ _HOP_BY_HOP = frozenset({
 def forwardable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """``headers`` without the hop-by-hop ones (requests and responses alike)."""
     return [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
-
-
-@dataclass(frozen=True)
-class BadRequest:
-    """What is wrong with a request body (a 400)."""
-
-    message: str
-    code: str
-    param: str | None = None
-
-
-def model_of(body: bytes) -> str | BadRequest:
-    """The request's model name, or what is wrong with the body."""
-    try:
-        payload = loads(body)
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too deeply nested
-        return BadRequest(f"request body is not valid JSON: {exc}", "invalid_json")
-    if not isinstance(payload, dict):
-        return BadRequest("request body must be a JSON object", "invalid_request")
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        return BadRequest("you must provide a model parameter (a model name from /v1/models)", "missing_model",
-                          "model")
-    return model
 
 
 @dataclass(frozen=True)
@@ -145,8 +120,9 @@ class LocalBackend:
 
 
 class PeerBackend:
-    """Another node's llama-server, through an HTTP tunnel over the mesh; a node it cannot reach is
-    reported (``on_unreachable``: the router then leaves it out of the next requests' routes)."""
+    """Another node's llama-server, through an HTTP tunnel over the mesh; the request carries the
+    model it was routed for (``MODEL_HEADER``: its body may name an alias, or nothing). A node it cannot
+    reach is reported (``on_unreachable``: the router then leaves it out of the next requests' routes)."""
 
     def __init__(self, tunnels: HttpTunnelClient, route: Route, *,
                  on_unreachable: Callable[[str], None] | None = None) -> None:
@@ -155,8 +131,9 @@ class PeerBackend:
         self.on_unreachable = on_unreachable
 
     async def send(self, request: ProxyRequest) -> BackendResponse:
-        tunnelled = TunnelRequest(request.method, request.path, request.query, forwardable(request.headers),
-                                  request.body)
+        headers = [(k, v) for k, v in forwardable(request.headers) if k.lower() != MODEL_HEADER]
+        headers.append((MODEL_HEADER, self.route.model))
+        tunnelled = TunnelRequest(request.method, request.path, request.query, headers, request.body)
         try:
             return await self.tunnels.request(self.route.node, tunnelled)
         except TunnelUnavailable as exc:
@@ -175,11 +152,12 @@ class FixedResponse:
         self.body = body
 
     @classmethod
-    def error(cls, status: int, message: str, *, code: str, retry_after: float | None = None) -> FixedResponse:
+    def error(cls, status: int, message: str, *, code: str, retry_after: float | None = None,
+              anthropic: bool = False) -> FixedResponse:
         headers = [("content-type", "application/json")]
         if retry_after is not None:
             headers.append(("retry-after", str(max(1, round(retry_after)))))
-        return cls(status, headers, error_body(status, message, code=code))
+        return cls(status, headers, error_body(status, message, code=code, anthropic=anthropic))
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         yield self.body
@@ -239,23 +217,30 @@ class DataPlane:
         return PeerBackend(self.tunnels, route, on_unreachable=self.router.unreachable)
 
     async def answer_peer(self, request: TunnelRequest) -> Answer:
-        """A request another node tunnelled here: served only by this node's own llama-servers."""
-        if request.path not in PROXIED:
-            return FixedResponse.error(404, f"no route for {request.method} {request.path}", code="not_found")
-        model = model_of(request.body)
-        if not isinstance(model, str):
-            return FixedResponse.error(400, model.message, code=model.code)
+        """A request another node tunnelled here: served only by this node's own llama-servers, for
+        the model the requesting node routed it to."""
+        anthropic = is_anthropic(request.path)
+        if endpoint_for(request.method, request.path) is None:
+            return FixedResponse.error(404, f"no route for {request.method} {request.path}", code="not_found",
+                                       anthropic=anthropic)
+        model = next((v for k, v in request.headers if k.lower() == MODEL_HEADER), None)
+        if model is None:
+            named = requested_model(request.body, request.query)
+            if isinstance(named, BadRequest):
+                return FixedResponse.error(400, named.message, code=named.code, anthropic=anthropic)
+            model = named
         lease = self.router.lease(model, local_only=True)
         if not isinstance(lease, Lease):
             return FixedResponse.error(503, f"model {model!r} is not ready on this node", code="model_not_ready",
-                                       retry_after=2)
+                                       retry_after=2, anthropic=anthropic)
         try:
             backend = self.backend(lease.route)
             response = await backend.send(ProxyRequest(request.method, request.path, request.query,
                                                        request.headers, request.body))
         except BackendUnavailable as exc:
             lease.release()
-            return FixedResponse.error(exc.status, str(exc), code=exc.code, retry_after=exc.retry_after)
+            return FixedResponse.error(exc.status, str(exc), code=exc.code, retry_after=exc.retry_after,
+                                       anthropic=anthropic)
         except BaseException:
             lease.release()
             raise

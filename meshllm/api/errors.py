@@ -2,7 +2,9 @@
 
 Clients written against the OpenAI API (the official SDKs, agents) parse
 ``{"error": {"message", "type", "param", "code"}}`` with a status and show the message; every error
-the proxy returns goes through ``openai_error``. Backends (this node's llama-server, or a peer through
+the proxy returns goes through ``openai_error`` (or ``error_body``), except on Anthropic's routes
+(``/v1/messages...``), where the anthropic SDK expects ``{"type": "error", "error": {"type",
+"message"}}`` and ``anthropic=True`` gives that shape. Backends (this node's llama-server, or a peer through
 the mesh) fail in one of two ways, and the proxy answers each its own way:
 
     MeshError (meshllm.errors)
@@ -33,6 +35,14 @@ _TYPES = {
     502: "server_error",
     503: "server_error",
 }
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
 
 
 class BackendError(MeshError):
@@ -55,15 +65,21 @@ class BackendBroken(BackendError):
     """The response began but did not end: the upstream died or the path to it broke."""
 
 
-def error_body(status: int, message: str, *, code: str, param: str | None = None) -> bytes:
-    """The JSON of an OpenAI error object (also the payload of an error event in a stream)."""
-    return json.dumps({"error": {"message": message, "type": _TYPES.get(status, "server_error"),
-                                 "param": param, "code": code}}).encode()
+def _error_object(status: int, message: str, *, code: str, param: str | None,
+                  anthropic: bool) -> dict[str, object]:
+    if anthropic:
+        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
+
+
+def error_body(status: int, message: str, *, code: str, param: str | None = None, anthropic: bool = False) -> bytes:
+    """The JSON of an OpenAI error object (also the payload of an error event in a stream); of an
+    Anthropic one with ``anthropic``."""
+    return json.dumps(_error_object(status, message, code=code, param=param, anthropic=anthropic)).encode()
 
 
 def openai_error(status: int, message: str, *, code: str, param: str | None = None,
-                 retry_after: float | None = None) -> JSONResponse:
+                 retry_after: float | None = None, anthropic: bool = False) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
-    body = {"error": {"message": message, "type": _TYPES.get(status, "server_error"),
-                      "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(_error_object(status, message, code=code, param=param, anthropic=anthropic),
+                        status_code=status, headers=headers)

@@ -1,7 +1,7 @@
 """The OpenAI-compatible API a node serves on :9337: list models, say whether it can serve, proxy requests.
 
-The proxy reads the body (it is small, and names the model), asks the router for a lease on a route
-for that model, and relays the request through the route's backend (``api.backends``: this node's
+Every llama-server endpoint of ``api.endpoints`` is proxied. The proxy reads the body (it is small,
+and names the model), asks the router for a lease on a route for that model, and relays the request through the route's backend (``api.backends``: this node's
 llama-server, or a peer through the mesh) along the one response path of ``api.proxy``. The body is
 forwarded unchanged and the response streams back byte for byte (SSE included). The data plane's
 connection pool lives as long as the app (its lifespan).
@@ -22,11 +22,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as HttpRoute
 from starlette.types import Receive, Scope, Send
 
-from meshllm.api.backends import PROXIED, BadRequest, DataPlane, ProxyRequest, model_of
+from meshllm.api.backends import DataPlane, ProxyRequest
+from meshllm.api.endpoints import ENDPOINTS, BadRequest, is_anthropic, requested_model
 from meshllm.api.bodies import BODY_DEADLINE, BodyTimeout, BodyTooLarge, ClientGone, read_body
 from meshllm.api.errors import BackendUnavailable, openai_error
 from meshllm.api.proxy import relay, send_error
-from meshllm.api.routing import Lease
+from meshllm.api.routing import Lease, Unavailable
 
 __all__ = ["DEFAULT_MAX_BODY", "OpenAIProxy", "create_openai_app"]
 
@@ -44,11 +45,12 @@ class OpenAIProxy:
         self.demand = demand
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        anthropic = is_anthropic(scope["path"])
         try:
             body = await read_body(scope, receive, limit=self.max_body_bytes, deadline=self.body_deadline)
         except BodyTooLarge:
             await send_error(send, 413, f"request body is larger than the limit of {self.max_body_bytes} bytes",
-                             code="request_too_large")
+                             code="request_too_large", anthropic=anthropic)
             return
         except BodyTimeout:
             await send_error(send, 408, f"the request body did not arrive within {self.body_deadline:g} s",
@@ -56,19 +58,17 @@ class OpenAIProxy:
             return
         except ClientGone:
             return
-        model = model_of(body)
-        if isinstance(model, BadRequest):
-            await send_error(send, 400, model.message, code=model.code, param=model.param)
-            return
-        lease = self.plane.router.lease(model)
-        if lease is None:
-            await send_error(send, 404, f"the model {model!r} does not exist in this mesh; see /v1/models",
-                             code="model_not_found", param="model")
+        query = scope["query_string"].decode("latin-1")
+        lease = self._lease(requested_model(body, query))
+        if isinstance(lease, BadRequest):
+            await send_error(send, lease.status, lease.message, code=lease.code, param=lease.param,
+                             anthropic=anthropic, retry_after=2 if lease.status == 503 else None)
             return
         if self.demand is not None:
-            self.demand(model)
-        if not isinstance(lease, Lease):
-            await send_error(send, 503, lease.reason, code="model_not_ready", retry_after=lease.retry_after)
+            self.demand(lease.route.model if isinstance(lease, Lease) else lease.model)
+        if isinstance(lease, Unavailable):
+            await send_error(send, 503, lease.reason, code="model_not_ready", retry_after=lease.retry_after,
+                             anthropic=anthropic)
             return
         with lease:
             route = lease.route
@@ -76,12 +76,29 @@ class OpenAIProxy:
             try:
                 backend = self.plane.backend(route)
             except BackendUnavailable as exc:
-                await send_error(send, exc.status, str(exc), code=exc.code, retry_after=exc.retry_after)
+                await send_error(send, exc.status, str(exc), code=exc.code, retry_after=exc.retry_after,
+                                 anthropic=anthropic)
                 return
             headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
-            request = ProxyRequest(scope["method"], scope["path"], scope["query_string"].decode("latin-1"),
-                                   headers, body)
+            request = ProxyRequest(scope["method"], scope["path"], query, headers, body)
             await relay(backend, request, receive, send, what=what)
+
+    def _lease(self, named: str | None | BadRequest) -> Lease | Unavailable | BadRequest:
+        """A lease for the model the request names (``api.endpoints``), or why there is none."""
+        if isinstance(named, BadRequest):
+            return named
+        router = self.plane.router
+        if named is None and router.only_model() is None:
+            known = router.known_models()
+            if not known:
+                return BadRequest(router.unready_reason() or "no model is served", "no_model_ready", status=503)
+            return BadRequest(f"this mesh serves several models ({', '.join(known)}): name one in `model` "
+                              "(in the body, or ?model= for a request without one)", "missing_model", "model")
+        lease = router.lease(named)
+        if lease is None:
+            return BadRequest(f"the model {named!r} does not exist in this mesh; see /v1/models", "model_not_found",
+                              "model", status=404)
+        return lease
 
 
 def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BODY,
@@ -107,10 +124,22 @@ def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BOD
         return JSONResponse({"status": "ok", "models": router.ready_models()})
 
     async def not_found(request: Request, exc: Exception) -> Response:
-        return openai_error(404, f"no route for {request.method} {request.url.path}", code="not_found")
+        return openai_error(404, f"no route for {request.method} {request.url.path}", code="not_found",
+                            anthropic=is_anthropic(request.url.path))
+
+    async def wrong_method(request: Request, exc: Exception) -> Response:
+        allowed = getattr(exc, "headers", None) or {}
+        response = openai_error(405, f"{request.url.path} does not take {request.method}"
+                                + (f" (it takes {allowed['Allow']})" if "Allow" in allowed else ""),
+                                code="method_not_allowed", anthropic=is_anthropic(request.url.path))
+        response.headers.update(allowed)
+        return response
 
     proxy = OpenAIProxy(plane, max_body_bytes=max_body_bytes, demand=demand, body_deadline=body_deadline)
-    routes = [HttpRoute(path, proxy, methods=["POST"]) for path in PROXIED]
-    routes += [HttpRoute("/v1/models", list_models, methods=["GET"]),
-               HttpRoute("/health", health, methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found})
+    routes = [HttpRoute(e.path, proxy, methods=[e.method]) for e in ENDPOINTS]
+    for route in routes:  # starlette adds HEAD to GET; a HEAD's answer has no body for the proxy to relay
+        assert route.methods is not None
+        route.methods.discard("HEAD")
+    routes += [HttpRoute(path, list_models, methods=["GET"]) for path in ("/v1/models", "/models")]
+    routes += [HttpRoute(path, health, methods=["GET"]) for path in ("/health", "/v1/health")]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: wrong_method})

@@ -23,6 +23,7 @@ import anyio
 from starlette.types import Receive, Send
 
 from meshllm.api.backends import Backend, BackendResponse, ProxyRequest, forwardable
+from meshllm.api.endpoints import is_anthropic
 from meshllm.api.errors import BackendBroken, BackendUnavailable, error_body
 from meshllm.tunnels.http import TunnelBroken
 
@@ -32,9 +33,9 @@ log = logging.getLogger(__name__)
 
 
 async def send_error(send: Send, status: int, message: str, *, code: str, param: str | None = None,
-                     retry_after: float | None = None) -> None:
-    """A whole OpenAI-shaped error response."""
-    body = error_body(status, message, code=code, param=param)
+                     retry_after: float | None = None, anthropic: bool = False) -> None:
+    """A whole OpenAI-shaped error response (Anthropic-shaped with ``anthropic``)."""
+    body = error_body(status, message, code=code, param=param, anthropic=anthropic)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if retry_after is not None:
         headers.append((b"retry-after", str(max(1, round(retry_after))).encode()))
@@ -51,7 +52,8 @@ async def relay(backend: Backend, request: ProxyRequest, receive: Receive, send:
                 response = await backend.send(request)
             except BackendUnavailable as exc:
                 log.warning("%s: %s", what, exc)
-                await send_error(send, exc.status, str(exc), code=exc.code, retry_after=exc.retry_after)
+                await send_error(send, exc.status, str(exc), code=exc.code, retry_after=exc.retry_after,
+                                 anthropic=is_anthropic(request.path))
                 return
             try:
                 await _relay_body(response, send, what, anthropic=request.path == "/v1/messages")

@@ -5,7 +5,10 @@ rebuilt only when the document changes, so the per-request cost is a dictionary 
 this node is preferred; otherwise the request goes to the remote node with the fewest requests in
 flight from here. Every request holds a ``Lease`` on its route while it runs: the router counts
 requests in flight here and nowhere else, and a lease is released exactly once however the request
-ends. A model also answers to the other names of its file (``engine.models.canonical_name``).
+ends. A model also answers to the other names of its file (``engine.models.canonical_name``), to the
+name of the file it is served from (``--alias chat --model /m/foo.gguf`` answers to ``chat``,
+``foo.gguf`` and ``foo``), and, when the mesh knows exactly one model, to any name at all: clients
+written for another provider ask for ``gpt-4o-mini``, and there is nothing else they could mean.
 
 A dead node stays in the document until the failure detector's verdict, seconds after its connection
 went silent; meanwhile its servers still look ready. The router hears sooner: the mesh connection to a
@@ -21,7 +24,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from meshllm.engine.models import canonical_name
+from meshllm.engine.models import canonical_name, looks_like_path
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ServerPhase, ServerStatus
 
@@ -76,6 +79,17 @@ class Lease:
 class _Table:
     routes: dict[str, list[Route]] = field(default_factory=dict)
     waiting: dict[str, Unavailable] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # another name -> the model's name
+
+    def name_of(self, asked: str) -> str | None:
+        """The model ``asked`` means: itself, another name of it, or the only model known."""
+        if asked in self.routes or asked in self.waiting:
+            return asked
+        for name in (self.aliases.get(asked), canonical_name(asked)):
+            if name is not None and (name in self.routes or name in self.waiting):
+                return name
+        known = self.routes.keys() | self.waiting.keys()
+        return next(iter(known)) if len(known) == 1 else None
 
 
 class Router:
@@ -132,9 +146,16 @@ class Router:
             table.routes.setdefault(server.model, []).append(route)
         for routes in table.routes.values():
             routes.sort(key=lambda r: (not r.local, r.node))
-        wanted = set(self.state.models()) | {s.model for s in servers}
+        specs = self.state.models()
+        wanted = set(specs) | {s.model for s in servers}
         for model in wanted - set(table.routes):
             table.waiting[model] = Unavailable(model, _why_waiting(model, servers))
+        for spec in specs.values():  # a model served from a file also answers to the file's name
+            if looks_like_path(spec.source):
+                file_name = spec.source.replace("\\", "/").rsplit("/", 1)[-1]
+                for alias in (file_name, canonical_name(file_name)):
+                    if alias not in wanted:
+                        table.aliases.setdefault(alias, spec.name)
         return table
 
     def table(self) -> _Table:
@@ -142,11 +163,14 @@ class Router:
             self._table = self._build()
         return self._table
 
-    def resolve(self, model: str, *, local_only: bool = False) -> Route | Unavailable | None:
-        """Where to send a request for ``model`` (local first, then the least busy remote)."""
+    def resolve(self, model: str | None, *, local_only: bool = False) -> Route | Unavailable | None:
+        """Where to send a request for ``model`` (local first, then the least busy remote); a request
+        that names no model (None) goes to the only model known, if there is exactly one."""
         table = self.table()
-        if model not in table.routes and model not in table.waiting:
-            model = canonical_name(model)
+        name = table.name_of(model) if model is not None else self.only_model()
+        if name is None:
+            return None
+        model = name
         routes = table.routes.get(model)
         if routes:
             routes = self._reachable(routes)
@@ -160,7 +184,17 @@ class Router:
     def ready_models(self) -> list[str]:
         return sorted(self.table().routes)
 
-    def lease(self, model: str, *, local_only: bool = False) -> Lease | Unavailable | None:
+    def known_models(self) -> list[str]:
+        """Every model the mesh serves or waits for."""
+        table = self.table()
+        return sorted(table.routes.keys() | table.waiting.keys())
+
+    def only_model(self) -> str | None:
+        """The model a request naming none goes to: the only one known, if there is exactly one."""
+        known = self.known_models()
+        return known[0] if len(known) == 1 else None
+
+    def lease(self, model: str | None, *, local_only: bool = False) -> Lease | Unavailable | None:
         """A lease on the route for ``model`` (counted in flight until released), the reason it must
         wait, or None when the mesh does not know the model."""
         target = self.resolve(model, local_only=local_only)

@@ -23,7 +23,7 @@ from meshllm.cli.discover import relay_list
 from meshllm.cli.keys import keys_app, local_keys
 from meshllm.cli.engine import engine_app, ensure_engine
 from meshllm.engine.capacity import parse_size
-from meshllm.engine.process import DEFAULT_MAX_TOKENS
+from meshllm.engine.process import DEFAULT_MAX_TOKENS, POOLING_TYPES
 from meshllm.errors import MeshError
 from meshllm.node import NodeConfig, bind_socket, check_model, run_node
 from meshllm.node.lobby import run_lobby
@@ -106,7 +106,8 @@ def serve(
     allow_models: Annotated[list[str] | None, typer.Option("--allow-models", help="A folder (or file) manifests applied to this node may name as a model source, beside the models folder and the --model files (repeatable)")] = None,
     board: Annotated[bool, typer.Option("--blackboard", help="Enable the blackboard on this node: agents post status, findings and questions to the mesh (works with --client, no model needed)")] = False,
     board_rate: Annotated[int, typer.Option("--blackboard-rate", hidden=True, min=1, help="Posts a minute this node accepts (benches)")] = 10,
-    rpc_direct: Annotated[bool, typer.Option("--rpc-direct", help="Split RPC straight between llama-server and the workers' rpc-servers over plain TCP, authenticated with a key from the mesh secret (faster, not encrypted; trusted networks), instead of the QUIC tunnel")] = False,
+    rpc_direct: Annotated[bool, typer.Option("--rpc-direct", help="Split RPC straight between llama-server and the workers' rpc-servers, authenticated with a key from the mesh secret but not encrypted (trusted networks); by default it is encrypted too")] = False,
+    rpc_tunnel: Annotated[bool, typer.Option("--rpc-tunnel", help="Split RPC only through the QUIC mesh (slower): workers' rpc-servers listen on loopback, for networks where nodes cannot reach each other over TCP")] = False,
     draft: Annotated[str, typer.Option("--draft", metavar="PATH|NAME", help="Draft model for speculative decoding of the --model models (default: the catalog's pairing)")] = "",
     no_draft: Annotated[bool, typer.Option("--no-draft", help="No speculative decoding, even where the catalog pairs a draft")] = False,
     auto: Annotated[bool, typer.Option("--auto", help="Join the best published mesh (see `meshllm discover`); start one if none fits")] = False,
@@ -117,6 +118,13 @@ def serve(
     relay: Annotated[list[str] | None, typer.Option("--relay", metavar="URL", help="Nostr relay of the mesh directory (repeatable; replaces the default list; 'none': LAN only)")] = None,
     mdns: Annotated[bool, typer.Option("--mdns/--no-mdns", help="Publish and discover meshes on the LAN by mDNS too")] = True,
     listing_ttl: Annotated[float, typer.Option("--listing-ttl", hidden=True, min=2, help="Seconds a listing lives unless re-published (tests)")] = 300.0,
+    alias: Annotated[str, typer.Option("--alias", help="Name clients use for the --model model (one model; it also answers to its file's name)")] = "",
+    ctx_size: Annotated[int, typer.Option("--ctx-size", min=0, help="Context length of the --model models (0: the model's default)")] = 0,
+    embeddings: Annotated[bool, typer.Option("--embeddings", help="Serve the --model models for embeddings (/v1/embeddings; embedding models)")] = False,
+    pooling: Annotated[str, typer.Option("--pooling", metavar="none|mean|cls|last|rank", help="Pooling of the embeddings (default: the model's)")] = "",
+    rerank: Annotated[bool, typer.Option("--rerank", help="Serve the --model models for reranking (/v1/rerank; reranker models)")] = False,
+    chat_template: Annotated[str, typer.Option("--chat-template", metavar="NAME|JINJA", help="Chat template of the --model models: a llama.cpp built-in (chatml, gemma, llama3, ...) or a jinja template (default: the model's)")] = "",
+    cors_origins: Annotated[str, typer.Option("--cors-origins", metavar="ORIGINS", help="Browser origins the OpenAI API answers: '*' (any, as llama-server), 'localhost', or a comma-separated list")] = "*",
     api_key: Annotated[list[str] | None, typer.Option("--api-key", metavar="KEY", help="Require this key on this node's OpenAI API (repeatable; MESHLLM_API_KEY adds one and keeps it off the command line); see `meshllm keys` for keys every node accepts")] = None,
 ) -> None:
     if ctx.invoked_subcommand is not None:
@@ -131,20 +139,25 @@ def serve(
     want_model = ""
     if client and auto and model and len(model) == 1 and not standby:
         want_model, model = model[0], None  # --client --auto --model M: join a mesh serving M, serve nothing
+    if rpc_direct and rpc_tunnel:
+        raise MeshError("--rpc-direct and --rpc-tunnel exclude each other: pick one way for split RPC")
+    if pooling and pooling not in POOLING_TYPES:
+        raise typer.BadParameter(f"{pooling!r} is not one of {', '.join(POOLING_TYPES)}", param_hint="--pooling")
     if client and (standby or model):
         raise MeshError("--client nodes serve nothing; drop --client, or drop --standby and --model")
     config = NodeConfig(models=tuple(model or ()), port=port, console_port=console, listen_all=listen_all,
                         state_dir=state_dir.expanduser(), max_vram=_size(max_vram), device=device,
                         max_body_bytes=_size(max_body) or 0, threads=threads, name=name,
                         joins=tuple(join or ()), client=client, bind_host=bind_host, bind_port=bind_port,
-                        advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct,
+                        advertise=tuple(advertise or ()), split=split, rpc_direct=rpc_direct, rpc_tunnel=rpc_tunnel,
                         allow_models=tuple(allow_models or ()), draft=draft, no_draft=no_draft,
                         blackboard=board, blackboard_rate=board_rate,
                         api_keys=local_keys(api_key or (), os.environ.pop("MESHLLM_API_KEY", None)),
                         max_tokens_default=max_tokens_default,
                         auto=auto, publish=publish, mesh_name=mesh_name, region=region, max_clients=max_clients,
                         want_model=want_model, relays=relay_list(relay), mdns=mdns,
-                        listing_ttl=listing_ttl)
+                        listing_ttl=listing_ttl, alias=alias, ctx_size=ctx_size, embeddings=embeddings,
+                        pooling=pooling, rerank=rerank, chat_template=chat_template, cors_origins=cors_origins)
     _setup_logging()
     for source in (*config.models, *((config.draft,) if config.draft and config.models else ())):
         check_model(source)  # a bad --model or --draft fails now, not after a long engine build

@@ -25,11 +25,15 @@ from pathlib import Path
 
 import anyio
 
+from meshllm.engine.templates import template_arguments
+
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "UNKNOWN_EXIT",
     "EngineProcess",
     "LlamaServerConfig",
+    "POOLING_TYPES",
+    "ServingOptions",
     "adopt",
     "candidate_ports",
     "describe_exit",
@@ -75,6 +79,30 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 DEFAULT_MAX_TOKENS = 512
 
 
+POOLING_TYPES = ("none", "mean", "cls", "last", "rank")  # llama-server's --pooling
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """What a model's spec asks of its llama-server beyond loading it: embeddings (and their pooling),
+    reranking, a chat template of its own."""
+
+    embeddings: bool = False
+    pooling: str = ""  # one of POOLING_TYPES; empty: the model's own
+    rerank: bool = False
+    chat_template: str = ""  # a built-in template's name or a jinja template; empty: the GGUF's (or meshllm's)
+
+    def argv(self) -> list[str]:
+        args = ["--embeddings"] if self.embeddings else []
+        if self.pooling:
+            args += ["--pooling", self.pooling]
+        if self.rerank:
+            args.append("--rerank")
+        if self.chat_template:
+            args += template_arguments(self.chat_template)
+        return args
+
+
 @dataclass(frozen=True)
 class LlamaServerConfig:
     """Everything that shapes a llama-server command line; its digest tells whether a restart is due."""
@@ -91,6 +119,7 @@ class LlamaServerConfig:
     draft_path: Path | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS  # what a request that sets no limit may generate (-1: no limit)
     chat: tuple[str, ...] = ()  # a chat format for a GGUF without a template (engine.templates.chat_arguments)
+    serving: ServingOptions = ServingOptions()  # the spec's own (its chat template replaces ``chat``)
     extra: tuple[str, ...] = field(default=())
 
     def argv(self) -> list[str]:
@@ -109,7 +138,8 @@ class LlamaServerConfig:
             args += ["--device", self.device]
         if self.draft_path is not None:  # speculative decoding, the draft wholly on the same device
             args += ["--model-draft", str(self.draft_path), "--n-gpu-layers-draft", str(self.gpu_layers)]
-        return args + list(self.chat) + list(self.extra)
+        chat = [] if self.serving.chat_template else list(self.chat)
+        return args + chat + self.serving.argv() + list(self.extra)
 
     def digest(self) -> str:
         return hashlib.sha256("\0".join(self.argv()).encode()).hexdigest()[:16]

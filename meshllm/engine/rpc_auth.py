@@ -1,17 +1,22 @@
-"""The shared secret every split's ggml-rpc-server demands, and the direct path it makes safe.
+"""The key every split's ggml-rpc-server demands, and the direct paths it makes safe.
 
 Engine patch 0004 makes ggml-rpc-server with ``GGML_RPC_SECRET`` set serve no command to a client
-that cannot prove the secret, and makes llama-server with the variable set refuse a server that
-cannot: HMAC-SHA256 challenges over fresh nonces, both ways, on each new connection. meshllm gives
-every worker and every split host the same key, derived from the mesh secret (``rpc_key``), so only
-mesh members can use a worker: through the QUIC tunnel (the default: the bytes pass through the
-agents unchanged, the handshake with them) and, with ``--rpc-direct``, over plain TCP from the host's
-llama-server straight to the worker's rpc-server, which then listens on the node's address instead
-of loopback. The direct path has no Python in between, so a split decodes at the speed of stock RPC;
-its RPC bytes (the prompt's activations, not the weights) cross in the clear, so use it on networks
-you trust not to read or alter traffic.
+that cannot prove the key, and makes llama-server with the variable set refuse a server that
+cannot: HMAC-SHA256 challenges over fresh nonces, both ways, on each new connection. Patch 0005
+gives that handshake a deadline as a whole (5 s, run beside the connection being served, so a client
+that stalls it holds nothing) and, unless the client sets ``GGML_RPC_CLEAR=1``, derives from the
+nonces one AES-256-GCM key per direction and seals every message after it (libcrypto, loaded at run
+time). meshllm gives every worker and every split host the same key, derived from the mesh secret
+(``rpc_key``), so only mesh members can use a worker or read what crosses:
 
-``authenticate`` is the client's side of the handshake, for probing a worker before a split starts.
+- by default the worker's rpc-server listens on its node's address and the host's llama-server
+  connects straight, sealed: no Python in between, so a split decodes at the speed of stock RPC;
+- ``--rpc-direct``: the same, unsealed (the key still keeps strangers out; for trusted networks);
+- through the QUIC tunnel (``--rpc-tunnel``, or a worker the host cannot reach over TCP): the
+  agents carry the bytes, sealed by the engine inside QUIC's own encryption.
+
+``authenticate`` is the client's side of the unsealed handshake, for probing a worker before a split
+starts.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ import secrets
 import anyio
 import anyio.abc
 
-__all__ = ["RPC_SECRET_ENV", "RpcAuthError", "authenticate", "rpc_key"]
+__all__ = ["RPC_CLEAR_ENV", "RPC_SECRET_ENV", "RpcAuthError", "authenticate", "rpc_key"]
 
 RPC_SECRET_ENV = "GGML_RPC_SECRET"
+RPC_CLEAR_ENV = "GGML_RPC_CLEAR"  # "1" on a client: the key handshake, then plain RPC (no sealing)
 MAGIC = b"RPCAUTH1"
 NONCE = 32
 

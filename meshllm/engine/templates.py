@@ -23,7 +23,8 @@ from pathlib import Path
 from meshllm.engine.ggufinfo import read_metadata
 from meshllm.errors import ModelError
 
-__all__ = ["BASE_MODEL_STOP", "BASE_MODEL_TEMPLATE", "BUILTIN_TEMPLATES", "chat_arguments"]
+__all__ = ["BASE_MODEL_STOP", "BASE_MODEL_TEMPLATE", "BUILTIN_TEMPLATES", "LLAMA_TEMPLATE_NAMES", "chat_arguments",
+           "template_arguments"]
 
 # general.architecture -> llama.cpp's built-in template of that family (src/llama-chat.cpp), only where
 # the architecture has one turn format
@@ -35,6 +36,17 @@ BUILTIN_TEMPLATES = {
     "hunyuan-moe": "hunyuan-moe", "hunyuan-dense": "hunyuan-dense", "orion": "orion",
     "bailingmoe": "bailing", "bailingmoe2": "bailing2", "seed_oss": "seed_oss", "grok": "grok-2",
 }
+
+# every name llama.cpp's --chat-template knows as a built-in template (src/llama-chat.cpp of the engine)
+LLAMA_TEMPLATE_NAMES = frozenset((
+    "chatml", "llama2", "llama2-sys", "llama2-sys-bos", "llama2-sys-strip", "mistral-v1", "mistral-v3",
+    "mistral-v3-tekken", "mistral-v7", "mistral-v7-tekken", "phi3", "phi4", "falcon3", "zephyr", "monarch", "gemma",
+    "orion", "openchat", "vicuna", "vicuna-orca", "deepseek", "deepseek2", "deepseek3", "deepseek-ocr", "command-r",
+    "llama3", "chatglm3", "chatglm4", "glmedge", "minicpm", "exaone3", "exaone4", "exaone-moe", "rwkv-world",
+    "granite", "granite-4.0", "granite-4.1", "gigachat", "megrez", "yandex", "bailing", "bailing-think", "bailing2",
+    "llama4", "smolvlm", "hunyuan-moe", "gpt-oss", "hunyuan-dense", "hunyuan-vl", "kimi-k2", "seed_oss", "grok-2",
+    "pangu-embedded", "solar-open",
+))
 
 # jinja for llama-server: "Question: ...\n" per user turn, "Answer: ...\n" per assistant turn, a system
 # message as a plain paragraph, and "Answer:" to be continued
@@ -65,3 +77,11 @@ def chat_arguments(path: Path) -> tuple[str, ...]:
         return ("--chat-template", BASE_MODEL_TEMPLATE, "--reverse-prompt", BASE_MODEL_STOP)
     builtin = BUILTIN_TEMPLATES.get(str(meta.get("general.architecture", "")))
     return ("--chat-template", builtin, "--no-jinja") if builtin else ()
+
+
+def template_arguments(template: str) -> tuple[str, ...]:
+    """llama-server arguments for a chat template a model's spec names: a built-in template's name
+    (``chatml``, ``gemma``; a name is one only without the jinja engine), or a jinja template."""
+    if template in LLAMA_TEMPLATE_NAMES:
+        return ("--chat-template", template, "--no-jinja")
+    return ("--chat-template", template)

@@ -86,6 +86,10 @@ def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSp
     """The ``--model`` arguments as desired state pinned to this node; fails fast on a bad one."""
     if config.client and config.models:
         raise MeshError("--client nodes serve no models; drop --client or --model")
+    if config.alias and len(config.models) != 1:
+        raise MeshError("--alias names one model: give exactly one --model with it")
+    options = {"ctx_size": config.ctx_size, "embeddings": config.embeddings, "pooling": config.pooling,
+               "rerank": config.rerank, "chat_template": config.chat_template}
     specs = []
     for source in config.models:
         draft = draft_for(config, source)
@@ -98,16 +102,16 @@ def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSp
             files = reference.files if isinstance(reference, ModelReference) else ()
             # one file: known by its header, and fetched in pieces where it is split
             fingerprint = _header_fingerprint(files[0], size) if len(files) == 1 else ""
-            specs.append(ModelSpec(name=name, source=source, node=node_id, created_at=now, origin=ModelOrigin.NODE,
-                                   owner=node_id, size_bytes=size, fingerprint=fingerprint, split=config.split,
-                                   draft=draft))
+            specs.append(ModelSpec(name=config.alias or name, source=source, node=node_id, created_at=now,
+                                   origin=ModelOrigin.NODE, owner=node_id, size_bytes=size, fingerprint=fingerprint,
+                                   split=config.split, draft=draft, **options))
             continue
         check_gguf(resolved.path)  # a truncated or corrupt file fails here, not in llama-server's restarts
         kept = source if not Path(source).expanduser().exists() else str(resolved.path)
-        specs.append(ModelSpec(name=resolved.name, source=kept, node=node_id, created_at=now,
+        specs.append(ModelSpec(name=config.alias or resolved.name, source=kept, node=node_id, created_at=now,
                                origin=ModelOrigin.NODE, owner=node_id, size_bytes=resolved.size_bytes,
                                fingerprint=file_fingerprint(resolved.path), tensor_hashes=file_hashes(resolved.path),
-                               copy_on=node_id, split=config.split, draft=draft))
+                               copy_on=node_id, split=config.split, draft=draft, **options))
     return specs
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshllm.api.cors import DEFAULT_CORS_ORIGINS
 from meshllm.api.openai import DEFAULT_MAX_BODY
 from meshllm.engine.process import DEFAULT_MAX_TOKENS
 from meshllm.store.identity import default_state_dir
@@ -30,7 +31,8 @@ class NodeConfig:
     bind_port: int = 0
     advertise: tuple[str, ...] = ()
     split: bool = False  # split this node's --model models by layers even when one node holds them
-    rpc_direct: bool = False  # split RPC over authenticated plain TCP instead of the QUIC tunnel
+    rpc_direct: bool = False  # split RPC straight over plain TCP, key-authenticated, unencrypted (trusted networks)
+    rpc_tunnel: bool = False  # split RPC only through the QUIC tunnel (rpc-servers on loopback)
     allow_models: tuple[str, ...] = ()  # folders (or files) manifests may name, beside the models folder
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # --api-key / MESHLLM_API_KEY: this node only
     blackboard: bool = False  # open the blackboard's routes on this node (every node relays the board)
@@ -38,6 +40,15 @@ class NodeConfig:
     draft: str = ""  # --draft: draft model (path or name) of the --model models; empty: the catalog's pairing
     no_draft: bool = False  # --no-draft: no speculative decoding, even where the catalog pairs a draft
     max_tokens_default: int = DEFAULT_MAX_TOKENS  # generation limit of a request that sets none (-1: none)
+    # the --model models' spec (state.schema.ModelSpec): --alias (one model), --ctx-size, --embeddings, --pooling,
+    # --rerank, --chat-template
+    alias: str = ""
+    ctx_size: int = 0
+    embeddings: bool = False
+    pooling: str = ""
+    rerank: bool = False
+    chat_template: str = ""
+    cors_origins: str = DEFAULT_CORS_ORIGINS  # --cors-origins: browser origins the OpenAI API answers (api.cors)
     # discovery (node.discovery): --publish, --mesh-name, --region, --max-clients, --auto, --relay, --no-mdns
     publish: bool = False
     mesh_name: str = ""

@@ -49,6 +49,7 @@ from meshllm.api.control import AppliedHook, EventSource
 from meshllm.api.events import EventHub
 from meshllm.api.keys import ApiKeyGate, KeyRing, exposure_warning, key_routes
 from meshllm.api.backends import DataPlane
+from meshllm.api.cors import CorsGate, CorsPolicy
 from meshllm.api.metrics import MeshMetrics, NodeGauges, RequestMetering
 from meshllm.api.openai import create_openai_app
 from meshllm.api.routing import Router
@@ -143,8 +144,8 @@ class Node:
         # as long as the OpenAI app)
         self.plane = DataPlane(self.router, tunnels=HttpTunnelClient(self.mesh.connect))
         key = rpc_key(self.mesh.creds.secret)
-        self.rpc_tunnels = RpcTunnelClient(self.mesh.connect, key=key,
-                                           direct=self._direct_address if config.rpc_direct else None)
+        self.rpc_tunnels = RpcTunnelClient(self.mesh.connect, key=key, clear=config.rpc_direct,
+                                           direct=None if config.rpc_tunnel else self._direct_address)
         self.supervisor: ProcessSupervisor | None = None
         self.runner: Runner | None = None
         self.workers: WorkerController | None = None
@@ -176,7 +177,8 @@ class Node:
             extra=extra)
         self.publisher = publisher_for(config, state, self.mesh, node_id=node_id)  # None: a private mesh
         metered = RequestMetering(openai_app, self.metrics)
-        self.apis = (HttpApi(ApiKeyGate(metered, self.keys), host=config.host, port=config.port, what="OpenAI API"),
+        gated = CorsGate(ApiKeyGate(metered, self.keys), CorsPolicy(origins=config.cors_origins))
+        self.apis = (HttpApi(gated, host=config.host, port=config.port, what="OpenAI API"),
                      HttpApi(status_app, host=config.host, port=config.console_port, what="console API",
                              on_stop=self.events.close))
 
@@ -196,9 +198,11 @@ class Node:
             gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads,
             store=store, rpc=self.rpc_tunnels, backoff=backoff, max_tokens=config.max_tokens_default,
             downloads=self.downloads, shares=self.shares)
-        # --rpc-direct: rpc-servers on the node's address, published for hosts to reach straight
-        bind_host = config.quic_host if config.rpc_direct else "127.0.0.1"
-        direct_host = self.mesh.advertised(0)[0].rpartition(":")[0] if config.rpc_direct else ""
+        # rpc-servers on the node's address, published for hosts to reach straight (they demand the mesh's
+        # RPC key and seal what follows unless the host asks --rpc-direct's clear channel); --rpc-tunnel:
+        # on loopback, reached through the QUIC mesh only
+        bind_host = "127.0.0.1" if config.rpc_tunnel else config.quic_host
+        direct_host = "" if config.rpc_tunnel else self.mesh.advertised(0)[0].rpartition(":")[0]
         workers = WorkerController(state, node_id=node_id, supervisor=supervisor, engine_dir=engine_dir, log_dir=logs,
                                    key=key, threads=config.threads, device=config.device, store=store,
                                    backoff=backoff, bind_host=bind_host, direct_host=direct_host,

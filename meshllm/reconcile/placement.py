@@ -26,7 +26,10 @@ The rules, in order:
    by layers (``split.plan_split``): a host with the most free capacity, and workers nearest to it
    (at most 80 ms away) until they hold 1.1 x its size. A running split is kept
    (``split.keep_or_replan``) unless a participant died or one clearly better appears. Nodes
-   whose split worker failed for the model lately are left out.
+   whose split worker failed for the model lately are left out. A model whose spec asks for a split
+   while no worker can be had (its node started alone, or its workers died) is served solo meanwhile,
+   on the node that already serves it if it still can, and moves to a split as soon as one can be
+   planned (``Placement.notes`` says so on its Ready condition).
 
 ``conditions`` explains the outcome per model: Pending, Loading, Ready or Degraded, with a reason.
 """
@@ -85,6 +88,7 @@ class Placement:
     slots: dict[tuple[str, int], Slot] = field(default_factory=dict)
     wanted: dict[str, int] = field(default_factory=dict)  # slots wanted per wanted model
     reasons: dict[str, tuple[str, str]] = field(default_factory=dict)  # model -> (reason, message)
+    notes: dict[str, str] = field(default_factory=dict)  # model -> what its Ready condition adds (solo for now)
 
     def nodes_for(self, model: str) -> list[str]:
         return sorted(s.node for s in self.slots.values() if s.model == model)
@@ -186,14 +190,17 @@ def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, No
     for (name, index), lease in sorted(valid.items()):
         if name not in plan.wanted or index >= plan.wanted[name] or (name, index) in plan.slots or lease.workers:
             continue
+        if state_models[name].split and name not in strict:
+            continue  # a forced split served solo: the split rules decide whether it can move to a split now
         if name in ledger.held.get(lease.node, set()) or not ledger.fits(lease.node, name) \
                 or strict.get(name, lease.node) != lease.node:
             continue
         _assign(plan, ledger, Slot(name, index, lease.node, hot=index >= base[name]))
     for name, count in plan.wanted.items():
         spec = state_models[name]
-        if (name, 0) not in plan.slots and name not in strict and len(ledger.nodes) > 1 and (spec.split or not any(
-                ledger.fits(nid, name) and (name, nid) not in failed for nid in ledger.nodes)):
+        if (name, 0) not in plan.slots and name not in strict and (spec.split and ledger.nodes or len(ledger.nodes) > 1
+                                                                    and not any(ledger.fits(nid, name) and (name, nid)
+                                                                                not in failed for nid in ledger.nodes)):
             _fill_split(plan, ledger, spec, leases=valid, failed=failed)
             continue
         for index in range(count):
@@ -220,6 +227,8 @@ def _fill_split(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
     if isinstance(chosen, NoSplit):
         if chosen.solo:  # one node holds it after all (a failed worker left a solo-capable host)
             _fill(plan, ledger, name, 0, hot=False, failed=failed)
+        elif spec.split and _fill_solo(plan, ledger, name, lease, failed):
+            plan.notes[name] = f"solo until a split can be planned (--split): {chosen.reason}"
         else:
             reason, message = _why_unplaced(ledger, name, failed)
             plan.reasons[name] = (reason, f"{message}; no split either: {chosen.reason}")
@@ -232,6 +241,17 @@ def _fill_split(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
     plan.slots[(name, 0)] = slot
     for node, share in share_of.items():
         ledger.take(node, name, share)
+
+
+def _fill_solo(plan: Placement, ledger: _Ledger, name: str, lease: PlacementLease | None,
+               failed: set[tuple[str, str]]) -> bool:
+    """A forced split that has no worker yet, served solo: where it runs already if that node still
+    holds it, else on the best node that does; False if none does."""
+    here = lease.node if lease is not None and not lease.workers else None
+    if here is not None and here in ledger.nodes and ledger.fits(here, name) and (name, here) not in failed:
+        _assign(plan, ledger, Slot(name, 0, here))
+        return True
+    return _fill(plan, ledger, name, 0, hot=False, failed=failed)
 
 
 def _assign(plan: Placement, ledger: _Ledger, slot: Slot) -> None:
@@ -377,8 +397,15 @@ def _condition(name: str, spec: ModelSpec, why: str | None, plan: Placement,
     common = {"ready": ready, "wanted": want, "nodes": nodes, "workers": list(split.workers) if split else []}
     if ready >= want:
         where = f", split by layers: host {split.node}, workers {', '.join(split.workers)}" if split else ""
+        where += f"; {plan.notes[name]}" if name in plan.notes else ""
         return Condition(phase=ConditionPhase.READY, reason="Serving", **common,
                          message=f"{ready} server{'s' if ready != 1 else ''} ready{where}")
+    solo = [s for s in servers if split is not None and s.model == name and s.node in split.participants
+            and s.phase is ServerPhase.READY and not s.workers]
+    if solo and split is not None and not ready:  # --split that served solo until now (host or worker-to-be)
+        return Condition(phase=ConditionPhase.DEGRADED, reason="MovingToSplit", **{**common, "ready": 1},
+                         message=f"serving solo on {solo[0].node} while the split's workers "
+                                 f"({', '.join(split.workers)}) get ready")
     if replaced and split is not None:  # it served until a participant left: re-planned, not yet back
         return Condition(phase=ConditionPhase.DEGRADED, reason="Recovering", **common,
                          message=f"split re-planned: workers {', '.join(replaced[0].workers)} -> "

@@ -32,8 +32,8 @@ from meshllm.engine.download import ModelReference
 from meshllm.engine.ggufcheck import check_gguf
 from meshllm.engine.ggufinfo import block_count
 from meshllm.engine.models import ResolvedModel, resolve_model
-from meshllm.engine.process import DEFAULT_MAX_TOKENS, LlamaServerConfig, safe_name
-from meshllm.engine.rpc_auth import RPC_SECRET_ENV
+from meshllm.engine.process import DEFAULT_MAX_TOKENS, LlamaServerConfig, ServingOptions, safe_name
+from meshllm.engine.rpc_auth import RPC_CLEAR_ENV, RPC_SECRET_ENV
 from meshllm.engine.templates import chat_arguments
 from meshllm.errors import ModelError, ModelNotFetched, TerminalError
 from meshllm.reconcile.downloads import Fetcher
@@ -60,6 +60,7 @@ class RpcConnector(Protocol):
     ``--rpc-direct`` (``node.rpc_tunnel``)."""
 
     key: str  # the mesh's RPC key, which the workers demand of the host's llama-server
+    clear: bool  # --rpc-direct: no sealing of the RPC bytes after the key handshake
 
     async def endpoint(self, node_id: str, target: str) -> str:
         """The ``host:port`` llama-server's ``--rpc`` names for ``node_id``'s worker for ``target``."""
@@ -164,21 +165,25 @@ class ServedModelController:
             return Unavailable(model, str(exc))
         if path not in self._chat:  # read once, not at every reconcile
             self._chat[path] = await anyio.to_thread.run_sync(chat_arguments, path)
+        serving = ServingOptions(embeddings=spec.embeddings, pooling=spec.pooling, rerank=spec.rerank,
+                                 chat_template=spec.chat_template)
         if lease is None or not lease.workers:
-            desired = DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, draft=draft)
+            desired = DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, draft=draft, serving=serving)
         else:
             if not self.gpu_layers and path not in self._layers:  # read once, not at every reconcile
                 self._layers[path] = await anyio.to_thread.run_sync(block_count, path)
             desired = DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, workers=tuple(lease.workers),
                                     tensor_split=tuple(lease.tensor_split),
-                                    n_layer=0 if self.gpu_layers else self._layers[path])
+                                    n_layer=0 if self.gpu_layers else self._layers[path], serving=serving)
         return replace(desired, argv_hash=settings_hash(self._config(desired, port=0)))
 
     async def actual(self, model: str, desired: Desired, now: float) -> ActualServer:
         proc = self.supervisor.get(model)
         waiting = None
-        if isinstance(desired, DesiredServer) and desired.workers and (proc is None or not proc.running):
-            waiting = await self._split_waiting(desired)
+        serves = self.memory.get(model, Memory()).serves
+        solo_now = proc is not None and proc.running and serves is not None and not serves.workers
+        if isinstance(desired, DesiredServer) and desired.workers and (proc is None or not proc.running or solo_now):
+            waiting = await self._split_waiting(desired)  # a solo server keeps serving until the split can start
         return ActualServer(model=model, node=self.node_id, process=proc, memory=self.memory.get(model, Memory()),
                             published=self.state.servers().get(server_key(self.node_id, model)), waiting=waiting,
                             adopt_until=self._adopt_until)
@@ -285,7 +290,7 @@ class ServedModelController:
             binary=self.engine_dir / "llama-server", model_path=desired.path, alias=desired.model, port=port,
             ctx_size=desired.ctx_size, gpu_layers=gpu_layers, threads=self.threads, device=self.device,
             draft_path=desired.draft, max_tokens=self.max_tokens, chat=self._chat.get(desired.path, ()),
-            extra=extra,
+            serving=desired.serving, extra=extra,
         )
 
     async def _start(self, action: Start) -> ProcessView:
@@ -297,8 +302,11 @@ class ServedModelController:
             rpc_endpoints = [await self.rpc.endpoint(node, model) for node in desired.workers]
             # every weight is offered to the workers by name (patch 0003), and each worker loads it from
             # its own copy of the file, which the worker checked is the mesh's (ModelSpec.fingerprint);
-            # the workers serve only a client that proves the mesh's RPC key (patch 0004)
+            # the workers serve only a client that proves the mesh's RPC key (patch 0004), and the bytes
+            # that follow are sealed (patch 0005) unless --rpc-direct asks for the clear channel
             env = {"GGML_RPC_HASH_THRESHOLD": "1", "GGML_RPC_LOAD_BY_NAME": "1", RPC_SECRET_ENV: self.rpc.key}
+            if self.rpc.clear:
+                env[RPC_CLEAR_ENV] = "1"
         port = self.supervisor.pick_port(server_key(self.node_id, model))
         config = self._config(desired, port=port, rpc_endpoints=rpc_endpoints)
         # decoding on the CPU, llama-server takes every core: as a batch job it leaves the node responsive

@@ -10,7 +10,8 @@ status it published, and for a split whether its workers are ready), and returns
 - an adopted process (left running by the previous run of the node) is claimed when it runs exactly
   what this node would start, and stopped otherwise; it waits ``adopt_until`` for the node's leases;
 - a running server is stopped when it is no longer desired, its settings changed (a split's workers
-  included), or it was not ready within ``load_timeout``; a stopping one is waited for;
+  included), or it was not ready within ``load_timeout``; a stopping one is waited for; a ready solo
+  server that is to become a split (``--split``, its workers joined later) serves until they are ready;
 - the model's files are being fetched (``Fetching``): publish ``Downloading`` with the progress, look
   again shortly; nothing starts until the files are there;
 - nothing runs: start (a crashed one once its backoff is over; a split once its workers are ready);
@@ -25,6 +26,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
+from meshllm.engine.process import ServingOptions
 from meshllm.reconcile.supervisor import ProcessPhase, ProcessView
 from meshllm.state.schema import ServerPhase, ServerStatus
 
@@ -52,6 +54,7 @@ class DesiredServer:
     tensor_split: tuple[float, ...] = ()  # split: layer shares, workers first, this node last
     n_layer: int = 0  # split on a CPU host: the model's layer count (the host keeps its share of them)
     argv_hash: str = ""  # the llama-server command line this node would run, hashed (port left out)
+    serving: ServingOptions = ServingOptions()  # the spec's embeddings, pooling, rerank, chat template
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,7 @@ def plan(desired: Desired, actual: ActualServer, now: float, *, load_timeout: fl
             return actions
     if proc is not None and proc.running:
         proc, memory = _check_running(desired, proc, memory, now, actions, load_timeout=load_timeout,
-                                      stable_after=stable_after)
+                                      stable_after=stable_after, waiting=actual.waiting)
     status = _status(desired, actual, proc, memory, now)
     drawing = memory.failed and memory.retry_at == 0.0  # a failure just taken in: its backoff is drawn below
     if proc is None and desired is not None and not drawing:
@@ -270,12 +273,17 @@ def _adoption(desired: DesiredServer | None, actual: ActualServer, proc: Process
 
 
 def _check_running(desired: DesiredServer | None, proc: ProcessView, memory: Memory, now: float,
-                   actions: list[Action], *, load_timeout: float, stable_after: float) -> tuple[ProcessView, Memory]:
-    """Stop a running server that should not run as it does; keep track of a ready one."""
+                   actions: list[Action], *, load_timeout: float, stable_after: float,
+                   waiting: str | None = None) -> tuple[ProcessView, Memory]:
+    """Stop a running server that should not run as it does; keep track of a ready one. A ready solo
+    server whose model is now planned as a split keeps serving until the split's workers are ready."""
     model = proc.key
     reason = ""
     if desired is None:
         reason = "no longer desired"
+    elif (desired.workers and waiting is not None and proc.phase is ProcessPhase.READY
+          and memory.serves is not None and not memory.serves.workers):
+        actions.append(Wait(model, now + SPLIT_WAIT))
     elif memory.serves != desired:
         reason = "spec changed"
         old = memory.serves.workers if memory.serves is not None else ()

@@ -53,7 +53,8 @@ class ModelChange(BaseModel):
 # ModelSpec fields a manifest sets, by the name the manifest gives them
 _COMPARED = {"source": "source", "node": "placement.node", "ctx_size": "ctxSize", "replicas": "replicas",
              "draft": "draft", "origin": "origin", "owner": "owner", "size_bytes": "sizeBytes",
-             "split": "placement.split", "fingerprint": "fingerprint", "tensor_hashes": "tensorHashes"}
+             "split": "placement.split", "fingerprint": "fingerprint", "tensor_hashes": "tensorHashes",
+             "embeddings": "embeddings", "pooling": "pooling", "rerank": "rerank", "chat_template": "chatTemplate"}
 
 
 def _shown(value: Any) -> Any:

@@ -86,6 +86,9 @@ class Placement(_Strict):
                         "hold it (a model no node holds is split anyway)")
 
 
+Pooling = Literal["", "none", "mean", "cls", "last", "rank"]  # llama-server's --pooling
+
+
 class ModelManifestSpec(_Strict):
     """What to serve and how; the fields of a ``Model``'s spec and of each of a ``Mesh``'s models."""
 
@@ -94,6 +97,11 @@ class ModelManifestSpec(_Strict):
     ctxSize: int = Field(default=0, ge=0, le=MAX_CTX, description="context length; 0 takes the model's default")
     draft: str = Field(default="", description="draft model for speculative decoding (a name or a .gguf path)")
     placement: Placement = Field(default_factory=Placement)
+    embeddings: bool = Field(default=False, description="serve embeddings (/v1/embeddings): an embedding model")
+    pooling: Pooling = Field(default="", description="pooling of embeddings; empty: the model's own")
+    rerank: bool = Field(default=False, description="serve reranking (/v1/rerank): a reranker model")
+    chatTemplate: str = Field(default="", description="chat template: a llama.cpp built-in name (chatml, gemma, "
+                              "llama3, ...) or a jinja template; empty: the model's own")
 
 
 class ModelManifestStatus(_Strict):
@@ -330,7 +338,8 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 def _spec(name: str, spec: ModelManifestSpec, *, now: float) -> ModelSpec:
     return ModelSpec(name=name, source=spec.source, node=spec.placement.node, ctx_size=spec.ctxSize,
                      created_at=now, origin=ModelOrigin.MANIFEST, replicas=spec.replicas, draft=spec.draft,
-                     split=spec.placement.split)
+                     split=spec.placement.split, embeddings=spec.embeddings, pooling=spec.pooling,
+                     rerank=spec.rerank, chat_template=spec.chatTemplate)
 
 
 def manifest_models(loaded: Sequence[LoadedManifest], *, now: float = 0.0) -> list[ManifestModel]:
@@ -354,8 +363,15 @@ def model_manifest(spec: ModelSpec, *, status: ModelManifestStatus | None = None
     return ModelManifest(
         apiVersion="meshllm/v1", kind="Model", metadata=Metadata(name=spec.name),
         spec=ModelManifestSpec(source=spec.source, replicas=spec.replicas, ctxSize=spec.ctx_size,
-                               draft=spec.draft, placement=Placement(node=spec.node, split=spec.split)),
+                               draft=spec.draft, placement=Placement(node=spec.node, split=spec.split),
+                               embeddings=spec.embeddings, pooling=_pooling(spec.pooling), rerank=spec.rerank,
+                               chatTemplate=spec.chat_template),
         status=status)
+
+
+def _pooling(value: str) -> Pooling:
+    """A document's pooling as a manifest's (one it does not know: the model's own)."""
+    return next((p for p in get_args(Pooling) if p == value), "")
 
 
 def _is_relative_path(source: str) -> bool:

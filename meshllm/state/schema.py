@@ -124,6 +124,13 @@ class ModelSpec(_Entity):
                                           "against it; empty while no node has held the whole file")
     copy_on: str = Field(default="", description="a node holding the whole file (it computed tensor_hashes): "
                          "split participants without the file may fetch their pieces from it over the mesh")
+    embeddings: bool = Field(default=False, description="serve embeddings (llama-server --embeddings): an "
+                             "embedding model")
+    pooling: str = Field(default="", description="pooling of embeddings (none, mean, cls, last, rank); "
+                         "empty: the model's own")
+    rerank: bool = Field(default=False, description="serve reranking (llama-server --rerank): a reranker model")
+    chat_template: str = Field(default="", description="chat template: a llama.cpp built-in name (chatml, "
+                               "gemma, ...) or a jinja template; empty: the model's own")
 
 
 class DemandEntry(_Entity):

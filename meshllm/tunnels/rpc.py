@@ -25,8 +25,13 @@ host TCP, QUIC and worker TCP and back. So the pipes read as much as has arrived
 
 The worker's end is a stream service (``tunnels.service``) the node registers on its endpoint.
 
-With ``--rpc-direct`` on both ends the host's llama-server connects to the worker's rpc-server
-straight (``endpoint`` gives its address), and the agents carry no RPC bytes (``engine.rpc_auth``).
+The tunnel is the slow way (the agents' Python carries every RPC message) and the fallback. By
+default a worker's rpc-server listens on its node's address too (published as
+``WorkerStatus.direct``), and the host's llama-server connects to it straight (``endpoint`` gives
+that address once ``probe`` reached it): both prove the mesh's RPC key, then every message crosses
+sealed with AES-256-GCM inside the engine (patch 0005), so no agent touches the bytes.
+``--rpc-direct`` (``clear``) keeps the key but skips the sealing (trusted networks); a worker the host
+cannot reach over TCP, or one started with ``--rpc-tunnel``, is reached through the tunnel.
 """
 
 from __future__ import annotations
@@ -263,10 +268,13 @@ class _Listener:
 class RpcTunnelClient:
     """The host's end: local TCP listeners whose connections each become a stream to a worker."""
 
-    def __init__(self, connect: Connect, *, key: str = "", direct: DirectLookup | None = None) -> None:
+    def __init__(self, connect: Connect, *, key: str = "", direct: DirectLookup | None = None,
+                 clear: bool = False) -> None:
         self._connect = connect
         self.key = key  # the mesh's RPC key (rpc_auth.rpc_key): the host's llama-server proves it to workers
-        self._direct = direct  # --rpc-direct: workers whose rpc-server llama-server reaches straight
+        self.clear = clear  # --rpc-direct: the host's llama-server asks for the unsealed channel
+        self._direct = direct  # workers whose rpc-server llama-server may reach straight (None: --rpc-tunnel)
+        self._unreachable: set[tuple[str, str]] = set()  # direct addresses the last probe could not reach
         self._listeners: dict[tuple[str, str], _Listener] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -292,11 +300,17 @@ class RpcTunnelClient:
         listener = self._listeners.get((node_id, target))
         return listener.port if listener is not None else None
 
+    def _direct_address(self, node_id: str, target: str) -> str | None:
+        return self._direct(node_id, target) if self._direct is not None else None
+
     async def endpoint(self, node_id: str, target: str) -> str:
         """The ``host:port`` the host's llama-server is given for ``target``'s worker on ``node_id``:
-        the worker's rpc-server itself when both use ``--rpc-direct``, else a tunnel's local port."""
-        direct = self._direct(node_id, target) if self._direct is not None else None
-        return direct or f"127.0.0.1:{await self.open(node_id, target)}"
+        the worker's rpc-server itself when it publishes an address the last probe reached, else a
+        tunnel's local port."""
+        direct = self._direct_address(node_id, target)
+        if direct and (node_id, target) not in self._unreachable:
+            return direct
+        return f"127.0.0.1:{await self.open(node_id, target)}"
 
     async def open(self, node_id: str, target: str) -> int:
         """The 127.0.0.1 port that tunnels to ``target``'s rpc-server on ``node_id`` (reused if open).
@@ -360,19 +374,16 @@ class RpcTunnelClient:
 
     async def probe(self, node_id: str, target: str) -> str | None:
         """None when ``node_id``'s worker for ``target`` accepts a session now (its rpc-server
-        running and reachable through the mesh), else why not. The session is closed at once."""
-        direct = self._direct(node_id, target) if self._direct is not None else None
-        if direct is not None:
-            host, _, port = direct.rpartition(":")
-            try:
-                with anyio.fail_after(PROBE_TIMEOUT):
-                    async with await anyio.connect_tcp(host, int(port)) as tcp:
-                        await authenticate(tcp, self.key)
-            except TimeoutError:
-                return f"no answer from {direct} within {PROBE_TIMEOUT:g} s (direct)"
-            except (OSError, RpcAuthError, anyio.BrokenResourceError) as exc:
-                return f"direct {direct}: {exc}"
-            return None
+        running and reachable straight or through the mesh), else why not. The session is closed at
+        once. A worker whose published address cannot be reached is used through the tunnel."""
+        direct = self._direct_address(node_id, target)
+        if direct:
+            problem = await self._probe_direct(direct)
+            if problem is None:
+                self._unreachable.discard((node_id, target))
+                return None
+            log.warning("worker %s for %s: %s; trying the RPC tunnel", node_id, target, problem)
+            self._unreachable.add((node_id, target))
         try:
             with anyio.fail_after(PROBE_TIMEOUT):
                 stream, _ = await self._start(_Listener(node_id, target, 0))
@@ -381,6 +392,18 @@ class RpcTunnelClient:
         except (TransportError, RpcTunnelError, OSError) as exc:
             return str(exc) or type(exc).__name__
         stream.reset(ErrorCode.CANCELLED)
+        return None
+
+    async def _probe_direct(self, direct: str) -> str | None:
+        host, _, port = direct.rpartition(":")
+        try:
+            with anyio.fail_after(PROBE_TIMEOUT):
+                async with await anyio.connect_tcp(host, int(port)) as tcp:
+                    await authenticate(tcp, self.key)
+        except TimeoutError:
+            return f"no answer from {direct} within {PROBE_TIMEOUT:g} s (direct)"
+        except (OSError, RpcAuthError, anyio.BrokenResourceError) as exc:
+            return f"direct {direct}: {exc}"
         return None
 
     async def _start(self, listener: _Listener) -> tuple[Stream, bytes]:

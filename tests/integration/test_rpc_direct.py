@@ -2,8 +2,9 @@
 
 A ggml-rpc-server started with ``GGML_RPC_SECRET`` serves no command to a client that cannot prove
 the key and keeps serving the ones that can; a llama-server holding the key splits onto it with the
-same greedy output. With ``--rpc-direct`` on both nodes the host's llama-server connects to the
-worker's rpc-server straight, on the worker's address: no agent carries its bytes."""
+same greedy output. With ``--rpc-direct`` the host's llama-server connects to the worker's
+rpc-server straight, on the worker's address, and asks for the unsealed channel (the default path is
+the same connection, sealed: test_rpc_sealed.py)."""
 
 from __future__ import annotations
 
@@ -95,4 +96,5 @@ def test_a_split_over_the_direct_path_gives_the_same_output(mesh: Mesh, split_mo
     pid = next(s["pid"] for s in entry["servers"] if s["phase"] == "ready")
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     assert argv[argv.index(b"--rpc") + 1].decode() == direct  # llama-server connects to the worker itself
+    assert b"GGML_RPC_CLEAR=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")  # unsealed (patch 0005)
     assert not host.status()["rpc_tunnels"]  # and no tunnel carries its bytes

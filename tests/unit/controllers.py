@@ -37,6 +37,7 @@ class FakeRpc:
     """The split host's way to its workers (``served.RpcConnector``), answering as a test says."""
 
     key = "rpc-key"
+    clear = False
 
     def __init__(self) -> None:
         self.problems: dict[str, str] = {}  # worker node -> why it does not answer

@@ -107,3 +107,43 @@ def test_a_kept_split_keeps_its_shares() -> None:
     first = plan(spec(100), nodes).slots[("x", 0)]
     again = plan(spec(100), nodes, leases=[split_lease("a", list(first.workers), list(first.tensor_split))])
     assert again.slots[("x", 0)] == first  # planning again from its own lease changes nothing
+
+
+def solo_lease(nid: str) -> PlacementLease:
+    return PlacementLease(model="x", slot=0, node=nid, incarnation=1.0)
+
+
+def test_split_asked_of_a_node_alone_serves_solo_then_moves_to_a_split_when_a_worker_comes() -> None:
+    alone = plan(spec(100, split=True), mesh(node("a", 200)))
+    assert alone.slots[("x", 0)].node == "a" and not alone.slots[("x", 0)].split
+    assert "solo until a split can be planned" in alone.notes["x"]
+    # a standby joined, not yet measured: still solo where it runs (not moved to the newcomer), and said so
+    unmeasured = plan(spec(100, split=True), mesh(node("a", 200), node("b", 300)), leases=[solo_lease("a")])
+    slot = unmeasured.slots[("x", 0)]
+    assert (slot.node, slot.workers) == ("a", ())
+    assert "solo until a split can be planned" in unmeasured.notes["x"]
+    # measured: the split the flag asked for (the bigger node hosts)
+    joined = plan(spec(100, split=True), mesh(node("a", 200, {"b": 1.0}), node("b", 300)), leases=[solo_lease("a")])
+    split = joined.slots[("x", 0)]
+    assert (split.node, split.workers) == ("b", ("a",)) and "x" not in joined.notes
+
+
+def test_a_forced_split_that_loses_its_only_worker_is_served_solo_by_its_host() -> None:
+    nodes = mesh(node("a", 200, {"b": 1.0}), node("b", 60))
+    running = split_lease("a", ["b"], [0.23, 0.77])
+    assert plan(spec(100, split=True), nodes, leases=[running]).slots[("x", 0)].workers == ("b",)
+    del nodes["b"]
+    after = plan(spec(100, split=True), nodes, leases=[running]).slots[("x", 0)]
+    assert (after.node, after.workers) == ("a", ())
+
+
+def test_conditions_while_a_solo_server_moves_to_a_split() -> None:
+    state = MeshState()
+    for n in (node("a", 200, {"b": 1.0}), node("b", 300)):
+        state.put_node(n)
+    state.put_model(spec(100, split=True))
+    state.put_lease(split_lease("b", ["a"], [0.4, 0.6]))
+    state.put_server(ServerStatus(node="a", model="x", phase=ServerPhase.READY, port=4000))  # still the solo one
+    moving = conditions(state, now=NOW)["x"]
+    assert (moving.phase, moving.reason) == (ConditionPhase.DEGRADED, "MovingToSplit")
+    assert "serving solo on a" in moving.message

@@ -147,3 +147,10 @@ FETCHING = status(ServerPhase.DOWNLOADING, port=0, pid=0, message="downloading 1
 ])
 def test_plan_while_downloading(message: str, now_actual: ActualServer, expected: list[object]) -> None:
     assert plan(Fetching("m", message), now_actual, NOW) == expected
+
+
+def test_a_solo_server_serves_until_the_split_it_becomes_can_start() -> None:
+    waiting = actual(proc(ProcessPhase.READY), memory=RUNS, published=READY, waiting="waiting for worker w")
+    assert plan(SPLIT, waiting, NOW) == [Wait("m", NOW + 0.5)]  # --split, worker joined late: keep serving
+    ready = actual(proc(ProcessPhase.READY), memory=RUNS, published=READY)
+    assert plan(SPLIT, ready, NOW)[0] == Stop("m", "spec changed")  # the workers are ready: now the split

@@ -1,0 +1,147 @@
+"""What one decoded token costs on the RPC wire: commands and bytes per command type (issue 19).
+
+A patched ggml-rpc-server (``GGML_RPC_STATS=<file>``, engine patch 0005) counts, per command type,
+the commands it served and the RPC bytes each brought in and sent back, and writes them when the
+connection ends. This bench splits a model onto one such worker (by-name loading, as a meshllm host
+does), decodes ``N1`` then ``N2`` greedy tokens in two sessions of llama-server, and divides the
+difference by ``N2 - N1``: loading and the prompt cancel out, what is left is one decoded token.
+Per path: ``stock`` (no key), ``clear`` (the mesh's key, unsealed: ``--rpc-direct``) and ``sealed``
+(the default: every message sealed with AES-256-GCM); the RPC bytes are the same on each path (the
+sealing adds 20 bytes per message on the wire), the decode speed is each session's own.
+
+    PYTHONPATH=$PWD .venv/bin/python bench/rpc_per_token.py [--engine DIR] [--gpu] MODEL.gguf
+
+It prints a table and never asserts (STYLE.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from meshllm.engine.build import find_engine
+from meshllm.engine.ggufinfo import block_count
+from meshllm.engine.rpc_auth import rpc_key
+from meshllm.reconcile.served import DesiredServer, split_args
+from meshllm.testing.engines import terminate
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+PATHS: dict[str, dict[str, str]] = {"stock": {}, "clear": {"GGML_RPC_SECRET": rpc_key(b"b" * 32), "GGML_RPC_CLEAR": "1"},
+         "sealed": {"GGML_RPC_SECRET": rpc_key(b"b" * 32)}}
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+def session(engine: Path, model: Path, rpc_port: int, env: dict[str, str], tokens: int, gpu: bool,
+            log: Path) -> float:
+    """One llama-server split onto the worker, one greedy completion of ``tokens``; its decode tok/s."""
+    port = free_port()
+    desired = DesiredServer(model=model.stem, path=model, workers=("w",), tensor_split=(0.5, 0.5),
+                            n_layer=0 if gpu else block_count(model))
+    gpu_layers, extra = split_args(desired, [f"127.0.0.1:{rpc_port}"], gpu=gpu)
+    argv = [str(engine / "llama-server"), "--model", str(model), "--port", str(port), "--n-gpu-layers",
+            str(gpu_layers), *extra, "--no-webui", "-c", "2048", "--no-warmup"]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={
+            **os.environ, **env, "GGML_RPC_HASH_THRESHOLD": "1", "GGML_RPC_LOAD_BY_NAME": "1"})
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health", 300, proc)
+            body = json.dumps({"prompt": "The capital of France is", "n_predict": tokens, "temperature": 0,
+                               "ignore_eos": True, "cache_prompt": False}).encode()
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", body,
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=600) as answer:
+                return float(json.load(answer)["timings"]["predicted_per_second"])
+        finally:
+            terminate(proc)
+
+
+def read_stats(path: Path, timeout: float = 30) -> dict[str, tuple[int, int, int]]:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = {}
+    for line in path.read_text().splitlines():
+        name, count, bytes_in, bytes_out = line.split()
+        stats[name] = (int(count), int(bytes_in), int(bytes_out))
+    path.unlink()
+    return stats
+
+
+def measure(engine: Path, model: Path, path: str, n1: int, n2: int, gpu: bool, work: Path) -> list[str]:
+    stats_file = work / f"stats-{path}.txt"
+    rpc_port = free_port()
+    env = {**os.environ, **PATHS[path], "GGML_RPC_STATS": str(stats_file)}
+    log = work / f"{path}.log"
+    worker = subprocess.Popen([str(engine / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(rpc_port), "--gguf",
+                               str(model), *(["-d", "CUDA0"] if gpu else [])],
+                              stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
+    try:
+        runs = []
+        for tokens in (n1, n2):
+            time.sleep(0.2)
+            tps = session(engine, model, rpc_port, PATHS[path], tokens, gpu, log)
+            runs.append((tps, read_stats(stats_file)))
+    finally:
+        terminate(worker)
+    (tps1, first), (tps2, second) = runs
+    n = n2 - n1
+    lines = []
+    for name in sorted(set(first) | set(second)):
+        a, b = first.get(name, (0, 0, 0)), second.get(name, (0, 0, 0))
+        per = [(b[i] - a[i]) / n for i in range(3)]
+        if any(abs(v) > 1e-9 for v in per):
+            lines.append(f"| {path} | {name} | {per[0]:.2f} | {per[1]:.0f} | {per[2]:.0f} |")
+    total = [sum(second.get(k, (0, 0, 0))[i] - first.get(k, (0, 0, 0))[i] for k in set(first) | set(second)) / n
+             for i in range(3)]
+    lines.append(f"| {path} | **all** | {total[0]:.2f} | {total[1]:.0f} | {total[2]:.0f} |"
+                 f" decode {tps1:.1f} / {tps2:.1f} tok/s ({n1} / {n2} tokens) |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--engine", type=Path, default=None)
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--n1", type=int, default=16)
+    parser.add_argument("--n2", type=int, default=80)
+    parser.add_argument("--paths", default="stock,clear,sealed")
+    args = parser.parse_args()
+    engine = args.engine or Path(os.environ.get("MESHLLM_ENGINE_DIR", "") or (find_engine() or "."))
+    print(f"{args.model.name}: per decoded token, {args.n2} - {args.n1} tokens; engine {engine}")
+    print("| path | command | commands | bytes in (to the worker) | bytes out (back) | |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="rpc-per-token-") as tmp:
+        for path in args.paths.split(","):
+            for line in measure(engine, args.model.expanduser(), path, args.n1, args.n2, args.gpu, Path(tmp)):
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
