@@ -15,11 +15,12 @@ the backend for a route, and answers the requests peers tunnel to this node from
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+from meshllm.api.bodies import loads
 from meshllm.api.endpoints import MODEL_HEADER, BadRequest, endpoint_for, is_anthropic, requested_model
 from meshllm.api.errors import BackendUnavailable, error_body
 from meshllm.api.routing import Lease, Route, Router
@@ -75,8 +76,34 @@ class Backend(Protocol):
         ...
 
 
+# llama-server's 500s that blame the request (seen: a message without a role, tools that are not a list,
+# /v1/messages without messages)
+_CLIENT_MISTAKES = ("Failed to parse", "[json.exception.", "' is required", "Expected '")
+
+
+async def _client_mistake(response: BackendResponse) -> BackendResponse:
+    """``response``, or a 400 when it is one of llama-server's 500s for a malformed request (a message
+    without ``role``, ``tools`` that is not a list): the client must fix its request, not retry it."""
+    if response.status_code != 500 or not any(
+            k.lower() == "content-type" and v.startswith("application/json") for k, v in response.headers):
+        return response
+    body = b""
+    try:
+        async for chunk in response:  # an error body: a few hundred bytes
+            body += chunk
+    finally:
+        await response.aclose()
+    try:
+        message = loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return FixedResponse(500, response.headers, body)
+    if isinstance(message, str) and any(m in message for m in _CLIENT_MISTAKES):
+        return FixedResponse.error(400, message, code="invalid_request")
+    return FixedResponse(500, response.headers, body)
+
+
 class LocalBackend:
-    """This node's llama-server on 127.0.0.1:``port``."""
+    """This node's llama-server on 127.0.0.1:``port``; its 500s for malformed requests become 400s."""
 
     def __init__(self, pool: UpstreamPool, route: Route) -> None:
         self.pool = pool
@@ -84,20 +111,24 @@ class LocalBackend:
 
     async def send(self, request: ProxyRequest) -> BackendResponse:
         try:
-            return await self.pool.request("127.0.0.1", self.route.port, request.method, request.target,
-                                           forwardable(request.headers), request.body)
+            response = await self.pool.request("127.0.0.1", self.route.port, request.method, request.target,
+                                               forwardable(request.headers), request.body)
         except BackendUnavailable as exc:
             raise BackendUnavailable(f"model {self.route.model!r} on this node did not answer: {exc}",
                                      status=exc.status, code=exc.code, retry_after=exc.retry_after) from None
+        return await _client_mistake(response)
 
 
 class PeerBackend:
     """Another node's llama-server, through an HTTP tunnel over the mesh; the request carries the
-    model it was routed for (``MODEL_HEADER``: its body may name an alias, or nothing)."""
+    model it was routed for (``MODEL_HEADER``: its body may name an alias, or nothing). A node it cannot
+    reach is reported (``on_unreachable``: the router then leaves it out of the next requests' routes)."""
 
-    def __init__(self, tunnels: HttpTunnelClient, route: Route) -> None:
+    def __init__(self, tunnels: HttpTunnelClient, route: Route, *,
+                 on_unreachable: Callable[[str], None] | None = None) -> None:
         self.tunnels = tunnels
         self.route = route
+        self.on_unreachable = on_unreachable
 
     async def send(self, request: ProxyRequest) -> BackendResponse:
         headers = [(k, v) for k, v in forwardable(request.headers) if k.lower() != MODEL_HEADER]
@@ -106,6 +137,8 @@ class PeerBackend:
         try:
             return await self.tunnels.request(self.route.node, tunnelled)
         except TunnelUnavailable as exc:
+            if self.on_unreachable is not None:
+                self.on_unreachable(self.route.node)
             raise BackendUnavailable(f"model {self.route.model!r} on node {self.route.node} did not answer: "
                                      f"{exc}") from None
 
@@ -181,7 +214,7 @@ class DataPlane:
         if self.tunnels is None:
             raise BackendUnavailable(f"model {route.model!r} is served by node {route.node}, which this node "
                                      "cannot reach")
-        return PeerBackend(self.tunnels, route)
+        return PeerBackend(self.tunnels, route, on_unreachable=self.router.unreachable)
 
     async def answer_peer(self, request: TunnelRequest) -> Answer:
         """A request another node tunnelled here: served only by this node's own llama-servers, for

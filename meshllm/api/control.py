@@ -8,18 +8,25 @@ sources this node's operator allows (``SourcePolicy``), resolves each on this no
 when anything is invalid. What apply writes is ``plan_apply``'s
 plan, so ``diff`` reports exactly what ``apply`` would do.
 
+Apply is all or nothing: every model is validated, resolved and bounded before the first write, and
+every spec is checked to fit the document (``check_storable``) before the transaction opens. Bounds
+beyond the manifest's own (``state.manifest``: at most ``MAX_MODELS`` models, ``MAX_REPLICAS``,
+``MAX_CTX``): ``replicas`` at most ``REPLICA_HEADROOM`` times the serving nodes the mesh knows (a node
+serves one replica of a model; some headroom lets a manifest run ahead of nodes still joining), and
+``ctxSize`` at most the context the model was trained for (its GGUF's ``context_length``).
+
 Persistence lives elsewhere: the store of applied manifests and the model events are injected
 callables (``on_applied``, ``events``), optional, so this module and its tests need no database.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import wraps
+from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
@@ -28,22 +35,26 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from meshllm.api.bodies import loads
 from meshllm.api.errors import openai_error
+from meshllm.engine.ggufcheck import check_gguf
+from meshllm.engine.ggufinfo import context_length
 from meshllm.engine.models import ResolvedModel, file_fingerprint, file_hashes, looks_like_path, resolve_model
 from meshllm.engine.sources import SourcePolicy
 from meshllm.errors import ManifestError, ModelError
 from meshllm.moe.spec import moe_spec_fields
 from meshllm.reconcile.placement import conditions
 from meshllm.state.changes import ChangeAction, ModelChange, plan_apply, plan_delete
-from meshllm.state.document import MeshState
+from meshllm.state.document import MeshState, check_storable
 from meshllm.state.manifest import LoadedManifest, Manifest, ManifestModel, MeshManifest, manifest_models, validate_documents
-from meshllm.state.schema import ModelSpec, NodeStatus
+from meshllm.state.schema import ModelSpec, NodeRole, NodeStatus
 
 __all__ = ["AppliedHook", "ControlAPI", "EventSource", "Resolver", "no_events"]
 
 log = logging.getLogger(__name__)
 
 Resolver = Callable[[str], ResolvedModel]
+REPLICA_HEADROOM = 4  # replicas may be at most this many times the serving nodes the mesh knows (at least 1)
 
 
 class EventSource(Protocol):
@@ -137,9 +148,15 @@ class ControlAPI:
 
     async def _plan(self, loaded: list[LoadedManifest]) -> tuple[list[ModelChange], list[str]]:
         models = manifest_models(loaded, now=self.clock())
-        resolved = await anyio.to_thread.run_sync(lambda: [self._resolved(model) for model in models])
+        checked: dict[Path, int] = {}  # each file once per apply: many models may share one
+        resolved = await anyio.to_thread.run_sync(lambda: [self._resolved(model, checked) for model in models])
         nodes, warnings, specs = self.state.nodes(), [], []
+        serving = max(1, sum(1 for node in nodes.values() if node.role is not NodeRole.CLIENT))
         for model, spec in zip(models, resolved, strict=True):
+            if spec.replicas > REPLICA_HEADROOM * serving:
+                raise ManifestError(f"{model.where('replicas')}: {spec.replicas} replicas is more than "
+                                    f"{REPLICA_HEADROOM} x the {serving} serving node(s) this mesh knows "
+                                    "(a node serves one replica of a model)")
             node, warning = _pin(model, nodes)
             specs.append(spec.model_copy(update={"node": node}))
             if warning:
@@ -147,10 +164,20 @@ class ControlAPI:
         prune = any(isinstance(item.manifest, MeshManifest) for item in loaded)
         return plan_apply(self.state.models(), specs, prune=prune), warnings
 
-    def _resolved(self, model: ManifestModel) -> ModelSpec:
+    def _resolved(self, model: ManifestModel, checked: dict[Path, int]) -> ModelSpec:
         """The spec with its source (and draft) checked on this node, and the file's size."""
         source, resolved = self._check_source(model.spec.source, where=model.where("source"))
         draft = self._check_source(model.spec.draft, where=model.where("draft"))[0] if model.spec.draft else ""
+        if resolved.path not in checked:
+            try:
+                check_gguf(resolved.path)
+            except ModelError as exc:
+                raise ManifestError(f"{model.where('source')}: {exc}") from None
+            checked[resolved.path] = _trained_context(resolved)
+        trained = checked[resolved.path]
+        if trained and model.spec.ctx_size > trained:
+            raise ManifestError(f"{model.where('ctxSize')}: {model.spec.ctx_size} is more than the "
+                                f"{trained} tokens of context the model was trained for")
         return model.spec.model_copy(update={"source": source, "size_bytes": resolved.size_bytes, "draft": draft,
                                              "fingerprint": file_fingerprint(resolved.path),
                                              "tensor_hashes": file_hashes(resolved.path),
@@ -166,6 +193,12 @@ class ControlAPI:
         return kept, resolved
 
     def _write(self, changes: list[ModelChange]) -> None:
+        for change in changes:  # a write that fails half way would leave half an apply behind
+            if change.spec is not None:
+                try:
+                    check_storable(change.spec)
+                except ValueError as exc:
+                    raise ManifestError(f"model/{change.name}: {exc}") from None
         with self.state.transaction():
             for change in changes:
                 if change.action in (ChangeAction.CREATED, ChangeAction.CONFIGURED) and change.spec is not None:
@@ -229,13 +262,21 @@ async def _manifests(request: Request) -> list[LoadedManifest]:
     """The request's manifests, validated; ``?source=NAME`` names them in errors (the CLI passes the
     file name; documents are numbered by their place in the list, ``null`` ones counted)."""
     try:
-        body = json.loads(await request.body())
-    except ValueError as exc:
+        body = loads(await request.body())
+    except ValueError as exc:  # not JSON, not UTF-8, or nested too deeply
         raise _RequestError(400, f"the request body is not JSON ({exc}); send a JSON list of manifests",
                             code="invalid_json") from None
     if not isinstance(body, list):
         raise _RequestError(400, "expected a JSON list of manifests", code="invalid_request")
     return validate_documents(body, source_name=request.query_params.get("source") or "request")
+
+
+def _trained_context(resolved: ResolvedModel) -> int:
+    """The model's trained context length from its GGUF header, 0 when it does not say."""
+    try:
+        return context_length(resolved.path)
+    except (ModelError, OSError):
+        return 0
 
 
 def _pin(model: ManifestModel, nodes: dict[str, NodeStatus]) -> tuple[str, str | None]:

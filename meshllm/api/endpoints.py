@@ -19,9 +19,10 @@ which the anthropic SDK parses; everywhere else in OpenAI's (``api.errors``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from urllib.parse import parse_qs
+
+from meshllm.jsonsafe import loads
 
 __all__ = ["ENDPOINTS", "MODEL_HEADER", "BadRequest", "Endpoint", "endpoint_for", "is_anthropic", "requested_model"]
 
@@ -86,8 +87,8 @@ def requested_model(body: bytes, query: str) -> str | None | BadRequest:
     None when it names none, or what is wrong with the body."""
     if body.strip():
         try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            payload = loads(body)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, nested too deeply
             return BadRequest(f"request body is not valid JSON: {exc}", "invalid_json")
         if not isinstance(payload, dict):
             return BadRequest("request body must be a JSON object", "invalid_request")

@@ -20,7 +20,6 @@ console's figures (``summary``) are read back from the same counters, so both al
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from meshllm.jsonsafe import loads
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ServerPhase
 
@@ -182,7 +182,7 @@ class _Meter:
 
     def model(self) -> str | None:
         try:
-            payload = json.loads(self.body)
+            payload = loads(self.body)
         except ValueError:
             return None
         model = payload.get("model") if isinstance(payload, dict) else None
@@ -215,7 +215,7 @@ class _Meter:
 
     def _read(self, raw: bytes) -> None:
         try:
-            payload = json.loads(raw)
+            payload = loads(raw)
         except ValueError:
             return
         if not isinstance(payload, dict):

@@ -26,6 +26,7 @@ from starlette.routing import Route as HttpRoute
 from starlette.types import Receive, Scope, Send
 
 from meshllm.api.backends import DataPlane, ProxyRequest
+from meshllm.api.bodies import BODY_DEADLINE, BodyTimeout, BodyTooLarge, ClientGone, read_body
 from meshllm.api.endpoints import ENDPOINTS, BadRequest, is_anthropic, requested_model
 from meshllm.api.errors import openai_error
 from meshllm.api.failover import Failover, FailoverEvents, FailoverPolicy, Silence
@@ -38,53 +39,30 @@ __all__ = ["DEFAULT_MAX_BODY", "OpenAIProxy", "create_openai_app"]
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 
 
-class _TooLarge(Exception):
-    pass
-
-
-class _Gone(Exception):
-    pass
-
-
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body (answering ``Expect: 100-continue`` on the way: the server sends the
-    interim response when the body is first asked for)."""
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise _TooLarge
-    chunks, size, more = [], 0, True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Gone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-        more = message.get("more_body", False)
-    return b"".join(chunks)
-
-
 class OpenAIProxy:
     """The ASGI endpoint of the proxied routes."""
 
     def __init__(self, plane: DataPlane, *, max_body_bytes: int, demand: Callable[[str], None] | None,
-                 failover: Failover) -> None:
+                 failover: Failover, body_deadline: float = BODY_DEADLINE) -> None:
         self.plane = plane
         self.failover = failover
         self.max_body_bytes = max_body_bytes
+        self.body_deadline = body_deadline
         self.demand = demand
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         anthropic = is_anthropic(scope["path"])
         try:
-            body = await _read_body(scope, receive, self.max_body_bytes)
-        except _TooLarge:
+            body = await read_body(scope, receive, limit=self.max_body_bytes, deadline=self.body_deadline)
+        except BodyTooLarge:
             await send_error(send, 413, f"request body is larger than the limit of {self.max_body_bytes} bytes",
                              code="request_too_large", anthropic=anthropic)
             return
-        except _Gone:
+        except BodyTimeout:
+            await send_error(send, 408, f"the request body did not arrive within {self.body_deadline:g} s",
+                             code="request_timeout")
+            return
+        except ClientGone:
             return
         query = scope["query_string"].decode("latin-1")
         named = requested_model(body, query)
@@ -132,7 +110,8 @@ class OpenAIProxy:
 
 def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BODY,
                       demand: Callable[[str], None] | None = None, failover: FailoverPolicy | None = None,
-                      failover_events: FailoverEvents | None = None, silence: Silence | None = None) -> Starlette:
+                      failover_events: FailoverEvents | None = None, silence: Silence | None = None,
+                      body_deadline: float = BODY_DEADLINE) -> Starlette:
     """The :9337 app. ``plane`` routes and forwards each request, moving it to another server of its
     model when its own fails (``failover``, counted in ``failover_events``); ``demand`` hears of every
     request for a model the mesh knows (served or not yet)."""
@@ -167,7 +146,8 @@ def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BOD
         return response
 
     proxy = OpenAIProxy(plane, max_body_bytes=max_body_bytes, demand=demand,
-                        failover=Failover(plane, policy=failover, events=failover_events, silence=silence))
+                        failover=Failover(plane, policy=failover, events=failover_events, silence=silence),
+                        body_deadline=body_deadline)
     routes = [HttpRoute(e.path, proxy, methods=[e.method]) for e in ENDPOINTS]
     for route in routes:  # starlette adds HEAD to GET; a HEAD's answer has no body for the proxy to relay
         assert route.methods is not None

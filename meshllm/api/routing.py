@@ -13,11 +13,19 @@ written for another provider ask for ``gpt-4o-mini``, and there is nothing else 
 An expert-sharded model (its leases have ``shards``) is routed by the request's session key instead
 (``api.sessions``): rendezvous hashing over the nodes with a ready shard, so a conversation stays on one
 node's KV cache, and a dead node's sessions move to the others as soon as its servers leave the table.
+
+A dead node stays in the document until the failure detector's verdict, seconds after its connection
+went silent; meanwhile its servers still look ready. The router hears sooner: the mesh connection to a
+node closing (``peer_down``) or a request failing to reach it (``unreachable``) takes that node's
+routes out of the choice at once, until its connection is back (``peer_up``) or, for a failed
+request, ``UNREACHABLE_FOR`` seconds pass. Where every route of a model is out, they are all used
+anyway: a request that might succeed beats a certain 503.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from meshllm.api.sessions import rendezvous
@@ -25,7 +33,9 @@ from meshllm.engine.models import canonical_name, looks_like_path
 from meshllm.state.document import MeshState
 from meshllm.state.schema import ServerPhase, ServerStatus
 
-__all__ = ["Lease", "Route", "Router", "Unavailable"]
+__all__ = ["UNREACHABLE_FOR", "Lease", "Route", "Router", "Unavailable"]
+
+UNREACHABLE_FOR = 10.0  # seconds a node that failed a request is left out of routing (its connection up)
 
 
 @dataclass(frozen=True)
@@ -91,12 +101,38 @@ class _Table:
 class Router:
     """Resolves a model name against this node's view of the mesh."""
 
-    def __init__(self, state: MeshState, *, node_id: str) -> None:
+    def __init__(self, state: MeshState, *, node_id: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.state = state
         self.node_id = node_id
+        self.clock = clock
         self._table: _Table | None = None
         self._subs = state.observe(self._invalidate)
         self.in_flight: dict[str, int] = {}
+        self._down: set[str] = set()  # nodes whose mesh connection closed and has not come back
+        self._failed: dict[str, float] = {}  # node -> until when: a request could not reach it
+
+    # -- reachability ---------------------------------------------------------------------------
+    def peer_down(self, node: str) -> None:
+        """The mesh connection to ``node`` closed: leave its routes out until it is back."""
+        self._down.add(node)
+
+    def peer_up(self, node: str) -> None:
+        self._down.discard(node)
+        self._failed.pop(node, None)
+
+    def unreachable(self, node: str) -> None:
+        """A request could not reach ``node`` (no connection, no answer): leave it out for a while."""
+        self._failed[node] = self.clock() + UNREACHABLE_FOR
+
+    def _reachable(self, routes: list[Route]) -> list[Route]:
+        if not self._down and not self._failed:
+            return routes
+        now = self.clock()
+        for node, until in list(self._failed.items()):
+            if until <= now:
+                del self._failed[node]
+        good = [r for r in routes if r.local or (r.node not in self._down and r.node not in self._failed)]
+        return good or routes
 
     def _invalidate(self) -> None:
         self._table = None
@@ -162,10 +198,11 @@ class Router:
             routes = [r for r in routes if r not in avoid]
             if not routes:
                 return Unavailable(model, f"no other server of model {model!r} is ready")
-        if routes and session is not None and not local_only and model in table.sharded:
-            chosen = rendezvous(session, (r.node for r in routes))
-            return next(r for r in routes if r.node == chosen)
         if routes:
+            routes = self._reachable(routes)
+            if session is not None and not local_only and model in table.sharded:
+                chosen = rendezvous(session, (r.node for r in routes))
+                return next(r for r in routes if r.node == chosen)
             if routes[0].local:
                 return routes[0]
             if not local_only:

@@ -1,6 +1,7 @@
 """The node's management API (console port, :3131 by default): ``/api/status`` for people and the CLI,
 the control routes (``/api/apply`` and the rest, see ``control``) and ``/api/token`` (the invite token),
-all behind ``admin.AdminGate``: the admin token, a Host naming this node, JSON-only changes.
+all behind ``admin.AdminGate``: the admin token, a Host naming this node, JSON-only changes. A request
+body is read whole before any route runs, within ``CONSOLE_MAX_BODY`` bytes (413) and a deadline (408).
 
 ``/api/status`` reports what the state document says: this node, every node it knows, and each
 desired model with its condition and the servers (and split workers) observed for it. ``meshllm get``
@@ -19,6 +20,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from meshllm.api.admin import AdminGate, ConsoleAccess
+from meshllm.api.bodies import BODY_DEADLINE, BodyLimit
 from meshllm.api.control import AppliedHook, ControlAPI, EventSource, Resolver, no_events
 from meshllm.api.errors import openai_error
 from meshllm.engine.models import resolve_model
@@ -26,7 +28,9 @@ from meshllm.engine.sources import SourcePolicy
 from meshllm.reconcile.placement import conditions
 from meshllm.state.document import MeshState
 
-__all__ = ["create_status_app", "status_snapshot"]
+__all__ = ["CONSOLE_MAX_BODY", "create_status_app", "status_snapshot"]
+
+CONSOLE_MAX_BODY = 1 << 20  # 1 MiB: a manifest of MAX_MODELS models fits several times over
 
 
 def status_snapshot(state: MeshState, *, node_id: str, now: float,
@@ -74,7 +78,8 @@ def create_status_app(state: MeshState, *, node_id: str, access: ConsoleAccess, 
                       extra: dict[str, Any] | None = None, invite: Callable[[], str] | None = None,
                       resolve: Resolver = resolve_model, events: EventSource = no_events,
                       on_applied: AppliedHook | None = None, routes: Sequence[Route] = (),
-                      clock: Callable[[], float] = time.time) -> AdminGate:
+                      clock: Callable[[], float] = time.time, max_body_bytes: int = CONSOLE_MAX_BODY,
+                      body_deadline: float = BODY_DEADLINE) -> AdminGate:
     """The console app: ``/api/status``, the control routes and ``routes``, behind ``access``.
     ``events`` and ``on_applied`` connect the store (model events; applied manifests); ``sources`` and
     ``resolve`` check manifest sources on this node; ``invite`` makes the invite token (``/api/token``)."""
@@ -90,4 +95,4 @@ def create_status_app(state: MeshState, *, node_id: str, access: ConsoleAccess, 
                          clock=clock)
     app = Starlette(routes=[Route("/api/status", status, methods=["GET"]),
                             Route("/api/token", token, methods=["GET"]), *control.routes(), *routes])
-    return AdminGate(app, access)
+    return AdminGate(BodyLimit(app, limit=max_body_bytes, deadline=body_deadline), access)

@@ -29,12 +29,12 @@ The score ``choose`` uses (higher is better; a listing that does not fit is left
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from pydantic import BaseModel, Field, ValidationError
 
+from meshllm.jsonsafe import loads
 from meshllm.discovery.nostr import Event, NostrKey, sign_event, verify_event
 from meshllm.state.document import MeshState
 from meshllm.state.schema import NodeRole, ServerPhase
@@ -131,7 +131,7 @@ def parse_listing(event: object, *, now: float, source: str = "") -> Listing | N
     assert isinstance(event, dict)
     try:
         expires = int(_tag(event, "expiration") or "")
-        content = ListingContent.model_validate(json.loads(event["content"]))
+        content = ListingContent.model_validate(loads(event["content"]))
         token = InviteToken.decode(content.token) if not content.delisted else None
     except (ValueError, ValidationError):
         return None

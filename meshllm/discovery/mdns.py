@@ -18,6 +18,7 @@ import anyio
 from zeroconf import IPVersion, ServiceInfo, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
 
+from meshllm.jsonsafe import loads
 from meshllm.discovery.nostr import Event
 
 __all__ = ["SERVICE_TYPE", "MdnsDirectory", "event_from_txt", "event_to_txt"]
@@ -42,7 +43,7 @@ def event_from_txt(properties: dict[bytes, bytes | None]) -> object:
             break
         parts.append(part.decode(errors="replace"))
     try:
-        return json.loads("".join(parts))
+        return loads("".join(parts))
     except ValueError:
         return None
 

@@ -29,6 +29,7 @@ import coincurve
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
+from meshllm.jsonsafe import loads
 from meshllm.errors import MeshError
 
 __all__ = ["NostrKey", "RelayError", "event_id", "publish", "query", "sign_event", "verify_event"]
@@ -88,7 +89,7 @@ def verify_event(event: Any) -> bool:
 
 def _frame(raw: str | bytes) -> list[Any] | None:
     try:
-        msg = json.loads(raw)
+        msg = loads(raw)
     except ValueError:
         return None
     return msg if isinstance(msg, list) and msg and isinstance(msg[0], str) else None

@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from meshllm.errors import ModelError
 
-__all__ = ["block_count", "read_metadata"]
+__all__ = ["block_count", "context_length", "read_metadata"]
 
 # GGUF value types: fixed sizes, and the struct formats of the scalars
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -80,3 +80,11 @@ def block_count(path: Path) -> int:
     if not isinstance(value, int) or value <= 0:
         raise ModelError(f"{path}: no {key} in its GGUF header; cannot split it by layers")
     return value
+
+
+def context_length(path: Path) -> int:
+    """The context the model was trained for (``<architecture>.context_length``), 0 when unsaid."""
+    arch = read_metadata(path, {"general.architecture"}).get("general.architecture")
+    key = f"{arch}.context_length"
+    value = read_metadata(path, {key}).get(key)
+    return value if isinstance(value, int) and value > 0 else 0

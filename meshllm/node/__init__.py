@@ -21,6 +21,7 @@ from anyio.abc import TaskStatus
 from meshllm.engine.build import require_engine
 from meshllm.engine.catalog import catalog
 from meshllm.engine.download import HubFile, ModelReference, check_remote, parse_reference
+from meshllm.engine.ggufcheck import check_gguf
 from meshllm.engine.models import file_fingerprint, file_hashes, models_dir, resolve_model
 from meshllm.engine.ranges import remote_fingerprint
 from meshllm.errors import MeshError, ModelError, ModelNotFetched
@@ -32,6 +33,7 @@ from meshllm.node.node import Node
 from meshllm.state.schema import ModelOrigin, ModelSpec
 from meshllm.store.db import NodeStore
 from meshllm.store.identity import load_identity
+from meshllm.store.lock import hold_state_dir
 
 __all__ = ["Node", "NodeConfig", "bind_socket", "check_model", "desired_models", "draft_for", "run_node"]
 
@@ -105,6 +107,7 @@ def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSp
                                    origin=ModelOrigin.NODE, owner=node_id, size_bytes=size, fingerprint=fingerprint,
                                    split=config.split, draft=draft, **options))
             continue
+        check_gguf(resolved.path)  # a truncated or corrupt file fails here, not in llama-server's restarts
         kept = source if not Path(source).expanduser().exists() else str(resolved.path)
         specs.append(ModelSpec(name=config.alias or resolved.name, source=kept, node=node_id, created_at=now,
                                origin=ModelOrigin.NODE, owner=node_id, size_bytes=resolved.size_bytes,
@@ -118,6 +121,12 @@ async def run_node(config: NodeConfig, *, announce: Callable[[str], None] = prin
                    task_status: TaskStatus[dict[str, str]] = anyio.TASK_STATUS_IGNORED) -> None:
     """Run the node ``config`` describes until SIGINT, SIGTERM or cancellation; reports its id, API
     URL and invite token once it serves."""
+    with hold_state_dir(config.state_dir):  # a second agent on this folder stops here, with one line
+        await _run_locked(config, announce=announce, task_status=task_status)
+
+
+async def _run_locked(config: NodeConfig, *, announce: Callable[[str], None],
+                      task_status: TaskStatus[dict[str, str]]) -> None:
     config = await resolve_join(config, announce=announce)  # --auto / --mesh-name: the mesh to join, if any
     identity = load_identity(config.state_dir)
     node_id, now = identity.node_id, time.time()

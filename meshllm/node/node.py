@@ -59,6 +59,7 @@ from meshllm.engine.models import looks_like_path, models_dir
 from meshllm.engine.rpc_auth import rpc_key
 from meshllm.engine.sources import SourcePolicy
 from meshllm.node.blackboard import NodeBlackboard
+from meshllm.node.names import NameWatch, taken_by
 from meshllm.node.config import NodeConfig
 from meshllm.node.discovery import publisher_for
 from meshllm.node.http import HttpApi
@@ -135,6 +136,8 @@ class Node:
                                          joins=config.joins, host=config.quic_host, port=config.bind_port,
                                          advertise=config.advertise)
         self.router = Router(state, node_id=node_id)
+        self.mesh.endpoint.on_peer(  # a node whose connection closed is routed around before its death verdict
+            lambda event: (self.router.peer_up if event.up else self.router.peer_down)(event.node_id))
         self.blackboard = NodeBlackboard.for_node(config, self.mesh.endpoint, node_id=node_id,
                                                   node_name=config.name or socket.gethostname())
         self.keys = KeyRing(state, local=config.api_keys)
@@ -154,6 +157,8 @@ class Node:
             self.supervisor = ProcessSupervisor(store=store)
             self.runner, self.workers = self._controllers(self.supervisor, engine_dir, store, key)
         self.demand = DemandRecorder(state, node_id=node_id)
+        self.names = NameWatch(state, node_id=node_id, specs=self.specs, announce=announce,
+                               record=lambda model, reason, text: store.record_event(model, reason, text, level="warning"))
         self.rotation, rotation_api = node_rotation(self.mesh, tunnels=self.rpc_tunnels, workers=self.workers,
                                                     supervisor=self.supervisor)
         serve_streams(self.mesh.endpoint, self._stream_services())
@@ -245,7 +250,7 @@ class Node:
             ("split shares", self.shares.run),
             ("controllers", self.runner.run)]
         listing = [] if self.publisher is None else [("publisher", self.publisher.run)]
-        return [("key rotation", self.rotation.run), ("RPC tunnels", self.rpc_tunnels.run), *engine,
+        return [("model names", self.names.run), ("key rotation", self.rotation.run), ("RPC tunnels", self.rpc_tunnels.run), *engine,
                 ("demand recorder", self.demand.run), ("console events", self._run_events),
                 *((api.what, api.run) for api in self.apis), *listing]
 
@@ -282,8 +287,9 @@ class Node:
     async def _start(self, parts: Lifecycle, task_status: TaskStatus[dict[str, str]]) -> None:
         await parts.start("blackboard", self.blackboard.run)  # its stream handler in place before peers come
         await parts.start("mesh", self.mesh.run)
-        for spec in self.specs:  # this node's --model models, as desired state
-            self.state.put_model(spec)
+        for spec in self.specs:  # this node's --model models, as desired state (a name taken: see names)
+            if taken_by(self.state.models().get(spec.name), node_id=self.node_id) is None:
+                self.state.put_model(spec)
         for name, run in self._components():
             await parts.start(name, run)
         token = self.mesh.token()

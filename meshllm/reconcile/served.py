@@ -29,6 +29,7 @@ from typing import Protocol
 import anyio
 
 from meshllm.engine.download import ModelReference
+from meshllm.engine.ggufcheck import check_gguf
 from meshllm.engine.ggufinfo import block_count
 from meshllm.engine.models import ResolvedModel, resolve_model
 from meshllm.engine.process import DEFAULT_MAX_TOKENS, LlamaServerConfig, ServingOptions, safe_name
@@ -109,6 +110,7 @@ class ServedModelController:
         self._draftless: set[str] = set()  # models served without their draft (it could not be fetched)
         self._layers: dict[Path, int] = {}  # a model file's layer count (a CPU split host needs it)
         self._chat: dict[Path, tuple[str, ...]] = {}  # a model file's chat format (engine.templates)
+        self._checked: dict[tuple[Path, int, int], str] = {}  # a file (size, mtime) -> what is wrong, "" if whole
 
     # -- keys ---------------------------------------------------------------------------------
     def keys(self) -> set[str]:
@@ -155,6 +157,8 @@ class ServedModelController:
                 return self._fetching(model, spec.source, exc, draft=False)
             else:
                 return Unavailable(model, str(exc))
+        if problem := await self._broken(path):  # llama-server would fail to load it, again and again
+            return Unavailable(model, problem)
         try:
             draft = await self._resolve(spec.draft, spec.name + "-draft") if spec.draft else None
         except ModelNotFetched as exc:
@@ -241,6 +245,22 @@ class ServedModelController:
         if state.error:
             return Unavailable(model, f"{what}download failed: {state.error}")
         return Fetching(model, what + state.message)
+
+    async def _broken(self, path: Path) -> str:
+        """What is wrong with the model file at ``path`` (``engine.ggufcheck``), "" when it is whole;
+        checked again only when its size or modification time changes."""
+        try:
+            info = path.stat()
+        except OSError as exc:
+            return f"cannot read model file {path}: {exc.strerror}"
+        key = (path, info.st_size, info.st_mtime_ns)
+        if key not in self._checked:
+            try:
+                await anyio.to_thread.run_sync(check_gguf, path)
+                self._checked[key] = ""
+            except ModelError as exc:
+                self._checked[key] = str(exc)
+        return self._checked[key]
 
     def _host_share(self, spec: ModelSpec, lease: PlacementLease) -> Path | Fetching | Unavailable:
         """The split host's share of a file it has no whole copy of: fetched (``reconcile.shares``)."""

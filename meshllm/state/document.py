@@ -20,10 +20,34 @@ from meshllm.state.schema import (
     WorkerStatus,
 )
 
-__all__ = ["Changed", "MeshState"]
+__all__ = ["Changed", "MeshState", "check_storable"]
 
 E = TypeVar("E", bound=BaseModel)
 _KINDS = ("models", "nodes", "servers", "deaths", "demand", "leases", "workers", "apikeys", "rotations")
+
+
+_INT64 = range(-(1 << 63), 1 << 63)
+
+
+def check_storable(entity: BaseModel) -> dict[str, Any]:
+    """``entity``'s JSON values, or ``ValueError`` naming a field the document cannot hold: pycrdt
+    panics (an uncatchable-looking ``PanicException``) on an integer beyond 64 bits, and a write that
+    fails half way leaves half an entity behind."""
+    values = entity.model_dump(mode="json")
+    for field, value in values.items():
+        _check_value(f"{type(entity).__name__}.{field}", value)
+    return values
+
+
+def _check_value(where: str, value: object) -> None:
+    if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+        raise ValueError(f"{where}: {value} does not fit in 64 bits")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_value(f"{where}.{key}", item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_value(where, item)
 
 
 class Changed(NamedTuple):
@@ -80,7 +104,7 @@ class MeshState:
 
     # -- writes -----------------------------------------------------------------------------
     def _put(self, kind: str, key: str, entity: BaseModel) -> None:
-        values = entity.model_dump(mode="json")
+        values = check_storable(entity)
         table = self._maps[kind]
         self._touch(kind, key)
         with self.doc.transaction():
@@ -94,8 +118,9 @@ class MeshState:
 
     def _put_whole(self, kind: str, key: str, entity: BaseModel) -> None:
         """Write ``entity`` as one plain value: concurrent writers do not mix fields, one wins."""
+        values = check_storable(entity)
         self._touch(kind, key)
-        self._maps[kind][key] = entity.model_dump(mode="json")
+        self._maps[kind][key] = values
 
     def put_model(self, spec: ModelSpec) -> None:
         self._put("models", spec.name, spec)

@@ -32,6 +32,7 @@ from meshllm.state.schema import ModelOrigin, ModelSpec
 
 __all__ = [
     "API_VERSION",
+    "MAX_MODELS",
     "LoadedManifest",
     "Manifest",
     "ManifestModel",
@@ -55,6 +56,7 @@ __all__ = [
 API_VERSION = "meshllm/v1"
 MAX_REPLICAS = 256  # more servers of one model than any mesh has nodes is a typo, not a wish
 MAX_CTX = 1 << 24  # 16M tokens: beyond any model's trained context
+MAX_MODELS = 1000  # models in one apply: a mesh serving more is not what a manifest of this node is for
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:")
 
 
@@ -208,6 +210,8 @@ def parse_documents(text: str, *, source_name: str) -> list[object]:
             docs: list[object] = [json.loads(text)]
         except json.JSONDecodeError as exc:
             raise ManifestError(f"{source_name}: line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise ManifestError(f"{source_name}: invalid JSON: nested too deeply") from None
     else:
         try:
             docs = list(yaml.load_all(text, Loader=_UniqueKeyLoader))
@@ -217,6 +221,8 @@ def parse_documents(text: str, *, source_name: str) -> list[object]:
             raise ManifestError(f"{source_name}: {where}invalid YAML: {exc.problem or exc.context}") from None
         except yaml.YAMLError as exc:
             raise ManifestError(f"{source_name}: invalid YAML: {exc}") from None
+        except RecursionError:
+            raise ManifestError(f"{source_name}: invalid YAML: nested too deeply") from None
     if len(docs) == 1 and isinstance(docs[0], list):
         return list(docs[0])
     return docs
@@ -234,6 +240,9 @@ def validate_documents(docs: Sequence[object], *, source_name: str) -> list[Load
     if not loaded:
         raise ManifestError(f"{source_name}: no manifests found (expected documents with apiVersion: "
                             f"{API_VERSION}, kind: Model or Mesh)")
+    count = sum(len(item.manifest.spec.models) if isinstance(item.manifest, MeshManifest) else 1 for item in loaded)
+    if count > MAX_MODELS:
+        raise ManifestError(f"{source_name}: {count} models in one apply; at most {MAX_MODELS} (split the manifest)")
     _check_across(loaded)
     return loaded
 

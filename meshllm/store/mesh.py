@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshllm.jsonsafe import loads
 from meshllm.errors import MeshError
 
 __all__ = ["JOIN_ENV", "InviteToken", "MeshCredentials", "join_arguments", "key_id", "load_or_create_mesh",
@@ -75,7 +76,7 @@ class InviteToken:
             raise ValueError("not a meshllm invite token (it should start with 'meshllm1.')")
         try:
             raw = _b64decode(text[len(TOKEN_PREFIX):])
-            body = json.loads(raw)
+            body = loads(raw)
             secret = _b64decode(body["secret"])
             creds = MeshCredentials(mesh_id=str(body["mesh"]), secret=secret)
             addrs = tuple(str(a) for a in body["addrs"])

@@ -2,17 +2,20 @@
 
 Kept in one module so an aioquic upgrade has one file to check (the integration tests exercise
 all of them): the server's TLS certificate as the client saw it (auth channel binding), the
-smoothed RTT (published for the split planner), how many bytes a stream still holds unsent or
+smoothed RTT (published for the split planner), whether a client's first Initial decrypts, how many bytes a stream still holds unsent or
 unacknowledged (send backpressure), and the acknowledgement policy (``AckPolicy``).
 """
 
 from __future__ import annotations
 
 from aioquic import tls
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported without __all__
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.packet import pull_quic_header
 from cryptography.hazmat.primitives import serialization
 
-__all__ = ["AckPolicy", "peer_certificate_der", "send_backlog", "smoothed_rtt"]
+__all__ = ["AckPolicy", "initial_decrypts", "peer_certificate_der", "send_backlog", "smoothed_rtt"]
 
 
 def peer_certificate_der(quic: QuicConnection) -> bytes | None:
@@ -21,6 +24,23 @@ def peer_certificate_der(quic: QuicConnection) -> bytes | None:
     if certificate is None:
         return None
     return bytes(certificate.public_bytes(serialization.Encoding.DER))
+
+
+def initial_decrypts(data: bytes, *, host_cid_length: int) -> bool:
+    """Whether the first packet of ``data`` is an Initial that decrypts with the keys its destination
+    connection id derives (RFC 9001 section 5.2): what any real client sends first. Junk shaped like an
+    Initial fails here, before a connection (and a handshake slot) is spent on it."""
+    buf = Buffer(data=data)
+    try:
+        header = pull_quic_header(buf, host_cid_length=host_cid_length)
+        if header.version is None or header.packet_length > len(data):
+            return False
+        crypto = CryptoPair()
+        crypto.setup_initial(cid=header.destination_cid, is_client=False, version=header.version)
+        crypto.decrypt_packet(data[:header.packet_length], buf.tell(), 0)
+    except ValueError:  # a malformed header, or aioquic's CryptoError (a ValueError)
+        return False
+    return True
 
 
 def smoothed_rtt(quic: QuicConnection) -> float:

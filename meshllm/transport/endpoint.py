@@ -38,11 +38,13 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from meshllm.store.identity import NodeIdentity
+from meshllm.transport._aioquic import initial_decrypts
 from meshllm.transport.auth import Handshake, Role
 from meshllm.transport.budget import DialPriority, HandshakeBudget
 from meshllm.transport.connection import Address, PeerConnection
 from meshllm.transport.errors import ConnectionLost, ErrorCode, FrameError, TransportError
 from meshllm.transport.health import LoopHealth
+from meshllm.transport.refusals import RefusalLog
 from meshllm.transport.stream import Stream, StreamKind
 from meshllm.transport.tls import (TransportSettings, client_configuration, generate_credentials,
                                    server_configuration)
@@ -153,6 +155,7 @@ class QuicEndpoint:
         self.health = health or LoopHealth()
         self.budget = budget or HandshakeBudget(self.settings.max_dials)
         self.handshake_s = 0.0  # how long this endpoint's dials take to authenticate lately (EWMA)
+        self._refused = RefusalLog()
 
     @property
     def node_id(self) -> str:
@@ -310,22 +313,28 @@ class QuicEndpoint:
             return  # not QUIC
         conn = self._by_cid.get(header.destination_cid)
         if conn is None:
-            conn = self._accept(header.packet_type, header.version, header.destination_cid,
-                                len(data), addr)
+            conn = self._accept(header.packet_type, header.version, header.destination_cid, data, addr)
         if conn is not None:
             conn.datagram_received(data, addr)
 
-    def _accept(self, packet_type: QuicPacketType, version: int | None, cid: bytes, size: int,
+    def _accept(self, packet_type: QuicPacketType, version: int | None, cid: bytes, data: bytes,
                 addr: Address) -> PeerConnection | None:
+        """A new connection for a client's first Initial, or None: not an Initial, junk that does not
+        decrypt (no slot spent on it), or no handshake slot free (all of them, or this source's share)."""
         running = self._running
         if (running is None or packet_type != QuicPacketType.INITIAL
-                or size < MIN_INITIAL_DATAGRAM
+                or len(data) < MIN_INITIAL_DATAGRAM
                 or version not in self._server_config.supported_versions):
             return None
-        handshaking = sum(1 for c in running.connections if not c.authenticated)
-        if handshaking >= self.settings.max_handshakes:
-            log.warning("dropping a connection attempt from %s:%d: %d handshakes in progress",
-                        *addr, handshaking)
+        if not initial_decrypts(data, host_cid_length=self._server_config.connection_id_length):
+            self._refused.note(addr, "an Initial that does not decrypt")
+            return None
+        pending = [c for c in running.connections if not c.authenticated]
+        if len(pending) >= self.settings.max_handshakes:
+            self._refused.note(addr, f"{len(pending)} handshakes in progress")
+            return None
+        if sum(1 for c in pending if c.address[0] == addr[0]) >= self.settings.max_handshakes_per_source:
+            self._refused.note(addr, f"{self.settings.max_handshakes_per_source} handshakes in progress from {addr[0]}")
             return None
         quic = QuicConnection(configuration=self._server_config,
                               original_destination_connection_id=cid)

@@ -35,7 +35,8 @@ class TransportSettings:
     ``send_buffer`` bounds the bytes one stream may have queued in aioquic, unsent or unacknowledged:
     ``Stream.send`` waits above it, so a fast writer cannot buffer without limit.
     ``max_dials`` bounds this endpoint's outgoing handshakes in flight (``HandshakeBudget``);
-    ``max_handshakes`` bounds incoming ones (an Initial beyond it is dropped and retransmitted).
+    ``max_handshakes`` bounds incoming ones (an Initial beyond it is dropped and retransmitted), and
+    ``max_handshakes_per_source`` those from one IP address, so that one source cannot take them all.
     """
 
     max_datagram_size: int = 1452
@@ -47,6 +48,7 @@ class TransportSettings:
     max_data: int = 4 * 1024 * 1024
     max_stream_data: int = 1024 * 1024
     max_handshakes: int = 64
+    max_handshakes_per_source: int = 32
     max_dials: int = 4
 
 

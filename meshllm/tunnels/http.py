@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import anyio
 
+from meshllm.jsonsafe import loads
 from meshllm.errors import MeshError
 from meshllm.transport import FrameChannel, PeerConnection, Stream, StreamKind, TransportError
 from meshllm.transport.errors import ErrorCode
@@ -117,7 +118,7 @@ def _decode_head(raw: bytes | None) -> dict[str, Any]:
         raise ValueError("the stream ended before the head")
     if len(raw) > MAX_HEAD:
         raise ValueError("tunnel head too large")
-    head = json.loads(raw)
+    head = loads(raw)
     if not isinstance(head, dict):
         raise ValueError("tunnel head is not a JSON object")
     return head
@@ -159,7 +160,7 @@ class TunnelResponse:
 
     async def _trailer(self) -> str:
         try:
-            trailer = json.loads(await self._frames.receive_frame() or b"{}")
+            trailer = loads(await self._frames.receive_frame() or b"{}")
             return str(trailer.get("error") or "the upstream broke mid-response")
         except (TransportError, ValueError, AttributeError):
             return "the upstream broke mid-response"

@@ -27,8 +27,9 @@ ME = "n1"
 
 
 def gguf(path: Path, *, content: bytes = b"") -> Path:
-    """A file that passes for a model: the GGUF magic, then anything (the fakes never load it)."""
-    path.write_bytes(b"GGUF" + content.ljust(64, b"\0"))
+    """A file that passes for a model: a GGUF header with no tensors and no metadata (version 3, two
+    zero counts), then anything (the fakes never load it)."""
+    path.write_bytes(b"GGUF\x03" + b"\0" * 19 + content.ljust(64, b"\0"))
     return path
 
 

@@ -72,7 +72,7 @@ def test_port_in_use_is_reported(tmp_path: Path) -> None:
     import socket
 
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + b"\0" * 60)
+    model.write_bytes(b"GGUF\x03" + b"\0" * 59)  # version 3, no tensors, no metadata
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -103,7 +103,7 @@ def test_a_source_outside_the_allowed_folders_is_refused_alike_whether_it_exists
     outside = tmp_path.parent / f"{tmp_path.name}-outside"
     outside.mkdir()
     real = outside / "real.gguf"
-    real.write_bytes(b"GGUF" + b"\0" * 60)
+    real.write_bytes(b"GGUF\x03" + b"\0" * 59)  # version 3, no tensors, no metadata
     messages = []
     for source in (str(real), str(outside / "missing.gguf"), "/etc/passwd", "/etc/no-such-file"):
         response = loopback.post("/api/diff", json=manifest(source), headers=AUTH)
@@ -112,7 +112,7 @@ def test_a_source_outside_the_allowed_folders_is_refused_alike_whether_it_exists
     assert len(set(messages)) == 1, messages
     assert "--allow-models" in messages[0]
     inside = tmp_path / "inside.gguf"
-    inside.write_bytes(b"GGUF" + b"\0" * 60)
+    inside.write_bytes(b"GGUF\x03" + b"\0" * 59)  # version 3, no tensors, no metadata
     assert loopback.post("/api/apply", json=manifest(str(inside)), headers=AUTH).status_code == 200
 
 

@@ -23,7 +23,7 @@ ADMIN = "mladm-test"
 
 
 def gguf(path: Path, size: int = 64) -> Path:
-    path.write_bytes(b"GGUF" + b"\0" * (size - 4))
+    path.write_bytes(b"GGUF\x03" + b"\0" * (size - 5))  # a whole GGUF: version 3, no tensors, no metadata
     return path
 
 
