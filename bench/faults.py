@@ -4,6 +4,7 @@ load, printed as one table (and saved with ``--save``). See bench/README.md."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -14,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 from meshllm.engine.build import find_engine  # noqa: E402
 from meshllm.engine.tinygguf import write_dense  # noqa: E402
-from tests.integration.faults import FAULTS, FaultMesh, reference_text, run_fault, table  # noqa: E402
+from tests.integration.faults import BATCH_INVARIANT, FAULTS, FaultMesh, reference_text, run_fault, table  # noqa: E402
 from tests.integration.nodes import Mesh  # noqa: E402
 
 
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--only", action="append", default=[], help="run only this fault (repeatable)")
     parser.add_argument("--save", type=Path, help="write the table to this file too")
     args = parser.parse_args()
+    os.environ[BATCH_INVARIANT[0]] = BATCH_INVARIANT[1]
     engine = find_engine()
     if engine is None:
         sys.exit("the engine is not built: meshllm engine build")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.faults import FAULTS, FaultMesh, FaultRow, reference_text, run_fault, table
+from tests.integration.faults import BATCH_INVARIANT, FAULTS, FaultMesh, FaultRow, reference_text, run_fault, table
 from tests.integration.nodes import Mesh
 from tests.integration.test_split import split_model  # noqa: F401  (a fixture)
 
@@ -30,7 +30,8 @@ ROWS: list[FaultRow] = []
 
 
 def test_a_split_worker_killed_mid_stream_is_an_error_then_the_split_serves_again(
-        mesh: Mesh, split_model: Path) -> None:
+        mesh: Mesh, split_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(*BATCH_INVARIANT)
     size = split_model.stat().st_size
     fm = FaultMesh(mesh, split_model, replicas=1, max_vram=f"{int(size * 0.8)}B")  # neither holds it alone
     reference = reference_text(fm, max_tokens=MAX_TOKENS)
@@ -48,7 +49,9 @@ def fault_mesh(tmp_path_factory: pytest.TempPathFactory, engine_dir: Path, tiny_
         pytest.fail("the fault suite needs root and iptables (apt-get install iptables; .ci/run does it)")
     mesh = Mesh(tmp_path_factory.mktemp("faults"), engine_dir, allow_models=(tiny_dense.parent,))
     try:
-        yield FaultMesh(mesh, tiny_dense)
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv(*BATCH_INVARIANT)
+            yield FaultMesh(mesh, tiny_dense)
     finally:
         mesh.close()
         if ROWS:

@@ -182,7 +182,7 @@ def test_a_truncated_moe_file_is_refused_at_start_with_one_line(mesh: Mesh, moe_
     bad = truncated(moe_model, tmp_path / f"{MODEL}.gguf")
     a = mesh.start("a", "127.0.0.2", "--split", models=(str(bad),))
     assert a.proc is not None and a.proc.wait(timeout=60) != 0
-    assert "beyond the file" in a.log_text() and not engine_pids(a.state_dir)
+    assert "past the end of the file" in a.log_text() and not engine_pids(a.state_dir)
 
 
 def test_an_moe_architecture_the_detector_does_not_know_gets_a_clear_reason_and_no_crash_loop(
