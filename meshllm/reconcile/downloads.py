@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Protocol
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
 
 from meshllm.engine.download import ModelReference, check_remote, local_bytes, progress_line
 from meshllm.errors import MeshError
+from meshllm.reconcile.background import BackgroundWork
 from meshllm.reconcile.timing import Clock, SystemClock
 
 __all__ = ["Downloads", "FetchState", "Fetcher"]
@@ -54,7 +54,7 @@ class Fetcher(Protocol):
         ...
 
 
-class Downloads:
+class Downloads(BackgroundWork):
     """Runs this node's downloads as child processes in its own task group (``run``)."""
 
     def __init__(self, *, folder: Path, clock: Clock | None = None) -> None:
@@ -62,28 +62,18 @@ class Downloads:
         self.clock = clock or SystemClock()
         self.states: dict[str, FetchState] = {}
         self._refs: dict[str, ModelReference] = {}
-        self._tg: TaskGroup | None = None
-
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            task_status.started()
-            try:
-                await anyio.sleep_forever()
-            finally:
-                self._tg = None
-                tg.cancel_scope.cancel()
+        super().__init__()
 
     def want(self, source: str, reference: ModelReference, *, retry: bool = True) -> FetchState:
         state = self.states.get(source)
         now = self.clock.monotonic()
         retry = retry and state is not None and state.error != "" and now - state.sampled_at >= RETRY_FAILED
         if state is None or retry or (state.finished and not state.error and not reference.present(self.folder)):
-            if self._tg is None:
+            if not self.running:
                 return FetchState(error="this node is stopping; no download started")
             state = self.states[source] = FetchState(sampled_at=now, done=local_bytes(reference, self.folder))
             self._refs[source] = reference
-            self._tg.start_soon(self._fetch, source, reference)
+            self.start(self._fetch, source, reference)
             return state
         if state.finished:
             return state

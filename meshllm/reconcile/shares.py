@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Protocol
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
 
 from meshllm.engine.download import parse_reference, progress_line
 from meshllm.engine.ranges import HubRanges
@@ -30,6 +29,7 @@ from meshllm.engine.sparse import RangeSource, SparseCopy, read_table
 from meshllm.engine.tensors import CPU, TensorInfo, TensorTable, device_tensors, layer_devices
 from meshllm.errors import MeshError
 from meshllm.reconcile.split import split_layout
+from meshllm.reconcile.background import BackgroundWork
 from meshllm.reconcile.timing import Clock, SystemClock
 from meshllm.state.schema import ModelSpec, PlacementLease
 from meshllm.tunnels.http import HttpTunnelClient
@@ -102,7 +102,7 @@ class ShareFetcher(Protocol):
         ...
 
 
-class ShareFetches:
+class ShareFetches(BackgroundWork):
     """Runs this node's share fetches in its own task group (``run``)."""
 
     def __init__(self, *, folder: Path, node_id: str, tunnels: HttpTunnelClient | None = None,
@@ -110,26 +110,16 @@ class ShareFetches:
         self.folder, self.node_id, self.tunnels = folder, node_id, tunnels
         self.clock = clock or SystemClock()
         self.states: dict[tuple[str, str, tuple[float, ...], int, bool], ShareState] = {}
-        self._tg: TaskGroup | None = None
-
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            task_status.started()
-            try:
-                await anyio.sleep_forever()
-            finally:
-                self._tg = None
-                tg.cancel_scope.cancel()
+        super().__init__()
 
     def want(self, share: Share) -> ShareState:
         state = self.states.get(share.key)
         now = self.clock.monotonic()
         if state is None or (state.error and now - state.at >= RETRY_FAILED):
-            if self._tg is None:
+            if not self.running:
                 return ShareState(error="this node is stopping; nothing fetched")
             state = self.states[share.key] = ShareState(at=now)
-            self._tg.start_soon(self._fetch, share)
+            self.start(self._fetch, share)
         return state
 
     def _sources(self, share: Share) -> list[RangeSource]:
