@@ -186,12 +186,25 @@ class Mesh:
                 "tasks_left": sum(r["tasks_left"] for r in replies)}
 
 
+async def start_profile(mesh: Mesh, knobs: Knobs) -> None:
+    if knobs.profile:
+        await mesh.each("profile", path=None)
+
+
+async def stop_profile(mesh: Mesh, knobs: Knobs, phase: str) -> None:
+    """Write each worker's profile of ``phase`` into the ``--profile`` folder (pstats files)."""
+    if knobs.profile:
+        Path(knobs.profile).mkdir(parents=True, exist_ok=True)
+        await mesh.each("profile", lambda w: {"path": str(Path(knobs.profile, f"{phase}-N{mesh.size}-w{w}.prof"))})
+
+
 # -- phases -----------------------------------------------------------------------------------------------
 async def formation(mesh: Mesh, knobs: Knobs) -> Result:
     """Start node 0, then the others with node 0 as seed; time until every node sees all N alive."""
     size = mesh.size
     cpu, drops = await mesh.cpu(), kernel_udp_drops()
     await mesh.each("watch_for", kind="formed", arg=size)
+    await start_profile(mesh, knobs)
     started = time.monotonic()
     seed = (await mesh.call(0, "start", indices=[0], seeds=[], delay=0.0, spacing=0.0))[0]
     # joins keep the --join-interval pace overall: each worker starts its nodes procs times that apart
@@ -200,6 +213,7 @@ async def formation(mesh: Mesh, knobs: Knobs) -> Result:
                     seeds=[seed], spacing=mesh.procs * knobs.join_interval)
     all_started = time.monotonic() - started
     seen, _ = await mesh.wait(knobs.timeout + size)
+    await stop_profile(mesh, knobs, "formation")
     delays = sorted(at - started for at in seen.values())
     complete = len(delays) == size
     return {"complete": complete, "all_s": delays[-1] if complete else None, "p50_s": pct(delays, 0.5),
@@ -255,6 +269,9 @@ async def convergence(mesh: Mesh, knobs: Knobs, rng: random.Random) -> Result:
     runs: list[Result] = []
     cpu = await mesh.cpu()
     await mesh.lags(True)
+    await mesh.call(0, "count_changes", index=0, on=True)
+    _, _, before = merged(await mesh.each("counters"))
+    await start_profile(mesh, knobs)
     for i in range(knobs.changes):
         name, writer = f"m{i}", rng.randrange(mesh.size)
         await mesh.each("watch_for", kind="model", arg=name)
@@ -266,6 +283,9 @@ async def convergence(mesh: Mesh, knobs: Knobs, rng: random.Random) -> Result:
                      "node_p50_s": pct(delays, 0.5), "reached": len(delays),
                      **delivery_paths(mesh, seen, via, writer, started)})
         await anyio.sleep(knobs.spacing)
+    await stop_profile(mesh, knobs, "convergence")
+    _, _, after = merged(await mesh.each("counters"))
+    others = await mesh.call(0, "count_changes", index=0, on=False)
     lags = await mesh.lags(False)
     names = [f"m{i}" for i in range(knobs.changes)]
     typed_misses = sum(await mesh.each("missing", names=names))
@@ -279,7 +299,10 @@ async def convergence(mesh: Mesh, knobs: Knobs, rng: random.Random) -> Result:
             "slowest_by_repair": sum(run.get("slowest_kind") == "repair" for run in runs),
             "worst_hop_s": slow.get("slowest_path_max_hop_s"), "worst_hops": slow.get("slowest_hops"),
             "lag_p50_ms": 1000 * (pct(lags, 0.5) or 0.0), "lag_max_ms": 1000 * max(lags, default=0.0),
-            "cpu_s": await mesh.cpu() - cpu, "runs": runs}
+            "cpu_s": await mesh.cpu() - cpu, "runs": runs,
+            # messages over the whole phase, so they include what else the mesh was doing
+            "gossip_msgs_per_change": sum(a[3] - b[3] for a, b in zip(after, before, strict=True)) / 2 / len(runs),
+            "other_changes_at_0": sum(others.values()) - others.get("models", 0)}
 
 
 def merged(replies: Sequence[Result]) -> tuple[float, float, list[tuple[int, ...]]]:
@@ -301,14 +324,11 @@ async def steady(mesh: Mesh, knobs: Knobs) -> Result:
     await mesh.call(0, "count_changes", index=0, on=True)
     drops = kernel_udp_drops()
     await mesh.lags(True)
-    if knobs.profile:
-        await mesh.each("profile", path=None)
+    await start_profile(mesh, knobs)
     t0, cpu0, before = merged(await mesh.each("counters"))
     await anyio.sleep(knobs.window)
     t1, cpu1, after = merged(await mesh.each("counters"))
-    if knobs.profile:
-        Path(knobs.profile).mkdir(parents=True, exist_ok=True)
-        await mesh.each("profile", lambda w: {"path": str(Path(knobs.profile, f"steady-N{mesh.size}-w{w}.prof"))})
+    await stop_profile(mesh, knobs, "steady")
     lags = await mesh.lags(False)
     changes = await mesh.call(0, "count_changes", index=0, on=False)
     seconds, cpu = t1 - t0, cpu1 - cpu0
@@ -444,6 +464,9 @@ ROWS: list[Row] = [
     ("  nodes reached by repair, not flood", "", at("convergence", "repaired_nodes")),
     ("  slowest change: hops / longest hop (s)", "", pair("convergence", "worst_hops", "worst_hop_s")),
     ("  loop lag p50 / max (ms)", "", pair("convergence", "lag_p50_ms", "lag_max_ms")),
+    ("  gossip messages per change, all nodes", "", at("convergence", "gossip_msgs_per_change")),
+    ("  other doc changes seen at node 0", "", at("convergence", "other_changes_at_0")),
+    ("  CPU during the changes (s)", "", at("convergence", "cpu_s")),
     ("steady UDP B/s per node, mean", "<= 2048", at("steady", "udp_Bps_mean")),
     ("steady UDP B/s per node, max", "<= 2048", at("steady", "udp_Bps_max")),
     ("  seed node 0 / max of the others", "", pair("steady", "udp_Bps_seed", "udp_Bps_max_non_seed")),
@@ -541,7 +564,8 @@ def parse_args() -> tuple[list[int], Knobs, int, Path | None]:
     parser.add_argument("--dial-budget", type=int, default=Knobs.dial_budget,
                         help="QUIC handshakes in flight per worker process (its nodes share it)")
     parser.add_argument("--profile", default="", metavar="DIR",
-                        help="cProfile each worker over the steady window into DIR (pstats files)")
+                        help="cProfile each worker over formation, convergence and the steady window into DIR "
+                             "(pstats files)")
     parser.add_argument("--no-local-health", action="store_true",
                         help="never widen timeouts for this process's own loop lag (for comparison)")
     args = parser.parse_args()

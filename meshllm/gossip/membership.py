@@ -39,6 +39,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from meshllm.errors import MeshError
 from meshllm.gossip.overlay import FINGERS, links, ring_neighbours
+from meshllm.gossip.rtt import RttPublisher
 from meshllm.gossip.sync import DocGossip
 from meshllm.state.document import MeshState
 from meshllm.state.schema import NodeDeath, NodeStatus
@@ -86,8 +87,6 @@ class _Dial:
 
 
 PRUNE_AFTER = 10.0  # seconds a connection outside the links is kept (a seed link, an idle tunnel)
-RTT_DRIFT_MS = 5.0  # an RTT change smaller than this (and than half the old value) is not news
-RTT_REFRESH = 300.0  # seconds between republications for drift alone
 DEAD_DIALS = 2  # dials to dead nodes in flight at once: healing needs a few, not one per dead node
 RTT_SETTLE = 3.0  # a new connection's first samples include its handshake: published once it settled
 RECONFIRM_WITHIN = 3.0  # seconds after a suspicion a stalled confirmation dial may be tried again
@@ -130,7 +129,7 @@ class Membership:
         self._dialing: set[str] = set()
         self._dead_dialing: set[str] = set()
         self._seeds_known: set[str] = set()  # seeds listed by a node, or that led to one
-        self._rtt_published = self._rtt_checked = 0.0
+        self._rtt = RttPublisher()
         self._changed = True
         self._last_dial_scan = 0.0
 
@@ -299,7 +298,7 @@ class Membership:
                     tg.start_soon(self._dial, key, addrs, self.dial_timeout * self.endpoint.health.multiplier,
                                   DialPriority.NORMAL, None if key.startswith("seed:") else partial(self._still_a_link, key))
         self._prune(alive, ring)
-        self._publish_rtt(now, ring)
+        self._publish_rtt(now, ring, len(alive))
 
     def _prune(self, alive: dict[str, NodeStatus], ring: set[str]) -> None:
         """Close connections this node dialled and no longer wants: not among its links, idle of
@@ -421,20 +420,12 @@ class Membership:
                 for key in gone:
                     self.state.remove_worker(key)
 
-    def _publish_rtt(self, now: float, ring: set[str]) -> None:
-        """Publish RTTs when the set of connected ring neighbours changed, or (at most every
-        ``RTT_REFRESH`` s) when one drifted a lot. Every publication rewrites this node's entry on
-        every replica, so republishing jitter (a 1 ms path reading 2 ms) would be most of the
-        mesh's steady traffic; the split planner only needs to tell near peers from far ones."""
-        if now - self._rtt_checked < 5.0:
-            return
-        self._rtt_checked = now
+    def _publish_rtt(self, now: float, ring: set[str], members: int) -> None:
+        """Publish the RTTs measured on settled connections when ``rtt.RttPublisher`` says so: promptly
+        until every link had one published, then (a new link) at a pace that bounds the mesh's
+        republications, since each rewrites this node's entry on every replica."""
         rtts = {nid: round(conn.rtt * 1000, 1) for nid, conn in self.endpoint.peers.items()
                 if conn.rtt and conn.connected_for >= RTT_SETTLE}
-        old = self.me.rtt_ms
-        drifted = any(abs(ms - old[nid]) > max(0.5 * old[nid], RTT_DRIFT_MS) for nid, ms in rtts.items()
-                      if nid in old)
-        if set(rtts) & ring != set(old) & ring or (drifted and now - self._rtt_published >= RTT_REFRESH):
-            self._rtt_published = now
+        if self._rtt.due(now, rtts, self.me.rtt_ms, ring, members):
             self.me = self.me.model_copy(update={"rtt_ms": rtts})
             self.state.put_node(self.me)

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 from anyio.abc import TaskGroup
+from pycrdt import YMessageType, YSyncMessageType, handle_sync_message
 
 from meshllm.gossip import DocGossip, memory_channel_pair
 from meshllm.state.document import MeshState
@@ -104,3 +105,61 @@ async def test_malformed_messages_are_dropped_and_the_session_survives() -> None
         await until(lambda: "m" in sb.models())
         assert ga.sessions["n1"] is session  # the junk did not end the session that then carried the change
         assert sb.models()["m"].source == "m"
+
+
+class GatedChannel:
+    """A channel to a peer that reads nothing until ``gate`` is set; it records what was sent."""
+
+    def __init__(self, peer_id: str) -> None:
+        self.peer_id = peer_id
+        self.gate = anyio.Event()
+        self.sent: list[bytes] = []
+
+    async def send(self, message: bytes) -> None:
+        await self.gate.wait()
+        self.sent.append(message)
+
+    async def receive(self) -> bytes:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        pass
+
+
+def updates_in(messages: list[bytes]) -> list[bytes]:
+    return [m for m in messages if m[:2] == bytes([YMessageType.SYNC, YSyncMessageType.SYNC_UPDATE])]
+
+
+async def test_changes_queued_behind_a_slow_peer_leave_as_one_message_holding_all() -> None:
+    [(state, gossip)] = make_nodes(1)
+    channel = GatedChannel("slow")
+    async with running([(state, gossip)]) as tg:
+        await tg.start(gossip.attach, channel)
+        await until(lambda: gossip.sessions["slow"].outbox.statistics().current_buffer_used == 0)
+        for i in range(10):  # the writer is stuck sending the session's first message (sync step 1)
+            state.put_model(ModelSpec(name=f"m{i}", source="x"))
+        channel.gate.set()
+        await until(lambda: len(updates_in(channel.sent)) == 1 and gossip.stats.merged == 9)
+        replica = MeshState()
+        for message in channel.sent:
+            handle_sync_message(message[1:], replica.doc)
+        assert set(replica.models()) == {f"m{i}" for i in range(10)}
+
+
+async def test_a_batch_stops_at_max_batch_and_keeps_other_messages_in_order() -> None:
+    state = MeshState()
+    gossip = DocGossip(state.doc, node_id="n0", anti_entropy=60, max_batch=4)
+    channel = GatedChannel("slow")
+    async with running([(state, gossip)]) as tg:
+        await tg.start(gossip.attach, channel)
+        await until(lambda: gossip.sessions["slow"].outbox.statistics().current_buffer_used == 0)
+        for i in range(6):
+            state.put_model(ModelSpec(name=f"m{i}", source="x"))
+        gossip.sessions["slow"].outbox.send_nowait(b"marker")  # a whole message, queued after the changes
+        state.put_model(ModelSpec(name="late", source="x"))
+        channel.gate.set()
+        await until(lambda: len(channel.sent) == 5)
+        kinds = ["update" if m in updates_in(channel.sent) else m[:6] for m in channel.sent[1:]]
+        assert kinds == ["update", "update", b"marker", "update"]  # 4 + 2 merged, the marker, then "late"
+        assert gossip.stats.merged == 3 + 1
