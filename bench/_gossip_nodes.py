@@ -314,14 +314,16 @@ class Worker:
             await sample_lag(samples)
 
     async def count_changes(self, index: int, on: bool) -> dict[str, int]:
-        """Count the document changes ``index`` sees (by table), or stop and return the counts."""
+        """Count the document changes ``index`` sees, by table and field (``nodes.rtt_ms``; a whole
+        entry written or removed is ``nodes.*``), or stop and return the counts."""
         if index not in self.nodes:
             return {}
         if on:
             self.changes.clear()
 
-            def changed(kind: str, _events: object) -> None:
-                self.changes[kind] += 1
+            def changed(kind: str, events: Sequence[Any]) -> None:
+                fields = {key if event.path else "*" for event in events for key in getattr(event, "keys", {})}
+                self.changes.update(f"{kind}.{field}" for field in fields or {"*"})
 
             self._change_subs = [(table, table.observe_deep(partial(changed, kind)))
                                  for kind, table in self.nodes[index].maps.items()]

@@ -302,7 +302,8 @@ async def convergence(mesh: Mesh, knobs: Knobs, rng: random.Random) -> Result:
             "cpu_s": await mesh.cpu() - cpu, "runs": runs,
             # messages over the whole phase, so they include what else the mesh was doing
             "gossip_msgs_per_change": sum(a[3] - b[3] for a, b in zip(after, before, strict=True)) / 2 / len(runs),
-            "other_changes_at_0": sum(others.values()) - others.get("models", 0)}
+            "other_changes_at_0": sum(n for field, n in others.items() if not field.startswith("models.")),
+            "other_changes_by_field": others}
 
 
 def merged(replies: Sequence[Result]) -> tuple[float, float, list[tuple[int, ...]]]:
@@ -405,6 +406,7 @@ async def run_phases(mesh: Mesh, knobs: Knobs, rng: random.Random, result: Resul
             for run in result[name]["runs"]:
                 print(f"  {fmt(run['all_s'])} s, {run.get('hops_max')} hops, slowest by "
                       f"{run.get('slowest_kind')}: {run.get('slowest_path')}", flush=True)
+            print(f"  changes seen at node 0 meanwhile, by field: {result[name]['other_changes_by_field']}")
 
 
 Row = tuple[str, str, Callable[[Result], Any]]

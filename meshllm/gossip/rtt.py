@@ -7,13 +7,15 @@ time a node's links changed made a forming mesh pay that for every join several 
 nodes, ~80 republications in the 15 s after the last join, four times the changes anyone made on
 purpose, saturating the nodes' CPU and delaying real changes by seconds.
 
-So a node publishes promptly until it has published an RTT for each of its links once (a new
-node, a small mesh), and after that a link it has no published RTT for waits for the hold-down:
-``members / rate`` seconds since its last publication, which keeps the whole mesh's
-republications near ``rate`` a second whatever its size (a few seconds in a small mesh, minutes at
-hundreds of nodes). A link that went away does not republish (its RTT stays a valid estimate), and
-a drift alone republishes at most every ``refresh`` seconds. The planner falls back to the peer's
-own measurement of this node while this one's waits.
+So a node publishes its first measurements promptly (a new node), and after that a link it has no
+published RTT for waits for the hold-down: ``members / rate`` seconds since its last publication,
+which keeps the whole mesh's republications near ``rate`` a second whatever its size (a few seconds
+in a small mesh, minutes at hundreds of nodes). Waiting until every link of a new node was measured
+once is not enough: in a forming mesh its links keep moving (and a finger may wait for a
+handshake slot), so at 100 nodes most nodes were still "new" well after the last join. A link
+that went away does not republish (its RTT stays a valid estimate), and a drift alone republishes
+at most every ``refresh`` seconds. The planner falls back to the peer's own measurement of this
+node while this one's waits.
 """
 
 from __future__ import annotations
@@ -34,10 +36,9 @@ class RttPublisher:
         self.drift_ms = drift_ms
         self._checked = float("-inf")
         self._published = float("-inf")
-        self._covered = False  # a publication has held an RTT for every link once
 
     def hold(self, members: int) -> float:
-        """Seconds between two publications once this node's links were covered."""
+        """Seconds from one publication to the next (after the first)."""
         return max(self.check_every, members / self.rate)
 
     def due(self, now: float, measured: Mapping[str, float], published: Mapping[str, float],
@@ -51,8 +52,7 @@ class RttPublisher:
         drifted = any(abs(ms - published[nid]) > max(0.5 * published[nid], self.drift_ms)
                       for nid, ms in measured.items() if nid in published)
         since = now - self._published
-        if (new and (not self._covered or since >= self.hold(members))) or (drifted and since >= self.refresh):
+        if (new and (not published or since >= self.hold(members))) or (drifted and since >= self.refresh):
             self._published = now
-            self._covered = links <= measured.keys()
             return True
         return False
