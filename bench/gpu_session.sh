@@ -6,6 +6,7 @@
 #   setsid bash bench/gpu_session.sh .dev/rpc &
 # DEV holds llama-src.tar.xz (the pinned source with llama.cpp/patches applied, big folders left out) and whl/
 # (meshllm's dependencies as wheels for the machine's Python). STEPS picks the parts (default "split moe").
+# bench/patches/rpc-timing.patch goes on top: the worker's time per command type for rpc_per_token.py.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 DEV=$(cd "${1:?usage: gpu_session.sh DEV_FOLDER}" && pwd)
@@ -16,6 +17,8 @@ mkdir -p /tmp/out /tmp/src /tmp/models
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$DEV"/whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$ROOT
 tar xJf "$DEV/llama-src.tar.xz" -C /tmp/src
+# the worker's time per command type, for rpc_per_token.py (counted only where GGML_RPC_STATS is set)
+(cd /tmp/src && patch -s -p1 < "$ROOT/bench/patches/rpc-timing.patch") || exit 1
 if [[ $STEPS == *split* ]]; then
     python3 -m meshllm.engine.tinygguf --preset 8b -o /tmp/models/synthetic-8b-f16.gguf > /tmp/out/gen.log 2>&1 &
 fi
@@ -33,7 +36,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [[ $STEPS == *split* ]]; then
     wait
     tail -2 /tmp/out/gen.log
-    python3 bench/rpc_per_token.py --gpu --n1 16 --n2 144 /tmp/models/synthetic-8b-f16.gguf > /tmp/out/per-token.txt 2>&1
+    python3 bench/rpc_per_token.py --gpu --solo --n1 16 --n2 144 /tmp/models/synthetic-8b-f16.gguf > /tmp/out/per-token.txt 2>&1
     echo "per-token done"
     python3 bench/split.py --gpu --rounds "${ROUNDS:-2}" --requests 2 --no-stock-bytes --model-dir /tmp/models \
       --modes "${MODES:-solo,stock-2,stock-3,meshllm-2,meshllm-2-direct,meshllm-3,meshllm-2-tunnel}" 8b \
