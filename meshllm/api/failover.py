@@ -40,6 +40,7 @@ from meshllm.api.endpoints import is_anthropic
 from meshllm.api.proxy import cancel_on_disconnect, end_broken, send_error
 from meshllm.api.resume import Tracker, tracker_for
 from meshllm.api.routing import Lease, Route, Unavailable
+from meshllm.state.schema import ModelName, NodeId
 
 __all__ = ["Failover", "FailoverEvents", "FailoverPolicy", "Silence"]
 
@@ -60,15 +61,15 @@ class FailoverPolicy:
 class FailoverEvents(Protocol):
     """Hears of failovers (``MeshMetrics`` counts them)."""
 
-    def failed_over(self, model: str, *, stage: str) -> None: ...
+    def failed_over(self, model: ModelName, *, stage: str) -> None: ...
 
-    def gave_up(self, model: str, *, stage: str) -> None: ...
+    def gave_up(self, model: ModelName, *, stage: str) -> None: ...
 
 
 class Silence(Protocol):
     """Seconds since anything was heard from a node (None: no connection to it)."""
 
-    def __call__(self, node: str, /) -> float | None: ...
+    def __call__(self, node: NodeId, /) -> float | None: ...
 
 
 class _Suspects:

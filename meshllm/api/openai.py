@@ -33,6 +33,7 @@ from meshllm.api.failover import Failover, FailoverEvents, FailoverPolicy, Silen
 from meshllm.api.proxy import send_error
 from meshllm.api.routing import Lease, Unavailable
 from meshllm.api.sessions import session_key
+from meshllm.state.schema import ModelName
 
 __all__ = ["DEFAULT_MAX_BODY", "OpenAIProxy", "create_openai_app"]
 
@@ -42,7 +43,7 @@ DEFAULT_MAX_BODY = 16 * 1024 * 1024
 class OpenAIProxy:
     """The ASGI endpoint of the proxied routes."""
 
-    def __init__(self, plane: DataPlane, *, max_body_bytes: int, demand: Callable[[str], None] | None,
+    def __init__(self, plane: DataPlane, *, max_body_bytes: int, demand: Callable[[ModelName], None] | None,
                  failover: Failover, body_deadline: float = BODY_DEADLINE) -> None:
         self.plane = plane
         self.failover = failover
@@ -109,7 +110,7 @@ class OpenAIProxy:
 
 
 def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BODY,
-                      demand: Callable[[str], None] | None = None, failover: FailoverPolicy | None = None,
+                      demand: Callable[[ModelName], None] | None = None, failover: FailoverPolicy | None = None,
                       failover_events: FailoverEvents | None = None, silence: Silence | None = None,
                       body_deadline: float = BODY_DEADLINE) -> Starlette:
     """The :9337 app. ``plane`` routes and forwards each request, moving it to another server of its

@@ -24,6 +24,7 @@ from meshllm.errors import MeshError
 from meshllm.node.config import NodeConfig
 from meshllm.node.mesh import MeshRuntime
 from meshllm.state.document import MeshState
+from meshllm.state.schema import NodeId
 
 __all__ = ["directory_for", "publisher_for", "resolve_join"]
 
@@ -66,7 +67,7 @@ def _model_name(source: str) -> str:
         return source
 
 
-def publisher_for(config: NodeConfig, state: MeshState, mesh: MeshRuntime, *, node_id: str) -> Publisher | None:
+def publisher_for(config: NodeConfig, state: MeshState, mesh: MeshRuntime, *, node_id: NodeId) -> Publisher | None:
     """The component that lists a ``--publish``/``--mesh-name`` mesh; None for a private mesh."""
     if not (config.publish or config.mesh_name):
         return None

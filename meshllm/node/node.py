@@ -78,7 +78,7 @@ from meshllm.reconcile.timing import Backoff
 from meshllm.reconcile.workers import WorkerController
 from meshllm.state.document import MeshState
 from meshllm.state.manifest import Manifest
-from meshllm.state.schema import GpuShare, ModelSpec, NodeRole, NodeStatus, server_key
+from meshllm.state.schema import GpuShare, ModelName, ModelSpec, NodeId, NodeRole, NodeStatus, server_key
 from meshllm.store.admin import load_or_create_admin_token
 from meshllm.store.db import AppliedManifest, NodeStore
 from meshllm.store.identity import NodeIdentity
@@ -105,9 +105,9 @@ def source_policy(config: NodeConfig) -> SourcePolicy:
     return SourcePolicy.for_node(allowed=config.allow_models, model_files=files)
 
 
-def store_hooks(store: NodeStore, node_id: str) -> tuple[EventSource, AppliedHook]:
+def store_hooks(store: NodeStore, node_id: NodeId) -> tuple[EventSource, AppliedHook]:
     """The store as the control API wants it: a model's events, and a keeper of applied manifests."""
-    async def events(model: str, /) -> list[dict[str, Any]]:
+    async def events(model: ModelName, /) -> list[dict[str, Any]]:
         rows = await store.events(model, limit=20)
         return [{"at": e.at, "type": "Normal" if e.level == "info" else "Warning", "reason": e.reason,
                  "message": e.message, "node": node_id} for e in reversed(rows)]
@@ -184,7 +184,7 @@ class Node:
                      HttpApi(status_app, host=config.host, port=config.console_port, what="console API",
                              on_stop=self.events.close))
 
-    def _silence(self, node: str) -> float | None:
+    def _silence(self, node: NodeId) -> float | None:
         """Seconds since this node heard from ``node`` (the proxy moves requests off a silent one)."""
         conn = self.mesh.endpoint.peer(node)
         return conn.silent_for if conn is not None else None
@@ -229,7 +229,7 @@ class Node:
                           role=NodeRole.CLIENT if client else NodeRole.SERVER, api_url=self.api_url,
                           version=__version__, started_at=now, incarnation=now)
 
-    def _direct_address(self, worker: str, model: str) -> str | None:
+    def _direct_address(self, worker: NodeId, model: ModelName) -> str | None:
         status = self.state.workers().get(server_key(worker, model))
         return status.direct or None if status is not None else None
 

@@ -26,7 +26,9 @@ from anyio.abc import TaskStatus
 from meshllm.reconcile.supervisor import PROCESSES
 from meshllm.reconcile.timing import Clock, SystemClock
 from meshllm.state.document import Changed, MeshState
-from meshllm.state.schema import DemandEntry, NodeRole, ServerPhase
+from meshllm.state.schema import (
+    DemandEntry, ModelName, NodeId, NodeRole, ServerPhase, lease_model, parse_demand_key, parse_server_key,
+)
 
 __all__ = ["DEFAULT_TTL", "DemandRecorder", "Garbage", "GarbageCollector", "Recheck", "Remove", "plan_garbage"]
 
@@ -43,16 +45,16 @@ class _Tally:
 
 
 class DemandRecorder:
-    def __init__(self, state: MeshState, *, node_id: str, ttl: float = DEFAULT_TTL, flush_every: float = 2.0,
+    def __init__(self, state: MeshState, *, node_id: NodeId, ttl: float = DEFAULT_TTL, flush_every: float = 2.0,
                  clock: Clock | None = None) -> None:
         self.state = state
         self.node_id = node_id
         self.ttl = ttl
         self.flush_every = flush_every
         self.clock = clock or SystemClock()
-        self._tallies: dict[str, _Tally] = {}
+        self._tallies: dict[ModelName, _Tally] = {}
 
-    def note(self, model: str) -> None:
+    def note(self, model: ModelName) -> None:
         """One request for ``model`` arrived here. Never raises; cheap enough for every request."""
         now = self.clock.now()
         tally = self._tallies.setdefault(model, _Tally())
@@ -60,7 +62,7 @@ class DemandRecorder:
         tally.last_active = now
         tally.recent.append(now)
 
-    def rate(self, model: str, now: float) -> float:
+    def rate(self, model: ModelName, now: float) -> float:
         tally = self._tallies.get(model)
         if tally is None:
             return 0.0
@@ -134,39 +136,39 @@ class GarbageCollector:
 
     name = "janitor"
 
-    def __init__(self, state: MeshState, *, node_id: str) -> None:
+    def __init__(self, state: MeshState, *, node_id: NodeId) -> None:
         self.state = state
         self.node_id = node_id
 
-    def keys(self) -> set[str]:
+    def keys(self) -> set[ModelName]:
         state = self.state
         return (set(state.models()) | {x.model for x in state.leases().values()}
                 | {x.model for x in state.demand().values()} | {x.model for x in state.servers().values()}
                 | {x.model for x in state.workers().values()})
 
-    def keys_for(self, change: Changed) -> set[str]:
+    def keys_for(self, change: Changed) -> set[ModelName]:
         table, key = change
         if table == PROCESSES:
             return set()
         if key is None or table in ("nodes", "deaths"):  # who the janitor is may have changed
             return self.keys()
         if table == "leases":
-            return {key.rpartition("#")[0]}
+            return {lease_model(key)}
         if table == "demand":
-            return {key.rpartition("/")[0]}
+            return {parse_demand_key(key)[0]}
         if table in ("servers", "workers"):
-            return {key.partition("/")[2]}
-        return {key} if table == "models" else set()
+            return {parse_server_key(key)[1]}
+        return {ModelName(key)} if table == "models" else set()
 
     def _is_janitor(self) -> bool:
         """Whether this node is the live server node with the smallest id (clients run no controllers)."""
         servers = [nid for nid, node in self.state.alive_nodes().items() if node.role is NodeRole.SERVER]
         return min(servers, default=None) == self.node_id
 
-    async def desired(self, model: str) -> bool:
+    async def desired(self, model: ModelName) -> bool:
         return model in self.state.models()
 
-    async def actual(self, model: str, desired: bool, now: float) -> Garbage:
+    async def actual(self, model: ModelName, desired: bool, now: float) -> Garbage:
         state = self.state
         return Garbage(
             janitor=self._is_janitor(),
@@ -180,7 +182,7 @@ class GarbageCollector:
     def plan(self, desired: bool, actual: Garbage, now: float) -> list[Remove | Recheck]:
         return plan_garbage(desired, actual, now)
 
-    async def apply(self, model: str, action: Remove | Recheck, now: float) -> float | None:
+    async def apply(self, model: ModelName, action: Remove | Recheck, now: float) -> float | None:
         match action:
             case Remove("demand", key):
                 self.state.remove_demand(key)

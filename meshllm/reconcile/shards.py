@@ -35,7 +35,7 @@ from meshllm.moe.quality import read_quality
 from meshllm.moe.shard import ShardCancelled, shard_ready, write_shard
 from meshllm.reconcile.timing import Clock, SystemClock
 from meshllm.state.document import Changed, MeshState
-from meshllm.state.schema import ModelSpec, PlacementLease
+from meshllm.state.schema import ModelName, ModelSpec, NodeId, PlacementLease, lease_model
 from meshllm.store.db import NodeStore
 
 __all__ = ["ExpertShardController", "ShardFile", "ShardTarget", "ShardUnavailable", "plan_shard"]
@@ -49,7 +49,7 @@ FAILED_RETRY = 60.0  # seconds before a shard that failed to be written is tried
 class ShardTarget:
     """Shard ``index`` (0-based) of ``shards`` of ``model``: ``experts[j]`` kept in MoE layer ``layers[j]``."""
 
-    model: str
+    model: ModelName
     index: int
     shards: int
     source: Path
@@ -65,7 +65,7 @@ class ShardTarget:
 
 @dataclass(frozen=True)
 class ShardUnavailable:
-    model: str
+    model: ModelName
     message: str
 
 
@@ -93,18 +93,18 @@ class Reuse:
 
 @dataclass(frozen=True)
 class Fail:
-    model: str
+    model: ModelName
     message: str
 
 
 @dataclass(frozen=True)
 class Drop:
-    model: str
+    model: ModelName
 
 
 @dataclass(frozen=True)
 class Retry:
-    model: str
+    model: ModelName
     at: float
 
 
@@ -114,7 +114,7 @@ ShardDesired = ShardTarget | ShardUnavailable | None
 
 @dataclass(frozen=True)
 class ShardActual:
-    model: str
+    model: ModelName
     file: ShardFile
     on_disk: bool = False  # the desired target's file is whole on disk already
 
@@ -140,40 +140,40 @@ class ExpertShardController:
 
     name = "expert-shard"
 
-    def __init__(self, state: MeshState, *, node_id: str, folder: Path, store: NodeStore | None = None,
+    def __init__(self, state: MeshState, *, node_id: NodeId, folder: Path, store: NodeStore | None = None,
                  clock: Clock | None = None) -> None:
         self.state = state
         self.node_id = node_id
         self.folder = folder
         self.store = store
         self.clock = clock or SystemClock()
-        self.files: dict[str, ShardFile] = {}
+        self.files: dict[ModelName, ShardFile] = {}
         self._stop = threading.Event()
         self._sources: dict[tuple[str, str], tuple[Path, str, MoeInfo]] = {}
 
-    def shard_for(self, model: str) -> ShardFile | None:
+    def shard_for(self, model: ModelName) -> ShardFile | None:
         return self.files.get(model)
 
     # -- keys ---------------------------------------------------------------------------------
-    def _mine(self) -> dict[str, PlacementLease]:
+    def _mine(self) -> dict[ModelName, PlacementLease]:
         return {lease.model: lease for lease in self.state.leases().values()
                 if lease.node == self.node_id and lease.shards}
 
-    def keys(self) -> set[str]:
+    def keys(self) -> set[ModelName]:
         return set(self._mine()) | set(self.files)
 
-    def keys_for(self, change: Changed) -> set[str]:
+    def keys_for(self, change: Changed) -> set[ModelName]:
         table, key = change
         if key is None and table in ("leases", "models"):
             return self.keys()
         if table == "models" and key is not None:
-            return {key}
+            return {ModelName(key)}
         if table == "leases" and key is not None:
-            return {key.rpartition("#")[0]}
+            return {lease_model(key)}
         return set()
 
     # -- desired and actual -------------------------------------------------------------------
-    async def desired(self, model: str) -> ShardDesired:
+    async def desired(self, model: ModelName) -> ShardDesired:
         lease, spec = self._mine().get(model), self.state.models().get(model)
         if lease is None or spec is None:
             return None
@@ -202,7 +202,7 @@ class ExpertShardController:
             self._sources[key] = await anyio.to_thread.run_sync(read)
         return self._sources[key]
 
-    async def actual(self, model: str, desired: ShardDesired, now: float) -> ShardActual:
+    async def actual(self, model: ModelName, desired: ShardDesired, now: float) -> ShardActual:
         known = self.files.get(model, ShardFile())
         if not isinstance(desired, ShardTarget) or known.target == desired:
             return ShardActual(model, known)
@@ -214,7 +214,7 @@ class ExpertShardController:
         return plan_shard(desired, actual, now)
 
     # -- apply --------------------------------------------------------------------------------
-    async def apply(self, model: str, action: ShardAction, now: float) -> float | None:
+    async def apply(self, model: ModelName, action: ShardAction, now: float) -> float | None:
         match action:
             case Reuse(target):
                 self._ready(target, "reused")
@@ -262,7 +262,7 @@ class ExpertShardController:
                                              quality=read_quality(target.out), at=self.clock.now())
         log.info("%s: expert shard %s %s: %s", target.model, target.label, how, target.out)
 
-    async def _event(self, model: str, reason: str, message: str, *, level: str = "info") -> None:
+    async def _event(self, model: ModelName, reason: str, message: str, *, level: str = "info") -> None:
         if self.store is not None:
             await self.store.record_event(model, reason, message, level=level)
 

@@ -39,6 +39,7 @@ from meshllm.engine.process import (
     stop_process, stop_processes_now,
 )
 from meshllm.reconcile.timing import Clock, SystemClock
+from meshllm.state.schema import ModelName
 from meshllm.store.db import NodeStore, ProcessRecord
 
 __all__ = [
@@ -84,7 +85,7 @@ class LaunchSpec:
     """One process to start for ``key``: its command line, where it logs, how to tell it is ready."""
 
     key: str
-    model: str
+    model: ModelName
     argv: tuple[str, ...]
     port: int
     log_path: Path

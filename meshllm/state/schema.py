@@ -81,6 +81,9 @@ __all__ = [
     "demand_key",
     "json_schemas",
     "lease_key",
+    "lease_model",
+    "parse_demand_key",
+    "parse_server_key",
     "server_key",
 ]
 
@@ -122,7 +125,7 @@ class ModelSpec(_Entity):
     tensor_hashes: dict[str, str] = Field(default_factory=dict, description="sha256 (32 hex digits) of every "
                                           "tensor's bytes, by name: a split worker checks each piece it holds "
                                           "against it; empty while no node has held the whole file")
-    copy_on: str = Field(default="", description="a node holding the whole file (it computed tensor_hashes): "
+    copy_on: NodeId = Field(default=NodeId(""), description="a node holding the whole file (it computed tensor_hashes): "
                          "split participants without the file may fetch their pieces from it over the mesh")
     embeddings: bool = Field(default=False, description="serve embeddings (llama-server --embeddings): an "
                              "embedding model")
@@ -171,7 +174,7 @@ class PlacementLease(_Entity):
     incarnation: float
     at: float = 0.0
     hot: bool = False
-    workers: list[str] = Field(default_factory=list, description="split: the nodes running ggml-rpc-server")
+    workers: list[NodeId] = Field(default_factory=list, description="split: the nodes running ggml-rpc-server")
     tensor_split: list[float] = Field(default_factory=list, description="split: layer shares, workers then host")
     shards: int = Field(default=0, ge=0, description="expert sharding: the shard count (slot = shard index); 0: none")
     expert_core: int = Field(default=0, ge=0, description="expert sharding: experts per layer every shard keeps")
@@ -207,7 +210,7 @@ class NodeStatus(_Entity):
     version: str = ""
     started_at: float = 0.0
     incarnation: float = Field(default=0.0, description="bumped at each start and to refute a death")
-    rtt_ms: dict[str, float] = Field(default_factory=dict, description="measured RTT to peers, by node id")
+    rtt_ms: dict[NodeId, float] = Field(default_factory=dict, description="measured RTT to peers, by node id")
 
 
 class NodeDeath(_Entity):
@@ -238,7 +241,7 @@ class ServerStatus(_Entity):
     message: str = ""
     since: float = 0.0
     recovering: bool = Field(default=False, description="started again after the previous server failed")
-    workers: list[str] = Field(default_factory=list, description="split: the workers this server runs with")
+    workers: list[NodeId] = Field(default_factory=list, description="split: the workers this server runs with")
     shard: str = Field(default="", description="expert shard it serves, 'index/count' (1-based); empty: the model")
     experts: int = Field(default=0, ge=0, description="expert shard: experts per layer it keeps")
     file_bytes: int = Field(default=0, ge=0, description="expert shard: bytes of its GGUF (its memory, about)")
@@ -303,16 +306,35 @@ class KeyRotation(_Entity):
     at: float = 0.0
 
 
-def server_key(node: str, model: str) -> str:
+def server_key(node: NodeId, model: ModelName) -> str:
     return f"{node}/{model}"
 
 
-def demand_key(model: str, node: str) -> str:
+def demand_key(model: ModelName, node: NodeId) -> str:
     return f"{model}/{node}"
 
 
-def lease_key(model: str, slot: int) -> str:
+def lease_key(model: ModelName, slot: int) -> str:
     return f"{model}#{slot}"
+
+
+# A document key read back (a change's key) names its node and model again: these are the one place
+# where those strings become ids.
+def parse_server_key(key: str) -> tuple[NodeId, ModelName]:
+    """The node and model of a ``servers`` or ``workers`` key."""
+    node, _, model = key.partition("/")
+    return NodeId(node), ModelName(model)
+
+
+def parse_demand_key(key: str) -> tuple[ModelName, NodeId]:
+    """The model and node of a ``demand`` key."""
+    model, _, node = key.rpartition("/")
+    return ModelName(model), NodeId(node)
+
+
+def lease_model(key: str) -> ModelName:
+    """The model of a ``leases`` key."""
+    return ModelName(key.rpartition("#")[0])
 
 
 def json_schemas() -> dict[str, dict[str, object]]:
