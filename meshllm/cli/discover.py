@@ -25,6 +25,7 @@ from rich.table import Table
 from meshllm.discovery.directory import DEFAULT_RELAYS, Directory
 from meshllm.discovery.listing import Listing, choose, score
 from meshllm.discovery.mdns import MdnsDirectory
+from meshllm.state.schema import ModelName
 
 __all__ = ["listing_rows", "register", "relay_list"]
 
@@ -71,9 +72,9 @@ def discover(
     directory = Directory(relays=DEFAULT_RELAYS if relays is None else relays,
                           lan=MdnsDirectory(instance="discover") if mdns else None)
     listings = anyio.run(lambda: directory.find(wait=wait))
-    now, ttl = time.time(), 300.0
-    shown = [e for e in listings if score(e, model=model, region=region, now=now, ttl=ttl) is not None]
-    shown.sort(key=lambda e: -(score(e, model=model, region=region, now=now, ttl=ttl) or 0.0))
+    now, ttl, wanted = time.time(), 300.0, ModelName(model)
+    shown = [e for e in listings if score(e, model=wanted, region=region, now=now, ttl=ttl) is not None]
+    shown.sort(key=lambda e: -(score(e, model=wanted, region=region, now=now, ttl=ttl) or 0.0))
     if output == "json":
         print(json.dumps([{**e.content.model_dump(exclude={"token"}), "age_s": round(e.age(now)), "source": e.source}
                           for e in shown], indent=2))
@@ -85,7 +86,7 @@ def discover(
             table.add_row(*row)
         out.print(table)
     if auto:
-        best = choose(shown, model=model, region=region, now=now, ttl=ttl)
+        best = choose(shown, model=wanted, region=region, now=now, ttl=ttl)
         if best is None:
             raise typer.Exit(1)
         args = [sys.executable, "-m", "meshllm", "--join", best.content.token, *(["--client"] if client else []),

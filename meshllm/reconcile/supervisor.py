@@ -219,7 +219,8 @@ class ProcessSupervisor:
                 await self.store.forget_process(record.key)
                 name = Path(record.argv[0]).name if record.argv else "process"
                 log.info("%s: recorded %s pid %d no longer runs", record.key, name, record.pid)
-                await self.store.record_event(record.model, "Exited", f"{name} pid {record.pid} ended while "
+                model = ModelName(record.model)  # the database keeps names as plain text
+                await self.store.record_event(model, "Exited", f"{name} pid {record.pid} ended while "
                                               "the node was down", level="warning")
                 continue
             view = ProcessView(key=record.key, pid=record.pid, port=record.port, argv=tuple(record.argv),
