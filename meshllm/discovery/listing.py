@@ -157,7 +157,8 @@ def newest(listings: Iterable[Listing]) -> list[Listing]:
     return sorted(live, key=lambda entry: (entry.content.name, entry.mesh_id))
 
 
-def score(listing: Listing, *, model: ModelName = ModelName(""), region: str = "", now: float, ttl: float) -> float | None:
+def score(listing: Listing, *, model: ModelName = ModelName(""), region: str = "", now: float,
+          ttl: float) -> float | None:
     """The listing's score for a node asking for ``model`` in ``region`` (see the module docstring);
     None if it does not fit."""
     c = listing.content
@@ -179,8 +180,8 @@ def score(listing: Listing, *, model: ModelName = ModelName(""), region: str = "
     return points
 
 
-def choose(listings: Sequence[Listing], *, model: ModelName = ModelName(""), region: str = "", name: str = "", now: float,
-           ttl: float) -> Listing | None:
+def choose(listings: Sequence[Listing], *, model: ModelName = ModelName(""), region: str = "", name: str = "",
+           now: float, ttl: float) -> Listing | None:
     """The best listing for this node, or None if none fits."""
     scored = [(s, entry) for entry in listings if (not name or entry.content.name == name)
               and (s := score(entry, model=model, region=region, now=now, ttl=ttl)) is not None]

@@ -76,7 +76,8 @@ def _field_changes(old: ModelSpec, new: ModelSpec) -> dict[str, FieldChange]:
     return changes
 
 
-def plan_apply(current: Mapping[ModelName, ModelSpec], desired: Sequence[ModelSpec], *, prune: bool) -> list[ModelChange]:
+def plan_apply(current: Mapping[ModelName, ModelSpec], desired: Sequence[ModelSpec], *,
+               prune: bool) -> list[ModelChange]:
     """The change per model of writing ``desired`` (a model's ``created_at`` is kept); with ``prune``
     (a Mesh), manifest models not in ``desired`` are removed. Node-origin models are never pruned."""
     changes = []

@@ -125,8 +125,9 @@ class ModelSpec(_Entity):
     tensor_hashes: dict[str, str] = Field(default_factory=dict, description="sha256 (32 hex digits) of every "
                                           "tensor's bytes, by name: a split worker checks each piece it holds "
                                           "against it; empty while no node has held the whole file")
-    copy_on: NodeId = Field(default=NodeId(""), description="a node holding the whole file (it computed tensor_hashes): "
-                         "split participants without the file may fetch their pieces from it over the mesh")
+    copy_on: NodeId = Field(default=NodeId(""), description="a node holding the whole file (it computed "
+                            "tensor_hashes): split participants without the file may fetch their pieces from it "
+                            "over the mesh")
     embeddings: bool = Field(default=False, description="serve embeddings (llama-server --embeddings): an "
                              "embedding model")
     pooling: str = Field(default="", description="pooling of embeddings (none, mean, cls, last, rank); "
