@@ -44,6 +44,9 @@ from meshllm.state.schema import (
     ServerStatus,
     WorkerStatus,
     lease_key,
+    lease_model,
+    parse_demand_key,
+    parse_server_key,
     server_key,
 )
 from meshllm.state.scrub import ScrubResult, scrub
@@ -85,9 +88,12 @@ __all__ = [
     "check_storable",
     "feed",
     "lease_key",
+    "lease_model",
     "load_manifests",
     "manifest_models",
+    "parse_demand_key",
     "parse_kind",
+    "parse_server_key",
     "plan_apply",
     "plan_delete",
     "plan_gc",
