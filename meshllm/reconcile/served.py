@@ -46,7 +46,7 @@ from meshllm.reconcile.supervisor import PROCESSES, HttpReady, LaunchSpec, Proce
 from meshllm.reconcile.shares import ShareFetcher, share_of
 from meshllm.reconcile.split import split_layout
 from meshllm.reconcile.timing import Backoff, Clock, SystemClock
-from meshllm.reconcile.workers import RPC_RECORD_PREFIX
+from meshllm.reconcile.workers import RPC_RECORD_PREFIX, process_model
 from meshllm.state.document import Changed, MeshState
 from meshllm.state.schema import (
     ModelName, ModelSpec, NodeId, PlacementLease, ServerPhase, lease_model, parse_server_key, server_key,
@@ -117,7 +117,7 @@ class ServedModelController:
     # -- keys ---------------------------------------------------------------------------------
     def keys(self) -> set[ModelName]:
         mine = {s.model for s in self.state.servers().values() if s.node == self.node_id}
-        procs = {ModelName(key) for key in self.supervisor.keys() if not key.startswith(RPC_RECORD_PREFIX)}
+        procs = {process_model(key) for key in self.supervisor.keys() if not key.startswith(RPC_RECORD_PREFIX)}
         return set(self._my_specs()) | procs | set(self.memory) | mine
 
     def keys_for(self, change: Changed) -> set[ModelName]:
@@ -131,8 +131,8 @@ class ServedModelController:
         if table in ("servers", "workers"):  # node/model: a split host waits for its workers' statuses
             node, model = parse_server_key(key)
             return {model} if table == "workers" or node == self.node_id else set()
-        if table == PROCESSES and not key.startswith(RPC_RECORD_PREFIX):  # a served model's key is its name
-            return {ModelName(key)}
+        if table == PROCESSES and not key.startswith(RPC_RECORD_PREFIX):
+            return {process_model(key)}
         return set()
 
     def _my_specs(self) -> dict[ModelName, ModelSpec]:
@@ -358,8 +358,9 @@ class ServedModelController:
         """Stop every llama-server of this node (adopted ones too) and withdraw their statuses."""
         async def halt(key: str) -> None:
             view = await self.supervisor.halt(key, reason="node shutting down")
-            if view is not None:  # a served model's process key is the model's name
-                await self._event(ModelName(key), "Stopped", f"{view.name} pid {view.pid} stopped (node shutting down)")
+            if view is not None:
+                await self._event(process_model(key), "Stopped",
+                                  f"{view.name} pid {view.pid} stopped (node shutting down)")
                 await self.supervisor.forget(key)
 
         async with anyio.create_task_group() as tg:

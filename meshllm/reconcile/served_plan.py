@@ -186,7 +186,7 @@ def plan(desired: Desired, actual: ActualServer, now: float, *, load_timeout: fl
     actions: list[Action] = []
     memory, proc = actual.memory, actual.process
     if proc is not None and proc.phase is ProcessPhase.EXITED:
-        memory = _take_exit(proc, memory, actions)
+        memory = _take_exit(actual.model, proc, memory, actions)
         proc = None
     if isinstance(desired, Unavailable):
         return actions + _unavailable(desired, actual, proc)
@@ -197,7 +197,7 @@ def plan(desired: Desired, actual: ActualServer, now: float, *, load_timeout: fl
         if proc is None:
             return actions
     if proc is not None and proc.running:
-        proc, memory = _check_running(desired, proc, memory, now, actions, load_timeout=load_timeout,
+        proc, memory = _check_running(actual.model, desired, proc, memory, now, actions, load_timeout=load_timeout,
                                       stable_after=stable_after, waiting=actual.waiting)
     status = _status(desired, actual, proc, memory, now)
     drawing = memory.failed and memory.retry_at == 0.0  # a failure just taken in: its backoff is drawn below
@@ -214,9 +214,8 @@ def plan(desired: Desired, actual: ActualServer, now: float, *, load_timeout: fl
     return actions
 
 
-def _take_exit(proc: ProcessView, memory: Memory, actions: list[Action]) -> Memory:
-    """Account for a process that ended: stopped on purpose, or failed."""
-    model = ModelName(proc.key)  # the supervisor keys a served model's llama-server by the model's name
+def _take_exit(model: ModelName, proc: ProcessView, memory: Memory, actions: list[Action]) -> Memory:
+    """Account for ``model``'s process that ended: stopped on purpose, or failed."""
     actions.append(Forget(model))
     if proc.stop_reason is not None:
         actions.append(Record(model, "Stopped", f"{proc.name} pid {proc.pid} stopped ({proc.stop_reason})"))
@@ -276,12 +275,11 @@ def _adoption(desired: DesiredServer | None, actual: ActualServer, proc: Process
                                                   recovering=False)
 
 
-def _check_running(desired: DesiredServer | None, proc: ProcessView, memory: Memory, now: float,
+def _check_running(model: ModelName, desired: DesiredServer | None, proc: ProcessView, memory: Memory, now: float,
                    actions: list[Action], *, load_timeout: float, stable_after: float,
                    waiting: str | None = None) -> tuple[ProcessView, Memory]:
     """Stop a running server that should not run as it does; keep track of a ready one. A ready solo
     server whose model is now planned as a split keeps serving until the split's workers are ready."""
-    model = ModelName(proc.key)  # the supervisor keys a served model's llama-server by the model's name
     reason = ""
     if desired is None:
         reason = "no longer desired"

@@ -43,7 +43,7 @@ from meshllm.store.db import NodeStore
 
 __all__ = [
     "RPC_RECORD_PREFIX", "ActualWorker", "DesiredWorker", "RpcWorkerConfig", "WorkerController", "WorkerMemory",
-    "plan_worker",
+    "plan_worker", "process_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,12 @@ MAX_RESTARTS = 3  # crashes in a row before the worker is reported failed
 FAILED_RETRY = 60.0  # seconds a failed worker waits before it is tried again
 NO_COPY_RETRY = 30.0  # seconds before looking again for an identical copy of the model
 FETCH_POLL = 1.0  # seconds between looks at the fetch of its share, while it runs
+
+
+def process_model(key: str) -> ModelName:
+    """The model a supervisor key is for: a llama-server's key is the model's name, a worker's
+    ``rpc:<model>`` (the supervisor keeps plain strings: they become model names here)."""
+    return ModelName(key.removeprefix(RPC_RECORD_PREFIX))
 
 
 @dataclass(frozen=True)
@@ -312,7 +318,7 @@ class WorkerController:
 
     # -- keys ---------------------------------------------------------------------------------
     def keys(self) -> set[ModelName]:
-        procs = {ModelName(key.removeprefix(RPC_RECORD_PREFIX)) for key in self.supervisor.keys()
+        procs = {process_model(key) for key in self.supervisor.keys()
                  if key.startswith(RPC_RECORD_PREFIX)}
         mine = {w.model for w in self.state.workers().values() if w.node == self.node_id}
         return set(self._leases()) | procs | set(self.memory) | mine
@@ -329,7 +335,7 @@ class WorkerController:
             node, model = parse_server_key(key)
             return {model} if node == self.node_id else set()
         if table == PROCESSES and key.startswith(RPC_RECORD_PREFIX):
-            return {ModelName(key.removeprefix(RPC_RECORD_PREFIX))}
+            return {process_model(key)}
         return set()
 
     def _leases(self) -> dict[ModelName, PlacementLease]:
