@@ -1,6 +1,6 @@
 """Discovery end to end: a real Nostr relay process (the PyPI ``nostr-relay``), real node processes.
 
-Two meshes publish (a private one beside them never does) and ``meshllm discover`` lists both, with
+Two meshes publish (``--mesh-name`` and ``--publish``; a private one beside them never does) and ``meshllm discover`` lists both, with
 what a listing says; ``--client --auto --model X`` joins the one serving X (though the other is in the
 region asked for), and gets membership, not the serving node's management API; ``--max-clients 1`` delists that mesh while the client is connected and lists it again when it
 leaves; two nodes with the same ``--mesh-name`` find each other (one also given a dead relay, which
@@ -70,19 +70,20 @@ def test_publish_discover_auto_join_and_max_clients(mesh: Mesh, relay: str, tiny
     serving = mesh.start("serving", "127.0.0.2", *directory(relay, "--mesh-name", "alpha", "--max-clients", "1"),
                          models=(str(tiny_dense),))
     # beta serves nothing but is in the region the joiner asks for: only the model makes alpha the better mesh
-    other = mesh.start("other", "127.0.0.3", *directory(relay, "--mesh-name", "beta", "--client", "--region", "EU"))
+    other = mesh.start("other", "127.0.0.3", *directory(relay, "--publish", "--client", "--region", "EU"))
+    beta = f"mesh-{mesh_id(other)[:6]}"  # --publish with no --mesh-name: named after the mesh id
     serving.wait_ready("tiny-dense")
-    wait_for(lambda: by_name(relay).get("alpha", {}).get("served") == ["tiny-dense"] and "beta" in by_name(relay),
+    wait_for(lambda: by_name(relay).get("alpha", {}).get("served") == ["tiny-dense"] and beta in by_name(relay),
              timeout=30, what="both meshes listed, alpha serving tiny-dense")
     beta_listed = time.monotonic()
     listed = by_name(relay)
-    assert listed["alpha"]["mesh"] == mesh_id(serving) and listed["beta"]["mesh"] == mesh_id(other)
+    assert listed["alpha"]["mesh"] == mesh_id(serving) and listed[beta]["mesh"] == mesh_id(other)
     assert (listed["alpha"]["nodes"], listed["alpha"]["clients"], listed["alpha"]["wanted"]) == (1, 0, [])
     assert listed["alpha"]["free_bytes"] > 0 and listed["alpha"]["version"] == __version__
-    assert (listed["beta"]["region"], listed["beta"]["nodes"], listed["beta"]["clients"]) == ("EU", 0, 1)
+    assert (listed[beta]["region"], listed[beta]["nodes"], listed[beta]["clients"]) == ("EU", 0, 1)
     assert "token" not in listed["alpha"]  # the table shows no credentials
     assert [e["name"] for e in discover(relay, "--model", "tiny-dense")] == ["alpha"]
-    assert [e["name"] for e in discover(relay, "--region", "eu")][0] == "beta"
+    assert [e["name"] for e in discover(relay, "--region", "eu")][0] == beta
     # the listing's token is the mesh's invite, no more: the same credentials `meshllm token` gives, and no admin token
     events = raw_listings(relay)
     alpha_token = next(json.loads(e["content"])["token"] for e in events if mesh_id(serving) in e["content"])
@@ -107,9 +108,9 @@ def test_publish_discover_auto_join_and_max_clients(mesh: Mesh, relay: str, tiny
 
     # re-published while the mesh lives: still listed more than two TTLs after it was first listed
     wait_for(lambda: time.monotonic() - beta_listed > 2 * float(TTL), timeout=3 * float(TTL), what="two TTLs")
-    assert "beta" in by_name(relay)
+    assert beta in by_name(relay)
     other.stop(signal.SIGKILL)  # no chance to withdraw: its listing must expire by itself
-    wait_for(lambda: "beta" not in by_name(relay), timeout=float(TTL) + 15, what="beta's listing to expire")
+    wait_for(lambda: beta not in by_name(relay), timeout=float(TTL) + 15, what="the other mesh's listing to expire")
 
 
 def test_same_mesh_name_finds_each_other_despite_a_dead_relay(mesh: Mesh, relay: str) -> None:
