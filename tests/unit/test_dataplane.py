@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 
@@ -70,7 +71,8 @@ async def leases_returned(router: Router) -> None:
 
 
 @pytest.mark.parametrize("routed", ROUTED)
-async def test_a_stream_whose_upstream_dies_ends_with_an_error_event(routed: bool) -> None:
+async def test_a_stream_whose_upstream_dies_ends_with_an_error_event(routed: bool,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
     async with upstream(sse_then_die) as llama, node_a(llama.port, routed=routed) as (url, router, _):
         body = {"model": "m", "prompt": "x", "stream": True}
         async with httpx.AsyncClient(base_url=url) as client:
@@ -83,6 +85,8 @@ async def test_a_stream_whose_upstream_dies_ends_with_an_error_event(routed: boo
         error = json.loads(events[2][6:])["error"]
         assert error["code"] == "upstream_broken" and "broke" in error["message"]
         assert len(events) == 3 and b"[DONE]" not in response.content
+        broke = [r for r in caplog.records if "broke mid-response" in r.getMessage()]
+        assert broke and all(r.levelno == logging.WARNING for r in broke)  # the operator hears of it too
 
         sdk = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         texts = []
