@@ -139,7 +139,7 @@ class ExpertImportanceController:
 
     def keys_for(self, change: Changed) -> set[str]:
         table, key = change
-        if table in ("leases", "models", "importance", "nodes", "deaths"):
+        if table in ("leases", "models", "importance", "deaths"):
             return self.keys()
         return set()
 
@@ -172,6 +172,8 @@ class ExpertImportanceController:
             return ImportanceActual(None, False, False, None)
         entry = self.state.importance().get(desired.fingerprint)
         alive = entry is not None and entry.node in self.state.alive_nodes()
+        if entry is not None and entry.phase is not ImportancePhase.COMPUTING:
+            return ImportanceActual(entry, alive, desired.fingerprint in self._running, None)  # settled
         cached = await anyio.to_thread.run_sync(lambda: read_stats(desired.path, fingerprint=desired.key))
         return ImportanceActual(entry, alive, desired.fingerprint in self._running, cached)
 
