@@ -15,6 +15,7 @@ from meshllm.engine.tinygguf import write_moe
 from meshllm.errors import ModelError
 from meshllm.moe.importance import RoutingStats, decode_counts, encode_counts, routing_mass
 from meshllm.moe.order import ExpertOrder, Waiting, expert_order, mass_line, order_note
+from meshllm.reconcile.demand import GarbageCollector
 from meshllm.reconcile.importance import (
     Compute, ExpertImportanceController, ImportanceActual, ImportanceWanted, Publish, plan_importance,
 )
@@ -202,3 +203,15 @@ def test_a_session_moves_off_a_failed_shard_to_the_node_it_keeps_once_that_shard
         after = router.resolve("x", session=key)
         assert isinstance(after, Route) and isinstance(route, Route)
         assert after.node == (route.node if rendezvous(key, "abc") == victim else rendezvous(key, "abc"))
+
+
+async def test_the_statistics_of_a_model_that_is_gone_are_removed_by_the_janitor() -> None:
+    state = mesh(None)
+    state.put_importance(entry(ImportancePhase.READY, counts=COUNTS))
+    janitor = GarbageCollector(state, node_id="a")
+    for present in (True, False):
+        if not present:
+            state.remove_model("x")
+        for action in janitor.plan(await janitor.desired("x"), await janitor.actual("x", True, NOW), NOW):
+            await janitor.apply("x", action, NOW)
+        assert bool(state.importance()) is present
