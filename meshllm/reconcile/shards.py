@@ -5,9 +5,10 @@ with ``shards`` set (``placement`` rule 7) gives a ``ShardTarget``: this node's 
 against the mesh's ``ModelSpec.fingerprint``), the experts the shard keeps in each MoE layer
 (``moe.plan.shard_experts`` in the model's expert order, ``moe.order``) and the file to write, named by the
 digest of both; or ``ShardWaiting`` while the order waits for the file's routing statistics
-(``reconcile.importance`` computes them on one node). Actual: what this controller knows of the file (writing, ready, failed). ``plan_shard`` decides,
-purely: a ready file on disk is reused (``moe.shard.shard_ready``), a missing one is written (in a worker
-thread, so the reconcile of other keys goes on), a failed one is tried again after ``FAILED_RETRY``.
+(``reconcile.importance`` computes them on one node). Actual: what this controller knows of the file
+(waiting, writing, ready, failed). ``plan_shard`` decides, purely: a ready file on disk is reused
+(``moe.shard.shard_ready``), a missing one is written (in a worker thread, so the reconcile of other keys
+goes on), a failed one is tried again after ``FAILED_RETRY``.
 Once a shard is ready, the node's shards of the model's earlier layouts are deleted (a disk holds one
 shard per model).
 
