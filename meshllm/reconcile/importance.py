@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -205,7 +204,7 @@ class ExpertImportanceController:
         self.state.put_importance(self._entry(wanted, ImportancePhase.COMPUTING, message="counting expert "
                                               "selections on calibration text (llama-imatrix)"))
         await self._event(wanted.model, "ComputingImportance", "counting expert selections on calibration text")
-        started = time.monotonic()
+        started = self.clock.now()
         try:
             stats = await anyio.to_thread.run_sync(
                 lambda: self.counter(wanted.path, key=wanted.key, cancelled=self._stop), abandon_on_cancel=True)
@@ -219,7 +218,7 @@ class ExpertImportanceController:
             return
         finally:
             self._running.discard(wanted.fingerprint)
-        self._publish(wanted, stats, how=f"computed by llama-imatrix in {time.monotonic() - started:.1f} s")
+        self._publish(wanted, stats, how=f"computed by llama-imatrix in {self.clock.now() - started:.1f} s")
         await self._event(wanted.model, "ImportanceReady", "expert routing statistics computed")
 
     async def _event(self, model: str, reason: str, message: str, *, level: str = "info") -> None:
