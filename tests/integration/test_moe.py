@@ -143,6 +143,7 @@ def test_an_moe_model_no_node_holds_is_split_by_experts_and_sessions_stick(
     # the routing statistics were computed automatically, once, by one node (llama-imatrix), and every shard
     # was dealt from them; each shard shows the routing mass it keeps
     assert sum("computed by llama-imatrix" in n.log_text() for n in nodes) == 1
+    print(next(line for n in nodes for line in n.log_text().splitlines() if "computed by llama-imatrix" in line))
     assert "expert order: routing statistics (" in cond["message"], cond
     masses = shards_follow_the_statistics(nodes, cache)
     shown = sorted(float(m) / 100 for m in re.findall(r"keeps ([\d.]+)% of routing mass", " ".join(cond["shards"])))
