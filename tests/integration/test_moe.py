@@ -16,11 +16,13 @@ import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import httpx
 import pytest
 
+from meshllm.api.sessions import rendezvous
 from meshllm.engine.tinygguf import write_moe
 from meshllm.moe.detect import detect_moe
 from meshllm.moe.importance import expert_ranks
@@ -30,7 +32,7 @@ from tests.integration.nodes import Mesh, NodeProcess, wait_for
 from tests.integration.test_mesh import greedy
 from tests.integration.test_placement import cli
 from tests.conftest import free_port
-from tests.integration.test_split import cap, condition, wait_for_all
+from tests.integration.test_split import cap, condition, node_id, wait_for_all
 
 pytestmark = pytest.mark.engine
 
@@ -83,7 +85,7 @@ def landed(entry: NodeProcess, user: str, nodes: list[NodeProcess]) -> NodeProce
     return grew[0]
 
 
-def ready_shards(node: NodeProcess) -> dict[str, object]:
+def ready_shards(node: NodeProcess) -> dict[str, Any]:
     cond = condition(node, MODEL)
     return cond if cond.get("phase") == "Ready" and cond.get("ready") == cond.get("wanted") else {}
 
@@ -163,28 +165,54 @@ def test_an_moe_model_no_node_holds_is_split_by_experts_and_sessions_stick(
         assert all(t["sent"] == 0 and t["received"] == 0 for t in status["rpc_tunnels"]), status["rpc_tunnels"]
         assert not any(m["workers"] for m in status["models"])
 
-    # kill a node serving some sessions (not the one requests enter by): they move to the others
+    # kill a node serving some sessions (not the one requests enter by): they move to the others, each to the
+    # node its session key ranks next, where it stays once the node is declared dead
     victim = next(n for n in (b, c) if n in where.values())
+    alive = [n for n in nodes if n is not victim]
+    ids = {node_id(n): n for n in nodes}
     moved = [u for u, n in where.items() if n is victim]
     stayed = [u for u, n in where.items() if n is not victim]
+    extra = (f"more-{i}" for i in range(1000))  # sessions of the victim whose next node is either survivor
+    nexts = {n: [u for u in moved if next_node(u, ids, victim) is n] for n in alive}
+    for user in extra:
+        if all(len(users) >= 2 for users in nexts.values()):
+            break
+        if ids.get(rendezvous("id:" + user, ids) or "") is victim and len(nexts[next_node(user, ids, victim)]) < 2:
+            nexts[next_node(user, ids, victim)].append(user)
+    moved = [u for n in sorted(alive, key=lambda n: n is a) for u in nexts[n]]  # first: those not going to a
     assert victim.proc is not None
     victim.proc.kill()
     for pid in engine_pids(victim.state_dir):  # the machine is gone: its llama-server too
         subprocess.run(["kill", "-9", str(pid)], check=False)
     killed = time.monotonic()
     # right after the kill, before the mesh declares the node dead: every request of its sessions is
-    # answered (moved to the shard its key ranks next), none fails
-    answers = [ask(a, user, timeout=30) for user in moved + moved]
-    failures = [r.status_code for r in answers if r.status_code != 200]
+    # answered, by the node its key ranks next; none fails
+    failures, wrong = 0, []
+    for user in moved + moved:
+        before = [served_requests(n) for n in alive]
+        response = ask(a, user, timeout=30)
+        failures += response.status_code != 200
+        grew = [n for n, count in zip(alive, before, strict=True) if served_requests(n) > count]
+        if grew != [next_node(user, ids, victim)]:
+            wrong.append(user)
     took = time.monotonic() - killed
-    print(f"a dead shard's sessions: {len(answers)} requests in the {took:.1f} s after the kill, "
-          f"{len(failures)} failed")
-    assert not failures, [r.text for r in answers if r.status_code != 200]
-    alive = [n for n in nodes if n is not victim]
-    for user in moved:
-        assert landed(a, user, alive) is not victim
+    print(f"a dead shard's sessions: {2 * len(moved)} requests in the {took:.1f} s after the kill, {failures} "
+          f"failed, {len(wrong)} answered elsewhere than the node their key ranks next")
+    assert failures == 0 and not wrong, wrong
+    dead = next(nid for nid, n in ids.items() if n is victim)
+    wait_for(lambda: any(m["id"] == dead and m["state"] == "dead" for m in a.status()["nodes"]), timeout=30,
+             what="the victim declared dead")
+    for user in moved:  # where the failover sent them is where they stay
+        assert landed(a, user, alive) is next_node(user, ids, victim)
     for user in stayed:  # rendezvous hashing: the other sessions keep their node
         assert landed(a, user, alive) is where[user]
+
+
+def next_node(user: str, ids: dict[str, NodeProcess], victim: NodeProcess) -> NodeProcess:
+    """The node ``user``'s session key ranks first once ``victim`` is gone."""
+    chosen = rendezvous("id:" + user, [nid for nid, n in ids.items() if n is not victim])
+    assert chosen is not None
+    return ids[chosen]
 
 
 def test_a_shard_with_every_expert_answers_as_the_whole_model(mesh: Mesh, moe_model: Path, solo: str) -> None:
