@@ -5,8 +5,9 @@ wait for its routing statistics (``moe.importance``): how often calibration text
 node computes them per model file and writes them into the document (``ExpertImportance``, keyed by the
 file's fingerprint), where every node reads them:
 
-- *who*: the node holding the lowest-numbered expert-shard slot of the model among live nodes (every node
-  agrees on it from the leases; it holds the whole file, since it writes a shard from it). A model whose
+- *who*: the node holding expert-shard slot 0 of the model, or once that node is dead the lowest slot's live
+  node (every node agrees on it from the leases; it holds the whole file, since it writes a shard from it).
+  Nobody starts before slot 0 is taken: the nodes of the other slots may take theirs first. A model whose
   spec carries an expert order already (``ModelSpec.expert_ranks``) needs nothing.
 - *how*: this node's cache first (``moe.importance.read_stats``: computed here before, by any model name);
   else ``llama-imatrix`` over the calibration text in a worker thread (seconds for a small model, minutes
@@ -96,11 +97,14 @@ ImportanceAction = Publish | Compute
 
 
 def computing_node(state: MeshState, model: str) -> str | None:
-    """The node whose turn it is to compute ``model``'s statistics: the lowest expert-shard slot's live node."""
+    """The node whose turn it is to compute ``model``'s statistics: the node of expert-shard slot 0; once that
+    node is dead, the lowest slot's live node. None before slot 0 is taken (the other slots' nodes may take
+    theirs first, and must not start a second computation meanwhile)."""
+    leases = {lease.slot: lease.node for lease in state.leases().values() if lease.model == model and lease.shards}
+    if 0 not in leases:
+        return None
     alive = state.alive_nodes()
-    leases = sorted((lease.slot, lease.node) for lease in state.leases().values()
-                    if lease.model == model and lease.shards and lease.node in alive)
-    return leases[0][1] if leases else None
+    return min(((slot, node) for slot, node in leases.items() if node in alive), default=(0, None))[1]
 
 
 def plan_importance(desired: ImportanceWanted | None, actual: ImportanceActual, *, me: str) -> list[ImportanceAction]:

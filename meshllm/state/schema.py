@@ -32,8 +32,8 @@ rotations   retired key id          the node that ran           the mesh secret 
                                     ``rotate-key``              key, sealed under it (``KeyRotation``;
                                                                 a plain value, written once)
 importance  model file fingerprint  the node computing them     routing statistics of an MoE file:
-            (``ModelSpec.           (the lowest expert-shard    selections per expert per layer on
-            fingerprint``)          slot's node)                calibration text (``ExpertImportance``)
+            (``ModelSpec.           (expert-shard slot 0's      selections per expert per layer on
+            fingerprint``)          node)                       calibration text (``ExpertImportance``)
 ==========  ======================  ==========================  ==================================
 
 The blackboard's posts live in a document of their own, with its own gossip: see ``state.board``.

@@ -173,13 +173,14 @@ def test_an_moe_model_no_node_holds_is_split_by_experts_and_sessions_stick(
     moved = [u for u, n in where.items() if n is victim]
     stayed = [u for u, n in where.items() if n is not victim]
     extra = (f"more-{i}" for i in range(1000))  # sessions of the victim whose next node is either survivor
-    nexts = {n: [u for u in moved if next_node(u, ids, victim) is n] for n in alive}
-    for user in extra:
+    nexts: dict[str, list[str]] = {n.state_dir.name: [] for n in alive}  # survivor -> sessions it takes over
+    for user in [*moved, *extra]:
         if all(len(users) >= 2 for users in nexts.values()):
             break
-        if ids.get(rendezvous("id:" + user, ids) or "") is victim and len(nexts[next_node(user, ids, victim)]) < 2:
-            nexts[next_node(user, ids, victim)].append(user)
-    moved = [u for n in sorted(alive, key=lambda n: n is a) for u in nexts[n]]  # first: those not going to a
+        takes = nexts[next_node(user, ids, victim).state_dir.name]
+        if ids.get(rendezvous("id:" + user, ids) or "") is victim and len(takes) < 2:
+            takes.append(user)
+    moved = [*nexts[next(n.state_dir.name for n in alive if n is not a)], *nexts[a.state_dir.name]]  # a's last
     assert victim.proc is not None
     victim.proc.kill()
     for pid in engine_pids(victim.state_dir):  # the machine is gone: its llama-server too

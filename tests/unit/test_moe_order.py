@@ -17,7 +17,8 @@ from meshllm.moe.importance import RoutingStats, decode_counts, encode_counts, r
 from meshllm.moe.order import ExpertOrder, Waiting, expert_order, mass_line, order_note
 from meshllm.reconcile.demand import GarbageCollector
 from meshllm.reconcile.importance import (
-    Compute, ExpertImportanceController, ImportanceActual, ImportanceWanted, Publish, plan_importance,
+    Compute, ExpertImportanceController, ImportanceActual, ImportanceWanted, Publish, computing_node,
+    plan_importance,
 )
 from meshllm.reconcile.placement import conditions
 from meshllm.state.document import MeshState
@@ -215,3 +216,18 @@ async def test_the_statistics_of_a_model_that_is_gone_are_removed_by_the_janitor
         for action in janitor.plan(await janitor.desired("x"), await janitor.actual("x", True, NOW), NOW):
             await janitor.apply("x", action, NOW)
         assert bool(state.importance()) is present
+
+
+def test_nobody_computes_before_slot_0_is_taken_then_its_node_does() -> None:
+    state = MeshState()
+    for nid in "abc":
+        state.put_node(NodeStatus(id=nid, capacity_bytes=95 * MB, incarnation=1.0))
+    state.put_model(spec())
+    lease = PlacementLease(model="x", slot=1, node="a", incarnation=1.0, shards=3, expert_core=4, expert_copies=1)
+    state.put_lease(lease)
+    state.put_lease(lease.model_copy(update={"slot": 2, "node": "c"}))
+    assert computing_node(state, "x") is None  # a and c took their slots first: they must not both start
+    state.put_lease(lease.model_copy(update={"slot": 0, "node": "b"}))
+    assert computing_node(state, "x") == "b"
+    state.put_death(NodeDeath(node="b", incarnation=1.0))
+    assert computing_node(state, "x") == "a"
