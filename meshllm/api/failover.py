@@ -210,10 +210,16 @@ class _Exchange:
                     silent = True
                     scope.cancel()
 
+        failure: BackendUnavailable | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch, tg.cancel_scope)
-            response = await backend.send(request)
+            try:
+                response = await backend.send(request)
+            except BackendUnavailable as exc:  # raised out of the task group it would come wrapped in a group
+                failure = exc
             tg.cancel_scope.cancel()
+        if failure is not None and not silent:
+            raise failure
         if silent or response is None:
             if response is not None:
                 await response.aclose()
