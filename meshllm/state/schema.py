@@ -286,8 +286,8 @@ class ExpertImportance(_Entity):
     has one entry per MoE layer, ``"<layer>:<c0>,<c1>,..."`` (selections per expert, expert id order)."""
 
     fingerprint: str = Field(min_length=1, description="the model file's fingerprint (ModelSpec.fingerprint)")
-    model: str = Field(default="", description="the model it was computed for")
-    node: str = Field(default="", description="the node computing (or that computed) them")
+    model: ModelName = Field(default=ModelName(""), description="the model it was computed for")
+    node: NodeId = Field(default=NodeId(""), description="the node computing (or that computed) them")
     phase: ImportancePhase = ImportancePhase.COMPUTING
     counts: list[str] = Field(default_factory=list, description="per MoE layer: '<layer>:<count>,<count>,...'")
     tokens: int = Field(default=0, ge=0, description="calibration tokens routed (per layer)")
