@@ -67,7 +67,8 @@ class OpenAIProxy:
             return
         query = scope["query_string"].decode("latin-1")
         named = requested_model(body, query)
-        lease = self._lease(named, session=self._session(named, scope, body))
+        session = self._session(named, scope, body)
+        lease = self._lease(named, session=session)
         if isinstance(lease, BadRequest):
             await send_error(send, lease.status, lease.message, code=lease.code, param=lease.param,
                              anthropic=anthropic, retry_after=2 if lease.status == 503 else None)
@@ -83,7 +84,7 @@ class OpenAIProxy:
             what = f"{scope['path']} {route.model} via {'this node' if route.local else 'node ' + route.node}"
             headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
             request = ProxyRequest(scope["method"], scope["path"], query, headers, body)
-            await self.failover.serve(lease, request, receive, send, what=what)
+            await self.failover.serve(lease, request, receive, send, what=what, session=session)
 
     def _lease(self, named: str | None | BadRequest, *, session: str | None) -> Lease | Unavailable | BadRequest:
         """A lease for the model the request names (``api.endpoints``), or why there is none."""

@@ -58,6 +58,7 @@ from meshllm.engine.capacity import detect_capacity
 from meshllm.engine.models import looks_like_path, models_dir
 from meshllm.engine.rpc_auth import rpc_key
 from meshllm.engine.sources import SourcePolicy
+from meshllm.moe.importance import ImatrixRun
 from meshllm.node.blackboard import NodeBlackboard
 from meshllm.node.names import NameWatch, taken_by
 from meshllm.node.config import NodeConfig
@@ -70,6 +71,7 @@ from meshllm.reconcile.demand import DemandRecorder, GarbageCollector
 from meshllm.reconcile.leases import PlacementController
 from meshllm.reconcile.runtime import Runner
 from meshllm.reconcile.downloads import Downloads
+from meshllm.reconcile.importance import ExpertImportanceController, ImatrixCounter
 from meshllm.reconcile.served import ServedModelController
 from meshllm.reconcile.shares import ShareFetches
 from meshllm.reconcile.shards import ExpertShardController
@@ -216,8 +218,10 @@ class Node:
                                    backoff=backoff, bind_host=bind_host, direct_host=direct_host,
                                    shares=self.shares)
         placement = PlacementController(state, node_id=node_id, incarnation=self.mesh.incarnation, store=store)
-        runner = Runner(state, [placement, served, shards, workers, GarbageCollector(state, node_id=node_id)],
-                        supervisor=supervisor, backoff=backoff)
+        importance = ExpertImportanceController(state, node_id=node_id, store=store, counter=ImatrixCounter(
+            engine_dir, ImatrixRun(threads=config.threads)))
+        runner = Runner(state, [placement, importance, served, shards, workers,
+                                GarbageCollector(state, node_id=node_id)], supervisor=supervisor, backoff=backoff)
         return runner, workers
 
     def _me(self, client: bool) -> NodeStatus:

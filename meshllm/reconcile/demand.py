@@ -9,8 +9,9 @@ mesh's demand: placement keeps a model wanted while it lasts and adds replicas t
 past their ``expires_at`` are ignored by everyone and removed by the janitor.
 
 The janitor (``GarbageCollector``) runs on the live server node with the smallest id: per model, it
-removes expired demand entries, the leases of a model that is gone, and the failures (server and
-worker statuses) of a model that is gone. A ``--model`` spec whose node left stays (unwanted once its
+removes expired demand entries, the leases of a model that is gone, the failures (server and
+worker statuses) of a model that is gone, and the routing statistics of its file (``ExpertImportance``:
+the node that computed them keeps them in its cache, and publishes them again if the file comes back). A ``--model`` spec whose node left stays (unwanted once its
 demand runs out, and shown so) until that node returns or someone drops it: deleting it would race
 with its node rewriting it when a partition heals.
 """
@@ -102,6 +103,7 @@ class Garbage:
     demand: tuple[tuple[str, float], ...] = ()  # (key, expires_at)
     failed_servers: tuple[str, ...] = ()
     failed_workers: tuple[str, ...] = ()
+    importance: tuple[str, ...] = ()  # routing statistics computed for the model's file
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ def plan_garbage(desired: bool, actual: Garbage, now: float) -> list[Remove | Re
         actions += [Remove("leases", key) for key in actual.leases]
         actions += [Remove("servers", key) for key in actual.failed_servers]  # a failure of a model nobody wants
         actions += [Remove("workers", key) for key in actual.failed_workers]
+        actions += [Remove("importance", key) for key in actual.importance]  # the computing node keeps a copy
     later = [expires for _, expires in actual.demand if expires > now]
     if later:
         actions.append(Recheck(min(later)))
@@ -144,7 +147,7 @@ class GarbageCollector:
         state = self.state
         return (set(state.models()) | {x.model for x in state.leases().values()}
                 | {x.model for x in state.demand().values()} | {x.model for x in state.servers().values()}
-                | {x.model for x in state.workers().values()})
+                | {x.model for x in state.workers().values()} | {x.model for x in state.importance().values()})
 
     def keys_for(self, change: Changed) -> set[ModelName]:
         table, key = change
@@ -158,6 +161,9 @@ class GarbageCollector:
             return {parse_demand_key(key)[0]}
         if table in ("servers", "workers"):
             return {parse_server_key(key)[1]}
+        if table == "importance":
+            entry = self.state.importance().get(key)
+            return {entry.model} if entry is not None else set()
         return {ModelName(key)} if table == "models" else set()
 
     def _is_janitor(self) -> bool:
@@ -177,7 +183,8 @@ class GarbageCollector:
             failed_servers=tuple(k for k, x in state.servers().items()
                                  if x.model == model and x.phase is ServerPhase.FAILED),
             failed_workers=tuple(k for k, x in state.workers().items()
-                                 if x.model == model and x.phase is ServerPhase.FAILED))
+                                 if x.model == model and x.phase is ServerPhase.FAILED),
+            importance=tuple(k for k, x in state.importance().items() if x.model == model))
 
     def plan(self, desired: bool, actual: Garbage, now: float) -> list[Remove | Recheck]:
         return plan_garbage(desired, actual, now)
@@ -192,6 +199,8 @@ class GarbageCollector:
                 self.state.remove_server(key)
             case Remove("workers", key):
                 self.state.remove_worker(key)
+            case Remove("importance", key):
+                self.state.remove_importance(key)
             case Recheck(until):
                 return until - now
         return None

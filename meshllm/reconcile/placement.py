@@ -48,6 +48,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from meshllm.moe.order import order_note
 from meshllm.moe.plan import NoShards, ShardLayout, experts_per_shard, plan_layout
 from meshllm.moe.spec import problem_of
 from meshllm.reconcile.split import NoSplit, SplitPlan, keep_or_replan
@@ -417,7 +418,7 @@ def _shard_lines(spec: ModelSpec, servers: list[ServerStatus]) -> list[str]:
     """One line per expert shard: where, which experts, how big against the whole model, how good."""
     lines = []
     for server in sorted((s for s in servers if s.shard), key=lambda s: s.shard):
-        quality = server.quality or "not measured"
+        quality = server.quality or "not known yet"
         lines.append(f"shard {server.shard} on {server.node}: {server.experts}/{spec.experts} experts per layer, "
                      f"{_fmt(server.file_bytes)} (whole model {_fmt(spec.size_bytes)}), {server.phase.value}, "
                      f"quality: {quality}")
@@ -442,8 +443,14 @@ def conditions(state: MeshState, *, now: float, plan: Placement | None = None) -
     wanted = wanted_models(state.models(), alive, state.demand().values(), now)
     failed_workers = [w for w in state.workers().values() if w.phase is ServerPhase.FAILED and w.node in alive
                       and now - w.since < FAILURE_MEMORY]
-    return {name: _worker_failure(name, _condition(name, spec, wanted.get(name), plan, servers), failed_workers)
-            for name, spec in state.models().items()}
+    importance = state.importance()
+    result = {}
+    for name, spec in state.models().items():
+        first = plan.slots.get((name, 0))
+        order = order_note(spec, importance.get(spec.fingerprint)) if first is not None and first.shards else None
+        result[name] = _worker_failure(name, _condition(name, spec, wanted.get(name), plan, servers, order=order),
+                                       failed_workers)
+    return result
 
 
 def _worker_failure(name: ModelName, condition: Condition, failed: list[WorkerStatus]) -> Condition:
@@ -456,8 +463,9 @@ def _worker_failure(name: ModelName, condition: Condition, failed: list[WorkerSt
                                         "message": f"split worker {mine[0].node}: {mine[0].message}"})
 
 
-def _condition(name: ModelName, spec: ModelSpec, why: str | None, plan: Placement,
-               servers: list[ServerStatus]) -> Condition:
+def _condition(name: ModelName, spec: ModelSpec, why: str | None, plan: Placement, servers: list[ServerStatus], *,
+               order: tuple[str, bool] | None = None) -> Condition:
+    """``order``: for an expert-sharded model, how its shards order experts and whether they wait for that."""
     if why is None:
         return Condition(phase=ConditionPhase.PENDING, reason="NotWanted", wanted=0,
                          message=f"node {spec.owner} that served it left, and nobody asked for it since")
@@ -481,6 +489,7 @@ def _condition(name: ModelName, spec: ModelSpec, why: str | None, plan: Placemen
         if first is not None and first.shards:
             where = (f", split by experts into {first.shards} shards (core of {first.expert_core} experts per layer "
                      f"in every shard, each other expert on {first.expert_copies} of them)")
+            where += f"; {order[0]}" if order is not None else ""
         where += f"; {plan.notes[name]}" if name in plan.notes else ""
         return Condition(phase=ConditionPhase.READY, reason="Serving", **common,
                          message=f"{ready} server{'s' if ready != 1 else ''} ready{where}")
@@ -502,6 +511,8 @@ def _condition(name: ModelName, spec: ModelSpec, why: str | None, plan: Placemen
         message = message or (failed[0].message if failed else f"{want - ready} more server(s) starting")
         return Condition(phase=ConditionPhase.DEGRADED, reason=reason or "TooFewServers", message=message,
                          **common)
+    if order is not None and order[1] and not ready:
+        return Condition(phase=ConditionPhase.LOADING, reason="WaitingForImportance", message=order[0], **common)
     fetching = [s for s in mine if s.phase is ServerPhase.DOWNLOADING]
     if fetching and not ready:
         return Condition(phase=ConditionPhase.DOWNLOADING, reason="Downloading", **common,

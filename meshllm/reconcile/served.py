@@ -198,7 +198,8 @@ class ServedModelController:
         if shard is not None and shard.phase == "failed" and (target is None or target.label == label):
             return Unavailable(model, shard.message)
         if shard is None or target is None or target.label != label or shard.phase != "ready":
-            return Fetching(model, shard.message if shard is not None and target is not None and target.label == label
+            mine = shard is not None and (shard.phase == "waiting" or target is not None and target.label == label)
+            return Fetching(model, shard.message if shard is not None and mine
                             else f"waiting for expert shard {label} to be written")
         if target.out not in self._chat:
             self._chat[target.out] = await anyio.to_thread.run_sync(chat_arguments, target.out)

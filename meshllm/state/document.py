@@ -16,14 +16,14 @@ from pycrdt import Doc, Map
 from pydantic import BaseModel, ValidationError
 
 from meshllm.state.schema import (
-    ApiKey, DemandEntry, KeyRotation, ModelName, ModelSpec, NodeDeath, NodeId, NodeStatus, PlacementLease,
-    ServerStatus, WorkerStatus,
+    ApiKey, DemandEntry, ExpertImportance, KeyRotation, ModelName, ModelSpec, NodeDeath, NodeId, NodeStatus,
+    PlacementLease, ServerStatus, WorkerStatus,
 )
 
 __all__ = ["Changed", "MeshState", "check_storable"]
 
 E = TypeVar("E", bound=BaseModel)
-_KINDS = ("models", "nodes", "servers", "deaths", "demand", "leases", "workers", "apikeys", "rotations")
+_KINDS = ("models", "nodes", "servers", "deaths", "demand", "leases", "workers", "apikeys", "rotations", "importance")
 
 
 _INT64 = range(-(1 << 63), 1 << 63)
@@ -155,6 +155,12 @@ class MeshState:
     def put_rotation(self, rotation: KeyRotation) -> None:
         self._put_whole("rotations", rotation.old, rotation)
 
+    def put_importance(self, entry: ExpertImportance) -> None:
+        self._put("importance", entry.fingerprint, entry)
+
+    def remove_importance(self, fingerprint: str) -> bool:
+        return self._remove("importance", fingerprint)
+
     def remove_demand(self, key: str) -> bool:
         return self._remove("demand", key)
 
@@ -230,6 +236,10 @@ class MeshState:
 
     def rotations(self) -> dict[str, KeyRotation]:
         return self._read("rotations", KeyRotation)
+
+    def importance(self) -> dict[str, ExpertImportance]:
+        """Routing statistics of MoE files, by file fingerprint."""
+        return self._read("importance", ExpertImportance)
 
     def alive_nodes(self) -> dict[NodeId, NodeStatus]:
         """Nodes not declared dead in their current incarnation."""

@@ -3,35 +3,38 @@
 The document (a pycrdt ``Doc``) has one top-level ``Map`` per entity kind; each entity is a nested
 ``Map`` keyed as below so that its fields merge independently when replicas meet.
 
-=========  ======================  ==========================  ==================================
-map        key                     writer                      meaning
-=========  ======================  ==========================  ==================================
-models     model name              anyone (CLI, manifests)     desired: this model should be
-                                                               served (``ModelSpec``)
-demand     ``<model>/<node id>``   the node whose proxy saw    requests for the model through that
-                                   the requests                node's API, expiring by TTL
-                                                               (``DemandEntry``)
-leases     ``<model>#<slot>``      the node taking the slot    placement: which node serves replica
-                                                               ``slot`` of the model
-                                                               (``PlacementLease``; a plain value,
-                                                               last writer wins as a whole)
-nodes      node id                 that node                   the node: name, capacity, role,
-                                                               addresses (``NodeStatus``)
-servers    ``<node id>/<model>``   the node running it         observed: a llama-server for the
-                                                               model on that node (``ServerStatus``)
-workers    ``<node id>/<model>``   the node running it         observed: a ggml-rpc-server holding
-                                                               layers of a split model for its host
-                                                               (``WorkerStatus``)
-deaths     node id                 any node that saw it die    the node's incarnation that was
-                                                               declared dead (``NodeDeath``)
-apikeys    key id (12 hex digits   the node whose console      a key every node's OpenAI API
-           of the key's hash)      created it; any node        accepts, as its salted hash only;
-                                   revokes it                  revoked: kept as a tombstone
-                                                               (``ApiKey``)
-rotations  retired key id          the node that ran           the mesh secret that replaced that
-                                   ``rotate-key``              key, sealed under it (``KeyRotation``;
-                                                               a plain value, written once)
-=========  ======================  ==========================  ==================================
+==========  ======================  ==========================  ==================================
+map         key                     writer                      meaning
+==========  ======================  ==========================  ==================================
+models      model name              anyone (CLI, manifests)     desired: this model should be
+                                                                served (``ModelSpec``)
+demand      ``<model>/<node id>``   the node whose proxy saw    requests for the model through that
+                                    the requests                node's API, expiring by TTL
+                                                                (``DemandEntry``)
+leases      ``<model>#<slot>``      the node taking the slot    placement: which node serves replica
+                                                                ``slot`` of the model
+                                                                (``PlacementLease``; a plain value,
+                                                                last writer wins as a whole)
+nodes       node id                 that node                   the node: name, capacity, role,
+                                                                addresses (``NodeStatus``)
+servers     ``<node id>/<model>``   the node running it         observed: a llama-server for the
+                                                                model on that node (``ServerStatus``)
+workers     ``<node id>/<model>``   the node running it         observed: a ggml-rpc-server holding
+                                                                layers of a split model for its host
+                                                                (``WorkerStatus``)
+deaths      node id                 any node that saw it die    the node's incarnation that was
+                                                                declared dead (``NodeDeath``)
+apikeys     key id (12 hex digits   the node whose console      a key every node's OpenAI API
+            of the key's hash)      created it; any node        accepts, as its salted hash only;
+                                    revokes it                  revoked: kept as a tombstone
+                                                                (``ApiKey``)
+rotations   retired key id          the node that ran           the mesh secret that replaced that
+                                    ``rotate-key``              key, sealed under it (``KeyRotation``;
+                                                                a plain value, written once)
+importance  model file fingerprint  the node computing them     routing statistics of an MoE file:
+            (``ModelSpec.           (expert-shard slot 0's      selections per expert per layer on
+            fingerprint``)          node)                       calibration text (``ExpertImportance``)
+==========  ======================  ==========================  ==================================
 
 The blackboard's posts live in a document of their own, with its own gossip: see ``state.board``.
 
@@ -65,7 +68,9 @@ __all__ = [
     "API_KEY_HASH_LABEL",
     "ApiKey",
     "DemandEntry",
+    "ExpertImportance",
     "GpuShare",
+    "ImportancePhase",
     "KeyRotation",
     "ModelName",
     "ModelOrigin",
@@ -273,6 +278,27 @@ class WorkerStatus(_Entity):
         return server_key(self.node, self.model)
 
 
+class ImportancePhase(StrEnum):
+    COMPUTING = "computing"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class ExpertImportance(_Entity):
+    """How often each expert of an MoE file was chosen on calibration text (``moe.importance``), computed
+    once per file by one node and read by every node that plans or writes expert shards of it. ``counts``
+    has one entry per MoE layer, ``"<layer>:<c0>,<c1>,..."`` (selections per expert, expert id order)."""
+
+    fingerprint: str = Field(min_length=1, description="the model file's fingerprint (ModelSpec.fingerprint)")
+    model: ModelName = Field(default=ModelName(""), description="the model it was computed for")
+    node: NodeId = Field(default=NodeId(""), description="the node computing (or that computed) them")
+    phase: ImportancePhase = ImportancePhase.COMPUTING
+    counts: list[str] = Field(default_factory=list, description="per MoE layer: '<layer>:<count>,<count>,...'")
+    tokens: int = Field(default=0, ge=0, description="calibration tokens routed (per layer)")
+    message: str = Field(default="", description="failed: why (shards then use expert id order)")
+    at: float = Field(default=0.0, description="when the phase began")
+
+
 API_KEY_HASH_LABEL = b"meshllm api key v1\0"  # domain separation: this hash is for nothing else
 
 
@@ -342,4 +368,4 @@ def json_schemas() -> dict[str, dict[str, object]]:
     """JSON Schemas of the document's entities, as checked in under ``schemas/``."""
     return {f"state.{model.__name__}": model.model_json_schema()
             for model in (ModelSpec, NodeStatus, ServerStatus, NodeDeath, DemandEntry, PlacementLease,
-                          WorkerStatus, ApiKey, KeyRotation)}
+                          WorkerStatus, ApiKey, KeyRotation, ExpertImportance)}
