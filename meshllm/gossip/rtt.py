@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Set
 
+from meshllm.state.schema import NodeId
+
 __all__ = ["RttPublisher"]
 
 
@@ -41,8 +43,8 @@ class RttPublisher:
         """Seconds from one publication to the next (after the first)."""
         return max(self.check_every, members / self.rate)
 
-    def due(self, now: float, measured: Mapping[str, float], published: Mapping[str, float],
-            links: Set[str], members: int) -> bool:
+    def due(self, now: float, measured: Mapping[NodeId, float], published: Mapping[NodeId, float],
+            links: Set[NodeId], members: int) -> bool:
         """Whether to publish ``measured`` now, replacing ``published``; ``links`` are the peers this
         node keeps connections to, ``members`` the alive nodes of the mesh."""
         if now - self._checked < self.check_every:

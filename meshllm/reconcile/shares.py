@@ -31,7 +31,7 @@ from meshllm.errors import MeshError
 from meshllm.reconcile.split import split_layout
 from meshllm.reconcile.background import BackgroundWork
 from meshllm.reconcile.timing import Clock, SystemClock
-from meshllm.state.schema import ModelSpec, PlacementLease
+from meshllm.state.schema import ModelName, ModelSpec, NodeId, PlacementLease
 from meshllm.tunnels.http import HttpTunnelClient
 from meshllm.tunnels.models import PeerRanges
 
@@ -49,22 +49,22 @@ class Share:
     """What one participant of a split holds: ``worker`` is its index in the lease's workers (``HOST``
     for the host); ``host_gpu``: the host runs on a GPU (its layers go last, not first)."""
 
-    model: str
+    model: ModelName
     source: str
     size: int
     fingerprint: str
     tensor_split: tuple[float, ...]  # the lease's: workers first, host last
     worker: int
     host_gpu: bool
-    copy_on: str = ""  # a node with the whole file
+    copy_on: NodeId = NodeId("")  # a node with the whole file
     hashes: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)  # the mesh's, by tensor
 
     @property
-    def key(self) -> tuple[str, str, tuple[float, ...], int, bool]:
+    def key(self) -> tuple[ModelName, str, tuple[float, ...], int, bool]:
         return self.model, self.fingerprint, self.tensor_split, self.worker, self.host_gpu
 
 
-def share_of(spec: ModelSpec, lease: PlacementLease, node_id: str, *, host_gpu: bool) -> Share:
+def share_of(spec: ModelSpec, lease: PlacementLease, node_id: NodeId, *, host_gpu: bool) -> Share:
     worker = HOST if lease.node == node_id else lease.workers.index(node_id)
     return Share(model=spec.name, source=spec.source, size=spec.size_bytes, fingerprint=spec.fingerprint,
                  tensor_split=tuple(lease.tensor_split), worker=worker, host_gpu=host_gpu, copy_on=spec.copy_on,
@@ -105,11 +105,11 @@ class ShareFetcher(Protocol):
 class ShareFetches(BackgroundWork):
     """Runs this node's share fetches in its own task group (``run``)."""
 
-    def __init__(self, *, folder: Path, node_id: str, tunnels: HttpTunnelClient | None = None,
+    def __init__(self, *, folder: Path, node_id: NodeId, tunnels: HttpTunnelClient | None = None,
                  clock: Clock | None = None) -> None:
         self.folder, self.node_id, self.tunnels = folder, node_id, tunnels
         self.clock = clock or SystemClock()
-        self.states: dict[tuple[str, str, tuple[float, ...], int, bool], ShareState] = {}
+        self.states: dict[tuple[ModelName, str, tuple[float, ...], int, bool], ShareState] = {}
         super().__init__()
 
     def want(self, share: Share) -> ShareState:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from meshllm.state.schema import NodeRole, NodeStatus
+from meshllm.state.schema import NodeId, NodeRole, NodeStatus
 
 __all__ = [
     "FIT_FACTOR", "MAX_RTT_MS", "RTT_HYSTERESIS_MS", "NoSplit", "SplitPlan", "keep_or_replan", "plan_split", "rtt", "split_layout",
@@ -42,14 +42,14 @@ RTT_HYSTERESIS_MS = 20.0  # a new plan must lower the worst RTT by more than thi
 class SplitPlan:
     """Run the model on ``host`` with ``workers`` (RTT order); ``tensor_split`` is host first."""
 
-    host: str
-    workers: tuple[str, ...]
+    host: NodeId
+    workers: tuple[NodeId, ...]
     tensor_split: tuple[float, ...]
     worst_rtt_ms: float
     capacity_bytes: int
 
     @property
-    def participants(self) -> tuple[str, ...]:
+    def participants(self) -> tuple[NodeId, ...]:
         return (self.host, *self.workers)
 
     def tensor_split_arg(self) -> str:
@@ -65,7 +65,7 @@ class NoSplit:
     solo: bool = False
 
 
-def rtt(nodes: Mapping[str, NodeStatus], a: str, b: str) -> float | None:
+def rtt(nodes: Mapping[NodeId, NodeStatus], a: NodeId, b: NodeId) -> float | None:
     """RTT between two nodes in ms: ``a``'s measurement of ``b``, else ``b``'s of ``a``; None if unknown."""
     for src, dst in ((a, b), (b, a)):
         node = nodes.get(src)
@@ -78,11 +78,12 @@ def _fmt(size: float) -> str:
     return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
-def _servers(nodes: Iterable[NodeStatus]) -> dict[str, NodeStatus]:
+def _servers(nodes: Iterable[NodeStatus]) -> dict[NodeId, NodeStatus]:
     return {n.id: n for n in sorted(nodes, key=lambda n: n.id) if n.role is NodeRole.SERVER and n.capacity_bytes > 0}
 
 
-def _reachable_peers(servers: Mapping[str, NodeStatus], host: str, max_rtt_ms: float) -> list[tuple[float, str]]:
+def _reachable_peers(servers: Mapping[NodeId, NodeStatus], host: NodeId,
+                     max_rtt_ms: float) -> list[tuple[float, NodeId]]:
     peers = []
     for nid, node in servers.items():
         ms = rtt(servers, host, nid) if nid != host else None
@@ -101,7 +102,7 @@ def plan_split(size_bytes: int, nodes: Iterable[NodeStatus], *, force: bool = Fa
     host = min(servers.values(), key=lambda n: (-n.capacity_bytes, n.id))
     if host.capacity_bytes >= need and not force:
         return NoSplit(f"{host.id} holds it alone ({_fmt(host.capacity_bytes)} >= {_fmt(need)})", solo=True)
-    total, workers, worst = host.capacity_bytes, list[str](), 0.0
+    total, workers, worst = host.capacity_bytes, list[NodeId](), 0.0
     peers = _reachable_peers(servers, host.id, max_rtt_ms)
     for ms, nid in peers:
         if total >= need and workers:
@@ -118,7 +119,7 @@ def plan_split(size_bytes: int, nodes: Iterable[NodeStatus], *, force: bool = Fa
     return SplitPlan(host.id, tuple(workers), shares, worst, total)
 
 
-def _current_worst(plan: SplitPlan, servers: Mapping[str, NodeStatus]) -> float | None:
+def _current_worst(plan: SplitPlan, servers: Mapping[NodeId, NodeStatus]) -> float | None:
     """The running plan's worst RTT as measured now; None when a worker has no measurement."""
     worst = 0.0
     for worker in plan.workers:
