@@ -44,7 +44,7 @@ from meshllm.reconcile.served_plan import (
 from meshllm.reconcile.shards import ShardFile
 from meshllm.reconcile.supervisor import PROCESSES, HttpReady, LaunchSpec, ProcessPhase, ProcessView, Supervisor
 from meshllm.reconcile.shares import ShareFetcher, share_of
-from meshllm.reconcile.split import split_layout
+from meshllm.reconcile.split import head_args, split_layout
 from meshllm.reconcile.timing import Backoff, Clock, SystemClock
 from meshllm.reconcile.workers import RPC_RECORD_PREFIX
 from meshllm.state.document import Changed, MeshState
@@ -382,6 +382,8 @@ def settings_hash(config: LlamaServerConfig) -> str:
 
 
 def split_args(desired: DesiredServer, rpc_endpoints: list[str], *, gpu: bool) -> tuple[int, tuple[str, ...]]:
-    """``--n-gpu-layers`` and the extra llama-server arguments of a split host (``split_layout``)."""
+    """``--n-gpu-layers`` and the extra llama-server arguments of a split host (``split_layout``; the
+    output head stays on the host, ``head_args``)."""
     gpu_layers, shares = split_layout(desired.n_layer, desired.tensor_split, gpu=gpu)
-    return gpu_layers, ("--rpc", ",".join(rpc_endpoints), "--tensor-split", ",".join(f"{x:.4g}" for x in shares))
+    return gpu_layers, ("--rpc", ",".join(rpc_endpoints), "--tensor-split", ",".join(f"{x:.4g}" for x in shares),
+                        *head_args(gpu=gpu))

@@ -72,13 +72,15 @@ def share_of(spec: ModelSpec, lease: PlacementLease, node_id: str, *, host_gpu: 
 
 
 def share_tensors(table: TensorTable, share: Share) -> list[TensorInfo]:
-    """The tensors llama.cpp gives ``share``'s participant (the host reads the token embeddings too)."""
+    """The tensors llama.cpp gives ``share``'s participant (the host reads the token embeddings too; a
+    CPU host keeps the output head, ``split.head_args``)."""
     gpu_layers, splits = split_layout(table.n_layer, share.tensor_split, gpu=share.host_gpu)
     devices = layer_devices(table.n_layer, gpu_layers, splits)
+    head = None if share.host_gpu else CPU
     if share.worker != HOST:
-        return device_tensors(table, devices, {share.worker})
+        return device_tensors(table, devices, {share.worker}, head=head)
     mine = {CPU, len(splits) - 1} if share.host_gpu else {CPU}
-    return device_tensors(table, devices, mine, input_layer=True)
+    return device_tensors(table, devices, mine, input_layer=True, head=head)
 
 
 @dataclass(frozen=True)

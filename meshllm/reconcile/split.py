@@ -30,12 +30,15 @@ from dataclasses import dataclass
 from meshllm.state.schema import NodeRole, NodeStatus
 
 __all__ = [
-    "FIT_FACTOR", "MAX_RTT_MS", "RTT_HYSTERESIS_MS", "NoSplit", "SplitPlan", "keep_or_replan", "plan_split", "rtt", "split_layout",
+    "FIT_FACTOR", "HEAD_PATTERN", "MAX_RTT_MS", "RTT_HYSTERESIS_MS", "NoSplit", "SplitPlan", "head_args", "keep_or_replan",
+    "plan_split", "rtt", "split_layout",
 ]
 
 FIT_FACTOR = 1.1  # the participants' capacity must be at least this times the model's size
 MAX_RTT_MS = 80.0  # a peer further than this from the host is never a worker
 RTT_HYSTERESIS_MS = 20.0  # a new plan must lower the worst RTT by more than this to replace a running one
+# the output head's tensors (a tied head reads the token embeddings): a CPU split host keeps them
+HEAD_PATTERN = r"^(output|output_norm|token_embd)\."
 
 
 @dataclass(frozen=True)
@@ -170,3 +173,15 @@ def split_layout(n_layer: int, tensor_split: Sequence[float], *, gpu: bool) -> t
     host_share = shares[-1] / sum(shares)
     host_layers = min(n_layer - 1, round(host_share * n_layer))
     return n_layer - host_layers + 1, shares[:-1]
+
+
+def head_args(*, gpu: bool) -> tuple[str, ...]:
+    """The llama-server arguments that keep a split's output head on its host.
+
+    llama.cpp puts the head on the device of the last layer. On a CPU host that is the last worker,
+    which then sends the host every token's logits (n_vocab x 4 bytes: 1 MB a token for a 262k
+    vocabulary); with the head on the host it sends the last hidden state (n_embd x 4 bytes) and the
+    host computes the logits, as a solo CPU server does. A GPU host holds the last layers and the head
+    already (RPC devices come first), so it needs nothing. ``engine.tensors.device_tensors``'s ``head``
+    says the same to a participant that fetches only its tensors."""
+    return () if gpu else ("--override-tensor", f"{HEAD_PATTERN}=CPU")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from meshllm.reconcile.served import DesiredServer, split_args
+from meshllm.reconcile.split import HEAD_PATTERN
 
 
 def desired(shares: tuple[float, ...], n_layer: int = 8) -> DesiredServer:
@@ -15,14 +16,15 @@ def desired(shares: tuple[float, ...], n_layer: int = 8) -> DesiredServer:
 def test_a_gpu_host_offloads_everything_and_lists_itself_last() -> None:
     ngl, extra = split_args(desired((0.25, 0.25, 0.5)), ["127.0.0.1:5001", "127.0.0.1:5002"], gpu=True)
     assert ngl == 999
-    assert extra == ("--rpc", "127.0.0.1:5001,127.0.0.1:5002", "--tensor-split", "0.25,0.25,0.5")
+    assert extra == ("--rpc", "127.0.0.1:5001,127.0.0.1:5002", "--tensor-split", "0.25,0.25,0.5")  # and the head
 
 
 def test_a_cpu_host_keeps_its_share_of_the_first_layers() -> None:
     # 8 layers, host share 3/4: the host keeps 6; -ngl 3 sends the output head and the last 2 layers
     ngl, extra = split_args(desired((0.25, 0.75)), ["127.0.0.1:5001"], gpu=False)
     assert ngl == 3
-    assert extra == ("--rpc", "127.0.0.1:5001", "--tensor-split", "0.25")
+    assert extra == ("--rpc", "127.0.0.1:5001", "--tensor-split", "0.25",
+                     "--override-tensor", f"{HEAD_PATTERN}=CPU")  # the output head stays on the host
 
 
 def test_a_cpu_host_always_leaves_the_workers_a_layer() -> None:
