@@ -7,9 +7,11 @@ does), decodes ``N1`` then ``N2`` greedy tokens in two sessions of llama-server,
 difference by ``N2 - N1``: loading and the prompt cancel out, what is left is one decoded token.
 Per path: ``stock`` (no key), ``clear`` (the mesh's key, unsealed: ``--rpc-direct``) and ``sealed``
 (the default: every message sealed with AES-256-GCM); the RPC bytes are the same on each path (the
-sealing adds 20 bytes per message on the wire), the decode speed is each session's own.
+sealing adds 20 bytes per message on the wire), the decode speed is each session's own. ``--heads``:
+``host`` (a meshllm host keeps the output head, ``split.head_args``) and/or ``worker`` (where stock
+llama.cpp puts it on a CPU host: the last worker, which then sends back every token's logits).
 
-    PYTHONPATH=$PWD .venv/bin/python bench/rpc_per_token.py [--engine DIR] [--gpu] MODEL.gguf
+    PYTHONPATH=$PWD .venv/bin/python bench/rpc_per_token.py [--engine DIR] [--gpu] [--heads worker,host] MODEL.gguf
 
 It prints a table and never asserts (STYLE.md).
 """
@@ -58,12 +60,15 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
 
 
 def session(engine: Path, model: Path, rpc_port: int, env: dict[str, str], tokens: int, gpu: bool,
-            log: Path) -> float:
+            log: Path, head: str) -> float:
     """One llama-server split onto the worker, one greedy completion of ``tokens``; its decode tok/s."""
     port = free_port()
     desired = DesiredServer(model=model.stem, path=model, workers=("w",), tensor_split=(0.5, 0.5),
                             n_layer=0 if gpu else block_count(model))
     gpu_layers, extra = split_args(desired, [f"127.0.0.1:{rpc_port}"], gpu=gpu)
+    if head == "worker" and "--override-tensor" in extra:  # as stock llama.cpp places it
+        at = extra.index("--override-tensor")
+        extra = extra[:at] + extra[at + 2:]
     argv = [str(engine / "llama-server"), "--model", str(model), "--port", str(port), "--n-gpu-layers",
             str(gpu_layers), *extra, "--no-webui", "-c", "2048", "--no-warmup"]
     with log.open("ab") as out:
@@ -81,9 +86,13 @@ def session(engine: Path, model: Path, rpc_port: int, env: dict[str, str], token
             terminate(proc)
 
 
-def read_stats(path: Path, timeout: float = 30) -> dict[str, tuple[int, int, int]]:
+def read_stats(path: Path, log: Path, sessions: int, timeout: float = 30) -> dict[str, tuple[int, int, int]]:
+    """The worker's counters of its last connection, once it has closed ``sessions`` connections (the
+    file is also rewritten once a second while a connection runs: those counts are not final)."""
     deadline = time.monotonic() + timeout
-    while not path.exists() and time.monotonic() < deadline:
+    while log.read_text(errors="replace").count("Client connection closed") < sessions:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the worker did not close connection {sessions}")
         time.sleep(0.05)
     stats = {}
     for line in path.read_text().splitlines():
@@ -93,20 +102,21 @@ def read_stats(path: Path, timeout: float = 30) -> dict[str, tuple[int, int, int
     return stats
 
 
-def measure(engine: Path, model: Path, path: str, n1: int, n2: int, gpu: bool, work: Path) -> list[str]:
+def measure(engine: Path, model: Path, path: str, n1: int, n2: int, gpu: bool, work: Path,
+            head: str = "host") -> list[str]:
     stats_file = work / f"stats-{path}.txt"
     rpc_port = free_port()
     env = {**os.environ, **PATHS[path], "GGML_RPC_STATS": str(stats_file)}
-    log = work / f"{path}.log"
+    log = work / f"{path}-{head}.log"
     worker = subprocess.Popen([str(engine / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(rpc_port), "--gguf",
                                str(model), *(["-d", "CUDA0"] if gpu else [])],
                               stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
     try:
         runs = []
-        for tokens in (n1, n2):
+        for k, tokens in enumerate((n1, n2), 1):
             time.sleep(0.2)
-            tps = session(engine, model, rpc_port, PATHS[path], tokens, gpu, log)
-            runs.append((tps, read_stats(stats_file)))
+            tps = session(engine, model, rpc_port, PATHS[path], tokens, gpu, log, head)
+            runs.append((tps, read_stats(stats_file, log, k)))
     finally:
         terminate(worker)
     (tps1, first), (tps2, second) = runs
@@ -132,15 +142,19 @@ def main() -> None:
     parser.add_argument("--n1", type=int, default=16)
     parser.add_argument("--n2", type=int, default=80)
     parser.add_argument("--paths", default="stock,clear,sealed")
+    parser.add_argument("--heads", default="host", help="host and/or worker: where the output head goes")
     args = parser.parse_args()
     engine = args.engine or Path(os.environ.get("MESHLLM_ENGINE_DIR", "") or (find_engine() or "."))
     print(f"{args.model.name}: per decoded token, {args.n2} - {args.n1} tokens; engine {engine}")
     print("| path | command | commands | bytes in (to the worker) | bytes out (back) | |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="rpc-per-token-") as tmp:
-        for path in args.paths.split(","):
-            for line in measure(engine, args.model.expanduser(), path, args.n1, args.n2, args.gpu, Path(tmp)):
-                print(line, flush=True)
+        for head in args.heads.split(","):
+            for path in args.paths.split(","):
+                label = f"{path}, head on {head}"
+                for line in measure(engine, args.model.expanduser(), path, args.n1, args.n2, args.gpu, Path(tmp),
+                                    head):
+                    print(line.replace(f"| {path} |", f"| {label} |", 1), flush=True)
 
 
 if __name__ == "__main__":
