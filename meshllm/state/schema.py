@@ -124,6 +124,8 @@ class ModelSpec(_Entity):
                                           "against it; empty while no node has held the whole file")
     copy_on: str = Field(default="", description="a node holding the whole file (it computed tensor_hashes): "
                          "split participants without the file may fetch their pieces from it over the mesh")
+    embedding_length: int = Field(default=0, ge=0, description="the model's hidden width (n_embd): what a split "
+                                  "sends between nodes per token scales with it; 0: unknown")
     embeddings: bool = Field(default=False, description="serve embeddings (llama-server --embeddings): an "
                              "embedding model")
     pooling: str = Field(default="", description="pooling of embeddings (none, mean, cls, last, rank); "
