@@ -32,12 +32,13 @@ import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from meshllm.engine.tensors import layer_devices
 from meshllm.reconcile.split_cost import SplitCost, split_cost, worker_ms
 from meshllm.state.schema import NodeRole, NodeStatus
 
 __all__ = [
     "COST_HYSTERESIS_MS", "FIT_FACTOR", "HEAD_PATTERN", "MAX_RTT_MS", "NoSplit", "SplitPlan", "head_args",
-    "keep_or_replan", "plan_cost", "plan_split", "rtt", "split_layout",
+    "host_keeps_head", "keep_or_replan", "plan_cost", "plan_split", "rtt", "split_layout",
 ]
 
 FIT_FACTOR = 1.1  # the participants' capacity must be at least this times the model's size
@@ -230,13 +231,27 @@ def split_layout(n_layer: int, tensor_split: Sequence[float], *, gpu: bool) -> t
     return n_layer - host_layers + 1, shares[:-1]
 
 
-def head_args(*, gpu: bool) -> tuple[str, ...]:
-    """The llama-server arguments that keep a split's output head on its host.
+def host_keeps_head(n_layer: int, tensor_split: Sequence[float], *, host_gpu: bool,
+                    workers_gpu: Sequence[bool]) -> bool:
+    """Whether a split's host computes the output head (``head_args``); ``tensor_split`` as the
+    lease's (workers first), ``workers_gpu``: whether each of the lease's workers computes on a GPU.
 
-    llama.cpp puts the head on the device of the last layer. On a CPU host that is the last worker,
-    which then sends the host every token's logits (n_vocab x 4 bytes: 1 MB a token for a 262k
-    vocabulary); with the head on the host it sends the last hidden state (n_embd x 4 bytes) and the
-    host computes the logits, as a solo CPU server does. A GPU host holds the last layers and the head
-    already (RPC devices come first), so it needs nothing. ``engine.tensors.device_tensors``'s ``head``
-    says the same to a participant that fetches only its tensors."""
-    return () if gpu else ("--override-tensor", f"{HEAD_PATTERN}=CPU")
+    llama.cpp puts the head on the device of the output layer. On a CPU host that is a worker (the
+    last, ``layer_devices``), which then sends the host every token's logits (n_vocab x 4 bytes: 1 MB
+    a token for a 262k vocabulary); with the head on the host it sends the last hidden state (n_embd
+    x 4 bytes) and the host computes the logits, as a solo CPU server does. That is the better deal
+    when that worker computes on a CPU too: the same work, on a machine as fast, without the bytes.
+    A GPU worker keeps it: it reads the head far faster than a CPU host would (a 128k x 4096 Q4_K head
+    is ~0.3 GB: ~15 ms a token for a CPU at 20 GB/s, where its logits, 512 KB, take 4 ms at 1 Gbit/s).
+    A GPU host holds the last layers and the head already (RPC devices come first)."""
+    if host_gpu or not workers_gpu:
+        return True
+    gpu_layers, splits = split_layout(n_layer, tensor_split, gpu=False)
+    return not workers_gpu[layer_devices(n_layer, gpu_layers, splits)[n_layer]]
+
+
+def head_args(*, gpu: bool, keep: bool = True) -> tuple[str, ...]:
+    """The llama-server arguments that keep a split's output head on a CPU host (``keep``:
+    ``host_keeps_head``); a GPU host needs none. ``engine.tensors.device_tensors``'s ``head`` says
+    the same to a participant that fetches only its tensors."""
+    return ("--override-tensor", f"{HEAD_PATTERN}=CPU") if keep and not gpu else ()

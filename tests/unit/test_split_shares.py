@@ -101,6 +101,14 @@ def test_the_output_head_stays_with_the_host(model: Path, gpu: bool, tied: bool)
     assert any(t.startswith("blk.7.") for t in held[2 if not gpu else 0])  # the last layer: a CPU host's last worker
 
 
+def test_a_gpu_worker_keeps_the_head_of_a_cpu_host(model: Path) -> None:
+    table = file_table(model)
+    gpu_last = [{t.name for t in share_tensors(table, replace(share(model, w), workers_gpu=(False, True)))}
+                for w in (HOST, 0, 1)]
+    assert "output.weight" in gpu_last[2] and "output.weight" not in gpu_last[0] | gpu_last[1]
+    assert "token_embd.weight" in gpu_last[0]  # the input stays with the host
+
+
 def test_the_head_pattern_names_the_head_tensors_and_no_layer_tensor(model: Path) -> None:
     names = {t.name for t in file_table(model).tensors}
     assert {n for n in names if re.search(HEAD_PATTERN, n)} == {"output.weight", "output_norm.weight",
