@@ -8,8 +8,16 @@ difference by ``N2 - N1``: loading and the prompt cancel out, what is left is on
 Per path: ``stock`` (no key), ``clear`` (the mesh's key, unsealed: ``--rpc-direct``) and ``sealed``
 (the default: every message sealed with AES-256-GCM); the RPC bytes are the same on each path (the
 sealing adds 20 bytes per message on the wire), the decode speed is each session's own. ``--heads``:
-``host`` (a meshllm host keeps the output head, ``split.head_args``) and/or ``worker`` (where stock
-llama.cpp puts it on a CPU host: the last worker, which then sends back every token's logits).
+``host`` (a meshllm CPU host keeps the output head, ``split.host_keeps_head``) and/or ``worker``
+(where stock llama.cpp puts it on a CPU host: the last worker, which then sends back every token's
+logits).
+
+Where time goes: built with ``bench/patches/rpc-timing.patch`` on top of the engine's patches, the
+worker also counts the microseconds it spends on each command type (from its first byte to the
+command done: receiving the payload, copies to and from the device, the graph) and the time it
+waits between commands (the host computing its layers, the host's copies, the network); the bench
+then shows them per decoded token beside the token's whole time, and ``--solo`` adds the model
+alone on one llama-server for comparison. Without the timing patch those columns stay empty.
 
     PYTHONPATH=$PWD .venv/bin/python bench/rpc_per_token.py [--engine DIR] [--gpu] [--heads worker,host] MODEL.gguf
 
@@ -60,7 +68,7 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
 
 
 def session(engine: Path, model: Path, rpc_port: int, env: dict[str, str], tokens: int, gpu: bool,
-            log: Path, head: str) -> float:
+            log: Path, head: str = "host") -> float:
     """One llama-server split onto the worker, one greedy completion of ``tokens``; its decode tok/s."""
     port = free_port()
     desired = DesiredServer(model=model.stem, path=model, workers=("w",), tensor_split=(0.5, 0.5),
@@ -76,19 +84,24 @@ def session(engine: Path, model: Path, rpc_port: int, env: dict[str, str], token
             **os.environ, **env, "GGML_RPC_HASH_THRESHOLD": "1", "GGML_RPC_LOAD_BY_NAME": "1"})
         try:
             wait_http(f"http://127.0.0.1:{port}/health", 300, proc)
-            body = json.dumps({"prompt": "The capital of France is", "n_predict": tokens, "temperature": 0,
-                               "ignore_eos": True, "cache_prompt": False}).encode()
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", body,
-                                             {"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=600) as answer:
-                return float(json.load(answer)["timings"]["predicted_per_second"])
+            return complete(port, tokens)
         finally:
             terminate(proc)
 
 
-def read_stats(path: Path, log: Path, sessions: int, timeout: float = 30) -> dict[str, tuple[int, int, int]]:
-    """The worker's counters of its last connection, once it has closed ``sessions`` connections (the
-    file is also rewritten once a second while a connection runs: those counts are not final)."""
+def complete(port: int, tokens: int) -> float:
+    """One greedy completion of ``tokens`` tokens; its decode tok/s."""
+    body = json.dumps({"prompt": "The capital of France is", "n_predict": tokens, "temperature": 0,
+                       "ignore_eos": True, "cache_prompt": False}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as answer:
+        return float(json.load(answer)["timings"]["predicted_per_second"])
+
+
+def read_stats(path: Path, log: Path, sessions: int, timeout: float = 30) -> dict[str, tuple[int, int, int, int]]:
+    """Per command type: commands, bytes in, bytes out, microseconds busy (0 without the timing patch);
+    ``idle``: the microseconds the worker waited for commands. Read once the worker has closed
+    ``sessions`` connections (the file is also rewritten once a second while one runs: not final)."""
     deadline = time.monotonic() + timeout
     while log.read_text(errors="replace").count("Client connection closed") < sessions:
         if time.monotonic() > deadline:
@@ -96,10 +109,34 @@ def read_stats(path: Path, log: Path, sessions: int, timeout: float = 30) -> dic
         time.sleep(0.05)
     stats = {}
     for line in path.read_text().splitlines():
-        name, count, bytes_in, bytes_out = line.split()
-        stats[name] = (int(count), int(bytes_in), int(bytes_out))
+        name, *fields = line.split()
+        count, bytes_in, bytes_out, busy = ([int(f) for f in fields] + [0])[:4]
+        stats[name] = (count, bytes_in, bytes_out, busy)
     path.unlink()
     return stats
+
+
+def solo_ms(engine: Path, model: Path, n1: int, n2: int, gpu: bool, log: Path) -> float:
+    """Milliseconds per decoded token of the model alone on one llama-server."""
+    runs = []
+    for tokens in (n1, n2):
+        port = free_port()
+        argv = [str(engine / "llama-server"), "--model", str(model), "--port", str(port), "--n-gpu-layers",
+                "99" if gpu else "0", "--no-webui", "-c", "2048", "--no-warmup"]
+        with log.open("ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                wait_http(f"http://127.0.0.1:{port}/health", 300, proc)
+                runs.append((tokens, complete(port, tokens)))
+            finally:
+                terminate(proc)
+    return per_token_ms(runs[0], runs[1])
+
+
+def per_token_ms(first: tuple[int, float], second: tuple[int, float]) -> float:
+    """(tokens, tok/s) of two runs: the milliseconds one more decoded token takes."""
+    (n1, tps1), (n2, tps2) = first, second
+    return (n2 / tps2 - n1 / tps1) / (n2 - n1) * 1000
 
 
 def measure(engine: Path, model: Path, path: str, n1: int, n2: int, gpu: bool, work: Path,
@@ -122,15 +159,19 @@ def measure(engine: Path, model: Path, path: str, n1: int, n2: int, gpu: bool, w
     (tps1, first), (tps2, second) = runs
     n = n2 - n1
     lines = []
+    empty = (0, 0, 0, 0)
     for name in sorted(set(first) | set(second)):
-        a, b = first.get(name, (0, 0, 0)), second.get(name, (0, 0, 0))
-        per = [(b[i] - a[i]) / n for i in range(3)]
+        a, b = first.get(name, empty), second.get(name, empty)
+        per = [(b[i] - a[i]) / n for i in range(4)]
         if any(abs(v) > 1e-9 for v in per):
-            lines.append(f"| {path} | {name} | {per[0]:.2f} | {per[1]:.0f} | {per[2]:.0f} |")
-    total = [sum(second.get(k, (0, 0, 0))[i] - first.get(k, (0, 0, 0))[i] for k in set(first) | set(second)) / n
-             for i in range(3)]
-    lines.append(f"| {path} | **all** | {total[0]:.2f} | {total[1]:.0f} | {total[2]:.0f} |"
-                 f" decode {tps1:.1f} / {tps2:.1f} tok/s ({n1} / {n2} tokens) |")
+            what = "(waiting for the host)" if name == "idle" else name
+            busy = f"{per[3] / 1000:.3f}" if per[3] else ""
+            lines.append(f"| {path} | {what} | {per[0]:.2f} | {per[1]:.0f} | {per[2]:.0f} | {busy} |")
+    total = [sum(second.get(k, empty)[i] - first.get(k, empty)[i] for k in set(first) | set(second)) / n
+             for i in range(4)]
+    ms = per_token_ms((n1, tps1), (n2, tps2))
+    lines.append(f"| {path} | **all** | {total[0]:.2f} | {total[1]:.0f} | {total[2]:.0f} | "
+                 f"{total[3] / 1000:.3f} of {ms:.3f} | decode {tps1:.1f} / {tps2:.1f} tok/s ({n1} / {n2} tokens) |")
     return lines
 
 
@@ -142,13 +183,17 @@ def main() -> None:
     parser.add_argument("--n1", type=int, default=16)
     parser.add_argument("--n2", type=int, default=80)
     parser.add_argument("--paths", default="stock,clear,sealed")
-    parser.add_argument("--heads", default="host", help="host and/or worker: where the output head goes")
+    parser.add_argument("--solo", action="store_true", help="also time the model alone on one llama-server")
+    parser.add_argument("--heads", default="host", help="host and/or worker: where a CPU host's output head goes")
     args = parser.parse_args()
     engine = args.engine or Path(os.environ.get("MESHLLM_ENGINE_DIR", "") or (find_engine() or "."))
     print(f"{args.model.name}: per decoded token, {args.n2} - {args.n1} tokens; engine {engine}")
-    print("| path | command | commands | bytes in (to the worker) | bytes out (back) | |")
-    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="rpc-per-token-") as tmp:
+        if args.solo:
+            ms = solo_ms(engine, args.model.expanduser(), args.n1, args.n2, args.gpu, Path(tmp) / "solo.log")
+            print(f"solo: {ms:.3f} ms per decoded token")
+        print("| path | command | commands | bytes in (to the worker) | bytes out (back) | worker ms | |")
+        print("|---|---|---|---|---|---|---|")
         for head in args.heads.split(","):
             for path in args.paths.split(","):
                 label = f"{path}, head on {head}"

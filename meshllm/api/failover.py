@@ -10,8 +10,8 @@ proxy's one response path, with the helpers of ``api.proxy``) and moves it when 
   on a node that has gone silent (``Silence``: nothing heard from it for ``silent_after`` s, where a
   live node is heard every second) moves then, without waiting for the transport to declare the
   node gone (seconds later, more on a loaded machine).
-- **Mid-stream** (the server or its node dies after tokens were streamed), a ``resume.StreamTracker``
-  that followed the stream builds the request that carries the answer on, with what was produced
+- **Mid-stream** (the server or its node dies after tokens were streamed), a tracker (``api.resume``;
+  ``api.resume_messages`` for Anthropic's ``/v1/messages``) that followed the stream builds the request that carries the answer on, with what was produced
   appended, and the new server's events continue the client's stream. The tracker is used only
   where a second server exists when the request arrives; a request on a model's only server is
   relayed untouched, and ends with an error event (``api.proxy``) if that server dies.
@@ -38,7 +38,7 @@ from meshllm.api.backends import Backend, BackendResponse, DataPlane, ProxyReque
 from meshllm.api.errors import BackendUnavailable
 from meshllm.api.endpoints import is_anthropic
 from meshllm.api.proxy import cancel_on_disconnect, end_broken, send_error
-from meshllm.api.resume import StreamTracker, tracker_for
+from meshllm.api.resume import Tracker, tracker_for
 from meshllm.api.routing import Lease, Route, Unavailable
 
 __all__ = ["Failover", "FailoverEvents", "FailoverPolicy", "Silence"]
@@ -145,7 +145,7 @@ class _Exchange:
         self.last = b"\n\n"
         self.anthropic = is_anthropic(request.path)
         several = len(owner.plane.router.routes(self.model)) > 1
-        self.tracker: StreamTracker | None = tracker_for(request.path, request.body) if several else None
+        self.tracker: Tracker | None = tracker_for(request.path, request.body) if several else None
         self.body = self.tracker.first_body() if self.tracker is not None else request.body
 
     async def run(self) -> None:
@@ -202,10 +202,16 @@ class _Exchange:
                     silent = True
                     scope.cancel()
 
+        failure: BackendUnavailable | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch, tg.cancel_scope)
-            response = await backend.send(request)
+            try:
+                response = await backend.send(request)
+            except BackendUnavailable as exc:  # raised out of the task group it would come wrapped in a group
+                failure = exc
             tg.cancel_scope.cancel()
+        if failure is not None and not silent:
+            raise failure
         if silent or response is None:
             if response is not None:
                 await response.aclose()
@@ -294,8 +300,8 @@ class _Exchange:
 
     async def _end_broken(self, cause: Exception) -> None:
         tracker = self.tracker
-        if tracker is not None and tracker.done:  # the answer was whole: only [DONE] was missing
-            await self.send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        if tracker is not None and tracker.done:  # the answer was whole: only its tail ([DONE]) was missing
+            await self.send({"type": "http.response.body", "body": tracker.done_tail, "more_body": False})
             return
         await end_broken(self.send, self.what, cause, self.last, event_stream=self.streaming,
                          anthropic=self.anthropic)

@@ -25,8 +25,9 @@ Two ways to carry on, by endpoint:
   repeated in the events); the text need not tokenize back into the tokens that produced it (a
   random tiny model's pieces can re-merge), which sampling makes moot.
 
-Other endpoints (``/v1/messages``, several choices, non-streamed bodies) are not continued mid-way:
-a request the tracker cannot continue ends with an error event as before.
+``/v1/messages`` (Anthropic's events) has its own tracker, ``resume_messages.MessagesTracker``; both
+follow the ``Tracker`` protocol. Other requests (several choices, tools, non-streamed bodies) are not
+continued mid-way: a request the tracker cannot continue ends with an error event as before.
 """
 
 from __future__ import annotations
@@ -34,13 +35,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["StreamTracker", "tracker_for"]
+from meshllm.api.resume_messages import messages_tracker
+from meshllm.api.segments import Tracker, dump as _dump, greedy, skip_prefix
+
+__all__ = ["StreamTracker", "Tracker", "tracker_for"]
 
 _DONE = b"data: [DONE]"
-
-
-def _dump(payload: Any) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _limit_key(body: dict[str, Any]) -> str | None:
@@ -50,18 +50,15 @@ def _limit_key(body: dict[str, Any]) -> str | None:
     return None
 
 
-def _greedy(body: dict[str, Any]) -> bool:
-    temperature = body.get("temperature", 0.8)
-    return (isinstance(temperature, (int, float)) and temperature <= 0) or body.get("top_k") == 1
-
-
 class StreamTracker:
     """One streamed answer across the servers that produced it (see the module docstring)."""
+
+    done_tail = _DONE + b"\n\n"
 
     def __init__(self, body: dict[str, Any], *, chat: bool) -> None:
         self.body = body
         self.chat = chat
-        self.greedy = _greedy(body)
+        self.greedy = greedy(body)
         self.client_logprobs = bool(body.get("logprobs")) or "n_probs" in body
         self.client_timings = bool(body.get("timings_per_token"))
         self.resumable = True
@@ -236,15 +233,7 @@ class StreamTracker:
 
     def _skipped(self, text: str) -> str:
         """``text`` less what the client already has (a greedy replica regenerating it)."""
-        if not self._skip:
-            return text
-        if self._skip.startswith(text):
-            self._skip = self._skip[len(text):]
-            return ""
-        if text.startswith(self._skip):
-            text, self._skip = text[len(self._skip):], ""
-            return text
-        self._skip = ""  # the replica took another way: nothing to drop
+        text, self._skip = skip_prefix(self._skip, text)
         return text
 
     def _fix_usage(self, payload: dict[str, Any]) -> None:
@@ -265,9 +254,9 @@ def _token_id(logprobs: Any) -> int | None:
     return token if isinstance(token, int) else None
 
 
-def tracker_for(path: str, body: bytes) -> StreamTracker | None:
+def tracker_for(path: str, body: bytes) -> Tracker | None:
     """A tracker for a streamed request the proxy knows how to continue, else None."""
-    if path not in ("/v1/completions", "/v1/chat/completions"):
+    if path not in ("/v1/completions", "/v1/chat/completions", "/v1/messages"):
         return None
     try:
         payload = json.loads(body)
@@ -275,6 +264,8 @@ def tracker_for(path: str, body: bytes) -> StreamTracker | None:
         return None
     if not isinstance(payload, dict) or payload.get("stream") is not True or payload.get("n", 1) != 1:
         return None
+    if path == "/v1/messages":
+        return messages_tracker(payload)
     if path == "/v1/completions":
         prompt = payload.get("prompt")
         if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(

@@ -1,1 +1,126 @@
-"""engine layer."""
+"""The engine layer: llama.cpp built and run (llama-server, rpc-server), model files resolved, checked and
+fetched, machine capacity, and a writer of tiny GGUF models for tests. The names other layers use."""
+
+from meshllm.engine.build import build_engine, cache_root, default_flavour, find_engine, require_engine
+from meshllm.engine.capacity import Capacity, detect_capacity, parse_size
+from meshllm.engine.catalog import CatalogEntry, catalog
+from meshllm.engine.download import (
+    HubFile,
+    ModelReference,
+    check_remote,
+    fetch,
+    local_bytes,
+    parse_reference,
+    progress_line,
+)
+from meshllm.engine.ggufcheck import check_gguf
+from meshllm.engine.ggufinfo import block_count, context_length
+from meshllm.engine.models import (
+    ResolvedModel,
+    canonical_name,
+    file_fingerprint,
+    file_hashes,
+    looks_like_path,
+    models_dir,
+    resolve_model,
+)
+from meshllm.engine.process import (
+    DEFAULT_MAX_TOKENS,
+    EngineProcess,
+    LlamaServerConfig,
+    POOLING_TYPES,
+    ServingOptions,
+    UNKNOWN_EXIT,
+    adopt,
+    candidate_ports,
+    describe_exit,
+    launch,
+    log_tail,
+    port_is_free,
+    safe_name,
+    stop_process,
+    stop_process_now,
+    stop_processes_now,
+)
+from meshllm.engine.ranges import HubRanges, remote_fingerprint
+from meshllm.engine.rpc_auth import RPC_CLEAR_ENV, RPC_SECRET_ENV, RpcAuthError, authenticate, rpc_key
+from meshllm.engine.sources import SourcePolicy
+from meshllm.engine.sparse import RangeSource, RangeSourceError, SparseCopy, read_table
+from meshllm.engine.templates import chat_arguments
+from meshllm.engine.tensors import (
+    CPU,
+    TensorInfo,
+    TensorTable,
+    check_hashes,
+    device_tensors,
+    file_table,
+    hash_tensors,
+    layer_devices,
+)
+
+__all__ = [
+    "CPU",
+    "Capacity",
+    "CatalogEntry",
+    "DEFAULT_MAX_TOKENS",
+    "EngineProcess",
+    "HubFile",
+    "HubRanges",
+    "LlamaServerConfig",
+    "ModelReference",
+    "POOLING_TYPES",
+    "RPC_CLEAR_ENV",
+    "RPC_SECRET_ENV",
+    "RangeSource",
+    "RangeSourceError",
+    "ResolvedModel",
+    "RpcAuthError",
+    "ServingOptions",
+    "SourcePolicy",
+    "SparseCopy",
+    "TensorInfo",
+    "TensorTable",
+    "UNKNOWN_EXIT",
+    "adopt",
+    "authenticate",
+    "block_count",
+    "build_engine",
+    "cache_root",
+    "candidate_ports",
+    "canonical_name",
+    "catalog",
+    "chat_arguments",
+    "check_gguf",
+    "check_hashes",
+    "check_remote",
+    "context_length",
+    "default_flavour",
+    "describe_exit",
+    "detect_capacity",
+    "device_tensors",
+    "fetch",
+    "file_fingerprint",
+    "file_hashes",
+    "file_table",
+    "find_engine",
+    "hash_tensors",
+    "launch",
+    "layer_devices",
+    "local_bytes",
+    "log_tail",
+    "looks_like_path",
+    "models_dir",
+    "parse_reference",
+    "parse_size",
+    "port_is_free",
+    "progress_line",
+    "read_table",
+    "remote_fingerprint",
+    "require_engine",
+    "resolve_model",
+    "rpc_key",
+    "safe_name",
+    "stop_process",
+    "stop_process_now",
+    "stop_processes_now",
+]

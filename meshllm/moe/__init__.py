@@ -6,3 +6,33 @@ subset of the experts, so nodes exchange nothing while they decode.
 - ``plan``: how many shards the nodes' capacities allow and which experts each shard keeps (pure);
 - ``shard``: write one shard's GGUF from the whole model, streamed, and check a written one.
 """
+
+from meshllm.moe.detect import MoeInfo, detect_moe
+from meshllm.moe.plan import (
+    NoShards,
+    ShardLayout,
+    composition_digest,
+    experts_per_shard,
+    plan_layout,
+    shard_experts,
+)
+from meshllm.moe.quality import read_quality
+from meshllm.moe.shard import ShardCancelled, shard_ready, write_shard
+from meshllm.moe.spec import moe_spec_fields, problem_of
+
+__all__ = [
+    "MoeInfo",
+    "NoShards",
+    "ShardCancelled",
+    "ShardLayout",
+    "composition_digest",
+    "detect_moe",
+    "experts_per_shard",
+    "moe_spec_fields",
+    "plan_layout",
+    "problem_of",
+    "read_quality",
+    "shard_experts",
+    "shard_ready",
+    "write_shard",
+]

@@ -53,7 +53,7 @@ class NameWatch:
     def conflicts(self) -> dict[str, str]:
         """Each of this node's ``--model`` names that the mesh holds for someone else, with the message."""
         models = self.state.models()
-        found = {}
+        found: dict[str, str] = {}
         for spec in self.specs:
             holder = taken_by(models.get(spec.name), node_id=self.node_id)
             if holder is not None:

@@ -54,7 +54,7 @@ from meshllm.reconcile.split import NoSplit, SplitPlan, keep_or_replan, plan_cos
 from meshllm.reconcile.split_cost import SplitCost
 from meshllm.state.document import MeshState
 from meshllm.state.schema import (
-    DemandEntry, ModelOrigin, ModelSpec, NodeRole, NodeStatus, PlacementLease, ServerPhase, ServerStatus,
+    DemandEntry, ModelName, ModelOrigin, ModelSpec, NodeRole, NodeStatus, PlacementLease, ServerPhase, ServerStatus,
     WorkerStatus,
 )
 
@@ -231,7 +231,7 @@ def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, No
 
 
 def _fill_split(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
-                leases: Mapping[tuple[str, int], PlacementLease], failed: set[tuple[str, str]]) -> None:
+                leases: Mapping[tuple[ModelName, int], PlacementLease], failed: set[tuple[str, str]]) -> None:
     """Slot 0 of ``spec`` split across nodes (its only slot): the running split if it still holds,
     else a new one from the nodes' free capacity; a split never has replicas."""
     name = spec.name
@@ -265,7 +265,7 @@ def _fill_split(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
 
 
 def _fill_shards(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
-                 leases: Mapping[tuple[str, int], PlacementLease], failed: set[tuple[str, str]]) -> None:
+                 leases: Mapping[tuple[ModelName, int], PlacementLease], failed: set[tuple[str, str]]) -> None:
     """One slot per expert shard (rule 7): the running layout kept, its vacant shards re-placed; else a
     new layout from the nodes' free capacity."""
     name = spec.name
@@ -377,7 +377,7 @@ def _recent_worker_failures(workers: Mapping[str, WorkerStatus], now: float) -> 
 
 
 def _hot_models(base: Mapping[str, int], rates: Mapping[str, float],
-                valid: Mapping[tuple[str, int], PlacementLease], *, now: float) -> set[str]:
+                valid: Mapping[tuple[ModelName, int], PlacementLease], *, now: float) -> set[str]:
     """Models that deserve one extra replica (rule 5), with hysteresis for the ones that have it."""
     if len(base) < 2:
         return set()

@@ -106,13 +106,13 @@ class ModelSpec(_Entity):
     manifest's ``spec.placement.node``); empty means any node the placement reconciler picks.
     """
 
-    name: str = Field(min_length=1)
+    name: ModelName = Field(min_length=1)
     source: str = Field(min_length=1)
-    node: str = ""
+    node: NodeId = NodeId("")
     ctx_size: int = Field(default=0, ge=0, description="context length; 0 takes the model's default")
     created_at: float = 0.0
     origin: ModelOrigin = ModelOrigin.MANIFEST
-    owner: str = Field(default="", description="origin node: the node whose --model named it")
+    owner: NodeId = Field(default=NodeId(""), description="origin node: the node whose --model named it")
     replicas: int = Field(default=1, ge=1, description="servers wanted at least (more when the model is hot)")
     size_bytes: int = Field(default=0, ge=0, description="bytes of the GGUF file, for placement")
     draft: str = Field(default="", description="draft model for speculative decoding (a name or a path)")
@@ -148,8 +148,8 @@ class ModelSpec(_Entity):
 class DemandEntry(_Entity):
     """Requests for ``model`` seen by ``node``'s API. Summed over nodes, it is the model's demand."""
 
-    model: str
-    node: str
+    model: ModelName
+    node: NodeId
     count: int = Field(default=0, ge=0, description="requests seen since the node started")
     rate: float = Field(default=0.0, ge=0, description="requests per minute over the last minute")
     last_active: float = 0.0
@@ -167,9 +167,9 @@ class PlacementLease(_Entity):
     A split model's lease names its host in ``node`` and the nodes holding the rest of its layers in
     ``workers`` (nearest first), with ``tensor_split`` the layer shares, workers first, host last."""
 
-    model: str
+    model: ModelName
     slot: int = Field(ge=0)
-    node: str
+    node: NodeId
     incarnation: float
     at: float = 0.0
     hot: bool = False
@@ -199,7 +199,7 @@ class GpuShare(_Entity):
 class NodeStatus(_Entity):
     """A node as it reports itself."""
 
-    id: str
+    id: NodeId
     name: str = ""
     role: NodeRole = NodeRole.SERVER
     capacity_bytes: int = Field(default=0, ge=0, description="VRAM (RAM on CPU nodes) offered to the mesh")
@@ -215,9 +215,9 @@ class NodeStatus(_Entity):
 class NodeDeath(_Entity):
     """A node's incarnation declared dead by a peer that lost it."""
 
-    node: str
+    node: NodeId
     incarnation: float
-    by: str = ""
+    by: NodeId = NodeId("")
     at: float = 0.0
 
 
@@ -231,8 +231,8 @@ class ServerPhase(StrEnum):
 class ServerStatus(_Entity):
     """Observed: a llama-server a node runs (or failed to run) for one model."""
 
-    node: str
-    model: str
+    node: NodeId
+    model: ModelName
     phase: ServerPhase
     port: int = Field(ge=0, le=65535)
     pid: int = 0
@@ -255,9 +255,9 @@ class WorkerStatus(_Entity):
     """Observed: a ggml-rpc-server on ``node`` holding layers of ``model`` for the split's ``host``,
     loaded from the node's own copy of the model file, serving only clients with the mesh's RPC key."""
 
-    node: str
-    model: str
-    host: str
+    node: NodeId
+    model: ModelName
+    host: NodeId
     phase: ServerPhase
     port: int = Field(default=0, ge=0, le=65535, description="its port on the worker node")
     direct: str = Field(default="", description="host:port a host with --rpc-direct connects to straight; "
@@ -283,9 +283,9 @@ class ApiKey(_Entity):
     name: str = Field(default="", max_length=64)
     hint: str = Field(default="", max_length=16, description="the key's first characters, to recognise it")
     created_at: float = 0.0
-    created_by: str = Field(default="", description="the node whose console created it")
+    created_by: NodeId = Field(default=NodeId(""), description="the node whose console created it")
     revoked_at: float = Field(default=0.0, description="when it was revoked; 0: valid")
-    revoked_by: str = Field(default="", description="the node whose console revoked it")
+    revoked_by: NodeId = Field(default=NodeId(""), description="the node whose console revoked it")
 
     @property
     def revoked(self) -> bool:
@@ -301,7 +301,7 @@ class KeyRotation(_Entity):
     new: str = Field(min_length=1, description="key id of the secret that replaced it")
     nonce: str = Field(description="AES-GCM nonce, base64")
     sealed: str = Field(description="the new secret sealed under the old one, base64")
-    by: str = Field(default="", description="the node that rotated the key")
+    by: NodeId = Field(default=NodeId(""), description="the node that rotated the key")
     at: float = 0.0
 
 

@@ -6,3 +6,34 @@ the node registers on its endpoint: the RPC tunnel (``tunnels.rpc``) takes a spl
 its workers' rpc-servers, and the HTTP tunnel (``tunnels.http``) takes a request for a model another
 node serves to that node's llama-server.
 """
+
+from meshllm.tunnels.http import (
+    Answer,
+    HttpTunnelClient,
+    HttpTunnelServer,
+    TunnelBroken,
+    TunnelRequest,
+    TunnelUnavailable,
+)
+from meshllm.tunnels.models import ModelFileServer, PeerRanges, local_copies
+from meshllm.tunnels.rpc import RpcTunnelClient, RpcTunnelError, RpcTunnelServer, decode_reply, decode_request
+from meshllm.tunnels.service import StreamService, serve_streams
+
+__all__ = [
+    "Answer",
+    "HttpTunnelClient",
+    "HttpTunnelServer",
+    "ModelFileServer",
+    "PeerRanges",
+    "RpcTunnelClient",
+    "RpcTunnelError",
+    "RpcTunnelServer",
+    "StreamService",
+    "TunnelBroken",
+    "TunnelRequest",
+    "TunnelUnavailable",
+    "decode_reply",
+    "decode_request",
+    "local_copies",
+    "serve_streams",
+]

@@ -82,6 +82,15 @@ HEADER = ["fault", "requests", "failed", "silent cuts", "wrong text", "resumed",
           "state lost", "notes"]
 
 
+def _message(answer: httpx.Response) -> str:
+    """The error message of a failed answer (the OpenAI error object's), for the table's notes."""
+    body = answer.read()
+    try:
+        return str(json.loads(body)["error"]["message"])[:100]
+    except (ValueError, KeyError, TypeError):
+        return body[:100].decode(errors="replace")
+
+
 def stream_once(api: str, *, max_tokens: int, timeout: float = 60.0) -> Outcome:
     """One greedy chat stream through ``api``, classified."""
     body = {"model": MODEL, "stream": True, "temperature": 0, "max_tokens": max_tokens,
@@ -90,8 +99,7 @@ def stream_once(api: str, *, max_tokens: int, timeout: float = 60.0) -> Outcome:
     try:
         with httpx.stream("POST", f"{api}/v1/chat/completions", json=body, timeout=timeout) as answer:
             if answer.status_code >= 400:
-                answer.read()
-                return Outcome(start, time.monotonic(), "error", detail=f"HTTP {answer.status_code}")
+                return Outcome(start, time.monotonic(), "error", detail=f"HTTP {answer.status_code}: {_message(answer)}")
             for line in answer.iter_lines():
                 if line == "data: [DONE]":
                     done = True

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -94,10 +95,26 @@ def read_stream(api: str, stream: Stream) -> None:
         stream.error = exc
 
 
-def run_streams(api: str, *, when_started: Any = None) -> list[Stream]:
+def read_message(api: str, stream: Stream) -> None:
+    """``read_stream`` through Anthropic's API and SDK (``usage`` here: the final output token count)."""
+    client = anthropic.Anthropic(base_url=api, api_key="unused", max_retries=0, timeout=120)
+    try:
+        events = client.messages.create(model=MODEL, max_tokens=MAX_TOKENS, stream=True,
+                                        messages=[{"role": "user", "content": stream.prompt}],
+                                        extra_body={"ignore_eos": True, "temperature": 0})  # greedy (no SDK argument)
+        for event in events:
+            if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                stream.text.append(event.delta.text)
+            elif event.type == "message_delta":
+                stream.finish, stream.usage = event.delta.stop_reason, event.usage.output_tokens
+    except BaseException as exc:  # the test asserts there was none
+        stream.error = exc
+
+
+def run_streams(api: str, *, when_started: Any = None, reader: Any = read_stream) -> list[Stream]:
     """Four greedy streams at once; ``when_started`` runs once each has tokens (then they go on)."""
     streams = [Stream(p) for p in PROMPTS]
-    threads = [threading.Thread(target=read_stream, args=(api, s)) for s in streams]
+    threads = [threading.Thread(target=reader, args=(api, s)) for s in streams]
     for thread in threads:
         thread.start()
     if when_started is not None:
@@ -178,4 +195,26 @@ def test_streams_survive_the_death_of_their_llama_server(twins: dict[str, NodePr
 
     streams = run_streams(c.api, when_started=kill)
     assert_whole(streams, reference)
+    assert failovers(c) == killed[0]
+
+
+def test_anthropic_messages_survive_the_death_of_their_llama_server(twins: dict[str, NodeProcess]) -> None:
+    """The same through ``/v1/messages`` with Anthropic's SDK: one message each, as if never broken."""
+    c = twins["c"]
+    reference = run_streams(c.api, reader=read_message)
+    for stream in reference:
+        assert stream.error is None and stream.finish == "max_tokens" and stream.usage == MAX_TOKENS
+    killed: list[int] = []
+
+    def kill() -> None:
+        victim, streams_on_it = serving_node(twins)
+        assert streams_on_it >= 1
+        os.kill(int(victim.server(MODEL)["pid"]), signal.SIGKILL)
+        killed.append(streams_on_it)
+
+    streams = run_streams(c.api, when_started=kill, reader=read_message)
+    for got, want in zip(streams, reference, strict=True):
+        assert got.error is None, f"{got.prompt!r}: {got.error!r}"
+        assert "".join(got.text) == "".join(want.text), f"{got.prompt!r} differs from an uninterrupted run"
+        assert got.finish == "max_tokens" and got.usage == MAX_TOKENS
     assert failovers(c) == killed[0]

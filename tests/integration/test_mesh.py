@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from meshllm.store.mesh import InviteToken, MeshCredentials
+from tests.conftest import free_port
 from tests.integration.nodes import Mesh, NodeProcess, engine_pids, listed, wait_for
 
 pytestmark = pytest.mark.engine
@@ -93,7 +94,8 @@ def test_a_wrong_token_is_refused(mesh: Mesh, tiny_dense: Path) -> None:
 
     damaged = token[:20] + ("A" if token[20] != "A" else "B") + token[21:]
     for bad in ("not-a-token", damaged):
-        done = subprocess.run([sys.executable, "-m", "meshllm", "--client", "--join", bad,
+        done = subprocess.run([sys.executable, "-m", "meshllm", "--client", "--join", bad,  # ports of its own:
+                               "--port", str(free_port()), "--console", str(free_port()),  # 3131 may be taken
                                "--state-dir", str(mesh.root / "y")], capture_output=True, text=True, timeout=60,
                               env={**os.environ, "MESHLLM_ENGINE_DIR": str(mesh.engine_dir)})
         assert done.returncode == 1, done.stderr

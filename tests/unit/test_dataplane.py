@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 
@@ -70,7 +71,8 @@ async def leases_returned(router: Router) -> None:
 
 
 @pytest.mark.parametrize("routed", ROUTED)
-async def test_a_stream_whose_upstream_dies_ends_with_an_error_event(routed: bool) -> None:
+async def test_a_stream_whose_upstream_dies_ends_with_an_error_event(routed: bool,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
     async with upstream(sse_then_die) as llama, node_a(llama.port, routed=routed) as (url, router, _):
         body = {"model": "m", "prompt": "x", "stream": True}
         async with httpx.AsyncClient(base_url=url) as client:
@@ -83,6 +85,8 @@ async def test_a_stream_whose_upstream_dies_ends_with_an_error_event(routed: boo
         error = json.loads(events[2][6:])["error"]
         assert error["code"] == "upstream_broken" and "broke" in error["message"]
         assert len(events) == 3 and b"[DONE]" not in response.content
+        broke = [r for r in caplog.records if "broke mid-response" in r.getMessage()]
+        assert broke and all(r.levelno == logging.WARNING for r in broke)  # the operator hears of it too
 
         sdk = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         texts = []
@@ -341,3 +345,41 @@ async def test_a_request_waiting_on_a_silent_node_moves_to_another() -> None:
     assert reply.status_code == 200 and reply.json() == {"prompt": "hello"}
     assert took < 2
     await asyncio.wait_for(stuck.hung_up.wait(), 5)  # the silent node's request was cancelled
+
+
+async def test_a_node_gone_before_it_answers_is_an_openai_error_or_a_failover_never_a_plain_500() -> None:
+    """The path to a serving node breaks before its answer (the node's agent was killed) while the
+    proxy watches for silence: the request moves to another server, or gets a 503 in the OpenAI
+    shape; before, the failure escaped the watcher's task group and the client got a plain 500."""
+    from meshllm.api.backends import DataPlane
+    from meshllm.state.schema import NodeStatus, ServerPhase, ServerStatus
+    from meshllm.transport.errors import TransportError
+    from meshllm.tunnels.http import HttpTunnelClient
+    from tests.unit.dataplane_fakes import FakeMesh, mesh_state, serving
+
+    class Gone(FakeMesh):
+        async def __call__(self, node_id: str) -> FakeMesh.Link:
+            if node_id == "b":
+                raise TransportError("connection to b closed here: peer stopped")
+            return await super().__call__(node_id)
+
+    async with upstream(echo) as replica, anyio.create_task_group() as tg:
+        for with_replica in (True, False):
+            state = mesh_state(remote_port=1)  # b: its agent is gone
+            if with_replica:
+                state.put_node(NodeStatus(id="c", incarnation=1))
+                state.put_server(ServerStatus(node="c", model="m", phase=ServerPhase.READY, port=replica.port))
+            c_plane = DataPlane(Router(mesh_state(remote_port=replica.port), node_id="b"))
+            async with c_plane.running():
+                router = Router(state, node_id="a")
+                plane = DataPlane(router, tunnels=HttpTunnelClient(Gone(tg, {"c": c_plane.answer_peer})))
+                async with serving(plane, silence=lambda node: 0.1) as url:
+                    async with httpx.AsyncClient(base_url=url) as client:
+                        reply = await client.post("/v1/completions", json={"model": "m", "prompt": "hello"})
+                    await leases_returned(router)
+            if with_replica:
+                assert reply.status_code == 200 and reply.json() == {"prompt": "hello"}
+            else:
+                assert reply.status_code == 503, reply.text
+                assert "did not answer" in reply.json()["error"]["message"]
+        tg.cancel_scope.cancel()

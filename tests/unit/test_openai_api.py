@@ -105,13 +105,20 @@ def test_a_client_node_is_healthy_while_the_mesh_serves_a_model_elsewhere() -> N
     router.close()
 
 
-@pytest.mark.parametrize("asked", ["gemma-3-270m", "gemma-3-270m-q4_k_m", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m"])
-def test_the_embedded_model_answers_to_its_names(asked: str) -> None:
+@pytest.mark.parametrize(("asked", "status"), [
+    ("gemma-3-270m", 503), ("gemma-3-270m-q4_k_m", 503), ("gemma-3-270m-q4_k_m.gguf", 503), ("gemma3-270m", 503),
+    ("gpt-4o-mini", 404),  # with a second model served, a name of neither reaches neither
+])
+def test_the_embedded_model_started_from_its_file_answers_to_its_names(asked: str, status: int) -> None:
     state = MeshState()
     state.put_model(ModelSpec(name="gemma-3-270m", source="/m/gemma-3-270m-q4_k_m.gguf", node=NODE))
     state.put_server(ServerStatus(node=NODE, model="gemma-3-270m", phase=ServerPhase.LOADING, port=1))
+    state.put_model(ModelSpec(name="other", source="/m/other.gguf", node=NODE))  # no "only model" fallback
+    state.put_server(ServerStatus(node=NODE, model="other", phase=ServerPhase.LOADING, port=2))
     router = Router(state, node_id=NODE)
     with TestClient(create_openai_app(DataPlane(router))) as client:
         response = client.post("/v1/completions", json={"model": asked, "prompt": "x"})
     router.close()
-    assert response.status_code == 503 and response.json()["error"]["code"] == "model_not_ready"
+    assert response.status_code == status, response.text
+    if status == 503:  # gemma's own answer: it is loading
+        assert response.json()["error"]["code"] == "model_not_ready" and "gemma-3-270m" in response.text

@@ -118,7 +118,8 @@ def test_requests_it_cannot_carry_on_get_no_tracker() -> None:
     assert not tracked("/v1/completions", prompt=["a", "b"])  # several prompts
     assert not tracked("/v1/completions", prompt="a", n=2)
     assert not tracked("/v1/chat/completions", messages=[{"role": "user", "content": "x"}], tools=[{}])
-    assert not tracked("/v1/messages", messages=[{"role": "user", "content": "x"}])
+    assert not tracked("/v1/messages", messages=[{"role": "user", "content": "x"}], tools=[{}])
+    assert not tracked("/v1/embeddings", input="x")
     assert tracker_for("/v1/completions", b'{"model": "m", "prompt": "a"}') is None  # not streamed
 
 
