@@ -154,3 +154,12 @@ def test_plan_cost_says_what_a_split_adds_and_what_fits_one_node():
     assert line.startswith("~37.6 ms/token added (2 workers: 35.0 ms of round trips, 2 x 1 ms engine")
     assert "79.5 KB/token" in line and "workers load 12.90 GB" in line
     assert "a quantization of at most 8.00 GB fits one node and, served solo, decodes faster" in line
+
+
+def test_many_small_peers_take_the_nearest_when_too_many_sets_to_weigh():
+    # 20 peers of 1 GB, 10 needed: more sets than MAX_SETS, so the nearest ten in RTT order
+    peers = {f"p{i:02d}": 1.0 + i for i in range(20)}
+    nodes = mesh(node("a", 1.5, **peers), *(node(nid, 1) for nid in peers))
+    plan = plan_split(10 * GB, nodes)
+    assert isinstance(plan, SplitPlan)
+    assert plan.workers == tuple(f"p{i:02d}" for i in range(10))
