@@ -25,7 +25,7 @@ cmake -S /tmp/src/llama.cpp -B /tmp/build -G Ninja -DCMAKE_BUILD_TYPE=Release -D
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DBUILD_SHARED_LIBS=OFF \
   -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF "-DCMAKE_C_FLAGS=$F" "-DCMAKE_CXX_FLAGS=$F" \
   > /tmp/out/cmake.log 2>&1 || { tail -30 /tmp/out/cmake.log; exit 1; }
-cmake --build /tmp/build --target llama-server ggml-rpc-server llama-gguf-split -j "$(nproc)" > /tmp/out/build.log 2>&1 \
+cmake --build /tmp/build --target ${TARGETS:-llama-server ggml-rpc-server llama-gguf-split} -j "$(nproc)" > /tmp/out/build.log 2>&1 \
   || { tail -40 /tmp/out/build.log; exit 1; }
 echo "build $(( $(date +%s) - t0 )) s"
 export MESHLLM_ENGINE_DIR=/tmp/build/bin

@@ -25,6 +25,7 @@ from meshllm.api.endpoints import MODEL_HEADER, BadRequest, endpoint_for, is_ant
 from meshllm.api.errors import BackendUnavailable, error_body
 from meshllm.api.routing import Lease, Route, Router
 from meshllm.api.upstream import UpstreamPool
+from meshllm.state.schema import NodeId
 from meshllm.tunnels.http import Answer, HttpTunnelClient, TunnelRequest, TunnelUnavailable
 
 __all__ = ["Backend", "BackendResponse", "DataPlane", "FixedResponse", "LocalBackend", "PeerBackend", "ProxyRequest",
@@ -125,7 +126,7 @@ class PeerBackend:
     reach is reported (``on_unreachable``: the router then leaves it out of the next requests' routes)."""
 
     def __init__(self, tunnels: HttpTunnelClient, route: Route, *,
-                 on_unreachable: Callable[[str], None] | None = None) -> None:
+                 on_unreachable: Callable[[NodeId], None] | None = None) -> None:
         self.tunnels = tunnels
         self.route = route
         self.on_unreachable = on_unreachable

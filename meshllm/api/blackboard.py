@@ -33,6 +33,7 @@ from meshllm.state.board import (
     BOARD_TTL, MAX_ITEMS, Board, BoardError, BoardItem, PostKind, RateLimit, parse_kind, plan_gc, validate_text,
 )
 from meshllm.state.board_search import FeedFilter, feed, search
+from meshllm.state.schema import NodeId
 from meshllm.state.scrub import ScrubResult, scrub
 
 __all__ = ["BlackboardAPI", "MAX_POST_BODY"]
@@ -55,7 +56,7 @@ class BlackboardAPI:
     """Posting and reading through one replica of the board, as ``author`` of node ``node_id``."""
 
     board: Board
-    node_id: str
+    node_id: NodeId
     author: str
     node_name: str = ""
     enabled: bool = True

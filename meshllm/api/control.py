@@ -47,7 +47,7 @@ from meshllm.reconcile.placement import conditions
 from meshllm.state.changes import ChangeAction, ModelChange, plan_apply, plan_delete
 from meshllm.state.document import MeshState, check_storable
 from meshllm.state.manifest import LoadedManifest, Manifest, ManifestModel, MeshManifest, manifest_models, validate_documents
-from meshllm.state.schema import ModelSpec, NodeRole, NodeStatus
+from meshllm.state.schema import ModelName, ModelSpec, NodeId, NodeRole, NodeStatus
 
 __all__ = ["AppliedHook", "ControlAPI", "EventSource", "Resolver", "no_events"]
 
@@ -61,7 +61,7 @@ class EventSource(Protocol):
     """Recent events of a model, newest last (the store implements it); each a dict such as
     ``{"at": 1.7e9, "type": "Normal", "reason": "Started", "message": "...", "node": "..."}``."""
 
-    async def __call__(self, model: str, /) -> list[dict[str, Any]]: ...
+    async def __call__(self, model: ModelName, /) -> list[dict[str, Any]]: ...
 
 
 class AppliedHook(Protocol):
@@ -70,7 +70,7 @@ class AppliedHook(Protocol):
     async def __call__(self, manifests: list[Manifest], /) -> None: ...
 
 
-async def no_events(model: str, /) -> list[dict[str, Any]]:
+async def no_events(model: ModelName, /) -> list[dict[str, Any]]:
     return []
 
 
@@ -83,7 +83,7 @@ class _RequestError(Exception):
 class _DropRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str
+    model: ModelName
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -234,7 +234,7 @@ class ControlAPI:
                                         for e in entries]})
 
     async def describe(self, request: Request) -> Response:
-        name = request.path_params["name"]
+        name = ModelName(request.path_params["name"])
         spec = self.state.models().get(name)
         if spec is None:
             raise _RequestError(404, f"model {name!r} not found; `meshllm get models` lists them",
@@ -280,18 +280,18 @@ def _trained_context(resolved: ResolvedModel) -> int:
         return 0
 
 
-def _pin(model: ManifestModel, nodes: dict[str, NodeStatus]) -> tuple[str, str | None]:
+def _pin(model: ManifestModel, nodes: dict[NodeId, NodeStatus]) -> tuple[NodeId, str | None]:
     """``spec.placement.node`` as a node id (it may name a node); a node not known yet is kept as given."""
     wanted = model.spec.node
     if not wanted or wanted in nodes:
-        return wanted, None
+        return NodeId(wanted), None
     named = sorted(nid for nid, node in nodes.items() if node.name == wanted)
     if len(named) == 1:
         return named[0], None
     if named:
         raise ManifestError(f"{model.where('placement.node')}: node name {wanted!r} matches {len(named)} "
                             f"nodes ({', '.join(named)}); give the node id")
-    return wanted, (f"model/{model.spec.name}: placement.node {wanted!r} is not a known node id or name; "
+    return NodeId(wanted), (f"model/{model.spec.name}: placement.node {wanted!r} is not a known node id or name; "
                     "the model stays pending until that node joins")
 
 

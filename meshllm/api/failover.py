@@ -16,6 +16,10 @@ proxy's one response path, with the helpers of ``api.proxy``) and moves it when 
   where a second server exists when the request arrives; a request on a model's only server is
   relayed untouched, and ends with an error event (``api.proxy``) if that server dies.
 
+A request for a model split by experts carries its session key (``api.sessions``): it moves to the
+shard that key ranks next by rendezvous hashing, where its conversation goes once the dead node is
+declared dead, so its KV cache builds up on one node.
+
 Each request fails over at most ``max_failovers`` times and never back to a server that failed it;
 a server that failed any request is avoided by the next ones for ``suspect_for`` seconds while
 another is ready (a dead node stays in the router's table until membership declares it dead).
@@ -40,6 +44,7 @@ from meshllm.api.endpoints import is_anthropic
 from meshllm.api.proxy import cancel_on_disconnect, end_broken, send_error
 from meshllm.api.resume import Tracker, tracker_for
 from meshllm.api.routing import Lease, Route, Unavailable
+from meshllm.state.schema import ModelName, NodeId
 
 __all__ = ["Failover", "FailoverEvents", "FailoverPolicy", "Silence"]
 
@@ -60,15 +65,15 @@ class FailoverPolicy:
 class FailoverEvents(Protocol):
     """Hears of failovers (``MeshMetrics`` counts them)."""
 
-    def failed_over(self, model: str, *, stage: str) -> None: ...
+    def failed_over(self, model: ModelName, *, stage: str) -> None: ...
 
-    def gave_up(self, model: str, *, stage: str) -> None: ...
+    def gave_up(self, model: ModelName, *, stage: str) -> None: ...
 
 
 class Silence(Protocol):
     """Seconds since anything was heard from a node (None: no connection to it)."""
 
-    def __call__(self, node: str, /) -> float | None: ...
+    def __call__(self, node: NodeId, /) -> float | None: ...
 
 
 class _Suspects:
@@ -111,9 +116,11 @@ class Failover:
                 return lease
         return self.plane.router.lease(model, session=session)
 
-    async def serve(self, lease: Lease, request: ProxyRequest, receive: Receive, send: Send, *, what: str) -> None:
-        """Relay ``request`` from the server ``lease`` holds, moving it when that server fails."""
-        exchange = _Exchange(self, lease, request, send, what)
+    async def serve(self, lease: Lease, request: ProxyRequest, receive: Receive, send: Send, *, what: str,
+                    session: str | None = None) -> None:
+        """Relay ``request`` from the server ``lease`` holds, moving it when that server fails (``session``:
+        the request's key for a model split by experts; it moves to the shard that key ranks next)."""
+        exchange = _Exchange(self, lease, request, send, what, session)
         async with anyio.create_task_group() as tg:
             tg.start_soon(cancel_on_disconnect, receive, tg.cancel_scope)
             try:
@@ -134,8 +141,10 @@ class _Broke(Exception):
 class _Exchange:
     """One request across the servers that answer it."""
 
-    def __init__(self, owner: Failover, lease: Lease, request: ProxyRequest, send: Send, what: str) -> None:
+    def __init__(self, owner: Failover, lease: Lease, request: ProxyRequest, send: Send, what: str,
+                 session: str | None) -> None:
         self.owner, self.lease, self.request, self.send, self.what = owner, lease, request, send, what
+        self.session = session
         self.model = lease.route.model
         self.started = owner.clock()
         self.tried: set[Route] = set()
@@ -257,7 +266,7 @@ class _Exchange:
         avoid = self.tried | {self.lease.route}
         suspects = self.owner.suspects.current() - avoid
         for extra in ((suspects,) if suspects else ()) + (set(),):
-            lease = self.owner.plane.router.lease(self.model, avoid=avoid | extra)
+            lease = self.owner.plane.router.lease(self.model, avoid=avoid | extra, session=self.session)
             if isinstance(lease, Lease):
                 return lease
         return None

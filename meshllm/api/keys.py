@@ -44,7 +44,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from meshllm.api.errors import openai_error
 from meshllm.errors import MeshError
 from meshllm.state.document import MeshState
-from meshllm.state.schema import API_KEY_HASH_LABEL, ApiKey
+from meshllm.state.schema import API_KEY_HASH_LABEL, ApiKey, NodeId
 
 __all__ = ["KEY_PREFIX", "ApiKeyGate", "KeyRing", "check_local_key", "exposure_warning", "hash_key",
            "key_routes", "new_key"]
@@ -239,7 +239,7 @@ async def _body(request: Request, model: type[B]) -> B:
         raise _KeyError(400, f"bad request body ({fields})", code="invalid_request") from None
 
 
-def key_routes(state: MeshState, *, node_id: str, ring: KeyRing,
+def key_routes(state: MeshState, *, node_id: NodeId, ring: KeyRing,
                clock: Callable[[], float] = time.time, generate: Callable[[], str] = new_key) -> list[Route]:
     """``/api/keys`` on the console: list (GET), add (POST), ``/revoke`` and ``/purge`` (POST)."""
 

@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meshllm.jsonsafe import loads
 from meshllm.state.document import MeshState
-from meshllm.state.schema import ServerPhase
+from meshllm.state.schema import ModelName, NodeId, ServerPhase
 
 __all__ = ["MeshMetrics", "NodeGauges", "RequestMetering"]
 
@@ -54,7 +54,7 @@ class NodeGauges:
 
 
 class _NodeCollector(Collector):
-    def __init__(self, state: MeshState, node_id: str, gauges: NodeGauges) -> None:
+    def __init__(self, state: MeshState, node_id: NodeId, gauges: NodeGauges) -> None:
         self.state, self.node_id, self.gauges = state, node_id, gauges
 
     def collect(self) -> Any:
@@ -77,7 +77,7 @@ class _NodeCollector(Collector):
 class MeshMetrics:
     """The node's metrics: per-model request figures, fed by ``RequestMetering``, and node gauges."""
 
-    def __init__(self, state: MeshState, *, node_id: str, gauges: NodeGauges | None = None) -> None:
+    def __init__(self, state: MeshState, *, node_id: NodeId, gauges: NodeGauges | None = None) -> None:
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("meshllm_requests", "requests per model", ["model"], registry=registry)
         self.errors = Counter("meshllm_request_errors", "requests that ended in an error", ["model"],
@@ -99,14 +99,14 @@ class MeshMetrics:
                              "(the queue)", ["model"], registry=registry)
         registry.register(_NodeCollector(state, node_id, gauges or NodeGauges()))
         self.state = state
-        self._models: set[str] = set()
+        self._models: set[ModelName] = set()
 
-    def summary(self) -> dict[str, dict[str, float]]:
+    def summary(self) -> dict[ModelName, dict[str, float]]:
         """Per model, the counters' values (the console turns them into rates)."""
         get = self.registry.get_sample_value
         out = {}
         for model in sorted(self._models):
-            label = {"model": model}
+            label: dict[str, str] = {"model": model}
             ttft_n = get("meshllm_time_to_first_token_seconds_count", label) or 0.0
             rate_n = get("meshllm_decode_tokens_per_second_count", label) or 0.0
             out[model] = {
@@ -121,22 +121,23 @@ class MeshMetrics:
             }
         return out
 
-    def started(self, model: str) -> bool:
-        """Count a request for ``model``; False (not counted) for a name the mesh does not know, so a
-        client cannot grow the label set without bound."""
-        if model not in self._models and model not in self.state.models():
-            return False
+    def started(self, asked: str) -> ModelName | None:
+        """Count a request for the model a client ``asked`` for, and return it; None (not counted) for a
+        name the mesh does not know, so a client cannot grow the label set without bound."""
+        if asked not in self._models and asked not in self.state.models():
+            return None
+        model = ModelName(asked)  # a known model's name from here on
         self._models.add(model)
         self.requests.labels(model).inc()
         self.in_flight.labels(model).inc()
         self.waiting.labels(model).inc()
-        return True
+        return model
 
-    def answering(self, model: str) -> None:
+    def answering(self, model: ModelName) -> None:
         """The first byte of a started request's answer went out: it leaves the queue."""
         self.waiting.labels(model).dec()
 
-    def finished(self, model: str, *, error: bool, tokens_in: int, tokens_out: int, ttft: float | None,
+    def finished(self, model: ModelName, *, error: bool, tokens_in: int, tokens_out: int, ttft: float | None,
                  rate: float | None) -> None:
         self.in_flight.labels(model).dec()
         if error:
@@ -148,11 +149,11 @@ class MeshMetrics:
         if rate:
             self.decode.labels(model).observe(rate)
 
-    def failed_over(self, model: str, *, stage: str) -> None:
+    def failed_over(self, model: ModelName, *, stage: str) -> None:
         """A request was moved to another server (``api.failover``)."""
         self.failovers.labels(model, stage).inc()
 
-    def gave_up(self, model: str, *, stage: str) -> None:
+    def gave_up(self, model: ModelName, *, stage: str) -> None:
         """A request's server failed and it could not be moved."""
         self.unrecovered.labels(model, stage).inc()
 
@@ -253,7 +254,7 @@ class RequestMetering:
             await self.app(scope, receive, send)
             return
         meter = _Meter(self.clock)
-        model: str | None = None
+        model: ModelName | None = None
 
         async def metered_receive() -> Message:
             nonlocal model
@@ -264,8 +265,8 @@ class RequestMetering:
                 if not message.get("more_body", False):
                     meter.read = True
                     name = meter.model()
-                    if name is not None and self.metrics.started(name):
-                        model = name
+                    if name is not None:
+                        model = self.metrics.started(name)
             return message
 
         done = queued = False

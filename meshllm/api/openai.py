@@ -33,6 +33,7 @@ from meshllm.api.failover import Failover, FailoverEvents, FailoverPolicy, Silen
 from meshllm.api.proxy import send_error
 from meshllm.api.routing import Lease, Unavailable
 from meshllm.api.sessions import session_key
+from meshllm.state.schema import ModelName
 
 __all__ = ["DEFAULT_MAX_BODY", "OpenAIProxy", "create_openai_app"]
 
@@ -42,7 +43,7 @@ DEFAULT_MAX_BODY = 16 * 1024 * 1024
 class OpenAIProxy:
     """The ASGI endpoint of the proxied routes."""
 
-    def __init__(self, plane: DataPlane, *, max_body_bytes: int, demand: Callable[[str], None] | None,
+    def __init__(self, plane: DataPlane, *, max_body_bytes: int, demand: Callable[[ModelName], None] | None,
                  failover: Failover, body_deadline: float = BODY_DEADLINE) -> None:
         self.plane = plane
         self.failover = failover
@@ -66,7 +67,8 @@ class OpenAIProxy:
             return
         query = scope["query_string"].decode("latin-1")
         named = requested_model(body, query)
-        lease = self._lease(named, session=self._session(named, scope, body))
+        session = self._session(named, scope, body)
+        lease = self._lease(named, session=session)
         if isinstance(lease, BadRequest):
             await send_error(send, lease.status, lease.message, code=lease.code, param=lease.param,
                              anthropic=anthropic, retry_after=2 if lease.status == 503 else None)
@@ -82,7 +84,7 @@ class OpenAIProxy:
             what = f"{scope['path']} {route.model} via {'this node' if route.local else 'node ' + route.node}"
             headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
             request = ProxyRequest(scope["method"], scope["path"], query, headers, body)
-            await self.failover.serve(lease, request, receive, send, what=what)
+            await self.failover.serve(lease, request, receive, send, what=what, session=session)
 
     def _lease(self, named: str | None | BadRequest, *, session: str | None) -> Lease | Unavailable | BadRequest:
         """A lease for the model the request names (``api.endpoints``), or why there is none."""
@@ -109,7 +111,7 @@ class OpenAIProxy:
 
 
 def create_openai_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BODY,
-                      demand: Callable[[str], None] | None = None, failover: FailoverPolicy | None = None,
+                      demand: Callable[[ModelName], None] | None = None, failover: FailoverPolicy | None = None,
                       failover_events: FailoverEvents | None = None, silence: Silence | None = None,
                       body_deadline: float = BODY_DEADLINE) -> Starlette:
     """The :9337 app. ``plane`` routes and forwards each request, moving it to another server of its

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from meshllm.api.sessions import rendezvous
 from meshllm.engine.models import canonical_name, looks_like_path
 from meshllm.state.document import MeshState
-from meshllm.state.schema import ServerPhase, ServerStatus
+from meshllm.state.schema import ModelName, NodeId, ServerPhase, ServerStatus
 
 __all__ = ["UNREACHABLE_FOR", "Lease", "Route", "Router", "Unavailable"]
 
@@ -42,8 +42,8 @@ UNREACHABLE_FOR = 10.0  # seconds a node that failed a request is left out of ro
 class Route:
     """A ready llama-server for the model: on this node at 127.0.0.1:``port``, or on a remote ``node``."""
 
-    model: str
-    node: str
+    model: ModelName
+    node: NodeId
     port: int = 0
 
     @property
@@ -55,7 +55,7 @@ class Route:
 class Unavailable:
     """The model is wanted but no server is ready for it yet."""
 
-    model: str
+    model: ModelName
     reason: str
     retry_after: float = 2.0
 
@@ -82,18 +82,17 @@ class Lease:
 
 @dataclass
 class _Table:
-    routes: dict[str, list[Route]] = field(default_factory=dict)
-    waiting: dict[str, Unavailable] = field(default_factory=dict)
-    aliases: dict[str, str] = field(default_factory=dict)  # another name -> the model's name
-    sharded: set[str] = field(default_factory=set)  # models split by experts: routed by session
+    routes: dict[ModelName, list[Route]] = field(default_factory=dict)
+    waiting: dict[ModelName, Unavailable] = field(default_factory=dict)
+    aliases: dict[str, ModelName] = field(default_factory=dict)  # another name -> the model's name
+    sharded: set[ModelName] = field(default_factory=set)  # models split by experts: routed by session
 
-    def name_of(self, asked: str) -> str | None:
-        """The model ``asked`` means: itself, another name of it, or the only model known."""
-        if asked in self.routes or asked in self.waiting:
-            return asked
-        for name in (self.aliases.get(asked), canonical_name(asked)):
+    def name_of(self, asked: str) -> ModelName | None:
+        """The model ``asked`` (what a client wrote) means: itself, another name of it, or the only
+        model known. Here a client's string becomes a model's name."""
+        for name in (asked, self.aliases.get(asked), canonical_name(asked)):
             if name is not None and (name in self.routes or name in self.waiting):
-                return name
+                return ModelName(name)
         known = self.routes.keys() | self.waiting.keys()
         return next(iter(known)) if len(known) == 1 else None
 
@@ -101,26 +100,26 @@ class _Table:
 class Router:
     """Resolves a model name against this node's view of the mesh."""
 
-    def __init__(self, state: MeshState, *, node_id: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, state: MeshState, *, node_id: NodeId, clock: Callable[[], float] = time.monotonic) -> None:
         self.state = state
         self.node_id = node_id
         self.clock = clock
         self._table: _Table | None = None
         self._subs = state.observe(self._invalidate)
-        self.in_flight: dict[str, int] = {}
-        self._down: set[str] = set()  # nodes whose mesh connection closed and has not come back
-        self._failed: dict[str, float] = {}  # node -> until when: a request could not reach it
+        self.in_flight: dict[NodeId, int] = {}
+        self._down: set[NodeId] = set()  # nodes whose mesh connection closed and has not come back
+        self._failed: dict[NodeId, float] = {}  # node -> until when: a request could not reach it
 
     # -- reachability ---------------------------------------------------------------------------
-    def peer_down(self, node: str) -> None:
+    def peer_down(self, node: NodeId) -> None:
         """The mesh connection to ``node`` closed: leave its routes out until it is back."""
         self._down.add(node)
 
-    def peer_up(self, node: str) -> None:
+    def peer_up(self, node: NodeId) -> None:
         self._down.discard(node)
         self._failed.pop(node, None)
 
-    def unreachable(self, node: str) -> None:
+    def unreachable(self, node: NodeId) -> None:
         """A request could not reach ``node`` (no connection, no answer): leave it out for a while."""
         self._failed[node] = self.clock() + UNREACHABLE_FOR
 
@@ -192,33 +191,32 @@ class Router:
         name = table.name_of(model) if model is not None else self.only_model()
         if name is None:
             return None
-        model = name
-        routes = table.routes.get(model)
+        routes = table.routes.get(name)
         if routes and avoid:
             routes = [r for r in routes if r not in avoid]
             if not routes:
-                return Unavailable(model, f"no other server of model {model!r} is ready")
+                return Unavailable(name, f"no other server of model {name!r} is ready")
         if routes:
             routes = self._reachable(routes)
-            if session is not None and not local_only and model in table.sharded:
+            if session is not None and not local_only and name in table.sharded:
                 chosen = rendezvous(session, (r.node for r in routes))
                 return next(r for r in routes if r.node == chosen)
             if routes[0].local:
                 return routes[0]
             if not local_only:
                 return min(routes, key=lambda r: self.in_flight.get(r.node, 0))
-            return Unavailable(model, f"model {model!r} is not served on this node")
-        return table.waiting.get(model)
+            return Unavailable(name, f"model {name!r} is not served on this node")
+        return table.waiting.get(name)
 
-    def ready_models(self) -> list[str]:
+    def ready_models(self) -> list[ModelName]:
         return sorted(self.table().routes)
 
-    def known_models(self) -> list[str]:
+    def known_models(self) -> list[ModelName]:
         """Every model the mesh serves or waits for."""
         table = self.table()
         return sorted(table.routes.keys() | table.waiting.keys())
 
-    def only_model(self) -> str | None:
+    def only_model(self) -> ModelName | None:
         """The model a request naming none goes to: the only one known, if there is exactly one."""
         known = self.known_models()
         return known[0] if len(known) == 1 else None
@@ -247,7 +245,7 @@ class Router:
         return "no model is served on this node or anywhere in its mesh"
 
 
-def _why_waiting(model: str, servers: Collection[ServerStatus]) -> str:
+def _why_waiting(model: ModelName, servers: Collection[ServerStatus]) -> str:
     mine = [s for s in servers if s.model == model]
     fetching = [s for s in mine if s.phase is ServerPhase.DOWNLOADING]
     if fetching:

@@ -16,6 +16,8 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from meshllm.state.schema import NodeId
+
 __all__ = ["rendezvous", "session_key"]
 
 
@@ -69,7 +71,7 @@ def session_key(body: bytes, headers: Sequence[tuple[str, str]]) -> str:
     return "chat:" + hashlib.sha256(_conversation(payload).encode()).hexdigest()
 
 
-def rendezvous(key: str, nodes: Iterable[str]) -> str | None:
+def rendezvous(key: str, nodes: Iterable[NodeId]) -> NodeId | None:
     """The node with the highest weight for ``key``; None when there is none."""
     best, chosen = b"", None
     for node in nodes:

@@ -27,18 +27,19 @@ from meshllm.engine.models import resolve_model
 from meshllm.engine.sources import SourcePolicy
 from meshllm.reconcile.placement import conditions
 from meshllm.state.document import MeshState
+from meshllm.state.schema import ModelName, NodeId
 
 __all__ = ["CONSOLE_MAX_BODY", "create_status_app", "status_snapshot"]
 
 CONSOLE_MAX_BODY = 1 << 20  # 1 MiB: a manifest of MAX_MODELS models fits several times over
 
 
-def status_snapshot(state: MeshState, *, node_id: str, now: float,
+def status_snapshot(state: MeshState, *, node_id: NodeId, now: float,
                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
     nodes, alive = state.nodes(), state.alive_nodes()
     servers, workers = state.servers(), state.workers()
     conds = conditions(state, now=now)
-    demand: dict[str, dict[str, float]] = {}
+    demand: dict[ModelName, dict[str, float]] = {}
     for entry in state.demand().values():
         if entry.expires_at > now:
             summed = demand.setdefault(entry.model, {"count": 0, "rate": 0.0})
@@ -74,7 +75,7 @@ def _model_phase(serving: list[Any]) -> str:
     return "pending"
 
 
-def create_status_app(state: MeshState, *, node_id: str, access: ConsoleAccess, sources: SourcePolicy,
+def create_status_app(state: MeshState, *, node_id: NodeId, access: ConsoleAccess, sources: SourcePolicy,
                       extra: dict[str, Any] | None = None, invite: Callable[[], str] | None = None,
                       resolve: Resolver = resolve_model, events: EventSource = no_events,
                       on_applied: AppliedHook | None = None, routes: Sequence[Route] = (),

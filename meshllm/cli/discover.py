@@ -2,7 +2,8 @@
 
     meshllm discover                          every live listing: name, models, nodes, clients, region, age
     meshllm discover --model M --region EU    only meshes serving (or wanting) M; EU ranked first
-    meshllm discover --auto [--client] [-- NODE OPTIONS]   pick the best as a node's --auto would, run a node joining it
+    meshllm discover --auto [--client] [-- NODE OPTIONS]   pick the best as a node's --auto would, run a node joining
+                                              it (none fits: a node founding a mesh, serving --model unless --client)
     meshllm discover -o json                  the listings as JSON
 
 Listings are verified (signature, expiry, token bound to the mesh) before they are shown; see
@@ -25,6 +26,7 @@ from rich.table import Table
 from meshllm.discovery.directory import DEFAULT_RELAYS, Directory
 from meshllm.discovery.listing import Listing, choose, score
 from meshllm.discovery.mdns import MdnsDirectory
+from meshllm.state.schema import ModelName
 
 __all__ = ["listing_rows", "register", "relay_list"]
 
@@ -71,9 +73,9 @@ def discover(
     directory = Directory(relays=DEFAULT_RELAYS if relays is None else relays,
                           lan=MdnsDirectory(instance="discover") if mdns else None)
     listings = anyio.run(lambda: directory.find(wait=wait))
-    now, ttl = time.time(), 300.0
-    shown = [e for e in listings if score(e, model=model, region=region, now=now, ttl=ttl) is not None]
-    shown.sort(key=lambda e: -(score(e, model=model, region=region, now=now, ttl=ttl) or 0.0))
+    now, ttl, wanted = time.time(), 300.0, ModelName(model)
+    shown = [e for e in listings if score(e, model=wanted, region=region, now=now, ttl=ttl) is not None]
+    shown.sort(key=lambda e: -(score(e, model=wanted, region=region, now=now, ttl=ttl) or 0.0))
     if output == "json":
         print(json.dumps([{**e.content.model_dump(exclude={"token"}), "age_s": round(e.age(now)), "source": e.source}
                           for e in shown], indent=2))
@@ -85,13 +87,20 @@ def discover(
             table.add_row(*row)
         out.print(table)
     if auto:
-        best = choose(shown, model=model, region=region, now=now, ttl=ttl)
-        if best is None:
-            raise typer.Exit(1)
-        args = [sys.executable, "-m", "meshllm", "--join", best.content.token, *(["--client"] if client else []),
-                *ctx.args]
-        err.print(f"joining {best.content.name or best.mesh_id} ({best.mesh_id})")
-        os.execv(sys.executable, args)
+        _run_node(choose(shown, model=wanted, region=region, now=now, ttl=ttl), model=model, client=client,
+                  extra=ctx.args)
+
+
+def _run_node(best: Listing | None, *, model: str, client: bool, extra: list[str]) -> None:
+    """Replace this process by a node joining ``best``; none fits: a node founding a mesh (serving ``--model``
+    unless ``--client``), as the node's own ``--auto`` does."""
+    role = ["--client"] if client else []
+    if best is None:
+        serve = ["--model", model] if model and not client else []
+        err.print("no published mesh fits; starting a new mesh")
+        os.execv(sys.executable, [sys.executable, "-m", "meshllm", *role, *serve, *extra])
+    err.print(f"joining {best.content.name or best.mesh_id} ({best.mesh_id})")
+    os.execv(sys.executable, [sys.executable, "-m", "meshllm", "--join", best.content.token, *role, *extra])
 
 
 def register(app: typer.Typer) -> None:

@@ -2,14 +2,16 @@
 
 ``Directory.find`` asks every relay (concurrently) and the LAN, verifies each event it gets back
 (``listing.parse_listing``) and keeps the newest live listing per mesh. ``Directory.put`` sends one
-signed listing to every relay and the LAN. An unreachable relay, or one that sends garbage, costs a
-warning (once until it answers again), never the node: discovery is best effort by design.
+signed listing to every relay and the LAN. An unreachable relay, or one that sends garbage, forged or
+malformed listings, costs a warning (once until it behaves again), never the node: discovery is best
+effort by design.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -18,7 +20,7 @@ import anyio
 
 from meshllm.discovery import nostr
 from meshllm.discovery.listing import Listing, listing_filter, newest, parse_listing
-from meshllm.discovery.nostr import Event, RelayError
+from meshllm.discovery.nostr import Event, RelayError, verify_event
 
 __all__ = ["DEFAULT_RELAYS", "Directory", "LanDirectory"]
 
@@ -41,6 +43,7 @@ class Directory:
     lan: LanDirectory | None = None
     timeout: float = 5.0
     _failing: set[str] = field(default_factory=set)
+    _sent_bad: set[str] = field(default_factory=set)  # sources that sent forged or malformed listings last time
 
     def _failed(self, relay: str, exc: Exception) -> None:
         if relay not in self._failing:
@@ -97,16 +100,31 @@ class Directory:
         return found
 
     async def find(self, *, wait: float = 2.0, now: float | None = None) -> list[Listing]:
-        """The live, verified listings, one per mesh (forged, stale and malformed ones skipped)."""
+        """The live, verified listings, one per mesh (forged, stale and malformed ones skipped: a source that
+        sends forged or malformed ones is warned about once, until it sends none)."""
         when = time.time() if now is None else now
         parsed = []
-        skipped = 0
+        expired, bad = 0, Counter[str]()
         for source, event in await self.events(wait=wait):
             listing = parse_listing(event, now=when, source=source)
-            if listing is None:
-                skipped += 1
-            else:
+            if listing is not None:
                 parsed.append(listing)
-        if skipped:
-            log.info("discovery: skipped %d listing(s) that were forged, expired or malformed", skipped)
+            elif _expired(event, when):
+                expired += 1
+            else:
+                bad[source] += 1
+        if expired:
+            log.info("discovery: skipped %d expired listing(s)", expired)
+        for source, count in bad.items():
+            if source not in self._sent_bad:
+                log.warning("discovery: ignored %d listing(s) from %s that were forged or malformed", count, source)
+        self._sent_bad = set(bad)
         return newest(parsed)
+
+
+def _expired(event: object, now: float) -> bool:
+    """A genuine event past its expiration (relays may keep them): routine, not worth a warning."""
+    if not verify_event(event) or not isinstance(event, dict):
+        return False
+    stamps = [t[1] for t in event["tags"] if len(t) >= 2 and t[0] == "expiration"]
+    return bool(stamps) and stamps[0].isdigit() and int(stamps[0]) <= now

@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field, ValidationError
 from meshllm.jsonsafe import loads
 from meshllm.discovery.nostr import Event, NostrKey, sign_event, verify_event
 from meshllm.state.document import MeshState
-from meshllm.state.schema import NodeRole, ServerPhase
+from meshllm.state.schema import ModelName, NodeRole, ServerPhase
 from meshllm.store.mesh import InviteToken, MeshCredentials
 
 __all__ = ["LISTING_KIND", "LISTING_TAG", "Listing", "ListingContent", "choose", "listing_filter", "make_event",
@@ -58,8 +58,8 @@ class ListingContent(BaseModel):
     v: int = 1
     mesh: str = Field(min_length=1, max_length=64)
     name: str = Field(default="", max_length=64)
-    served: list[str] = Field(default_factory=list, max_length=64)
-    wanted: list[str] = Field(default_factory=list, max_length=64)
+    served: list[ModelName] = Field(default_factory=list, max_length=64)
+    wanted: list[ModelName] = Field(default_factory=list, max_length=64)
     free_bytes: int = Field(default=0, ge=0)
     nodes: int = Field(default=0, ge=0)
     clients: int = Field(default=0, ge=0)
@@ -157,7 +157,8 @@ def newest(listings: Iterable[Listing]) -> list[Listing]:
     return sorted(live, key=lambda entry: (entry.content.name, entry.mesh_id))
 
 
-def score(listing: Listing, *, model: str = "", region: str = "", now: float, ttl: float) -> float | None:
+def score(listing: Listing, *, model: ModelName = ModelName(""), region: str = "", now: float,
+          ttl: float) -> float | None:
     """The listing's score for a node asking for ``model`` in ``region`` (see the module docstring);
     None if it does not fit."""
     c = listing.content
@@ -179,8 +180,8 @@ def score(listing: Listing, *, model: str = "", region: str = "", now: float, tt
     return points
 
 
-def choose(listings: Sequence[Listing], *, model: str = "", region: str = "", name: str = "", now: float,
-           ttl: float) -> Listing | None:
+def choose(listings: Sequence[Listing], *, model: ModelName = ModelName(""), region: str = "", name: str = "",
+           now: float, ttl: float) -> Listing | None:
     """The best listing for this node, or None if none fits."""
     scored = [(s, entry) for entry in listings if (not name or entry.content.name == name)
               and (s := score(entry, model=model, region=region, now=now, ttl=ttl)) is not None]

@@ -21,6 +21,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from meshllm.gossip.sync import DocGossip
 from meshllm.state.board import Board
+from meshllm.state.schema import NodeId
 from meshllm.transport import MessageStream, PeerConnection, PeerEvent, QuicEndpoint, Stream, StreamKind
 from meshllm.transport.errors import TransportError
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 class BoardGossip:
     """Keeps ``board`` in sync with the board of every peer ``endpoint`` is connected to."""
 
-    def __init__(self, board: Board, endpoint: QuicEndpoint, *, node_id: str, anti_entropy: float = 5.0,
+    def __init__(self, board: Board, endpoint: QuicEndpoint, *, node_id: NodeId, anti_entropy: float = 5.0,
                  retry: float = 1.0, max_retry: float = 30.0) -> None:
         self.board = board
         self.retry, self.max_retry = retry, max_retry

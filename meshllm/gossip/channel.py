@@ -13,12 +13,14 @@ from typing import Protocol
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from meshllm.state.schema import NodeId
+
 __all__ = ["MemoryChannel", "MessageChannel", "memory_channel_pair"]
 
 
 class MessageChannel(Protocol):
     @property
-    def peer_id(self) -> str: ...
+    def peer_id(self) -> NodeId: ...
 
     async def send(self, message: bytes) -> None: ...
 
@@ -31,7 +33,7 @@ class MessageChannel(Protocol):
 class MemoryChannel:
     """One end of an in-process channel pair."""
 
-    peer_id: str
+    peer_id: NodeId
     outgoing: MemoryObjectSendStream[bytes]
     incoming: MemoryObjectReceiveStream[bytes]
 
@@ -46,7 +48,7 @@ class MemoryChannel:
         await self.incoming.aclose()
 
 
-def memory_channel_pair(a: str, b: str, *, buffer: int = 1024) -> tuple[MemoryChannel, MemoryChannel]:
+def memory_channel_pair(a: NodeId, b: NodeId, *, buffer: int = 1024) -> tuple[MemoryChannel, MemoryChannel]:
     """Two connected channels: the first is node ``a``'s end (its peer is ``b``), the second ``b``'s."""
     a_to_b_send, a_to_b_recv = anyio.create_memory_object_stream[bytes](buffer)
     b_to_a_send, b_to_a_recv = anyio.create_memory_object_stream[bytes](buffer)

@@ -41,7 +41,7 @@ from meshllm.errors import MeshError
 from meshllm.gossip.overlay import FINGERS, links, ring_neighbours
 from meshllm.gossip.sync import DocGossip
 from meshllm.state.document import MeshState
-from meshllm.state.schema import NodeDeath, NodeStatus
+from meshllm.state.schema import NodeDeath, NodeId, NodeStatus
 from meshllm.transport import (DialPriority, MessageStream, PeerConnection, PeerEvent, QuicEndpoint, Stream,
                                StreamKind)
 from meshllm.transport.errors import AuthError, ErrorCode, Refusal, TransportError
@@ -118,14 +118,14 @@ class Membership:
         self._warned: set[tuple[str, Refusal]] = set()
         self.ring = ring
         self.fingers = tuple(fingers)
-        self._links: tuple[frozenset[str], set[str]] = (frozenset(), set())
+        self._links: tuple[frozenset[NodeId], set[NodeId]] = (frozenset(), set())
         self.tick = tick
         self.confirm_timeout = confirm_timeout
         self.dial_timeout = dial_timeout
         self.dead_redial = dead_redial
         self.clock = clock
         self.rng = rng or random.Random()
-        self._suspects: dict[str, float] = {}
+        self._suspects: dict[NodeId, float] = {}
         self._dials: dict[str, _Dial] = {}
         self._dialing: set[str] = set()
         self._dead_dialing: set[str] = set()
@@ -135,7 +135,7 @@ class Membership:
         self._last_dial_scan = 0.0
 
     @property
-    def node_id(self) -> str:
+    def node_id(self) -> NodeId:
         return self.me.id
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -235,7 +235,7 @@ class Membership:
             return
         await self.gossip.attach(MessageStream(stream))
 
-    def _ring(self, alive: dict[str, NodeStatus]) -> set[str]:
+    def _ring(self, alive: dict[NodeId, NodeStatus]) -> set[NodeId]:
         """The peers this node wants among the ``alive`` nodes: ring neighbours and fingers
         (computed again only when the alive set changes)."""
         members = frozenset(alive) - {self.node_id}
@@ -244,15 +244,15 @@ class Membership:
             self._links = (members, wanted)
         return self._links[1]
 
-    def _wanted_addrs(self, alive: dict[str, NodeStatus], ring: set[str]) -> dict[str, list[str]]:
-        """Peers to be connected to, by node id (seeds by their address until their id is known).
+    def _wanted_addrs(self, alive: dict[NodeId, NodeStatus], ring: set[NodeId]) -> dict[str, list[str]]:
+        """Peers to be connected to, by dial key: node id (seeds ``seed:<address>`` until their id is known).
 
         A seed is known once some node's entry, alive or dead, lists its address, or once a dial to
         it reached a member; from then on it is dialled as that node (a neighbour, or a dead node
         redialled slowly), never again as a seed: when a seed is held dead, every node that joined
         through it would otherwise dial it at once and keep that connection (seen at 100 nodes: 82
         connections to the seed)."""
-        wanted = {nid: alive[nid].addrs for nid in ring}
+        wanted: dict[str, list[str]] = {nid: alive[nid].addrs for nid in ring}
         pending = [s for s in self.seeds if s not in self._seeds_known and s not in self.me.addrs]
         if pending:
             known = {a for node in self.state.nodes().values() for a in node.addrs}
@@ -283,7 +283,7 @@ class Membership:
         wanted = list(self._wanted_addrs(alive, ring).items())
         self.rng.shuffle(wanted)  # dead nodes past the cap below take turns
         for key, addrs in wanted:
-            if key in self._dialing or self.endpoint.peer(key) is not None or not addrs:
+            if key in self._dialing or not self._unconnected(key) or not addrs:
                 continue
             dead = key not in ring and not key.startswith("seed:")
             if dead and len(self._dead_dialing) >= DEAD_DIALS:
@@ -301,7 +301,7 @@ class Membership:
         self._prune(alive, ring)
         self._publish_rtt(now, ring)
 
-    def _prune(self, alive: dict[str, NodeStatus], ring: set[str]) -> None:
+    def _prune(self, alive: dict[NodeId, NodeStatus], ring: set[NodeId]) -> None:
         """Close connections this node dialled and no longer wants: not among its links, idle of
         tunnels, and older than ``PRUNE_AFTER``. These are the links to the seed a node joined
         through (without pruning, the first member of a mesh keeps one to every node that ever
@@ -320,7 +320,8 @@ class Membership:
                 conn.close(ErrorCode.NOT_NEEDED, "not one of the dialer's links")
 
     def _unconnected(self, key: str) -> bool:
-        return self.endpoint.peer(key) is None
+        """No connection to the dial key's node (a ``seed:`` key names none: never connected)."""
+        return self.endpoint.peer(NodeId(key)) is None
 
     def _still_a_link(self, key: str) -> bool:
         return self._unconnected(key) and key in self._links[1]
@@ -373,7 +374,7 @@ class Membership:
                 self._dialing.add(peer)
                 tg.start_soon(self._confirm_death, peer, since)
 
-    async def _confirm_death(self, peer: str, suspected_at: float) -> None:
+    async def _confirm_death(self, peer: NodeId, suspected_at: float) -> None:
         node = self.state.nodes().get(peer)
         health = self.endpoint.health
         started = health.clock()
@@ -421,7 +422,7 @@ class Membership:
                 for key in gone:
                     self.state.remove_worker(key)
 
-    def _publish_rtt(self, now: float, ring: set[str]) -> None:
+    def _publish_rtt(self, now: float, ring: set[NodeId]) -> None:
         """Publish RTTs when the set of connected ring neighbours changed, or (at most every
         ``RTT_REFRESH`` s) when one drifted a lot. Every publication rewrites this node's entry on
         every replica, so republishing jitter (a 1 ms path reading 2 ms) would be most of the

@@ -25,6 +25,8 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
+from meshllm.state.schema import NodeId
+
 __all__ = ["FINGERS", "FINGER_WINDOW", "fingers", "links", "ring_neighbours", "ring_position"]
 
 FINGERS = (0.5, 0.25)  # finger offsets, as fractions of the ring
@@ -32,21 +34,21 @@ FINGER_WINDOW = 0.25  # the arc (a fraction of the ring), centred on each offset
 
 
 @lru_cache(maxsize=8192)
-def ring_position(node_id: str) -> float:
+def ring_position(node_id: NodeId) -> float:
     """Where ``node_id`` sits on the ring, in [0, 1)."""
     digest = hashlib.blake2b(node_id.encode(), digest_size=8, person=b"meshllm-ring").digest()
     return int.from_bytes(digest, "big") / 2**64
 
 
-def _score(me: str, slot: int, member: str) -> bytes:
+def _score(me: NodeId, slot: int, member: NodeId) -> bytes:
     return hashlib.blake2b(f"{me}|{slot}|{member}".encode(), digest_size=8, person=b"meshllm-fngr").digest()
 
 
-def _ring(me: str, members: Iterable[str]) -> list[str]:
+def _ring(me: NodeId, members: Iterable[NodeId]) -> list[NodeId]:
     return sorted(set(members) | {me}, key=lambda m: (ring_position(m), m))
 
 
-def ring_neighbours(me: str, members: Sequence[str], k: int) -> list[str]:
+def ring_neighbours(me: NodeId, members: Sequence[NodeId], k: int) -> list[NodeId]:
     """The ``k`` nearest members on each side of ``me`` on the ring (symmetric: b is a's
     neighbour exactly when a is b's). Everyone else when there are at most ``2k`` of them."""
     ring = _ring(me, members)
@@ -64,8 +66,8 @@ def _arc(a: float, b: float) -> float:
     return min(d, 1.0 - d)
 
 
-def fingers(me: str, members: Sequence[str], *, offsets: Sequence[float] = FINGERS,
-            window: float = FINGER_WINDOW) -> list[str]:
+def fingers(me: NodeId, members: Sequence[NodeId], *, offsets: Sequence[float] = FINGERS,
+            window: float = FINGER_WINDOW) -> list[NodeId]:
     """This node's long links: one member per offset (fewer when two offsets pick the same one).
 
     For each offset, the members within ``window / 2`` of ``me``'s position + offset compete by
@@ -75,7 +77,7 @@ def fingers(me: str, members: Sequence[str], *, offsets: Sequence[float] = FINGE
     if not others:
         return []
     here = ring_position(me)
-    chosen: list[str] = []
+    chosen: list[NodeId] = []
     for slot, offset in enumerate(offsets):
         target = (here + offset) % 1.0
         near = [m for m in others if _arc(ring_position(m), target) <= window / 2]
@@ -88,8 +90,8 @@ def fingers(me: str, members: Sequence[str], *, offsets: Sequence[float] = FINGE
     return chosen
 
 
-def links(me: str, members: Sequence[str], *, ring: int, offsets: Sequence[float] = FINGERS,
-          window: float = FINGER_WINDOW) -> set[str]:
+def links(me: NodeId, members: Sequence[NodeId], *, ring: int, offsets: Sequence[float] = FINGERS,
+          window: float = FINGER_WINDOW) -> set[NodeId]:
     """The peers ``me`` wants connections to: its ring neighbours and its fingers."""
     wanted = set(ring_neighbours(me, members, ring))
     if len(wanted) < len(set(members) - {me}):  # a small mesh is fully connected by the ring alone

@@ -36,6 +36,7 @@ from pycrdt import (
 
 from meshllm.gossip.channel import MessageChannel
 from meshllm.gossip.digest import DIGEST_SIZE, state_digest
+from meshllm.state.schema import NodeId
 
 __all__ = ["DocGossip", "GossipStats"]
 
@@ -61,7 +62,7 @@ class GossipStats:
 
 @dataclass
 class _Session:
-    peer_id: str
+    peer_id: NodeId
     outbox: MemoryObjectSendStream[bytes]
     resync: bool = False
     synced: anyio.Event = field(default_factory=anyio.Event)
@@ -70,7 +71,7 @@ class _Session:
 class DocGossip:
     """Keeps one ``Doc`` in sync with the replicas of the peers attached to it."""
 
-    def __init__(self, doc: Doc[Any], *, node_id: str, anti_entropy: float = 5.0, outbox_size: int = 256,
+    def __init__(self, doc: Doc[Any], *, node_id: NodeId, anti_entropy: float = 5.0, outbox_size: int = 256,
                  rng: random.Random | None = None) -> None:
         self.doc = doc
         self.node_id = node_id
@@ -78,10 +79,10 @@ class DocGossip:
         self.outbox_size = outbox_size
         self.rng = rng or random.Random()
         self.stats = GossipStats()
-        self.sessions: dict[str, _Session] = {}
+        self.sessions: dict[NodeId, _Session] = {}
         # While a peer's message is applied: (peer id, sync message type). Change observers read it
         # to tell which path delivered a change (a flooded update, or a step 2 repairing a gap).
-        self.delivering: tuple[str, int] | None = None
+        self.delivering: tuple[NodeId, int] | None = None
         self._digest: bytes | None = None  # of the current state; None once the doc changed
         self._subscription = doc.observe(self._on_transaction)
 

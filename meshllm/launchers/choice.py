@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from meshllm.engine.catalog import CatalogEntry, catalog
 from meshllm.engine.models import canonical_name
 from meshllm.errors import MeshError
+from meshllm.state.schema import ModelName
 
 __all__ = ["ModelRank", "choose_model", "parameter_count", "rank"]
 
@@ -44,7 +45,7 @@ class ModelRank:
     """Why a model ranks where it does: 2 tool-capable, 1 unknown, 0 without tool calls; parameters;
     catalog bytes."""
 
-    name: str
+    name: ModelName
     tools: int
     parameters: float
     size_bytes: int
@@ -58,14 +59,14 @@ def _entry(name: str, entries: Sequence[CatalogEntry]) -> CatalogEntry | None:
     return next((e for e in entries if e.name.lower() == wanted), None)
 
 
-def rank(name: str, *, entries: Sequence[CatalogEntry] | None = None) -> ModelRank:
+def rank(name: ModelName, *, entries: Sequence[CatalogEntry] | None = None) -> ModelRank:
     entry = _entry(name, catalog() if entries is None else entries)
     tools = 1 if entry is None else 2 if entry.tools else 0
     return ModelRank(name, tools, parameter_count(name), entry.size_bytes if entry else 0)
 
 
-def choose_model(served: Sequence[str], wanted: str = "", *,
-                 entries: Sequence[CatalogEntry] | None = None) -> str:
+def choose_model(served: Sequence[ModelName], wanted: str = "", *,
+                 entries: Sequence[CatalogEntry] | None = None) -> ModelName:
     """``wanted`` when the mesh serves it, else (no ``wanted``) the strongest served model by the rule
     above. Raises MeshError when nothing is served or ``wanted`` is not."""
     if not served:

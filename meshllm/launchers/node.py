@@ -34,6 +34,7 @@ import httpx
 
 from meshllm.engine.models import canonical_name
 from meshllm.errors import MeshError
+from meshllm.state.schema import ModelName
 from meshllm.store.mesh import JOIN_ENV, MESH_FILE, InviteToken, MeshCredentials, join_arguments, load_peers
 
 __all__ = ["ClientNode", "Sessions", "join_token", "probe", "wait_served"]
@@ -48,7 +49,7 @@ def _headers(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def probe(port: int, key: str | None) -> list[str] | None:
+def probe(port: int, key: str | None) -> list[ModelName] | None:
     """The models the node on ``port`` routes; None when nothing listens there."""
     url = f"http://127.0.0.1:{port}/v1/models"
     try:
@@ -61,7 +62,7 @@ def probe(port: int, key: str | None) -> list[str] | None:
         raise MeshError(f"the node on port {port} requires an API key" + (" and refused this one" if key else "")
                         + ": pass --api-key KEY or set MESHLLM_API_KEY (`meshllm keys add` creates one)")
     try:
-        return [str(m["id"]) for m in response.json()["data"]]
+        return [ModelName(str(m["id"])) for m in response.json()["data"]]
     except (ValueError, KeyError, TypeError):
         raise MeshError(f"port {port} is held by something that is not a meshllm node (GET /v1/models answered "
                         f"{response.status_code}); pass another --port") from None
@@ -239,12 +240,12 @@ class Sessions:
 
 
 def wait_served(port: int, key: str | None, *, wanted: str = "", timeout: float,
-                node: ClientNode | None = None) -> list[str]:
+                node: ClientNode | None = None) -> list[ModelName]:
     """The models the node on ``port`` routes, once it routes one (and ``wanted``, or ``SETTLE`` seconds
     passed since it listed others). Raises MeshError when the node ends or ``timeout`` passes first."""
     deadline = time.monotonic() + timeout
     first_listed: float | None = None
-    served: list[str] = []
+    served: list[ModelName] = []
     while True:
         if node is not None:
             node.check_alive()

@@ -37,6 +37,7 @@ from types import MappingProxyType
 from typing import Any
 
 from meshllm.errors import MeshError
+from meshllm.state.schema import ModelName
 
 __all__ = ["CLIENT_KEY_ENV", "TOOLS", "Prepared", "Target", "Tool"]
 
@@ -51,8 +52,8 @@ class Target:
     """Where the agent is pointed: the node's port, the model, every served model, the key."""
 
     port: int
-    model: str
-    models: tuple[str, ...]
+    model: ModelName
+    models: tuple[ModelName, ...]
     key: str
 
     @property

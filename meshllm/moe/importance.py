@@ -20,15 +20,18 @@ different model never does. The default calibration
 text is the Python documentation that ships with every Python (``pydoc_data.topics``: English prose with
 code), so no download is needed.
 
-Replication: one node computes the counts (the node that resolves the model, from its own copy); the spec
-it writes carries the per-layer order (``ModelSpec.expert_ranks``), which is all the planner needs, so every
-node deals the same experts without the statistics. The counts themselves travel, when wanted, as
-``to_blob`` (a few kilobytes: zlib-compressed JSON, base64) that ``store_blob`` writes into another node's
-cache.
+Replication: one node of the mesh computes the counts, automatically, once per model file: the node holding the
+lowest expert-shard slot of the model (``reconcile.importance``), from its own copy, unless its cache has them
+already. It writes them into the state document (``ExpertImportance``, keyed by the file's fingerprint:
+``encode_counts``, one short line of integers per MoE layer), and every node writing a shard reads the order from
+there, so every node deals the same experts. A node that resolves a model whose counts are in its own cache
+also writes the order into the spec (``ModelSpec.expert_ranks``), which then wins. The counts also travel as
+``to_blob`` (zlib-compressed JSON, base64) that ``store_blob`` writes into another node's cache.
 
-Fallback order (the first that exists wins):
-1. routing statistics computed for this exact file (matched by its fingerprint) in the node's cache;
-2. none: ``load_importance`` returns None and the planner ranks every layer's experts by id
+Order of the experts, for a shard (the first that exists wins):
+1. ``ModelSpec.expert_ranks`` (the resolving node had statistics cached, or a manifest names the order);
+2. the document's ``ExpertImportance`` of the file, once ready; shards wait for it while it is computed;
+3. none (the computation failed: ``ExpertImportance.message`` says why): every layer's experts by id
    (0, 1, 2, ...), an order every node computes alike. ``expert_ranks`` turns either into ranks.
 """
 
@@ -43,10 +46,12 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import gguf
 
@@ -56,9 +61,9 @@ from meshllm.engine.tensors import file_table, hash_tensors
 from meshllm.errors import ModelError
 
 __all__ = [
-    "IMATRIX_BINARY", "ImatrixRun", "RoutingStats", "calibration_text", "compute_routing_stats", "counts_from_imatrix",
-    "expert_ranks", "from_blob", "load_importance", "model_key", "read_stats", "skew", "stats_folder", "stats_path",
-    "store_blob", "to_blob",
+    "IMATRIX_BINARY", "ImatrixCancelled", "ImatrixRun", "RoutingStats", "calibration_text", "compute_routing_stats", "counts_from_imatrix",
+    "decode_counts", "encode_counts", "expert_ranks", "from_blob", "load_importance", "model_key", "read_stats",
+    "routing_mass", "skew", "stats_folder", "stats_path", "store_blob", "to_blob",
 ]
 
 IMATRIX_BINARY = "llama-imatrix"
@@ -160,6 +165,37 @@ def expert_ranks(importance: list[list[float]] | None, *, n_layer: int, n_expert
     return ranks
 
 
+def encode_counts(counts: Mapping[int, Sequence[int]]) -> list[str]:
+    """Counts per layer as the document holds them: ``"<layer>:<c0>,<c1>,..."``, in layer order."""
+    return [f"{layer}:{','.join(map(str, row))}" for layer, row in sorted(counts.items())]
+
+
+def decode_counts(lines: Sequence[str]) -> dict[int, tuple[int, ...]]:
+    """``encode_counts`` read back; ``ValueError`` for anything else (a damaged entry from a peer)."""
+    counts: dict[int, tuple[int, ...]] = {}
+    for line in lines:
+        layer, sep, row = line.partition(":")
+        values = tuple(int(c) for c in row.split(",")) if row else ()
+        if not sep or not layer.isdigit() or any(c < 0 for c in values):
+            raise ValueError(f"not a layer's expert counts: {line[:40]!r}")
+        counts[int(layer)] = values
+    return counts
+
+
+def routing_mass(counts: Mapping[int, Sequence[int]], kept: Mapping[int, Sequence[int]]) -> tuple[float, float] | None:
+    """The share of calibration routing selections that went to experts a shard keeps: the mean over its MoE layers
+    and the lowest layer's. 1.0 for every expert; a token routed to a dropped expert goes to the next best kept one,
+    so this is how much of the routing a shard serves as the whole model would. None without counts for a layer."""
+    shares = []
+    for layer, experts in kept.items():
+        row = counts.get(layer, ())
+        total = sum(row)
+        if not total or any(e >= len(row) for e in experts):
+            return None
+        shares.append(sum(row[e] for e in set(experts)) / total)
+    return (sum(shares) / len(shares), min(shares)) if shares else None
+
+
 def counts_from_imatrix(path: Path) -> dict[int, tuple[int, ...]]:
     """Selections per expert of each MoE layer, read from a ``llama-imatrix`` GGUF output file.
 
@@ -198,10 +234,36 @@ class ImatrixRun:
     timeout_s: float = 1800.0
 
 
+class ImatrixCancelled(Exception):
+    """The node stopped while llama-imatrix ran (the process was killed)."""
+
+
+def _run(cmd: list[str], log: IO[bytes], *, timeout_s: float, cancelled: Callable[[], bool], what: str) -> int:
+    """Run ``cmd`` in its own session, its output to ``log``; killed on timeout or when ``cancelled()``."""
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                if cancelled():
+                    raise ImatrixCancelled(what) from None
+                if time.monotonic() > deadline:
+                    raise ModelError(f"{what} took longer than {timeout_s:.0f} s") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def compute_routing_stats(model: Path, *, engine_dir: Path, text: str | None = None, run: ImatrixRun = ImatrixRun(),
-                          fingerprint: str | None = None, cache: bool = True) -> RoutingStats:
+                          fingerprint: str | None = None, cache: bool = True,
+                          cancelled: Callable[[], bool] = lambda: False) -> RoutingStats:
     """Run ``llama-imatrix`` on ``model`` over ``text`` (default ``calibration_text()``) and return the counts,
-    cached (``stats_path``) unless ``cache`` is False. Blocking: call it from a worker thread.
+    cached (``stats_path``) unless ``cache`` is False. Blocking: call it from a worker thread; ``cancelled``
+    is polled, and stops the run (``ImatrixCancelled``).
 
     ``ModelError`` when the engine has no ``llama-imatrix`` or the run fails (its log's last lines say why)."""
     binary = engine_dir / IMATRIX_BINARY
@@ -217,13 +279,10 @@ def compute_routing_stats(model: Path, *, engine_dir: Path, text: str | None = N
         if run.threads:
             cmd += ["-t", str(run.threads)]
         with (folder / "imatrix.log").open("wb") as log:
-            try:
-                done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=run.timeout_s, check=False)
-            except subprocess.TimeoutExpired:
-                raise ModelError(f"llama-imatrix on {model.name} took longer than {run.timeout_s:.0f} s") from None
-        if done.returncode != 0 or not (folder / "out.gguf").is_file():
+            code = _run(cmd, log, timeout_s=run.timeout_s, cancelled=cancelled, what=f"llama-imatrix on {model.name}")
+        if code != 0 or not (folder / "out.gguf").is_file():
             tail = (folder / "imatrix.log").read_text(errors="replace").strip().splitlines()[-3:]
-            raise ModelError(f"llama-imatrix on {model.name} failed (exit {done.returncode}): {' | '.join(tail)}")
+            raise ModelError(f"llama-imatrix on {model.name} failed (exit {code}): {' | '.join(tail)}")
         counts = counts_from_imatrix(folder / "out.gguf")
     stats = RoutingStats(fingerprint=fingerprint, selections=max(sum(row) for row in counts.values()), counts=counts)
     if cache:

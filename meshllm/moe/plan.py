@@ -26,6 +26,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from meshllm.state.schema import NodeId
+
 __all__ = [
     "CORE_FRACTION", "FIT_FACTOR", "NoShards", "ShardLayout", "composition_digest", "core_size", "experts_per_shard",
     "plan_layout", "shard_experts",
@@ -45,7 +47,7 @@ class ShardLayout:
     core: int
     copies: int
     shard_bytes: int
-    nodes: tuple[str, ...]
+    nodes: tuple[NodeId, ...]
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def experts_per_shard(n_expert: int, core: int, shards: int, copies: int) -> int
     return min(n_expert, core + math.ceil(copies * (n_expert - core) / shards))
 
 
-def plan_layout(*, n_expert: int, n_used: int, trunk_bytes: int, expert_bytes: int, capacities: Mapping[str, int],
+def plan_layout(*, n_expert: int, n_used: int, trunk_bytes: int, expert_bytes: int, capacities: Mapping[NodeId, int],
                 core_fraction: float = CORE_FRACTION) -> ShardLayout | NoShards:
     """The shard count, size and nodes for a model of this shape over nodes with these free capacities."""
     core = core_size(n_expert, n_used, core_fraction)

@@ -31,7 +31,7 @@ from meshllm.node.config import NodeConfig
 from meshllm.node.discovery import resolve_join
 from meshllm.node.http import bind_socket
 from meshllm.node.node import Node
-from meshllm.state.schema import ModelOrigin, ModelSpec
+from meshllm.state.schema import ModelOrigin, ModelSpec, NodeId
 from meshllm.store.db import NodeStore
 from meshllm.store.identity import load_identity
 from meshllm.store.lock import hold_state_dir
@@ -84,7 +84,7 @@ def _header_fingerprint(file: HubFile, size: int) -> str:
         return ""
 
 
-def desired_models(config: NodeConfig, node_id: str, now: float) -> list[ModelSpec]:
+def desired_models(config: NodeConfig, node_id: NodeId, now: float) -> list[ModelSpec]:
     """The ``--model`` arguments as desired state pinned to this node; fails fast on a bad one."""
     if config.client and config.models:
         raise MeshError("--client nodes serve no models; drop --client or --model")

@@ -22,6 +22,7 @@ from meshllm.gossip.board import BoardGossip
 from meshllm.node.config import NodeConfig
 from meshllm.reconcile.board import BoardKeeper
 from meshllm.state.board import Board, RateLimit
+from meshllm.state.schema import NodeId
 from meshllm.store.board import load_board_snapshot, save_board_snapshot
 from meshllm.transport import QuicEndpoint
 
@@ -60,7 +61,7 @@ class NodeBlackboard:
     api: BlackboardAPI
 
     @classmethod
-    def for_node(cls, config: NodeConfig, endpoint: QuicEndpoint, *, node_id: str, node_name: str) -> NodeBlackboard:
+    def for_node(cls, config: NodeConfig, endpoint: QuicEndpoint, *, node_id: NodeId, node_name: str) -> NodeBlackboard:
         board = _load(config)
         gossip = BoardGossip(board, endpoint, node_id=node_id)
         keeper = BoardKeeper(board, save=partial(save_board_snapshot, config.state_dir))

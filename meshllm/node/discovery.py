@@ -24,6 +24,7 @@ from meshllm.errors import MeshError
 from meshllm.node.config import NodeConfig
 from meshllm.node.mesh import MeshRuntime
 from meshllm.state.document import MeshState
+from meshllm.state.schema import ModelName, NodeId
 
 __all__ = ["directory_for", "publisher_for", "resolve_join"]
 
@@ -56,17 +57,17 @@ async def resolve_join(config: NodeConfig, *, announce: Callable[[str], None] = 
     return dataclasses.replace(config, joins=(c.token,))
 
 
-def _model_name(source: str) -> str:
+def _model_name(source: str) -> ModelName:
     """The name a listing uses for ``--model`` (a path's file stem, as the mesh names models)."""
     if not source:
-        return ""
+        return ModelName("")
     try:
-        return resolve_model(source).name
+        return ModelName(resolve_model(source).name)
     except MeshError:  # a model this machine lacks: its name, as the listings spell it
-        return source
+        return ModelName(source)
 
 
-def publisher_for(config: NodeConfig, state: MeshState, mesh: MeshRuntime, *, node_id: str) -> Publisher | None:
+def publisher_for(config: NodeConfig, state: MeshState, mesh: MeshRuntime, *, node_id: NodeId) -> Publisher | None:
     """The component that lists a ``--publish``/``--mesh-name`` mesh; None for a private mesh."""
     if not (config.publish or config.mesh_name):
         return None

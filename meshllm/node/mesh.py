@@ -29,7 +29,7 @@ from meshllm.gossip.membership import JoinRefused, Membership, parse_addr
 from meshllm.gossip.sync import DocGossip
 from meshllm.node.lifecycle import Lifecycle
 from meshllm.state.document import MeshState
-from meshllm.state.schema import NodeStatus
+from meshllm.state.schema import NodeId, NodeStatus
 from meshllm.store.identity import NodeIdentity
 from meshllm.store.mesh import (MESH_FILE, InviteToken, MeshCredentials, load_or_create_mesh, load_peers,
                                 save_mesh, save_peers)
@@ -223,7 +223,7 @@ class MeshRuntime:
         """The invite token others join this mesh with: its credentials and this node's addresses."""
         return InviteToken(self.creds, tuple(self.me.addrs)).encode()
 
-    async def connect(self, node_id: str) -> PeerConnection:
+    async def connect(self, node_id: NodeId) -> PeerConnection:
         """The connection to ``node_id``, dialling its advertised addresses if none is up."""
         conn = self.endpoint.peer(node_id)
         if conn is None:

@@ -19,16 +19,16 @@ import anyio
 from anyio.abc import TaskStatus
 
 from meshllm.state.document import Changed, MeshState
-from meshllm.state.schema import ModelOrigin, ModelSpec
+from meshllm.state.schema import ModelName, ModelOrigin, ModelSpec, NodeId
 
 __all__ = ["NameWatch", "taken_by"]
 
 log = logging.getLogger(__name__)
 
-Recorder = Callable[[str, str, str], Awaitable[object]]  # (model, reason, message): an event on the model
+Recorder = Callable[[ModelName, str, str], Awaitable[object]]  # (model, reason, message): an event on the model
 
 
-def taken_by(entry: ModelSpec | None, *, node_id: str) -> str | None:
+def taken_by(entry: ModelSpec | None, *, node_id: NodeId) -> str | None:
     """Who holds the mesh's entry ``entry`` when it is not this node's ``--model``; None when it is
     this node's own (or there is none)."""
     if entry is None or (entry.origin is ModelOrigin.NODE and entry.owner == node_id):
@@ -41,19 +41,19 @@ def taken_by(entry: ModelSpec | None, *, node_id: str) -> str | None:
 class NameWatch:
     """Watches this node's ``--model`` names in the document and reports each one taken, once."""
 
-    def __init__(self, state: MeshState, *, node_id: str, specs: Sequence[ModelSpec],
+    def __init__(self, state: MeshState, *, node_id: NodeId, specs: Sequence[ModelSpec],
                  announce: Callable[[str], None], record: Recorder) -> None:
         self.state = state
         self.node_id = node_id
         self.specs = tuple(specs)
         self.announce = announce
         self.record = record
-        self.reported: set[str] = set()
+        self.reported: set[ModelName] = set()
 
-    def conflicts(self) -> dict[str, str]:
+    def conflicts(self) -> dict[ModelName, str]:
         """Each of this node's ``--model`` names that the mesh holds for someone else, with the message."""
         models = self.state.models()
-        found: dict[str, str] = {}
+        found: dict[ModelName, str] = {}
         for spec in self.specs:
             holder = taken_by(models.get(spec.name), node_id=self.node_id)
             if holder is not None:

@@ -58,6 +58,7 @@ from meshllm.engine.capacity import detect_capacity
 from meshllm.engine.models import looks_like_path, models_dir
 from meshllm.engine.rpc_auth import rpc_key
 from meshllm.engine.sources import SourcePolicy
+from meshllm.moe.importance import ImatrixRun
 from meshllm.node.blackboard import NodeBlackboard
 from meshllm.node.names import NameWatch, taken_by
 from meshllm.node.config import NodeConfig
@@ -70,6 +71,7 @@ from meshllm.reconcile.demand import DemandRecorder, GarbageCollector
 from meshllm.reconcile.leases import PlacementController
 from meshllm.reconcile.runtime import Runner
 from meshllm.reconcile.downloads import Downloads
+from meshllm.reconcile.importance import ExpertImportanceController, ImatrixCounter
 from meshllm.reconcile.served import ServedModelController
 from meshllm.reconcile.shares import ShareFetches
 from meshllm.reconcile.shards import ExpertShardController
@@ -78,7 +80,7 @@ from meshllm.reconcile.timing import Backoff
 from meshllm.reconcile.workers import WorkerController
 from meshllm.state.document import MeshState
 from meshllm.state.manifest import Manifest
-from meshllm.state.schema import GpuShare, ModelSpec, NodeRole, NodeStatus, server_key
+from meshllm.state.schema import GpuShare, ModelName, ModelSpec, NodeId, NodeRole, NodeStatus, server_key
 from meshllm.store.admin import load_or_create_admin_token
 from meshllm.store.db import AppliedManifest, NodeStore
 from meshllm.store.identity import NodeIdentity
@@ -105,9 +107,9 @@ def source_policy(config: NodeConfig) -> SourcePolicy:
     return SourcePolicy.for_node(allowed=config.allow_models, model_files=files)
 
 
-def store_hooks(store: NodeStore, node_id: str) -> tuple[EventSource, AppliedHook]:
+def store_hooks(store: NodeStore, node_id: NodeId) -> tuple[EventSource, AppliedHook]:
     """The store as the control API wants it: a model's events, and a keeper of applied manifests."""
-    async def events(model: str, /) -> list[dict[str, Any]]:
+    async def events(model: ModelName, /) -> list[dict[str, Any]]:
         rows = await store.events(model, limit=20)
         return [{"at": e.at, "type": "Normal" if e.level == "info" else "Warning", "reason": e.reason,
                  "message": e.message, "node": node_id} for e in reversed(rows)]
@@ -184,7 +186,7 @@ class Node:
                      HttpApi(status_app, host=config.host, port=config.console_port, what="console API",
                              on_stop=self.events.close))
 
-    def _silence(self, node: str) -> float | None:
+    def _silence(self, node: NodeId) -> float | None:
         """Seconds since this node heard from ``node`` (the proxy moves requests off a silent one)."""
         conn = self.mesh.endpoint.peer(node)
         return conn.silent_for if conn is not None else None
@@ -216,8 +218,10 @@ class Node:
                                    backoff=backoff, bind_host=bind_host, direct_host=direct_host,
                                    shares=self.shares)
         placement = PlacementController(state, node_id=node_id, incarnation=self.mesh.incarnation, store=store)
-        runner = Runner(state, [placement, served, shards, workers, GarbageCollector(state, node_id=node_id)],
-                        supervisor=supervisor, backoff=backoff)
+        importance = ExpertImportanceController(state, node_id=node_id, store=store, counter=ImatrixCounter(
+            engine_dir, ImatrixRun(threads=config.threads)))
+        runner = Runner(state, [placement, importance, served, shards, workers,
+                                GarbageCollector(state, node_id=node_id)], supervisor=supervisor, backoff=backoff)
         return runner, workers
 
     def _me(self, client: bool) -> NodeStatus:
@@ -229,7 +233,7 @@ class Node:
                           role=NodeRole.CLIENT if client else NodeRole.SERVER, api_url=self.api_url,
                           version=__version__, started_at=now, incarnation=now)
 
-    def _direct_address(self, worker: str, model: str) -> str | None:
+    def _direct_address(self, worker: NodeId, model: ModelName) -> str | None:
         status = self.state.workers().get(server_key(worker, model))
         return status.direct or None if status is not None else None
 

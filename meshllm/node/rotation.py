@@ -29,7 +29,7 @@ from meshllm.node.mesh import MeshRuntime
 from meshllm.reconcile.supervisor import Supervisor
 from meshllm.reconcile.workers import RPC_RECORD_PREFIX, WorkerController
 from meshllm.state.document import Changed, MeshState
-from meshllm.state.schema import KeyRotation as RotationEntry
+from meshllm.state.schema import KeyRotation as RotationEntry, NodeId
 from meshllm.store.mesh import MeshCredentials
 from meshllm.store.rotation import follow, seal
 from meshllm.tunnels.rpc import RpcTunnelClient
@@ -48,7 +48,7 @@ class Adopt(Protocol):
 class KeyRotation:
     """Follows the chain of key rotations in the document from the credentials this node started with."""
 
-    def __init__(self, state: MeshState, *, node_id: str, creds: MeshCredentials, adopt: Adopt,
+    def __init__(self, state: MeshState, *, node_id: NodeId, creds: MeshCredentials, adopt: Adopt,
                  clock: Callable[[], float] = time.time) -> None:
         self.state = state
         self.node_id = node_id
@@ -102,7 +102,7 @@ class KeyRotation:
         return await self.sync()
 
 
-def rekey_splits(secret: bytes, *, state: MeshState, node_id: str, tunnels: RpcTunnelClient,
+def rekey_splits(secret: bytes, *, state: MeshState, node_id: NodeId, tunnels: RpcTunnelClient,
                  workers: WorkerController | None, supervisor: Supervisor | None) -> list[str]:
     """Split processes hold the RPC key derived from the old secret: give the new key to whatever starts
     them next and stop the running ones (this node's rpc-servers and the llama-servers of the splits it

@@ -9,6 +9,7 @@ from meshllm.reconcile.leases import PlacementController
 from meshllm.reconcile.placement import conditions
 from meshllm.reconcile.runtime import Runner
 from meshllm.reconcile.served import ServedModelController
+from meshllm.reconcile.importance import ExpertImportanceController
 from meshllm.reconcile.shards import ExpertShardController
 from meshllm.reconcile.shares import ShareFetches
 from meshllm.reconcile.supervisor import (
@@ -27,6 +28,7 @@ __all__ = [
     "BoardKeeper",
     "DemandRecorder",
     "Downloads",
+    "ExpertImportanceController",
     "ExpertShardController",
     "GarbageCollector",
     "LaunchSpec",

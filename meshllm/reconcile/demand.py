@@ -9,8 +9,9 @@ mesh's demand: placement keeps a model wanted while it lasts and adds replicas t
 past their ``expires_at`` are ignored by everyone and removed by the janitor.
 
 The janitor (``GarbageCollector``) runs on the live server node with the smallest id: per model, it
-removes expired demand entries, the leases of a model that is gone, and the failures (server and
-worker statuses) of a model that is gone. A ``--model`` spec whose node left stays (unwanted once its
+removes expired demand entries, the leases of a model that is gone, the failures (server and
+worker statuses) of a model that is gone, and the routing statistics of its file (``ExpertImportance``:
+the node that computed them keeps them in its cache, and publishes them again if the file comes back). A ``--model`` spec whose node left stays (unwanted once its
 demand runs out, and shown so) until that node returns or someone drops it: deleting it would race
 with its node rewriting it when a partition heals.
 """
@@ -26,7 +27,9 @@ from anyio.abc import TaskStatus
 from meshllm.reconcile.supervisor import PROCESSES
 from meshllm.reconcile.timing import Clock, SystemClock
 from meshllm.state.document import Changed, MeshState
-from meshllm.state.schema import DemandEntry, NodeRole, ServerPhase
+from meshllm.state.schema import (
+    DemandEntry, ModelName, NodeId, NodeRole, ServerPhase, lease_model, parse_demand_key, parse_server_key,
+)
 
 __all__ = ["DEFAULT_TTL", "DemandRecorder", "Garbage", "GarbageCollector", "Recheck", "Remove", "plan_garbage"]
 
@@ -43,16 +46,16 @@ class _Tally:
 
 
 class DemandRecorder:
-    def __init__(self, state: MeshState, *, node_id: str, ttl: float = DEFAULT_TTL, flush_every: float = 2.0,
+    def __init__(self, state: MeshState, *, node_id: NodeId, ttl: float = DEFAULT_TTL, flush_every: float = 2.0,
                  clock: Clock | None = None) -> None:
         self.state = state
         self.node_id = node_id
         self.ttl = ttl
         self.flush_every = flush_every
         self.clock = clock or SystemClock()
-        self._tallies: dict[str, _Tally] = {}
+        self._tallies: dict[ModelName, _Tally] = {}
 
-    def note(self, model: str) -> None:
+    def note(self, model: ModelName) -> None:
         """One request for ``model`` arrived here. Never raises; cheap enough for every request."""
         now = self.clock.now()
         tally = self._tallies.setdefault(model, _Tally())
@@ -60,7 +63,7 @@ class DemandRecorder:
         tally.last_active = now
         tally.recent.append(now)
 
-    def rate(self, model: str, now: float) -> float:
+    def rate(self, model: ModelName, now: float) -> float:
         tally = self._tallies.get(model)
         if tally is None:
             return 0.0
@@ -100,6 +103,7 @@ class Garbage:
     demand: tuple[tuple[str, float], ...] = ()  # (key, expires_at)
     failed_servers: tuple[str, ...] = ()
     failed_workers: tuple[str, ...] = ()
+    importance: tuple[str, ...] = ()  # routing statistics computed for the model's file
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,7 @@ def plan_garbage(desired: bool, actual: Garbage, now: float) -> list[Remove | Re
         actions += [Remove("leases", key) for key in actual.leases]
         actions += [Remove("servers", key) for key in actual.failed_servers]  # a failure of a model nobody wants
         actions += [Remove("workers", key) for key in actual.failed_workers]
+        actions += [Remove("importance", key) for key in actual.importance]  # the computing node keeps a copy
     later = [expires for _, expires in actual.demand if expires > now]
     if later:
         actions.append(Recheck(min(later)))
@@ -134,39 +139,42 @@ class GarbageCollector:
 
     name = "janitor"
 
-    def __init__(self, state: MeshState, *, node_id: str) -> None:
+    def __init__(self, state: MeshState, *, node_id: NodeId) -> None:
         self.state = state
         self.node_id = node_id
 
-    def keys(self) -> set[str]:
+    def keys(self) -> set[ModelName]:
         state = self.state
         return (set(state.models()) | {x.model for x in state.leases().values()}
                 | {x.model for x in state.demand().values()} | {x.model for x in state.servers().values()}
-                | {x.model for x in state.workers().values()})
+                | {x.model for x in state.workers().values()} | {x.model for x in state.importance().values()})
 
-    def keys_for(self, change: Changed) -> set[str]:
+    def keys_for(self, change: Changed) -> set[ModelName]:
         table, key = change
         if table == PROCESSES:
             return set()
         if key is None or table in ("nodes", "deaths"):  # who the janitor is may have changed
             return self.keys()
         if table == "leases":
-            return {key.rpartition("#")[0]}
+            return {lease_model(key)}
         if table == "demand":
-            return {key.rpartition("/")[0]}
+            return {parse_demand_key(key)[0]}
         if table in ("servers", "workers"):
-            return {key.partition("/")[2]}
-        return {key} if table == "models" else set()
+            return {parse_server_key(key)[1]}
+        if table == "importance":
+            entry = self.state.importance().get(key)
+            return {entry.model} if entry is not None else set()
+        return {ModelName(key)} if table == "models" else set()
 
     def _is_janitor(self) -> bool:
         """Whether this node is the live server node with the smallest id (clients run no controllers)."""
         servers = [nid for nid, node in self.state.alive_nodes().items() if node.role is NodeRole.SERVER]
         return min(servers, default=None) == self.node_id
 
-    async def desired(self, model: str) -> bool:
+    async def desired(self, model: ModelName) -> bool:
         return model in self.state.models()
 
-    async def actual(self, model: str, desired: bool, now: float) -> Garbage:
+    async def actual(self, model: ModelName, desired: bool, now: float) -> Garbage:
         state = self.state
         return Garbage(
             janitor=self._is_janitor(),
@@ -175,12 +183,13 @@ class GarbageCollector:
             failed_servers=tuple(k for k, x in state.servers().items()
                                  if x.model == model and x.phase is ServerPhase.FAILED),
             failed_workers=tuple(k for k, x in state.workers().items()
-                                 if x.model == model and x.phase is ServerPhase.FAILED))
+                                 if x.model == model and x.phase is ServerPhase.FAILED),
+            importance=tuple(k for k, x in state.importance().items() if x.model == model))
 
     def plan(self, desired: bool, actual: Garbage, now: float) -> list[Remove | Recheck]:
         return plan_garbage(desired, actual, now)
 
-    async def apply(self, model: str, action: Remove | Recheck, now: float) -> float | None:
+    async def apply(self, model: ModelName, action: Remove | Recheck, now: float) -> float | None:
         match action:
             case Remove("demand", key):
                 self.state.remove_demand(key)
@@ -190,6 +199,8 @@ class GarbageCollector:
                 self.state.remove_server(key)
             case Remove("workers", key):
                 self.state.remove_worker(key)
+            case Remove("importance", key):
+                self.state.remove_importance(key)
             case Recheck(until):
                 return until - now
         return None

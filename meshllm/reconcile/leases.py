@@ -23,7 +23,7 @@ from meshllm.reconcile.placement import Placement, Slot, current_plan
 from meshllm.reconcile.supervisor import PROCESSES
 from meshllm.reconcile.timing import Clock, SystemClock
 from meshllm.state.document import Changed, MeshState
-from meshllm.state.schema import PlacementLease, lease_key
+from meshllm.state.schema import ModelName, NodeId, PlacementLease, lease_key
 from meshllm.store.db import NodeStore
 
 __all__ = ["DesiredLeases", "PlacementController", "Release", "Take", "plan_leases"]
@@ -37,8 +37,8 @@ PLAN_TTL = 1.0  # seconds a computed plan serves while the document does not cha
 class DesiredLeases:
     """The slots of ``model`` the plan gives this node, and whether the mesh wants the model at all."""
 
-    model: str
-    node: str
+    model: ModelName
+    node: NodeId
     incarnation: float
     slots: tuple[Slot, ...] = ()
     wanted: bool = False
@@ -91,7 +91,7 @@ class PlacementController:
 
     name = "placement"
 
-    def __init__(self, state: MeshState, *, node_id: str, incarnation: Callable[[], float],
+    def __init__(self, state: MeshState, *, node_id: NodeId, incarnation: Callable[[], float],
                  store: NodeStore | None = None, clock: Clock | None = None) -> None:
         self.state = state
         self.store = store
@@ -101,11 +101,11 @@ class PlacementController:
         self._version = 0  # document changes heard
         self._cached: tuple[int, float, Placement] | None = None
 
-    def keys(self) -> set[str]:
+    def keys(self) -> set[ModelName]:
         return set(self.state.models()) | {lease.model for lease in self.state.leases().values()
                                            if lease.node == self.node_id}
 
-    def keys_for(self, change: Changed) -> set[str]:
+    def keys_for(self, change: Changed) -> set[ModelName]:
         if change.table == PROCESSES:
             return set()
         self._version += 1
@@ -121,20 +121,20 @@ class PlacementController:
         self._cached = (self._version, now, plan)
         return plan
 
-    async def desired(self, model: str) -> DesiredLeases:
+    async def desired(self, model: ModelName) -> DesiredLeases:
         now = self.clock.now()
         plan = self._plan(now)
         return DesiredLeases(model=model, node=self.node_id, incarnation=self.incarnation(),
                              slots=tuple(s for s in plan.slots_of(self.node_id) if s.model == model),
                              wanted=model in plan.wanted)
 
-    async def actual(self, model: str, desired: DesiredLeases, now: float) -> dict[str, PlacementLease]:
+    async def actual(self, model: ModelName, desired: DesiredLeases, now: float) -> dict[str, PlacementLease]:
         return {key: lease for key, lease in self.state.leases().items() if lease.model == model}
 
     def plan(self, desired: DesiredLeases, actual: dict[str, PlacementLease], now: float) -> list[LeaseAction]:
         return plan_leases(desired, actual, now)
 
-    async def apply(self, model: str, action: LeaseAction, now: float) -> float | None:
+    async def apply(self, model: ModelName, action: LeaseAction, now: float) -> float | None:
         match action:
             case Take(lease, event):
                 if event:

@@ -48,14 +48,15 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from meshllm.moe.order import order_note
 from meshllm.moe.plan import NoShards, ShardLayout, experts_per_shard, plan_layout
 from meshllm.moe.spec import problem_of
 from meshllm.reconcile.split import NoSplit, SplitPlan, keep_or_replan, plan_cost
 from meshllm.reconcile.split_cost import SplitCost
 from meshllm.state.document import MeshState
 from meshllm.state.schema import (
-    DemandEntry, ModelName, ModelOrigin, ModelSpec, NodeRole, NodeStatus, PlacementLease, ServerPhase, ServerStatus,
-    WorkerStatus,
+    DemandEntry, ModelName, ModelOrigin, ModelSpec, NodeId, NodeRole, NodeStatus, PlacementLease, ServerPhase,
+    ServerStatus, WorkerStatus,
 )
 
 __all__ = [
@@ -74,11 +75,11 @@ class Slot:
     """``node`` serves replica ``slot`` of ``model``; a split slot also names its ``workers`` and the
     layer shares (``tensor_split``: workers first, host last)."""
 
-    model: str
+    model: ModelName
     slot: int
-    node: str
+    node: NodeId
     hot: bool = False
-    workers: tuple[str, ...] = ()
+    workers: tuple[NodeId, ...] = ()
     tensor_split: tuple[float, ...] = ()
     shards: int = 0  # expert sharding: this slot serves shard ``slot`` of ``shards``
     expert_core: int = 0
@@ -89,7 +90,7 @@ class Slot:
         return bool(self.workers)
 
     @property
-    def participants(self) -> tuple[str, ...]:
+    def participants(self) -> tuple[NodeId, ...]:
         return (self.node, *self.workers)
 
 
@@ -97,34 +98,34 @@ class Slot:
 class Placement:
     """The plan: slots by (model, slot index), and why a wanted model has fewer than it wants."""
 
-    slots: dict[tuple[str, int], Slot] = field(default_factory=dict)
-    wanted: dict[str, int] = field(default_factory=dict)  # slots wanted per wanted model
-    reasons: dict[str, tuple[str, str]] = field(default_factory=dict)  # model -> (reason, message)
-    notes: dict[str, str] = field(default_factory=dict)  # model -> what its Ready condition adds (solo for now)
-    costs: dict[str, SplitCost] = field(default_factory=dict)  # split model -> what its split costs a token
+    slots: dict[tuple[ModelName, int], Slot] = field(default_factory=dict)
+    wanted: dict[ModelName, int] = field(default_factory=dict)  # slots wanted per wanted model
+    reasons: dict[ModelName, tuple[str, str]] = field(default_factory=dict)  # model -> (reason, message)
+    notes: dict[ModelName, str] = field(default_factory=dict)  # model -> what its Ready condition adds (solo for now)
+    costs: dict[ModelName, SplitCost] = field(default_factory=dict)  # split model -> what its split costs a token
 
-    def nodes_for(self, model: str) -> list[str]:
+    def nodes_for(self, model: ModelName) -> list[NodeId]:
         return sorted(s.node for s in self.slots.values() if s.model == model)
 
-    def slots_of(self, node: str) -> list[Slot]:
+    def slots_of(self, node: NodeId) -> list[Slot]:
         return [s for s in self.slots.values() if s.node == node]
 
 
-def live_demand(demand: Iterable[DemandEntry], now: float) -> dict[str, list[DemandEntry]]:
-    result: dict[str, list[DemandEntry]] = {}
+def live_demand(demand: Iterable[DemandEntry], now: float) -> dict[ModelName, list[DemandEntry]]:
+    result: dict[ModelName, list[DemandEntry]] = {}
     for entry in demand:
         if entry.expires_at > now:
             result.setdefault(entry.model, []).append(entry)
     return result
 
 
-def demand_rates(demand: Iterable[DemandEntry], now: float) -> dict[str, float]:
+def demand_rates(demand: Iterable[DemandEntry], now: float) -> dict[ModelName, float]:
     """Requests per minute per model, summed over the nodes that saw them (live entries only)."""
     return {model: sum(e.rate for e in entries) for model, entries in live_demand(demand, now).items()}
 
 
-def wanted_models(models: Mapping[str, ModelSpec], alive: Mapping[str, NodeStatus],
-                  demand: Iterable[DemandEntry], now: float) -> dict[str, str]:
+def wanted_models(models: Mapping[ModelName, ModelSpec], alive: Mapping[NodeId, NodeStatus],
+                  demand: Iterable[DemandEntry], now: float) -> dict[ModelName, str]:
     """Wanted models, each with why: ``manifest``, ``node`` (its owner lives) or ``demand``."""
     live = live_demand(demand, now)
     wanted = {}
@@ -146,26 +147,26 @@ def _fmt(size: float) -> str:
 class _Ledger:
     """Capacity and slots as the plan fills them in."""
 
-    nodes: dict[str, NodeStatus]
-    sizes: dict[str, int]
-    used: dict[str, int] = field(default_factory=dict)
-    held: dict[str, set[str]] = field(default_factory=dict)  # node -> models it has a slot of
+    nodes: dict[NodeId, NodeStatus]
+    sizes: dict[ModelName, int]
+    used: dict[NodeId, int] = field(default_factory=dict)
+    held: dict[NodeId, set[ModelName]] = field(default_factory=dict)  # node -> models it has a slot of
 
-    def free(self, node: str) -> int:
+    def free(self, node: NodeId) -> int:
         return self.nodes[node].capacity_bytes - self.used.get(node, 0)
 
-    def fits(self, node: str, model: str) -> bool:
+    def fits(self, node: NodeId, model: ModelName) -> bool:
         return self.free(node) >= FIT_FACTOR * self.sizes[model]
 
-    def take(self, node: str, model: str, share: float = 1.0) -> None:
+    def take(self, node: NodeId, model: ModelName, share: float = 1.0) -> None:
         self.used[node] = self.used.get(node, 0) + int(share * self.sizes[model])
         self.held.setdefault(node, set()).add(model)
 
-    def standby(self, node: str) -> bool:
+    def standby(self, node: NodeId) -> bool:
         return not self.held.get(node)
 
 
-def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, NodeStatus],
+def plan_placement(state_models: Mapping[ModelName, ModelSpec], alive: Mapping[NodeId, NodeStatus],
                    leases: Mapping[str, PlacementLease], servers: Mapping[str, ServerStatus],
                    demand: Iterable[DemandEntry], *, now: float,
                    workers: Mapping[str, WorkerStatus] | None = None) -> Placement:
@@ -231,7 +232,7 @@ def plan_placement(state_models: Mapping[str, ModelSpec], alive: Mapping[str, No
 
 
 def _fill_split(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
-                leases: Mapping[tuple[ModelName, int], PlacementLease], failed: set[tuple[str, str]]) -> None:
+                leases: Mapping[tuple[ModelName, int], PlacementLease], failed: set[tuple[ModelName, NodeId]]) -> None:
     """Slot 0 of ``spec`` split across nodes (its only slot): the running split if it still holds,
     else a new one from the nodes' free capacity; a split never has replicas."""
     name = spec.name
@@ -265,7 +266,7 @@ def _fill_split(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
 
 
 def _fill_shards(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
-                 leases: Mapping[tuple[ModelName, int], PlacementLease], failed: set[tuple[str, str]]) -> None:
+                 leases: Mapping[tuple[ModelName, int], PlacementLease], failed: set[tuple[ModelName, NodeId]]) -> None:
     """One slot per expert shard (rule 7): the running layout kept, its vacant shards re-placed; else a
     new layout from the nodes' free capacity."""
     name = spec.name
@@ -313,8 +314,8 @@ def _fill_shards(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
         ledger.take(node, name, size / max(1, spec.size_bytes))
 
 
-def _fill_solo(plan: Placement, ledger: _Ledger, name: str, lease: PlacementLease | None,
-               failed: set[tuple[str, str]]) -> bool:
+def _fill_solo(plan: Placement, ledger: _Ledger, name: ModelName, lease: PlacementLease | None,
+               failed: set[tuple[ModelName, NodeId]]) -> bool:
     """A forced split that has no worker yet, served solo: where it runs already if that node still
     holds it, else on the best node that does; False if none does."""
     here = lease.node if lease is not None and not lease.workers else None
@@ -329,8 +330,8 @@ def _assign(plan: Placement, ledger: _Ledger, slot: Slot) -> None:
     ledger.take(slot.node, slot.model)
 
 
-def _fill(plan: Placement, ledger: _Ledger, name: str, index: int, *, hot: bool,
-          failed: set[tuple[str, str]], only: str | None = None) -> bool:
+def _fill(plan: Placement, ledger: _Ledger, name: ModelName, index: int, *, hot: bool,
+          failed: set[tuple[ModelName, NodeId]], only: NodeId | None = None) -> bool:
     candidates = [nid for nid in ledger.nodes
                   if name not in ledger.held.get(nid, set()) and (name, nid) not in failed
                   and ledger.fits(nid, name) and only in (None, nid)]
@@ -344,7 +345,7 @@ def _fill(plan: Placement, ledger: _Ledger, name: str, index: int, *, hot: bool,
     return True
 
 
-def _why_unplaced(ledger: _Ledger, name: str, failed: set[tuple[str, str]]) -> tuple[str, str]:
+def _why_unplaced(ledger: _Ledger, name: ModelName, failed: set[tuple[ModelName, NodeId]]) -> tuple[str, str]:
     if not ledger.nodes:
         return "NoServerNodes", "no live node offers capacity (only clients are connected)"
     need = FIT_FACTOR * ledger.sizes[name]
@@ -361,7 +362,7 @@ def _why_unplaced(ledger: _Ledger, name: str, failed: set[tuple[str, str]]) -> t
                           f"capacity is {_fmt(ledger.free(biggest))} on node {biggest}")
 
 
-def _recent_failures(servers: Mapping[str, ServerStatus], now: float) -> set[tuple[str, str]]:
+def _recent_failures(servers: Mapping[str, ServerStatus], now: float) -> set[tuple[ModelName, NodeId]]:
     """(model, node) pairs where a server failed lately: the model file is missing there, or it
     crash-loops. The planner gives such a slot to another node."""
     return {(s.model, s.node) for s in servers.values()
@@ -369,15 +370,15 @@ def _recent_failures(servers: Mapping[str, ServerStatus], now: float) -> set[tup
             and now - s.since < FAILURE_MEMORY}
 
 
-def _recent_worker_failures(workers: Mapping[str, WorkerStatus], now: float) -> set[tuple[str, str]]:
+def _recent_worker_failures(workers: Mapping[str, WorkerStatus], now: float) -> set[tuple[ModelName, NodeId]]:
     """(model, node) pairs where a split worker could not run: no identical copy of the model there,
     or its ggml-rpc-server failed."""
     return {(w.model, w.node) for w in workers.values()
             if w.phase is ServerPhase.FAILED and now - w.since < FAILURE_MEMORY}
 
 
-def _hot_models(base: Mapping[str, int], rates: Mapping[str, float],
-                valid: Mapping[tuple[ModelName, int], PlacementLease], *, now: float) -> set[str]:
+def _hot_models(base: Mapping[ModelName, int], rates: Mapping[ModelName, float],
+                valid: Mapping[tuple[ModelName, int], PlacementLease], *, now: float) -> set[ModelName]:
     """Models that deserve one extra replica (rule 5), with hysteresis for the ones that have it."""
     if len(base) < 2:
         return set()
@@ -411,8 +412,8 @@ class Condition(BaseModel):
     message: str = ""
     ready: int = Field(default=0, description="servers ready")
     wanted: int = Field(default=1, description="servers wanted")
-    nodes: list[str] = Field(default_factory=list, description="nodes placed to serve it")
-    workers: list[str] = Field(default_factory=list, description="split: the nodes holding the rest of its layers")
+    nodes: list[NodeId] = Field(default_factory=list, description="nodes placed to serve it")
+    workers: list[NodeId] = Field(default_factory=list, description="split: the nodes holding the rest of its layers")
     split_cost: str = Field(default="", description="split: what it adds to a decoded token, loads on the workers, "
                             "and the biggest file one node would serve alone instead (split_cost)")
     shards: list[str] = Field(default_factory=list, description="expert sharding: each shard's node, experts, "
@@ -423,14 +424,14 @@ def _shard_lines(spec: ModelSpec, servers: list[ServerStatus]) -> list[str]:
     """One line per expert shard: where, which experts, how big against the whole model, how good."""
     lines = []
     for server in sorted((s for s in servers if s.shard), key=lambda s: s.shard):
-        quality = server.quality or "not measured"
+        quality = server.quality or "not known yet"
         lines.append(f"shard {server.shard} on {server.node}: {server.experts}/{spec.experts} experts per layer, "
                      f"{_fmt(server.file_bytes)} (whole model {_fmt(spec.size_bytes)}), {server.phase.value}, "
                      f"quality: {quality}")
     return lines
 
 
-def current_plan(state: MeshState, *, now: float, me: str = "") -> Placement:
+def current_plan(state: MeshState, *, now: float, me: NodeId = NodeId("")) -> Placement:
     """The plan for the document as it stands. ``me``: the node planning, alive in its own eyes even
     while a death verdict it has yet to refute (a healed partition) says otherwise."""
     alive = state.alive_nodes()
@@ -440,7 +441,7 @@ def current_plan(state: MeshState, *, now: float, me: str = "") -> Placement:
                           workers=state.workers())
 
 
-def conditions(state: MeshState, *, now: float, plan: Placement | None = None) -> dict[str, Condition]:
+def conditions(state: MeshState, *, now: float, plan: Placement | None = None) -> dict[ModelName, Condition]:
     """The condition of every model in the document."""
     plan = plan or current_plan(state, now=now)
     alive = state.alive_nodes()
@@ -448,11 +449,17 @@ def conditions(state: MeshState, *, now: float, plan: Placement | None = None) -
     wanted = wanted_models(state.models(), alive, state.demand().values(), now)
     failed_workers = [w for w in state.workers().values() if w.phase is ServerPhase.FAILED and w.node in alive
                       and now - w.since < FAILURE_MEMORY]
-    return {name: _worker_failure(name, _condition(name, spec, wanted.get(name), plan, servers), failed_workers)
-            for name, spec in state.models().items()}
+    importance = state.importance()
+    result = {}
+    for name, spec in state.models().items():
+        first = plan.slots.get((name, 0))
+        order = order_note(spec, importance.get(spec.fingerprint)) if first is not None and first.shards else None
+        result[name] = _worker_failure(name, _condition(name, spec, wanted.get(name), plan, servers, order=order),
+                                       failed_workers)
+    return result
 
 
-def _worker_failure(name: str, condition: Condition, failed: list[WorkerStatus]) -> Condition:
+def _worker_failure(name: ModelName, condition: Condition, failed: list[WorkerStatus]) -> Condition:
     """A model not served because a split worker could not hold its layers says so (say, its copy of
     the file differs from the mesh's in one tensor), rather than only that no split fits."""
     mine = [w for w in failed if w.model == name]
@@ -462,8 +469,9 @@ def _worker_failure(name: str, condition: Condition, failed: list[WorkerStatus])
                                         "message": f"split worker {mine[0].node}: {mine[0].message}"})
 
 
-def _condition(name: str, spec: ModelSpec, why: str | None, plan: Placement,
-               servers: list[ServerStatus]) -> Condition:
+def _condition(name: ModelName, spec: ModelSpec, why: str | None, plan: Placement, servers: list[ServerStatus], *,
+               order: tuple[str, bool] | None = None) -> Condition:
+    """``order``: for an expert-sharded model, how its shards order experts and whether they wait for that."""
     if why is None:
         return Condition(phase=ConditionPhase.PENDING, reason="NotWanted", wanted=0,
                          message=f"node {spec.owner} that served it left, and nobody asked for it since")
@@ -488,6 +496,7 @@ def _condition(name: str, spec: ModelSpec, why: str | None, plan: Placement,
         if first is not None and first.shards:
             where = (f", split by experts into {first.shards} shards (core of {first.expert_core} experts per layer "
                      f"in every shard, each other expert on {first.expert_copies} of them)")
+            where += f"; {order[0]}" if order is not None else ""
         where += f"; {plan.notes[name]}" if name in plan.notes else ""
         return Condition(phase=ConditionPhase.READY, reason="Serving", **common,
                          message=f"{ready} server{'s' if ready != 1 else ''} ready{where}")
@@ -509,6 +518,8 @@ def _condition(name: str, spec: ModelSpec, why: str | None, plan: Placement,
         message = message or (failed[0].message if failed else f"{want - ready} more server(s) starting")
         return Condition(phase=ConditionPhase.DEGRADED, reason=reason or "TooFewServers", message=message,
                          **common)
+    if order is not None and order[1] and not ready:
+        return Condition(phase=ConditionPhase.LOADING, reason="WaitingForImportance", message=order[0], **common)
     fetching = [s for s in mine if s.phase is ServerPhase.DOWNLOADING]
     if fetching and not ready:
         return Condition(phase=ConditionPhase.DOWNLOADING, reason="Downloading", **common,

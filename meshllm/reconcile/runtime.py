@@ -33,6 +33,7 @@ from meshllm.reconcile.queue import Result, WorkQueue
 from meshllm.reconcile.supervisor import PROCESSES, Supervisor
 from meshllm.reconcile.timing import Backoff, Clock, SystemClock
 from meshllm.state.document import Changed, MeshState
+from meshllm.state.schema import ModelName
 
 __all__ = ["RESYNC", "Controller", "Runner"]
 
@@ -50,19 +51,19 @@ class Controller(Protocol[D, A, X]):
 
     name: str
 
-    def keys(self) -> Iterable[str]:
+    def keys(self) -> Iterable[ModelName]:
         """Every key the controller has an interest in now (at start and at each resync)."""
         ...
 
-    def keys_for(self, change: Changed) -> Iterable[str]:
+    def keys_for(self, change: Changed) -> Iterable[ModelName]:
         """The keys a change of the document (or of a process: table ``processes``) touches."""
         ...
 
-    async def desired(self, key: str) -> D:
+    async def desired(self, key: ModelName) -> D:
         """What the document wants for ``key``."""
         ...
 
-    async def actual(self, key: str, desired: D, now: float) -> A:
+    async def actual(self, key: ModelName, desired: D, now: float) -> A:
         """What is, for ``key`` (read after ``desired``, which says what is worth looking at)."""
         ...
 
@@ -70,7 +71,7 @@ class Controller(Protocol[D, A, X]):
         """What to do, stops before starts. Pure."""
         ...
 
-    async def apply(self, key: str, action: X, now: float) -> float | None:
+    async def apply(self, key: ModelName, action: X, now: float) -> float | None:
         """Carry out one action; a delay in seconds after which the key wants another look, or None."""
         ...
 
@@ -93,7 +94,7 @@ class Runner:
         self.supervisor = supervisor
         self.clock = clock or SystemClock()
         self.resync = resync
-        self.queue: WorkQueue[tuple[str, str]] = WorkQueue(self._reconcile, name="runner", backoff=backoff,
+        self.queue: WorkQueue[tuple[str, ModelName]] = WorkQueue(self._reconcile, name="runner", backoff=backoff,
                                                            clock=self.clock)
         self._scope: anyio.CancelScope | None = None
         self._stopped = anyio.Event()
@@ -159,7 +160,7 @@ class Runner:
             self._enqueue_all()
 
     # -- one reconcile ------------------------------------------------------------------------
-    async def _reconcile(self, item: tuple[str, str]) -> Result:
+    async def _reconcile(self, item: tuple[str, ModelName]) -> Result:
         name, key = item
         controller = self._by_name[name]
         now = self.clock.now()

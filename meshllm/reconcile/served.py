@@ -46,9 +46,11 @@ from meshllm.reconcile.supervisor import PROCESSES, HttpReady, LaunchSpec, Proce
 from meshllm.reconcile.shares import ShareFetcher, share_of, workers_gpu
 from meshllm.reconcile.split import head_args, host_keeps_head, split_layout
 from meshllm.reconcile.timing import Backoff, Clock, SystemClock
-from meshllm.reconcile.workers import RPC_RECORD_PREFIX
+from meshllm.reconcile.workers import RPC_RECORD_PREFIX, process_model
 from meshllm.state.document import Changed, MeshState
-from meshllm.state.schema import ModelSpec, PlacementLease, ServerPhase, server_key
+from meshllm.state.schema import (
+    ModelName, ModelSpec, NodeId, PlacementLease, ServerPhase, lease_model, parse_server_key, server_key,
+)
 from meshllm.store.db import NodeStore
 
 __all__ = ["DesiredServer", "RpcConnector", "ServedModelController", "ShardSource", "settings_hash", "split_args"]
@@ -63,11 +65,11 @@ class RpcConnector(Protocol):
     key: str  # the mesh's RPC key, which the workers demand of the host's llama-server
     clear: bool  # --rpc-direct: no sealing of the RPC bytes after the key handshake
 
-    async def endpoint(self, node_id: str, target: str) -> str:
+    async def endpoint(self, node_id: NodeId, target: ModelName) -> str:
         """The ``host:port`` llama-server's ``--rpc`` names for ``node_id``'s worker for ``target``."""
         ...
 
-    async def probe(self, node_id: str, target: str) -> str | None:
+    async def probe(self, node_id: NodeId, target: ModelName) -> str | None:
         """None when ``node_id``'s worker for ``target`` answers now, else why not."""
         ...
 
@@ -75,7 +77,7 @@ class RpcConnector(Protocol):
 class ShardSource(Protocol):
     """Where an expert shard's file stands on this node (``reconcile.shards.ExpertShardController``)."""
 
-    def shard_for(self, model: str) -> ShardFile | None: ...
+    def shard_for(self, model: ModelName) -> ShardFile | None: ...
 
 
 class ServedModelController:
@@ -83,7 +85,7 @@ class ServedModelController:
 
     name = "served-model"
 
-    def __init__(self, state: MeshState, *, node_id: str, supervisor: Supervisor, engine_dir: Path, log_dir: Path,
+    def __init__(self, state: MeshState, *, node_id: NodeId, supervisor: Supervisor, engine_dir: Path, log_dir: Path,
                  gpu_layers: int = 0, device: str = "", threads: int = 0, store: NodeStore | None = None,
                  rpc: RpcConnector | None = None, clock: Clock | None = None, backoff: Backoff | None = None,
                  max_tokens: int = DEFAULT_MAX_TOKENS, downloads: Fetcher | None = None,
@@ -105,41 +107,41 @@ class ServedModelController:
         self.backoff = backoff or Backoff()
         self.max_tokens = max_tokens
         self._adopt_until = self.clock.now() + ADOPT_GRACE
-        self.memory: dict[str, Memory] = {}
+        self.memory: dict[ModelName, Memory] = {}
         self._resolved: dict[tuple[str, str], ResolvedModel] = {}
-        self._draftless: set[str] = set()  # models served without their draft (it could not be fetched)
+        self._draftless: set[ModelName] = set()  # models served without their draft (it could not be fetched)
         self._layers: dict[Path, int] = {}  # a model file's layer count (a CPU split host needs it)
         self._chat: dict[Path, tuple[str, ...]] = {}  # a model file's chat format (engine.templates)
         self._checked: dict[tuple[Path, int, int], str] = {}  # a file (size, mtime) -> what is wrong, "" if whole
 
     # -- keys ---------------------------------------------------------------------------------
-    def keys(self) -> set[str]:
+    def keys(self) -> set[ModelName]:
         mine = {s.model for s in self.state.servers().values() if s.node == self.node_id}
-        procs = {key for key in self.supervisor.keys() if not key.startswith(RPC_RECORD_PREFIX)}
+        procs = {process_model(key) for key in self.supervisor.keys() if not key.startswith(RPC_RECORD_PREFIX)}
         return set(self._my_specs()) | procs | set(self.memory) | mine
 
-    def keys_for(self, change: Changed) -> set[str]:
+    def keys_for(self, change: Changed) -> set[ModelName]:
         table, key = change
         if key is None:
             return self.keys()
         if table == "models":
-            return {key}
+            return {ModelName(key)}
         if table == "leases":
-            return {key.rpartition("#")[0]}
+            return {lease_model(key)}
         if table in ("servers", "workers"):  # node/model: a split host waits for its workers' statuses
-            node, _, model = key.partition("/")
+            node, model = parse_server_key(key)
             return {model} if table == "workers" or node == self.node_id else set()
         if table == PROCESSES and not key.startswith(RPC_RECORD_PREFIX):
-            return {key}
+            return {process_model(key)}
         return set()
 
-    def _my_specs(self) -> dict[str, ModelSpec]:
+    def _my_specs(self) -> dict[ModelName, ModelSpec]:
         """The models this node holds a placement lease of (see ``leases``)."""
         mine = {lease.model for lease in self.state.leases().values() if lease.node == self.node_id}
         return {name: spec for name, spec in self.state.models().items() if name in mine}
 
     # -- desired and actual -------------------------------------------------------------------
-    async def desired(self, model: str) -> Desired:
+    async def desired(self, model: ModelName) -> Desired:
         spec = self._my_specs().get(model)
         if spec is None:
             return None
@@ -188,7 +190,7 @@ class ServedModelController:
                                     workers_gpu=workers_gpu(self.state, lease))
         return replace(desired, argv_hash=settings_hash(self._config(desired, port=0)))
 
-    async def _shard_desired(self, model: str, spec: ModelSpec, lease: PlacementLease,
+    async def _shard_desired(self, model: ModelName, spec: ModelSpec, lease: PlacementLease,
                              serving: ServingOptions) -> Desired:
         """An expert shard's server: its file once the shard controller has it ready."""
         label = f"{lease.slot + 1}/{lease.shards}"
@@ -197,7 +199,8 @@ class ServedModelController:
         if shard is not None and shard.phase == "failed" and (target is None or target.label == label):
             return Unavailable(model, shard.message)
         if shard is None or target is None or target.label != label or shard.phase != "ready":
-            return Fetching(model, shard.message if shard is not None and target is not None and target.label == label
+            mine = shard is not None and (shard.phase == "waiting" or target is not None and target.label == label)
+            return Fetching(model, shard.message if shard is not None and mine
                             else f"waiting for expert shard {label} to be written")
         if target.out not in self._chat:
             self._chat[target.out] = await anyio.to_thread.run_sync(chat_arguments, target.out)
@@ -206,7 +209,7 @@ class ServedModelController:
                                 quality=shard.quality, serving=serving)
         return replace(desired, argv_hash=settings_hash(self._config(desired, port=0)))
 
-    async def actual(self, model: str, desired: Desired, now: float) -> ActualServer:
+    async def actual(self, model: ModelName, desired: Desired, now: float) -> ActualServer:
         proc = self.supervisor.get(model)
         waiting = None
         serves = self.memory.get(model, Memory()).serves
@@ -236,7 +239,7 @@ class ServedModelController:
                 return f"worker {node} does not answer through the mesh: {problem}"
         return None
 
-    def _fetching(self, model: str, source: str, exc: ModelNotFetched, *, draft: bool) -> Fetching | Unavailable:
+    def _fetching(self, model: ModelName, source: str, exc: ModelNotFetched, *, draft: bool) -> Fetching | Unavailable:
         """Its files (or its draft's) are missing: have them fetched, and say how far that got."""
         reference = exc.reference
         if self.downloads is None or not isinstance(reference, ModelReference):
@@ -279,7 +282,7 @@ class ServedModelController:
         return self._resolved[key].path
 
     # -- apply --------------------------------------------------------------------------------
-    async def apply(self, model: str, action: Action, now: float) -> float | None:
+    async def apply(self, model: ModelName, action: Action, now: float) -> float | None:
         match action:
             case Start():
                 await self._start(action)
@@ -350,7 +353,7 @@ class ServedModelController:
                           f"{action.message}; {where}" if action.message else where)
         return view
 
-    async def _event(self, model: str, reason: str, message: str, *, level: str = "info") -> None:
+    async def _event(self, model: ModelName, reason: str, message: str, *, level: str = "info") -> None:
         if self.store is not None:
             await self.store.record_event(model, reason, message, level=level)
 
@@ -359,7 +362,8 @@ class ServedModelController:
         async def halt(key: str) -> None:
             view = await self.supervisor.halt(key, reason="node shutting down")
             if view is not None:
-                await self._event(key, "Stopped", f"{view.name} pid {view.pid} stopped (node shutting down)")
+                await self._event(process_model(key), "Stopped",
+                                  f"{view.name} pid {view.pid} stopped (node shutting down)")
                 await self.supervisor.forget(key)
 
         async with anyio.create_task_group() as tg:

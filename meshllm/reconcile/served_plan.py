@@ -28,7 +28,7 @@ from pathlib import Path
 
 from meshllm.engine.process import ServingOptions
 from meshllm.reconcile.supervisor import ProcessPhase, ProcessView
-from meshllm.state.schema import ServerPhase, ServerStatus
+from meshllm.state.schema import ModelName, NodeId, ServerPhase, ServerStatus
 
 __all__ = [
     "ADOPT_GRACE", "FETCH_POLL", "LOAD_TIMEOUT", "SPLIT_WAIT", "STABLE_AFTER", "Action", "ActualServer", "Claim",
@@ -46,11 +46,11 @@ FETCH_POLL = 1.0  # seconds between two progress reports of a download
 
 @dataclass(frozen=True)
 class DesiredServer:
-    model: str
+    model: ModelName
     path: Path
     ctx_size: int = 0
     draft: Path | None = None  # draft model for speculative decoding
-    workers: tuple[str, ...] = ()  # split: the nodes holding the rest of the layers, nearest first
+    workers: tuple[NodeId, ...] = ()  # split: the nodes holding the rest of the layers, nearest first
     tensor_split: tuple[float, ...] = ()  # split: layer shares, workers first, this node last
     n_layer: int = 0  # split on a CPU host: the model's layer count (the host keeps its share of them)
     workers_gpu: tuple[bool, ...] = ()  # split: whether each worker computes on a GPU (split.host_keeps_head)
@@ -66,7 +66,7 @@ class DesiredServer:
 class Unavailable:
     """The model is this node's to serve, but it cannot be had here (its file is missing, ...)."""
 
-    model: str
+    model: ModelName
     message: str
 
 
@@ -74,7 +74,7 @@ class Unavailable:
 class Fetching:
     """The model's files (or its draft's) are being downloaded; ``message`` is the progress."""
 
-    model: str
+    model: ModelName
     message: str
 
 
@@ -98,8 +98,8 @@ class Memory:
 
 @dataclass(frozen=True)
 class ActualServer:
-    model: str
-    node: str
+    model: ModelName
+    node: NodeId
     process: ProcessView | None = None
     memory: Memory = Memory()
     published: ServerStatus | None = None  # this node's status for the model in the document
@@ -116,7 +116,7 @@ class Start:
 
 @dataclass(frozen=True)
 class Stop:
-    model: str
+    model: ModelName
     reason: str
 
 
@@ -124,14 +124,14 @@ class Stop:
 class Claim:
     """Take the adopted llama-server as this node's."""
 
-    model: str
+    model: ModelName
 
 
 @dataclass(frozen=True)
 class Forget:
     """Drop the supervisor's view of an ended process."""
 
-    model: str
+    model: ModelName
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class Remember:
     """Keep ``memory``; with ``backoff`` set, apply adds that attempt's backoff (with jitter, so not
     drawn here) to ``memory.retry_at`` and asks for a look then."""
 
-    model: str
+    model: ModelName
     memory: Memory
     backoff: int | None = None
 
@@ -151,14 +151,14 @@ class Publish:
 
 @dataclass(frozen=True)
 class Withdraw:
-    model: str
+    model: ModelName
 
 
 @dataclass(frozen=True)
 class Record:
     """An event in the node's log (``store.db``)."""
 
-    model: str
+    model: ModelName
     reason: str
     message: str
     level: str = "info"
@@ -166,7 +166,7 @@ class Record:
 
 @dataclass(frozen=True)
 class Wait:
-    model: str
+    model: ModelName
     until: float
 
 
@@ -174,7 +174,7 @@ class Wait:
 class GiveUp:
     """Nothing to retry until the model's spec or lease changes (a ``TerminalError``)."""
 
-    model: str
+    model: ModelName
     message: str
 
 
@@ -187,7 +187,7 @@ def plan(desired: Desired, actual: ActualServer, now: float, *, load_timeout: fl
     actions: list[Action] = []
     memory, proc = actual.memory, actual.process
     if proc is not None and proc.phase is ProcessPhase.EXITED:
-        memory = _take_exit(proc, memory, actions)
+        memory = _take_exit(actual.model, proc, memory, actions)
         proc = None
     if isinstance(desired, Unavailable):
         return actions + _unavailable(desired, actual, proc)
@@ -198,7 +198,7 @@ def plan(desired: Desired, actual: ActualServer, now: float, *, load_timeout: fl
         if proc is None:
             return actions
     if proc is not None and proc.running:
-        proc, memory = _check_running(desired, proc, memory, now, actions, load_timeout=load_timeout,
+        proc, memory = _check_running(actual.model, desired, proc, memory, now, actions, load_timeout=load_timeout,
                                       stable_after=stable_after, waiting=actual.waiting)
     status = _status(desired, actual, proc, memory, now)
     drawing = memory.failed and memory.retry_at == 0.0  # a failure just taken in: its backoff is drawn below
@@ -215,9 +215,8 @@ def plan(desired: Desired, actual: ActualServer, now: float, *, load_timeout: fl
     return actions
 
 
-def _take_exit(proc: ProcessView, memory: Memory, actions: list[Action]) -> Memory:
-    """Account for a process that ended: stopped on purpose, or failed."""
-    model = proc.key
+def _take_exit(model: ModelName, proc: ProcessView, memory: Memory, actions: list[Action]) -> Memory:
+    """Account for ``model``'s process that ended: stopped on purpose, or failed."""
     actions.append(Forget(model))
     if proc.stop_reason is not None:
         actions.append(Record(model, "Stopped", f"{proc.name} pid {proc.pid} stopped ({proc.stop_reason})"))
@@ -277,12 +276,11 @@ def _adoption(desired: DesiredServer | None, actual: ActualServer, proc: Process
                                                   recovering=False)
 
 
-def _check_running(desired: DesiredServer | None, proc: ProcessView, memory: Memory, now: float,
+def _check_running(model: ModelName, desired: DesiredServer | None, proc: ProcessView, memory: Memory, now: float,
                    actions: list[Action], *, load_timeout: float, stable_after: float,
                    waiting: str | None = None) -> tuple[ProcessView, Memory]:
     """Stop a running server that should not run as it does; keep track of a ready one. A ready solo
     server whose model is now planned as a split keeps serving until the split's workers are ready."""
-    model = proc.key
     reason = ""
     if desired is None:
         reason = "no longer desired"

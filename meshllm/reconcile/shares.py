@@ -32,7 +32,7 @@ from meshllm.reconcile.split import host_keeps_head, split_layout
 from meshllm.reconcile.background import BackgroundWork
 from meshllm.reconcile.timing import Clock, SystemClock
 from meshllm.state.document import MeshState
-from meshllm.state.schema import ModelSpec, PlacementLease
+from meshllm.state.schema import ModelName, ModelSpec, NodeId, PlacementLease
 from meshllm.tunnels.http import HttpTunnelClient
 from meshllm.tunnels.models import PeerRanges
 
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 HOST = -1  # ``Share.worker`` of the split's host
 RETRY_FAILED = 30.0
 DISK_MARGIN = 64 << 20  # bytes kept free beyond the share
-ShareKey = tuple[str, str, tuple[float, ...], int, bool, tuple[bool, ...]]
+ShareKey = tuple[ModelName, str, tuple[float, ...], int, bool, tuple[bool, ...]]
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Share:
     """What one participant of a split holds: ``worker`` is its index in the lease's workers (``HOST``
     for the host); ``host_gpu``: the host runs on a GPU (its layers go last, not first)."""
 
-    model: str
+    model: ModelName
     source: str
     size: int
     fingerprint: str
@@ -59,7 +59,7 @@ class Share:
     worker: int
     host_gpu: bool
     workers_gpu: tuple[bool, ...] = ()  # whether each of the lease's workers computes on a GPU
-    copy_on: str = ""  # a node with the whole file
+    copy_on: NodeId = NodeId("")  # a node with the whole file
     hashes: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)  # the mesh's, by tensor
 
     @property
@@ -67,7 +67,7 @@ class Share:
         return self.model, self.fingerprint, self.tensor_split, self.worker, self.host_gpu, self.workers_gpu
 
 
-def share_of(spec: ModelSpec, lease: PlacementLease, node_id: str, *, host_gpu: bool,
+def share_of(spec: ModelSpec, lease: PlacementLease, node_id: NodeId, *, host_gpu: bool,
              workers_gpu: tuple[bool, ...] = ()) -> Share:
     worker = HOST if lease.node == node_id else lease.workers.index(node_id)
     return Share(model=spec.name, source=spec.source, size=spec.size_bytes, fingerprint=spec.fingerprint,
@@ -119,7 +119,7 @@ class ShareFetcher(Protocol):
 class ShareFetches(BackgroundWork):
     """Runs this node's share fetches in its own task group (``run``)."""
 
-    def __init__(self, *, folder: Path, node_id: str, tunnels: HttpTunnelClient | None = None,
+    def __init__(self, *, folder: Path, node_id: NodeId, tunnels: HttpTunnelClient | None = None,
                  clock: Clock | None = None) -> None:
         self.folder, self.node_id, self.tunnels = folder, node_id, tunnels
         self.clock = clock or SystemClock()

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from meshllm.engine.tensors import layer_devices
 from meshllm.reconcile.split_cost import SplitCost, split_cost, worker_ms
-from meshllm.state.schema import NodeRole, NodeStatus
+from meshllm.state.schema import NodeId, NodeRole, NodeStatus
 
 __all__ = [
     "COST_HYSTERESIS_MS", "FIT_FACTOR", "HEAD_PATTERN", "MAX_RTT_MS", "NoSplit", "SplitPlan", "head_args",
@@ -54,14 +54,14 @@ HEAD_PATTERN = r"^(output|output_norm|token_embd)\."
 class SplitPlan:
     """Run the model on ``host`` with ``workers`` (RTT order); ``tensor_split`` is host first."""
 
-    host: str
-    workers: tuple[str, ...]
+    host: NodeId
+    workers: tuple[NodeId, ...]
     tensor_split: tuple[float, ...]
     worst_rtt_ms: float
     capacity_bytes: int
 
     @property
-    def participants(self) -> tuple[str, ...]:
+    def participants(self) -> tuple[NodeId, ...]:
         return (self.host, *self.workers)
 
     def tensor_split_arg(self) -> str:
@@ -77,7 +77,7 @@ class NoSplit:
     solo: bool = False
 
 
-def rtt(nodes: Mapping[str, NodeStatus], a: str, b: str) -> float | None:
+def rtt(nodes: Mapping[NodeId, NodeStatus], a: NodeId, b: NodeId) -> float | None:
     """RTT between two nodes in ms: ``a``'s measurement of ``b``, else ``b``'s of ``a``; None if unknown."""
     for src, dst in ((a, b), (b, a)):
         node = nodes.get(src)
@@ -90,11 +90,12 @@ def _fmt(size: float) -> str:
     return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
-def _servers(nodes: Iterable[NodeStatus]) -> dict[str, NodeStatus]:
+def _servers(nodes: Iterable[NodeStatus]) -> dict[NodeId, NodeStatus]:
     return {n.id: n for n in sorted(nodes, key=lambda n: n.id) if n.role is NodeRole.SERVER and n.capacity_bytes > 0}
 
 
-def _reachable_peers(servers: Mapping[str, NodeStatus], host: str, max_rtt_ms: float) -> list[tuple[float, str]]:
+def _reachable_peers(servers: Mapping[NodeId, NodeStatus], host: NodeId,
+                     max_rtt_ms: float) -> list[tuple[float, NodeId]]:
     peers = []
     for nid, node in servers.items():
         ms = rtt(servers, host, nid) if nid != host else None
@@ -103,12 +104,12 @@ def _reachable_peers(servers: Mapping[str, NodeStatus], host: str, max_rtt_ms: f
     return [(ms, nid) for ms, _, nid in sorted(peers)]
 
 
-def _cheapest_workers(peers: Sequence[tuple[float, str]], capacity: Mapping[str, int], short: float,
-                      n_embd: int) -> tuple[str, ...] | None:
+def _cheapest_workers(peers: Sequence[tuple[float, NodeId]], capacity: Mapping[NodeId, int], short: float,
+                      n_embd: int) -> tuple[NodeId, ...] | None:
     """The set of ``peers`` (RTT order) with at least ``short`` bytes of capacity (and at least one
     peer) that adds the least time a token; ties: fewer, then nearer. None if no set has enough."""
     near = list(peers[:MAX_CANDIDATES])
-    best: tuple[float, int, tuple[float, ...], tuple[str, ...]] | None = None
+    best: tuple[float, int, tuple[float, ...], tuple[NodeId, ...]] | None = None
     weighed = 0
     for k in range(1, len(near) + 1):
         floor = sum(worker_ms(ms, n_embd) for ms, _ in near[:k])  # the k nearest: the least k can cost
@@ -127,9 +128,9 @@ def _cheapest_workers(peers: Sequence[tuple[float, str]], capacity: Mapping[str,
     return best[3] if best is not None else None
 
 
-def _nearest_until(peers: Sequence[tuple[float, str]], capacity: Mapping[str, int],
-                   short: float) -> tuple[str, ...] | None:
-    chosen: list[str] = []
+def _nearest_until(peers: Sequence[tuple[float, NodeId]], capacity: Mapping[NodeId, int],
+                   short: float) -> tuple[NodeId, ...] | None:
+    chosen: list[NodeId] = []
     for _, nid in peers:
         if chosen and sum(capacity[c] for c in chosen) >= short:
             break
@@ -174,7 +175,7 @@ def plan_cost(plan: SplitPlan, nodes: Iterable[NodeStatus], *, size_bytes: int, 
                       solo_max_bytes=round(biggest / FIT_FACTOR))
 
 
-def _current_rtts(plan: SplitPlan, servers: Mapping[str, NodeStatus]) -> list[float] | None:
+def _current_rtts(plan: SplitPlan, servers: Mapping[NodeId, NodeStatus]) -> list[float] | None:
     """The running plan's workers' RTTs as measured now; None when a worker has no measurement."""
     rtts = []
     for worker in plan.workers:

@@ -39,6 +39,7 @@ from meshllm.engine.process import (
     stop_process, stop_processes_now,
 )
 from meshllm.reconcile.timing import Clock, SystemClock
+from meshllm.state.schema import ModelName
 from meshllm.store.db import NodeStore, ProcessRecord
 
 __all__ = [
@@ -84,7 +85,7 @@ class LaunchSpec:
     """One process to start for ``key``: its command line, where it logs, how to tell it is ready."""
 
     key: str
-    model: str
+    model: ModelName
     argv: tuple[str, ...]
     port: int
     log_path: Path
@@ -218,7 +219,8 @@ class ProcessSupervisor:
                 await self.store.forget_process(record.key)
                 name = Path(record.argv[0]).name if record.argv else "process"
                 log.info("%s: recorded %s pid %d no longer runs", record.key, name, record.pid)
-                await self.store.record_event(record.model, "Exited", f"{name} pid {record.pid} ended while "
+                model = ModelName(record.model)  # the database keeps names as plain text
+                await self.store.record_event(model, "Exited", f"{name} pid {record.pid} ended while "
                                               "the node was down", level="warning")
                 continue
             view = ProcessView(key=record.key, pid=record.pid, port=record.port, argv=tuple(record.argv),

@@ -36,12 +36,14 @@ from meshllm.reconcile.shares import Share, ShareFetcher, share_of, share_tensor
 from meshllm.reconcile.supervisor import PROCESSES, LaunchSpec, ListenReady, ProcessPhase, ProcessView, Supervisor
 from meshllm.reconcile.timing import Backoff
 from meshllm.state.document import Changed, MeshState
-from meshllm.state.schema import ModelSpec, PlacementLease, ServerPhase, WorkerStatus, server_key
+from meshllm.state.schema import (
+    ModelName, ModelSpec, NodeId, PlacementLease, ServerPhase, WorkerStatus, lease_model, parse_server_key, server_key,
+)
 from meshllm.store.db import NodeStore
 
 __all__ = [
     "RPC_RECORD_PREFIX", "ActualWorker", "DesiredWorker", "RpcWorkerConfig", "WorkerController", "WorkerMemory",
-    "plan_worker",
+    "plan_worker", "process_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,12 @@ MAX_RESTARTS = 3  # crashes in a row before the worker is reported failed
 FAILED_RETRY = 60.0  # seconds a failed worker waits before it is tried again
 NO_COPY_RETRY = 30.0  # seconds before looking again for an identical copy of the model
 FETCH_POLL = 1.0  # seconds between looks at the fetch of its share, while it runs
+
+
+def process_model(key: str) -> ModelName:
+    """The model a supervisor key is for: a llama-server's key is the model's name, a worker's
+    ``rpc:<model>`` (the supervisor keeps plain strings: they become model names here)."""
+    return ModelName(key.removeprefix(RPC_RECORD_PREFIX))
 
 
 @dataclass(frozen=True)
@@ -78,8 +86,8 @@ class RpcWorkerConfig:
 # -- the plan -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DesiredWorker:
-    model: str
-    host: str  # the split's host node
+    model: ModelName
+    host: NodeId  # the split's host node
     gguf: Path | None = None  # this node's copy of the model (whole, or a sparse copy of its share)
     problem: str = ""  # why this node cannot hold the layers (no identical copy)
     fetching: str = ""  # its share of the file is being fetched: how far that got
@@ -88,7 +96,7 @@ class DesiredWorker:
 
 @dataclass(frozen=True)
 class WorkerMemory:
-    host: str = ""  # the host the current (or last) worker served
+    host: NodeId = NodeId("")  # the host the current (or last) worker served
     restarts: int = 0  # crashes in a row
     failed: bool = False  # reported FAILED: not tried again for ``host`` before ``retry_at``
     retry_at: float = 0.0
@@ -100,8 +108,8 @@ class WorkerMemory:
 
 @dataclass(frozen=True)
 class ActualWorker:
-    model: str
-    node: str
+    model: ModelName
+    node: NodeId
     process: ProcessView | None = None
     memory: WorkerMemory = WorkerMemory()
     published: WorkerStatus | None = None
@@ -115,20 +123,20 @@ class StartWorker:
 
 @dataclass(frozen=True)
 class StopWorker:
-    model: str
+    model: ModelName
     reason: str
 
 
 @dataclass(frozen=True)
 class ForgetWorker:
-    model: str
+    model: ModelName
 
 
 @dataclass(frozen=True)
 class RememberWorker:
     """Keep ``memory``; with ``backoff`` set, apply adds that attempt's backoff to ``memory.retry_at``."""
 
-    model: str
+    model: ModelName
     memory: WorkerMemory
     backoff: int | None = None
 
@@ -140,19 +148,19 @@ class PublishWorker:
 
 @dataclass(frozen=True)
 class WithdrawWorker:
-    model: str
+    model: ModelName
 
 
 @dataclass(frozen=True)
 class RecordWorker:
-    model: str
+    model: ModelName
     reason: str
     message: str
 
 
 @dataclass(frozen=True)
 class WaitWorker:
-    model: str
+    model: ModelName
     until: float
 
 
@@ -271,7 +279,7 @@ class WorkerController:
 
     name = "split-worker"
 
-    def __init__(self, state: MeshState, *, node_id: str, supervisor: Supervisor, engine_dir: Path, log_dir: Path,
+    def __init__(self, state: MeshState, *, node_id: NodeId, supervisor: Supervisor, engine_dir: Path, log_dir: Path,
                  key: str, threads: int = 0, device: str = "", store: NodeStore | None = None,
                  backoff: Backoff | None = None, bind_host: str = "127.0.0.1", direct_host: str = "",
                  shares: ShareFetcher | None = None) -> None:
@@ -289,7 +297,7 @@ class WorkerController:
         self.backoff = backoff or Backoff()
         self.bind_host = bind_host
         self.direct_host = direct_host
-        self.memory: dict[str, WorkerMemory] = {}
+        self.memory: dict[ModelName, WorkerMemory] = {}
         self.shares = shares
         self._files: dict[tuple[str, str], Path] = {}  # (source, name) -> this node's whole copy
         self._checked: dict[tuple[object, ...], str] = {}  # a copy and share -> why it is not the mesh's, or ""
@@ -299,7 +307,7 @@ class WorkerController:
         ``address:<port>`` (``WorkerStatus.direct``) for hosts with ``--rpc-direct`` to connect to."""
         self.bind_host, self.direct_host = bind_host, address
 
-    def endpoint_for(self, model: str) -> tuple[str, int] | None:
+    def endpoint_for(self, model: ModelName) -> tuple[str, int] | None:
         """Where this node's ready worker for ``model`` listens, as this node reaches it (the RPC
         tunnel's lookup)."""
         view = self.supervisor.get(RPC_RECORD_PREFIX + model)
@@ -309,35 +317,35 @@ class WorkerController:
         return ("127.0.0.1" if host in ("0.0.0.0", "") else host), view.port
 
     # -- keys ---------------------------------------------------------------------------------
-    def keys(self) -> set[str]:
-        procs = {key.removeprefix(RPC_RECORD_PREFIX) for key in self.supervisor.keys()
+    def keys(self) -> set[ModelName]:
+        procs = {process_model(key) for key in self.supervisor.keys()
                  if key.startswith(RPC_RECORD_PREFIX)}
         mine = {w.model for w in self.state.workers().values() if w.node == self.node_id}
         return set(self._leases()) | procs | set(self.memory) | mine
 
-    def keys_for(self, change: Changed) -> set[str]:
+    def keys_for(self, change: Changed) -> set[ModelName]:
         table, key = change
         if key is None or table in ("nodes", "deaths"):  # a split's host may have died or come back
             return self.keys()
         if table == "models":
-            return {key}
+            return {ModelName(key)}
         if table == "leases":
-            return {key.rpartition("#")[0]}
+            return {lease_model(key)}
         if table == "workers":
-            node, _, model = key.partition("/")
+            node, model = parse_server_key(key)
             return {model} if node == self.node_id else set()
         if table == PROCESSES and key.startswith(RPC_RECORD_PREFIX):
-            return {key.removeprefix(RPC_RECORD_PREFIX)}
+            return {process_model(key)}
         return set()
 
-    def _leases(self) -> dict[str, PlacementLease]:
+    def _leases(self) -> dict[ModelName, PlacementLease]:
         """Split leases naming this node as a worker, by model (their host alive)."""
         alive = self.state.alive_nodes()
         return {lease.model: lease for lease in self.state.leases().values()
                 if self.node_id in lease.workers and lease.node in alive}
 
     # -- desired and actual -------------------------------------------------------------------
-    async def desired(self, model: str) -> DesiredWorker | None:
+    async def desired(self, model: ModelName) -> DesiredWorker | None:
         lease = self._leases().get(model)
         spec = self.state.models().get(model)
         if lease is None or spec is None:
@@ -352,7 +360,7 @@ class WorkerController:
         problem = await self._check_copy(path, spec, share)
         return DesiredWorker(model, lease.node, gguf=path, problem=problem)
 
-    def _fetched(self, share: Share, host: str, missing: ModelError) -> DesiredWorker:
+    def _fetched(self, share: Share, host: NodeId, missing: ModelError) -> DesiredWorker:
         """No whole copy here: its share of the file, fetched (``reconcile.shares``)."""
         if self.shares is None:
             return DesiredWorker(share.model, host, problem=f"no copy of {share.model} on this node: {missing}")
@@ -385,7 +393,7 @@ class WorkerController:
             self._checked[key] = await anyio.to_thread.run_sync(check)
         return self._checked[key]
 
-    async def actual(self, model: str, desired: DesiredWorker | None, now: float) -> ActualWorker:
+    async def actual(self, model: ModelName, desired: DesiredWorker | None, now: float) -> ActualWorker:
         return ActualWorker(model=model, node=self.node_id, process=self.supervisor.get(RPC_RECORD_PREFIX + model),
                             memory=self.memory.get(model, WorkerMemory()),
                             published=self.state.workers().get(server_key(self.node_id, model)),
@@ -401,7 +409,7 @@ class WorkerController:
         return self._files[key]
 
     # -- apply --------------------------------------------------------------------------------
-    async def apply(self, model: str, action: WorkerAction, now: float) -> float | None:
+    async def apply(self, model: ModelName, action: WorkerAction, now: float) -> float | None:
         key = RPC_RECORD_PREFIX + model
         match action:
             case StartWorker(desired):
@@ -446,7 +454,7 @@ class WorkerController:
         await self._event(model, "WorkerStarted", f"ggml-rpc-server pid {view.pid} on {config.host}:{port} holds "
                           f"layers for host {desired.host}")
 
-    async def _event(self, model: str, reason: str, message: str) -> None:
+    async def _event(self, model: ModelName, reason: str, message: str) -> None:
         if self.store is not None:
             await self.store.record_event(model, reason, message)
 

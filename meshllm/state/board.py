@@ -43,6 +43,7 @@ from pycrdt import Doc, Map
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from meshllm.errors import MeshError
+from meshllm.state.schema import NodeId
 
 __all__ = [
     "BOARD_TTL", "MAX_ITEMS", "MAX_TEXT_BYTES", "POSTS_PER_MINUTE", "Board", "BoardError", "BoardItem", "PostKind",
@@ -80,7 +81,7 @@ class BoardItem(BaseModel):
 
     id: str = Field(pattern=r"^[0-9a-f]{12}$")
     author: str = Field(min_length=1, max_length=64, description="--name of the posting node, default $USER")
-    node: str = Field(description="id of the posting node")
+    node: NodeId = Field(description="id of the posting node")
     node_name: str = Field(default="", max_length=128, description="display name of the posting node")
     at: float = Field(description="when it was posted (UNIX seconds, the poster's clock)")
     expires_at: float = Field(description="at + 48 h: every node removes it after")
@@ -205,7 +206,7 @@ class Board:
     def unobserve(self, handle: int) -> None:
         self._listeners.pop(handle, None)
 
-    def new_id(self, node: str, at: float, text: str) -> str:
+    def new_id(self, node: NodeId, at: float, text: str) -> str:
         seed = f"{node}\0{self.doc.client_id}\0{at!r}\0{next(self._ids)}\0{text}".encode()
         return hashlib.blake2b(seed, digest_size=6).hexdigest()
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from meshllm.state.schema import ModelOrigin, ModelSpec
+from meshllm.state.schema import ModelName, ModelOrigin, ModelSpec
 
 __all__ = ["ChangeAction", "FieldChange", "ModelChange", "plan_apply", "plan_delete"]
 
@@ -43,7 +43,7 @@ class ModelChange(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    name: str
+    name: ModelName
     action: ChangeAction
     fields: dict[str, FieldChange] = Field(default_factory=dict, description="manifest field -> from/to")
     spec: ModelSpec | None = None
@@ -76,7 +76,8 @@ def _field_changes(old: ModelSpec, new: ModelSpec) -> dict[str, FieldChange]:
     return changes
 
 
-def plan_apply(current: Mapping[str, ModelSpec], desired: Sequence[ModelSpec], *, prune: bool) -> list[ModelChange]:
+def plan_apply(current: Mapping[ModelName, ModelSpec], desired: Sequence[ModelSpec], *,
+               prune: bool) -> list[ModelChange]:
     """The change per model of writing ``desired`` (a model's ``created_at`` is kept); with ``prune``
     (a Mesh), manifest models not in ``desired`` are removed. Node-origin models are never pruned."""
     changes = []
@@ -97,7 +98,7 @@ def plan_apply(current: Mapping[str, ModelSpec], desired: Sequence[ModelSpec], *
     return changes
 
 
-def plan_delete(current: Mapping[str, ModelSpec], names: Sequence[str]) -> list[ModelChange]:
+def plan_delete(current: Mapping[ModelName, ModelSpec], names: Sequence[ModelName]) -> list[ModelChange]:
     """The change per model of deleting ``names``: only models a manifest applied can be deleted;
     a node's ``--model`` is dropped with ``meshllm drop`` instead."""
     changes = []

@@ -10,20 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 from pycrdt import Doc, Map
 from pydantic import BaseModel, ValidationError
 
 from meshllm.state.schema import (
-    ApiKey, DemandEntry, KeyRotation, ModelSpec, NodeDeath, NodeStatus, PlacementLease, ServerStatus,
-    WorkerStatus,
+    ApiKey, DemandEntry, ExpertImportance, KeyRotation, ModelName, ModelSpec, NodeDeath, NodeId, NodeStatus,
+    PlacementLease, ServerStatus, WorkerStatus,
 )
 
 __all__ = ["Changed", "MeshState", "check_storable"]
 
 E = TypeVar("E", bound=BaseModel)
-_KINDS = ("models", "nodes", "servers", "deaths", "demand", "leases", "workers", "apikeys", "rotations")
+_KINDS = ("models", "nodes", "servers", "deaths", "demand", "leases", "workers", "apikeys", "rotations", "importance")
 
 
 _INT64 = range(-(1 << 63), 1 << 63)
@@ -155,13 +155,19 @@ class MeshState:
     def put_rotation(self, rotation: KeyRotation) -> None:
         self._put_whole("rotations", rotation.old, rotation)
 
+    def put_importance(self, entry: ExpertImportance) -> None:
+        self._put("importance", entry.fingerprint, entry)
+
+    def remove_importance(self, fingerprint: str) -> bool:
+        return self._remove("importance", fingerprint)
+
     def remove_demand(self, key: str) -> bool:
         return self._remove("demand", key)
 
     def remove_lease(self, key: str) -> bool:
         return self._remove("leases", key)
 
-    def remove_model(self, name: str) -> bool:
+    def remove_model(self, name: ModelName) -> bool:
         return self._remove("models", name)
 
     def remove_server(self, key: str) -> bool:
@@ -201,17 +207,19 @@ class MeshState:
         self._stale[kind] = set()
         return {key: entity for key, entity in decoded.items() if entity is not None}  # type: ignore[misc]
 
-    def models(self) -> dict[str, ModelSpec]:
-        return self._read("models", ModelSpec)
+    # models, nodes and deaths are keyed by the entity's name or node id (``put_*``): their keys are
+    # ids from here on
+    def models(self) -> dict[ModelName, ModelSpec]:
+        return cast(dict[ModelName, ModelSpec], self._read("models", ModelSpec))
 
-    def nodes(self) -> dict[str, NodeStatus]:
-        return self._read("nodes", NodeStatus)
+    def nodes(self) -> dict[NodeId, NodeStatus]:
+        return cast(dict[NodeId, NodeStatus], self._read("nodes", NodeStatus))
 
     def servers(self) -> dict[str, ServerStatus]:
         return self._read("servers", ServerStatus)
 
-    def deaths(self) -> dict[str, NodeDeath]:
-        return self._read("deaths", NodeDeath)
+    def deaths(self) -> dict[NodeId, NodeDeath]:
+        return cast(dict[NodeId, NodeDeath], self._read("deaths", NodeDeath))
 
     def demand(self) -> dict[str, DemandEntry]:
         return self._read("demand", DemandEntry)
@@ -229,13 +237,17 @@ class MeshState:
     def rotations(self) -> dict[str, KeyRotation]:
         return self._read("rotations", KeyRotation)
 
-    def alive_nodes(self) -> dict[str, NodeStatus]:
+    def importance(self) -> dict[str, ExpertImportance]:
+        """Routing statistics of MoE files, by file fingerprint."""
+        return self._read("importance", ExpertImportance)
+
+    def alive_nodes(self) -> dict[NodeId, NodeStatus]:
         """Nodes not declared dead in their current incarnation."""
         deaths = self.deaths()
         return {nid: node for nid, node in self.nodes().items()
                 if nid not in deaths or deaths[nid].incarnation < node.incarnation}
 
-    def servers_for(self, model: str) -> list[ServerStatus]:
+    def servers_for(self, model: ModelName) -> list[ServerStatus]:
         return [s for s in self.servers().values() if s.model == model]
 
     # -- change notification ----------------------------------------------------------------

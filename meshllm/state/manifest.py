@@ -28,7 +28,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from meshllm.errors import ManifestError
-from meshllm.state.schema import ModelOrigin, ModelSpec
+from meshllm.state.schema import ModelName, ModelOrigin, ModelSpec
 
 __all__ = [
     "API_VERSION",
@@ -60,14 +60,14 @@ MAX_MODELS = 1000  # models in one apply: a mesh serving more is not what a mani
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:")
 
 
-def _check_name(name: str) -> str:
+def _check_name(name: str) -> ModelName:
     if not name or len(name) > 128 or not name[0].isalnum() or not set(name) <= _NAME_CHARS:
         raise ValueError(f"invalid model name {name!r}: use 1-128 letters, digits, '.', '_', '-' or ':', "
                          "starting with a letter or digit")
-    return name
+    return ModelName(name)  # a manifest's model name, checked: where a user's name becomes one
 
 
-ModelNameField = Annotated[str, AfterValidator(_check_name),
+ModelNameField = Annotated[ModelName, AfterValidator(_check_name),
                            Field(json_schema_extra={"pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"})]
 
 
@@ -146,7 +146,7 @@ class MeshManifest(_Strict):
 
     apiVersion: Literal["meshllm/v1"]
     kind: Literal["Mesh"]
-    metadata: Metadata = Field(default_factory=lambda: Metadata(name="mesh"))
+    metadata: Metadata = Field(default_factory=lambda: Metadata(name=ModelName("mesh")))
     spec: MeshSpec
     status: MeshStatus | None = None
 
@@ -337,7 +337,7 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 
 
 # -- conversion -------------------------------------------------------------------------------------
-def _spec(name: str, spec: ModelManifestSpec, *, now: float) -> ModelSpec:
+def _spec(name: ModelName, spec: ModelManifestSpec, *, now: float) -> ModelSpec:
     return ModelSpec(name=name, source=spec.source, node=spec.placement.node, ctx_size=spec.ctxSize,
                      created_at=now, origin=ModelOrigin.MANIFEST, replicas=spec.replicas, draft=spec.draft,
                      split=spec.placement.split, expert_core=spec.placement.expertCore, embeddings=spec.embeddings,

@@ -3,35 +3,38 @@
 The document (a pycrdt ``Doc``) has one top-level ``Map`` per entity kind; each entity is a nested
 ``Map`` keyed as below so that its fields merge independently when replicas meet.
 
-=========  ======================  ==========================  ==================================
-map        key                     writer                      meaning
-=========  ======================  ==========================  ==================================
-models     model name              anyone (CLI, manifests)     desired: this model should be
-                                                               served (``ModelSpec``)
-demand     ``<model>/<node id>``   the node whose proxy saw    requests for the model through that
-                                   the requests                node's API, expiring by TTL
-                                                               (``DemandEntry``)
-leases     ``<model>#<slot>``      the node taking the slot    placement: which node serves replica
-                                                               ``slot`` of the model
-                                                               (``PlacementLease``; a plain value,
-                                                               last writer wins as a whole)
-nodes      node id                 that node                   the node: name, capacity, role,
-                                                               addresses (``NodeStatus``)
-servers    ``<node id>/<model>``   the node running it         observed: a llama-server for the
-                                                               model on that node (``ServerStatus``)
-workers    ``<node id>/<model>``   the node running it         observed: a ggml-rpc-server holding
-                                                               layers of a split model for its host
-                                                               (``WorkerStatus``)
-deaths     node id                 any node that saw it die    the node's incarnation that was
-                                                               declared dead (``NodeDeath``)
-apikeys    key id (12 hex digits   the node whose console      a key every node's OpenAI API
-           of the key's hash)      created it; any node        accepts, as its salted hash only;
-                                   revokes it                  revoked: kept as a tombstone
-                                                               (``ApiKey``)
-rotations  retired key id          the node that ran           the mesh secret that replaced that
-                                   ``rotate-key``              key, sealed under it (``KeyRotation``;
-                                                               a plain value, written once)
-=========  ======================  ==========================  ==================================
+==========  ======================  ==========================  ==================================
+map         key                     writer                      meaning
+==========  ======================  ==========================  ==================================
+models      model name              anyone (CLI, manifests)     desired: this model should be
+                                                                served (``ModelSpec``)
+demand      ``<model>/<node id>``   the node whose proxy saw    requests for the model through that
+                                    the requests                node's API, expiring by TTL
+                                                                (``DemandEntry``)
+leases      ``<model>#<slot>``      the node taking the slot    placement: which node serves replica
+                                                                ``slot`` of the model
+                                                                (``PlacementLease``; a plain value,
+                                                                last writer wins as a whole)
+nodes       node id                 that node                   the node: name, capacity, role,
+                                                                addresses (``NodeStatus``)
+servers     ``<node id>/<model>``   the node running it         observed: a llama-server for the
+                                                                model on that node (``ServerStatus``)
+workers     ``<node id>/<model>``   the node running it         observed: a ggml-rpc-server holding
+                                                                layers of a split model for its host
+                                                                (``WorkerStatus``)
+deaths      node id                 any node that saw it die    the node's incarnation that was
+                                                                declared dead (``NodeDeath``)
+apikeys     key id (12 hex digits   the node whose console      a key every node's OpenAI API
+            of the key's hash)      created it; any node        accepts, as its salted hash only;
+                                    revokes it                  revoked: kept as a tombstone
+                                                                (``ApiKey``)
+rotations   retired key id          the node that ran           the mesh secret that replaced that
+                                    ``rotate-key``              key, sealed under it (``KeyRotation``;
+                                                                a plain value, written once)
+importance  model file fingerprint  the node computing them     routing statistics of an MoE file:
+            (``ModelSpec.           (expert-shard slot 0's      selections per expert per layer on
+            fingerprint``)          node)                       calibration text (``ExpertImportance``)
+==========  ======================  ==========================  ==================================
 
 The blackboard's posts live in a document of their own, with its own gossip: see ``state.board``.
 
@@ -65,7 +68,9 @@ __all__ = [
     "API_KEY_HASH_LABEL",
     "ApiKey",
     "DemandEntry",
+    "ExpertImportance",
     "GpuShare",
+    "ImportancePhase",
     "KeyRotation",
     "ModelName",
     "ModelOrigin",
@@ -81,6 +86,9 @@ __all__ = [
     "demand_key",
     "json_schemas",
     "lease_key",
+    "lease_model",
+    "parse_demand_key",
+    "parse_server_key",
     "server_key",
 ]
 
@@ -122,8 +130,9 @@ class ModelSpec(_Entity):
     tensor_hashes: dict[str, str] = Field(default_factory=dict, description="sha256 (32 hex digits) of every "
                                           "tensor's bytes, by name: a split worker checks each piece it holds "
                                           "against it; empty while no node has held the whole file")
-    copy_on: str = Field(default="", description="a node holding the whole file (it computed tensor_hashes): "
-                         "split participants without the file may fetch their pieces from it over the mesh")
+    copy_on: NodeId = Field(default=NodeId(""), description="a node holding the whole file (it computed "
+                            "tensor_hashes): split participants without the file may fetch their pieces from it "
+                            "over the mesh")
     embedding_length: int = Field(default=0, ge=0, description="the model's hidden width (n_embd): what a split "
                                   "sends between nodes per token scales with it; 0: unknown")
     embeddings: bool = Field(default=False, description="serve embeddings (llama-server --embeddings): an "
@@ -173,7 +182,7 @@ class PlacementLease(_Entity):
     incarnation: float
     at: float = 0.0
     hot: bool = False
-    workers: list[str] = Field(default_factory=list, description="split: the nodes running ggml-rpc-server")
+    workers: list[NodeId] = Field(default_factory=list, description="split: the nodes running ggml-rpc-server")
     tensor_split: list[float] = Field(default_factory=list, description="split: layer shares, workers then host")
     shards: int = Field(default=0, ge=0, description="expert sharding: the shard count (slot = shard index); 0: none")
     expert_core: int = Field(default=0, ge=0, description="expert sharding: experts per layer every shard keeps")
@@ -209,7 +218,7 @@ class NodeStatus(_Entity):
     version: str = ""
     started_at: float = 0.0
     incarnation: float = Field(default=0.0, description="bumped at each start and to refute a death")
-    rtt_ms: dict[str, float] = Field(default_factory=dict, description="measured RTT to peers, by node id")
+    rtt_ms: dict[NodeId, float] = Field(default_factory=dict, description="measured RTT to peers, by node id")
 
 
 class NodeDeath(_Entity):
@@ -240,7 +249,7 @@ class ServerStatus(_Entity):
     message: str = ""
     since: float = 0.0
     recovering: bool = Field(default=False, description="started again after the previous server failed")
-    workers: list[str] = Field(default_factory=list, description="split: the workers this server runs with")
+    workers: list[NodeId] = Field(default_factory=list, description="split: the workers this server runs with")
     shard: str = Field(default="", description="expert shard it serves, 'index/count' (1-based); empty: the model")
     experts: int = Field(default=0, ge=0, description="expert shard: experts per layer it keeps")
     file_bytes: int = Field(default=0, ge=0, description="expert shard: bytes of its GGUF (its memory, about)")
@@ -269,6 +278,27 @@ class WorkerStatus(_Entity):
     @property
     def key(self) -> str:
         return server_key(self.node, self.model)
+
+
+class ImportancePhase(StrEnum):
+    COMPUTING = "computing"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class ExpertImportance(_Entity):
+    """How often each expert of an MoE file was chosen on calibration text (``moe.importance``), computed
+    once per file by one node and read by every node that plans or writes expert shards of it. ``counts``
+    has one entry per MoE layer, ``"<layer>:<c0>,<c1>,..."`` (selections per expert, expert id order)."""
+
+    fingerprint: str = Field(min_length=1, description="the model file's fingerprint (ModelSpec.fingerprint)")
+    model: ModelName = Field(default=ModelName(""), description="the model it was computed for")
+    node: NodeId = Field(default=NodeId(""), description="the node computing (or that computed) them")
+    phase: ImportancePhase = ImportancePhase.COMPUTING
+    counts: list[str] = Field(default_factory=list, description="per MoE layer: '<layer>:<count>,<count>,...'")
+    tokens: int = Field(default=0, ge=0, description="calibration tokens routed (per layer)")
+    message: str = Field(default="", description="failed: why (shards then use expert id order)")
+    at: float = Field(default=0.0, description="when the phase began")
 
 
 API_KEY_HASH_LABEL = b"meshllm api key v1\0"  # domain separation: this hash is for nothing else
@@ -305,20 +335,39 @@ class KeyRotation(_Entity):
     at: float = 0.0
 
 
-def server_key(node: str, model: str) -> str:
+def server_key(node: NodeId, model: ModelName) -> str:
     return f"{node}/{model}"
 
 
-def demand_key(model: str, node: str) -> str:
+def demand_key(model: ModelName, node: NodeId) -> str:
     return f"{model}/{node}"
 
 
-def lease_key(model: str, slot: int) -> str:
+def lease_key(model: ModelName, slot: int) -> str:
     return f"{model}#{slot}"
+
+
+# A document key read back (a change's key) names its node and model again: these are the one place
+# where those strings become ids.
+def parse_server_key(key: str) -> tuple[NodeId, ModelName]:
+    """The node and model of a ``servers`` or ``workers`` key."""
+    node, _, model = key.partition("/")
+    return NodeId(node), ModelName(model)
+
+
+def parse_demand_key(key: str) -> tuple[ModelName, NodeId]:
+    """The model and node of a ``demand`` key."""
+    model, _, node = key.rpartition("/")
+    return ModelName(model), NodeId(node)
+
+
+def lease_model(key: str) -> ModelName:
+    """The model of a ``leases`` key."""
+    return ModelName(key.rpartition("#")[0])
 
 
 def json_schemas() -> dict[str, dict[str, object]]:
     """JSON Schemas of the document's entities, as checked in under ``schemas/``."""
     return {f"state.{model.__name__}": model.model_json_schema()
             for model in (ModelSpec, NodeStatus, ServerStatus, NodeDeath, DemandEntry, PlacementLease,
-                          WorkerStatus, ApiKey, KeyRotation)}
+                          WorkerStatus, ApiKey, KeyRotation, ExpertImportance)}

@@ -33,6 +33,8 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from sqlmodel import Field, SQLModel, col, delete, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from meshllm.state.schema import ModelName, NodeId
+
 __all__ = ["DB_FILE", "AppliedManifest", "Event", "IdentityRecord", "NodeStore", "ProcessRecord"]
 
 DB_FILE = "meshllm.db"
@@ -127,7 +129,7 @@ class NodeStore:
         return AsyncSession(self._engine, expire_on_commit=False)
 
     # -- identity ---------------------------------------------------------------------------
-    async def record_identity(self, node_id: str, public_key: bytes) -> IdentityRecord:
+    async def record_identity(self, node_id: NodeId, public_key: bytes) -> IdentityRecord:
         """The identity row for this key, created on first use (``created_at`` is kept afterwards)."""
         async with self._session() as session:
             row = await session.get(IdentityRecord, node_id)
@@ -181,7 +183,7 @@ class NodeStore:
             return list(await session.exec(select(ProcessRecord).order_by(col(ProcessRecord.key))))
 
     # -- events -----------------------------------------------------------------------------
-    async def record_event(self, model: str, reason: str, message: str, *, level: str = "info") -> Event:
+    async def record_event(self, model: ModelName, reason: str, message: str, *, level: str = "info") -> Event:
         """Append an event; only the newest ``event_cap`` are kept."""
         if not _REASON.fullmatch(reason):
             raise ValueError(f"event reason must be CamelCase, not {reason!r}")
@@ -196,7 +198,7 @@ class NodeStore:
             await session.commit()
         return row
 
-    async def events(self, model: str | None = None, *, limit: int = 50) -> list[Event]:
+    async def events(self, model: ModelName | None = None, *, limit: int = 50) -> list[Event]:
         """The newest events first, for one model or all."""
         query = select(Event).order_by(col(Event.id).desc()).limit(limit)
         if model is not None:

@@ -14,6 +14,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from meshllm.state.schema import NodeId
+
 __all__ = ["NodeIdentity", "default_state_dir", "load_identity"]
 
 KEY_FILE = "node.key"
@@ -33,8 +35,8 @@ class NodeIdentity:
             serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
     @property
-    def node_id(self) -> str:
-        return hashlib.sha256(self.public_bytes).hexdigest()[:16]
+    def node_id(self) -> NodeId:
+        return NodeId(hashlib.sha256(self.public_bytes).hexdigest()[:16])
 
 
 def load_identity(state_dir: Path) -> NodeIdentity:

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from meshllm.state.schema import KeyRotation
+from meshllm.state.schema import KeyRotation, NodeId
 from meshllm.store.mesh import MeshCredentials
 
 __all__ = ["follow", "seal", "unseal"]
@@ -45,7 +45,7 @@ def _aad(mesh_id: str, old_kid: str, new_kid: str) -> bytes:
     return LABEL + "\0".join((mesh_id, old_kid, new_kid)).encode()
 
 
-def seal(old: MeshCredentials, new: MeshCredentials, *, by: str = "", at: float = 0.0) -> KeyRotation:
+def seal(old: MeshCredentials, new: MeshCredentials, *, by: NodeId = NodeId(""), at: float = 0.0) -> KeyRotation:
     """The document entry that hands ``new`` to every holder of ``old``."""
     if new.mesh_id != old.mesh_id:
         raise ValueError("a rotation keeps the mesh id")

@@ -43,6 +43,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from meshllm.state.schema import NodeId
 from meshllm.store.identity import NodeIdentity
 from meshllm.store.mesh import key_id
 from meshllm.transport.errors import AuthError, FrameError, Refusal
@@ -66,9 +67,9 @@ class Role(Enum):
         return Role.SERVER if self is Role.CLIENT else Role.CLIENT
 
 
-def node_id_for(public_key: bytes) -> str:
+def node_id_for(public_key: bytes) -> NodeId:
     """The node id a public key owns (the same rule as ``NodeIdentity.node_id``)."""
-    return hashlib.sha256(public_key).hexdigest()[:16]
+    return NodeId(hashlib.sha256(public_key).hexdigest()[:16])
 
 
 def _b64(data: bytes) -> str:
@@ -92,7 +93,7 @@ class Hello:
     """The first message of each side: who it claims to be, and a fresh nonce."""
 
     mesh_id: str
-    node_id: str
+    node_id: NodeId
     public_key: bytes
     nonce: bytes
     dialed_at: int | None = None  # client only: wall-clock ns, orders redials of one peer
@@ -129,7 +130,7 @@ def parse_hello(payload: bytes) -> Hello:
     nonce = _unb64(message.get("nonce"), "nonce", NONCE_BYTES)
     if node_id_for(key) != node_id:
         raise AuthError(f"node id {node_id[:32]!r} is not the id of the key it presented")
-    return Hello(mesh_id, node_id, key, nonce, dialed_at, kid)
+    return Hello(mesh_id, node_id_for(key), key, nonce, dialed_at, kid)
 
 
 def _decode(payload: bytes, expected: str) -> dict[str, Any]:
@@ -178,7 +179,7 @@ def verify_proof(message: Mapping[str, Any], *, secret: bytes, transcript: bytes
 class AuthResult:
     """Who the peer proved to be, and when the client dialed (to pick one of two connections)."""
 
-    node_id: str
+    node_id: NodeId
     public_key: bytes
     dialed_at: int
 

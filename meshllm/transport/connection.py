@@ -27,6 +27,7 @@ import anyio.lowlevel
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 
+from meshllm.state.schema import NodeId
 from meshllm.transport._aioquic import AckPolicy, peer_certificate_der, send_backlog, smoothed_rtt
 from meshllm.transport.auth import AUTH_STREAM_ID, AuthResult, Handshake, Role
 from meshllm.transport.errors import (AuthError, ConnectionLost, ErrorCode, FrameError, Refusal,
@@ -68,7 +69,7 @@ class ConnectionHooks(Protocol):
 class PeerConnection:
     """An authenticated connection to one peer node, multiplexing streams of every kind."""
 
-    def __init__(self, quic: QuicConnection, *, address: Address, local_id: str,
+    def __init__(self, quic: QuicConnection, *, address: Address, local_id: NodeId,
                  settings: TransportSettings, hooks: ConnectionHooks,
                  new_handshake: HandshakeFactory, send_datagram: Callable[[bytes, Address], None],
                  channel_binding: bytes = b"") -> None:
@@ -112,19 +113,19 @@ class PeerConnection:
 
     # -- public -------------------------------------------------------------------------------
     @property
-    def node_id(self) -> str:
+    def node_id(self) -> NodeId:
         """The peer's node id (proven once authenticated; before that, claimed or ``"?"``)."""
         if self._auth is not None:
             return self._auth.node_id
         hello = self._handshake.peer_hello if self._handshake is not None else None
-        return hello.node_id if hello is not None else "?"
+        return hello.node_id if hello is not None else NodeId("?")
 
     @property
     def public_key(self) -> bytes:
         return self._authenticated().public_key
 
     @property
-    def dialed_by(self) -> str:
+    def dialed_by(self) -> NodeId:
         """The node id of the side that opened this connection."""
         return self.local_id if self.is_dialer else self.node_id
 

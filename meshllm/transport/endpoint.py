@@ -37,6 +37,7 @@ from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported w
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
+from meshllm.state.schema import NodeId
 from meshllm.store.identity import NodeIdentity
 from meshllm.transport._aioquic import initial_decrypts
 from meshllm.transport.auth import Handshake, Role
@@ -67,7 +68,7 @@ class PeerEvent:
     up: bool
 
     @property
-    def node_id(self) -> str:
+    def node_id(self) -> NodeId:
         return self.connection.node_id
 
 
@@ -145,7 +146,7 @@ class QuicEndpoint:
         self._server_config = server_configuration(credentials, self.settings)
         self._client_config = client_configuration(self.settings)
         self._by_cid: dict[bytes, PeerConnection] = {}
-        self._peers: dict[str, PeerConnection] = {}
+        self._peers: dict[NodeId, PeerConnection] = {}
         self._retiring: dict[PeerConnection, float] = {}  # replaced, closed once its requests end
         self._handlers: dict[StreamKind, StreamHandler] = {}
         self._listeners: list[PeerListener] = []
@@ -158,7 +159,7 @@ class QuicEndpoint:
         self._refused = RefusalLog()
 
     @property
-    def node_id(self) -> str:
+    def node_id(self) -> NodeId:
         return self.identity.node_id
 
     @property
@@ -167,11 +168,11 @@ class QuicEndpoint:
         return self._require_running().address
 
     @property
-    def peers(self) -> dict[str, PeerConnection]:
+    def peers(self) -> dict[NodeId, PeerConnection]:
         """The authenticated connection to each connected peer, by node id."""
         return dict(self._peers)
 
-    def peer(self, node_id: str) -> PeerConnection | None:
+    def peer(self, node_id: NodeId) -> PeerConnection | None:
         return self._peers.get(node_id)
 
     def switch_secret(self, secret: bytes) -> None:

@@ -18,6 +18,7 @@ from typing import Protocol
 import anyio
 import anyio.lowlevel
 
+from meshllm.state.schema import NodeId
 from meshllm.transport.errors import ErrorCode, FrameError, StreamReset, TransportError
 from meshllm.transport.framing import MAX_FRAME, FrameChannel, decode_message, encode_message
 
@@ -50,7 +51,7 @@ class StreamOwner(Protocol):
     """What a stream needs from its connection (``PeerConnection`` implements it)."""
 
     @property
-    def node_id(self) -> str: ...
+    def node_id(self) -> NodeId: ...
 
     def _stream_write(self, stream_id: int, data: bytes, *, end: bool) -> None: ...
 
@@ -82,7 +83,7 @@ class Stream:
         return f"<Stream {self.kind.value} #{self.stream_id} to {self._owner.node_id}>"
 
     @property
-    def peer_id(self) -> str:
+    def peer_id(self) -> NodeId:
         return self._owner.node_id
 
     # -- for tasks ----------------------------------------------------------------------------
@@ -225,7 +226,7 @@ class MessageStream:
         self._frames = FrameChannel(stream, max_size=max_size)
 
     @property
-    def peer_id(self) -> str:
+    def peer_id(self) -> NodeId:
         return self.stream.peer_id
 
     async def send(self, message: bytes) -> None:

@@ -34,6 +34,7 @@ import anyio
 
 from meshllm.jsonsafe import loads
 from meshllm.errors import MeshError
+from meshllm.state.schema import NodeId
 from meshllm.transport import FrameChannel, PeerConnection, Stream, StreamKind, TransportError
 from meshllm.transport.errors import ErrorCode
 
@@ -84,7 +85,7 @@ class PeerLink(Protocol):
 class Connect(Protocol):
     """The connection to a node, dialling it if none is up (``MeshRuntime.connect``)."""
 
-    async def __call__(self, node_id: str, /) -> PeerLink: ...
+    async def __call__(self, node_id: NodeId, /) -> PeerLink: ...
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def _headers(raw: Any) -> list[tuple[str, str]]:
 class TunnelResponse:
     """A tunnelled response whose head has arrived; iterate it for the body, then ``aclose()``."""
 
-    def __init__(self, node: str, status_code: int, headers: list[tuple[str, str]], stream: TunnelStream,
+    def __init__(self, node: NodeId, status_code: int, headers: list[tuple[str, str]], stream: TunnelStream,
                  frames: FrameChannel) -> None:
         self.node = node
         self.status_code = status_code
@@ -186,7 +187,7 @@ class HttpTunnelClient:
     def __init__(self, connect: Connect) -> None:
         self._connect = connect
 
-    async def request(self, node: str, request: TunnelRequest) -> TunnelResponse:
+    async def request(self, node: NodeId, request: TunnelRequest) -> TunnelResponse:
         """Send ``request`` to ``node``; returns once the response head has arrived.
 
         Raises ``TunnelUnavailable`` when no head came. Two nodes that dialled each other at once keep
@@ -199,7 +200,7 @@ class HttpTunnelClient:
                 raise
         return await self._attempt(node, request)
 
-    async def _attempt(self, node: str, request: TunnelRequest) -> TunnelResponse:
+    async def _attempt(self, node: NodeId, request: TunnelRequest) -> TunnelResponse:
         try:
             stream: TunnelStream = await (await self._connect(node)).open_stream(StreamKind.HTTP)
         except TransportError as exc:

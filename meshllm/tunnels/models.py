@@ -22,7 +22,7 @@ import anyio
 from meshllm.engine.models import file_fingerprint, resolve_model
 from meshllm.engine.sparse import RangeSourceError
 from meshllm.errors import ModelError
-from meshllm.state.schema import ModelSpec
+from meshllm.state.schema import ModelName, ModelSpec, NodeId
 from meshllm.tunnels.http import Answer, HttpTunnelClient, LocalForward, TunnelError, TunnelRequest
 
 __all__ = ["GGUF_PREFIX", "ModelFileServer", "PeerRanges", "local_copies"]
@@ -32,7 +32,7 @@ CHUNK = 1 << 20
 _RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
 
 # model name and fingerprint -> this node's copy of the model file, or None
-Lookup = Callable[[str, str], Path | None]
+Lookup = Callable[[ModelName, str], Path | None]
 
 
 class _FileAnswer:
@@ -79,7 +79,7 @@ class ModelFileServer:
         return await anyio.to_thread.run_sync(self._answer, request)
 
     def _answer(self, request: TunnelRequest) -> Answer:
-        model = unquote(request.path.removeprefix(GGUF_PREFIX))
+        model = ModelName(unquote(request.path.removeprefix(GGUF_PREFIX)))  # a peer's request names it
         fingerprint = (parse_qs(request.query).get("fingerprint") or [""])[0]
         path = self.lookup(model, fingerprint) if request.method == "GET" else None
         if path is None:
@@ -95,7 +95,7 @@ class ModelFileServer:
 class PeerRanges:
     """The ranges of ``model``'s file on ``node``, through the HTTP tunnel (a ``RangeSource``)."""
 
-    def __init__(self, tunnels: HttpTunnelClient, node: str, model: str, fingerprint: str) -> None:
+    def __init__(self, tunnels: HttpTunnelClient, node: NodeId, model: ModelName, fingerprint: str) -> None:
         self.tunnels, self.node, self.model, self.fingerprint = tunnels, node, model, fingerprint
         self.name = f"node {node}"
         self.received = 0
@@ -121,13 +121,13 @@ class PeerRanges:
             await response.aclose()
 
 
-def local_copies(models: Callable[[], Mapping[str, ModelSpec]]) -> Lookup:
+def local_copies(models: Callable[[], Mapping[ModelName, ModelSpec]]) -> Lookup:
     """A ``Lookup`` over the state document's models (``models``): the file a model's source resolves
     to on this node, when its header's fingerprint is the one asked for (a sparse copy never is: it
     lives apart, in the models folder's ``.split``)."""
     checked: dict[tuple[Path, int, int], str] = {}
 
-    def lookup(model: str, fingerprint: str) -> Path | None:
+    def lookup(model: ModelName, fingerprint: str) -> Path | None:
         spec = models().get(model)
         if spec is None or not fingerprint:
             return None

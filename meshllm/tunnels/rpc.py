@@ -47,6 +47,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute, TaskStatus
 
 from meshllm.engine.rpc_auth import RpcAuthError, authenticate
+from meshllm.state.schema import ModelName, NodeId
 from meshllm.transport import (FrameDecoder, FrameError, PeerConnection, Stream, StreamKind, TransportError,
                                decode_message, encode_message)
 from meshllm.transport.errors import ErrorCode
@@ -64,9 +65,9 @@ PROBE_TIMEOUT = 3.0  # seconds a host waits for a worker to accept a test sessio
 MAX_HEADER = 4096  # a request or reply frame; it names a target (a model name)
 READ_SIZE = 4 * 1024 * 1024  # whatever has arrived, in one piece (weights cross at load in MBs)
 
-Connect = Callable[[str], Awaitable[PeerConnection]]
-Lookup = Callable[[str], tuple[str, int] | None]  # target -> where its ggml-rpc-server listens
-DirectLookup = Callable[[str, str], str | None]  # (worker node, target) -> "host:port" of a direct rpc-server
+Connect = Callable[[NodeId], Awaitable[PeerConnection]]
+Lookup = Callable[[ModelName], tuple[str, int] | None]  # target -> where its ggml-rpc-server listens
+DirectLookup = Callable[[NodeId, ModelName], str | None]  # (worker node, target) -> "host:port" of a direct rpc-server
 
 
 @dataclass
@@ -88,17 +89,17 @@ class RpcTunnelError(Exception):
 
 
 # -- the request and reply frames ---------------------------------------------------------------
-def encode_request(target: str) -> bytes:
+def encode_request(target: ModelName) -> bytes:
     """The frame a host sends first on an RPC stream: which ggml-rpc-server it wants."""
     return encode_message({"v": PROTOCOL_VERSION, "target": target}, max_size=MAX_HEADER)
 
 
-def decode_request(payload: bytes) -> str:
+def decode_request(payload: bytes) -> ModelName:
     """The target named in a request frame's payload; ``FrameError`` if malformed."""
     target = decode_message(payload).get("target")
     if not isinstance(target, str) or not target:
         raise FrameError("RPC tunnel request without a target")
-    return target
+    return ModelName(target)
 
 
 def encode_reply(error: str | None = None, *, code: str = "") -> bytes:
@@ -228,7 +229,7 @@ class RpcTunnelServer:
             log.info("RPC tunnel from %s to %s ended: %s", conn.node_id, target, how)
         await stream.aclose()
 
-    async def _connect(self, target: str, stream: Stream) -> anyio.abc.SocketStream | None:
+    async def _connect(self, target: ModelName, stream: Stream) -> anyio.abc.SocketStream | None:
         """A connection to ``target``'s ggml-rpc-server, or None after telling the host why not."""
         where = self._lookup(target)
         if where is None:
@@ -257,8 +258,8 @@ class RpcTunnelServer:
 # -- host side ----------------------------------------------------------------------------------
 @dataclass
 class _Listener:
-    node_id: str
-    target: str
+    node_id: NodeId
+    target: ModelName
     port: int
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
@@ -274,8 +275,8 @@ class RpcTunnelClient:
         self.key = key  # the mesh's RPC key (rpc_auth.rpc_key): the host's llama-server proves it to workers
         self.clear = clear  # --rpc-direct: the host's llama-server asks for the unsealed channel
         self._direct = direct  # workers whose rpc-server llama-server may reach straight (None: --rpc-tunnel)
-        self._unreachable: set[tuple[str, str]] = set()  # direct addresses the last probe could not reach
-        self._listeners: dict[tuple[str, str], _Listener] = {}
+        self._unreachable: set[tuple[NodeId, ModelName]] = set()  # direct addresses the last probe could not reach
+        self._listeners: dict[tuple[NodeId, ModelName], _Listener] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -295,15 +296,15 @@ class RpcTunnelClient:
                  "received": t.traffic.received, "sessions": t.traffic.sessions}
                 for t in self._listeners.values()]
 
-    def port(self, node_id: str, target: str) -> int | None:
+    def port(self, node_id: NodeId, target: ModelName) -> int | None:
         """The local port of an open tunnel, else None."""
         listener = self._listeners.get((node_id, target))
         return listener.port if listener is not None else None
 
-    def _direct_address(self, node_id: str, target: str) -> str | None:
+    def _direct_address(self, node_id: NodeId, target: ModelName) -> str | None:
         return self._direct(node_id, target) if self._direct is not None else None
 
-    async def endpoint(self, node_id: str, target: str) -> str:
+    async def endpoint(self, node_id: NodeId, target: ModelName) -> str:
         """The ``host:port`` the host's llama-server is given for ``target``'s worker on ``node_id``:
         the worker's rpc-server itself when it publishes an address the last probe reached, else a
         tunnel's local port."""
@@ -312,7 +313,7 @@ class RpcTunnelClient:
             return direct
         return f"127.0.0.1:{await self.open(node_id, target)}"
 
-    async def open(self, node_id: str, target: str) -> int:
+    async def open(self, node_id: NodeId, target: ModelName) -> int:
         """The 127.0.0.1 port that tunnels to ``target``'s rpc-server on ``node_id`` (reused if open).
 
         Listening needs no connection to the worker yet: each accepted TCP connection dials (if
@@ -331,7 +332,7 @@ class RpcTunnelClient:
         log.info("RPC tunnel to %s on %s listens on 127.0.0.1:%d", target, node_id, port)
         return port
 
-    async def close(self, node_id: str, target: str) -> None:
+    async def close(self, node_id: NodeId, target: ModelName) -> None:
         """Stop listening for that tunnel and end its sessions; a no-op if it is not open."""
         listener = self._listeners.pop((node_id, target), None)
         if listener is not None:
@@ -372,7 +373,7 @@ class RpcTunnelClient:
             finally:
                 await stream.aclose()
 
-    async def probe(self, node_id: str, target: str) -> str | None:
+    async def probe(self, node_id: NodeId, target: ModelName) -> str | None:
         """None when ``node_id``'s worker for ``target`` accepts a session now (its rpc-server
         running and reachable straight or through the mesh), else why not. The session is closed at
         once. A worker whose published address cannot be reached is used through the tunnel."""

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from meshllm.state.schema import NodeId
 from meshllm.transport import MessageStream, PeerConnection, QuicEndpoint, Stream, StreamKind
 
 __all__ = ["Connect", "MessageOpener", "MessageService", "StreamService", "message_opener", "serve_streams"]
@@ -54,13 +55,13 @@ def serve_streams(endpoint: QuicEndpoint, services: Iterable[StreamService]) -> 
 class MessageOpener(Protocol):
     """Opens a message stream of one kind to a node."""
 
-    async def __call__(self, node_id: str) -> MessageStream: ...
+    async def __call__(self, node_id: NodeId) -> MessageStream: ...
 
 
 def message_opener(connect: Connect, kind: StreamKind) -> MessageOpener:
     """The client side of a ``MessageService``: a new stream of ``kind`` to a node, dialled if needed."""
 
-    async def open_stream(node_id: str) -> MessageStream:
+    async def open_stream(node_id: NodeId) -> MessageStream:
         conn = await connect(node_id)
         return MessageStream(await conn.open_stream(kind))
 

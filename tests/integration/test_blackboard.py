@@ -1,10 +1,11 @@
 """The blackboard across real node processes on 127.0.0.x (``--client`` nodes: no engine, no model).
 
-What a user notices: a post on one node is found on the others within 2 s; a node without
-``--blackboard`` relays but says how to enable it; a restarted node gets the board back (from its
+What a user notices: a post on one node is found on the others within 2 s; a node serving a model
+takes ``--blackboard`` as a client does; a node without ``--blackboard`` relays but says how to enable it; a restarted node gets the board back (from its
 peers, and alone from its snapshot); bad input and a flood get clear errors and lose nothing else; an
 MCP client (the official SDK, over stdio) lists the tools, posts, searches and reads the feed through
-a 2-node mesh, with the MCP server starting (and stopping) its own client node.
+a 2-node mesh, with the MCP server starting (and stopping) its own client node, and an MCP server
+pointed at a running node uses it and leaves it running.
 """
 
 from __future__ import annotations
@@ -98,6 +99,23 @@ def test_a_post_is_searchable_on_every_node_within_two_seconds(mesh: Mesh) -> No
     assert [q["id"] for q in questions] == [question_id] and questions[0]["replies"]
 
 
+def test_a_serving_node_takes_blackboard_and_limit_reads_the_newest(mesh: Mesh, tiny_dense: Path) -> None:
+    serving = mesh.start("s", "127.0.0.2", "--blackboard", "--name", "gpu-owner", models=(str(tiny_dense),))
+    token = serving.token()
+    client = mesh.start("c", "127.0.0.3", "--client", "--blackboard", "--join", token)
+    client.token()
+    ids = []
+    for i in range(3):
+        done = post(serving, f"STATUS: step {i} on the serving node")
+        assert done.returncode == 0, done.stderr
+        ids.append(done.stdout.split()[1])
+    wait_for(lambda: len(board(client)) == 3, timeout=5, what="the client to hold the serving node's posts")
+    newest = json.loads(post(client, "--limit", "2", "-o", "json").stdout)
+    assert [i["id"] for i in newest] == ids[:0:-1] and {i["author"] for i in newest} == {"gpu-owner"}
+    serving.wait_ready("tiny-dense")  # the board took nothing from serving the model
+    assert alive(client) == 2
+
+
 def test_a_restarted_node_gets_the_board_back(mesh: Mesh) -> None:
     a, b = start_mesh(mesh, ("--blackboard",), ("--blackboard",))
     first = post(a, "FINDING: tests in api/ need REDIS_URL").stdout.split()[1]
@@ -188,6 +206,16 @@ async def test_an_mcp_client_posts_searches_and_reads_through_a_two_node_mesh(me
     # the session ended: the client node the MCP server started is stopped
     await anyio.to_thread.run_sync(lambda: wait_for(lambda: not _answers(b_console), timeout=20,
                                                     what="the MCP server's node to stop"))
+    # an MCP server pointed at a running node (A) uses it, and leaves it running when the session ends
+    on_a = StdioServerParameters(command=sys.executable, env={"PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+                                 args=["-m", "meshllm", "blackboard", "--mcp", "--console", str(a.console),
+                                       "--state-dir", str(a.state_dir)])
+    with (mesh.root / "mcp-a-stderr.log").open("w") as errlog:
+        async with stdio_client(on_a, errlog=errlog) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            feed = await session.call_tool("blackboard_feed", {"limit": 5})
+            assert [i["id"] for i in feed.structured_content["items"]] == [question, item["id"]]
+    assert _answers(a.console) and a.proc is not None and a.proc.poll() is None
 
 
 def _answers(console: int) -> bool:

@@ -7,7 +7,8 @@ models; a chat through the page streams the same greedy answer as the OpenAI API
 the page within 10 s; an applied manifest's model shows up Loading, then Ready, without a reload.
 Screenshots (desktop and narrow) are saved in the test's folder and copied to ``bench/results/``.
 ``meshllm`` with no arguments serves the page read-only, listing the meshes a real relay holds; a node
-with several GPUs gets one bar per GPU.
+with several GPUs gets one bar per GPU. With the admin token the page shows the blackboard's feed, newest
+first, as text, and follows new posts.
 """
 
 from __future__ import annotations
@@ -185,6 +186,27 @@ def test_no_arguments_serve_a_read_only_console_listing_published_meshes(relay: 
         lobby.send_signal(signal.SIGINT)
         assert lobby.wait(timeout=15) == 0
         lobby.stdout.close()  # type: ignore[union-attr]
+
+
+def test_the_console_shows_the_blackboard_feed(mesh: Mesh, browser: Browser) -> None:
+    node = mesh.start("a", "127.0.0.2", "--client", "--blackboard", "--name", "alice")
+    node.token()
+    for text in ("STATUS: refactoring billing", "FINDING: <b>not bold</b> stays text"):
+        assert node.cli("blackboard", text).returncode == 0
+    admin = (node.state_dir / "admin.token").read_text().strip()
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{node.console}/")
+    page.locator("#token-button").click()  # the feed needs the admin token: given in the page's form
+    page.locator("#token-input").fill(admin)
+    page.locator("#token-input").press("Enter")
+    feed = page.locator("#board li")
+    expect(feed).to_have_count(2, timeout=15_000)
+    expect(feed.first).to_contain_text("alice @ ")
+    expect(feed.first).to_contain_text("FINDING: <b>not bold</b> stays text")  # shown as text, not markup
+    expect(page.locator("#board b")).to_have_count(0)
+    expect(feed.nth(1)).to_contain_text("STATUS: refactoring billing")
+    assert node.cli("blackboard", "QUESTION: who owns invoices?").returncode == 0
+    expect(feed.first).to_contain_text("QUESTION: who owns invoices?", timeout=20_000)  # without a reload
 
 
 def test_a_node_with_several_gpus_gets_a_bar_per_gpu(browser: Browser) -> None:

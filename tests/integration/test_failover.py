@@ -97,16 +97,17 @@ def read_stream(api: str, stream: Stream) -> None:
 
 def read_message(api: str, stream: Stream) -> None:
     """``read_stream`` through Anthropic's API and SDK (``usage`` here: the final output token count)."""
-    client = anthropic.Anthropic(base_url=api, api_key="unused", max_retries=0, timeout=120)
     try:
-        events = client.messages.create(model=MODEL, max_tokens=MAX_TOKENS, stream=True,
-                                        messages=[{"role": "user", "content": stream.prompt}],
-                                        extra_body={"ignore_eos": True, "temperature": 0})  # greedy (no SDK argument)
-        for event in events:
-            if event.type == "content_block_delta" and event.delta.type == "text_delta":
-                stream.text.append(event.delta.text)
-            elif event.type == "message_delta":
-                stream.finish, stream.usage = event.delta.stop_reason, event.usage.output_tokens
+        with anthropic.Anthropic(base_url=api, api_key="unused", max_retries=0, timeout=120) as client:
+            events = client.messages.create(model=MODEL, max_tokens=MAX_TOKENS, stream=True,
+                                            messages=[{"role": "user", "content": stream.prompt}],
+                                            extra_body={"ignore_eos": True, "temperature": 0})  # greedy: no SDK argument
+            with events:
+                for event in events:
+                    if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                        stream.text.append(event.delta.text)
+                    elif event.type == "message_delta":
+                        stream.finish, stream.usage = event.delta.stop_reason, event.usage.output_tokens
     except BaseException as exc:  # the test asserts there was none
         stream.error = exc
 

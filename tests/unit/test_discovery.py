@@ -243,12 +243,15 @@ async def test_directory_survives_unreachable_and_garbage_relays(caplog: pytest.
         directory = Directory(relays=(dead, f"ws://127.0.0.1:{port}", "not a url"), timeout=2)
         found = await directory.find(wait=0)
         assert [entry.content.name for entry in found] == ["real"]  # the forged and the malformed skipped
+        assert [entry.content.name for entry in await directory.find(wait=0)] == ["real"]  # asked again
         creds = _creds(8)
         assert await directory.put(make_event(creds, _content(creds), now=time.time(), ttl=60)) == 0  # no OK
         tg.cancel_scope.cancel()
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(dead.removeprefix("ws://") in w and "unreachable" in w for w in warnings)
-    assert sum("127.0.0.1:" + str(port) in w for w in warnings) == 1  # warned once, not at every try
+    assert sum("127.0.0.1:" + str(port) in w and "did not answer" in w for w in warnings) == 1  # once, not at every try
+    bad = [w for w in warnings if "forged or malformed" in w]
+    assert bad == [f"discovery: ignored 2 listing(s) from ws://127.0.0.1:{port} that were forged or malformed"]
 
 
 async def test_auto_with_no_reachable_relay_starts_its_own_mesh(tmp_path: Any) -> None:

@@ -7,7 +7,8 @@ import pytest
 from meshllm.moe.plan import NoShards, ShardLayout, core_size, experts_per_shard, plan_layout, shard_experts
 from meshllm.reconcile.placement import plan_placement
 from meshllm.reconcile.shards import (
-    Drop, Fail, Retry, Reuse, ShardActual, ShardFile, ShardTarget, ShardUnavailable, Write, plan_shard,
+    Drop, Fail, Retry, Reuse, ShardActual, ShardFile, ShardTarget, ShardUnavailable, ShardWaiting, Wait, Write,
+    plan_shard,
 )
 from meshllm.state.schema import ModelSpec, NodeStatus, PlacementLease
 
@@ -132,6 +133,9 @@ TARGET = ShardTarget("x", 0, 3, source=__import__("pathlib").Path("/m/x.gguf"), 
     (TARGET, ShardFile(TARGET, "failed", at=NOW - 70), False, NOW, [Write(TARGET)]),
     (ShardUnavailable("x", "bad"), ShardFile(), False, NOW, [Fail("x", "bad")]),
     (ShardUnavailable("x", "bad"), ShardFile(phase="failed", message="bad"), False, NOW, []),
+    (ShardWaiting("x", "stats"), ShardFile(), False, NOW, [Wait("x", "stats")]),  # no order yet: nothing written
+    (ShardWaiting("x", "stats"), ShardFile(phase="waiting", message="stats"), False, NOW, []),
+    (TARGET, ShardFile(phase="waiting", message="stats"), False, NOW, [Write(TARGET)]),  # the order came
     (None, ShardFile(TARGET, "ready"), False, NOW, [Drop("x")]),
     (None, ShardFile(), False, NOW, []),
 ])

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pycrdt import Map
 
 from meshllm.state.document import MeshState
-from meshllm.state.schema import ModelSpec, NodeStatus, ServerPhase, ServerStatus
+from meshllm.state.schema import (
+    ModelName, ModelSpec, NodeId, NodeStatus, ServerPhase, ServerStatus, demand_key, lease_key, lease_model,
+    parse_demand_key, parse_server_key, server_key,
+)
 
 
 def test_entities_round_trip_through_the_document() -> None:
@@ -75,3 +78,11 @@ def test_reads_follow_every_change_a_peer_makes() -> None:
     del a.doc.get("nodes", type=Map)["n1"]
     b.doc.apply_update(a.doc.get_update(before))
     assert b.nodes() == {}
+
+
+def test_document_keys_parse_back_into_the_ids_they_were_made_of() -> None:
+    # model names may hold what node ids never do ('/', ':', '.'); the parse splits where the key was joined
+    node, model = NodeId("3f9a0c1d2e4b5a6f"), ModelName("org/qwen2.5:Q4_K_M")
+    assert parse_server_key(server_key(node, model)) == (node, model)
+    assert parse_demand_key(demand_key(model, node)) == (model, node)
+    assert lease_model(lease_key(model, 12)) == model
