@@ -7,7 +7,13 @@ does), decodes ``N1`` then ``N2`` greedy tokens in two sessions of llama-server,
 difference by ``N2 - N1``: loading and the prompt cancel out, what is left is one decoded token.
 Per path: ``stock`` (no key), ``clear`` (the mesh's key, unsealed: ``--rpc-direct``) and ``sealed``
 (the default: every message sealed with AES-256-GCM); the RPC bytes are the same on each path (the
-sealing adds 20 bytes per message on the wire), the decode speed is each session's own.
+sealing adds 20 bytes per message on the wire), the decode speed is each session's own. ``--heads``:
+``host`` (a meshllm CPU host keeps the output head, ``split.host_keeps_head``) and/or ``worker``
+(where stock llama.cpp puts it on a CPU host: the last worker, which then sends back every token's
+logits). ``--link-mbit N`` puts the worker in a network namespace of its own, joined to the host by a
+veth pair limited to N Mbit/s each way (``tbf``; root only): what the bytes cost on a real link, which
+loopback hides. ``--threads N`` gives both engine processes N threads (default: their own defaults,
+1 for the rpc-server's CPU backend, all cores for llama-server).
 
 Where time goes: built with ``bench/patches/rpc-timing.patch`` on top of the engine's patches, the
 worker also counts the microseconds it spends on each command type (from its first byte to the
@@ -16,7 +22,7 @@ waits between commands (the host computing its layers, the host's copies, the ne
 then shows them per decoded token beside the token's whole time, and ``--solo`` adds the model
 alone on one llama-server for comparison. Without the timing patch those columns stay empty.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/rpc_per_token.py [--engine DIR] [--gpu] MODEL.gguf
+    PYTHONPATH=$PWD .venv/bin/python bench/rpc_per_token.py [--engine DIR] [--gpu] [--heads worker,host] MODEL.gguf
 
 It prints a table and never asserts (STYLE.md).
 """
@@ -24,6 +30,7 @@ It prints a table and never asserts (STYLE.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -31,6 +38,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from meshllm.engine.build import find_engine
@@ -65,12 +73,16 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
 
 
 def session(engine: Path, model: Path, rpc_port: int, env: dict[str, str], tokens: int, gpu: bool,
-            log: Path) -> float:
+            log: Path, head: str = "host", *, worker_host: str = "127.0.0.1", threads: int = 0) -> float:
     """One llama-server split onto the worker, one greedy completion of ``tokens``; its decode tok/s."""
     port = free_port()
     desired = DesiredServer(model=model.stem, path=model, workers=("w",), tensor_split=(0.5, 0.5),
                             n_layer=0 if gpu else block_count(model))
-    gpu_layers, extra = split_args(desired, [f"127.0.0.1:{rpc_port}"], gpu=gpu)
+    gpu_layers, extra = split_args(desired, [f"{worker_host}:{rpc_port}"], gpu=gpu)
+    extra = (*extra, *(("--threads", str(threads)) if threads else ()))
+    if head == "worker" and "--override-tensor" in extra:  # as stock llama.cpp places it
+        at = extra.index("--override-tensor")
+        extra = extra[:at] + extra[at + 2:]
     argv = [str(engine / "llama-server"), "--model", str(model), "--port", str(port), "--n-gpu-layers",
             str(gpu_layers), *extra, "--no-webui", "-c", "2048", "--no-warmup"]
     with log.open("ab") as out:
@@ -92,11 +104,14 @@ def complete(port: int, tokens: int) -> float:
         return float(json.load(answer)["timings"]["predicted_per_second"])
 
 
-def read_stats(path: Path, timeout: float = 30) -> dict[str, tuple[int, int, int, int]]:
+def read_stats(path: Path, log: Path, sessions: int, timeout: float = 30) -> dict[str, tuple[int, int, int, int]]:
     """Per command type: commands, bytes in, bytes out, microseconds busy (0 without the timing patch);
-    ``idle``: the microseconds the worker waited for commands."""
+    ``idle``: the microseconds the worker waited for commands. Read once the worker has closed
+    ``sessions`` connections (the file is also rewritten once a second while one runs: not final)."""
     deadline = time.monotonic() + timeout
-    while not path.exists() and time.monotonic() < deadline:
+    while log.read_text(errors="replace").count("Client connection closed") < sessions:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the worker did not close connection {sessions}")
         time.sleep(0.05)
     stats = {}
     for line in path.read_text().splitlines():
@@ -130,20 +145,43 @@ def per_token_ms(first: tuple[int, float], second: tuple[int, float]) -> float:
     return (n2 / tps2 - n1 / tps1) / (n2 - n1) * 1000
 
 
-def measure(engine: Path, model: Path, path: str, n1: int, n2: int, gpu: bool, work: Path) -> list[str]:
+@contextlib.contextmanager
+def limited_link(mbit: int) -> Iterator[tuple[list[str], str]]:
+    """A network namespace joined to this one by a veth pair limited to ``mbit`` Mbit/s each way:
+    (the prefix that runs a command in it, its address). Removed on exit."""
+    ns, here, there = "mlrpc-bench", "mlrpc-h", "mlrpc-w"
+    inside = ["ip", "netns", "exec", ns]
+    limit = ["root", "tbf", "rate", f"{mbit}mbit", "burst", "256kb", "latency", "50ms"]
+    steps = [["ip", "netns", "add", ns], ["ip", "link", "add", here, "type", "veth", "peer", "name", there],
+             ["ip", "link", "set", there, "netns", ns], ["ip", "addr", "add", "10.197.0.1/30", "dev", here],
+             ["ip", "link", "set", here, "up"], [*inside, "ip", "addr", "add", "10.197.0.2/30", "dev", there],
+             [*inside, "ip", "link", "set", there, "up"], [*inside, "ip", "link", "set", "lo", "up"],
+             ["tc", "qdisc", "add", "dev", here, *limit], [*inside, "tc", "qdisc", "add", "dev", there, *limit]]
+    try:
+        for step in steps:
+            subprocess.run(step, check=True)
+        yield inside, "10.197.0.2"
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)  # takes the veth pair with it
+
+
+def measure(engine: Path, model: Path, path: str, n1: int, n2: int, gpu: bool, work: Path,
+            head: str = "host", *, link: tuple[list[str], str] | None = None, threads: int = 0) -> list[str]:
     stats_file = work / f"stats-{path}.txt"
     rpc_port = free_port()
     env = {**os.environ, **PATHS[path], "GGML_RPC_STATS": str(stats_file)}
-    log = work / f"{path}.log"
-    worker = subprocess.Popen([str(engine / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(rpc_port), "--gguf",
-                               str(model), *(["-d", "CUDA0"] if gpu else [])],
+    log = work / f"{path}-{head}.log"
+    prefix, where = link or ([], "127.0.0.1")
+    worker = subprocess.Popen([*prefix, str(engine / "ggml-rpc-server"), "-H", where, "-p", str(rpc_port), "--gguf",
+                               str(model), *(["-d", "CUDA0"] if gpu else []), *(["-t", str(threads)] if threads else [])],
                               stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
     try:
         runs = []
-        for tokens in (n1, n2):
-            time.sleep(0.2)
-            tps = session(engine, model, rpc_port, PATHS[path], tokens, gpu, log)
-            runs.append((tps, read_stats(stats_file)))
+        for k, tokens in enumerate((n1, n2), 1):
+            time.sleep(0.5)
+            tps = session(engine, model, rpc_port, PATHS[path], tokens, gpu, log, head, worker_host=where,
+                          threads=threads)
+            runs.append((tps, read_stats(stats_file, log, k)))
     finally:
         terminate(worker)
     (tps1, first), (tps2, second) = runs
@@ -174,18 +212,27 @@ def main() -> None:
     parser.add_argument("--n2", type=int, default=80)
     parser.add_argument("--paths", default="stock,clear,sealed")
     parser.add_argument("--solo", action="store_true", help="also time the model alone on one llama-server")
+    parser.add_argument("--heads", default="host", help="host and/or worker: where a CPU host's output head goes")
+    parser.add_argument("--link-mbit", type=int, default=0, help="the worker behind a link of this many Mbit/s")
+    parser.add_argument("--threads", type=int, default=0, help="threads of both engine processes (0: theirs)")
     args = parser.parse_args()
     engine = args.engine or Path(os.environ.get("MESHLLM_ENGINE_DIR", "") or (find_engine() or "."))
     print(f"{args.model.name}: per decoded token, {args.n2} - {args.n1} tokens; engine {engine}")
-    with tempfile.TemporaryDirectory(prefix="rpc-per-token-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="rpc-per-token-") as tmp, contextlib.ExitStack() as stack:
+        link = stack.enter_context(limited_link(args.link_mbit)) if args.link_mbit else None
+        if link:
+            print(f"worker behind a {args.link_mbit} Mbit/s link (veth + tbf, each way)")
         if args.solo:
             ms = solo_ms(engine, args.model.expanduser(), args.n1, args.n2, args.gpu, Path(tmp) / "solo.log")
             print(f"solo: {ms:.3f} ms per decoded token")
         print("| path | command | commands | bytes in (to the worker) | bytes out (back) | worker ms | |")
         print("|---|---|---|---|---|---|---|")
-        for path in args.paths.split(","):
-            for line in measure(engine, args.model.expanduser(), path, args.n1, args.n2, args.gpu, Path(tmp)):
-                print(line, flush=True)
+        for head in args.heads.split(","):
+            for path in args.paths.split(","):
+                label = f"{path}, head on {head}"
+                for line in measure(engine, args.model.expanduser(), path, args.n1, args.n2, args.gpu, Path(tmp),
+                                    head, link=link, threads=args.threads):
+                    print(line.replace(f"| {path} |", f"| {label} |", 1), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,13 @@ alike); the table shows medians:
   the plain CPU kernels an RPC worker's CPU backend runs, so the output a CPU split must equal.
 - ``stock-2``: llama-server ``--rpc`` to one plain ``ggml-rpc-server`` (no ``--gguf``, no
   ``GGML_RPC_HASH_THRESHOLD``) with the layer split meshllm computes for two equal nodes
-  (``meshllm.reconcile.served.split_args``). Its load time and decode come from a direct connection.
+  (``meshllm.reconcile.served.split_args``), the output head where stock llama.cpp puts it (a meshllm
+  CPU host keeps it, ``split.head_args``). Its load time and decode come from a direct connection.
   Its bytes come from a second load in the first round through a ``CountingTcpRelay`` (stock RPC
   bytes do not vary between rounds), shown as the row ``stock-2 relay`` with that load's own
   figures, since a Python relay in the path costs decode.
+- ``stock-2-head``: ``stock-2`` with the output head kept on the host, as a meshllm host does
+  (``--override-tensor``; on a GPU host, where the head is on the host anyway, the same as ``stock-2``).
 - ``stock-3``: the same with two plain ``ggml-rpc-server``s (three equal shares).
 - ``meshllm-2`` / ``meshllm-3``: real ``python -m meshllm`` node processes on 127.0.0.2.., one with
   ``--model M --max-vram CAP`` and the rest ``--standby --max-vram CAP --join TOKEN``, CAP chosen so
@@ -79,8 +82,8 @@ from meshllm.testing.engines import terminate
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The capital of France is Paris. The capital of Italy is"
-MODES = ("solo", "solo-norepack", "stock-2", "stock-3", "meshllm-2", "meshllm-2-direct", "meshllm-2-tunnel",
-         "meshllm-3", "meshllm-3-direct", "meshllm-3-tunnel")
+MODES = ("solo", "solo-norepack", "stock-2", "stock-2-head", "stock-3", "meshllm-2", "meshllm-2-direct",
+         "meshllm-2-tunnel", "meshllm-3", "meshllm-3-direct", "meshllm-3-tunnel")
 PATH_FLAGS = {"": (), "-direct": ("--rpc-direct",), "-tunnel": ("--rpc-tunnel",)}  # mode suffix -> node flags
 GEMMA = Path("~/.models/gemma-3-270m-q4_k_m.gguf").expanduser()
 FIT = 1.1  # placement's rule: the participants' capacity must be >= 1.1 x the model's size
@@ -267,18 +270,26 @@ def run_solo(setup: Setup, model: Path, *, norepack: bool) -> Sample:
         procs.stop_all()
 
 
-def stock_split_args(setup: Setup, model: Path, ports: list[int]) -> tuple[int, tuple[str, ...]]:
-    """The ``-ngl`` and ``--rpc``/``--tensor-split`` a meshllm host of an equal split uses."""
+def stock_split_args(setup: Setup, model: Path, ports: list[int], *,
+                     host_head: bool = False) -> tuple[int, tuple[str, ...]]:
+    """The ``-ngl`` and ``--rpc``/``--tensor-split`` a meshllm host of an equal split uses; the output
+    head left where stock llama.cpp puts it (the last device: on a CPU host, the last worker) unless
+    ``host_head``."""
     n = len(ports) + 1
     desired = DesiredServer(model=model.stem, path=model, workers=tuple(f"w{i}" for i in ports),
                             tensor_split=tuple(round(1 / n, 4) for _ in range(n)),
                             n_layer=0 if setup.gpu else block_count(model))
-    return split_args(desired, [f"127.0.0.1:{port}" for port in ports], gpu=setup.gpu)
+    gpu_layers, extra = split_args(desired, [f"127.0.0.1:{port}" for port in ports], gpu=setup.gpu)
+    if "--override-tensor" in extra and not host_head:
+        at = extra.index("--override-tensor")
+        extra = extra[:at] + extra[at + 2:]
+    return gpu_layers, extra
 
 
-def run_stock(setup: Setup, model: Path, *, relay: bool, n: int = 2) -> Sample:
-    """A stock RPC split of ``n`` participants on this machine, direct or (n = 2) through a byte-counting relay."""
-    mode = f"stock-{n}" + (" relay" if relay else "")
+def run_stock(setup: Setup, model: Path, *, relay: bool, n: int = 2, host_head: bool = False) -> Sample:
+    """A stock RPC split of ``n`` participants on this machine, direct or (n = 2) through a byte-counting relay;
+    ``host_head``: the host keeps the output head, as a meshllm host does."""
+    mode = f"stock-{n}" + ("-head" if host_head else "") + (" relay" if relay else "")
     procs = Processes(setup.workdir)
     counter = None
     try:
@@ -296,7 +307,8 @@ def run_stock(setup: Setup, model: Path, *, relay: bool, n: int = 2) -> Sample:
         if relay:
             counter = CountingTcpRelay(rpc_ports[0])
         port = setup.ports.take()
-        gpu_layers, extra = stock_split_args(setup, model, [counter.port] if counter else rpc_ports)
+        gpu_layers, extra = stock_split_args(setup, model, [counter.port] if counter else rpc_ports,
+                                             host_head=host_head)
         started = time.monotonic()
         server = procs.start(server_argv(setup, model, port, gpu_layers=gpu_layers, extra=extra),
                              f"{model.stem}-{mode.replace(' ', '-')}-server", batch=not setup.gpu,
@@ -549,8 +561,10 @@ def run_mode(setup: Setup, model: Path, mode: str, round_: int) -> list[Sample]:
     if mode in ("solo", "solo-norepack"):
         return [run_solo(setup, model, norepack=mode == "solo-norepack")]
     if mode.startswith("stock-"):
-        n = int(mode.rsplit("-", 1)[1])
-        direct = [run_stock(setup, model, relay=False, n=n)]
+        n, head = int(mode.split("-")[1]), mode.endswith("-head")
+        direct = [run_stock(setup, model, relay=False, n=n, host_head=head)]
+        if head:
+            return direct
         return direct + ([run_stock(setup, model, relay=True)] if round_ == 0 and n == 2 and setup.stock_bytes else [])
     path = next(suffix for suffix in ("-direct", "-tunnel", "") if mode.endswith(suffix))
     return [run_meshllm(setup, model, int(mode.removesuffix(path).rsplit("-", 1)[1]), round_, path=path)]

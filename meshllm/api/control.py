@@ -38,7 +38,7 @@ from starlette.routing import Route
 from meshllm.api.bodies import loads
 from meshllm.api.errors import openai_error
 from meshllm.engine.ggufcheck import check_gguf
-from meshllm.engine.ggufinfo import context_length
+from meshllm.engine.ggufinfo import context_length, embedding_length
 from meshllm.engine.models import ResolvedModel, file_fingerprint, file_hashes, looks_like_path, resolve_model
 from meshllm.engine.sources import SourcePolicy
 from meshllm.errors import ManifestError, ModelError
@@ -181,6 +181,7 @@ class ControlAPI:
         return model.spec.model_copy(update={"source": source, "size_bytes": resolved.size_bytes, "draft": draft,
                                              "fingerprint": file_fingerprint(resolved.path),
                                              "tensor_hashes": file_hashes(resolved.path),
+                                             "embedding_length": embedding_length(resolved.path),
                                              **moe_spec_fields(resolved.path)})
 
     def _check_source(self, source: str, *, where: str) -> tuple[str, ResolvedModel]:

@@ -192,6 +192,8 @@ def describe_model(described: dict[str, Any], *, names: dict[str, str], now: flo
     if spec.get("split") or cond.get("workers"):
         fields.insert(8, ("Split", "forced (split: true)" if spec.get("split") else "when no node holds it alone"))
         fields.append(("  Workers", ",".join(names.get(n, n) for n in cond.get("workers", [])) or "<none>"))
+        if cond.get("split_cost"):
+            fields.append(("  Split cost", cond["split_cost"]))
     if spec.get("experts"):
         fields.insert(8, ("Experts", f"{spec['experts']} per MoE layer, {spec.get('experts_used', 0)} used per token"
                                      f" (core kept by every shard: {spec.get('expert_core', 0.5):.0%})"))

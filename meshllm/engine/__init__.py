@@ -14,7 +14,7 @@ from meshllm.engine.download import (
     progress_line,
 )
 from meshllm.engine.ggufcheck import check_gguf
-from meshllm.engine.ggufinfo import block_count, context_length
+from meshllm.engine.ggufinfo import block_count, context_length, embedding_length
 from meshllm.engine.models import (
     ResolvedModel,
     canonical_name,
@@ -94,6 +94,7 @@ __all__ = [
     "check_hashes",
     "check_remote",
     "context_length",
+    "embedding_length",
     "default_flavour",
     "describe_exit",
     "detect_capacity",

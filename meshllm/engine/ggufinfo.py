@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from meshllm.errors import ModelError
 
-__all__ = ["block_count", "context_length", "read_metadata"]
+__all__ = ["block_count", "context_length", "embedding_length", "read_metadata"]
 
 # GGUF value types: fixed sizes, and the struct formats of the scalars
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -86,5 +86,13 @@ def context_length(path: Path) -> int:
     """The context the model was trained for (``<architecture>.context_length``), 0 when unsaid."""
     arch = read_metadata(path, {"general.architecture"}).get("general.architecture")
     key = f"{arch}.context_length"
+    value = read_metadata(path, {key}).get(key)
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def embedding_length(path: Path) -> int:
+    """The model's hidden width (``<architecture>.embedding_length``), 0 when unsaid."""
+    arch = read_metadata(path, {"general.architecture"}).get("general.architecture")
+    key = f"{arch}.embedding_length"
     value = read_metadata(path, {key}).get(key)
     return value if isinstance(value, int) and value > 0 else 0

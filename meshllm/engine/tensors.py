@@ -244,22 +244,26 @@ def layer_devices(n_layer: int, n_gpu_layers: int, splits: list[float]) -> list[
 
 
 def device_tensors(table: TensorTable, devices: list[int], wanted: set[int], *,
-                   input_layer: bool = False) -> list[TensorInfo]:
+                   input_layer: bool = False, head: int | None = None) -> list[TensorInfo]:
     """The tensors a participant holding the devices ``wanted`` is offered (or, with ``input_layer``,
-    reads itself: a host keeps the token embeddings). ``devices`` is ``layer_devices``'s answer."""
+    reads itself: a host keeps the token embeddings). ``devices`` is ``layer_devices``'s answer;
+    ``head``: the device of the output head's own tensors (``output*``, or the token embeddings of a
+    tied head) when the host overrides llama.cpp's placement (``--override-tensor``), else the output
+    layer's device. Blocks beyond the last layer (a head's blocks) stay with the output layer."""
     n_layer = len(devices) - 1
     names = {t.name for t in table.tensors}
     tied = "output.weight" not in names  # the head reuses the token embeddings
     holds_output = devices[n_layer] in wanted
+    holds_head = (devices[n_layer] if head is None else head) in wanted
     chosen = []
     for t in table.tensors:
         block = t.block
         if block is not None:
             take = devices[block] in wanted if block < n_layer else holds_output  # a head's blocks go with it
         elif t.name.startswith("token_embd."):
-            take = input_layer or (tied and holds_output)
+            take = input_layer or (tied and holds_head)
         elif t.name.startswith("output"):
-            take = holds_output
+            take = holds_head
         else:
             take = True  # small globals (rope factors and the like): whoever has a layer may be offered them
         if take:

@@ -22,6 +22,7 @@ from meshllm.engine.build import require_engine
 from meshllm.engine.catalog import catalog
 from meshllm.engine.download import HubFile, ModelReference, check_remote, parse_reference
 from meshllm.engine.ggufcheck import check_gguf
+from meshllm.engine.ggufinfo import embedding_length
 from meshllm.engine.models import file_fingerprint, file_hashes, models_dir, resolve_model
 from meshllm.engine.ranges import remote_fingerprint
 from meshllm.errors import MeshError, ModelError, ModelNotFetched
@@ -113,7 +114,7 @@ def desired_models(config: NodeConfig, node_id: NodeId, now: float) -> list[Mode
                                origin=ModelOrigin.NODE, owner=node_id, size_bytes=resolved.size_bytes,
                                fingerprint=file_fingerprint(resolved.path), tensor_hashes=file_hashes(resolved.path),
                                copy_on=node_id, split=config.split, draft=draft,
-                               **options).model_copy(update=moe_spec_fields(resolved.path)))
+                               embedding_length=embedding_length(resolved.path), **options).model_copy(update=moe_spec_fields(resolved.path)))
     return specs
 
 

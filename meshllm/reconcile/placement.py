@@ -51,7 +51,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from meshllm.moe.order import order_note
 from meshllm.moe.plan import NoShards, ShardLayout, experts_per_shard, plan_layout
 from meshllm.moe.spec import problem_of
-from meshllm.reconcile.split import NoSplit, SplitPlan, keep_or_replan
+from meshllm.reconcile.split import NoSplit, SplitPlan, keep_or_replan, plan_cost
+from meshllm.reconcile.split_cost import SplitCost
 from meshllm.state.document import MeshState
 from meshllm.state.schema import (
     DemandEntry, ModelName, ModelOrigin, ModelSpec, NodeId, NodeRole, NodeStatus, PlacementLease, ServerPhase,
@@ -101,6 +102,7 @@ class Placement:
     wanted: dict[ModelName, int] = field(default_factory=dict)  # slots wanted per wanted model
     reasons: dict[ModelName, tuple[str, str]] = field(default_factory=dict)  # model -> (reason, message)
     notes: dict[ModelName, str] = field(default_factory=dict)  # model -> what its Ready condition adds (solo for now)
+    costs: dict[ModelName, SplitCost] = field(default_factory=dict)  # split model -> what its split costs a token
 
     def nodes_for(self, model: ModelName) -> list[NodeId]:
         return sorted(s.node for s in self.slots.values() if s.model == model)
@@ -241,7 +243,7 @@ def _fill_split(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
     if lease is not None and lease.workers:
         shares = tuple(lease.tensor_split)  # the lease lists the workers' shares first, SplitPlan the host's
         current = SplitPlan(lease.node, tuple(lease.workers), shares[-1:] + shares[:-1], 0.0, 0)
-    chosen = keep_or_replan(current, spec.size_bytes, nodes, force=spec.split)
+    chosen = keep_or_replan(current, spec.size_bytes, nodes, force=spec.split, n_embd=spec.embedding_length)
     if isinstance(chosen, NoSplit):
         if chosen.solo:  # one node holds it after all (a failed worker left a solo-capable host)
             _fill(plan, ledger, name, 0, hot=False, failed=failed)
@@ -257,6 +259,8 @@ def _fill_split(plan: Placement, ledger: _Ledger, spec: ModelSpec, *,
     slot = Slot(name, 0, chosen.host, workers=chosen.workers,
                 tensor_split=(*(share_of[w] for w in chosen.workers), share_of[chosen.host]))
     plan.slots[(name, 0)] = slot
+    plan.costs[name] = plan_cost(chosen, ledger.nodes.values(), size_bytes=spec.size_bytes,
+                                 n_embd=spec.embedding_length)
     for node, share in share_of.items():
         ledger.take(node, name, share)
 
@@ -410,6 +414,8 @@ class Condition(BaseModel):
     wanted: int = Field(default=1, description="servers wanted")
     nodes: list[NodeId] = Field(default_factory=list, description="nodes placed to serve it")
     workers: list[NodeId] = Field(default_factory=list, description="split: the nodes holding the rest of its layers")
+    split_cost: str = Field(default="", description="split: what it adds to a decoded token, loads on the workers, "
+                            "and the biggest file one node would serve alone instead (split_cost)")
     shards: list[str] = Field(default_factory=list, description="expert sharding: each shard's node, experts, "
                               "memory and measured quality")
 
@@ -482,7 +488,8 @@ def _condition(name: ModelName, spec: ModelSpec, why: str | None, plan: Placemen
     failed = [s for s in servers if s.model == name and s.phase is ServerPhase.FAILED]
     reason, message = plan.reasons.get(name, ("", ""))
     common = {"ready": ready, "wanted": want, "nodes": nodes, "workers": list(split.workers) if split else [],
-              "shards": _shard_lines(spec, mine)}
+              "shards": _shard_lines(spec, mine),
+              "split_cost": plan.costs[name].line() if split is not None and name in plan.costs else ""}
     if ready >= want:
         where = f", split by layers: host {split.node}, workers {', '.join(split.workers)}" if split else ""
         first = plan.slots.get((name, 0))

@@ -43,8 +43,8 @@ from meshllm.reconcile.served_plan import (
 )
 from meshllm.reconcile.shards import ShardFile
 from meshllm.reconcile.supervisor import PROCESSES, HttpReady, LaunchSpec, ProcessPhase, ProcessView, Supervisor
-from meshllm.reconcile.shares import ShareFetcher, share_of
-from meshllm.reconcile.split import split_layout
+from meshllm.reconcile.shares import ShareFetcher, share_of, workers_gpu
+from meshllm.reconcile.split import head_args, host_keeps_head, split_layout
 from meshllm.reconcile.timing import Backoff, Clock, SystemClock
 from meshllm.reconcile.workers import RPC_RECORD_PREFIX, process_model
 from meshllm.state.document import Changed, MeshState
@@ -186,7 +186,8 @@ class ServedModelController:
                 self._layers[path] = await anyio.to_thread.run_sync(block_count, path)
             desired = DesiredServer(model=model, path=path, ctx_size=spec.ctx_size, workers=tuple(lease.workers),
                                     tensor_split=tuple(lease.tensor_split),
-                                    n_layer=0 if self.gpu_layers else self._layers[path], serving=serving)
+                                    n_layer=0 if self.gpu_layers else self._layers[path], serving=serving,
+                                    workers_gpu=workers_gpu(self.state, lease))
         return replace(desired, argv_hash=settings_hash(self._config(desired, port=0)))
 
     async def _shard_desired(self, model: ModelName, spec: ModelSpec, lease: PlacementLease,
@@ -268,7 +269,8 @@ class ServedModelController:
     def _host_share(self, spec: ModelSpec, lease: PlacementLease) -> Path | Fetching | Unavailable:
         """The split host's share of a file it has no whole copy of: fetched (``reconcile.shares``)."""
         assert self.shares is not None
-        state = self.shares.want(share_of(spec, lease, self.node_id, host_gpu=self.gpu_layers > 0))
+        state = self.shares.want(share_of(spec, lease, self.node_id, host_gpu=self.gpu_layers > 0,
+                                          workers_gpu=workers_gpu(self.state, lease)))
         if state.error:
             return Unavailable(spec.name, f"fetching its layers failed: {state.error}")
         return state.path if state.path is not None else Fetching(spec.name, state.message)
@@ -386,6 +388,9 @@ def settings_hash(config: LlamaServerConfig) -> str:
 
 
 def split_args(desired: DesiredServer, rpc_endpoints: list[str], *, gpu: bool) -> tuple[int, tuple[str, ...]]:
-    """``--n-gpu-layers`` and the extra llama-server arguments of a split host (``split_layout``)."""
+    """``--n-gpu-layers`` and the extra llama-server arguments of a split host (``split_layout``; the
+    output head on the host where ``host_keeps_head``)."""
     gpu_layers, shares = split_layout(desired.n_layer, desired.tensor_split, gpu=gpu)
-    return gpu_layers, ("--rpc", ",".join(rpc_endpoints), "--tensor-split", ",".join(f"{x:.4g}" for x in shares))
+    keep = host_keeps_head(desired.n_layer, desired.tensor_split, host_gpu=gpu, workers_gpu=desired.workers_gpu)
+    return gpu_layers, ("--rpc", ",".join(rpc_endpoints), "--tensor-split", ",".join(f"{x:.4g}" for x in shares),
+                        *head_args(gpu=gpu, keep=keep))

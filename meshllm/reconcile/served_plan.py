@@ -53,6 +53,7 @@ class DesiredServer:
     workers: tuple[NodeId, ...] = ()  # split: the nodes holding the rest of the layers, nearest first
     tensor_split: tuple[float, ...] = ()  # split: layer shares, workers first, this node last
     n_layer: int = 0  # split on a CPU host: the model's layer count (the host keeps its share of them)
+    workers_gpu: tuple[bool, ...] = ()  # split: whether each worker computes on a GPU (split.host_keeps_head)
     argv_hash: str = ""  # the llama-server command line this node would run, hashed (port left out)
     serving: ServingOptions = ServingOptions()  # the spec's embeddings, pooling, rerank, chat template
     shard: str = ""  # an expert shard ("index/count", 1-based; ``path`` is its file); empty: the whole model

@@ -28,20 +28,22 @@ from meshllm.engine.ranges import HubRanges
 from meshllm.engine.sparse import RangeSource, SparseCopy, read_table
 from meshllm.engine.tensors import CPU, TensorInfo, TensorTable, device_tensors, layer_devices
 from meshllm.errors import MeshError
-from meshllm.reconcile.split import split_layout
+from meshllm.reconcile.split import host_keeps_head, split_layout
 from meshllm.reconcile.background import BackgroundWork
 from meshllm.reconcile.timing import Clock, SystemClock
+from meshllm.state.document import MeshState
 from meshllm.state.schema import ModelName, ModelSpec, NodeId, PlacementLease
 from meshllm.tunnels.http import HttpTunnelClient
 from meshllm.tunnels.models import PeerRanges
 
-__all__ = ["HOST", "Share", "ShareFetcher", "ShareFetches", "ShareState", "share_of", "share_tensors"]
+__all__ = ["HOST", "Share", "ShareFetcher", "ShareFetches", "ShareState", "share_of", "share_tensors", "workers_gpu"]
 
 log = logging.getLogger(__name__)
 
 HOST = -1  # ``Share.worker`` of the split's host
 RETRY_FAILED = 30.0
 DISK_MARGIN = 64 << 20  # bytes kept free beyond the share
+ShareKey = tuple[ModelName, str, tuple[float, ...], int, bool, tuple[bool, ...]]
 
 
 @dataclass(frozen=True)
@@ -56,29 +58,41 @@ class Share:
     tensor_split: tuple[float, ...]  # the lease's: workers first, host last
     worker: int
     host_gpu: bool
+    workers_gpu: tuple[bool, ...] = ()  # whether each of the lease's workers computes on a GPU
     copy_on: NodeId = NodeId("")  # a node with the whole file
     hashes: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)  # the mesh's, by tensor
 
     @property
-    def key(self) -> tuple[ModelName, str, tuple[float, ...], int, bool]:
-        return self.model, self.fingerprint, self.tensor_split, self.worker, self.host_gpu
+    def key(self) -> ShareKey:
+        return self.model, self.fingerprint, self.tensor_split, self.worker, self.host_gpu, self.workers_gpu
 
 
-def share_of(spec: ModelSpec, lease: PlacementLease, node_id: NodeId, *, host_gpu: bool) -> Share:
+def share_of(spec: ModelSpec, lease: PlacementLease, node_id: NodeId, *, host_gpu: bool,
+             workers_gpu: tuple[bool, ...] = ()) -> Share:
     worker = HOST if lease.node == node_id else lease.workers.index(node_id)
     return Share(model=spec.name, source=spec.source, size=spec.size_bytes, fingerprint=spec.fingerprint,
-                 tensor_split=tuple(lease.tensor_split), worker=worker, host_gpu=host_gpu, copy_on=spec.copy_on,
-                 hashes=spec.tensor_hashes)
+                 tensor_split=tuple(lease.tensor_split), worker=worker, host_gpu=host_gpu, workers_gpu=workers_gpu,
+                 copy_on=spec.copy_on, hashes=spec.tensor_hashes)
+
+
+def workers_gpu(state: MeshState, lease: PlacementLease) -> tuple[bool, ...]:
+    """Whether each of ``lease``'s workers computes on a GPU (its node offers GPU memory), as the
+    document says: the host and every worker read the same answer (``split.host_keeps_head``)."""
+    nodes = state.nodes()
+    return tuple(bool(nodes[w].gpus) if w in nodes else False for w in lease.workers)
 
 
 def share_tensors(table: TensorTable, share: Share) -> list[TensorInfo]:
-    """The tensors llama.cpp gives ``share``'s participant (the host reads the token embeddings too)."""
+    """The tensors llama.cpp gives ``share``'s participant (the host reads the token embeddings too; a
+    CPU host keeps the output head, ``split.head_args``)."""
     gpu_layers, splits = split_layout(table.n_layer, share.tensor_split, gpu=share.host_gpu)
     devices = layer_devices(table.n_layer, gpu_layers, splits)
+    keep = host_keeps_head(table.n_layer, share.tensor_split, host_gpu=share.host_gpu, workers_gpu=share.workers_gpu)
+    head = CPU if keep and not share.host_gpu else None
     if share.worker != HOST:
-        return device_tensors(table, devices, {share.worker})
+        return device_tensors(table, devices, {share.worker}, head=head)
     mine = {CPU, len(splits) - 1} if share.host_gpu else {CPU}
-    return device_tensors(table, devices, mine, input_layer=True)
+    return device_tensors(table, devices, mine, input_layer=True, head=head)
 
 
 @dataclass(frozen=True)
@@ -109,7 +123,7 @@ class ShareFetches(BackgroundWork):
                  clock: Clock | None = None) -> None:
         self.folder, self.node_id, self.tunnels = folder, node_id, tunnels
         self.clock = clock or SystemClock()
-        self.states: dict[tuple[ModelName, str, tuple[float, ...], int, bool], ShareState] = {}
+        self.states: dict[ShareKey, ShareState] = {}
         super().__init__()
 
     def want(self, share: Share) -> ShareState:

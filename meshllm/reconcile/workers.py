@@ -32,7 +32,7 @@ from meshllm.engine.process import safe_name
 from meshllm.engine.rpc_auth import RPC_SECRET_ENV
 from meshllm.engine.tensors import check_hashes, file_table, hash_tensors
 from meshllm.errors import ModelError
-from meshllm.reconcile.shares import Share, ShareFetcher, share_of, share_tensors
+from meshllm.reconcile.shares import Share, ShareFetcher, share_of, share_tensors, workers_gpu
 from meshllm.reconcile.supervisor import PROCESSES, LaunchSpec, ListenReady, ProcessPhase, ProcessView, Supervisor
 from meshllm.reconcile.timing import Backoff
 from meshllm.state.document import Changed, MeshState
@@ -351,7 +351,8 @@ class WorkerController:
         if lease is None or spec is None:
             return None
         host = self.state.nodes().get(lease.node)
-        share = share_of(spec, lease, self.node_id, host_gpu=host is not None and bool(host.gpus))
+        share = share_of(spec, lease, self.node_id, host_gpu=host is not None and bool(host.gpus),
+                         workers_gpu=workers_gpu(self.state, lease))
         try:
             path = await self._local_file(spec.source, spec.name)
         except ModelError as exc:

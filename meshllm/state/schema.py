@@ -133,6 +133,8 @@ class ModelSpec(_Entity):
     copy_on: NodeId = Field(default=NodeId(""), description="a node holding the whole file (it computed "
                             "tensor_hashes): split participants without the file may fetch their pieces from it "
                             "over the mesh")
+    embedding_length: int = Field(default=0, ge=0, description="the model's hidden width (n_embd): what a split "
+                                  "sends between nodes per token scales with it; 0: unknown")
     embeddings: bool = Field(default=False, description="serve embeddings (llama-server --embeddings): an "
                              "embedding model")
     pooling: str = Field(default="", description="pooling of embeddings (none, mean, cls, last, rank); "

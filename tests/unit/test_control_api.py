@@ -11,6 +11,7 @@ from starlette.testclient import TestClient
 
 from meshllm.api.admin import ConsoleAccess
 from meshllm.api.status import create_status_app
+from meshllm.cli.get import describe_model
 from meshllm.engine.sources import SourcePolicy
 from meshllm.state.document import MeshState
 from meshllm.state.manifest import Manifest
@@ -218,3 +219,21 @@ def test_describe_and_status_show_the_condition(client: TestClient, state: MeshS
     assert {k: status["models"][0]["condition"][k] for k in ("phase", "reason", "ready", "wanted")} \
         == {"phase": "Degraded", "reason": "TooFewNodes", "ready": 1, "wanted": 2}
     assert_error(client.get("/api/models/nope"), 404, code="model_not_found", says="'nope' not found")
+
+
+def test_describe_says_what_a_split_costs(client: TestClient, state: MeshState) -> None:
+    # 100 MB that no node holds: a hosts, b (1.5 ms away) works; gemma-3-270m's width
+    state.put_node(NodeStatus(id="a", capacity_bytes=80 * 10**6, incarnation=1.0, rtt_ms={"b": 1.5}))
+    state.put_node(NodeStatus(id="b", capacity_bytes=60 * 10**6, incarnation=1.0))
+    state.put_model(ModelSpec(name="x", source="/m/x.gguf", size_bytes=100 * 10**6, embedding_length=640))
+    state.put_lease(PlacementLease(model="x", slot=0, node="a", incarnation=1.0, workers=["b"],
+                                   tensor_split=[0.4286, 0.5714]))
+    state.put_server(ServerStatus(node="a", model="x", phase=ServerPhase.READY, port=4000, workers=["b"]))
+    described = client.get("/api/models/x").json()
+    cost = described["condition"]["split_cost"]
+    assert cost.startswith("~2.6 ms/token added (1 worker: 1.5 ms of round trips, 1 x 1 ms engine, 12.1 KB/token")
+    assert "workers load 42.9 MB" in cost  # b's 60 of the 140 MB offered
+    assert "a quantization of at most 72.7 MB fits one node and, served solo, decodes faster" in cost
+    text = describe_model(described, names={"a": "alpha", "b": "beta"}, now=NOW)
+    assert "  Workers:     beta\n" in text and f"  Split cost:  {cost}\n" in text
+    assert client.get("/api/status").json()["models"][0]["condition"]["split_cost"] == cost

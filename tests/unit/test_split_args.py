@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from meshllm.reconcile.served import DesiredServer, split_args
+from meshllm.reconcile.split import HEAD_PATTERN
 
 
 def desired(shares: tuple[float, ...], n_layer: int = 8) -> DesiredServer:
@@ -15,16 +16,28 @@ def desired(shares: tuple[float, ...], n_layer: int = 8) -> DesiredServer:
 def test_a_gpu_host_offloads_everything_and_lists_itself_last() -> None:
     ngl, extra = split_args(desired((0.25, 0.25, 0.5)), ["127.0.0.1:5001", "127.0.0.1:5002"], gpu=True)
     assert ngl == 999
-    assert extra == ("--rpc", "127.0.0.1:5001,127.0.0.1:5002", "--tensor-split", "0.25,0.25,0.5")
+    assert extra == ("--rpc", "127.0.0.1:5001,127.0.0.1:5002", "--tensor-split", "0.25,0.25,0.5")  # and the head
 
 
 def test_a_cpu_host_keeps_its_share_of_the_first_layers() -> None:
     # 8 layers, host share 3/4: the host keeps 6; -ngl 3 sends the output head and the last 2 layers
     ngl, extra = split_args(desired((0.25, 0.75)), ["127.0.0.1:5001"], gpu=False)
     assert ngl == 3
-    assert extra == ("--rpc", "127.0.0.1:5001", "--tensor-split", "0.25")
+    assert extra == ("--rpc", "127.0.0.1:5001", "--tensor-split", "0.25",
+                     "--override-tensor", f"{HEAD_PATTERN}=CPU")  # the output head stays on the host
 
 
 def test_a_cpu_host_always_leaves_the_workers_a_layer() -> None:
     ngl, _ = split_args(desired((0.01, 0.99)), ["127.0.0.1:5001"], gpu=False)
     assert ngl == 2  # one layer and the head
+
+
+def test_a_cpu_host_leaves_the_head_to_a_gpu_worker() -> None:
+    # 8 layers, host share 1/2: the second worker holds layer 7 and the head; a GPU reads it faster
+    shares = (0.25, 0.25, 0.5)
+    base = desired(shares)
+    for gpus, head in [((False, False), True), ((True, False), True), ((False, True), False), ((True, True), False)]:
+        _, extra = split_args(DesiredServer(**{**base.__dict__, "workers_gpu": gpus}), ["w0:1", "w1:1"], gpu=False)
+        assert ("--override-tensor" in extra) is head, gpus
+    _, extra = split_args(DesiredServer(**{**base.__dict__, "workers_gpu": (True, True)}), ["w0:1", "w1:1"], gpu=True)
+    assert "--override-tensor" not in extra  # a GPU host holds the head anyway

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from meshllm.reconcile.shares import HOST, Share, ShareState, share_tensors
 from meshllm.reconcile.workers import RPC_RECORD_PREFIX, WorkerController
 from meshllm.state.schema import ModelSpec, NodeStatus, ServerPhase
 from tests.unit.controllers import ME, World
-from meshllm.reconcile.split import split_layout
+from meshllm.reconcile.split import HEAD_PATTERN, split_layout
 from meshllm.testing.hubserver import HubServer
 from meshllm.engine.download import HubFile
 from meshllm.engine.ranges import HubRanges
@@ -82,6 +84,36 @@ def test_the_shares_cover_every_tensor_and_each_layer_once(model: Path, gpu: boo
     assert len(blocks) == len(set(blocks))
     assert any(t.name == "token_embd.weight" for t in held[0])  # the host reads the input itself
     assert not any(t.name == "token_embd.weight" for part in held[1:] for t in part)
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_output_head_stays_with_the_host(model: Path, gpu: bool, tied: bool) -> None:
+    # a CPU host keeps the head (--override-tensor, split.head_args), a GPU host holds it anyway (it is
+    # the last device): no worker is offered the head, so none sends back a token's logits
+    table = file_table(model)
+    if tied:  # the head reads the token embeddings
+        table = replace(table, tensors=tuple(t for t in table.tensors if t.name != "output.weight"))
+    held = [{t.name for t in share_tensors(table, share(model, w, gpu=gpu))} for w in (HOST, 0, 1)]
+    head = {"output_norm.weight", "token_embd.weight"} | (set() if tied else {"output.weight"})
+    assert head <= held[0]
+    assert not head & (held[1] | held[2])
+    assert any(t.startswith("blk.7.") for t in held[2 if not gpu else 0])  # the last layer: a CPU host's last worker
+
+
+def test_a_gpu_worker_keeps_the_head_of_a_cpu_host(model: Path) -> None:
+    table = file_table(model)
+    gpu_last = [{t.name for t in share_tensors(table, replace(share(model, w), workers_gpu=(False, True)))}
+                for w in (HOST, 0, 1)]
+    assert "output.weight" in gpu_last[2] and "output.weight" not in gpu_last[0] | gpu_last[1]
+    assert "token_embd.weight" in gpu_last[0]  # the input stays with the host
+
+
+def test_the_head_pattern_names_the_head_tensors_and_no_layer_tensor(model: Path) -> None:
+    names = {t.name for t in file_table(model).tensors}
+    assert {n for n in names if re.search(HEAD_PATTERN, n)} == {"output.weight", "output_norm.weight",
+                                                                 "token_embd.weight"}
+    assert "blk.0.attn_output.weight" in names
 
 
 async def test_a_sparse_copy_holds_its_share_and_takes_little_disk(model: Path, tmp_path: Path) -> None:

@@ -234,11 +234,13 @@ function renderModels(s) {
   const rows = s.models.map((m) => {
     const cond = condition(m);
     const servers = m.servers.map((x) => nodeName(s, x.node) + " (" + x.phase + ")").join(", ") || "—";
-    const split = m.workers.length ? "host + " + m.workers.map((w) => nodeName(s, w.node)).join(", ") : "—";
+    const cost = (m.condition && m.condition.split_cost) || "";  // what the split adds a token (split_cost.py)
+    const split = m.workers.length ? "host + " + m.workers.map((w) => nodeName(s, w.node)).join(", ") +
+      (cost ? ", " + cost.split(" (")[0] : "") : "—";
     const demand = m.demand ? m.demand.rate.toFixed(1) + "/min (" + m.demand.count + ")" : "—";
     return el("tr", { "data-model": m.name, "data-condition": cond },
       el("th", { scope: "row" }, m.name), el("td", { class: cond }, cond),
-      el("td", {}, servers), el("td", {}, split), el("td", {}, demand), el("td", {}, throughput(s, m)));
+      el("td", {}, servers), el("td", cost ? { title: cost } : {}, split), el("td", {}, demand), el("td", {}, throughput(s, m)));
   });
   $("models").tBodies[0].replaceChildren(...rows);
   const select = $("chat-model"), chosen = select.value;
