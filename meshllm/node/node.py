@@ -188,8 +188,7 @@ class Node:
 
     def _silence(self, node: NodeId) -> float | None:
         """Seconds since this node heard from ``node`` (the proxy moves requests off a silent one)."""
-        conn = self.mesh.endpoint.peer(node)
-        return conn.silent_for if conn is not None else None
+        return self.mesh.endpoint.silent_for(node)
 
     def _gauges(self) -> NodeGauges:
         gossip, quic = self.mesh.gossip.stats, self.mesh.endpoint.stats

@@ -147,6 +147,7 @@ class QuicEndpoint:
         self._client_config = client_configuration(self.settings)
         self._by_cid: dict[bytes, PeerConnection] = {}
         self._peers: dict[NodeId, PeerConnection] = {}
+        self._went_silent: dict[NodeId, float] = {}  # last heard, of peers whose connection closed for silence
         self._retiring: dict[PeerConnection, float] = {}  # replaced, closed once its requests end
         self._handlers: dict[StreamKind, StreamHandler] = {}
         self._listeners: list[PeerListener] = []
@@ -174,6 +175,16 @@ class QuicEndpoint:
 
     def peer(self, node_id: NodeId) -> PeerConnection | None:
         return self._peers.get(node_id)
+
+    def silent_for(self, node_id: NodeId) -> float | None:
+        """Seconds since anything was heard from ``node_id``: on its connection, or, once that was closed
+        because the peer stopped answering, since then until a new connection comes up (a dial to a node
+        cut off hangs until the dial times out). None when not known (never connected, or closed cleanly)."""
+        conn = self._peers.get(node_id)
+        if conn is not None:
+            return conn.silent_for
+        heard = self._went_silent.get(node_id)
+        return None if heard is None else _now() - heard
 
     def switch_secret(self, secret: bytes) -> None:
         """Prove and demand ``secret`` in every handshake from now on (a rotated mesh key). The
@@ -381,6 +392,8 @@ class QuicEndpoint:
                 if conn.authenticated and silent > self.settings.peer_timeout and silent > (
                         allowed := self.health.allowance(self.settings.peer_timeout, conn.last_heard)):
                     log.warning("%r: nothing heard for %.1fs (allowed %.1fs), closing", conn, silent, allowed)
+                    if self._peers.get(conn.node_id) is conn:
+                        self._went_silent[conn.node_id] = conn.last_heard
                     conn.close(ErrorCode.PEER_TIMEOUT, "peer stopped answering")
                 elif not conn.closed and _ping_due(conn, silent, interval):
                     conn.ping()
@@ -433,6 +446,7 @@ class QuicEndpoint:
                 return
             self._retire(existing)
         self._peers[conn.node_id] = conn
+        self._went_silent.pop(conn.node_id, None)
         log.info("%r: authenticated", conn)
         self._emit(PeerEvent(conn, up=True))
 

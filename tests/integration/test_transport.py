@@ -455,6 +455,7 @@ async def test_closing_a_connection_tells_both_sides() -> None:
             await stream.send(b"late")
         await wait_until(lambda: downs == [a.node_id], timeout=5)
         assert a.peers == {} and b.peers == {}
+        assert a.silent_for(b.node_id) is None and b.silent_for(a.node_id) is None  # closed, not gone silent
 
 
 async def test_a_stopped_endpoint_is_noticed_at_once() -> None:
@@ -512,6 +513,9 @@ async def test_a_killed_peer_is_detected_within_a_few_seconds(tmp_path: Path) ->
             assert isinstance(conn.close_error, ConnectionLost)
             assert conn.close_error.code == ErrorCode.PEER_TIMEOUT
             assert len(downs) == 1 and a.peers == {}
+            # still known to be silent once its connection is gone: a request waiting on a dial to it moves
+            silent = a.silent_for(conn.node_id)
+            assert silent is not None and silent >= a.settings.peer_timeout
             print(f"killed peer detected after {downs[0] - killed:.2f}s")
     finally:
         if child.poll() is None:
