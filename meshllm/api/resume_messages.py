@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from meshllm.api.segments import dump, greedy, skip_prefix
+from meshllm.api.segments import dump, greedy, skip_prefix, whole_events
 
 __all__ = ["MessagesTracker", "messages_tracker"]
 
@@ -75,13 +75,8 @@ class MessagesTracker:
 
     def feed(self, chunk: bytes) -> bytes:
         """Upstream bytes in, the bytes for the client out (whole events only)."""
-        data = self._pending + chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self._pending = data
-            return b""
-        self._pending = data[end + 2:]
-        out = [self._event(raw) for raw in data[:end].split(b"\n\n")]
+        events, self._pending = whole_events(self._pending, chunk)
+        out = [self._event(raw) for raw in events]
         return b"".join(event + b"\n\n" for event in out if event)
 
     def _event(self, raw: bytes) -> bytes:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-__all__ = ["Tracker", "dump", "greedy", "skip_prefix"]
+__all__ = ["Tracker", "dump", "greedy", "skip_prefix", "whole_events"]
 
 
 def dump(payload: Any) -> bytes:
@@ -24,6 +24,16 @@ class Tracker(Protocol):
     def resume_body(self) -> bytes | None: ...
     def begin_segment(self) -> None: ...
     def feed(self, chunk: bytes) -> bytes: ...
+
+
+def whole_events(pending: bytes, chunk: bytes) -> tuple[list[bytes], bytes]:
+    """The whole server-sent events in ``pending + chunk`` (without their blank-line ends), and the bytes of
+    an event not yet whole, kept for the next chunk."""
+    data = pending + chunk
+    end = data.rfind(b"\n\n")
+    if end < 0:
+        return [], data
+    return data[:end].split(b"\n\n"), data[end + 2:]
 
 
 def skip_prefix(skip: str, text: str) -> tuple[str, str]:

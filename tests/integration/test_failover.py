@@ -183,16 +183,22 @@ def test_streams_survive_the_death_of_their_node(twins: dict[str, NodeProcess]) 
     assert failovers(c) == victims[0]  # each stream the dead node held moved once
 
 
-def test_streams_survive_the_death_of_their_llama_server(twins: dict[str, NodeProcess]) -> None:
-    c = twins["c"]
-    reference = run_streams(c.api)
-    killed: list[int] = []
-
+def kill_busiest_llama_server(twins: dict[str, NodeProcess], killed: list[int]) -> Any:
+    """What ``run_streams`` runs once the streams are under way: kill -9 the llama-server holding most of
+    them, noting how many it held."""
     def kill() -> None:
         victim, streams_on_it = serving_node(twins)
         assert streams_on_it >= 1
         os.kill(int(victim.server(MODEL)["pid"]), signal.SIGKILL)
         killed.append(streams_on_it)
+    return kill
+
+
+def test_streams_survive_the_death_of_their_llama_server(twins: dict[str, NodeProcess]) -> None:
+    c = twins["c"]
+    reference = run_streams(c.api)
+    killed: list[int] = []
+    kill = kill_busiest_llama_server(twins, killed)
 
     streams = run_streams(c.api, when_started=kill)
     assert_whole(streams, reference)
@@ -206,12 +212,7 @@ def test_anthropic_messages_survive_the_death_of_their_llama_server(twins: dict[
     for stream in reference:
         assert stream.error is None and stream.finish == "max_tokens" and stream.usage == MAX_TOKENS
     killed: list[int] = []
-
-    def kill() -> None:
-        victim, streams_on_it = serving_node(twins)
-        assert streams_on_it >= 1
-        os.kill(int(victim.server(MODEL)["pid"]), signal.SIGKILL)
-        killed.append(streams_on_it)
+    kill = kill_busiest_llama_server(twins, killed)
 
     streams = run_streams(c.api, when_started=kill, reader=read_message)
     for got, want in zip(streams, reference, strict=True):
