@@ -11,8 +11,9 @@ proxy's one response path, with the helpers of ``api.proxy``) and moves it when 
   live node is heard every second) moves then, without waiting for the transport to declare the
   node gone (seconds later, more on a loaded machine).
 - **Mid-stream** (the server or its node dies after tokens were streamed), a tracker (``api.resume``;
-  ``api.resume_messages`` for Anthropic's ``/v1/messages``) that followed the stream builds the request that carries the answer on, with what was produced
-  appended, and the new server's events continue the client's stream. The tracker is used only
+  ``api.resume_messages`` for Anthropic's ``/v1/messages``) that followed the stream builds the
+  request that carries the answer on, with what was produced appended, and the new server's events
+  continue the client's stream. The tracker is used only
   where a second server exists when the request arrives; a request on a model's only server is
   relayed untouched, and ends with an error event (``api.proxy``) if that server dies.
 
