@@ -49,13 +49,13 @@ def completion(base_url: str, key: str, **options: object) -> str:
 
 
 def message(base_url: str, key: str, *, stream: bool = False) -> str:
-    client = anthropic.Anthropic(base_url=base_url, api_key=key, max_retries=0)
     greedy = {"temperature": 0.0}  # the SDK has no temperature argument any more; llama-server honours it
     messages: list[anthropic.types.MessageParam] = [{"role": "user", "content": "Say hello"}]
-    if stream:
-        with client.messages.stream(model=MODEL, max_tokens=16, messages=messages, extra_body=greedy) as events:
-            return "".join(events.text_stream)
-    reply = client.messages.create(model=MODEL, max_tokens=16, messages=messages, extra_body=greedy)
+    with anthropic.Anthropic(base_url=base_url, api_key=key, max_retries=0) as client:
+        if stream:
+            with client.messages.stream(model=MODEL, max_tokens=16, messages=messages, extra_body=greedy) as events:
+                return "".join(events.text_stream)
+        reply = client.messages.create(model=MODEL, max_tokens=16, messages=messages, extra_body=greedy)
     return "".join(block.text for block in reply.content if block.type == "text")
 
 

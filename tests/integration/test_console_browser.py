@@ -63,10 +63,10 @@ def third_dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def api_answer(node: NodeProcess, model: str) -> str:
-    client = openai.OpenAI(base_url=f"{node.api}/v1", api_key="unused", max_retries=0)
-    chunks = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
-                                            max_tokens=24, temperature=0, stream=True)
-    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    with openai.OpenAI(base_url=f"{node.api}/v1", api_key="unused", max_retries=0) as client:
+        chunks = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
+                                                max_tokens=24, temperature=0, stream=True)
+        return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
 
 
 def test_the_console_shows_the_mesh_chats_and_follows_changes(mesh: Mesh, browser: Browser, tiny_dense: Path,

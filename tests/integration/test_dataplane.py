@@ -107,9 +107,9 @@ def test_a_llama_server_killed_mid_stream_ends_it_with_an_error_event(pair: dict
 
     llama_port(pair, not_pid=pid)  # restarted by the node; now the openai SDK
     pid = int(pair["local"].server(MODEL)["pid"])
-    client = openai.OpenAI(base_url=f"{node.api}/v1", api_key="unused", max_retries=0)
     received = 0
-    with pytest.raises(openai.APIError, match="broke"):
+    with openai.OpenAI(base_url=f"{node.api}/v1", api_key="unused", max_retries=0) as client, \
+            pytest.raises(openai.APIError, match="broke"):
         for _ in client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=100000, temperature=0,
                                            stream=True, extra_body={"ignore_eos": True}):
             received += 1

@@ -83,14 +83,14 @@ def ready(node: NodeProcess) -> list[dict[str, Any]]:
 
 
 def read_stream(api: str, stream: Stream) -> None:
-    client = openai.OpenAI(base_url=f"{api}/v1", api_key="unused", max_retries=0, timeout=120)
     try:
-        for chunk in client.completions.create(model=MODEL, prompt=stream.prompt, max_tokens=MAX_TOKENS,
-                                               temperature=0, stream=True, extra_body={"ignore_eos": True}):
-            if chunk.choices:
-                stream.text.append(chunk.choices[0].text)
-                stream.finish = chunk.choices[0].finish_reason or stream.finish
-            stream.usage = chunk.usage or stream.usage
+        with openai.OpenAI(base_url=f"{api}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+            for chunk in client.completions.create(model=MODEL, prompt=stream.prompt, max_tokens=MAX_TOKENS,
+                                                   temperature=0, stream=True, extra_body={"ignore_eos": True}):
+                if chunk.choices:
+                    stream.text.append(chunk.choices[0].text)
+                    stream.finish = chunk.choices[0].finish_reason or stream.finish
+                stream.usage = chunk.usage or stream.usage
     except BaseException as exc:  # the test asserts there was none
         stream.error = exc
 
@@ -171,8 +171,8 @@ def test_streams_survive_the_death_of_their_node(twins: dict[str, NodeProcess]) 
         for pid in engine_pids(victim.state_dir):  # the machine is gone: its llama-server too
             os.killpg(pid, signal.SIGKILL)
         killed = time.monotonic()
-        client = openai.OpenAI(base_url=f"{c.api}/v1", api_key="unused", max_retries=0, timeout=10)
-        reply = client.completions.create(model=MODEL, prompt="hi", max_tokens=8, temperature=0)
+        with openai.OpenAI(base_url=f"{c.api}/v1", api_key="unused", max_retries=0, timeout=10) as client:
+            reply = client.completions.create(model=MODEL, prompt="hi", max_tokens=8, temperature=0)
         assert reply.choices[0].text
         answered.append(time.monotonic() - killed)
 

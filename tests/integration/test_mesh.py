@@ -52,20 +52,20 @@ def start_three(mesh: Mesh, dense: Path, moe: Path, *more: Path) -> tuple[NodePr
 
 
 def greedy(base_url: str, model: str) -> tuple[str, str]:
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
-    text = client.completions.create(model=model, prompt="Once upon a time", max_tokens=32,
-                                     temperature=0).choices[0].text
-    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=24, temperature=0, stream=True)
-        if chunk.choices)
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0) as client:
+        text = client.completions.create(model=model, prompt="Once upon a time", max_tokens=32,
+                                         temperature=0).choices[0].text
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=24, temperature=0, stream=True)
+            if chunk.choices)
     return text, streamed
 
 
 def test_a_client_node_reaches_every_model_with_unchanged_output(mesh: Mesh, tiny_dense: Path, tiny_moe: Path,
                                                                  second_dense: Path) -> None:
     a, b, c = start_three(mesh, tiny_dense, tiny_moe, second_dense)
-    client = openai.OpenAI(base_url=f"{c.api}/v1", api_key="unused")
-    assert sorted(m.id for m in client.models.list()) == ["second-dense", "tiny-dense", "tiny-moe"]
+    with openai.OpenAI(base_url=f"{c.api}/v1", api_key="unused") as client:
+        assert sorted(m.id for m in client.models.list()) == ["second-dense", "tiny-dense", "tiny-moe"]
     assert listed(a) == listed(b) == listed(c)
     assert greedy(c.api, "second-dense") != greedy(c.api, "tiny-dense")
     for model, owner in (("tiny-dense", a), ("second-dense", a), ("tiny-moe", b)):

@@ -30,22 +30,22 @@ def gemma_node(tmp_path_factory: pytest.TempPathFactory, engine_dir: Path) -> It
 
 
 def test_openai_client_lists_chats_and_streams(gemma_node: NodeProcess) -> None:
-    client = openai.OpenAI(base_url=f"{gemma_node.api}/v1", api_key="unused")
-    assert [m.id for m in client.models.list()] == [MODEL]
+    with openai.OpenAI(base_url=f"{gemma_node.api}/v1", api_key="unused") as client:
+        assert [m.id for m in client.models.list()] == [MODEL]
 
-    reply = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=12, temperature=0)
-    assert reply.choices[0].message.content
-    assert reply.usage is not None and reply.usage.completion_tokens > 0
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=12, temperature=0)
+        assert reply.choices[0].message.content
+        assert reply.usage is not None and reply.usage.completion_tokens > 0
 
-    pieces = [chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=12, temperature=0,
-        stream=True) if chunk.choices]
-    assert "".join(pieces) == reply.choices[0].message.content
+        pieces = [chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=12, temperature=0,
+            stream=True) if chunk.choices]
+        assert "".join(pieces) == reply.choices[0].message.content
 
-    completion = client.completions.create(model=MODEL, prompt="The Eiffel Tower is in the city of", max_tokens=8,
-                                           temperature=0)
-    assert "Paris" in completion.choices[0].text
+        completion = client.completions.create(model=MODEL, prompt="The Eiffel Tower is in the city of", max_tokens=8,
+                                               temperature=0)
+        assert "Paris" in completion.choices[0].text
 
 
 def _busy_slots(port: int) -> int:

@@ -98,17 +98,17 @@ def test_a_model_no_node_holds_is_split_and_recovers_when_a_worker_dies(mesh: Me
     assert greedy(a.api, MODEL) == greedy(spare.api, MODEL) == expected  # through the mesh, identical
 
     assert worker.proc is not None
-    streaming = openai.OpenAI(base_url=f"{spare.api}/v1", api_key="unused", max_retries=0).completions.create(
-        model=MODEL, prompt="Once upon a time", max_tokens=100_000, temperature=0, stream=True)
-    chunks = iter(streaming)
-    next(chunks)  # decoding: the worker dies mid-stream
-    worker.proc.kill()
-    for pid in engine_pids(worker.state_dir):  # the machine is gone: its ggml-rpc-server too
-        subprocess.run(["kill", "-9", str(pid)], check=False)
-    killed = time.monotonic()
-    with pytest.raises(openai.APIError):  # the client sees the stream fail, not a silent end
-        for _ in chunks:
-            pass
+    with openai.OpenAI(base_url=f"{spare.api}/v1", api_key="unused", max_retries=0) as client:
+        chunks = iter(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=100_000,
+                                                temperature=0, stream=True))
+        next(chunks)  # decoding: the worker dies mid-stream
+        worker.proc.kill()
+        for pid in engine_pids(worker.state_dir):  # the machine is gone: its ggml-rpc-server too
+            subprocess.run(["kill", "-9", str(pid)], check=False)
+        killed = time.monotonic()
+        with pytest.raises(openai.APIError):  # the client sees the stream fail, not a silent end
+            for _ in chunks:
+                pass
     seen = set()
     while time.monotonic() - killed < 60:  # every request in the gap is answered at once: 503 or 200
         started = time.monotonic()

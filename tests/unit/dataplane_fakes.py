@@ -189,14 +189,15 @@ async def serving(plane: DataPlane, *, max_body_bytes: int = 4 << 20,
     config = uvicorn.Config(app, log_level="warning",
                             lifespan="on", access_log=False)
     server = uvicorn.Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve, [sock])
-        while not server.started:
-            await anyio.sleep(0.01)
-        try:
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-        finally:
-            server.should_exit = True
+    with sock:  # uvicorn serves a duplicate of the socket: this one is ours to close
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve, [sock])
+            while not server.started:
+                await anyio.sleep(0.01)
+            try:
+                yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+            finally:
+                server.should_exit = True
 
 
 @asynccontextmanager

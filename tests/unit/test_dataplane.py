@@ -88,11 +88,11 @@ async def test_a_stream_whose_upstream_dies_ends_with_an_error_event(routed: boo
         broke = [r for r in caplog.records if "broke mid-response" in r.getMessage()]
         assert broke and all(r.levelno == logging.WARNING for r in broke)  # the operator hears of it too
 
-        sdk = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         texts = []
-        with pytest.raises(openai.APIError, match="broke"):
-            async for part in await sdk.completions.create(model="m", prompt="x", stream=True):
-                texts.append(part.choices[0].text)
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as sdk:
+            with pytest.raises(openai.APIError, match="broke"):
+                async for part in await sdk.completions.create(model="m", prompt="x", stream=True):
+                    texts.append(part.choices[0].text)
         assert texts == ["one", "two"]
         await leases_returned(router)
 
