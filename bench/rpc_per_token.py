@@ -75,7 +75,6 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
 def session(engine: Path, model: Path, rpc_port: int, env: dict[str, str], tokens: int, gpu: bool,
             log: Path, head: str = "host", *, worker_host: str = "127.0.0.1", threads: int = 0) -> float:
     """One llama-server split onto the worker, one greedy completion of ``tokens``; its decode tok/s."""
-    port = free_port()
     desired = DesiredServer(model=model.stem, path=model, workers=("w",), tensor_split=(0.5, 0.5),
                             n_layer=0 if gpu else block_count(model))
     gpu_layers, extra = split_args(desired, [f"{worker_host}:{rpc_port}"], gpu=gpu)
@@ -83,11 +82,18 @@ def session(engine: Path, model: Path, rpc_port: int, env: dict[str, str], token
     if head == "worker" and "--override-tensor" in extra:  # as stock llama.cpp places it
         at = extra.index("--override-tensor")
         extra = extra[:at] + extra[at + 2:]
+    return served_once(engine, model, [str(gpu_layers), *extra], tokens, log,
+                       {**env, "GGML_RPC_HASH_THRESHOLD": "1", "GGML_RPC_LOAD_BY_NAME": "1"})
+
+
+def served_once(engine: Path, model: Path, layers_and_args: list[str], tokens: int, log: Path,
+                env: dict[str, str] | None = None) -> float:
+    """One llama-server (``--n-gpu-layers`` and what follows it), one greedy completion; its decode tok/s."""
+    port = free_port()
     argv = [str(engine / "llama-server"), "--model", str(model), "--port", str(port), "--n-gpu-layers",
-            str(gpu_layers), *extra, "--no-webui", "-c", "2048", "--no-warmup"]
+            *layers_and_args, "--no-webui", "-c", "2048", "--no-warmup"]
     with log.open("ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={
-            **os.environ, **env, "GGML_RPC_HASH_THRESHOLD": "1", "GGML_RPC_LOAD_BY_NAME": "1"})
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         try:
             wait_http(f"http://127.0.0.1:{port}/health", 300, proc)
             return complete(port, tokens)
@@ -124,18 +130,7 @@ def read_stats(path: Path, log: Path, sessions: int, timeout: float = 30) -> dic
 
 def solo_ms(engine: Path, model: Path, n1: int, n2: int, gpu: bool, log: Path) -> float:
     """Milliseconds per decoded token of the model alone on one llama-server."""
-    runs = []
-    for tokens in (n1, n2):
-        port = free_port()
-        argv = [str(engine / "llama-server"), "--model", str(model), "--port", str(port), "--n-gpu-layers",
-                "99" if gpu else "0", "--no-webui", "-c", "2048", "--no-warmup"]
-        with log.open("ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-            try:
-                wait_http(f"http://127.0.0.1:{port}/health", 300, proc)
-                runs.append((tokens, complete(port, tokens)))
-            finally:
-                terminate(proc)
+    runs = [(tokens, served_once(engine, model, ["99" if gpu else "0"], tokens, log)) for tokens in (n1, n2)]
     return per_token_ms(runs[0], runs[1])
 
 

@@ -77,7 +77,7 @@ class ShardUnavailable:
 class ShardWaiting:
     """No shard can be dealt yet: the model's expert order waits for its routing statistics."""
 
-    model: str
+    model: ModelName
     message: str
 
 
@@ -111,7 +111,7 @@ class Fail:
 
 @dataclass(frozen=True)
 class Wait:
-    model: str
+    model: ModelName
     message: str
 
 
