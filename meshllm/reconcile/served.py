@@ -33,7 +33,7 @@ from meshllm.engine.ggufcheck import check_gguf
 from meshllm.engine.ggufinfo import block_count
 from meshllm.engine.models import ResolvedModel, resolve_model
 from meshllm.engine.process import DEFAULT_MAX_TOKENS, LlamaServerConfig, ServingOptions, safe_name
-from meshllm.engine.rpc_auth import RPC_CLEAR_ENV, RPC_SECRET_ENV
+from meshllm.engine.rpc_auth import RPC_CLEAR_ENV, RPC_PUSH_ENV, RPC_SECRET_ENV
 from meshllm.engine.templates import chat_arguments
 from meshllm.errors import ModelError, ModelNotFetched, TerminalError
 from meshllm.reconcile.downloads import Fetcher
@@ -71,6 +71,10 @@ class RpcConnector(Protocol):
 
     async def probe(self, node_id: NodeId, target: ModelName) -> str | None:
         """None when ``node_id``'s worker for ``target`` answers now, else why not."""
+        ...
+
+    def tunnelled(self, endpoint: str) -> bool:
+        """Whether ``endpoint`` (from ``endpoint``) is a tunnel of this node rather than a worker itself."""
         ...
 
 
@@ -340,6 +344,10 @@ class ServedModelController:
             env = {"GGML_RPC_HASH_THRESHOLD": "1", "GGML_RPC_LOAD_BY_NAME": "1", RPC_SECRET_ENV: self.rpc.key}
             if self.rpc.clear:
                 env[RPC_CLEAR_ENV] = "1"
+            # workers reached straight reach each other the same way: the activations between two of
+            # them go from one to the next directly (patch 0006), not back through this host
+            if len(rpc_endpoints) > 1 and not any(self.rpc.tunnelled(e) for e in rpc_endpoints):
+                env[RPC_PUSH_ENV] = "1"
         port = self.supervisor.pick_port(server_key(self.node_id, model))
         config = self._config(desired, port=port, rpc_endpoints=rpc_endpoints)
         # decoding on the CPU, llama-server takes every core: as a batch job it leaves the node responsive

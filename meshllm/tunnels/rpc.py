@@ -313,6 +313,10 @@ class RpcTunnelClient:
             return direct
         return f"127.0.0.1:{await self.open(node_id, target)}"
 
+    def tunnelled(self, endpoint: str) -> bool:
+        """Whether ``endpoint`` is one of this node's tunnel listeners (not a worker's own rpc-server)."""
+        return any(endpoint == f"127.0.0.1:{listener.port}" for listener in self._listeners.values())
+
     async def open(self, node_id: NodeId, target: ModelName) -> int:
         """The 127.0.0.1 port that tunnels to ``target``'s rpc-server on ``node_id`` (reused if open).
 

@@ -48,6 +48,9 @@ class FakeRpc:
     async def probe(self, node_id: str, target: str) -> str | None:
         return self.problems.get(node_id)
 
+    def tunnelled(self, endpoint: str) -> bool:
+        return False
+
 
 class World:
     """A node's document, clock, supervisor and model files."""
