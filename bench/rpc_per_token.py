@@ -5,8 +5,10 @@ the commands it served and the RPC bytes each brought in and sent back, and writ
 connection ends. This bench splits a model onto one such worker (by-name loading, as a meshllm host
 does), decodes ``N1`` then ``N2`` greedy tokens in two sessions of llama-server, and divides the
 difference by ``N2 - N1``: loading and the prompt cancel out, what is left is one decoded token.
-Per path: ``stock`` (no key), ``clear`` (the mesh's key, unsealed: ``--rpc-direct``) and ``sealed``
-(the default: every message sealed with AES-256-GCM); the RPC bytes are the same on each path (the
+Per path: ``stock`` (no key), ``clear`` (the mesh's key, unsealed: ``--rpc-direct``), ``sealed``
+(every message sealed with AES-256-GCM) and ``push`` (sealed, and with ``--workers 2`` or more the
+activations between two workers go from one to the next, engine patch 0006: meshllm's default with
+two or more workers); the RPC bytes are the same on each path (the
 sealing adds 20 bytes per message on the wire), the decode speed is each session's own. ``--heads``:
 ``host`` (a meshllm CPU host keeps the output head, ``split.host_keeps_head``) and/or ``worker``
 (where stock llama.cpp puts it on a CPU host: the last worker, which then sends back every token's
@@ -54,7 +56,8 @@ def free_port() -> int:
 
 
 PATHS: dict[str, dict[str, str]] = {"stock": {}, "clear": {"GGML_RPC_SECRET": rpc_key(b"b" * 32), "GGML_RPC_CLEAR": "1"},
-         "sealed": {"GGML_RPC_SECRET": rpc_key(b"b" * 32)}}
+         "sealed": {"GGML_RPC_SECRET": rpc_key(b"b" * 32)},
+         "push": {"GGML_RPC_SECRET": rpc_key(b"b" * 32), "GGML_RPC_PUSH": "1"}}
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
@@ -72,12 +75,15 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
     raise TimeoutError(url)
 
 
-def session(engine: Path, model: Path, rpc_port: int, env: dict[str, str], tokens: int, gpu: bool,
+def session(engine: Path, model: Path, rpc_ports: list[int], env: dict[str, str], tokens: int, gpu: bool,
             log: Path, head: str = "host", *, worker_host: str = "127.0.0.1", threads: int = 0) -> float:
-    """One llama-server split onto the worker, one greedy completion of ``tokens``; its decode tok/s."""
-    desired = DesiredServer(model=model.stem, path=model, workers=("w",), tensor_split=(0.5, 0.5),
+    """One llama-server split onto the workers (equal shares with the host), one greedy completion of
+    ``tokens``; its decode tok/s."""
+    n = len(rpc_ports) + 1
+    desired = DesiredServer(model=model.stem, path=model, workers=tuple(f"w{i}" for i in range(n - 1)),
+                            tensor_split=tuple(round(1 / n, 4) for _ in range(n)),
                             n_layer=0 if gpu else block_count(model))
-    gpu_layers, extra = split_args(desired, [f"{worker_host}:{rpc_port}"], gpu=gpu)
+    gpu_layers, extra = split_args(desired, [f"{worker_host}:{port}" for port in rpc_ports], gpu=gpu)
     extra = (*extra, *(("--threads", str(threads)) if threads else ()))
     if head == "worker" and "--override-tensor" in extra:  # as stock llama.cpp places it
         at = extra.index("--override-tensor")
@@ -161,40 +167,50 @@ def limited_link(mbit: int) -> Iterator[tuple[list[str], str]]:
 
 
 def measure(engine: Path, model: Path, path: str, n1: int, n2: int, gpu: bool, work: Path,
-            head: str = "host", *, link: tuple[list[str], str] | None = None, threads: int = 0) -> list[str]:
-    stats_file = work / f"stats-{path}.txt"
-    rpc_port = free_port()
-    env = {**os.environ, **PATHS[path], "GGML_RPC_STATS": str(stats_file)}
-    log = work / f"{path}-{head}.log"
+            head: str = "host", *, link: tuple[list[str], str] | None = None, threads: int = 0,
+            workers: int = 1) -> list[str]:
+    """Table rows for one path: per worker, per command type, what one decoded token costs."""
+    ports = [free_port() for _ in range(workers)]
+    stats_files = [work / f"stats-{path}-{i}.txt" for i in range(workers)]
+    logs = [work / f"{path}-{head}-{i}.log" for i in range(workers)]
     prefix, where = link or ([], "127.0.0.1")
-    worker = subprocess.Popen([*prefix, str(engine / "ggml-rpc-server"), "-H", where, "-p", str(rpc_port), "--gguf",
-                               str(model), *(["-d", "CUDA0"] if gpu else []), *(["-t", str(threads)] if threads else [])],
-                              stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
+    procs = []
     try:
+        for port, stats_file, log in zip(ports, stats_files, logs, strict=True):
+            env = {**os.environ, **PATHS[path], "GGML_RPC_STATS": str(stats_file)}
+            procs.append(subprocess.Popen(
+                [*prefix, str(engine / "ggml-rpc-server"), "-H", where, "-p", str(port), "--gguf", str(model),
+                 *(["-d", "CUDA0"] if gpu else []), *(["-t", str(threads)] if threads else [])],
+                stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env))
         runs = []
         for k, tokens in enumerate((n1, n2), 1):
             time.sleep(0.5)
-            tps = session(engine, model, rpc_port, PATHS[path], tokens, gpu, log, head, worker_host=where,
+            tps = session(engine, model, ports, PATHS[path], tokens, gpu, logs[0], head, worker_host=where,
                           threads=threads)
-            runs.append((tps, read_stats(stats_file, log, k)))
+            runs.append((tps, [read_stats(f, log, k) for f, log in zip(stats_files, logs, strict=True)]))
     finally:
-        terminate(worker)
-    (tps1, first), (tps2, second) = runs
+        for proc in procs:
+            terminate(proc)
+    (tps1, firsts), (tps2, seconds) = runs
     n = n2 - n1
     lines = []
     empty = (0, 0, 0, 0)
-    for name in sorted(set(first) | set(second)):
-        a, b = first.get(name, empty), second.get(name, empty)
-        per = [(b[i] - a[i]) / n for i in range(4)]
-        if any(abs(v) > 1e-9 for v in per):
-            what = "(waiting for the host)" if name == "idle" else name
-            busy = f"{per[3] / 1000:.3f}" if per[3] else ""
-            lines.append(f"| {path} | {what} | {per[0]:.2f} | {per[1]:.0f} | {per[2]:.0f} | {busy} |")
-    total = [sum(second.get(k, empty)[i] - first.get(k, empty)[i] for k in set(first) | set(second)) / n
-             for i in range(4)]
+    grand = [0.0, 0.0, 0.0, 0.0]
+    for i, (first, second) in enumerate(zip(firsts, seconds, strict=True)):
+        who = f"worker {i + 1}: " if workers > 1 else ""
+        for name in sorted(set(first) | set(second)):
+            a, b = first.get(name, empty), second.get(name, empty)
+            per = [(b[j] - a[j]) / n for j in range(4)]
+            if any(abs(v) > 1e-9 for v in per):
+                what = "(waiting for the host)" if name == "idle" else name
+                busy = f"{per[3] / 1000:.3f}" if per[3] else ""
+                lines.append(f"| {path} | {who}{what} | {per[0]:.2f} | {per[1]:.0f} | {per[2]:.0f} | {busy} |")
+        total = [sum(second.get(k, empty)[j] - first.get(k, empty)[j] for k in set(first) | set(second)) / n
+                 for j in range(4)]
+        grand = [g + t for g, t in zip(grand, total, strict=True)]
     ms = per_token_ms((n1, tps1), (n2, tps2))
-    lines.append(f"| {path} | **all** | {total[0]:.2f} | {total[1]:.0f} | {total[2]:.0f} | "
-                 f"{total[3] / 1000:.3f} of {ms:.3f} | decode {tps1:.1f} / {tps2:.1f} tok/s ({n1} / {n2} tokens) |")
+    lines.append(f"| {path} | **all** | {grand[0]:.2f} | {grand[1]:.0f} | {grand[2]:.0f} | "
+                 f"{grand[3] / 1000:.3f} of {ms:.3f} | decode {tps1:.1f} / {tps2:.1f} tok/s ({n1} / {n2} tokens) |")
     return lines
 
 
@@ -210,6 +226,7 @@ def main() -> None:
     parser.add_argument("--heads", default="host", help="host and/or worker: where a CPU host's output head goes")
     parser.add_argument("--link-mbit", type=int, default=0, help="the worker behind a link of this many Mbit/s")
     parser.add_argument("--threads", type=int, default=0, help="threads of both engine processes (0: theirs)")
+    parser.add_argument("--workers", type=int, default=1, help="rpc-servers in the split (push needs 2 or more)")
     args = parser.parse_args()
     engine = args.engine or Path(os.environ.get("MESHLLM_ENGINE_DIR", "") or (find_engine() or "."))
     print(f"{args.model.name}: per decoded token, {args.n2} - {args.n1} tokens; engine {engine}")
@@ -226,7 +243,7 @@ def main() -> None:
             for path in args.paths.split(","):
                 label = f"{path}, head on {head}"
                 for line in measure(engine, args.model.expanduser(), path, args.n1, args.n2, args.gpu, Path(tmp),
-                                    head, link=link, threads=args.threads):
+                                    head, link=link, threads=args.threads, workers=args.workers):
                     print(line.replace(f"| {path} |", f"| {label} |", 1), flush=True)
 
 

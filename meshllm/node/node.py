@@ -201,10 +201,11 @@ class Node:
         llama-server before the rpc-servers it uses)."""
         config, state, node_id, logs = self.config, self.state, self.node_id, self.config.state_dir / "logs"
         backoff = Backoff()
+        gpu = detect_capacity().gpu
         shards = ExpertShardController(state, node_id=node_id, folder=config.state_dir / "shards", store=store)
         served = ServedModelController(
             state, node_id=node_id, supervisor=supervisor, engine_dir=engine_dir, log_dir=logs,
-            gpu_layers=999 if detect_capacity().gpu else 0, device=config.device, threads=config.threads,
+            gpu_layers=999 if gpu else 0, device=config.device, threads=config.threads,
             store=store, rpc=self.rpc_tunnels, backoff=backoff, max_tokens=config.max_tokens_default,
             downloads=self.downloads, shares=self.shares, shards=shards)
         # rpc-servers on the node's address, published for hosts to reach straight (they demand the mesh's
@@ -215,7 +216,7 @@ class Node:
         workers = WorkerController(state, node_id=node_id, supervisor=supervisor, engine_dir=engine_dir, log_dir=logs,
                                    key=key, threads=config.threads, device=config.device, store=store,
                                    backoff=backoff, bind_host=bind_host, direct_host=direct_host,
-                                   shares=self.shares)
+                                   shares=self.shares, gpu=gpu)
         placement = PlacementController(state, node_id=node_id, incarnation=self.mesh.incarnation, store=store)
         importance = ExpertImportanceController(state, node_id=node_id, store=store, counter=ImatrixCounter(
             engine_dir, ImatrixRun(threads=config.threads)))

@@ -282,9 +282,10 @@ class WorkerController:
     def __init__(self, state: MeshState, *, node_id: NodeId, supervisor: Supervisor, engine_dir: Path, log_dir: Path,
                  key: str, threads: int = 0, device: str = "", store: NodeStore | None = None,
                  backoff: Backoff | None = None, bind_host: str = "127.0.0.1", direct_host: str = "",
-                 shares: ShareFetcher | None = None) -> None:
+                 shares: ShareFetcher | None = None, gpu: bool = False) -> None:
         """``key``: the mesh's RPC key every rpc-server demands. ``bind_host``: where rpc-servers
-        listen; ``direct_host``: the address published for hosts to reach them straight (``--rpc-direct``)."""
+        listen; ``direct_host``: the address published for hosts to reach them straight (``--rpc-direct``).
+        ``gpu``: the node computes on a GPU, so its rpc-servers are not CPU batch jobs (``launch``)."""
         self.state = state
         self.key = key
         self.node_id = node_id
@@ -293,6 +294,7 @@ class WorkerController:
         self.log_dir = log_dir
         self.threads = threads or max(1, (os.cpu_count() or 2) // 2)
         self.device = device
+        self.gpu = gpu
         self.store = store
         self.backoff = backoff or Backoff()
         self.bind_host = bind_host
@@ -448,7 +450,7 @@ class WorkerController:
         view = await self.supervisor.launch(LaunchSpec(
             key=key, model=model, argv=tuple(config.argv()), port=port,
             log_path=self.log_dir / f"rpc-{safe_name(model)}.log", ready=ListenReady(self.bind_host, port),
-            env={RPC_SECRET_ENV: self.key}, batch=not self.device))
+            env={RPC_SECRET_ENV: self.key}, batch=not (self.device or self.gpu)))
         log.info("%s: started ggml-rpc-server pid %d on %s:%d for host %s", model, view.pid, config.host, port,
                  desired.host)
         await self._event(model, "WorkerStarted", f"ggml-rpc-server pid {view.pid} on {config.host}:{port} holds "
