@@ -320,12 +320,13 @@ class ServedModelController:
 
     def _config(self, desired: DesiredServer, *, port: int,
                 rpc_endpoints: list[str] | None = None) -> LlamaServerConfig:
-        gpu_layers, extra = self.gpu_layers, tuple[str, ...]()
-        if desired.workers:
-            gpu_layers, extra = split_args(desired, rpc_endpoints or [], gpu=self.gpu_layers > 0)
+        gpu_layers, extra, device = self.gpu_layers, tuple[str, ...](), self.device
+        if desired.workers:  # the host's device goes after --rpc, with the workers' (split_args)
+            gpu_layers, extra = split_args(desired, rpc_endpoints or [], gpu=self.gpu_layers > 0, device=device)
+            device = ""
         return LlamaServerConfig(
             binary=self.engine_dir / "llama-server", model_path=desired.path, alias=desired.model, port=port,
-            ctx_size=desired.ctx_size, gpu_layers=gpu_layers, threads=self.threads, device=self.device,
+            ctx_size=desired.ctx_size, gpu_layers=gpu_layers, threads=self.threads, device=device,
             draft_path=desired.draft, max_tokens=self.max_tokens, chat=self._chat.get(desired.path, ()),
             serving=desired.serving, extra=extra,
         )
@@ -395,10 +396,18 @@ def settings_hash(config: LlamaServerConfig) -> str:
     return hashlib.sha256("\0".join(argv).encode()).hexdigest()[:16]
 
 
-def split_args(desired: DesiredServer, rpc_endpoints: list[str], *, gpu: bool) -> tuple[int, tuple[str, ...]]:
+def split_args(desired: DesiredServer, rpc_endpoints: list[str], *, gpu: bool,
+               device: str = "") -> tuple[int, tuple[str, ...]]:
     """``--n-gpu-layers`` and the extra llama-server arguments of a split host (``split_layout``; the
-    output head on the host where ``host_keeps_head``)."""
+    output head on the host where ``host_keeps_head``).
+
+    ``device``: the host's own ``--device``. llama-server offloads only to the devices that option
+    names, so a split host lists the workers' too, as llama.cpp names them once ``--rpc`` has
+    registered them (``RPC0``, ``RPC1``, ... in ``--rpc`` order, one device per worker: each worker's
+    rpc-server serves one), then its own: without them it would load the whole model on its own
+    device and never use the workers."""
     gpu_layers, shares = split_layout(desired.n_layer, desired.tensor_split, gpu=gpu)
     keep = host_keeps_head(desired.n_layer, desired.tensor_split, host_gpu=gpu, workers_gpu=desired.workers_gpu)
+    devices = ("--device", ",".join([f"RPC{i}" for i in range(len(rpc_endpoints))] + [device])) if device else ()
     return gpu_layers, ("--rpc", ",".join(rpc_endpoints), "--tensor-split", ",".join(f"{x:.4g}" for x in shares),
-                        *head_args(gpu=gpu, keep=keep))
+                        *devices, *head_args(gpu=gpu, keep=keep))

@@ -94,9 +94,10 @@ class World:
         return file_fingerprint(self.tmp / f"{name}.gguf")
 
     # -- controllers ------------------------------------------------------------------------
-    def served(self, *, threads: int = 0, gpu_layers: int = 0) -> ServedModelController:
+    def served(self, *, threads: int = 0, gpu_layers: int = 0, device: str = "") -> ServedModelController:
         return ServedModelController(self.state, node_id=ME, supervisor=self.supervisor, engine_dir=Path("/engine"),
                                      log_dir=self.tmp / "logs", gpu_layers=gpu_layers, threads=threads, rpc=self.rpc,
+                                     device=device,
                                      clock=self.clock, backoff=self.backoff)
 
     def workers(self, *, direct_host: str = "") -> WorkerController:

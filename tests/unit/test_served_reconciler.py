@@ -116,6 +116,19 @@ async def test_an_adopted_server_waits_for_the_node_to_learn_its_leases_then_goe
         assert after.pids() == {"m": found["m"].pid}  # "gone" is nobody's wish any more: stopped
 
 
+async def test_a_split_host_pinned_to_a_device_names_its_workers_devices_too(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.model("m")
+    world.lease("m", workers=["n2"], shares=[1.0, 1.0])
+    async with world.running(world.served(gpu_layers=999, device="CUDA1")):
+        world.state.put_worker(WorkerStatus(node="n2", model="m", host=ME, phase=ServerPhase.READY, port=50001))
+        await world.settle()
+        await world.advance(1.0)
+        argv = world.process("m").argv
+        assert argv.count("--device") == 1 and argv.index("--device") > argv.index("--rpc")
+        assert argv[argv.index("--device") + 1] == "RPC0,CUDA1"
+
+
 async def test_a_split_host_waits_for_its_workers_then_starts_with_them(tmp_path: Path) -> None:
     world = World(tmp_path)
     world.model("m")

@@ -41,3 +41,15 @@ def test_a_cpu_host_leaves_the_head_to_a_gpu_worker() -> None:
         assert ("--override-tensor" in extra) is head, gpus
     _, extra = split_args(DesiredServer(**{**base.__dict__, "workers_gpu": (True, True)}), ["w0:1", "w1:1"], gpu=True)
     assert "--override-tensor" not in extra  # a GPU host holds the head anyway
+
+
+def test_a_host_pinned_to_a_device_still_offloads_to_its_workers() -> None:
+    # llama-server offloads only to the devices --device names: without the workers' (registered by
+    # --rpc, so named after it) a split host would load the whole model on its own GPU
+    ngl, extra = split_args(desired((0.25, 0.25, 0.5)), ["127.0.0.1:5001", "127.0.0.1:5002"], gpu=True,
+                            device="CUDA1")
+    assert extra[:2] == ("--rpc", "127.0.0.1:5001,127.0.0.1:5002")
+    assert extra[extra.index("--device") + 1] == "RPC0,RPC1,CUDA1"
+    assert extra.index("--device") > extra.index("--rpc")
+    _, unpinned = split_args(desired((0.25, 0.25, 0.5)), ["127.0.0.1:5001", "127.0.0.1:5002"], gpu=True)
+    assert "--device" not in unpinned
