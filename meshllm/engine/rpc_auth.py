@@ -15,10 +15,11 @@ time). meshllm gives every worker and every split host the same key, derived fro
 - through the QUIC tunnel (``--rpc-tunnel``, or a worker the host cannot reach over TCP): the
   agents carry the bytes, sealed by the engine inside QUIC's own encryption.
 
-With two or more workers reached straight, the host's llama-server also sets ``GGML_RPC_PUSH=1``
-(patch 0006): the activations at the boundary of two workers' layers go from the first worker to the
-second directly, over a connection of their own that proves the same key and is sealed the same way,
-instead of coming back to the host and going out again; the host waits for nothing in between.
+With two or more workers reached straight that have met in the mesh (``served.workers_meet``), the
+host's llama-server also sets ``GGML_RPC_PUSH=1`` (patch 0006): the activations at the boundary of two
+workers' layers go from the first worker to the second directly, over a connection of their own that
+proves the same key and is sealed the same way, instead of coming back to the host and going out
+again; the host waits for nothing in between.
 
 ``authenticate`` is the client's side of the unsealed handshake, for probing a worker before a split
 starts.

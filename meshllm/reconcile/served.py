@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -49,11 +50,13 @@ from meshllm.reconcile.timing import Backoff, Clock, SystemClock
 from meshllm.reconcile.workers import RPC_RECORD_PREFIX, process_model
 from meshllm.state.document import Changed, MeshState
 from meshllm.state.schema import (
-    ModelName, ModelSpec, NodeId, PlacementLease, ServerPhase, lease_model, parse_server_key, server_key,
+    ModelName, ModelSpec, NodeId, NodeStatus, PlacementLease, ServerPhase, lease_model, parse_server_key,
+    server_key,
 )
 from meshllm.store.db import NodeStore
 
-__all__ = ["DesiredServer", "RpcConnector", "ServedModelController", "ShardSource", "settings_hash", "split_args"]
+__all__ = ["DesiredServer", "RpcConnector", "ServedModelController", "ShardSource", "settings_hash", "split_args",
+           "workers_meet"]
 
 log = logging.getLogger(__name__)
 
@@ -345,9 +348,11 @@ class ServedModelController:
             env = {"GGML_RPC_HASH_THRESHOLD": "1", "GGML_RPC_LOAD_BY_NAME": "1", RPC_SECRET_ENV: self.rpc.key}
             if self.rpc.clear:
                 env[RPC_CLEAR_ENV] = "1"
-            # workers reached straight reach each other the same way: the activations between two of
-            # them go from one to the next directly (patch 0006), not back through this host
-            if len(rpc_endpoints) > 1 and not any(self.rpc.tunnelled(e) for e in rpc_endpoints):
+            # workers reached straight, and which talk to each other in the mesh, reach each other the same
+            # way: the activations between two of them go from one to the next directly (patch 0006), not
+            # back through this host
+            if (len(rpc_endpoints) > 1 and not any(self.rpc.tunnelled(e) for e in rpc_endpoints)
+                    and workers_meet(self.state.nodes(), desired.workers)):
                 env[RPC_PUSH_ENV] = "1"
         port = self.supervisor.pick_port(server_key(self.node_id, model))
         config = self._config(desired, port=port, rpc_endpoints=rpc_endpoints)
@@ -394,6 +399,18 @@ def settings_hash(config: LlamaServerConfig) -> str:
         at = argv.index("--port")
         argv = argv[:at] + argv[at + 2:]
     return hashlib.sha256("\0".join(argv).encode()).hexdigest()[:16]
+
+
+def workers_meet(nodes: Mapping[NodeId, NodeStatus], workers: Sequence[NodeId]) -> bool:
+    """Whether every two of ``workers`` have measured their RTT to each other (either one of them): they
+    reach each other at the addresses they publish, where their rpc-servers listen too. Each worker
+    pushes its activations to the next one's rpc-server only then (``RPC_PUSH_ENV``); a pair that has
+    not met yet keeps the hand-over through the host, which works wherever the host reaches both."""
+    def met(a: NodeId, b: NodeId) -> bool:
+        return any(node is not None and other in node.rtt_ms
+                   for node, other in ((nodes.get(a), b), (nodes.get(b), a)))
+
+    return all(met(a, b) for i, a in enumerate(workers) for b in workers[i + 1:])
 
 
 def split_args(desired: DesiredServer, rpc_endpoints: list[str], *, gpu: bool,

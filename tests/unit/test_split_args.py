@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meshllm.reconcile.served import DesiredServer, split_args
+from meshllm.reconcile.served import DesiredServer, split_args, workers_meet
 from meshllm.reconcile.split import HEAD_PATTERN
+from meshllm.state.schema import NodeId, NodeStatus
 
 
 def desired(shares: tuple[float, ...], n_layer: int = 8) -> DesiredServer:
@@ -53,3 +54,14 @@ def test_a_host_pinned_to_a_device_still_offloads_to_its_workers() -> None:
     assert extra.index("--device") > extra.index("--rpc")
     _, unpinned = split_args(desired((0.25, 0.25, 0.5)), ["127.0.0.1:5001", "127.0.0.1:5002"], gpu=True)
     assert "--device" not in unpinned
+
+
+def test_workers_push_to_each_other_only_once_they_have_met_in_the_mesh() -> None:
+    a, b, c = NodeId("a"), NodeId("b"), NodeId("c")
+    nodes = {a: NodeStatus(id=a, rtt_ms={b: 0.4}), b: NodeStatus(id=b), c: NodeStatus(id=c, rtt_ms={a: 0.3})}
+    assert workers_meet(nodes, [a, b])  # a measured b: either side's measurement will do
+    assert workers_meet(nodes, [b, a])
+    assert not workers_meet(nodes, [a, b, c])  # b and c never measured each other
+    nodes[b] = NodeStatus(id=b, rtt_ms={c: 1.0})
+    assert workers_meet(nodes, [a, b, c])
+    assert workers_meet(nodes, [a])  # one worker pushes to no one
