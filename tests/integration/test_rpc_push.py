@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from meshllm.engine.rpc_auth import RPC_PUSH_ENV, RPC_SECRET_ENV
+from meshllm.engine.tinygguf import write_dense
 from meshllm.testing.engines import engine_pids, running
 from tests.conftest import free_port
 from tests.integration.nodes import Mesh, NodeProcess, wait_for
@@ -89,6 +90,30 @@ def test_activations_go_from_worker_to_worker_and_the_output_is_unchanged(engine
     logs = sorted(log.read_text() for log in (tmp_path / "direct").glob("rpc-*.log"))
     assert any("Sending activations to the worker at 127.0.0.1:" in log for log in logs), logs
     assert any("Accepted a worker's connection" in log for log in logs), logs
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dense model wide enough (1024) for a token's hidden state (4 KB) to stand out in the byte counts."""
+    return write_dense(tmp_path_factory.mktemp("wide") / f"{MODEL}.gguf", n_layer=4, n_embd=1024, n_ff=256,
+                       n_vocab=512, seed=5)
+
+
+def test_a_tokens_hidden_state_crosses_to_a_worker_once(engine_dir: Path, wide_model: Path,
+                                                         tmp_path: Path) -> None:
+    # llama.cpp builds the input embedding as a choice of three branches and computes one; the worker
+    # holding the first layers used to receive the inputs of all three, each token's hidden state three
+    # times (engine patch 0007)
+    with two_worker_split(engine_dir, wide_model, tmp_path / "split", push=False) as (url, files):
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+            client.completions.create(model=MODEL, prompt="Once", max_tokens=64, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    hidden = 4 * 1024  # one token's hidden state, F32
+    for counts in (stats(file) for file in files):
+        graphs = counts.get("graph_compute", (0, 0, 0))[0] + counts.get("graph_recompute", (0, 0, 0))[0]
+        assert graphs >= 64
+        per_graph = counts["set_tensor"][1] / graphs  # bytes the host sent the worker for each token
+        assert per_graph < 2 * hidden, (per_graph, counts)
 
 
 def test_a_flood_of_stalled_handshakes_cannot_lock_the_host_out(engine_dir: Path, split_model: Path, solo: str,
