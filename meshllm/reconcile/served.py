@@ -350,9 +350,11 @@ class ServedModelController:
                 env[RPC_CLEAR_ENV] = "1"
             # workers reached straight, and which talk to each other in the mesh, reach each other the same
             # way: the activations between two of them go from one to the next directly (patch 0006), not
-            # back through this host
+            # back through this host. A server started again after a failure hands them over itself: if
+            # two workers cannot reach each other after all (a port closed between them), the split
+            # still serves.
             if (len(rpc_endpoints) > 1 and not any(self.rpc.tunnelled(e) for e in rpc_endpoints)
-                    and workers_meet(self.state.nodes(), desired.workers)):
+                    and workers_meet(self.state.nodes(), desired.workers) and action.restarts == 0):
                 env[RPC_PUSH_ENV] = "1"
         port = self.supervisor.pick_port(server_key(self.node_id, model))
         config = self._config(desired, port=port, rpc_endpoints=rpc_endpoints)

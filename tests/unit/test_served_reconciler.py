@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from meshllm.engine.rpc_auth import RPC_PUSH_ENV
 from meshllm.reconcile.served_plan import ADOPT_GRACE, STABLE_AFTER
 from meshllm.reconcile.runtime import RESYNC
-from meshllm.state.schema import ModelSpec, ServerPhase, WorkerStatus
+from meshllm.state.schema import ModelSpec, NodeId, NodeStatus, ServerPhase, WorkerStatus
 from tests.unit.controllers import ME, World, gguf
 
 
@@ -127,6 +128,27 @@ async def test_a_split_host_pinned_to_a_device_names_its_workers_devices_too(tmp
         argv = world.process("m").argv
         assert argv.count("--device") == 1 and argv.index("--device") > argv.index("--rpc")
         assert argv[argv.index("--device") + 1] == "RPC0,CUDA1"
+
+
+async def test_workers_that_met_push_to_each_other_until_the_host_fails_once(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.model("m")
+    world.lease("m", workers=["n2", "n3"], shares=[1.0, 1.0, 1.0])
+    world.state.put_node(NodeStatus(id=NodeId("n2"), rtt_ms={NodeId("n3"): 0.5}))
+    world.state.put_node(NodeStatus(id=NodeId("n3")))
+    async with world.running(world.served(gpu_layers=999)):
+        for worker, port in (("n2", 50001), ("n3", 50002)):
+            world.state.put_worker(WorkerStatus(node=worker, model="m", host=ME, phase=ServerPhase.READY, port=port))
+        await world.settle()
+        await world.advance(1.0)
+        assert world.supervisor.launched[-1].env.get(RPC_PUSH_ENV) == "1"  # the two workers have met
+        world.supervisor.crash("m")
+        await world.settle()
+        await world.advance(60.0)
+        assert len(world.supervisor.launched) == 2
+        # the same split again after a failure: the host hands the activations over itself, in case the
+        # workers could not reach each other after all
+        assert RPC_PUSH_ENV not in world.supervisor.launched[-1].env
 
 
 async def test_a_split_host_waits_for_its_workers_then_starts_with_them(tmp_path: Path) -> None:
