@@ -19,7 +19,9 @@ With two or more workers reached straight that have met in the mesh (``served.wo
 host's llama-server also sets ``GGML_RPC_PUSH=1`` (patch 0006): the activations at the boundary of two
 workers' layers go from the first worker to the second directly, over a connection of their own that
 proves the same key and is sealed the same way, instead of coming back to the host and going out
-again; the host waits for nothing in between.
+again; the host waits for nothing in between. And every split host sets ``GGML_RPC_DELTA=1`` (patch
+0008): a small input the host sets again each token (the attention mask: 2-4 bytes per cell of context)
+crosses as the bytes that changed since the last time.
 
 ``authenticate`` is the client's side of the unsealed handshake, for probing a worker before a split
 starts.
@@ -34,11 +36,12 @@ import secrets
 import anyio
 import anyio.abc
 
-__all__ = ["RPC_CLEAR_ENV", "RPC_PUSH_ENV", "RPC_SECRET_ENV", "RpcAuthError", "authenticate", "rpc_key"]
+__all__ = ["RPC_CLEAR_ENV", "RPC_DELTA_ENV", "RPC_PUSH_ENV", "RPC_SECRET_ENV", "RpcAuthError", "authenticate", "rpc_key"]
 
 RPC_SECRET_ENV = "GGML_RPC_SECRET"
 RPC_CLEAR_ENV = "GGML_RPC_CLEAR"  # "1" on a client: the key handshake, then plain RPC (no sealing)
 RPC_PUSH_ENV = "GGML_RPC_PUSH"  # "1" on a split host: activations go from worker to worker (patch 0006)
+RPC_DELTA_ENV = "GGML_RPC_DELTA"  # "1" on a split host: small inputs go as the bytes that changed (patch 0008)
 MAGIC = b"RPCAUTH1"
 NONCE = 32
 

@@ -34,7 +34,7 @@ from meshllm.engine.ggufcheck import check_gguf
 from meshllm.engine.ggufinfo import block_count
 from meshllm.engine.models import ResolvedModel, resolve_model
 from meshllm.engine.process import DEFAULT_MAX_TOKENS, LlamaServerConfig, ServingOptions, safe_name
-from meshllm.engine.rpc_auth import RPC_CLEAR_ENV, RPC_PUSH_ENV, RPC_SECRET_ENV
+from meshllm.engine.rpc_auth import RPC_CLEAR_ENV, RPC_DELTA_ENV, RPC_PUSH_ENV, RPC_SECRET_ENV
 from meshllm.engine.templates import chat_arguments
 from meshllm.errors import ModelError, ModelNotFetched, TerminalError
 from meshllm.reconcile.downloads import Fetcher
@@ -345,7 +345,9 @@ class ServedModelController:
             # its own copy of the file, which the worker checked is the mesh's (ModelSpec.fingerprint);
             # the workers serve only a client that proves the mesh's RPC key (patch 0004), and the bytes
             # that follow are sealed (patch 0005) unless --rpc-direct asks for the clear channel
-            env = {"GGML_RPC_HASH_THRESHOLD": "1", "GGML_RPC_LOAD_BY_NAME": "1", RPC_SECRET_ENV: self.rpc.key}
+            # a token's small inputs (the attention mask grows with the context) cross as what changed
+            env = {"GGML_RPC_HASH_THRESHOLD": "1", "GGML_RPC_LOAD_BY_NAME": "1", RPC_SECRET_ENV: self.rpc.key,
+                   RPC_DELTA_ENV: "1"}
             if self.rpc.clear:
                 env[RPC_CLEAR_ENV] = "1"
             # workers reached straight, and which talk to each other in the mesh, reach each other the same

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from meshllm.engine.rpc_auth import RPC_PUSH_ENV, RPC_SECRET_ENV
+from meshllm.engine.rpc_auth import RPC_DELTA_ENV, RPC_PUSH_ENV, RPC_SECRET_ENV
 from meshllm.engine.tinygguf import write_dense
 from meshllm.testing.engines import engine_pids, running
 from tests.conftest import free_port
@@ -42,7 +42,8 @@ def stats(path: Path) -> dict[str, tuple[int, int, int]]:
 
 
 @contextmanager
-def two_worker_split(engine_dir: Path, model: Path, tmp_path: Path, *, push: bool) -> Iterator[tuple[str, list[Path]]]:
+def two_worker_split(engine_dir: Path, model: Path, tmp_path: Path, *, push: bool,
+                     delta: bool = False) -> Iterator[tuple[str, list[Path]]]:
     """Two keyed rpc-servers, each counting its commands, and a llama-server split over them (the first
     worker holds the first layers, the second the rest and the output); yields its URL and the two
     stats files, which are complete once the host has stopped."""
@@ -58,6 +59,8 @@ def two_worker_split(engine_dir: Path, model: Path, tmp_path: Path, *, push: boo
         env = {**os.environ, RPC_SECRET_ENV: KEY, "GGML_RPC_HASH_THRESHOLD": "1", "GGML_RPC_LOAD_BY_NAME": "1"}
         if push:
             env[RPC_PUSH_ENV] = "1"
+        if delta:
+            env[RPC_DELTA_ENV] = "1"
         api = free_port()
         url = f"http://127.0.0.1:{api}"
         with running([str(engine_dir / "llama-server"), "--model", str(model), "--alias", MODEL, "--port", str(api),
@@ -114,6 +117,28 @@ def test_a_tokens_hidden_state_crosses_to_a_worker_once(engine_dir: Path, wide_m
         assert graphs >= 64
         per_graph = counts["set_tensor"][1] / graphs  # bytes the host sent the worker for each token
         assert per_graph < 2 * hidden, (per_graph, counts)
+
+
+def test_a_long_contexts_mask_crosses_as_what_changed(engine_dir: Path, split_model: Path, tmp_path: Path) -> None:
+    # each decoded token the host sets the attention mask again: one entry per cell of context (2-4 bytes),
+    # of which one changes; with patch 0008 only the changed bytes cross, and the output is the same
+    prompt = " ".join(f"w{i}" for i in range(300))
+    runs = {}
+    for delta in (False, True):
+        with two_worker_split(engine_dir, split_model, tmp_path / f"delta-{delta}", push=False,
+                              delta=delta) as (url, files):
+            with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+                answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=64, temperature=0,
+                                                   extra_body={"ignore_eos": True})
+        counts = [stats(file) for file in files]
+        sent = sum(c.get("set_tensor", (0, 0, 0))[1] + c.get("set_tensor_delta", (0, 0, 0))[1] for c in counts)
+        runs[delta] = (answer.choices[0].text, answer.usage.prompt_tokens if answer.usage else 0, sent,
+                       sum(c.get("set_tensor_delta", (0, 0, 0))[0] for c in counts))
+    (text, prompt_tokens, whole, _), (text_delta, _, sent, deltas) = runs[False], runs[True]
+    assert text_delta == text and prompt_tokens > 500
+    assert deltas >= 64
+    # at least 64 tokens x 2 workers x 1 KB of mask (> 500 cells of context, 2 bytes or more each) saved
+    assert whole - sent >= 64 * 2 * 1024, (whole, sent)
 
 
 def test_a_flood_of_stalled_handshakes_cannot_lock_the_host_out(engine_dir: Path, split_model: Path, solo: str,
