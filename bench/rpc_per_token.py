@@ -7,8 +7,10 @@ does), decodes ``N1`` then ``N2`` greedy tokens in two sessions of llama-server,
 difference by ``N2 - N1``: loading and the prompt cancel out, what is left is one decoded token.
 Per path: ``stock`` (no key), ``clear`` (the mesh's key, unsealed: ``--rpc-direct``), ``sealed``
 (every message sealed with AES-256-GCM) and ``push`` (sealed, and with ``--workers 2`` or more the
-activations between two workers go from one to the next, engine patch 0006: meshllm's default with
-two or more workers); the RPC bytes are the same on each path (the
+activations between two workers go from one to the next, engine patch 0006) and ``default`` (push,
+and the small inputs set again each token cross as what changed, patch 0008: what a meshllm split
+host runs); ``--context N`` puts N words before the prompt, for the attention mask of a longer
+context; the RPC bytes are the same on each path (the
 sealing adds 20 bytes per message on the wire), the decode speed is each session's own. ``--heads``:
 ``host`` (a meshllm CPU host keeps the output head, ``split.host_keeps_head``) and/or ``worker``
 (where stock llama.cpp puts it on a CPU host: the last worker, which then sends back every token's
@@ -57,7 +59,9 @@ def free_port() -> int:
 
 PATHS: dict[str, dict[str, str]] = {"stock": {}, "clear": {"GGML_RPC_SECRET": rpc_key(b"b" * 32), "GGML_RPC_CLEAR": "1"},
          "sealed": {"GGML_RPC_SECRET": rpc_key(b"b" * 32)},
-         "push": {"GGML_RPC_SECRET": rpc_key(b"b" * 32), "GGML_RPC_PUSH": "1"}}
+         "push": {"GGML_RPC_SECRET": rpc_key(b"b" * 32), "GGML_RPC_PUSH": "1"},
+         "default": {"GGML_RPC_SECRET": rpc_key(b"b" * 32), "GGML_RPC_PUSH": "1", "GGML_RPC_DELTA": "1"}}
+CONTEXT = [0]  # words put before the prompt (--context): a longer context, a longer attention mask
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
@@ -109,7 +113,8 @@ def served_once(engine: Path, model: Path, layers_and_args: list[str], tokens: i
 
 def complete(port: int, tokens: int) -> float:
     """One greedy completion of ``tokens`` tokens; its decode tok/s."""
-    body = json.dumps({"prompt": "The capital of France is", "n_predict": tokens, "temperature": 0,
+    prompt = " ".join(f"w{i}" for i in range(CONTEXT[0])) + " The capital of France is"
+    body = json.dumps({"prompt": prompt, "n_predict": tokens, "temperature": 0,
                        "ignore_eos": True, "cache_prompt": False}).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=600) as answer:
@@ -227,7 +232,9 @@ def main() -> None:
     parser.add_argument("--link-mbit", type=int, default=0, help="the worker behind a link of this many Mbit/s")
     parser.add_argument("--threads", type=int, default=0, help="threads of both engine processes (0: theirs)")
     parser.add_argument("--workers", type=int, default=1, help="rpc-servers in the split (push needs 2 or more)")
+    parser.add_argument("--context", type=int, default=0, help="words before the prompt (a longer context)")
     args = parser.parse_args()
+    CONTEXT[0] = args.context
     engine = args.engine or Path(os.environ.get("MESHLLM_ENGINE_DIR", "") or (find_engine() or "."))
     print(f"{args.model.name}: per decoded token, {args.n2} - {args.n1} tokens; engine {engine}")
     with tempfile.TemporaryDirectory(prefix="rpc-per-token-") as tmp, contextlib.ExitStack() as stack:
