@@ -424,9 +424,10 @@ def split_args(desired: DesiredServer, rpc_endpoints: list[str], *, gpu: bool,
 
     ``device``: the host's own ``--device``. llama-server offloads only to the devices that option
     names, so a split host lists the workers' too, as llama.cpp names them once ``--rpc`` has
-    registered them (``RPC0``, ``RPC1``, ... in ``--rpc`` order, one device per worker: each worker's
-    rpc-server serves one), then its own: without them it would load the whole model on its own
-    device and never use the workers."""
+    registered them (``RPC0``, ``RPC1``, ... in ``--rpc`` order), then its own: without them it would
+    load the whole model on its own device and never use the workers. One device per worker is
+    assumed, as the tensor split assumes: a worker's rpc-server serves one unless its node has several
+    GPUs and no ``--device``."""
     gpu_layers, shares = split_layout(desired.n_layer, desired.tensor_split, gpu=gpu)
     keep = host_keeps_head(desired.n_layer, desired.tensor_split, host_gpu=gpu, workers_gpu=desired.workers_gpu)
     devices = ("--device", ",".join([f"RPC{i}" for i in range(len(rpc_endpoints))] + [device])) if device else ()
