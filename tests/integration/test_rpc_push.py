@@ -97,21 +97,21 @@ def test_activations_go_from_worker_to_worker_and_the_output_is_unchanged(engine
 
 @pytest.fixture(scope="module")
 def wide_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A dense model wide enough (1024) for a token's hidden state (4 KB) to stand out in the byte counts."""
+    """A dense model wide enough (1024) for a 4 KB row of activations to stand out in the byte counts."""
     return write_dense(tmp_path_factory.mktemp("wide") / f"{MODEL}.gguf", n_layer=4, n_embd=1024, n_ff=256,
                        n_vocab=512, seed=5)
 
 
-def test_a_tokens_hidden_state_crosses_to_a_worker_once(engine_dir: Path, wide_model: Path,
-                                                         tmp_path: Path) -> None:
+def test_a_worker_is_sent_no_rows_of_unused_embedding_branches(engine_dir: Path, wide_model: Path,
+                                                                 tmp_path: Path) -> None:
     # llama.cpp builds the input embedding as a choice of three branches and computes one; the worker
-    # holding the first layers used to receive the inputs of all three, each token's hidden state three
-    # times (engine patch 0007)
+    # holding the first layers used to receive the inputs of all three, three rows of activations a token
+    # (engine patch 0007)
     with two_worker_split(engine_dir, wide_model, tmp_path / "split", push=False) as (url, files):
         with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
             client.completions.create(model=MODEL, prompt="Once", max_tokens=64, temperature=0,
                                       extra_body={"ignore_eos": True})
-    hidden = 4 * 1024  # one token's hidden state, F32
+    hidden = 4 * 1024  # one row of activations, F32
     for counts in (stats(file) for file in files):
         graphs = counts.get("graph_compute", (0, 0, 0))[0] + counts.get("graph_recompute", (0, 0, 0))[0]
         assert graphs >= 64
