@@ -99,6 +99,7 @@ class DocGossip:
         self.rng = rng or random.Random()
         self.stats = GossipStats()
         self.sessions: dict[NodeId, _Session] = {}
+        self.synced_once = anyio.Event()  # this replica has completed a sync with a peer at least once
         # While a peer's message is applied: (peer id, sync message type). Change observers read it
         # to tell which path delivered a change (a flooded update, or a step 2 repairing a gap).
         self.delivering: tuple[NodeId, int] | None = None
@@ -252,6 +253,7 @@ class DocGossip:
             self._post(session, reply)
         if len(message) > 1 and message[1] == YSyncMessageType.SYNC_STEP2:
             session.synced.set()
+            self.synced_once.set()
 
     # -- anti-entropy -----------------------------------------------------------------------
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

@@ -92,6 +92,7 @@ from meshllm.tunnels.service import StreamService, serve_streams
 __all__ = ["Node", "console_access", "source_policy", "store_hooks"]
 
 log = logging.getLogger(__name__)
+JOIN_SYNC_WAIT = 5.0  # seconds a joining node waits for the mesh's document before declaring its --model specs
 
 
 def console_access(config: NodeConfig) -> ConsoleAccess:
@@ -291,6 +292,12 @@ class Node:
     async def _start(self, parts: Lifecycle, task_status: TaskStatus[dict[str, str]]) -> None:
         await parts.start("blackboard", self.blackboard.run)  # its stream handler in place before peers come
         await parts.start("mesh", self.mesh.run)
+        if self.config.joins and self.specs:
+            # joining: the mesh's models first, so a --model whose name the mesh already has is seen as
+            # taken rather than written over it (a few seconds at most: a seed that does not answer
+            # does not hold this node's models back)
+            with anyio.move_on_after(JOIN_SYNC_WAIT):
+                await self.mesh.gossip.synced_once.wait()
         for spec in self.specs:  # this node's --model models, as desired state (a name taken: see names)
             if taken_by(self.state.models().get(spec.name), node_id=self.node_id) is None:
                 self.state.put_model(spec)
