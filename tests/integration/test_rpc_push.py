@@ -168,10 +168,12 @@ def test_a_flood_of_stalled_handshakes_cannot_lock_the_host_out(engine_dir: Path
 def test_a_three_stage_split_pushes_between_workers_and_recovers_when_the_pusher_dies(mesh: Mesh, split_model: Path,
                                                                                       solo: str) -> None:
     vram = cap(split_model, 0.45)  # any three nodes hold it (1.35 >= 1.1), no two do (0.9)
-    a = mesh.start("a", "127.0.0.2", "--max-vram", vram, models=(str(split_model),))
+    # a declares the model but has no room for any of it, so it outlives whichever participant dies (a
+    # --model leaves the mesh with the node that declared it)
+    a = mesh.start("a", "127.0.0.2", "--max-vram", "1000B", models=(str(split_model),))
     token = a.token()
     others = [mesh.start(name, f"127.0.0.{i}", "--standby", "--max-vram", vram, "--join", token)
-              for i, name in ((3, "b"), (4, "c"), (5, "d"))]
+              for i, name in ((3, "b"), (4, "c"), (5, "d"), (6, "e"))]
     nodes = {node_id(n): n for n in wait_for_all((a, *others))}
     wait_for(lambda: condition(a).get("phase") == "Ready", timeout=120, what="the three-stage split")
     first = condition(a)
@@ -191,7 +193,7 @@ def test_a_three_stage_split_pushes_between_workers_and_recovers_when_the_pusher
     pusher = next(w for w in workers if "Sending activations to the worker at" in engine_logs(w))
     receiver = next(w for w in workers if w is not pusher)
     assert "Accepted a worker's connection" in engine_logs(receiver)
-    spare = next(n for n in nodes.values() if n not in (host, *workers))
+    spare = next(n for n in others if n not in (host, *workers))
 
     # the worker that pushes dies mid-decode: the other one, waiting for its push, lets go of the dead
     # host, and the split comes back with the spare node in its place, with the same output
