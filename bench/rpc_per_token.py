@@ -61,7 +61,12 @@ PATHS: dict[str, dict[str, str]] = {"stock": {}, "clear": {"GGML_RPC_SECRET": rp
          "sealed": {"GGML_RPC_SECRET": rpc_key(b"b" * 32)},
          "push": {"GGML_RPC_SECRET": rpc_key(b"b" * 32), "GGML_RPC_PUSH": "1"},
          "default": {"GGML_RPC_SECRET": rpc_key(b"b" * 32), "GGML_RPC_PUSH": "1", "GGML_RPC_DELTA": "1"}}
-CONTEXT = [0]  # words put before the prompt (--context): a longer context, a longer attention mask
+PROMPT = "The capital of France is"
+
+
+def with_context(words: int) -> str:
+    """The prompt after ``words`` filler words (--context): a longer context, a longer attention mask."""
+    return " ".join([*(f"w{i}" for i in range(words)), PROMPT])
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
@@ -80,7 +85,8 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
 
 
 def session(engine: Path, model: Path, rpc_ports: list[int], env: dict[str, str], tokens: int, gpu: bool,
-            log: Path, head: str = "host", *, worker_host: str = "127.0.0.1", threads: int = 0) -> float:
+            log: Path, head: str = "host", *, worker_host: str = "127.0.0.1", threads: int = 0,
+            prompt: str = PROMPT) -> float:
     """One llama-server split onto the workers (equal shares with the host), one greedy completion of
     ``tokens``; its decode tok/s."""
     n = len(rpc_ports) + 1
@@ -93,11 +99,11 @@ def session(engine: Path, model: Path, rpc_ports: list[int], env: dict[str, str]
         at = extra.index("--override-tensor")
         extra = extra[:at] + extra[at + 2:]
     return served_once(engine, model, [str(gpu_layers), *extra], tokens, log,
-                       {**env, "GGML_RPC_HASH_THRESHOLD": "1", "GGML_RPC_LOAD_BY_NAME": "1"})
+                       {**env, "GGML_RPC_HASH_THRESHOLD": "1", "GGML_RPC_LOAD_BY_NAME": "1"}, prompt=prompt)
 
 
 def served_once(engine: Path, model: Path, layers_and_args: list[str], tokens: int, log: Path,
-                env: dict[str, str] | None = None) -> float:
+                env: dict[str, str] | None = None, *, prompt: str = PROMPT) -> float:
     """One llama-server (``--n-gpu-layers`` and what follows it), one greedy completion; its decode tok/s."""
     port = free_port()
     argv = [str(engine / "llama-server"), "--model", str(model), "--port", str(port), "--n-gpu-layers",
@@ -106,14 +112,13 @@ def served_once(engine: Path, model: Path, layers_and_args: list[str], tokens: i
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         try:
             wait_http(f"http://127.0.0.1:{port}/health", 300, proc)
-            return complete(port, tokens)
+            return complete(port, tokens, prompt)
         finally:
             terminate(proc)
 
 
-def complete(port: int, tokens: int) -> float:
-    """One greedy completion of ``tokens`` tokens; its decode tok/s."""
-    prompt = " ".join(f"w{i}" for i in range(CONTEXT[0])) + " The capital of France is"
+def complete(port: int, tokens: int, prompt: str = PROMPT) -> float:
+    """One greedy completion of ``tokens`` tokens after ``prompt``; its decode tok/s."""
     body = json.dumps({"prompt": prompt, "n_predict": tokens, "temperature": 0,
                        "ignore_eos": True, "cache_prompt": False}).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", body, {"Content-Type": "application/json"})
@@ -139,9 +144,10 @@ def read_stats(path: Path, log: Path, sessions: int, timeout: float = 30) -> dic
     return stats
 
 
-def solo_ms(engine: Path, model: Path, n1: int, n2: int, gpu: bool, log: Path) -> float:
+def solo_ms(engine: Path, model: Path, n1: int, n2: int, gpu: bool, log: Path, prompt: str = PROMPT) -> float:
     """Milliseconds per decoded token of the model alone on one llama-server."""
-    runs = [(tokens, served_once(engine, model, ["99" if gpu else "0"], tokens, log)) for tokens in (n1, n2)]
+    runs = [(tokens, served_once(engine, model, ["99" if gpu else "0"], tokens, log, prompt=prompt))
+            for tokens in (n1, n2)]
     return per_token_ms(runs[0], runs[1])
 
 
@@ -173,7 +179,7 @@ def limited_link(mbit: int) -> Iterator[tuple[list[str], str]]:
 
 def measure(engine: Path, model: Path, path: str, n1: int, n2: int, gpu: bool, work: Path,
             head: str = "host", *, link: tuple[list[str], str] | None = None, threads: int = 0,
-            workers: int = 1) -> list[str]:
+            workers: int = 1, prompt: str = PROMPT) -> list[str]:
     """Table rows for one path: per worker, per command type, what one decoded token costs."""
     ports = [free_port() for _ in range(workers)]
     stats_files = [work / f"stats-{path}-{i}.txt" for i in range(workers)]
@@ -191,7 +197,7 @@ def measure(engine: Path, model: Path, path: str, n1: int, n2: int, gpu: bool, w
         for k, tokens in enumerate((n1, n2), 1):
             time.sleep(0.5)
             tps = session(engine, model, ports, PATHS[path], tokens, gpu, logs[0], head, worker_host=where,
-                          threads=threads)
+                          threads=threads, prompt=prompt)
             runs.append((tps, [read_stats(f, log, k) for f, log in zip(stats_files, logs, strict=True)]))
     finally:
         for proc in procs:
@@ -234,7 +240,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="rpc-servers in the split (push needs 2 or more)")
     parser.add_argument("--context", type=int, default=0, help="words before the prompt (a longer context)")
     args = parser.parse_args()
-    CONTEXT[0] = args.context
+    prompt = with_context(args.context)
     engine = args.engine or Path(os.environ.get("MESHLLM_ENGINE_DIR", "") or (find_engine() or "."))
     print(f"{args.model.name}: per decoded token, {args.n2} - {args.n1} tokens; engine {engine}")
     with tempfile.TemporaryDirectory(prefix="rpc-per-token-") as tmp, contextlib.ExitStack() as stack:
@@ -242,7 +248,8 @@ def main() -> None:
         if link:
             print(f"worker behind a {args.link_mbit} Mbit/s link (veth + tbf, each way)")
         if args.solo:
-            ms = solo_ms(engine, args.model.expanduser(), args.n1, args.n2, args.gpu, Path(tmp) / "solo.log")
+            ms = solo_ms(engine, args.model.expanduser(), args.n1, args.n2, args.gpu, Path(tmp) / "solo.log",
+                         prompt)
             print(f"solo: {ms:.3f} ms per decoded token")
         print("| path | command | commands | bytes in (to the worker) | bytes out (back) | worker ms | |")
         print("|---|---|---|---|---|---|---|")
@@ -250,7 +257,8 @@ def main() -> None:
             for path in args.paths.split(","):
                 label = f"{path}, head on {head}"
                 for line in measure(engine, args.model.expanduser(), path, args.n1, args.n2, args.gpu, Path(tmp),
-                                    head, link=link, threads=args.threads, workers=args.workers):
+                                    head, link=link, threads=args.threads, workers=args.workers,
+                                    prompt=prompt):
                     print(line.replace(f"| {path} |", f"| {label} |", 1), flush=True)
 
 
