@@ -38,9 +38,17 @@ fi
 if [[ $STEPS == *split* ]]; then
     python3 -m meshllm.engine.tinygguf --preset 8b -o /tmp/models/synthetic-8b-f16.gguf > /tmp/out/gen.log 2>&1
     tail -2 /tmp/out/gen.log
-    python3 bench/rpc_per_token.py --gpu --solo --n1 16 --n2 144 --paths "${PT_PATHS:-stock,clear,sealed}" /tmp/models/synthetic-8b-f16.gguf > /tmp/out/per-token.txt 2>&1
-    echo "per-token done"
-    python3 bench/split.py --gpu --rounds "${ROUNDS:-2}" --requests 2 --no-stock-bytes --model-dir /tmp/models \
+    # PT_RUNS: the per-token runs, their extra arguments separated by ";" (per-token-1.txt, -2, ...)
+    IFS=';' read -ra runs <<< "${PT_RUNS:---solo --n1 16 --n2 144 --paths stock,clear,sealed}"
+    i=0
+    for args in "${runs[@]}"; do
+        i=$((i + 1))
+        # shellcheck disable=SC2086  # each run's arguments are words
+        python3 bench/rpc_per_token.py --gpu $args /tmp/models/synthetic-8b-f16.gguf > "/tmp/out/per-token-$i.txt" 2>&1
+        echo "per-token $i done: $args"
+    done
+    python3 bench/split.py --gpu --rounds "${ROUNDS:-2}" --requests "${REQUESTS:-2}" --tokens "${TOKENS:-64}" \
+      --no-stock-bytes --model-dir /tmp/models \
       --modes "${MODES:-solo,stock-2,stock-3,meshllm-2,meshllm-2-direct,meshllm-3,meshllm-2-tunnel}" 8b \
       > /tmp/out/split.txt 2>&1
     echo "split done"

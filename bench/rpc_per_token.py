@@ -38,6 +38,7 @@ import contextlib
 import json
 import os
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -179,8 +180,9 @@ def limited_link(mbit: int) -> Iterator[tuple[list[str], str]]:
 
 def measure(engine: Path, model: Path, path: str, n1: int, n2: int, gpu: bool, work: Path,
             head: str = "host", *, link: tuple[list[str], str] | None = None, threads: int = 0,
-            workers: int = 1, prompt: str = PROMPT) -> list[str]:
-    """Table rows for one path: per worker, per command type, what one decoded token costs."""
+            workers: int = 1, prompt: str = PROMPT) -> tuple[list[str], float]:
+    """Table rows for one path: per worker, per command type, what one decoded token costs; and the
+    milliseconds one decoded token took."""
     ports = [free_port() for _ in range(workers)]
     stats_files = [work / f"stats-{path}-{i}.txt" for i in range(workers)]
     logs = [work / f"{path}-{head}-{i}.log" for i in range(workers)]
@@ -222,7 +224,7 @@ def measure(engine: Path, model: Path, path: str, n1: int, n2: int, gpu: bool, w
     ms = per_token_ms((n1, tps1), (n2, tps2))
     lines.append(f"| {path} | **all** | {grand[0]:.2f} | {grand[1]:.0f} | {grand[2]:.0f} | "
                  f"{grand[3] / 1000:.3f} of {ms:.3f} | decode {tps1:.1f} / {tps2:.1f} tok/s ({n1} / {n2} tokens) |")
-    return lines
+    return lines, ms
 
 
 def main() -> None:
@@ -239,6 +241,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="threads of both engine processes (0: theirs)")
     parser.add_argument("--workers", type=int, default=1, help="rpc-servers in the split (push needs 2 or more)")
     parser.add_argument("--context", type=int, default=0, help="words before the prompt (a longer context)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="interleaved rounds over the paths: the table is round 1's, then the median ms a token")
     args = parser.parse_args()
     prompt = with_context(args.context)
     engine = args.engine or Path(os.environ.get("MESHLLM_ENGINE_DIR", "") or (find_engine() or "."))
@@ -253,13 +257,30 @@ def main() -> None:
             print(f"solo: {ms:.3f} ms per decoded token")
         print("| path | command | commands | bytes in (to the worker) | bytes out (back) | worker ms | |")
         print("|---|---|---|---|---|---|---|")
-        for head in args.heads.split(","):
-            for path in args.paths.split(","):
-                label = f"{path}, head on {head}"
-                for line in measure(engine, args.model.expanduser(), path, args.n1, args.n2, args.gpu, Path(tmp),
-                                    head, link=link, threads=args.threads, workers=args.workers,
-                                    prompt=prompt):
-                    print(line.replace(f"| {path} |", f"| {label} |", 1), flush=True)
+        times: dict[str, list[float]] = {}
+        for round_ in range(args.rounds):
+            for head in args.heads.split(","):
+                for path in args.paths.split(","):
+                    label = f"{path}, head on {head}"
+                    lines, ms = measure(engine, args.model.expanduser(), path, args.n1, args.n2, args.gpu,
+                                        Path(tmp), head, link=link, threads=args.threads, workers=args.workers,
+                                        prompt=prompt)
+                    times.setdefault(label, []).append(ms)
+                    for line in lines if round_ == 0 else []:
+                        print(line.replace(f"| {path} |", f"| {label} |", 1), flush=True)
+        if args.rounds > 1:
+            print_medians(times)
+
+
+def print_medians(times: dict[str, list[float]]) -> None:
+    """Per path, the median milliseconds a decoded token took over the rounds, and its ratio to stock's."""
+    print(f"\nms a decoded token, median of {len(next(iter(times.values())))} interleaved rounds:")
+    print("| path | median ms | / stock's | rounds |")
+    print("|---|---|---|---|")
+    for label, values in times.items():
+        stock = times.get("stock" + label[label.index(","):]) if "," in label else None
+        ratio = f"{statistics.median(values) / statistics.median(stock):.3f}x" if stock else "-"
+        print(f"| {label} | {statistics.median(values):.3f} | {ratio} | {', '.join(f'{v:.3f}' for v in values)} |")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ alike); the table shows medians:
   figures, since a Python relay in the path costs decode.
 - ``stock-2-head``: ``stock-2`` with the output head kept on the host, as a meshllm host does
   (``--override-tensor``; on a GPU host, where the head is on the host anyway, the same as ``stock-2``).
-- ``stock-3``: the same with two plain ``ggml-rpc-server``s (three equal shares).
+- ``stock-3``: the same with two plain ``ggml-rpc-server``s (three equal shares); ``stock-3-head``
+  with the host's override as well.
 - ``meshllm-2`` / ``meshllm-3``: real ``python -m meshllm`` node processes on 127.0.0.2.., one with
   ``--model M --max-vram CAP`` and the rest ``--standby --max-vram CAP --join TOKEN``, CAP chosen so
   that exactly 2 (3) nodes hold the model under placement's 1.1x rule. Load is from the start of the
@@ -82,7 +83,7 @@ from meshllm.testing.engines import terminate
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The capital of France is Paris. The capital of Italy is"
-MODES = ("solo", "solo-norepack", "stock-2", "stock-2-head", "stock-3", "meshllm-2", "meshllm-2-direct",
+MODES = ("solo", "solo-norepack", "stock-2", "stock-2-head", "stock-3", "stock-3-head", "meshllm-2", "meshllm-2-direct",
          "meshllm-2-tunnel", "meshllm-3", "meshllm-3-direct", "meshllm-3-tunnel")
 PATH_FLAGS = {"": (), "-direct": ("--rpc-direct",), "-tunnel": ("--rpc-tunnel",)}  # mode suffix -> node flags
 GEMMA = Path("~/.models/gemma-3-270m-q4_k_m.gguf").expanduser()
