@@ -534,7 +534,8 @@ def weight_bytes(path: Path) -> int:
 
 
 def prepare_model(spec: str, model_dir: Path) -> Path:
-    """The .gguf for ``spec``: a path, or ``tiny`` / ``8b`` / ``48b`` written once into ``model_dir``."""
+    """The .gguf for ``spec``: a path, ``gemma`` (``GEMMA``), or ``tiny`` / ``8b`` / ``48b`` written once into
+    ``model_dir``."""
     from meshllm.engine.tinygguf import PRESETS, write_dense, write_shaped
 
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -551,7 +552,7 @@ def prepare_model(spec: str, model_dir: Path) -> Path:
             write_shaped(path, spec)
             log(f"  written in {time.monotonic() - started:.0f}s")
         return path
-    path = Path(spec).expanduser()
+    path = GEMMA if spec == "gemma" else Path(spec).expanduser()
     if not path.exists():
         raise SystemExit(f"no such model: {path}")
     return path
