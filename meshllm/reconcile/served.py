@@ -60,6 +60,12 @@ __all__ = ["DesiredServer", "RpcConnector", "ServedModelController", "ShardSourc
 
 log = logging.getLogger(__name__)
 
+# seconds a split host whose workers would push to each other waits for them to have met (measured their RTT
+# to each other) before it starts without push; a node republishes new RTTs only every few seconds in a small
+# mesh (gossip.rtt.RttPublisher: 10 s at 5 nodes), so a split planned right after its nodes joined would
+# otherwise start, and run, with every hand-over through the host
+PUSH_MEET_WAIT = 20.0
+
 
 class RpcConnector(Protocol):
     """How a split host reaches its workers' ggml-rpc-servers: through the QUIC mesh, or straight with
@@ -120,6 +126,7 @@ class ServedModelController:
         self._layers: dict[Path, int] = {}  # a model file's layer count (a CPU split host needs it)
         self._chat: dict[Path, tuple[str, ...]] = {}  # a model file's chat format (engine.templates)
         self._checked: dict[tuple[Path, int, int], str] = {}  # a file (size, mtime) -> what is wrong, "" if whole
+        self._meet_since: dict[tuple[ModelName, tuple[NodeId, ...]], float] = {}  # split -> waiting for push since
 
     # -- keys ---------------------------------------------------------------------------------
     def keys(self) -> set[ModelName]:
@@ -244,7 +251,30 @@ class ServedModelController:
             problem = await self.rpc.probe(node, desired.model)
             if problem is not None:
                 return f"worker {node} does not answer through the mesh: {problem}"
-        return None
+        return await self._meet_waiting(desired)
+
+    async def _meet_waiting(self, desired: DesiredServer) -> str | None:
+        """Workers that would push to each other but have not met yet: why the split waits for that
+        (``PUSH_MEET_WAIT`` at most, then it starts with the hand-over through the host), or None."""
+        assert self.rpc is not None
+        key = (desired.model, desired.workers)
+        memory = self.memory.get(desired.model, Memory())
+        endpoints = [await self.rpc.endpoint(node, desired.model) for node in desired.workers]
+        if (memory.failed or not self._straight(endpoints)
+                or workers_meet(self.state.nodes(), desired.workers)):  # a restart after a failure never pushes
+            self._meet_since.pop(key, None)
+            return None
+        now = self.clock.now()
+        since = self._meet_since.setdefault(key, now)
+        if now - since >= PUSH_MEET_WAIT:
+            return None
+        return (f"waiting for workers {', '.join(desired.workers)} to measure their RTT to each other, so the "
+                f"activations go from one to the next ({PUSH_MEET_WAIT - (now - since):.0f} s more at most)")
+
+    def _straight(self, endpoints: list[str]) -> bool:
+        """Two or more workers, each reached straight (not through a tunnel of this node): they could push."""
+        assert self.rpc is not None
+        return len(endpoints) > 1 and not any(self.rpc.tunnelled(e) for e in endpoints)
 
     def _fetching(self, model: ModelName, source: str, exc: ModelNotFetched, *, draft: bool) -> Fetching | Unavailable:
         """Its files (or its draft's) are missing: have them fetched, and say how far that got."""
@@ -355,9 +385,10 @@ class ServedModelController:
             # back through this host. A server started again after a failure hands them over itself: if
             # two workers cannot reach each other after all (a port closed between them), the split
             # still serves.
-            if (len(rpc_endpoints) > 1 and not any(self.rpc.tunnelled(e) for e in rpc_endpoints)
-                    and workers_meet(self.state.nodes(), desired.workers) and action.restarts == 0):
+            if (self._straight(rpc_endpoints) and workers_meet(self.state.nodes(), desired.workers)
+                    and action.restarts == 0):
                 env[RPC_PUSH_ENV] = "1"
+            self._meet_since.pop((model, desired.workers), None)
         port = self.supervisor.pick_port(server_key(self.node_id, model))
         config = self._config(desired, port=port, rpc_endpoints=rpc_endpoints)
         # decoding on the CPU, llama-server takes every core: as a batch job it leaves the node responsive

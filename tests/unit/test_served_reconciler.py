@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from meshllm.engine.rpc_auth import RPC_PUSH_ENV
+from meshllm.reconcile.served import PUSH_MEET_WAIT
 from meshllm.reconcile.served_plan import ADOPT_GRACE, STABLE_AFTER
 from meshllm.reconcile.runtime import RESYNC
 from meshllm.state.schema import ModelSpec, NodeId, NodeStatus, ServerPhase, WorkerStatus
@@ -149,6 +150,34 @@ async def test_workers_that_met_push_to_each_other_until_the_host_fails_once(tmp
         # the same split again after a failure: the host hands the activations over itself, in case the
         # workers could not reach each other after all
         assert RPC_PUSH_ENV not in world.supervisor.launched[-1].env
+
+
+@pytest.mark.parametrize("they_meet", [True, False], ids=["they meet: push", "they never meet: no push"])
+async def test_a_split_host_waits_a_while_for_its_workers_to_meet(tmp_path: Path, they_meet: bool) -> None:
+    world = World(tmp_path)
+    world.model("m")
+    world.lease("m", workers=["n2", "n3"], shares=[1.0, 1.0, 1.0])
+    world.state.put_node(NodeStatus(id=NodeId("n2")))
+    world.state.put_node(NodeStatus(id=NodeId("n3")))
+    async with world.running(world.served(gpu_layers=999)):
+        for worker, port in (("n2", 50001), ("n3", 50002)):
+            world.state.put_worker(WorkerStatus(node=worker, model="m", host=ME, phase=ServerPhase.READY, port=port))
+        await world.settle()
+        await world.advance(PUSH_MEET_WAIT / 2)
+        status = world.server()
+        assert not world.supervisor.launched, "started before its workers met"
+        assert status is not None and status.phase is ServerPhase.LOADING
+        assert "waiting for workers n2, n3 to measure their RTT to each other" in status.message
+        if they_meet:
+            world.state.put_node(NodeStatus(id=NodeId("n3"), rtt_ms={NodeId("n2"): 0.4}))
+            await world.advance(1.0)
+            assert world.supervisor.launched[-1].env.get(RPC_PUSH_ENV) == "1"
+        else:
+            await world.advance(PUSH_MEET_WAIT / 2 - 1.0)
+            assert not world.supervisor.launched
+            await world.advance(2.0)  # waited long enough: the hand-over stays with the host
+            assert len(world.supervisor.launched) == 1
+            assert RPC_PUSH_ENV not in world.supervisor.launched[-1].env
 
 
 async def test_a_split_host_waits_for_its_workers_then_starts_with_them(tmp_path: Path) -> None:
