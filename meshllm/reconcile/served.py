@@ -255,12 +255,13 @@ class ServedModelController:
 
     async def _meet_waiting(self, desired: DesiredServer) -> str | None:
         """Workers that would push to each other but have not met yet: why the split waits for that
-        (``PUSH_MEET_WAIT`` at most, then it starts with the hand-over through the host), or None."""
+        (``PUSH_MEET_WAIT`` at most, then it starts with the hand-over through the host), or None. A split
+        that served and lost it (``recovering``) does not wait: serving again comes first."""
         assert self.rpc is not None
         key = (desired.model, desired.workers)
         memory = self.memory.get(desired.model, Memory())
         endpoints = [await self.rpc.endpoint(node, desired.model) for node in desired.workers]
-        if (memory.failed or not self._straight(endpoints)
+        if (memory.failed or memory.recovering or not self._straight(endpoints)
                 or workers_meet(self.state.nodes(), desired.workers)):  # a restart after a failure never pushes
             self._meet_since.pop(key, None)
             return None

@@ -180,6 +180,25 @@ async def test_a_split_host_waits_a_while_for_its_workers_to_meet(tmp_path: Path
             assert RPC_PUSH_ENV not in world.supervisor.launched[-1].env
 
 
+async def test_a_split_that_lost_a_worker_comes_back_without_waiting_for_the_new_one_to_meet(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.model("m")
+    world.lease("m", workers=["n2", "n3"], shares=[1.0, 1.0, 1.0])
+    world.state.put_node(NodeStatus(id=NodeId("n2"), rtt_ms={NodeId("n3"): 0.5}))
+    async with world.running(world.served(gpu_layers=999)):
+        for worker, port in (("n2", 50001), ("n3", 50002), ("n4", 50003)):
+            world.state.put_worker(WorkerStatus(node=worker, model="m", host=ME, phase=ServerPhase.READY, port=port))
+        await world.settle()
+        world.supervisor.ready("m")
+        await world.advance(1.0)
+        assert world.supervisor.launched[-1].env.get(RPC_PUSH_ENV) == "1"
+        world.lease("m", workers=["n2", "n4"], shares=[1.0, 1.0, 1.0])  # n3 is gone; n4 has met nobody yet
+        await world.settle()
+        await world.advance(1.0)
+        assert len(world.supervisor.launched) == 2, "the re-planned split waited for its workers to meet"
+        assert RPC_PUSH_ENV not in world.supervisor.launched[-1].env
+
+
 async def test_a_split_host_waits_for_its_workers_then_starts_with_them(tmp_path: Path) -> None:
     world = World(tmp_path)
     world.model("m")
